@@ -1,0 +1,82 @@
+"""The one CLI: ``booth <command> ...``.
+
+Each command is a module with ``add_arguments(parser)`` and ``run(args) -> int``.
+Modules import their heavy dependencies (TensorFlow, FastAPI) inside ``run`` so
+that ``booth --help`` and ``booth agent`` stay fast on a board that has neither.
+Errors meant for people (BoothError, ConfigError) print one line and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from edge_agent.config import ConfigError
+from edge_agent.errors import BoothError
+
+# name -> (module, one-line help). Order is the order of `booth --help`.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("cloud_trainer.commands.demo", "run the whole booth end to end on this machine"),
+    "serve": (
+        "cloud_trainer.commands.serve",
+        "run the cloud service (web app, API, ingest, control)",
+    ),
+    "worker": ("cloud_trainer.commands.worker", "take training jobs from the queue"),
+    "agent": ("edge_agent.commands.agent", "run one camera's edge agent"),
+    "ingest": ("cloud_trainer.commands.ingest", "run the gRPC ingest and control server alone"),
+    "synth": ("edge_agent.commands.synth", "render a synthetic take with ground truth"),
+    "pretrain": ("cloud_trainer.commands.pretrain", "build a base checkpoint from many takes"),
+    "reference": ("cloud_trainer.commands.reference", "manage reference dances"),
+    "staff": ("cloud_trainer.commands.staff", "manage staff logins"),
+    "config": ("cloud_trainer.commands.config", "print or validate a booth config"),
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, no usage dump
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="booth", description="dancebooth: do-as-I-do motion transfer booth")
+    parser.add_argument(
+        "-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)"
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for name, (module_name, help_text) in COMMANDS.items():
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as e:
+            if e.name != module_name:
+                raise
+            continue  # not built yet in this checkout
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        module.add_arguments(p)
+        p.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.WARNING - 10 * min(args.verbose, 2) if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    if not getattr(args, "_run", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args._run(args) or 0)
+    except (BoothError, ConfigError) as e:
+        print(f"booth {args.command}: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"booth {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,103 @@
+"""``booth config example|validate``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+EXAMPLE = """\
+# dancebooth config. Every key is optional; these are the embedded defaults,
+# which run a whole booth on one machine (SQLite, local blobs, maildir).
+booth:
+  id: booth-1
+  name: dancebooth
+  take_s: 15            # seconds each take captures
+  countdown_s: 3
+
+models_dir: models      # filled by `make models` from the mediapipe wheel
+
+agent:                  # one edge agent (a board may carry only this section)
+  booth_id: booth-1
+  camera_id: cam0
+  source:               # synthetic | v4l2 | file
+    type: synthetic
+    attendee: 1
+    dance: 1
+    size: 640x480
+    fps: 120
+  pose:                 # cpu | edgetpu
+    type: cpu
+    models_dir: models
+    threads: 2
+    mode: tracking      # tracking | full
+  capture:
+    out_dir: var/takes
+    segment_s: 2
+  uplink:
+    address: 127.0.0.1:50051
+    token: changethis   # the agent refuses to start until this is set
+    spool_dir: var/spool
+    spool_budget_mb: 2048
+
+ingest:
+  host: 127.0.0.1
+  port: 50051
+  shard_mb: 8
+  agents: []            # [{camera_id: cam0, token_sha256: <sha256 hex of its token>}]
+
+storage:                # local | gcs
+  type: local
+  root: var/blobs
+
+database:               # sqlite | postgres
+  type: sqlite
+  path: var/booth.db
+
+queue:                  # sqlite | pubsub
+  type: sqlite
+  path: var/queue.db
+  visibility_timeout_s: 60
+
+trainer:
+  size_px: 128
+  label_map: skeleton   # skeleton | parts
+  budget_s: 3600        # wall clock for loading, training, scoring and export
+  batch: 4
+  base_checkpoint: null # path or blob URI from `booth pretrain`
+  strategy: auto        # auto | default | mirrored | tpu
+
+render:
+  side_by_side: true
+
+links:
+  expiry_days: 30
+
+mail:                   # outbox (maildir, no SMTP) | smtp
+  type: outbox
+  maildir: var/maildir
+
+web:
+  host: 127.0.0.1
+  port: 8000
+  base_url: http://127.0.0.1:8000
+  secret_key: changethis  # the app refuses to start until this is set
+  staff: []             # [{username: staff, password_hash: <booth staff hash-password>}]
+"""
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="config_command", metavar="ACTION", required=True)
+    sub.add_parser("example", help="print a commented default config")
+    v = sub.add_parser("validate", help="check a config file and name any bad key")
+    v.add_argument("file")
+
+
+def run(args: argparse.Namespace) -> int:
+    from cloud_trainer.config import load_config
+
+    if args.config_command == "example":
+        sys.stdout.write(EXAMPLE)
+        return 0
+    load_config(args.file)  # raises ConfigError with the exact key
+    print(f"{args.file}: ok")
+    return 0

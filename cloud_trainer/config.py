@@ -1,0 +1,247 @@
+"""The booth's one YAML file, parsed strictly.
+
+Sections map to pipeline stages and adapters. Adapters (storage, database,
+queue, mail) are discriminated unions on ``type``; the embedded defaults run a
+whole booth on one machine with nothing but the filesystem.
+
+This module imports nothing heavy: the CLI validates configs on a board too.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, model_validator
+
+from edge_agent.config import (
+    PLACEHOLDER_SECRETS,
+    AgentConfig,
+    ConfigError,
+    Strict,
+    parse_model,
+    read_yaml,
+)
+
+
+class BoothSection(Strict):
+    id: str = "booth-1"
+    name: str = "dancebooth"
+    take_s: float = Field(15.0, gt=0, le=600, description="seconds each take captures")
+    countdown_s: int = Field(3, ge=0, le=30)
+
+
+# ---- storage ------------------------------------------------------------------
+
+
+class LocalStorage(Strict):
+    type: Literal["local"] = "local"
+    root: Path = Path("var/blobs")
+
+
+class GcsStorage(Strict):
+    type: Literal["gcs"] = "gcs"
+    bucket: str
+    project: str = "dancebooth"
+    # Set for the emulator (STORAGE_EMULATOR_HOST also works); None for real GCS.
+    endpoint: str | None = None
+
+
+StorageConfig = Annotated[LocalStorage | GcsStorage, Field(discriminator="type")]
+
+
+# ---- metadata ---------------------------------------------------------------------
+
+
+class SqliteDatabase(Strict):
+    type: Literal["sqlite"] = "sqlite"
+    path: Path = Path("var/booth.db")
+
+
+class PostgresDatabase(Strict):
+    type: Literal["postgres"] = "postgres"
+    url: str = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+    db_schema: str | None = Field(None, description="PostgreSQL schema to use (search_path)")
+
+
+DatabaseConfig = Annotated[SqliteDatabase | PostgresDatabase, Field(discriminator="type")]
+
+
+# ---- jobs ---------------------------------------------------------------------------
+
+
+class SqliteQueue(Strict):
+    type: Literal["sqlite"] = "sqlite"
+    path: Path = Path("var/queue.db")
+    visibility_timeout_s: float = Field(60.0, gt=0)
+    heartbeat_s: float = Field(10.0, gt=0)
+    max_attempts: int = Field(3, ge=1)
+
+
+class PubSubQueue(Strict):
+    type: Literal["pubsub"] = "pubsub"
+    project: str = "dancebooth"
+    topic: str = "training-jobs"
+    subscription: str = "training-workers"
+    ack_deadline_s: int = Field(60, ge=10, le=600)
+    max_attempts: int = Field(3, ge=1)
+
+
+QueueConfig = Annotated[SqliteQueue | PubSubQueue, Field(discriminator="type")]
+
+
+# ---- ingest ------------------------------------------------------------------------
+
+
+class AgentToken(Strict):
+    camera_id: str
+    # sha256 hex of the bearer token; the token itself is never stored.
+    token_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    expires_at: float | None = Field(None, description="unix time after which the token is refused")
+
+
+class TlsServer(Strict):
+    cert: Path
+    key: Path
+
+
+class IngestConfig(Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(50051, ge=0, le=65535)
+    max_message_mb: int = Field(16, ge=1, le=512)
+    shard_mb: float = Field(8.0, gt=0, description="frames are chunked into shard objects this big")
+    tls: TlsServer | None = None
+    agents: list[AgentToken] = Field(default_factory=list)
+
+
+# ---- training and rendering -------------------------------------------------------
+
+
+class TrainerConfig(Strict):
+    size_px: int = Field(128, ge=32, le=512)
+    label_map: Literal["skeleton", "parts"] = "skeleton"
+    budget_s: float = Field(3600.0, gt=0)
+    batch: int = Field(4, ge=1)
+    max_steps: int | None = Field(None, ge=1)
+    learning_rate: float = Field(2e-4, gt=0)
+    l1_weight: float = Field(100.0, ge=0)
+    base_checkpoint: str | None = Field(
+        None, description="path or blob URI of the booth's base checkpoint"
+    )
+    checkpoint_every_steps: int = Field(200, ge=1)
+    checkpoint_every_s: float = Field(120.0, gt=0)
+    strategy: Literal["auto", "default", "mirrored", "tpu"] = "auto"
+    mixed_precision: Literal["auto", "off", "on"] = "auto"
+    jit_compile: Literal["auto", "off", "on"] = "auto"
+    work_dir: Path = Path("var/jobs")
+    holdout_fraction: float = Field(0.1, ge=0.0, lt=0.9)
+
+
+class RenderConfig(Strict):
+    side_by_side: bool = True
+    batch: int = Field(16, ge=1)
+    crf: int = Field(20, ge=0, le=51)
+
+
+class LinksConfig(Strict):
+    expiry_days: float = Field(30.0, gt=0)
+
+
+# ---- mail ---------------------------------------------------------------------------
+
+
+class OutboxMail(Strict):
+    """No SMTP: messages are delivered into a local maildir (README says where)."""
+
+    type: Literal["outbox"] = "outbox"
+    maildir: Path = Path("var/maildir")
+    sender: str = "dancebooth <booth@localhost>"
+
+
+class SmtpMail(Strict):
+    type: Literal["smtp"] = "smtp"
+    host: str = "127.0.0.1"
+    port: int = Field(25, ge=1, le=65535)
+    starttls: bool = False
+    username: str | None = None
+    password: str | None = None
+    sender: str = "dancebooth <booth@localhost>"
+    timeout_s: float = Field(10.0, gt=0)
+    max_attempts: int = Field(8, ge=1)
+
+
+MailConfig = Annotated[OutboxMail | SmtpMail, Field(discriminator="type")]
+
+
+# ---- web ---------------------------------------------------------------------------
+
+
+class StaffUser(Strict):
+    username: str
+    # An argon2 hash (`booth staff hash-password`); never the password itself.
+    password_hash: str
+
+
+class WebConfig(Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    base_url: str = "http://127.0.0.1:8000"
+    secret_key: str = "changethis"
+    staff: list[StaffUser] = Field(default_factory=list)
+    login_attempts_per_minute: int = Field(5, ge=1)
+
+
+class BoothConfig(Strict):
+    """The whole booth file. Every section has embedded defaults."""
+
+    booth: BoothSection = Field(default_factory=BoothSection)
+    models_dir: Path = Path("models")
+    agent: AgentConfig = Field(default_factory=AgentConfig)
+    ingest: IngestConfig = Field(default_factory=IngestConfig)
+    storage: StorageConfig = Field(default_factory=LocalStorage)
+    database: DatabaseConfig = Field(default_factory=SqliteDatabase)
+    queue: QueueConfig = Field(default_factory=SqliteQueue)
+    trainer: TrainerConfig = Field(default_factory=TrainerConfig)
+    render: RenderConfig = Field(default_factory=RenderConfig)
+    links: LinksConfig = Field(default_factory=LinksConfig)
+    mail: MailConfig = Field(default_factory=OutboxMail)
+    web: WebConfig = Field(default_factory=WebConfig)
+
+    @model_validator(mode="after")
+    def _agent_in_booth(self) -> BoothConfig:
+        if self.agent.booth_id != self.booth.id and "agent" in self.model_fields_set:
+            raise ValueError(
+                f"agent.booth_id {self.agent.booth_id!r} does not match booth.id {self.booth.id!r}"
+            )
+        return self
+
+
+def load_config(path: str | Path) -> BoothConfig:
+    return parse_model(read_yaml(path), BoothConfig, source=str(path))
+
+
+def placeholder_secrets(cfg: BoothConfig, *, services: tuple[str, ...] = ("web",)) -> list[str]:
+    """Keys whose secret is still a placeholder, for the services about to start."""
+    bad = []
+    if "web" in services and cfg.web.secret_key.strip().lower() in PLACEHOLDER_SECRETS:
+        bad.append("web.secret_key")
+    if "agent" in services and cfg.agent.uplink.token.strip().lower() in PLACEHOLDER_SECRETS:
+        bad.append("agent.uplink.token")
+    smtp_auth = isinstance(cfg.mail, SmtpMail) and cfg.mail.username
+    if (
+        "mail" in services
+        and smtp_auth
+        and (cfg.mail.password or "").strip().lower() in PLACEHOLDER_SECRETS
+    ):
+        bad.append("mail.password")
+    return bad
+
+
+def refuse_placeholders(cfg: BoothConfig, services: tuple[str, ...]) -> None:
+    bad = placeholder_secrets(cfg, services=services)
+    if bad:
+        raise ConfigError(
+            "refusing to start: placeholder secret(s) still set: "
+            + ", ".join(bad)
+            + " (generate one with `python -c 'import secrets; print(secrets.token_urlsafe(32))'`)"
+        )

@@ -1,0 +1,278 @@
+"""Settings for one edge agent, and the strict YAML loader shared by the whole booth.
+
+Every model forbids unknown keys, so a typo in the YAML is an error that names
+the key instead of a setting silently ignored. Backends (camera sources, pose
+backends) are discriminated unions on ``type``: adding one touches its own file
+plus one line here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+# Values that mean "nobody set this secret yet". Services refuse to start with them.
+PLACEHOLDER_SECRETS = frozenset({"changethis", "change-me", "changeme", ""})
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=False)
+
+
+def _parse_size(value: Any) -> tuple[int, int]:
+    """Accept ``640x480``, ``[640, 480]`` or ``(640, 480)``; reject zero or negative sizes."""
+    if isinstance(value, str):
+        parts = value.lower().split("x")
+        if len(parts) != 2:
+            raise ValueError(f"size must look like 640x480, got {value!r}")
+        try:
+            value = (int(parts[0]), int(parts[1]))
+        except ValueError:
+            raise ValueError(f"size must look like 640x480, got {value!r}") from None
+    if not isinstance(value, list | tuple) or len(value) != 2:
+        raise ValueError(f"size must be WIDTHxHEIGHT (quote it in YAML: '640x480'), got {value!r}")
+    w, h = int(value[0]), int(value[1])
+    if w <= 0 or h <= 0:
+        raise ValueError(f"size must be positive, got {w}x{h}")
+    if w % 2 or h % 2:
+        raise ValueError(
+            f"size must be even in both dimensions (video encoders need it), got {w}x{h}"
+        )
+    return w, h
+
+
+Size = Annotated[tuple[int, int], Field(description="WIDTHxHEIGHT in pixels")]
+
+
+# ---- camera sources ---------------------------------------------------------
+
+
+class SyntheticSource(Strict):
+    """The synthetic booth as a camera: pre-rendered JPEGs replayed at an exact rate."""
+
+    type: Literal["synthetic"] = "synthetic"
+    attendee: int = Field(1, ge=0, description="appearance seed")
+    dance: int = Field(1, ge=0, description="choreography seed")
+    viewpoint: int = Field(0, ge=0, description="camera viewpoint index within the booth")
+    size: Size = (640, 480)
+    fps: float = Field(120.0, gt=0, le=1000)
+    jpeg_quality: int = Field(85, ge=10, le=100)
+
+    _v_size = field_validator("size", mode="before")(classmethod(lambda cls, v: _parse_size(v)))
+
+
+class V4L2Source(Strict):
+    """A USB camera through Video4Linux, asked for MJPEG so nothing is decoded."""
+
+    type: Literal["v4l2"] = "v4l2"
+    device: str = "/dev/video0"
+    size: Size = (640, 480)
+    fps: float = Field(120.0, gt=0, le=1000)
+
+    _v_size = field_validator("size", mode="before")(classmethod(lambda cls, v: _parse_size(v)))
+
+
+class FileSource(Strict):
+    """A recorded video (MJPEG in MP4/AVI, or any codec FFmpeg reads) replayed as a camera."""
+
+    type: Literal["file"] = "file"
+    path: Path
+    rate: Literal["native", "max"] = "native"
+    loop: bool = False
+
+
+SourceConfig = Annotated[SyntheticSource | V4L2Source | FileSource, Field(discriminator="type")]
+
+
+# ---- pose backends ------------------------------------------------------------
+
+
+class CpuPose(Strict):
+    """BlazePose (detector + full landmark model) and selfie segmentation on LiteRT/XNNPACK."""
+
+    type: Literal["cpu"] = "cpu"
+    models_dir: Path = Path("models")
+    threads: int = Field(2, ge=1, le=64)
+    mode: Literal["tracking", "full"] = "tracking"
+    segmentation: bool = True
+    min_detection_score: float = Field(0.5, ge=0, le=1)
+
+
+class EdgeTpuPose(Strict):
+    """MoveNet-style models on one or more Coral EdgeTPUs, shared as a pool."""
+
+    type: Literal["edgetpu"] = "edgetpu"
+    model: Path = Path("models/movenet_thunder_edgetpu.tflite")
+    devices: list[str] = Field(default_factory=lambda: ["usb:0"], min_length=1)
+    library: str = "libedgetpu.so.1"
+    # When the delegate cannot load: use the CPU backend (True) or refuse to start.
+    fallback_to_cpu: bool = True
+    cpu: CpuPose = Field(default_factory=CpuPose)
+
+
+PoseConfig = Annotated[CpuPose | EdgeTpuPose, Field(discriminator="type")]
+
+
+# ---- the rest of the agent ------------------------------------------------------
+
+
+class CaptureConfig(Strict):
+    out_dir: Path = Path("var/takes")
+    segment_s: float = Field(2.0, gt=0, le=600)
+    stream_buffer_frames: int = Field(1024, ge=1)
+    # Stop recording cleanly when free disk falls below this.
+    min_free_disk_mb: int = Field(200, ge=0)
+
+
+class SmoothingConfig(Strict):
+    window: int = Field(32, ge=4, le=1024, description="ring-buffer length per camera")
+    max_gap_frames: int = Field(8, ge=0, description="longest run of missing frames to impute")
+    min_score: float = Field(0.3, ge=0, le=1)
+    min_cutoff_hz: float = Field(1.5, gt=0)
+    beta: float = Field(0.02, ge=0)
+    d_cutoff_hz: float = Field(1.0, gt=0)
+    max_bone_change: float = Field(
+        0.35, gt=0, description="relative bone-length change that flags a glitch"
+    )
+    max_speed_body_per_s: float = Field(
+        12.0, gt=0, description="joint speed, in torso lengths per second"
+    )
+
+
+class ZoneConfig(Strict):
+    """The booth's floor zone in normalised image coordinates; keypoints outside are rejected."""
+
+    polygon: list[tuple[float, float]] = Field(
+        default_factory=lambda: [(0.0, 0.0), (1.0, 0.0), (1.0, 1.0), (0.0, 1.0)], min_length=3
+    )
+    require_mask_overlap: float = Field(0.3, ge=0, le=1)
+
+
+class TlsClient(Strict):
+    ca_cert: Path | None = None
+    server_name: str | None = None
+
+
+class UplinkConfig(Strict):
+    """Where the agent streams to, and the disk spool that makes uploads survive crashes."""
+
+    address: str = "127.0.0.1:50051"
+    token: str = "changethis"
+    tls: TlsClient | None = None
+    spool_dir: Path = Path("var/spool")
+    spool_budget_mb: int = Field(2048, ge=1)
+    max_message_mb: int = Field(16, ge=1, le=512)
+    backoff_initial_s: float = Field(0.2, gt=0)
+    backoff_max_s: float = Field(10.0, gt=0)
+
+
+class AgentConfig(Strict):
+    booth_id: str = "booth-1"
+    camera_id: str = "cam0"
+    source: SourceConfig = Field(default_factory=SyntheticSource)
+    pose: PoseConfig = Field(default_factory=CpuPose)
+    capture: CaptureConfig = Field(default_factory=CaptureConfig)
+    smoothing: SmoothingConfig = Field(default_factory=SmoothingConfig)
+    zone: ZoneConfig = Field(default_factory=ZoneConfig)
+    uplink: UplinkConfig = Field(default_factory=UplinkConfig)
+    status_port: int = Field(0, ge=0, le=65535, description="HTTP status endpoint; 0 disables it")
+
+
+# ---- loading ---------------------------------------------------------------------
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be used. ``str(err)`` is one readable line per problem."""
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def _key_path(loc: tuple[Any, ...], data: Any) -> str:
+    """The dotted YAML key for a pydantic error location.
+
+    Discriminated unions put the tag (``cpu``) into the location although it is
+    not a key in the file; walking the input drops such steps.
+    """
+    parts: list[str] = []
+    node = data
+    for step in loc:
+        if isinstance(node, dict):
+            if step in node:
+                parts.append(str(step))
+                node = node[step]
+            elif (
+                isinstance(step, str)
+                and not step.startswith("function-")
+                and not _is_union_tag(node, step)
+            ):
+                parts.append(step)
+                node = None
+        elif isinstance(node, list) and isinstance(step, int) and step < len(node):
+            parts.append(str(step))
+            node = node[step]
+        elif node is None and not str(step).startswith("function-"):
+            parts.append(str(step))
+    return ".".join(parts)
+
+
+def _is_union_tag(node: dict, step: str) -> bool:
+    """True if ``step`` is the discriminator value of ``node`` rather than a key."""
+    return node.get("type") == step
+
+
+def format_validation_error(err: ValidationError, prefix: str = "", data: Any = None) -> str:
+    lines = []
+    for e in err.errors():
+        loc = _key_path(e["loc"], data)
+        # Discriminated unions insert the tag into the location; keep it readable.
+        key = f"{prefix}{loc}" if loc else prefix.rstrip(".") or "<root>"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif e["type"] == "union_tag_invalid":
+            key = f"{key}.type"
+            msg = f"unknown type {e['input'].get('type')!r}; expected one of {e['ctx']['expected_tags']}"
+        lines.append(f"{key}: {msg}")
+    return "\n".join(lines)
+
+
+def read_yaml(path: str | Path) -> Any:
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{p}: no such file") from None
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read: {e.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1} column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{p}:{where}: malformed YAML: {problem}") from None
+    return {} if data is None else data
+
+
+def parse_model(data: Any, model: type[M], *, source: str = "config", prefix: str = "") -> M:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping of keys, got {type(data).__name__}")
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(
+            f"{source}: invalid:\n{format_validation_error(e, prefix, data)}"
+        ) from None
+
+
+def load_agent_config(path: str | Path) -> AgentConfig:
+    """Load the ``agent:`` section of a booth YAML file (a board's file may hold only that)."""
+    data = read_yaml(path)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys")
+    section = data.get("agent", {})
+    return parse_model(section or {}, AgentConfig, source=str(path), prefix="agent.")

@@ -1,0 +1,1 @@
+"""Generated gRPC stubs live here (`make protos`); the contract is booth.proto."""
