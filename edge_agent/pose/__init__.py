@@ -1,0 +1,1 @@
+"""Pose backends behind one interface. See ``base.create_pose_backend``."""
