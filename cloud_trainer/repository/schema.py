@@ -1,0 +1,219 @@
+"""Metadata tables, one definition for SQLite and PostgreSQL (SQLAlchemy Core).
+
+Schema management: ``metadata.create_all`` at start-up (idempotent). The schema
+is young and additive; when a change is not additive we will introduce Alembic.
+Timestamps are unix seconds (float) so both backends agree without time zones.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    Column,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+)
+
+metadata = MetaData()
+
+booths = Table(
+    "booths",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("name", String(200), nullable=False, default=""),
+    Column("created_at", Float, nullable=False),
+)
+
+agents = Table(
+    "agents",
+    metadata,
+    Column("booth_id", String(64), primary_key=True),
+    Column("camera_id", String(64), primary_key=True),
+    Column("software_version", String(64), nullable=False, default=""),
+    Column("capabilities", JSON, nullable=False, default=dict),
+    Column("state", String(32), nullable=False, default="offline"),
+    Column("status", JSON, nullable=False, default=dict),  # last AgentStatus as a dict
+    Column("last_seen", Float, nullable=True),
+)
+
+attendees = Table(
+    "attendees",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("name", String(200), nullable=False),
+    Column("email", String(320), nullable=False),
+    Column("consent", Boolean, nullable=False),
+    Column("consent_at", Float, nullable=True),
+    Column("created_at", Float, nullable=False),
+)
+
+sessions = Table(
+    "sessions",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("booth_id", String(64), nullable=False),
+    Column(
+        "attendee_id", String(32), ForeignKey("attendees.id", ondelete="CASCADE"), nullable=False
+    ),
+    Column("reference_name", String(120), nullable=False),
+    Column("reference_version", Integer, nullable=True),
+    Column("state", String(32), nullable=False),
+    Column("failure_reason", Text, nullable=True),
+    Column("take_s", Float, nullable=False),
+    Column("cameras", JSON, nullable=False, default=list),  # camera ids expected in the take
+    Column("created_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+    Column("capture_started_at", Float, nullable=True),
+    Column("uploaded_at", Float, nullable=True),
+    Column("delivered_at", Float, nullable=True),
+    # Trainer/renderer progress for the tablet: {stage, step, total_steps, eta_s, loss, ...}
+    Column("progress", JSON, nullable=False, default=dict),
+    Column("quality", JSON, nullable=True),  # {ssim, psnr, pose_dist, ssim_nn_baseline, ...}
+    Column("video_key", String(512), nullable=True),
+    Column("poster_key", String(512), nullable=True),
+    Column("side_by_side_key", String(512), nullable=True),
+)
+Index("ix_sessions_booth_created", sessions.c.booth_id, sessions.c.created_at)
+
+session_events = Table(
+    "session_events",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column(
+        "session_id",
+        String(32),
+        ForeignKey("sessions.id", ondelete="CASCADE"),
+        nullable=False,
+        index=True,
+    ),
+    Column("at", Float, nullable=False),
+    Column("from_state", String(32), nullable=True),
+    Column("to_state", String(32), nullable=False),
+    Column("detail", Text, nullable=True),
+)
+
+takes = Table(
+    "takes",
+    metadata,
+    Column(
+        "session_id", String(32), ForeignKey("sessions.id", ondelete="CASCADE"), primary_key=True
+    ),
+    Column("camera_id", String(64), primary_key=True),
+    Column("state", String(32), nullable=False, default="capturing"),  # capturing | uploaded
+    Column("width", Integer, nullable=True),
+    Column("height", Integer, nullable=True),
+    Column("fps", Float, nullable=True),
+    Column("frame_count", Integer, nullable=True),  # from EndOfTake
+    Column("durable_seq", Integer, nullable=False, default=-1),
+    Column("pose_durable_seq", Integer, nullable=False, default=-1),
+    Column("updated_at", Float, nullable=False),
+)
+
+# Where each stored frame lives: one row per frame, written in one statement per shard.
+frames = Table(
+    "frames",
+    metadata,
+    Column(
+        "session_id", String(32), ForeignKey("sessions.id", ondelete="CASCADE"), primary_key=True
+    ),
+    Column("camera_id", String(64), primary_key=True),
+    Column("seq", Integer, primary_key=True, autoincrement=False),
+    Column("capture_ts_ns", Integer, nullable=False),
+    Column("shard_key", String(512), nullable=False),
+    Column("offset", Integer, nullable=False),
+    Column("length", Integer, nullable=False),
+    Column("sha256", String(64), nullable=False),
+)
+
+poses = Table(
+    "poses",
+    metadata,
+    Column(
+        "session_id", String(32), ForeignKey("sessions.id", ondelete="CASCADE"), primary_key=True
+    ),
+    Column("camera_id", String(64), primary_key=True),
+    Column("seq", Integer, primary_key=True, autoincrement=False),
+    Column("keypoints", LargeBinary, nullable=False),  # float32 (23, 3) little-endian
+    Column("imputed", Boolean, nullable=False, default=False),
+    Column("glitch", Boolean, nullable=False, default=False),
+)
+
+jobs = Table(
+    "jobs",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column(
+        "session_id",
+        String(32),
+        ForeignKey("sessions.id", ondelete="CASCADE"),
+        nullable=False,
+        unique=True,
+    ),
+    Column("state", String(32), nullable=False),  # queued | running | done | failed
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("worker", String(128), nullable=True),
+    Column(
+        "stage", String(32), nullable=True
+    ),  # loading | training | scoring | exporting | rendering
+    Column("step", Integer, nullable=False, default=0),
+    Column("total_steps", Integer, nullable=True),
+    Column("eta_s", Float, nullable=True),
+    Column("metrics", JSON, nullable=False, default=dict),  # loss history, scores
+    Column("error", Text, nullable=True),
+    Column("model_key", String(512), nullable=True),
+    Column("created_at", Float, nullable=False),
+    Column("started_at", Float, nullable=True),
+    Column("finished_at", Float, nullable=True),
+    Column("stage_seconds", JSON, nullable=False, default=dict),  # {stage: seconds}
+)
+
+links = Table(
+    "links",
+    metadata,
+    # sha256 of the token: a leaked database does not leak working links.
+    Column("token_sha256", String(64), primary_key=True),
+    Column(
+        "session_id",
+        String(32),
+        ForeignKey("sessions.id", ondelete="CASCADE"),
+        nullable=False,
+        index=True,
+    ),
+    Column("created_at", Float, nullable=False),
+    Column("expires_at", Float, nullable=False),
+    Column("revoked_at", Float, nullable=True),
+)
+
+outbox = Table(
+    "outbox",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("message_id", String(255), nullable=False, unique=True),
+    Column(
+        "session_id",
+        String(32),
+        ForeignKey("sessions.id", ondelete="SET NULL"),
+        nullable=True,
+        index=True,
+    ),
+    Column("to_addr", String(320), nullable=False),
+    Column("subject", String(300), nullable=False),
+    Column("body_text", Text, nullable=False),
+    Column("body_html", Text, nullable=False),
+    Column("state", String(16), nullable=False),  # pending | sending | sent | failed | bounced
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("next_attempt_at", Float, nullable=False),
+    Column("last_error", Text, nullable=True),
+    Column("created_at", Float, nullable=False),
+    Column("sent_at", Float, nullable=True),
+    UniqueConstraint("message_id", name="uq_outbox_message_id"),
+)

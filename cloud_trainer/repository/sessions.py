@@ -1,0 +1,195 @@
+"""Attendees and sessions, with every state change going through ``session.check_transition``."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from typing import Any
+
+from sqlalchemy import select, update
+
+from cloud_trainer.repository.schema import attendees, session_events, sessions
+from cloud_trainer.session import State, check_transition
+from edge_agent.errors import BadInput, BoothError
+
+
+class SessionNotFound(BoothError):
+    pass
+
+
+def new_id() -> str:
+    return secrets.token_hex(16)
+
+
+class SessionsRepo:
+    engine: Any
+
+    def create_session(
+        self,
+        *,
+        booth_id: str,
+        name: str,
+        email: str,
+        consent: bool,
+        reference_name: str,
+        take_s: float,
+        cameras: list[str],
+        reference_version: int | None = None,
+    ) -> str:
+        """Create the attendee and their session in one transaction. Consent is mandatory."""
+        if not consent:
+            raise BadInput("the attendee must consent before anything is captured")
+        now = time.time()
+        attendee_id, session_id = new_id(), new_id()
+        with self.engine.begin() as conn:
+            conn.execute(
+                attendees.insert().values(
+                    id=attendee_id,
+                    name=name,
+                    email=email,
+                    consent=True,
+                    consent_at=now,
+                    created_at=now,
+                )
+            )
+            conn.execute(
+                sessions.insert().values(
+                    id=session_id,
+                    booth_id=booth_id,
+                    attendee_id=attendee_id,
+                    reference_name=reference_name,
+                    reference_version=reference_version,
+                    state=State.CREATED.value,
+                    take_s=take_s,
+                    cameras=list(cameras),
+                    created_at=now,
+                    updated_at=now,
+                    progress={},
+                )
+            )
+            conn.execute(
+                session_events.insert().values(
+                    session_id=session_id, at=now, from_state=None, to_state=State.CREATED.value
+                )
+            )
+        return session_id
+
+    def get_session(self, session_id: str) -> dict[str, Any]:
+        """The session joined with its attendee, as a plain dict."""
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                select(sessions, attendees.c.name, attendees.c.email)
+                .join(attendees, attendees.c.id == sessions.c.attendee_id)
+                .where(sessions.c.id == session_id)
+            ).first()
+        if row is None:
+            raise SessionNotFound(f"unknown session {session_id}")
+        return dict(row._mapping)
+
+    def list_sessions(
+        self, booth_id: str | None = None, since: float | None = None
+    ) -> list[dict[str, Any]]:
+        q = select(sessions, attendees.c.name, attendees.c.email).join(
+            attendees, attendees.c.id == sessions.c.attendee_id
+        )
+        if booth_id is not None:
+            q = q.where(sessions.c.booth_id == booth_id)
+        if since is not None:
+            q = q.where(sessions.c.created_at >= since)
+        with self.engine.connect() as conn:
+            return [
+                dict(r._mapping) for r in conn.execute(q.order_by(sessions.c.created_at.desc()))
+            ]
+
+    def transition(
+        self, session_id: str, target: State | str, detail: str | None = None, **fields: Any
+    ) -> None:
+        """Move a session to ``target``; raises InvalidTransition for moves the machine forbids.
+
+        The row is locked (``FOR UPDATE`` on PostgreSQL; SQLite serialises writers) so two
+        racing callers cannot both move it.
+        """
+        target = State(target)
+        now = time.time()
+        with self.engine.begin() as conn:
+            row = conn.execute(
+                select(sessions.c.state).where(sessions.c.id == session_id).with_for_update()
+            ).first()
+            if row is None:
+                raise SessionNotFound(f"unknown session {session_id}")
+            check_transition(session_id, row.state, target)
+            values: dict[str, Any] = {"state": target.value, "updated_at": now, **fields}
+            if target == State.FAILED:
+                values["failure_reason"] = detail or "unknown failure"
+            elif target == State.CAPTURING:
+                values.setdefault("capture_started_at", now)
+                values["failure_reason"] = None
+            elif target == State.UPLOADED:
+                values.setdefault("uploaded_at", now)
+            elif target == State.DELIVERED:
+                values.setdefault("delivered_at", now)
+            conn.execute(update(sessions).where(sessions.c.id == session_id).values(**values))
+            conn.execute(
+                session_events.insert().values(
+                    session_id=session_id,
+                    at=now,
+                    from_state=row.state,
+                    to_state=target.value,
+                    detail=detail,
+                )
+            )
+
+    def fail(self, session_id: str, reason: str) -> None:
+        """Fail a session unless it already ended (a late failure must not undo a delivery)."""
+        current = State(self.get_session(session_id)["state"])
+        if current in (State.DELIVERED, State.FAILED):
+            return
+        self.transition(session_id, State.FAILED, detail=reason)
+
+    def set_progress(self, session_id: str, **progress: Any) -> None:
+        with self.engine.begin() as conn:
+            row = conn.execute(
+                select(sessions.c.progress).where(sessions.c.id == session_id)
+            ).first()
+            if row is None:
+                raise SessionNotFound(f"unknown session {session_id}")
+            merged = {**(row.progress or {}), **progress}
+            conn.execute(
+                update(sessions)
+                .where(sessions.c.id == session_id)
+                .values(progress=merged, updated_at=time.time())
+            )
+
+    def update_session(self, session_id: str, **fields: Any) -> None:
+        """Set plain columns (quality, video keys, ...) without a state change."""
+        with self.engine.begin() as conn:
+            n = conn.execute(
+                update(sessions)
+                .where(sessions.c.id == session_id)
+                .values(updated_at=time.time(), **fields)
+            ).rowcount
+        if n == 0:
+            raise SessionNotFound(f"unknown session {session_id}")
+
+    def update_attendee_email(self, session_id: str, email: str) -> None:
+        s = self.get_session(session_id)
+        with self.engine.begin() as conn:
+            conn.execute(
+                update(attendees).where(attendees.c.id == s["attendee_id"]).values(email=email)
+            )
+
+    def session_events(self, session_id: str) -> list[dict[str, Any]]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(session_events)
+                .where(session_events.c.session_id == session_id)
+                .order_by(session_events.c.id)
+            )
+            return [dict(r._mapping) for r in rows]
+
+    def delete_session_rows(self, session_id: str) -> None:
+        """Remove the session, its attendee and everything hanging off them (cascades)."""
+        s = self.get_session(session_id)
+        with self.engine.begin() as conn:
+            conn.execute(sessions.delete().where(sessions.c.id == session_id))
+            conn.execute(attendees.delete().where(attendees.c.id == s["attendee_id"]))
