@@ -1,0 +1,37 @@
+import subprocess
+import sys
+
+import pytest
+
+from cloud_trainer.cli import main
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "cloud_trainer.cli", *args], capture_output=True, text=True
+    )
+
+
+def test_help_lists_the_commands():
+    r = run_cli("--help")
+    assert r.returncode == 0
+    for name in ("config", "synth"):
+        assert name in r.stdout
+
+
+def test_unknown_command_is_one_line_error():
+    r = run_cli("dance-off")
+    assert r.returncode == 2
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+
+
+def test_config_example_prints_yaml(capsys):
+    assert main(["config", "example"]) == 0
+    assert "storage:" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("cmd", [["config", "validate", "/nonexistent/booth.yaml"]])
+def test_bad_files_give_one_line_errors(cmd):
+    r = run_cli(*cmd)
+    assert r.returncode == 2
+    assert "no such file" in r.stderr and "Traceback" not in r.stderr

@@ -1,0 +1,87 @@
+"""The booth config is strict: every mistake names its key."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cloud_trainer.commands.config import EXAMPLE
+from cloud_trainer.config import BoothConfig, load_config, refuse_placeholders
+from edge_agent.config import ConfigError, load_agent_config
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "booth.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_example_config_is_valid_and_matches_defaults(tmp_path):
+    cfg = load_config(write(tmp_path, EXAMPLE))
+    assert cfg.model_dump() == BoothConfig().model_dump()
+
+
+def test_empty_file_gives_embedded_defaults(tmp_path):
+    cfg = load_config(write(tmp_path, ""))
+    assert (
+        cfg.storage.type == "local" and cfg.queue.type == "sqlite" and cfg.database.type == "sqlite"
+    )
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "expected"),
+    [
+        ("agent:\n  pose:\n    type: cpu\n    thread: 2\n", "agent.pose.thread: unknown key"),
+        ("trainer:\n  budget_s: -5\n", "trainer.budget_s:"),
+        ("storage:\n  type: s3\n", "storage.type: unknown type 's3'"),
+        ("agent:\n  source:\n    type: synthetic\n    size: 0x0\n", "agent.source.size:"),
+        ("agent:\n  source:\n    type: synthetic\n    fps: -1\n", "agent.source.fps:"),
+        ("web:\n  staff:\n    - username: a\n", "web.staff.0.password_hash: Field required"),
+        ("nonsense: 1\n", "nonsense: unknown key"),
+    ],
+)
+def test_config_errors_name_the_key(tmp_path, yaml_text, expected):
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, yaml_text))
+    assert expected in str(err.value)
+
+
+def test_malformed_yaml_names_the_line(tmp_path):
+    with pytest.raises(ConfigError, match=r"line \d+ column \d+: malformed YAML"):
+        load_config(write(tmp_path, "a: 1\nb: [\n"))
+
+
+def test_missing_file_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="no such file"):
+        load_config(tmp_path / "absent.yaml")
+
+
+def test_agent_section_loads_alone_on_a_board(tmp_path):
+    p = write(
+        tmp_path, "agent:\n  camera_id: cam7\n  source:\n    type: synthetic\n    size: '320x240'\n"
+    )
+    cfg = load_agent_config(p)
+    assert cfg.camera_id == "cam7" and cfg.source.size == (320, 240)
+
+
+def test_placeholder_secret_refuses_to_start():
+    cfg = BoothConfig()
+    with pytest.raises(ConfigError, match="web.secret_key"):
+        refuse_placeholders(cfg, ("web",))
+    cfg.web.secret_key = "a-real-secret-value"
+    refuse_placeholders(cfg, ("web",))
+
+
+def test_cli_validate_exits_nonzero_with_one_line_per_problem(tmp_path):
+    p = write(tmp_path, "trainer:\n  label_map: bodypix\n")
+    r = subprocess.run(
+        [sys.executable, "-m", "cloud_trainer.cli", "config", "validate", str(p)],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 2
+    assert "trainer.label_map" in r.stderr
+    assert "Traceback" not in r.stderr
