@@ -193,6 +193,15 @@ links = Table(
     Column("revoked_at", Float, nullable=True),
 )
 
+# What is left of a deleted session's links: only the hash and the time, so the
+# attendee page can answer 410 Gone (not 404) without keeping any personal data.
+link_tombstones = Table(
+    "link_tombstones",
+    metadata,
+    Column("token_sha256", String(64), primary_key=True),
+    Column("deleted_at", Float, nullable=False),
+)
+
 outbox = Table(
     "outbox",
     metadata,

@@ -1,0 +1,148 @@
+"""What staff do at the booth, independent of HTTP: enter an attendee, start, resend, delete.
+
+The web app's routes are thin wrappers around ``FrontDesk``; the demo and the
+tests drive the same code through the real HTTP API.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from sqlalchemy import delete, insert, select
+
+from cloud_trainer.repository import Repository
+from cloud_trainer.repository.schema import link_tombstones, links, outbox
+from cloud_trainer.session import InvalidTransition, State
+from edge_agent.errors import BadInput, BoothError
+
+log = logging.getLogger(__name__)
+
+# Deliberately simple: one @, a dot in the domain, no spaces or control characters.
+# The SMTP server has the final word; a rejected address shows on the session.
+_EMAIL_RE = re.compile(
+    r"^[^@\s\x00-\x1f\x7f]{1,64}@[A-Za-z0-9](?:[A-Za-z0-9-]{0,62}\.)+[A-Za-z]{2,63}$"
+)
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+
+
+class Conflict(BoothError):
+    """The action does not fit the session's current state (HTTP 409)."""
+
+
+class NoCameras(Conflict):
+    pass
+
+
+class TakeController(Protocol):
+    """The control plane, as the front desk needs it (implemented by cloud_trainer.ingest.control)."""
+
+    def online_agents(self, booth_id: str) -> list[dict[str, Any]]: ...
+
+    async def start_take(
+        self, booth_id: str, session_id: str, duration_s: float
+    ) -> list[dict[str, Any]]: ...
+
+
+def clean_name(name: str) -> str:
+    name = " ".join((name or "").split())
+    if not name:
+        raise BadInput("enter the attendee's name")
+    if len(name) > 100 or _CONTROL_RE.search(name):
+        raise BadInput("the name must be at most 100 printable characters")
+    return name
+
+
+def clean_email(email: str) -> str:
+    email = (email or "").strip()
+    if not _EMAIL_RE.match(email) or len(email) > 254:
+        raise BadInput(f"{email!r} is not a valid email address")
+    return email
+
+
+@dataclass
+class FrontDesk:
+    repo: Repository
+    booth_id: str
+    take_s: float
+    cameras: Callable[[], list[str]]
+    control: TakeController | None = None
+    delete_blobs: Callable[[str], Awaitable[int] | int] | None = None
+    resend_email: Callable[[str, str | None], Any] | None = None
+
+    def create_session(self, *, name: str, email: str, consent: bool, reference: str) -> str:
+        if not consent:
+            raise BadInput("no capture without consent: tick the consent box with the attendee")
+        return self.repo.create_session(
+            booth_id=self.booth_id,
+            name=clean_name(name),
+            email=clean_email(email),
+            consent=True,
+            reference_name=reference,
+            take_s=self.take_s,
+            cameras=self.cameras(),
+        )
+
+    async def start(self, session_id: str) -> list[dict[str, Any]]:
+        """Send StartTake to every camera of the booth. Pressing it twice is refused, not repeated."""
+        session = self.repo.get_session(session_id)
+        if session["state"] not in (State.CREATED.value, State.FAILED.value):
+            raise Conflict(
+                f"this session is already {session['state']}; start a new one for another take"
+            )
+        online = self.control.online_agents(self.booth_id) if self.control else []
+        if not online:
+            raise NoCameras(
+                f"no cameras of booth {self.booth_id} are online; check the boards and their network"
+            )
+        cameras = sorted(a["camera_id"] for a in online)
+        # The transition is the lock: of two tablets pressing Start, one wins here.
+        try:
+            self.repo.transition(
+                session_id, State.CAPTURING, detail=f"cameras {', '.join(cameras)}", cameras=cameras
+            )
+        except InvalidTransition:
+            raise Conflict("this session was started already (by another tablet?)") from None
+        try:
+            return await self.control.start_take(self.booth_id, session_id, session["take_s"])
+        except BoothError as e:
+            self.repo.fail(session_id, f"could not start the cameras: {e}")
+            raise
+
+    def resend(self, session_id: str, new_email: str | None = None) -> None:
+        """Queue the delivery email again, to a corrected address if staff typed one."""
+        session = self.repo.get_session(session_id)
+        if session["state"] != State.DELIVERED.value:
+            raise Conflict(f"there is nothing to resend yet: the session is {session['state']}")
+        if self.resend_email is None:
+            raise Conflict("email delivery is not configured on this server")
+        email = clean_email(new_email) if new_email else None
+        if email:
+            self.repo.update_attendee_email(session_id, email)
+        self.resend_email(session_id, email)
+
+    def delete(self, session_id: str) -> None:
+        """Remove everything the booth holds about this attendee; their links then answer 410."""
+        self.repo.get_session(session_id)  # 404 if it is already gone
+        if self.delete_blobs is not None:
+            self.delete_blobs(session_id)
+        now = time.time()
+        with self.repo.engine.begin() as conn:
+            hashes = [
+                r.token_sha256
+                for r in conn.execute(
+                    select(links.c.token_sha256).where(links.c.session_id == session_id)
+                )
+            ]
+            if hashes:
+                conn.execute(
+                    insert(link_tombstones),
+                    [{"token_sha256": h, "deleted_at": now} for h in hashes],
+                )
+            conn.execute(delete(outbox).where(outbox.c.session_id == session_id))
+        self.repo.delete_session_rows(session_id)
+        log.info("session deleted", extra={"session_id": session_id})

@@ -1,0 +1,144 @@
+"""The attendee's page at the unguessable link: watch, download, delete."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Annotated
+
+from fastapi import APIRouter, Form, Header, HTTPException, Request
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from sqlalchemy import select
+
+from cloud_trainer.repository import SessionNotFound
+from cloud_trainer.repository.schema import link_tombstones
+from cloud_trainer.web.deps import Services, ServicesDep
+
+router = APIRouter(tags=["attendee"])
+
+
+class Gone(Exception):
+    """The link existed but is expired, revoked or its data deleted (HTTP 410)."""
+
+
+def _session_for(services: Services, token: str) -> dict:
+    if len(token) > 128:
+        raise HTTPException(404, "no such video")
+    digest = hashlib.sha256(token.encode()).hexdigest()
+    with services.repo.engine.connect() as conn:
+        if conn.execute(
+            select(link_tombstones.c.token_sha256).where(link_tombstones.c.token_sha256 == digest)
+        ).first():
+            raise Gone("this video and its data were deleted")
+    result = services.links.resolve(token)
+    if result.state == "not_found":
+        raise HTTPException(404, "no such video")
+    if result.state != "ok":
+        raise Gone(f"this link has {result.state}")
+    try:
+        return services.repo.get_session(result.session_id)
+    except SessionNotFound:
+        raise Gone("this video and its data were deleted") from None
+
+
+def _video_key(s: dict, which: str) -> str:
+    key = {
+        "video": s.get("video_key"),
+        "poster": s.get("poster_key"),
+        "side": s.get("side_by_side_key"),
+    }[which]
+    if not key:
+        raise HTTPException(404, "the video is not ready yet")
+    return key
+
+
+@router.get("/v/{token}", response_class=HTMLResponse, summary="The attendee's video page")
+def page(token: str, request: Request, services: ServicesDep):
+    s = _session_for(services, token)
+    return services.templates.TemplateResponse(
+        request,
+        "attendee.html",
+        {
+            "s": s,
+            "token": token,
+            "has_side": bool(s.get("side_by_side_key")),
+            "booth": services.settings.booth.name,
+        },
+    )
+
+
+def _serve(
+    services: Services,
+    key: str,
+    media_type: str,
+    range_header: str | None,
+    download_name: str | None = None,
+):
+    signed = services.store.url(key, 3600)
+    if signed:
+        return RedirectResponse(signed, status_code=307)
+    size = services.store.size(key)
+    headers = {"Accept-Ranges": "bytes", "Cache-Control": "private, max-age=3600"}
+    if download_name:
+        headers["Content-Disposition"] = f'attachment; filename="{download_name}"'
+    rng = services.links.parse_range(range_header, size) if range_header else None
+    if rng is None:
+        return Response(services.store.get(key), media_type=media_type, headers=headers)
+    if rng == "unsatisfiable":
+        return Response(status_code=416, headers={"Content-Range": f"bytes */{size}"})
+    start, end = rng
+    headers["Content-Range"] = f"bytes {start}-{end}/{size}"
+    return Response(
+        services.store.get_range(key, start, end),
+        status_code=206,
+        media_type=media_type,
+        headers=headers,
+    )
+
+
+@router.get("/v/{token}/video.mp4", summary="The H.264 video (supports Range requests)")
+def video(token: str, services: ServicesDep, range: Annotated[str | None, Header()] = None):
+    return _serve(services, _video_key(_session_for(services, token), "video"), "video/mp4", range)
+
+
+@router.get("/v/{token}/side-by-side.mp4", summary="The video beside the reference dancer")
+def side_by_side(token: str, services: ServicesDep, range: Annotated[str | None, Header()] = None):
+    return _serve(services, _video_key(_session_for(services, token), "side"), "video/mp4", range)
+
+
+@router.get("/v/{token}/download", summary="Download the video")
+def download(token: str, services: ServicesDep, range: Annotated[str | None, Header()] = None):
+    s = _session_for(services, token)
+    return _serve(
+        services, _video_key(s, "video"), "video/mp4", range, download_name="dancebooth.mp4"
+    )
+
+
+@router.get("/v/{token}/poster.jpg", summary="The poster image")
+def poster(token: str, services: ServicesDep):
+    return _serve(services, _video_key(_session_for(services, token), "poster"), "image/jpeg", None)
+
+
+@router.post(
+    "/v/{token}/delete", response_class=HTMLResponse, summary="Delete my data (needs confirm=yes)"
+)
+def delete_my_data(
+    token: str, request: Request, services: ServicesDep, confirm: Annotated[str, Form()] = ""
+):
+    s = _session_for(services, token)
+    if confirm != "yes":
+        return services.templates.TemplateResponse(
+            request,
+            "attendee.html",
+            {
+                "s": s,
+                "token": token,
+                "has_side": bool(s.get("side_by_side_key")),
+                "booth": services.settings.booth.name,
+                "error": "tick the box to confirm that everything should be deleted",
+            },
+            status_code=400,
+        )
+    services.desk.delete(s["id"])
+    return services.templates.TemplateResponse(
+        request, "gone.html", {"message": "Your video and all your data were deleted."}
+    )

@@ -1,0 +1,346 @@
+"""Sessions: the tablet's pages and the JSON API behind them."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Form, HTTPException, Request
+from fastapi.responses import HTMLResponse, RedirectResponse, Response, StreamingResponse
+from pydantic import BaseModel, Field
+from sqlalchemy import select
+
+from cloud_trainer.front_desk import Conflict
+from cloud_trainer.repository import SessionNotFound
+from cloud_trainer.repository.schema import outbox
+from cloud_trainer.web.deps import Services, ServicesDep, StaffApi, StaffPage, check_form_csrf
+from edge_agent.errors import BadInput, BoothError
+
+router = APIRouter(tags=["sessions"])
+
+STAGES = ("created", "capturing", "uploaded", "training", "rendering", "delivered")
+
+
+class NewSession(BaseModel):
+    name: str = Field(max_length=200)
+    email: str = Field(max_length=320)
+    consent: bool = False
+    reference: str = Field(max_length=120)
+
+
+class Resend(BaseModel):
+    email: str | None = None
+
+
+def email_state(services: Services, session_id: str) -> dict[str, Any] | None:
+    with services.repo.engine.connect() as conn:
+        row = conn.execute(
+            select(
+                outbox.c.state,
+                outbox.c.to_addr,
+                outbox.c.last_error,
+                outbox.c.attempts,
+                outbox.c.sent_at,
+            )
+            .where(outbox.c.session_id == session_id)
+            .order_by(outbox.c.id.desc())
+            .limit(1)
+        ).first()
+    return dict(row._mapping) if row else None
+
+
+def session_view(services: Services, s: dict[str, Any]) -> dict[str, Any]:
+    progress = s.get("progress") or {}
+    return {
+        "id": s["id"],
+        "state": s["state"],
+        "name": s["name"],
+        "email": s["email"],
+        "reference": s["reference_name"],
+        "created_at": s["created_at"],
+        "updated_at": s["updated_at"],
+        "take_s": s["take_s"],
+        "cameras": s["cameras"],
+        "failure_reason": s["failure_reason"],
+        "progress": progress,
+        "quality": s.get("quality"),
+        "link_url": progress.get("link_url"),
+        "email_delivery": email_state(services, s["id"]),
+        "stage_index": STAGES.index(s["state"]) if s["state"] in STAGES else -1,
+    }
+
+
+def _get(services: Services, session_id: str) -> dict[str, Any]:
+    try:
+        return services.repo.get_session(session_id)
+    except SessionNotFound:
+        raise HTTPException(404, "no such session (deleted?)") from None
+
+
+def _today_start() -> float:
+    t = time.localtime()
+    return time.mktime((t.tm_year, t.tm_mon, t.tm_mday, 0, 0, 0, 0, 0, -1))
+
+
+def _references(services: Services) -> list[dict[str, Any]]:
+    return services.references() if services.references else []
+
+
+def _agents(services: Services) -> list[dict[str, Any]]:
+    return services.control.online_agents(services.settings.booth.id) if services.control else []
+
+
+def _home(
+    request: Request,
+    services: Services,
+    staff,
+    message: str | None = None,
+    status: int = 200,
+    form: dict | None = None,
+):
+    return services.templates.TemplateResponse(
+        request,
+        "home.html",
+        {
+            "staff": staff,
+            "error": message,
+            "form": form or {},
+            "sessions": [
+                session_view(services, s) for s in services.repo.list_sessions(since=_today_start())
+            ],
+            "references": _references(services),
+            "agents": _agents(services),
+        },
+        status_code=status,
+    )
+
+
+# ---- pages ------------------------------------------------------------------------
+
+
+@router.get("/", response_class=HTMLResponse, include_in_schema=False)
+def home(request: Request, services: ServicesDep, staff: StaffPage):
+    return _home(request, services, staff)
+
+
+@router.post("/sessions", include_in_schema=False)
+def create_session_form(
+    request: Request,
+    services: ServicesDep,
+    staff: StaffPage,
+    name: Annotated[str, Form()] = "",
+    email: Annotated[str, Form()] = "",
+    reference: Annotated[str, Form()] = "",
+    consent: Annotated[str | None, Form()] = None,
+    csrf: Annotated[str | None, Form()] = None,
+):
+    check_form_csrf(staff, csrf)
+    form = {"name": name, "email": email, "reference": reference}
+    try:
+        sid = services.desk.create_session(
+            name=name, email=email, consent=consent == "yes", reference=reference
+        )
+    except BadInput as e:
+        return _home(request, services, staff, str(e), 400, form)
+    return RedirectResponse(f"/sessions/{sid}", status_code=303)
+
+
+@router.get("/sessions/{session_id}", response_class=HTMLResponse, include_in_schema=False)
+def session_page(session_id: str, request: Request, services: ServicesDep, staff: StaffPage):
+    s = session_view(services, _get(services, session_id))
+    return services.templates.TemplateResponse(
+        request,
+        "session.html",
+        {"staff": staff, "s": s, "agents": _agents(services), "error": None},
+    )
+
+
+async def _action(request, services, staff, session_id, csrf, fn):
+    check_form_csrf(staff, csrf)
+    try:
+        result = fn()
+        if asyncio.iscoroutine(result):
+            await result
+    except SessionNotFound:
+        raise HTTPException(404, "no such session (deleted?)") from None
+    except (BadInput, Conflict, BoothError) as e:
+        s = session_view(services, _get(services, session_id))
+        status = 400 if isinstance(e, BadInput) else 409
+        return services.templates.TemplateResponse(
+            request,
+            "session.html",
+            {"staff": staff, "s": s, "agents": _agents(services), "error": str(e)},
+            status_code=status,
+        )
+    return None
+
+
+@router.post("/sessions/{session_id}/start", include_in_schema=False)
+async def start_form(
+    session_id: str,
+    request: Request,
+    services: ServicesDep,
+    staff: StaffPage,
+    csrf: Annotated[str | None, Form()] = None,
+):
+    err = await _action(
+        request, services, staff, session_id, csrf, lambda: services.desk.start(session_id)
+    )
+    return err or RedirectResponse(f"/sessions/{session_id}", status_code=303)
+
+
+@router.post("/sessions/{session_id}/resend", include_in_schema=False)
+async def resend_form(
+    session_id: str,
+    request: Request,
+    services: ServicesDep,
+    staff: StaffPage,
+    csrf: Annotated[str | None, Form()] = None,
+    email: Annotated[str, Form()] = "",
+):
+    err = await _action(
+        request,
+        services,
+        staff,
+        session_id,
+        csrf,
+        lambda: services.desk.resend(session_id, email or None),
+    )
+    return err or RedirectResponse(f"/sessions/{session_id}", status_code=303)
+
+
+@router.post("/sessions/{session_id}/delete", include_in_schema=False)
+async def delete_form(
+    session_id: str,
+    request: Request,
+    services: ServicesDep,
+    staff: StaffPage,
+    csrf: Annotated[str | None, Form()] = None,
+):
+    check_form_csrf(staff, csrf)
+    with contextlib.suppress(SessionNotFound):  # pressed twice: it is gone either way
+        services.desk.delete(session_id)
+    return RedirectResponse("/?deleted=1", status_code=303)
+
+
+@router.get("/sessions/{session_id}/plot.png", include_in_schema=False)
+def plot(session_id: str, services: ServicesDep, staff: StaffPage):
+    key = f"sessions/{session_id}/job/progress.png"
+    if not services.store.exists(key):
+        raise HTTPException(404, "no training plot yet")
+    return Response(
+        services.store.get(key), media_type="image/png", headers={"Cache-Control": "no-store"}
+    )
+
+
+# ---- JSON API -------------------------------------------------------------------------
+
+
+@router.get("/api/sessions", summary="Today's sessions, newest first")
+def list_sessions(services: ServicesDep, staff: StaffApi, all_days: bool = False):
+    since = None if all_days else _today_start()
+    return [session_view(services, s) for s in services.repo.list_sessions(since=since)]
+
+
+@router.post("/api/sessions", status_code=201, summary="Enter an attendee (consent required)")
+def create_session(body: NewSession, services: ServicesDep, staff: StaffApi):
+    try:
+        sid = services.desk.create_session(
+            name=body.name, email=body.email, consent=body.consent, reference=body.reference
+        )
+    except BadInput as e:
+        raise HTTPException(400, str(e)) from None
+    return session_view(services, services.repo.get_session(sid))
+
+
+@router.get("/api/sessions/{session_id}", summary="One session with its progress")
+def get_session(session_id: str, services: ServicesDep, staff: StaffApi):
+    return session_view(services, _get(services, session_id))
+
+
+async def _api_call(services: Services, session_id: str, fn):
+    try:
+        result = fn()
+        if asyncio.iscoroutine(result):
+            result = await result
+        return result
+    except SessionNotFound:
+        raise HTTPException(404, "no such session (deleted?)") from None
+    except BadInput as e:
+        raise HTTPException(400, str(e)) from None
+    except (Conflict, BoothError) as e:
+        raise HTTPException(409, str(e)) from None
+
+
+@router.post(
+    "/api/sessions/{session_id}/start", summary="Start the take on every camera of the booth"
+)
+async def start(session_id: str, services: ServicesDep, staff: StaffApi):
+    acks = await _api_call(services, session_id, lambda: services.desk.start(session_id))
+    return {
+        "session": session_view(services, services.repo.get_session(session_id)),
+        "agents": acks,
+    }
+
+
+@router.post(
+    "/api/sessions/{session_id}/resend",
+    summary="Send the email again, optionally to a corrected address",
+)
+async def resend(session_id: str, body: Resend, services: ServicesDep, staff: StaffApi):
+    await _api_call(services, session_id, lambda: services.desk.resend(session_id, body.email))
+    return session_view(services, services.repo.get_session(session_id))
+
+
+@router.delete("/api/sessions/{session_id}", status_code=204, summary="Delete the attendee's data")
+def delete_session(session_id: str, services: ServicesDep, staff: StaffApi):
+    try:
+        services.desk.delete(session_id)
+    except SessionNotFound:
+        raise HTTPException(404, "no such session (already deleted?)") from None
+    return Response(status_code=204)
+
+
+@router.get(
+    "/api/sessions/{session_id}/events",
+    summary="Server-sent events: the session whenever it changes",
+)
+async def events(session_id: str, request: Request, services: ServicesDep, staff: StaffApi):
+    _get(services, session_id)
+
+    async def stream():
+        last = None
+        while not await request.is_disconnected():
+            try:
+                view = session_view(services, services.repo.get_session(session_id))
+            except SessionNotFound:
+                yield "event: deleted\ndata: {}\n\n"
+                return
+            payload = json.dumps(view, default=str)
+            if payload != last:
+                last = payload
+                yield f"data: {payload}\n\n"
+            if (
+                view["state"] in ("delivered", "failed")
+                and view["email_delivery"]
+                and view["email_delivery"]["state"] in ("sent", "failed", "bounced")
+            ):
+                return
+            await asyncio.sleep(1.0)
+
+    return StreamingResponse(
+        stream(), media_type="text/event-stream", headers={"Cache-Control": "no-store"}
+    )
+
+
+@router.get("/api/agents", summary="The booth's cameras and what each is doing", tags=["agents"])
+def agents(services: ServicesDep, staff: StaffApi):
+    return _agents(services)
+
+
+@router.get("/api/references", summary="Reference dances staff can pick", tags=["references"])
+def references(services: ServicesDep, staff: StaffApi):
+    return _references(services)
