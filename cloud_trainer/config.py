@@ -156,6 +156,8 @@ class OutboxMail(Strict):
     type: Literal["outbox"] = "outbox"
     maildir: Path = Path("var/maildir")
     sender: str = "dancebooth <booth@localhost>"
+    # Message-IDs handed over, written before the outbox row is updated (exactly-once).
+    sent_log: Path = Path("var/mail-sent.log")
 
 
 class SmtpMail(Strict):
@@ -168,6 +170,10 @@ class SmtpMail(Strict):
     sender: str = "dancebooth <booth@localhost>"
     timeout_s: float = Field(10.0, gt=0)
     max_attempts: int = Field(8, ge=1)
+    backoff_initial_s: float = Field(30.0, gt=0)
+    backoff_max_s: float = Field(3600.0, gt=0)
+    # Message-IDs the relay accepted, written before the outbox row is updated (exactly-once).
+    sent_log: Path = Path("var/mail-sent.log")
 
 
 MailConfig = Annotated[OutboxMail | SmtpMail, Field(discriminator="type")]
