@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     Column,
     Float,
@@ -127,7 +128,7 @@ frames = Table(
     ),
     Column("camera_id", String(64), primary_key=True),
     Column("seq", Integer, primary_key=True, autoincrement=False),
-    Column("capture_ts_ns", Integer, nullable=False),
+    Column("capture_ts_ns", BigInteger, nullable=False),  # ns overflow 32 bits
     Column("shard_key", String(512), nullable=False),
     Column("offset", Integer, nullable=False),
     Column("length", Integer, nullable=False),
