@@ -8,6 +8,9 @@ plus one line here.
 
 from __future__ import annotations
 
+import os
+import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -140,6 +143,27 @@ class SmoothingConfig(Strict):
     max_speed_body_per_s: float = Field(
         12.0, gt=0, description="joint speed, in torso lengths per second"
     )
+    # The Kalman smoother (edge_agent/smoothing.py); min_cutoff_hz, beta and
+    # d_cutoff_hz above configure the One Euro baseline.
+    meas_noise_px: float = Field(2.0, gt=0, description="detector noise at score 1, pixels")
+    accel_noise_psd: float = Field(
+        1.0e6, gt=0, description="white-acceleration spectral density, px^2/s^3"
+    )
+    max_noise_boost: float = Field(
+        50.0, ge=1, description="most the process noise may grow when the dancer surprises"
+    )
+    noise_adapt_rate: float = Field(0.2, gt=0, le=1, description="per-frame EMA rate")
+    gate_chi2: float = Field(16.0, gt=0, description="innovation gate, chi-square with 2 dof")
+    max_reject_frames: int = Field(
+        6, ge=0, description="consecutive rejections after which a track restarts"
+    )
+    velocity_decay_hz: float = Field(
+        5.0, ge=0, description="how fast predicted velocity relaxes to zero; 0 = constant velocity"
+    )
+    init_speed_px_s: float = Field(500.0, gt=0, description="prior speed spread of a new track")
+    offline_max_gap_frames: int = Field(
+        30, ge=0, description="longest interior gap the offline smoother interpolates"
+    )
 
 
 class ZoneConfig(Strict):
@@ -240,7 +264,25 @@ def format_validation_error(err: ValidationError, prefix: str = "", data: Any = 
     return "\n".join(lines)
 
 
-def read_yaml(path: str | Path) -> Any:
+_ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def expand_env(text: str, environ: Mapping[str, str], source: str = "config") -> str:
+    """Replace ``${NAME}`` and ``${NAME:-default}`` so secrets can come from the environment."""
+
+    def sub(m: re.Match) -> str:
+        name, default = m.group(1), m.group(2)
+        if name in environ:
+            return environ[name]
+        if default is not None:
+            return default
+        line = text.count("\n", 0, m.start()) + 1
+        raise ConfigError(f"{source}: line {line}: environment variable {name} is not set")
+
+    return _ENV_RE.sub(sub, text)
+
+
+def read_yaml(path: str | Path, environ: Mapping[str, str] | None = None) -> Any:
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")
@@ -248,6 +290,7 @@ def read_yaml(path: str | Path) -> Any:
         raise ConfigError(f"{p}: no such file") from None
     except OSError as e:
         raise ConfigError(f"{p}: cannot read: {e.strerror}") from None
+    text = expand_env(text, os.environ if environ is None else environ, str(p))
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
