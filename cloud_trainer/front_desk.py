@@ -49,11 +49,14 @@ class TakeController(Protocol):
 
 
 def clean_name(name: str) -> str:
+    # Line breaks in a name are a header-injection attempt, not a typo: refuse them.
+    if _CONTROL_RE.search(name or ""):
+        raise BadInput("the name must not contain line breaks or control characters")
     name = " ".join((name or "").split())
     if not name:
         raise BadInput("enter the attendee's name")
-    if len(name) > 100 or _CONTROL_RE.search(name):
-        raise BadInput("the name must be at most 100 printable characters")
+    if len(name) > 100:
+        raise BadInput("the name must be at most 100 characters")
     return name
 
 

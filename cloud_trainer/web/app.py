@@ -22,6 +22,7 @@ from cloud_trainer.web.security import CookieSigner, LoginThrottle
 
 log = logging.getLogger(__name__)
 HERE = Path(__file__).parent
+_DEFAULT: Any = object()  # "build it from settings"; None means "not available"
 
 
 def create_app(
@@ -30,9 +31,8 @@ def create_app(
     repo: Repository | None = None,
     store: Any = None,
     control: Any = None,
-    references: Any = None,
-    links: Any = None,
-    deliverer: Any = None,
+    references: Any = _DEFAULT,
+    deliverer: Any = _DEFAULT,
 ) -> FastAPI:
     """Build the app. Anything not passed in is built from ``settings`` (embedded defaults)."""
     refuse_placeholders(settings, ("web",))
@@ -42,11 +42,9 @@ def create_app(
         from cloud_trainer.storage import create_blob_store
 
         store = create_blob_store(settings.storage)
-    if links is None:
-        links = _default_links(settings, repo, store)
-    if references is None:
+    if references is _DEFAULT:
         references = _default_references(settings, store)
-    if deliverer is None:
+    if deliverer is _DEFAULT:
         deliverer = _default_deliverer(settings, repo, store)
 
     def cameras() -> list[str]:
@@ -74,7 +72,6 @@ def create_app(
         templates=templates,
         control=control,
         references=references,
-        links=links,
         deliverer=deliverer,
     )
 
@@ -115,12 +112,6 @@ def create_app(
         return await http_exception_handler(request, exc)
 
     return app
-
-
-def _default_links(settings: BoothConfig, repo: Repository, store: Any):
-    from cloud_trainer.links import Links
-
-    return Links(repo=repo, store=store, settings=settings)
 
 
 def _default_references(settings: BoothConfig, store: Any):

@@ -25,7 +25,6 @@ class Services:
     templates: Jinja2Templates
     control: Any = None
     references: Any = None  # callable -> list of {name, title, thumbnail_url}
-    links: Any = None  # cloud_trainer.links module-level API bound to repo/store
     deliverer: Any = None  # resend(session_id, new_email)
     extra: dict[str, Any] = field(default_factory=dict)
 

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
 from typing import Annotated
 
 from fastapi import APIRouter, Form, Header, HTTPException, Request
-from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from fastapi.responses import HTMLResponse, RedirectResponse, Response, StreamingResponse
 from sqlalchemy import select
 
-from cloud_trainer.repository import SessionNotFound
+from cloud_trainer import links
 from cloud_trainer.repository.schema import link_tombstones
 from cloud_trainer.web.deps import Services, ServicesDep
 
@@ -21,23 +20,20 @@ class Gone(Exception):
 
 
 def _session_for(services: Services, token: str) -> dict:
-    if len(token) > 128:
-        raise HTTPException(404, "no such video")
-    digest = hashlib.sha256(token.encode()).hexdigest()
     with services.repo.engine.connect() as conn:
-        if conn.execute(
-            select(link_tombstones.c.token_sha256).where(link_tombstones.c.token_sha256 == digest)
-        ).first():
-            raise Gone("this video and its data were deleted")
-    result = services.links.resolve(token)
-    if result.state == "not_found":
-        raise HTTPException(404, "no such video")
-    if result.state != "ok":
-        raise Gone(f"this link has {result.state}")
+        deleted = conn.execute(
+            select(link_tombstones.c.token_sha256).where(
+                link_tombstones.c.token_sha256 == links.hash_token(token)
+            )
+        ).first()
+    if deleted:
+        raise Gone("this video and its data were deleted")
     try:
-        return services.repo.get_session(result.session_id)
-    except SessionNotFound:
-        raise Gone("this video and its data were deleted") from None
+        return links.resolve(services.repo, token)
+    except links.LinkNotFound:
+        raise HTTPException(404, "no such video") from None
+    except links.LinkGone as e:
+        raise Gone(str(e)) from None
 
 
 def _video_key(s: dict, which: str) -> str:
@@ -73,23 +69,28 @@ def _serve(
     range_header: str | None,
     download_name: str | None = None,
 ):
-    signed = services.store.url(key, 3600)
+    signed = services.store.url(key, links.SIGNED_URL_MAX_S)
     if signed:
         return RedirectResponse(signed, status_code=307)
     size = services.store.size(key)
     headers = {"Accept-Ranges": "bytes", "Cache-Control": "private, max-age=3600"}
     if download_name:
         headers["Content-Disposition"] = f'attachment; filename="{download_name}"'
-    rng = services.links.parse_range(range_header, size) if range_header else None
-    if rng is None:
-        return Response(services.store.get(key), media_type=media_type, headers=headers)
-    if rng == "unsatisfiable":
+    try:
+        rng = links.parse_range(range_header, size)
+    except links.RangeNotSatisfiable:
         return Response(status_code=416, headers={"Content-Range": f"bytes */{size}"})
-    start, end = rng
-    headers["Content-Range"] = f"bytes {start}-{end}/{size}"
-    return Response(
-        services.store.get_range(key, start, end),
-        status_code=206,
+    if rng is None:
+        rng, status = links.ByteRange(0, size - 1), 200
+    else:
+        status = 206
+        headers["Content-Range"] = f"bytes {rng.start}-{rng.end}/{size}"
+    headers["Content-Length"] = str(rng.length if size else 0)
+    if size == 0:
+        return Response(b"", media_type=media_type, headers=headers)
+    return StreamingResponse(
+        links.read_range(services.store, key, rng),
+        status_code=status,
         media_type=media_type,
         headers=headers,
     )

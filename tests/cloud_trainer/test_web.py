@@ -1,0 +1,245 @@
+"""The web app through its real HTTP interface (FastAPI's TestClient)."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from fastapi.testclient import TestClient
+
+from cloud_trainer import links
+from cloud_trainer.config import BoothConfig, LocalStorage, SqliteDatabase, StaffUser
+from cloud_trainer.repository import Repository
+from cloud_trainer.storage import create_blob_store
+from cloud_trainer.web import create_app
+from cloud_trainer.web.security import hash_password
+from edge_agent.config import ConfigError
+
+PASSWORD = "correct horse battery"
+
+
+@pytest.fixture
+def settings(tmp_path) -> BoothConfig:
+    cfg = BoothConfig()
+    cfg.web.secret_key = "test-secret-" + "x" * 20
+    cfg.web.staff = [StaffUser(username="staff", password_hash=hash_password(PASSWORD))]
+    cfg.web.login_attempts_per_minute = 3
+    cfg.database = SqliteDatabase(path=tmp_path / "booth.db")
+    cfg.storage = LocalStorage(root=tmp_path / "blobs")
+    return cfg
+
+
+@pytest.fixture
+def app_parts(settings):
+    repo = Repository.from_config(settings.database)
+    store = create_blob_store(settings.storage)
+    app = create_app(settings, repo=repo, store=store, references=lambda: [], deliverer=None)
+    return app, repo, store
+
+
+@pytest.fixture
+def client(app_parts):
+    with TestClient(app_parts[0]) as c:
+        yield c
+
+
+def login(client: TestClient) -> str:
+    r = client.post("/api/login", json={"username": "staff", "password": PASSWORD})
+    assert r.status_code == 200, r.text
+    return r.json()["csrf_token"]
+
+
+def new_session(client: TestClient, csrf: str, **overrides) -> dict:
+    body = {
+        "name": "Ada Lovelace",
+        "email": "ada@example.org",
+        "consent": True,
+        "reference": "synthetic:warmup",
+    }
+    body.update(overrides)
+    return client.post("/api/sessions", json=body, headers={"X-CSRF-Token": csrf})
+
+
+def test_app_refuses_to_start_with_placeholder_secret(settings):
+    settings.web.secret_key = "changethis"
+    with pytest.raises(ConfigError, match="web.secret_key"):
+        create_app(settings)
+
+
+def test_pages_need_login_and_api_says_401(client):
+    r = client.get("/", follow_redirects=False)
+    assert r.status_code == 303 and r.headers["location"] == "/login"
+    assert client.get("/api/sessions").status_code == 401
+
+
+def test_login_form_sets_a_signed_cookie_and_tampering_logs_out(client):
+    r = client.post(
+        "/login", data={"username": "staff", "password": PASSWORD}, follow_redirects=False
+    )
+    assert r.status_code == 303
+    assert client.get("/").status_code == 200
+    cookie = client.cookies.get("booth_session")
+    client.cookies.set("booth_session", cookie[:-2] + ("AA" if not cookie.endswith("AA") else "BB"))
+    assert client.get("/api/sessions").status_code == 401
+
+
+def test_wrong_password_is_rate_limited(client):
+    for _ in range(3):
+        r = client.post("/api/login", json={"username": "staff", "password": "nope"})
+        assert r.status_code == 401
+    r = client.post("/api/login", json={"username": "staff", "password": PASSWORD})
+    assert r.status_code == 429 and "Retry-After" in r.headers
+    assert "too many failed logins" in r.json()["detail"]
+
+
+def test_mutations_need_the_csrf_token(client):
+    csrf = login(client)
+    r = client.post(
+        "/api/sessions",
+        json={"name": "A", "email": "a@example.org", "consent": True, "reference": "x"},
+    )
+    assert r.status_code == 403
+    assert new_session(client, csrf).status_code == 201
+
+
+def test_form_post_without_csrf_is_refused(client):
+    login(client)
+    r = client.post(
+        "/sessions",
+        data={"name": "A", "email": "a@example.org", "consent": "yes", "reference": "x"},
+    )
+    assert r.status_code == 403
+
+
+def test_no_consent_no_session(client, app_parts):
+    csrf = login(client)
+    r = new_session(client, csrf, consent=False)
+    assert r.status_code == 400 and "consent" in r.json()["detail"]
+    assert app_parts[1].list_sessions() == []
+
+
+def test_no_consent_on_the_tablet_form_shows_the_reason(client):
+    csrf = login(client)
+    r = client.post(
+        "/sessions", data={"name": "A", "email": "a@example.org", "reference": "x", "csrf": csrf}
+    )
+    assert r.status_code == 400
+    assert (
+        "consent" in r.text and 'value="a@example.org"' in r.text
+    )  # the form keeps what staff typed
+
+
+@pytest.mark.parametrize(
+    "email", ["not-an-email", "a@b", "x@example.org\r\nBcc: evil@example.org", ""]
+)
+def test_invalid_email_is_refused(client, email):
+    csrf = login(client)
+    r = new_session(client, csrf, email=email)
+    assert r.status_code == 400 and "email" in r.json()["detail"]
+
+
+def test_header_injection_in_the_name_is_refused(client):
+    csrf = login(client)
+    r = new_session(client, csrf, name="Eve\r\nBcc: everyone@example.org")
+    assert r.status_code == 400
+
+
+def test_start_with_no_agents_online_is_refused_and_state_stays(client):
+    csrf = login(client)
+    sid = new_session(client, csrf).json()["id"]
+    r = client.post(f"/api/sessions/{sid}/start", headers={"X-CSRF-Token": csrf})
+    assert r.status_code == 409 and "no cameras" in r.json()["detail"]
+    assert client.get(f"/api/sessions/{sid}").json()["state"] == "created"
+
+
+def test_delete_twice_and_unknown_sessions(client, app_parts):
+    csrf = login(client)
+    sid = new_session(client, csrf).json()["id"]
+    app_parts[2].put(f"sessions/{sid}/frames/cam0/shard-00000000.bin", b"frames")
+    assert client.delete(f"/api/sessions/{sid}", headers={"X-CSRF-Token": csrf}).status_code == 204
+    assert list(app_parts[2].list(f"sessions/{sid}/")) == []
+    assert client.delete(f"/api/sessions/{sid}", headers={"X-CSRF-Token": csrf}).status_code == 404
+    assert client.get(f"/api/sessions/{sid}").status_code == 404
+
+
+def _delivered_session(repo: Repository, store) -> tuple[str, str]:
+    sid = repo.create_session(
+        booth_id="booth-1",
+        name="Bo",
+        email="bo@example.org",
+        consent=True,
+        reference_name="r",
+        take_s=1,
+        cameras=["cam0"],
+    )
+    for state in ("capturing", "uploaded", "training", "rendering", "delivered"):
+        repo.transition(sid, state)
+    video = bytes(range(256)) * 40
+    store.put(f"sessions/{sid}/video/final.mp4", video)
+    store.put(f"sessions/{sid}/video/poster.jpg", b"\xff\xd8poster\xff\xd9")
+    repo.update_session(
+        sid,
+        video_key=f"sessions/{sid}/video/final.mp4",
+        poster_key=f"sessions/{sid}/video/poster.jpg",
+    )
+    link = links.create_link(repo, sid, expiry_days=30)
+    return sid, link.token
+
+
+def test_attendee_page_range_requests_and_delete_my_data(client, app_parts):
+    _, repo, store = app_parts
+    sid, token = _delivered_session(repo, store)
+    page = client.get(f"/v/{token}")
+    assert page.status_code == 200 and "<video" in page.text and "Delete my data" in page.text
+    whole = client.get(f"/v/{token}/video.mp4")
+    assert whole.status_code == 200 and len(whole.content) == 10240
+    part = client.get(f"/v/{token}/video.mp4", headers={"Range": "bytes=100-199"})
+    assert part.status_code == 206 and part.content == whole.content[100:200]
+    assert part.headers["content-range"] == "bytes 100-199/10240"
+    tail = client.get(f"/v/{token}/video.mp4", headers={"Range": "bytes=-16"})
+    assert tail.content == whole.content[-16:]
+    assert (
+        client.get(f"/v/{token}/video.mp4", headers={"Range": "bytes=999999-"}).status_code == 416
+    )
+    # Deleting needs the confirmation box.
+    assert client.post(f"/v/{token}/delete", data={}).status_code == 400
+    r = client.post(f"/v/{token}/delete", data={"confirm": "yes"})
+    assert r.status_code == 200 and "deleted" in r.text
+    assert client.get(f"/v/{token}").status_code == 410
+    assert client.get(f"/v/{token}/video.mp4").status_code == 410
+    assert list(store.list(f"sessions/{sid}/")) == []
+    assert client.post(f"/v/{token}/delete", data={"confirm": "yes"}).status_code == 410
+
+
+def test_tampered_and_revoked_links(client, app_parts):
+    _, repo, store = app_parts
+    _, token = _delivered_session(repo, store)
+    tampered = token[:-1] + ("A" if token[-1] != "A" else "B")
+    assert client.get(f"/v/{tampered}").status_code == 404
+    links.revoke(repo, token)
+    assert client.get(f"/v/{token}").status_code == 410
+
+
+def test_health_and_metrics_move(client, app_parts):
+    assert client.get("/healthz").json() == {"status": "ok"}
+    assert client.get("/readyz").json()["ready"] is True
+    before = client.get("/metrics").text
+    assert not re.search(r'booth_sessions\{state="created"\} [1-9]', before)
+    csrf = login(client)
+    new_session(client, csrf)
+    after = client.get("/metrics").text
+    assert 'booth_sessions{state="created"} 1.0' in after
+    assert (
+        "booth_queue_depth" in after or "booth_emails" in after or "booth_frames_ingested" in after
+    )
+
+
+def test_openapi_lists_the_json_api(client):
+    paths = client.get("/openapi.json").json()["paths"]
+    for p in (
+        "/api/sessions",
+        "/api/sessions/{session_id}",
+        "/api/sessions/{session_id}/start",
+        "/v/{token}/video.mp4",
+    ):
+        assert p in paths
