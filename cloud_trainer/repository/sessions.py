@@ -109,35 +109,42 @@ class SessionsRepo:
         The row is locked (``FOR UPDATE`` on PostgreSQL; SQLite serialises writers) so two
         racing callers cannot both move it.
         """
+        with self.engine.begin() as conn:
+            self._transition_in(conn, session_id, target, detail, **fields)
+
+    @staticmethod
+    def _transition_in(
+        conn: Any, session_id: str, target: State | str, detail: str | None = None, **fields: Any
+    ) -> None:
+        """``transition`` inside a caller's transaction (delivery writes its outbox row with it)."""
         target = State(target)
         now = time.time()
-        with self.engine.begin() as conn:
-            row = conn.execute(
-                select(sessions.c.state).where(sessions.c.id == session_id).with_for_update()
-            ).first()
-            if row is None:
-                raise SessionNotFound(f"unknown session {session_id}")
-            check_transition(session_id, row.state, target)
-            values: dict[str, Any] = {"state": target.value, "updated_at": now, **fields}
-            if target == State.FAILED:
-                values["failure_reason"] = detail or "unknown failure"
-            elif target == State.CAPTURING:
-                values.setdefault("capture_started_at", now)
-                values["failure_reason"] = None
-            elif target == State.UPLOADED:
-                values.setdefault("uploaded_at", now)
-            elif target == State.DELIVERED:
-                values.setdefault("delivered_at", now)
-            conn.execute(update(sessions).where(sessions.c.id == session_id).values(**values))
-            conn.execute(
-                session_events.insert().values(
-                    session_id=session_id,
-                    at=now,
-                    from_state=row.state,
-                    to_state=target.value,
-                    detail=detail,
-                )
+        row = conn.execute(
+            select(sessions.c.state).where(sessions.c.id == session_id).with_for_update()
+        ).first()
+        if row is None:
+            raise SessionNotFound(f"unknown session {session_id}")
+        check_transition(session_id, row.state, target)
+        values: dict[str, Any] = {"state": target.value, "updated_at": now, **fields}
+        if target == State.FAILED:
+            values["failure_reason"] = detail or "unknown failure"
+        elif target == State.CAPTURING:
+            values.setdefault("capture_started_at", now)
+            values["failure_reason"] = None
+        elif target == State.UPLOADED:
+            values.setdefault("uploaded_at", now)
+        elif target == State.DELIVERED:
+            values.setdefault("delivered_at", now)
+        conn.execute(update(sessions).where(sessions.c.id == session_id).values(**values))
+        conn.execute(
+            session_events.insert().values(
+                session_id=session_id,
+                at=now,
+                from_state=row.state,
+                to_state=target.value,
+                detail=detail,
             )
+        )
 
     def fail(self, session_id: str, reason: str) -> None:
         """Fail a session unless it already ended (a late failure must not undo a delivery)."""

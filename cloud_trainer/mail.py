@@ -1,0 +1,204 @@
+"""Mailers: where the outbox sender hands a message. Chosen by ``mail.type`` in the config.
+
+- ``smtp``: an SMTP relay (STARTTLS and auth configurable, with timeouts).
+- ``outbox``: no SMTP at all; messages land in a local maildir (``mail.maildir``),
+  which any mail client or ``ls`` can read. This is the embedded default.
+
+A mailer either returns (the message was accepted), raises ``TemporaryFailure``
+(try again later: the relay is down, a 4xx reply) or ``PermanentFailure`` (a 5xx
+reply: retrying cannot help; staff must fix the address).
+
+Messages are built with ``email.message.EmailMessage`` and
+``email.headerregistry.Address`` only, never by formatting header strings: an
+attendee name typed with a CR/LF cannot inject a header (control characters in
+names are replaced by spaces, and an address containing them is refused).
+"""
+
+from __future__ import annotations
+
+import logging
+import mailbox
+import os
+import re
+import smtplib
+import ssl
+from collections.abc import Callable
+from email.headerregistry import Address
+from email.message import EmailMessage
+from email.utils import formatdate, make_msgid, parseaddr
+from typing import Protocol
+
+from edge_agent.errors import BadInput, BoothError
+
+log = logging.getLogger(__name__)
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
+
+
+class SendError(BoothError):
+    permanent = False
+
+    def __init__(self, message: str, code: int | None = None):
+        super().__init__(message)
+        self.code = code
+
+
+class TemporaryFailure(SendError):
+    """Try again later (connection refused, timeout, 4xx)."""
+
+
+class PermanentFailure(SendError):
+    """The relay refused for good (5xx); the address or message must change first."""
+
+    permanent = True
+
+
+class Mailer(Protocol):
+    def send(self, msg: EmailMessage) -> None:
+        """Hand ``msg`` over; return only once it was accepted."""
+
+
+_FACTORIES: dict[str, Callable[..., Mailer]] = {}
+
+
+def register(type_key: str) -> Callable[[Callable[..., Mailer]], Callable[..., Mailer]]:
+    def deco(factory: Callable[..., Mailer]) -> Callable[..., Mailer]:
+        _FACTORIES[type_key] = factory
+        return factory
+
+    return deco
+
+
+def create_mailer(cfg) -> Mailer:  # cfg: OutboxMail | SmtpMail
+    return _FACTORIES[cfg.type](cfg)
+
+
+# ---- messages ---------------------------------------------------------------------
+
+
+def clean_display_name(name: str) -> str:
+    """A display name with control characters (CR/LF above all) replaced by spaces."""
+    return _CONTROL.sub(" ", name or "").strip()
+
+
+def address(name: str, email: str) -> Address:
+    """A safe ``Address``; BadInput for an address with control characters or no domain."""
+    if _CONTROL.search(email or ""):
+        raise BadInput("the email address contains a line break or control character")
+    email = email.strip()
+    try:
+        addr = Address(display_name=clean_display_name(name), addr_spec=email)
+    except (ValueError, IndexError) as e:
+        raise BadInput(f"not a valid email address: {email!r} ({e})") from None
+    if not addr.username or not addr.domain or "@" not in email:
+        raise BadInput(f"not a valid email address: {email!r}")
+    return addr
+
+
+def sender_address(sender: str) -> Address:
+    """Parse the configured ``"Name <addr@host>"`` sender."""
+    name, addr = parseaddr(sender)
+    return address(name, addr)
+
+
+def new_message_id(sender: str) -> str:
+    """A globally unique Message-ID on the sender's domain (the outbox's idempotency key)."""
+    return make_msgid(idstring="dancebooth", domain=sender_address(sender).domain or "localhost")
+
+
+def build_message(
+    *,
+    sender: str,
+    to_name: str,
+    to_email: str,
+    subject: str,
+    text: str,
+    html: str,
+    message_id: str,
+) -> EmailMessage:
+    msg = EmailMessage()
+    msg["From"] = sender_address(sender)
+    msg["To"] = address(to_name, to_email)
+    msg["Subject"] = _CONTROL.sub(" ", subject)
+    msg["Message-ID"] = message_id
+    msg["Date"] = formatdate(usegmt=True)
+    msg.set_content(text)
+    msg.add_alternative(html, subtype="html")
+    return msg
+
+
+# ---- backends ---------------------------------------------------------------------
+
+
+@register("smtp")
+class SmtpMailer:
+    """One SMTP connection per message: a booth sends a few hundred emails a day."""
+
+    def __init__(self, cfg, ssl_context: ssl.SSLContext | None = None):  # cfg: SmtpMail
+        self.cfg = cfg
+        # The system's trust store by default; a private relay's CA can be passed in.
+        self.ssl_context = ssl_context
+
+    def send(self, msg: EmailMessage) -> None:
+        cfg = self.cfg
+        try:
+            with smtplib.SMTP(cfg.host, cfg.port, timeout=cfg.timeout_s) as smtp:
+                smtp.ehlo()
+                if cfg.starttls:
+                    smtp.starttls(context=self.ssl_context or ssl.create_default_context())
+                    smtp.ehlo()
+                if cfg.username:
+                    smtp.login(cfg.username, cfg.password or "")
+                refused = smtp.send_message(msg)
+        except smtplib.SMTPRecipientsRefused as e:
+            code, reason = next(iter(e.recipients.values()))
+            raise _reply_error(code, reason) from None
+        except smtplib.SMTPAuthenticationError as e:
+            # Wrong credentials are an operator problem; keep the email and retry.
+            raise TemporaryFailure(
+                f"SMTP login refused: {e.smtp_code} {_text(e.smtp_error)}"
+            ) from None
+        except smtplib.SMTPResponseException as e:
+            raise _reply_error(e.smtp_code, e.smtp_error) from None
+        except (smtplib.SMTPException, OSError) as e:  # OSError covers timeouts and TLS
+            raise TemporaryFailure(f"SMTP {cfg.host}:{cfg.port} unavailable: {e}") from None
+        if refused:  # one recipient per message, so this is the only one
+            code, reason = next(iter(refused.values()))
+            raise _reply_error(code, reason)
+
+
+def _text(reply: bytes | str) -> str:
+    return reply.decode("utf-8", "replace") if isinstance(reply, bytes) else str(reply)
+
+
+def _reply_error(code: int, reply: bytes | str) -> SendError:
+    text = f"{code} {_text(reply)}"
+    if 500 <= code < 600:
+        return PermanentFailure(f"the mail server refused the message: {text}", code)
+    return TemporaryFailure(f"the mail server deferred the message: {text}", code)
+
+
+@register("outbox")
+class MaildirMailer:
+    """Delivers into a maildir: ``mailbox.Maildir.add`` writes tmp/ then renames into new/."""
+
+    def __init__(self, cfg):  # cfg: OutboxMail
+        self.cfg = cfg
+
+    def send(self, msg: EmailMessage) -> None:
+        try:
+            box = mailbox.Maildir(str(self.cfg.maildir), create=True)
+            box.add(msg)  # fsyncs the file, then links it from tmp/ into new/
+            # ... but not the directory; the sent-log written next must not outlive
+            # the message it vouches for.
+            _fsync(os.path.join(str(self.cfg.maildir), "new"))
+        except OSError as e:
+            raise TemporaryFailure(f"cannot write to maildir {self.cfg.maildir}: {e}") from None
+
+
+def _fsync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,270 @@
+"""Delivery and the outbox: one transaction, exactly one email, bounces staff can fix.
+
+The SMTP server is a real aiosmtpd on loopback; the crash test kills a real sender
+process with SIGKILL at the documented hook in the sender's code path.
+"""
+
+from __future__ import annotations
+
+import mailbox
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import sqlalchemy
+import yaml
+from smtp_capture import SmtpServer, free_port
+
+from cloud_trainer import deliver, links
+from cloud_trainer.config import BoothConfig, LocalStorage, OutboxMail, SmtpMail, SqliteDatabase
+from cloud_trainer.repository import Repository
+from cloud_trainer.session import State
+from cloud_trainer.storage import create_blob_store
+from edge_agent.errors import BadInput, BoothError
+
+ROOT = Path(__file__).resolve().parents[2]
+REJECTED = "typo@example.org"
+
+
+@pytest.fixture
+def settings(tmp_path) -> BoothConfig:
+    cfg = BoothConfig()
+    cfg.database = SqliteDatabase(path=tmp_path / "booth.db")
+    cfg.storage = LocalStorage(root=tmp_path / "blobs")
+    cfg.web.base_url = "https://booth.example"
+    cfg.mail = OutboxMail(maildir=tmp_path / "maildir", sent_log=tmp_path / "sent.log")
+    return cfg
+
+
+@pytest.fixture
+def repo(settings):
+    r = Repository.from_config(settings.database)
+    yield r
+    r.close()
+
+
+@pytest.fixture
+def deliverer(settings, repo):
+    return deliver.Deliverer(repo, create_blob_store(settings.storage), settings)
+
+
+def smtp_cfg(tmp_path, port: int) -> SmtpMail:
+    return SmtpMail(
+        host="127.0.0.1",
+        port=port,
+        timeout_s=5,
+        sender="dancebooth <booth@booth.example>",
+        sent_log=tmp_path / "sent.log",
+        max_attempts=4,
+    )
+
+
+def rendered_session(repo, email: str = "ada@example.org", name: str = "Ada Lovelace") -> str:
+    sid = repo.create_session(
+        booth_id="booth-1",
+        name=name,
+        email=email,
+        consent=True,
+        reference_name="synthetic:1",
+        take_s=5,
+        cameras=["cam0"],
+    )
+    for state in ("capturing", "uploaded", "training", "rendering"):
+        repo.transition(sid, state)
+    return sid
+
+
+def deliver_one(deliverer, repo, **kw) -> tuple[str, links.Link]:
+    sid = rendered_session(repo, **kw)
+    link = deliverer.deliver(
+        sid, video_key=f"sessions/{sid}/video/final.mp4", poster_key=f"sessions/{sid}/video/p.jpg"
+    )
+    return sid, link
+
+
+def token_in(text: str) -> str:
+    return re.search(r"/v/([A-Za-z0-9_\-]{43})", text).group(1)
+
+
+def test_delivery_writes_state_link_and_email_in_one_transaction(deliverer, repo):
+    sid, link = deliver_one(deliverer, repo)
+    s = repo.get_session(sid)
+    assert s["state"] == State.DELIVERED.value and s["video_key"].endswith("final.mp4")
+    [row] = repo.emails(sid)
+    assert row["state"] == "pending" and row["to_addr"] == "ada@example.org"
+    assert links.watch_url("https://booth.example", link.token) in row["body_text"]
+    assert links.poster_url("https://booth.example", link.token) in row["body_html"]
+    assert links.resolve(repo, link.token)["id"] == sid
+
+    # If the outbox insert fails, the session is not delivered and no link exists.
+    other = rendered_session(repo)
+    dup = dict(row, to_addr="x@example.org")
+    email = {k: dup[k] for k in ("message_id", "to_addr", "subject", "body_text", "body_html")}
+    link_row = {"token_sha256": "0" * 64, "created_at": 1.0, "expires_at": 2.0}
+    with pytest.raises(sqlalchemy.exc.IntegrityError):
+        repo.deliver_session(other, email=email, link=link_row, video_key="k")
+    assert repo.get_session(other)["state"] == State.RENDERING.value
+    assert repo.get_link("0" * 64) is None and repo.emails(other) == []
+
+
+def test_templates_escape_the_name_in_html_and_refuse_cr_lf_addresses(deliverer, repo):
+    sid, _ = deliver_one(deliverer, repo, name="<script>alert(1)</script>")
+    [row] = repo.emails(sid)
+    assert "<script>" not in row["body_html"] and "&lt;script&gt;" in row["body_html"]
+    bad = rendered_session(repo, email="eve@example.org\r\nBcc: x@evil.example")
+    with pytest.raises(BadInput):
+        deliverer.deliver(bad, video_key="k", poster_key="p")
+    assert repo.get_session(bad)["state"] == State.RENDERING.value
+
+
+def test_embedded_default_lands_in_the_maildir_exactly_once(deliverer, repo, settings):
+    sid, link = deliver_one(deliverer, repo)
+    sender = deliver.OutboxSender(repo, settings.mail)
+    assert sender.run_once().sent == 1
+    assert sender.run_once().sent == 0
+    [msg] = list(mailbox.Maildir(str(settings.mail.maildir), create=False))
+    text = msg.get_payload()[0].get_payload(decode=True).decode()
+    assert links.resolve(repo, token_in(text))["id"] == sid
+    assert repo.email_status(sid)["state"] == "sent"
+
+
+def test_smtp_outage_then_recovery_sends_exactly_one_email(deliverer, repo, tmp_path):
+    port = free_port()
+    server = SmtpServer(port)  # not started: the relay is down
+    sid, _ = deliver_one(deliverer, repo)
+    sender = deliver.OutboxSender(repo, smtp_cfg(tmp_path, port))
+    t0 = time.time()
+    r = sender.run_once(now=t0)
+    assert r.retried == 1 and r.sent == 0
+    status = repo.email_status(sid)
+    assert status["state"] == "pending" and "unavailable" in status["reason"]
+    [row] = repo.emails(sid)
+    assert row["next_attempt_at"] > t0  # backing off
+    assert sender.run_once(now=t0 + 1).sent == 0  # not due yet: no attempt
+    server.start()
+    try:
+        later = t0 + sender.backoff_max_s * 2
+        assert sender.run_once(now=later).sent == 1
+        assert sender.run_once(now=later + 10**6).sent == 0
+        assert len(server.messages) == 1
+        assert server.messages[0]["Message-ID"] == row["message_id"]
+        assert repo.email_status(sid)["state"] == "sent"
+    finally:
+        server.stop()
+
+
+def test_retries_give_up_as_failed_after_max_attempts(deliverer, repo, tmp_path):
+    sid, _ = deliver_one(deliverer, repo)
+    sender = deliver.OutboxSender(repo, smtp_cfg(tmp_path, free_port()))
+    now = time.time()
+    for _ in range(sender.max_attempts):
+        sender.run_once(now=now)
+        now += sender.backoff_max_s * 2
+    status = repo.email_status(sid)
+    assert status["state"] == "failed" and "gave up after 4 attempts" in status["reason"]
+
+
+def _run_sender_process(tmp_path, port: int, crash_point: str) -> subprocess.CompletedProcess:
+    cfg_path = tmp_path / "booth.yaml"
+    cfg_path.write_text(
+        yaml.safe_dump(
+            {
+                "database": {"type": "sqlite", "path": str(tmp_path / "booth.db")},
+                "mail": {
+                    "type": "smtp",
+                    "host": "127.0.0.1",
+                    "port": port,
+                    "timeout_s": 5,
+                    "sender": "dancebooth <booth@booth.example>",
+                    "sent_log": str(tmp_path / "sent.log"),
+                },
+            }
+        )
+    )
+    env = dict(os.environ, **{deliver.CRASH_ENV: crash_point})
+    return subprocess.run(
+        [sys.executable, "-m", "cloud_trainer.deliver", str(cfg_path), "--once"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_sender_killed_after_smtp_accepted_does_not_send_twice(deliverer, repo, tmp_path):
+    server = SmtpServer().start()
+    try:
+        sid, _ = deliver_one(deliverer, repo)
+        proc = _run_sender_process(tmp_path, server.port, "after_sent_log")
+        assert proc.returncode == -signal.SIGKILL, proc.stderr
+        assert len(server.messages) == 1
+        assert repo.email_status(sid)["state"] == "sending"  # the row update never happened
+
+        restarted = deliver.OutboxSender(repo, smtp_cfg(tmp_path, server.port))
+        r = restarted.run_once()  # the dead sender's lease has not run out: hands off
+        assert r.sent == 0 and r.recovered == 0
+        r = restarted.run_once(now=time.time() + restarted.lease_s + 1)
+        assert r.recovered == 1 and r.sent == 0
+        assert len(server.messages) == 1
+        assert repo.email_status(sid)["state"] == "sent"
+    finally:
+        server.stop()
+
+
+def test_the_residual_window_resends_with_the_same_message_id(deliverer, repo, tmp_path):
+    """Killed between the relay's 250 and the sent-log write: the one case that duplicates.
+
+    The duplicate carries the same Message-ID, so receiving systems can drop it.
+    """
+    server = SmtpServer().start()
+    try:
+        sid, _ = deliver_one(deliverer, repo)
+        proc = _run_sender_process(tmp_path, server.port, "after_accept")
+        assert proc.returncode == -signal.SIGKILL, proc.stderr
+        restarted = deliver.OutboxSender(repo, smtp_cfg(tmp_path, server.port))
+        r = restarted.run_once(now=time.time() + restarted.lease_s + 1)
+        assert r.recovered == 1 and r.sent == 1
+        ids = [m["Message-ID"] for m in server.messages]
+        assert len(ids) == 2 and ids[0] == ids[1]
+        assert repo.email_status(sid)["state"] == "sent"
+    finally:
+        server.stop()
+
+
+def test_rejected_address_shows_the_reason_and_staff_can_fix_and_resend(deliverer, repo, tmp_path):
+    server = SmtpServer(reject={REJECTED}).start()
+    try:
+        sid, first_link = deliver_one(deliverer, repo, email=REJECTED)
+        sender = deliver.OutboxSender(repo, smtp_cfg(tmp_path, server.port))
+        r = sender.run_once()
+        assert r.bounced == 1 and server.messages == []
+        status = repo.email_status(sid)
+        assert status["state"] == "bounced" and "550" in status["reason"]
+        assert status["to_addr"] == REJECTED
+
+        with pytest.raises(BadInput):
+            deliverer.resend(sid, "still wrong\r\n@example.org")
+        new_id = deliverer.resend(sid, "ada@example.org")
+        assert new_id != repo.emails(sid)[0]["message_id"]
+        assert sender.run_once().sent == 1
+        [msg] = server.messages
+        assert msg["Message-ID"] == new_id
+        assert msg["To"].addresses[0].addr_spec == "ada@example.org"
+        assert repo.get_session(sid)["email"] == "ada@example.org"
+        token = token_in(msg.get_body(("plain",)).get_content())
+        assert token != first_link.token and links.resolve(repo, token)["id"] == sid
+        assert [e["state"] for e in repo.emails(sid)] == ["bounced", "sent"]
+    finally:
+        server.stop()
+
+
+def test_resend_is_refused_before_delivery(deliverer, repo):
+    sid = rendered_session(repo)
+    with pytest.raises(BoothError, match="nothing to resend"):
+        deliverer.resend(sid)

@@ -1,0 +1,143 @@
+"""Hosted links: unguessable tokens, expiry, revocation, and HTTP Range semantics."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from cloud_trainer import links
+from cloud_trainer.config import LocalStorage, SqliteDatabase
+from cloud_trainer.repository import Repository
+from cloud_trainer.storage import create_blob_store
+
+
+@pytest.fixture
+def repo(tmp_path):
+    r = Repository.from_config(SqliteDatabase(path=tmp_path / "booth.db"))
+    yield r
+    r.close()
+
+
+@pytest.fixture
+def store(tmp_path):
+    return create_blob_store(LocalStorage(root=tmp_path / "blobs"))
+
+
+def _session(repo) -> str:
+    return repo.create_session(
+        booth_id="booth-1",
+        name="Ada",
+        email="ada@example.org",
+        consent=True,
+        reference_name="synthetic:1",
+        take_s=5,
+        cameras=["cam0"],
+    )
+
+
+def test_tokens_carry_at_least_128_random_bits_and_only_their_hash_is_stored(repo):
+    sid = _session(repo)
+    link = links.create_link(repo, sid, expiry_days=30)
+    assert len(link.token) >= 43  # token_urlsafe(32): 256 bits in base64url
+    assert links.TOKEN_BYTES * 8 >= 128
+    stored = repo.list_links(sid)
+    assert [r["token_sha256"] for r in stored] == [links.hash_token(link.token)]
+    assert all(link.token not in str(v) for v in stored[0].values())
+    assert links.create_link(repo, sid, 30).token != link.token
+
+
+def test_link_lifecycle_valid_then_expired_revoked_or_unknown(repo):
+    sid = _session(repo)
+    now = time.time()
+    link = links.create_link(repo, sid, expiry_days=30, now=now)
+    assert links.resolve(repo, link.token, now=now + 60)["id"] == sid
+    assert link.expires_at == pytest.approx(now + 30 * 86400)
+
+    with pytest.raises(links.LinkGone) as gone:
+        links.resolve(repo, link.token, now=now + 31 * 86400)
+    assert gone.value.reason == "expired" and gone.value.status == 410
+
+    other = links.create_link(repo, sid, expiry_days=30, now=now)
+    links.revoke(repo, other.token, now=now + 1)
+    with pytest.raises(links.LinkGone) as gone:
+        links.resolve(repo, other.token, now=now + 2)
+    assert gone.value.reason == "revoked"
+
+    for unknown in (links.new_token(), "short", "../../etc/passwd", other.token[:-1] + "~"):
+        with pytest.raises(links.LinkNotFound) as nf:
+            links.resolve(repo, unknown, now=now)
+        assert nf.value.status == 404
+    with pytest.raises(links.LinkNotFound):
+        links.revoke(repo, links.new_token())
+
+
+def test_the_web_facade_reports_the_same_states(repo, store):
+    from cloud_trainer.config import BoothConfig
+
+    sid = _session(repo)
+    facade = links.Links(repo, store, BoothConfig())
+    link = facade.create(sid, now=1000.0)
+    assert facade.resolve(link.token, now=1001.0).state == "ok"
+    assert facade.resolve(link.token, now=1000.0 + 31 * 86400).state == "expired"
+    assert facade.resolve(links.new_token()).state == "not_found"
+    assert facade.revoke_session(sid, now=1002.0) == 1
+    assert facade.resolve(link.token, now=1003.0).state == "revoked"
+    # Local storage has no signed URLs: the app streams the file.
+    store.put("sessions/x/video/final.mp4", b"x")
+    assert facade.signed_url("sessions/x/video/final.mp4", time.time() + 60) is None
+
+
+@pytest.mark.parametrize(
+    ("header", "expected"),
+    [
+        ("bytes=0-99", (0, 99)),  # first
+        ("bytes=1000-1999", (1000, 1999)),  # middle
+        ("bytes=-16", (10224, 10239)),  # suffix
+        ("bytes=10000-", (10000, 10239)),  # open-ended
+        ("bytes=10000-99999", (10000, 10239)),  # end clamped to the size
+        ("bytes=-99999", (0, 10239)),  # suffix longer than the object
+        (None, None),
+        ("bytes=0-1,5-6", None),  # multi-range: we may send everything (RFC 9110)
+        ("items=0-1", None),
+        ("bytes=9-3", None),  # malformed: ignored
+    ],
+)
+def test_parse_range(header, expected):
+    rng = links.parse_range(header, 10240)
+    assert (None if rng is None else (rng.start, rng.end)) == expected
+
+
+@pytest.mark.parametrize("header", ["bytes=10240-", "bytes=99999-100000", "bytes=-0"])
+def test_unsatisfiable_ranges_raise_416(header):
+    with pytest.raises(links.RangeNotSatisfiable):
+        links.parse_range(header, 10240)
+
+
+def test_range_requests_return_the_right_bytes(store):
+    data = bytes(range(256)) * 40 + b"tail"
+    key = "sessions/s1/video/final.mp4"
+    store.put(key, data)
+    size = len(data)
+    cases = {
+        "bytes=0-99": data[:100],
+        "bytes=5000-5099": data[5000:5100],
+        "bytes=-16": data[-16:],
+        "bytes=10000-": data[10000:],
+    }
+    for header, want in cases.items():
+        resp = links.serve_range(store, key, header)
+        body = b"".join(resp.body)
+        assert resp.status == 206 and body == want, header
+        assert resp.headers["Content-Length"] == str(len(want))
+        first = size - len(want) if header.startswith("bytes=-") else int(header[6:].split("-")[0])
+        assert resp.headers["Content-Range"] == f"bytes {first}-{first + len(want) - 1}/{size}"
+    whole = links.serve_range(store, key, None)
+    assert whole.status == 200 and b"".join(whole.body) == data
+    assert whole.headers["Accept-Ranges"] == "bytes"
+    bad = links.serve_range(store, key, f"bytes={size}-")
+    assert bad.status == 416 and bad.headers["Content-Range"] == f"bytes */{size}"
+    assert b"".join(bad.body) == b""
+    # Chunked reads stitch together exactly.
+    rng = links.ByteRange(3, size - 2)
+    assert b"".join(links.read_range(store, key, rng, chunk_bytes=7)) == data[3 : size - 1]

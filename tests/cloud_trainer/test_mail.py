@@ -1,0 +1,146 @@
+"""Mailers against a real SMTP server (aiosmtpd on loopback) and a real maildir."""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import mailbox
+import ssl
+
+import pytest
+from smtp_capture import SmtpServer, free_port
+
+from cloud_trainer import mail
+from cloud_trainer.config import OutboxMail, SmtpMail
+from edge_agent.errors import BadInput
+
+SENDER = "dancebooth <booth@booth.example>"
+
+
+@pytest.fixture
+def smtp():
+    server = SmtpServer(reject={"nobody@example.org"}).start()
+    yield server
+    server.stop()
+
+
+def _message(to_email="ada@example.org", to_name="Ada Lovelace") -> mail.EmailMessage:
+    return mail.build_message(
+        sender=SENDER,
+        to_name=to_name,
+        to_email=to_email,
+        subject="Your dance video",
+        text="watch: http://x/v/abc",
+        html="<p><a href='http://x/v/abc'>watch</a></p>",
+        message_id=mail.new_message_id(SENDER),
+    )
+
+
+def test_smtp_delivers_text_and_html_with_the_message_id(smtp):
+    msg = _message()
+    mail.create_mailer(SmtpMail(host="127.0.0.1", port=smtp.port)).send(msg)
+    [got] = smtp.messages
+    assert got["Message-ID"] == msg["Message-ID"]
+    assert got["Message-ID"].endswith("@booth.example>")
+    assert got["To"].addresses[0].addr_spec == "ada@example.org"
+    assert got.get_body(("plain",)).get_content().strip() == "watch: http://x/v/abc"
+    assert "href" in got.get_body(("html",)).get_content()
+
+
+def test_a_rejected_address_is_a_permanent_failure_with_the_reason(smtp):
+    mailer = mail.create_mailer(SmtpMail(host="127.0.0.1", port=smtp.port))
+    with pytest.raises(mail.PermanentFailure) as e:
+        mailer.send(_message(to_email="nobody@example.org"))
+    assert e.value.code == 550 and "mailbox unavailable" in str(e.value)
+    assert smtp.messages == []
+
+
+def test_a_server_that_is_down_is_a_temporary_failure():
+    mailer = mail.create_mailer(SmtpMail(host="127.0.0.1", port=free_port(), timeout_s=2))
+    with pytest.raises(mail.TemporaryFailure, match="unavailable"):
+        mailer.send(_message())
+
+
+def _self_signed(tmp_path) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_pem = tmp_path / "cert.pem"
+    key_pem = tmp_path / "key.pem"
+    cert_pem.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_pem.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server.load_cert_chain(cert_pem, key_pem)
+    client = ssl.create_default_context(cafile=str(cert_pem))
+    return server, client
+
+
+def test_starttls_and_auth_are_used_when_configured(tmp_path):
+    server_ctx, client_ctx = _self_signed(tmp_path)
+    server = SmtpServer(tls_context=server_ctx, credentials=("booth", "s3cret")).start()
+    try:
+        cfg = SmtpMail(
+            host="127.0.0.1", port=server.port, starttls=True, username="booth", password="s3cret"
+        )
+        mail.SmtpMailer(cfg, ssl_context=client_ctx).send(_message())
+        assert len(server.messages) == 1
+        # Without STARTTLS the server refuses (require_starttls); wrong password is refused too.
+        plain = cfg.model_copy(update={"starttls": False})
+        with pytest.raises(mail.SendError):
+            mail.SmtpMailer(plain, ssl_context=client_ctx).send(_message())
+        wrong = cfg.model_copy(update={"password": "nope"})
+        with pytest.raises(mail.TemporaryFailure, match="login refused"):
+            mail.SmtpMailer(wrong, ssl_context=client_ctx).send(_message())
+        assert len(server.messages) == 1
+    finally:
+        server.stop()
+
+
+def test_header_injection_in_the_name_is_neutralised(smtp):
+    msg = _message(to_name="Eve\r\nBcc: victim@evil.example\r\nX-Evil: 1")
+    mail.create_mailer(SmtpMail(host="127.0.0.1", port=smtp.port)).send(msg)
+    [got] = smtp.messages
+    assert got["Bcc"] is None and got["X-Evil"] is None
+    assert smtp.handler.envelopes[0][1] == ["ada@example.org"]
+    assert "\n" not in got["To"].addresses[0].display_name
+    with pytest.raises(BadInput, match="line break"):
+        _message(to_email="ada@example.org\r\nBcc: victim@evil.example")
+    for bad in ("not-an-address", "ada@", ""):
+        with pytest.raises(BadInput):
+            _message(to_email=bad)
+
+
+def test_the_maildir_mailer_writes_a_readable_message(tmp_path):
+    cfg = OutboxMail(maildir=tmp_path / "maildir", sender=SENDER)
+    msg = _message()
+    mail.create_mailer(cfg).send(msg)
+    box = mailbox.Maildir(str(tmp_path / "maildir"), create=False)
+    [got] = list(box)
+    assert got["Message-ID"] == msg["Message-ID"]
+    assert (tmp_path / "maildir" / "new").is_dir() and len(list(box.keys())) == 1
