@@ -145,14 +145,22 @@ class SmoothingConfig(Strict):
     )
     # The Kalman smoother (edge_agent/smoothing.py); min_cutoff_hz, beta and
     # d_cutoff_hz above configure the One Euro baseline.
-    meas_noise_px: float = Field(2.0, gt=0, description="detector noise at score 1, pixels")
+    meas_noise_px: float = Field(
+        2.0, gt=0, description="detector noise at score 1 (pixels) until it is learnt"
+    )
+    noise_learn_rate: float = Field(
+        0.02, ge=0, le=1, description="per-frame EMA rate of the learnt detector noise"
+    )
     accel_noise_psd: float = Field(
-        1.0e6, gt=0, description="white-acceleration spectral density, px^2/s^3"
+        3.0e5, gt=0, description="white-acceleration spectral density, px^2/s^3"
     )
     max_noise_boost: float = Field(
         50.0, ge=1, description="most the process noise may grow when the dancer surprises"
     )
     noise_adapt_rate: float = Field(0.2, gt=0, le=1, description="per-frame EMA rate")
+    noise_trim_rate: float = Field(
+        0.1, ge=0, le=1, description="per-frame step of the process-noise trim (log units)"
+    )
     gate_chi2: float = Field(16.0, gt=0, description="innovation gate, chi-square with 2 dof")
     max_reject_frames: int = Field(
         6, ge=0, description="consecutive rejections after which a track restarts"
