@@ -181,6 +181,12 @@ class ZoneConfig(Strict):
         default_factory=lambda: [(0.0, 0.0), (1.0, 0.0), (1.0, 1.0), (0.0, 1.0)], min_length=3
     )
     require_mask_overlap: float = Field(0.3, ge=0, le=1)
+    # The dance floor as this camera sees it (normalised). When set, a person's confident
+    # foot points must touch it: a wall shadow's feet are on the wall.
+    floor_polygon: list[tuple[float, float]] | None = Field(None, min_length=3)
+    # Grey-level spread (5th..95th percentile) around the eyes and nose that counts as a
+    # visible face; a wall shadow has none. 0 disables the check.
+    min_face_contrast: float = Field(40.0, ge=0, le=255)
 
 
 class TlsClient(Strict):

@@ -12,9 +12,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+import cv2
 import numpy as np
 
 from edge_agent import skeleton as sk
+from edge_agent.errors import BadInput
+
+# Below this a frame cannot hold a person the models can find; above it is not a camera.
+MIN_SIDE_PX = 32
+MAX_SIDE_PX = 8192
 
 
 @dataclass
@@ -25,9 +31,13 @@ class PoseResult:
     detected: bool = False
     # Person mask (H, W) float32 in [0, 1] at full-frame size, when the backend segments.
     mask: np.ndarray | None = None
-    # Detector box (x0, y0, x1, y1) in pixels, when a detector ran.
+    # Person box (x0, y0, x1, y1) in pixels: the extent of the joints scoring >= 0.5.
     box: tuple[float, float, float, float] | None = None
     tracked: bool = False  # ROI came from the previous frame rather than the detector
+    # The model's own "a person is here" confidence (BlazePose's pose flag, MoveNet's
+    # mean keypoint score). A wall shadow scores high too: see ``gating``.
+    score: float = 0.0
+    frame_size: tuple[int, int] | None = None  # (width, height) of the frame estimated
 
 
 class PoseBackend(Protocol):
@@ -42,6 +52,30 @@ class PoseBackend(Protocol):
     def close(self) -> None: ...
 
 
+def check_frame(rgb: object) -> np.ndarray:
+    """Return ``rgb`` if it is an RGB uint8 (H, W, 3) frame, else raise BadInput saying why."""
+    if not isinstance(rgb, np.ndarray):
+        raise BadInput(f"pose input must be an RGB image array, got {type(rgb).__name__}")
+    if rgb.ndim != 3 or rgb.shape[2] != 3:
+        raise BadInput(f"pose input must have shape (height, width, 3), got {rgb.shape}")
+    if rgb.dtype != np.uint8:
+        raise BadInput(f"pose input must be uint8, got {rgb.dtype}")
+    h, w = rgb.shape[:2]
+    if min(h, w) < MIN_SIDE_PX or max(h, w) > MAX_SIDE_PX:
+        raise BadInput(f"pose input of {w}x{h} px is outside {MIN_SIDE_PX}..{MAX_SIDE_PX} px")
+    return rgb
+
+
+def decode_jpeg(data: bytes) -> np.ndarray:
+    """Decode one camera JPEG to RGB uint8, raising BadInput for a corrupt or truncated one."""
+    if len(data) < 4 or data[:2] != b"\xff\xd8":
+        raise BadInput(f"corrupt JPEG: no start-of-image marker ({len(data)} bytes)")
+    bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    if bgr is None:
+        raise BadInput(f"corrupt JPEG: cannot decode {len(data)} bytes (truncated or damaged)")
+    return check_frame(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
+
+
 _MODULES = {"cpu": "edge_agent.pose.cpu", "edgetpu": "edge_agent.pose.edgetpu"}
 _FACTORIES: dict[str, Callable[..., PoseBackend]] = {}
 
@@ -54,7 +88,12 @@ def register(type_key: str) -> Callable[[Callable[..., PoseBackend]], Callable[.
     return deco
 
 
-def create_pose_backend(cfg) -> PoseBackend:  # cfg: CpuPose | EdgeTpuPose
+def create_pose_backend(cfg, **options) -> PoseBackend:  # cfg: CpuPose | EdgeTpuPose
+    """Build the backend ``cfg.type`` names; its module is imported (and models load) only now.
+
+    ``options`` go to the backend's factory as keyword arguments (e.g. edgetpu's
+    ``delegate_optional`` for tests); settings belong in ``cfg``.
+    """
     if cfg.type not in _FACTORIES:
         importlib.import_module(_MODULES[cfg.type])
-    return _FACTORIES[cfg.type](cfg)
+    return _FACTORIES[cfg.type](cfg, **options)

@@ -1,0 +1,209 @@
+"""BlazePose on the CPU: detector + full landmark model (+ selfie segmentation) on LiteRT.
+
+Two modes (``CpuPose.mode``):
+
+- ``full``: the detector runs on every frame, as MediaPipe's static-image mode does.
+- ``tracking``: the landmark model's two auxiliary landmarks give the next frame's
+  region of interest, so the detector runs only to (re)acquire a person. When the
+  landmark model's pose flag falls below 0.5 on the tracked region, tracking is lost
+  and the detector runs again *on the same frame*, so a person who is still there
+  costs one frame's extra latency rather than a missed frame.
+
+A joint's score is ``visibility x presence``: presence is the model's belief that the
+joint lies inside the frame, visibility that it is inside and not occluded, so the
+product reads as "seen here". Joints outside the frame thus score near 0.
+
+Segmentation: the full pipeline costs about 7.9 (detector) + 9.8 (landmarks) + 2.8
+(segmentation) ms here. In ``full`` mode the mask is computed every frame. In
+``tracking`` mode, running it every frame would cost a fifth of the frame budget
+(80 fps leaves 12.5 ms), so it runs whenever the detector runs (acquiring a person
+is when a wall shadow can be mistaken for one) and otherwise every
+``SEGMENTATION_INTERVAL_FRAMES`` frames; in between, results carry the last mask,
+which at camera rates lags the person by a few pixels. Treat ``PoseResult.mask``
+as read-only: it may be shared by consecutive results.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from edge_agent import skeleton as sk
+from edge_agent.config import CpuPose
+from edge_agent.pose import blazepose as bp
+from edge_agent.pose import gating, litert
+from edge_agent.pose.base import PoseResult, check_frame, register
+
+log = logging.getLogger(__name__)
+
+DETECTOR_FILE = "pose_detection.tflite"
+LANDMARK_FILE = "pose_landmark_full.tflite"
+SEGMENTATION_INTERVAL_FRAMES = 4
+# Joints scoring at least this count toward the person box.
+BOX_MIN_SCORE = 0.5
+
+# uint8 -> model input ranges, as one table lookup written into the input tensor.
+_TO_SIGNED = (np.arange(256, dtype=np.float32) * (2.0 / 255.0) - 1.0).astype(np.float32)
+_TO_UNIT = (np.arange(256, dtype=np.float32) / 255.0).astype(np.float32)
+
+
+def _expect(interp, name: str, inputs: list[tuple[int, ...]], outputs: list[tuple[int, ...]]):
+    got_in = [tuple(d["shape"]) for d in interp.get_input_details()]
+    got_out = [tuple(d["shape"]) for d in interp.get_output_details()]
+    if got_in != inputs or sorted(got_out) != sorted(outputs):
+        raise ValueError(f"{name}: unexpected tensors {got_in} -> {got_out}")
+
+
+def _output_index(interp, shape: tuple[int, ...]) -> int:
+    for d in interp.get_output_details():
+        if tuple(d["shape"]) == shape:
+            return int(d["index"])
+    raise ValueError(f"no output of shape {shape}")
+
+
+@register("cpu")
+class CpuPoseBackend:
+    """BlazePose full on LiteRT/XNNPACK. Loads its models here, in the constructor."""
+
+    name = "cpu"
+
+    def __init__(self, cfg: CpuPose) -> None:
+        models = Path(cfg.models_dir)
+        self.cfg = cfg
+        self.mode = cfg.mode
+        self._det = litert.load_interpreter(models / DETECTOR_FILE, threads=cfg.threads)
+        self._lm = litert.load_interpreter(models / LANDMARK_FILE, threads=cfg.threads)
+        ds, ls = bp.DETECTOR_SIZE, bp.LANDMARK_SIZE
+        _expect(
+            self._det,
+            DETECTOR_FILE,
+            [(1, ds, ds, 3)],
+            [(1, bp.NUM_ANCHORS, 12), (1, bp.NUM_ANCHORS, 1)],
+        )
+        n = bp.NUM_LANDMARKS
+        _expect(
+            self._lm,
+            LANDMARK_FILE,
+            [(1, ls, ls, 3)],
+            [(1, n * 5), (1, 1), (1, ls, ls, 1), (1, 64, 64, n), (1, n * 3)],
+        )
+        # Views into the interpreters' own buffers: no copies in or out. They are
+        # functions, called afresh each frame, because a live view blocks invoke().
+        self._det_in = self._det.tensor(self._det.get_input_details()[0]["index"])
+        self._det_boxes = self._det.tensor(_output_index(self._det, (1, bp.NUM_ANCHORS, 12)))
+        self._det_scores = self._det.tensor(_output_index(self._det, (1, bp.NUM_ANCHORS, 1)))
+        self._lm_in = self._lm.tensor(self._lm.get_input_details()[0]["index"])
+        self._lm_raw = self._lm.tensor(_output_index(self._lm, (1, n * 5)))
+        self._lm_flag = self._lm.tensor(_output_index(self._lm, (1, 1)))
+        self._lm_heatmap = self._lm.tensor(_output_index(self._lm, (1, 64, 64, n)))
+        self._anchors = bp.ssd_anchors()
+        self._det_u8 = np.empty((ds, ds, 3), np.uint8)
+        self._lm_u8 = np.empty((ls, ls, 3), np.uint8)
+        self._segmenter = None
+        if cfg.segmentation:
+            from edge_agent.pose.segmentation import SelfieSegmenter
+
+            self._segmenter = SelfieSegmenter(models, cfg.threads)
+        self._roi: bp.Roi | None = None
+        self._mask: np.ndarray | None = None
+        self._frame = 0  # frames estimated since reset
+        self._mask_frame = -1  # the frame self._mask was computed on
+        log.info(
+            "cpu pose ready: mode=%s threads=%d segmentation=%s",
+            cfg.mode,
+            cfg.threads,
+            cfg.segmentation,
+        )
+
+    # ---- the two models -------------------------------------------------------------
+
+    def detect(self, rgb: np.ndarray) -> list[bp.Detection]:
+        """All people the detector finds (weighted NMS), best first, in frame pixels."""
+        h, w = rgb.shape[:2]
+        roi = bp.full_frame_roi(w, h)
+        bp.warp_to_tensor(rgb, roi, bp.DETECTOR_SIZE, border=cv2.BORDER_CONSTANT, out=self._det_u8)
+        np.take(_TO_SIGNED, self._det_u8, out=self._det_in()[0])
+        self._det.invoke()
+        scores, boxes, kps = bp.decode_detections(
+            self._det_boxes()[0], self._det_scores()[0], self._anchors, self.cfg.min_detection_score
+        )
+        if scores.size == 0:
+            return []
+        return bp.to_detections(*bp.weighted_nms(scores, boxes, kps), roi)
+
+    def landmarks(self, rgb: np.ndarray, roi: bp.Roi) -> tuple[np.ndarray, float]:
+        """(39, 5) landmarks ``(x_px, y_px, z_px, visibility, presence)`` and the pose flag."""
+        bp.warp_to_tensor(rgb, roi, bp.LANDMARK_SIZE, border=cv2.BORDER_REPLICATE, out=self._lm_u8)
+        np.take(_TO_UNIT, self._lm_u8, out=self._lm_in()[0])
+        self._lm.invoke()
+        flag = float(self._lm_flag()[0, 0])
+        lms = bp.decode_landmarks(self._lm_raw()[0], self._lm_heatmap()[0], roi)
+        return lms, flag
+
+    # ---- the backend interface --------------------------------------------------------
+
+    def estimate(self, rgb: np.ndarray) -> PoseResult:
+        rgb = check_frame(rgb)
+        h, w = rgb.shape[:2]
+        self._frame += 1
+        tracked_roi = self._roi if self.mode == "tracking" else None
+        self._roi = None
+        mask = self._update_mask(rgb, force=tracked_roi is None)
+
+        lms, flag, tracked = None, 0.0, False
+        if tracked_roi is not None:
+            lms, flag = self.landmarks(rgb, tracked_roi)
+            tracked = flag >= bp.POSE_FLAG_THRESHOLD
+            if not tracked:
+                log.debug("tracking lost (pose flag %.2f); running the detector", flag)
+                mask = self._update_mask(rgb, force=True)
+        if not tracked:
+            dets = self.detect(rgb)
+            if not dets:
+                return PoseResult(mask=mask, frame_size=(w, h))
+            det = gating.pick_detection(dets, mask)
+            lms, flag = self.landmarks(rgb, bp.roi_from_detection(det))
+            if flag < bp.POSE_FLAG_THRESHOLD:
+                return PoseResult(mask=mask, score=flag, frame_size=(w, h))
+
+        if self.mode == "tracking":
+            self._roi = bp.roi_from_landmarks(lms)
+        pose = np.empty((bp.NUM_POSE_LANDMARKS, 3), np.float32)
+        pose[:, :2] = lms[: bp.NUM_POSE_LANDMARKS, :2]
+        pose[:, 2] = lms[: bp.NUM_POSE_LANDMARKS, 3] * lms[: bp.NUM_POSE_LANDMARKS, 4]
+        skel = sk.from_blazepose(pose)
+        return PoseResult(
+            skeleton=skel,
+            detected=True,
+            mask=mask,
+            box=sk.bbox(skel, BOX_MIN_SCORE),
+            tracked=tracked,
+            score=flag,
+            frame_size=(w, h),
+        )
+
+    def _update_mask(self, rgb: np.ndarray, *, force: bool) -> np.ndarray | None:
+        """The person mask for this frame: fresh when forced or due, else the last one."""
+        if self._segmenter is None:
+            return None
+        fresh = self._mask is not None and self._mask.shape == rgb.shape[:2]
+        if fresh and self._mask_frame == self._frame:
+            return self._mask  # already computed for this frame
+        due = self.mode == "full" or self._frame - self._mask_frame >= SEGMENTATION_INTERVAL_FRAMES
+        if force or due or not fresh:
+            self._mask = self._segmenter.mask(rgb)
+            self._mask_frame = self._frame
+        return self._mask
+
+    def reset(self) -> None:
+        self._roi = None
+        self._mask = None
+        self._frame = 0
+        self._mask_frame = -1
+
+    def close(self) -> None:
+        # LiteRT frees interpreters with their last reference; dropping ours is enough.
+        self._det = self._lm = self._segmenter = None

@@ -1,0 +1,171 @@
+"""MoveNet-style single-pose models on Coral EdgeTPUs, several devices shared as a pool.
+
+Each device listed in ``EdgeTpuPose.devices`` gets its own interpreter with
+``load_delegate(library, {"device": dev})``; ``estimate`` checks one out, so as many
+frames run at once as there are devices (callers on more threads wait their turn).
+
+The model contract: input ``[1, H, W, 3]`` uint8 (the frame letterboxed to H x W),
+output ``[1, 1, 17, 3]`` float32 ``(y, x, score)`` normalised to the input.
+
+When a delegate cannot load, the real cause (the loader's OSError, the delegate's
+ValueError) is logged and the device is left out. With no device left, the backend
+falls back to ``cpu`` if ``fallback_to_cpu`` is set, else refuses to start with a
+DeviceError carrying that cause.
+
+``delegate_optional=True`` (an argument, not a config key: it exists for tests on
+machines without a Coral) runs the same model on the CPU interpreter after the
+delegate failed to load. Only a model *not* compiled for the EdgeTPU runs that way.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+from dataclasses import dataclass
+from typing import Any
+
+import cv2
+import numpy as np
+
+from edge_agent import skeleton as sk
+from edge_agent.config import EdgeTpuPose
+from edge_agent.errors import BadInput, DeviceError
+from edge_agent.pose import litert
+from edge_agent.pose.base import PoseBackend, PoseResult, check_frame, register
+
+log = logging.getLogger(__name__)
+
+# MoveNet has no person flag; its demos call a pose present when keypoints average
+# above roughly this score.
+MIN_POSE_SCORE = 0.25
+BOX_MIN_SCORE = 0.3  # MoveNet scores run lower than BlazePose's
+
+
+@dataclass
+class _Device:
+    name: str
+    interpreter: Any
+    delegated: bool
+    input_index: int
+    output_index: int
+    height: int
+    width: int
+
+
+class EdgeTpuPoseBackend:
+    name = "edgetpu"
+
+    def __init__(self, cfg: EdgeTpuPose, *, delegate_optional: bool = False) -> None:
+        self.cfg = cfg
+        self._pool: queue.Queue[_Device] = queue.Queue(maxsize=len(cfg.devices))
+        self.devices: list[str] = []
+        causes = []
+        for dev in cfg.devices:
+            delegates = None
+            try:
+                delegates = [litert.load_delegate(cfg.library, {"device": dev})]
+            except (OSError, ValueError) as e:
+                cause = f"EdgeTPU {dev}: cannot load delegate {cfg.library}: {_one_line(e)}"
+                log.error(cause)
+                causes.append(cause)
+                if not delegate_optional:
+                    continue
+                log.warning("EdgeTPU %s: running %s without the delegate", dev, cfg.model)
+            self._pool.put(self._open(dev, delegates))
+            self.devices.append(dev)
+        if not self.devices:
+            raise DeviceError("; ".join(causes))
+        log.info("edgetpu pose ready on %s (%s)", ", ".join(self.devices), cfg.model)
+
+    def _open(self, dev: str, delegates: list[Any] | None) -> _Device:
+        # One thread per interpreter: the work is on the accelerator, and the pool
+        # already runs one interpreter per device in parallel.
+        interp = litert.load_interpreter(self.cfg.model, threads=1, delegates=delegates)
+        inp, outs = interp.get_input_details(), interp.get_output_details()
+        shape_in = tuple(inp[0]["shape"]) if len(inp) == 1 else ()
+        shape_out = tuple(outs[0]["shape"]) if len(outs) == 1 else ()
+        if (
+            len(shape_in) != 4
+            or shape_in[0] != 1
+            or shape_in[3] != 3
+            or inp[0]["dtype"] != np.uint8
+            or shape_out != (1, 1, 17, 3)
+        ):
+            got = [(tuple(d["shape"]), np.dtype(d["dtype"]).name) for d in inp + outs]
+            raise BadInput(
+                f"{self.cfg.model}: not a MoveNet-style model (want uint8 [1,H,W,3] in, "
+                f"[1,1,17,3] out), got {got}"
+            )
+        return _Device(
+            name=dev,
+            interpreter=interp,
+            delegated=delegates is not None,
+            input_index=int(inp[0]["index"]),
+            output_index=int(outs[0]["index"]),
+            height=int(shape_in[1]),
+            width=int(shape_in[2]),
+        )
+
+    def estimate(self, rgb: np.ndarray) -> PoseResult:
+        rgb = check_frame(rgb)
+        h, w = rgb.shape[:2]
+        dev = self._pool.get()
+        try:
+            # Letterbox: scale the frame to fit, centre it, zero the rest.
+            scale = min(dev.width / w, dev.height / h)
+            pad_x = (dev.width - w * scale) / 2
+            pad_y = (dev.height - h * scale) / 2
+            m = np.array([[scale, 0.0, pad_x], [0.0, scale, pad_y]])
+            view = dev.interpreter.tensor(dev.input_index)()
+            cv2.warpAffine(
+                rgb,
+                m,
+                (dev.width, dev.height),
+                dst=view[0],
+                flags=cv2.INTER_LINEAR,
+                borderMode=cv2.BORDER_CONSTANT,
+            )
+            del view  # a live view into the interpreter blocks invoke()
+            dev.interpreter.invoke()
+            yxs = dev.interpreter.get_tensor(dev.output_index).reshape(17, 3)
+        finally:
+            self._pool.put(dev)
+        skel = sk.from_movenet(yxs, dev.width, dev.height)
+        skel[:17, 0] = (skel[:17, 0] - pad_x) / scale
+        skel[:17, 1] = (skel[:17, 1] - pad_y) / scale
+        score = float(yxs[:, 2].mean())
+        if score < MIN_POSE_SCORE:
+            return PoseResult(score=score, frame_size=(w, h))
+        return PoseResult(
+            skeleton=skel,
+            detected=True,
+            box=sk.bbox(skel, BOX_MIN_SCORE),
+            score=score,
+            frame_size=(w, h),
+        )
+
+    def reset(self) -> None:
+        """Single-frame model: nothing to forget."""
+
+    def close(self) -> None:
+        while not self._pool.empty():
+            self._pool.get_nowait()
+
+
+@register("edgetpu")
+def create(cfg: EdgeTpuPose, *, delegate_optional: bool = False) -> PoseBackend:
+    """The EdgeTPU pool, or the cpu backend when no device loads and config allows it."""
+    try:
+        return EdgeTpuPoseBackend(cfg, delegate_optional=delegate_optional)
+    except DeviceError as e:
+        if not cfg.fallback_to_cpu:
+            raise
+        log.warning("edgetpu unavailable (%s); falling back to the cpu backend", e)
+        from edge_agent.pose.cpu import CpuPoseBackend
+
+        return CpuPoseBackend(cfg.cpu)
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    return text or type(err).__name__
