@@ -1,0 +1,182 @@
+"""Global pose normalization from a reference dance to the attendee's take (EDN-style).
+
+Everybody Dance Now (Chan et al., 2019, section 4 "Global pose normalization")
+maps each source pose into the target's frame with one scale and one offset that
+depend only on how far from the camera the source stands, read off the ankle
+line: between the farthest (highest in the image) and closest (lowest) ankle
+positions of each subject, the target's position and the ratio of body heights
+are interpolated linearly.
+
+Our choices, each for a reason:
+- The floor contact of a frame is the *lower* ankle (largest y), not the mean:
+  a dancer lifting one foot still stands on the other, so the floor line does
+  not bounce with every step.
+- Closest and farthest positions are the 5th/95th percentiles of that floor
+  contact, so a jump or one bad pose does not define the booth's depth range.
+  Frames outside the range (a jump) keep their offset from the range's edge,
+  scaled, so the jump is rendered as a jump instead of being pinned to the floor.
+- Body height is ankle-to-head: floor contact minus the highest head keypoint.
+  People crouch while dancing, so the height at a position is a high percentile
+  (90th) of the heights of frames near that position, which is the standing height.
+- Horizontally the reference's centre (median ankle midpoint) is moved onto the
+  attendee's, so the rendered attendee stands where they stood in the booth.
+- When a subject barely moves in depth (range under 2% of body height), the
+  range is meaningless and a single scale and floor line are used.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+
+from edge_agent import skeleton as sk
+from edge_agent.errors import BadInput
+
+log = logging.getLogger(__name__)
+
+_HEAD = [sk.INDEX[n] for n in ("nose", "left_eye", "right_eye", "left_ear", "right_ear")]
+_ANKLES = [sk.INDEX["left_ankle"], sk.INDEX["right_ankle"]]
+# Percentiles for the closest/farthest positions and the standing height (see module doc).
+_RANGE_PCT = (5.0, 95.0)
+_HEIGHT_PCT = 90.0
+# Share of the depth range around an extreme whose frames measure the height there.
+_BAND = 0.25
+_MIN_DEPTH_RANGE = 0.02
+
+
+@dataclass(frozen=True)
+class BodyStats:
+    """Where a subject stands and how tall they are, measured over a whole sequence."""
+
+    floor_far: float  # image y of the floor contact at the farthest position
+    floor_close: float  # ... at the closest position
+    height_far: float  # ankle-to-head height in pixels at the farthest position
+    height_close: float
+    center_x: float  # median x of the ankle midpoint
+    frames: int  # frames that had ankles and a head
+
+    @property
+    def depth_range(self) -> float:
+        return self.floor_close - self.floor_far
+
+
+def floor_contact(poses: np.ndarray, min_score: float = 0.0) -> np.ndarray:
+    """Per frame, the image y where the body meets the floor (lower ankle); NaN if none."""
+    p = np.asarray(poses, dtype=np.float32)
+    y = np.where(p[:, _ANKLES, 2] > min_score, p[:, _ANKLES, 1], np.nan)
+    return np.fmax(y[:, 0], y[:, 1])  # fmax ignores a NaN unless both are NaN
+
+
+def body_heights(poses: np.ndarray, min_score: float = 0.0) -> np.ndarray:
+    """Per frame, ankle-to-head height in pixels; NaN where ankles or head are missing."""
+    p = np.asarray(poses, dtype=np.float32)
+    head = np.where(p[:, _HEAD, 2] > min_score, p[:, _HEAD, 1], np.inf).min(axis=1)
+    head[~np.isfinite(head)] = np.nan
+    return floor_contact(p, min_score) - head
+
+
+def measure(poses: np.ndarray, min_score: float = 0.0) -> BodyStats:
+    """Robust floor positions and heights of one subject (see the module doc)."""
+    p = np.asarray(poses, dtype=np.float32)
+    floor = floor_contact(p, min_score)
+    height = body_heights(p, min_score)
+    ok = np.isfinite(floor) & np.isfinite(height) & (height > 0)
+    if ok.sum() == 0:
+        raise BadInput("cannot normalise poses: no frame shows both the ankles and the head")
+    floor, height = floor[ok], height[ok]
+    far, close = np.percentile(floor, _RANGE_PCT)
+    standing = float(np.percentile(height, _HEIGHT_PCT))
+    if close - far < _MIN_DEPTH_RANGE * standing:
+        h_far = h_close = standing
+        mid = float(np.median(floor))
+        far = close = mid
+    else:
+        band = _BAND * (close - far)
+        h_far = float(np.percentile(height[floor <= far + band], _HEIGHT_PCT))
+        h_close = float(np.percentile(height[floor >= close - band], _HEIGHT_PCT))
+    ank = p[ok][:, _ANKLES]
+    present = ank[:, :, 2] > min_score
+    mid_x = np.nanmean(np.where(present, ank[:, :, 0], np.nan), axis=1)
+    return BodyStats(
+        floor_far=float(far),
+        floor_close=float(close),
+        height_far=h_far,
+        height_close=h_close,
+        center_x=float(np.nanmedian(mid_x)),
+        frames=int(ok.sum()),
+    )
+
+
+@dataclass(frozen=True)
+class GlobalNormalization:
+    """The fitted mapping from reference pixels to attendee pixels."""
+
+    source: BodyStats
+    target: BodyStats
+
+    def _alpha(self, floor: np.ndarray) -> np.ndarray:
+        s = self.source
+        if s.depth_range <= 0:
+            return np.full_like(floor, 0.5)
+        return np.clip((floor - s.floor_far) / s.depth_range, 0.0, 1.0)
+
+    def scale(self, floor: np.ndarray) -> np.ndarray:
+        s, t = self.source, self.target
+        far, close = t.height_far / s.height_far, t.height_close / s.height_close
+        return far + self._alpha(floor) * (close - far)
+
+    def apply(self, poses: np.ndarray) -> np.ndarray:
+        """Map reference poses (N, 23, 3) into the attendee's image; scores are kept."""
+        p = np.array(poses, dtype=np.float32, copy=True)
+        floor = floor_contact(p)
+        # Frames without ankles borrow the nearest measured floor contact.
+        missing = np.isnan(floor)
+        if missing.all():
+            floor[:] = (self.source.floor_far + self.source.floor_close) / 2
+        elif missing.any():
+            idx = np.arange(len(floor))
+            floor[missing] = np.interp(idx[missing], idx[~missing], floor[~missing])
+        s, t = self.source, self.target
+        clipped = np.clip(floor, s.floor_far, s.floor_close)
+        alpha = self._alpha(floor)
+        scale = self.scale(floor)
+        target_floor = t.floor_far + alpha * (t.floor_close - t.floor_far)
+        present = p[:, :, 2] > 0
+        y = target_floor[:, None] + scale[:, None] * (p[:, :, 1] - clipped[:, None])
+        x = t.center_x + scale[:, None] * (p[:, :, 0] - s.center_x)
+        p[:, :, 0] = np.where(present, x, 0.0)
+        p[:, :, 1] = np.where(present, y, 0.0)
+        return p
+
+
+def fit(reference: np.ndarray, take: np.ndarray, min_score: float = 0.3) -> GlobalNormalization:
+    """Fit the normalization from reference poses to the attendee's take poses."""
+    try:
+        source = measure(reference, min_score)
+    except BadInput:
+        raise BadInput(
+            "cannot normalise: the reference has no frame showing both ankles and the head"
+        ) from None
+    try:
+        target = measure(take, min_score)
+    except BadInput:
+        raise BadInput(
+            "cannot normalise: the attendee's take has no frame showing both ankles and the head"
+        ) from None
+    norm = GlobalNormalization(source, target)
+    log.info(
+        "normalization fitted",
+        extra={
+            "scale_far": target.height_far / source.height_far,
+            "scale_close": target.height_close / source.height_close,
+            "target_floor": (target.floor_far, target.floor_close),
+        },
+    )
+    return norm
+
+
+def normalize(reference: np.ndarray, take: np.ndarray, min_score: float = 0.3) -> np.ndarray:
+    """Reference poses moved and scaled to stand like the attendee in their take."""
+    return fit(reference, take, min_score).apply(reference)

@@ -1,0 +1,115 @@
+"""EDN-style global normalization on synthetic takes with ground-truth keypoints."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cloud_trainer import labelmap, normalize
+from edge_agent import skeleton as sk
+from edge_agent.synth.appearance import Attendee
+from edge_agent.synth.choreography import Dance
+from edge_agent.synth.render import render
+
+SIZE = (320, 240)
+FPS, SECONDS = 8.0, 3.0
+SHORT, TALL, DANCER = 7, 15, 2  # attendee seeds: 1.54 m, 1.87 m; the reference dancer 1.81 m
+
+
+def _take(seed: int, dance: str, x: float = 0.0, z: float = 0.0) -> np.ndarray:
+    """Ground-truth keypoints of attendee ``seed`` dancing, standing at (x, z) in the booth."""
+    attendee = Attendee.from_seed(seed)
+    out = []
+    for i, pose in enumerate(Dance.parse(dance).poses(FPS, SECONDS)):
+        pose = pose.moved(x=pose.x + x, z=pose.z + z)
+        f = render(attendee, pose, SIZE, 0, i, shadow="none", noise=False)
+        out.append(f.keypoints)
+    return np.stack(out)
+
+
+@pytest.fixture(scope="module")
+def reference() -> np.ndarray:
+    return _take(DANCER, "wave+squat+step")
+
+
+def _floor_line(take: np.ndarray) -> float:
+    return float(np.median(normalize.floor_contact(take, 0.5)))
+
+
+def _lowest_row(label: np.ndarray) -> int:
+    rows = np.flatnonzero(label.any(axis=(1, 2)))
+    return int(rows.max())
+
+
+@pytest.mark.parametrize(("seed", "x", "z"), [(SHORT, 0.35, 0.6), (TALL, -0.3, -0.8)])
+def test_rendered_feet_stay_on_the_attendees_floor_line(reference, seed, x, z):
+    take = _take(seed, "march", x=x, z=z)  # nearer to / farther from the camera
+    out = normalize.normalize(reference, take)
+    floor = _floor_line(take)
+    assert abs(_floor_line(reference) - floor) > 10  # so the test could fail
+
+    # Frames where the reference dancer stands on the floor (a foot down) land on it.
+    ref_floor = normalize.floor_contact(reference, 0.5)
+    grounded = np.abs(ref_floor - np.median(ref_floor)) < 2.0
+    assert grounded.sum() >= len(reference) // 2
+    feet = normalize.floor_contact(out, 0.5)[grounded]
+    assert np.abs(feet - floor).max() <= 3.0, (feet, floor)
+
+    # In the attendee's training crop, the rendered label map's feet are where theirs are.
+    framing = labelmap.Framing.from_poses(take, *SIZE)
+    size = 128
+    own = [_lowest_row(labelmap.render_skeleton(framing.to_crop(s, size), size)) for s in take]
+    ours = [
+        _lowest_row(labelmap.render_skeleton(framing.to_crop(s, size), size)) for s in out[grounded]
+    ]
+    assert abs(np.median(ours) - np.median(own)) <= 2, (np.median(ours), np.median(own))
+
+    # The reference is scaled to the attendee's height and moved to where they stood.
+    h_att = np.percentile(normalize.body_heights(take, 0.5), 90)
+    h_out = np.percentile(normalize.body_heights(out, 0.5), 90)
+    assert h_out == pytest.approx(h_att, rel=0.04)
+    centre = lambda p: np.median(p[:, [sk.INDEX["left_hip"], sk.INDEX["right_hip"]], 0])  # noqa: E731
+    assert centre(out) == pytest.approx(centre(take), abs=0.05 * float(h_att))
+
+
+def test_short_and_tall_attendees_get_different_scales(reference):
+    short = normalize.normalize(reference, _take(SHORT, "march"))
+    tall = normalize.normalize(reference, _take(TALL, "march"))
+    ratio = np.percentile(normalize.body_heights(tall, 0.5), 90) / np.percentile(
+        normalize.body_heights(short, 0.5), 90
+    )
+    assert ratio == pytest.approx(1.865 / 1.539, rel=0.05)
+
+
+def test_depth_is_interpolated_between_far_and_close_positions():
+    """A subject walking towards the camera: each depth maps to the matching target depth."""
+    ref = np.zeros((40, sk.NUM_JOINTS, 3), dtype=np.float32)
+    ref[:, :, 2] = 1.0
+    floor = np.linspace(300, 400, 40)  # walking from far (300) to close (400)
+    height = floor * 0.5  # farther = smaller
+    ref[:, :, 1] = floor[:, None] - height[:, None] * 0.5
+    ref[:, sk.INDEX["nose"], 1] = floor - height
+    ref[:, sk.INDEX["left_ankle"], 1] = floor
+    ref[:, sk.INDEX["right_ankle"], 1] = floor - 5
+    ref[:, :, 0] = 320
+    take = ref.copy()
+    take[:, :, 1] = ref[:, :, 1] * 0.5 + 100  # a smaller booth image: floor 250..300
+    take[:, :, 0] = 100
+    out = normalize.normalize(ref, take)
+    np.testing.assert_allclose(normalize.floor_contact(out), normalize.floor_contact(take), atol=1)
+    np.testing.assert_allclose(normalize.body_heights(out), normalize.body_heights(take), rtol=0.06)
+    assert np.allclose(out[:, sk.INDEX["nose"], 0], 100, atol=1)
+
+
+def test_a_take_without_ankles_cannot_be_normalized():
+    from edge_agent.errors import BadInput
+
+    ref = np.ones((5, sk.NUM_JOINTS, 3), dtype=np.float32)
+    ref[:, sk.INDEX["left_ankle"], 1] = ref[:, sk.INDEX["right_ankle"], 1] = 100
+    take = ref.copy()
+    take[:, sk.INDEX["left_ankle"], 2] = 0
+    take[:, sk.INDEX["right_ankle"], 2] = 0
+    with pytest.raises(BadInput, match="attendee's take"):
+        normalize.fit(ref, take)
+    with pytest.raises(BadInput, match="the reference"):
+        normalize.fit(take, ref)
