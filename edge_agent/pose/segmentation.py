@@ -20,8 +20,7 @@ log = logging.getLogger(__name__)
 
 MODEL_FILE = "selfie_segmentation.tflite"
 SIZE = 256
-# uint8 -> [0, 1] in one table lookup, written straight into the input tensor.
-_TO_UNIT = (np.arange(256, dtype=np.float32) / 255.0).astype(np.float32)
+_SCALE_UNIT = np.float32(1.0 / 255.0)  # uint8 -> the model's [0, 1] input
 
 
 class SelfieSegmenter:
@@ -43,7 +42,7 @@ class SelfieSegmenter:
     def mask(self, rgb: np.ndarray) -> np.ndarray:
         height, width = rgb.shape[:2]
         cv2.resize(rgb, (SIZE, SIZE), dst=self._small, interpolation=cv2.INTER_LINEAR)
-        np.take(_TO_UNIT, self._small, out=self._input()[0])
+        np.multiply(self._small, _SCALE_UNIT, out=self._input()[0], dtype=np.float32)
         self._interp.invoke()
         # A fresh array per call: callers may keep a result's mask across frames.
         return cv2.resize(

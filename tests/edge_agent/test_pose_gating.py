@@ -1,0 +1,164 @@
+"""Shadow and false-positive suppression: a wall shadow alone is nobody, a person stays."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edge_agent import skeleton as sk
+from edge_agent.config import CpuPose, ZoneConfig
+from edge_agent.pose import gating
+from edge_agent.pose.base import PoseResult, create_pose_backend
+from edge_agent.synth.appearance import Attendee
+from edge_agent.synth.choreography import Dance
+from edge_agent.synth.render import render
+
+MODELS = Path(__file__).resolve().parents[2] / "models"
+SIZE = (320, 240)
+W, H = SIZE
+
+
+@pytest.fixture(scope="module")
+def backend():
+    return create_pose_backend(CpuPose(models_dir=MODELS, mode="full", segmentation=True))
+
+
+@pytest.fixture(scope="module")
+def stepout():
+    """The step-out dance: the dancer walks out to the left, their wall shadow stays a while."""
+    return Attendee.from_seed(3), Dance.from_name("stepout")
+
+
+def test_gating_rejects_a_wall_shadow_the_model_takes_for_a_person(backend, stepout):
+    attendee, dance = stepout
+    fooled = shadow_only = 0
+    for k, t in enumerate(np.arange(1.9, 2.6, 0.05)):
+        frame = render(attendee, dance.pose(t), size=SIZE, frame_index=k)
+        if frame.in_frame.any() or frame.shadow_mask is None or frame.shadow_mask.sum() < 500:
+            continue  # keep the frames where the dancer is gone and their shadow is not
+        shadow_only += 1
+        raw = backend.estimate(frame.rgb)
+        fooled += raw.detected
+        gated = gating.gate(raw, ZoneConfig(), frame.rgb)
+        assert not gated.detected, t
+        assert (gated.skeleton == 0).all() and gated.box is None
+    assert shadow_only >= 4
+    # Otherwise this test proves nothing: the raw model must have been fooled sometimes.
+    assert fooled >= 1
+
+
+def test_gating_keeps_the_real_person_beside_their_shadow(backend, stepout):
+    attendee, dance = stepout
+    for k, t in enumerate((0.4, 0.8, 1.2)):
+        frame = render(attendee, dance.pose(t), size=SIZE, frame_index=k)
+        assert frame.shadow_mask is not None and frame.shadow_mask.sum() > 500
+        raw = backend.estimate(frame.rgb)
+        gated = gating.gate(raw, ZoneConfig(), frame.rgb)
+        assert gated.detected, t
+        kept = (gated.skeleton[:, 2] > 0.5) & frame.visible
+        seen = (raw.skeleton[:, 2] > 0.5) & frame.visible
+        assert kept.sum() >= 0.9 * seen.sum(), (t, kept.sum(), seen.sum())
+        # What is kept is the person, not the shadow beside them.
+        err = np.hypot(*(gated.skeleton[kept, :2] - frame.keypoints[kept, :2]).T)
+        assert np.median(err) < 0.1 * sk.torso_size(frame.keypoints)
+
+
+def _standing(x0: float = 100.0, y0: float = 40.0) -> np.ndarray:
+    """A hand-made upright skeleton in a 320x240 frame, every joint confident."""
+    s = sk.empty()
+    rows = {
+        "nose": (0, 0),
+        "left_eye": (4, -3),
+        "right_eye": (-4, -3),
+        "left_ear": (8, 0),
+        "right_ear": (-8, 0),
+        "left_shoulder": (20, 30),
+        "right_shoulder": (-20, 30),
+        "left_elbow": (25, 60),
+        "right_elbow": (-25, 60),
+        "left_wrist": (27, 90),
+        "right_wrist": (-27, 90),
+        "left_hip": (12, 95),
+        "right_hip": (-12, 95),
+        "left_knee": (13, 135),
+        "right_knee": (-13, 135),
+        "left_ankle": (14, 175),
+        "right_ankle": (-14, 175),
+        "left_big_toe": (20, 185),
+        "left_small_toe": (20, 185),
+        "left_heel": (12, 182),
+        "right_big_toe": (-20, 185),
+        "right_small_toe": (-20, 185),
+        "right_heel": (-12, 182),
+    }
+    for name, (dx, dy) in rows.items():
+        s[sk.INDEX[name]] = (x0 + dx, y0 + dy, 0.9)
+    return s
+
+
+def _result(skel: np.ndarray, mask: np.ndarray | None = None) -> PoseResult:
+    return PoseResult(skeleton=skel, detected=True, mask=mask, score=0.99, frame_size=SIZE)
+
+
+def test_joints_outside_the_booth_zone_are_dropped_and_the_rest_kept():
+    skel = _standing()
+    # The zone ends at x = 100 px: the person's left side (image right) is outside.
+    zone = ZoneConfig(polygon=[(0, 0), (100 / W, 0), (100 / W, 1), (0, 1)], min_face_contrast=0)
+    out = gating.gate(_result(skel), zone)
+    assert out.detected
+    left = [i for i, n in enumerate(sk.JOINTS) if n.startswith("left_")]
+    right = [i for i, n in enumerate(sk.JOINTS) if n.startswith("right_")]
+    assert (out.skeleton[left, 2] == 0).all()
+    assert (out.skeleton[right, 2] == 0.9).all()
+    assert out.box is not None and out.box[2] < 100
+    assert (skel[:, 2] == 0.9).all()  # the input is left alone
+
+
+def test_a_person_entirely_outside_the_zone_is_nobody():
+    zone = ZoneConfig(polygon=[(0.8, 0), (1, 0), (1, 1), (0.8, 1)], min_face_contrast=0)
+    out = gating.gate(_result(_standing()), zone)
+    assert not out.detected and out.box is None
+
+
+def test_a_person_off_the_segmentation_mask_is_nobody_and_stray_joints_are_dropped():
+    skel = _standing()
+    empty = np.zeros((H, W), np.float32)
+    zone = ZoneConfig(min_face_contrast=0, require_mask_overlap=0.3)
+    assert not gating.gate(_result(skel, empty), zone).detected
+
+    body = np.zeros((H, W), np.float32)
+    body[30:240, 60:140] = 1.0
+    body[:, 120:] = 0.0  # the left arm (image right) is off the mask
+    out = gating.gate(_result(skel, body), zone)
+    assert out.detected
+    assert out.skeleton[sk.INDEX["left_wrist"], 2] == 0
+    assert out.skeleton[sk.INDEX["right_wrist"], 2] == 0.9
+
+
+def test_feet_off_the_floor_zone_mean_a_shadow_on_the_wall():
+    skel = _standing()  # feet at y ~ 215-225 px
+    on_floor = ZoneConfig(min_face_contrast=0, floor_polygon=[(0, 0.85), (1, 0.85), (1, 1), (0, 1)])
+    assert gating.gate(_result(skel), on_floor).detected
+    below = ZoneConfig(min_face_contrast=0, floor_polygon=[(0, 0.97), (1, 0.97), (1, 1), (0, 1)])
+    assert not gating.gate(_result(skel), below).detected
+
+
+def test_a_flat_grey_face_is_not_a_face():
+    skel = _standing()
+    flat = np.full((H, W, 3), 90, np.uint8)
+    assert not gating.gate(_result(skel), ZoneConfig(), flat).detected
+    face = flat.copy()
+    face[34:38, 96:99] = 250  # eyes
+    face[35:37, 97:98] = 10
+    face[34:38, 103:106] = 250
+    face[35:37, 104:105] = 10
+    assert gating.gate(_result(skel), ZoneConfig(), face).detected
+
+
+def test_points_in_polygon_handles_concave_zones():
+    # An L-shaped zone.
+    poly = [(0, 0), (2, 0), (2, 1), (1, 1), (1, 2), (0, 2)]
+    pts = np.array([(0.5, 0.5), (1.5, 0.5), (0.5, 1.5), (1.5, 1.5), (3, 3), (-1, 0.5)])
+    assert gating.points_in_polygon(pts, poly).tolist() == [True, True, True, False, False, False]
