@@ -1,0 +1,225 @@
+"""Pose off the hot path: a live worker on the latest frame, then a catch-up pass over segments.
+
+While the take runs, :class:`PoseWorker` takes the newest frame from a
+:class:`LatestSlot`, decodes it (the only decode on the edge) and runs the pose
+backend. A slow model therefore skips frames, it never delays capture; each
+skipped frame is counted.
+
+When the take has ended, :func:`catch_up` reads the finished segments back
+(demux, decode, pose) and fills every frame the live worker skipped — the seed's
+"write MP4, queue it for asynchronous processing" — so that by the end every
+captured and recorded frame has a pose: coverage = frames with a pose / frames
+captured.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import av
+import numpy as np
+
+from edge_agent import skeleton as sk
+from edge_agent.capture.buffers import LatestSlot
+from edge_agent.capture.segments import SegmentInfo, read_segment_frames
+from edge_agent.errors import BadInput
+from edge_agent.frames import CapturedFrame
+from edge_agent.pose.base import PoseBackend, decode_jpeg
+
+log = logging.getLogger(__name__)
+
+LIVE = 1
+CATCH_UP = 2
+
+
+class PoseStore:
+    """The poses of one take, by frame ``seq``. Written by one thread at a time."""
+
+    def __init__(self) -> None:
+        self._skeletons: dict[int, np.ndarray] = {}
+        self._detected: dict[int, bool] = {}
+        self._source: dict[int, int] = {}
+
+    def put(self, seq: int, skeleton: np.ndarray, detected: bool, source: int) -> None:
+        self._skeletons[seq] = np.asarray(skeleton, dtype=np.float32)
+        self._detected[seq] = bool(detected)
+        self._source[seq] = source
+
+    def __contains__(self, seq: int) -> bool:
+        return seq in self._skeletons
+
+    def __len__(self) -> int:
+        return len(self._skeletons)
+
+    def count(self, source: int) -> int:
+        return sum(1 for s in list(self._source.values()) if s == source)
+
+    def arrays(self, n: int) -> dict[str, np.ndarray]:
+        """Dense arrays for frames ``0..n-1``: missing frames have score 0 and source 0."""
+        skeletons = np.zeros((n, sk.NUM_JOINTS, 3), dtype=np.float32)
+        detected = np.zeros(n, dtype=bool)
+        source = np.zeros(n, dtype=np.uint8)
+        for seq, skel in self._skeletons.items():
+            if 0 <= seq < n:
+                skeletons[seq] = skel
+                detected[seq] = self._detected[seq]
+                source[seq] = self._source[seq]
+        return {"raw": skeletons, "detected": detected, "source": source}
+
+
+@dataclass
+class PoseCounters:
+    posed: int = 0
+    corrupt: int = 0  # frames that would not decode
+    errors: int = 0  # frames on which the backend raised
+    busy_s: float = 0.0
+
+
+def _estimate(
+    backend: PoseBackend, jpeg: bytes, seq: int, counters: PoseCounters, where: str
+) -> tuple[np.ndarray, bool] | None:
+    """Decode and pose one frame; count (and log the first of) any failure. Never raises."""
+    try:
+        rgb = decode_jpeg(jpeg)
+    except BadInput as e:
+        counters.corrupt += 1
+        if counters.corrupt == 1:
+            log.warning("%s: frame %d: %s; counted and skipped", where, seq, e)
+        return None
+    try:
+        result = backend.estimate(rgb)
+    except BadInput as e:
+        counters.errors += 1
+        if counters.errors == 1:
+            log.warning("%s: frame %d: %s", where, seq, e)
+        return None
+    except Exception:  # a model bug must cost one frame's pose, never the take
+        counters.errors += 1
+        if counters.errors == 1:
+            log.exception(
+                "%s: pose backend failed on frame %d; counting further failures", where, seq
+            )
+        return None
+    return result.skeleton, result.detected
+
+
+class PoseWorker:
+    """Runs the pose backend on the latest frame, on its own thread, until the slot closes."""
+
+    def __init__(
+        self,
+        slot: LatestSlot[CapturedFrame],
+        backend_factory: Callable[[], PoseBackend],
+        store: PoseStore,
+        name: str = "pose",
+    ) -> None:
+        self.slot = slot
+        self.store = store
+        self.name = name
+        self.counters = PoseCounters()
+        self.backend: PoseBackend | None = None
+        self.backend_name: str | None = None
+        self.error: str | None = None
+        self._factory = backend_factory
+        self._first_ns: int | None = None
+        self._last_ns: int | None = None
+        self._thread = threading.Thread(target=self._run, name=f"{name}-worker", daemon=True)
+        self._ready = threading.Event()
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def join(self, timeout: float | None = None) -> bool:
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        """Wait until the backend is loaded (or failed to load)."""
+        return self._ready.wait(timeout)
+
+    @property
+    def fps(self) -> float:
+        """Frames posed per second of the worker's active time."""
+        if self._first_ns is None:
+            return 0.0
+        end = self._last_ns if self.slot.closed and self._last_ns else time.monotonic_ns()
+        elapsed = (end - self._first_ns) / 1e9
+        return self.counters.posed / elapsed if elapsed > 0 else 0.0
+
+    def _load(self) -> bool:
+        try:
+            self.backend = self._factory()
+        except Exception as e:  # any load failure: capture goes on, pose is reported missing
+            self.error = f"pose backend unavailable: {e}"
+            log.error("%s: %s", self.name, self.error)
+            return False
+        finally:
+            self._ready.set()
+        self.backend_name = getattr(self.backend, "name", type(self.backend).__name__)
+        self.backend.reset()
+        return True
+
+    def _run(self) -> None:
+        if not self._load():
+            return
+        backend = self.backend
+        counters = self.counters
+        while (frame := self.slot.take()) is not None:
+            t0 = time.monotonic_ns()
+            if self._first_ns is None:
+                self._first_ns = t0
+            pose = _estimate(backend, frame.jpeg, frame.seq, counters, self.name)
+            t1 = time.monotonic_ns()
+            counters.busy_s += (t1 - t0) / 1e9
+            self._last_ns = t1
+            if pose is not None:
+                self.store.put(frame.seq, pose[0], pose[1], LIVE)
+                counters.posed += 1
+
+
+@dataclass
+class CatchUpResult:
+    posed: int = 0
+    corrupt: int = 0
+    errors: int = 0
+    seconds: float = 0.0
+    error: str | None = None
+
+
+def catch_up(
+    segments: Iterable[SegmentInfo],
+    store: PoseStore,
+    backend: PoseBackend,
+    *,
+    stop: threading.Event | None = None,
+    name: str = "catch-up",
+) -> CatchUpResult:
+    """Pose every recorded frame that has no pose yet, reading the finished segments in order."""
+    counters = PoseCounters()
+    result = CatchUpResult()
+    started = time.monotonic()
+    # The live worker's tracking state belongs to another frame. Within the pass, a
+    # tracking backend re-detects by itself when a skipped run made its ROI stale.
+    backend.reset()
+    for info in segments:
+        try:
+            for seq, jpeg in read_segment_frames(info):
+                if stop is not None and stop.is_set():
+                    result.error = "catch-up interrupted"
+                    break
+                if seq in store:
+                    continue
+                pose = _estimate(backend, jpeg, seq, counters, name)
+                if pose is not None:
+                    store.put(seq, pose[0], pose[1], CATCH_UP)
+                    result.posed += 1
+        except (OSError, ValueError, av.FFmpegError) as e:
+            result.error = f"cannot read back {info.path.name}: {e}"
+            log.error("%s: %s", name, result.error)
+    result.corrupt, result.errors = counters.corrupt, counters.errors
+    result.seconds = time.monotonic() - started
+    return result

@@ -1,0 +1,421 @@
+"""Camera sources behind one interface. Every source yields *compressed* frames.
+
+A source is opened once per take:
+
+- ``probe() -> Granted``: a cheap health check between takes (opens and closes the
+  device); raises :class:`DeviceError` with a one-line reason.
+- ``open() -> Granted``: get ready to deliver (open the device, pre-render synthetic
+  frames); raises :class:`DeviceError`.
+- ``frames()``: an iterator of :class:`CapturedFrame`, ``seq`` from 0, stamped on the
+  booth clock. It ends when the source ends (a file, a synthetic take) or when the
+  caller stops iterating.
+- ``close()``.
+- ``lost_frames``: frames the device skipped (gaps in its own timestamps), and
+  ``warnings``: what the device granted differently from what was asked.
+
+Sources are chosen by the config's ``type`` key through :func:`create_source`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from fractions import Fraction
+from typing import Any, Protocol
+
+from edge_agent.capture.clock import BoothClock
+from edge_agent.config import FileSource, SyntheticSource, V4L2Source
+from edge_agent.errors import DeviceError
+from edge_agent.frames import CapturedFrame, Granted
+
+log = logging.getLogger(__name__)
+
+# A booth take is about 15 s; a synthetic camera needs a length to pre-render.
+DEFAULT_SYNTHETIC_SECONDS = 15.0
+# Some UVC cameras grant 119.88 when asked for 120; that is not "below the asked rate".
+RATE_TOLERANCE = 0.01
+# A device timestamp this close to CLOCK_MONOTONIC is taken to be on it (FFmpeg passes
+# V4L2 buffer timestamps through unchanged, and UVC drivers stamp with CLOCK_MONOTONIC).
+_MONOTONIC_WINDOW_NS = 10_000_000_000
+
+
+class CameraSource(Protocol):
+    name: str
+    lost_frames: int
+    warnings: list[str]
+
+    def probe(self) -> Granted: ...
+
+    def open(self) -> Granted: ...
+
+    def frames(self) -> Iterator[CapturedFrame]: ...
+
+    def close(self) -> None: ...
+
+
+def rate_warning(what: str, asked: float, granted: Granted) -> str | None:
+    """The warning to log and show in status when a device grants less than asked."""
+    if granted.fps > 0 and granted.fps < asked * (1 - RATE_TOLERANCE):
+        return f"{what} granted {granted.fps:g} fps, below the {asked:g} fps asked"
+    return None
+
+
+def paced(
+    jpegs: Iterable[bytes], fps: float, clock: BoothClock, *, realtime: bool = True
+) -> Iterator[CapturedFrame]:
+    """Yield ``jpegs`` as frames at exactly ``fps`` (or as fast as possible).
+
+    The schedule is absolute (start + i / fps), so a late frame does not delay the
+    ones after it: the rate is exact over the take, and jitter never accumulates.
+    """
+    period_ns = round(1e9 / fps)
+    start = time.monotonic_ns()
+    for seq, jpeg in enumerate(jpegs):
+        if realtime:
+            delay_ns = start + seq * period_ns - time.monotonic_ns()
+            if delay_ns > 0:
+                time.sleep(delay_ns / 1e9)
+        yield CapturedFrame(seq, clock.now_ns(), jpeg)
+
+
+class ReplayCamera:
+    """In-memory JPEGs replayed as a camera, at ``fps`` or as fast as possible.
+
+    The building block for the synthetic booth and for tests: the frames exist
+    before the take starts, so replay costs nothing but the pacing.
+    """
+
+    def __init__(
+        self,
+        jpegs: Sequence[bytes],
+        *,
+        width: int,
+        height: int,
+        fps: float,
+        clock: BoothClock,
+        realtime: bool = True,
+        name: str = "replay",
+    ) -> None:
+        self.name = name
+        self.jpegs = jpegs
+        self._granted = Granted(width, height, fps)
+        self.clock = clock
+        self.realtime = realtime
+        self.lost_frames = 0
+        self.warnings: list[str] = []
+
+    def probe(self) -> Granted:
+        return self._granted
+
+    def open(self) -> Granted:
+        return self._granted
+
+    def frames(self) -> Iterator[CapturedFrame]:
+        return paced(self.jpegs, self._granted.fps, self.clock, realtime=self.realtime)
+
+    def close(self) -> None:
+        pass
+
+
+class SyntheticBoothCamera:
+    """The synthetic booth (``edge_agent.synth``) as a camera: pre-rendered, then exact-rate."""
+
+    def __init__(self, cfg: SyntheticSource, clock: BoothClock, seconds: float | None) -> None:
+        self.name = f"synthetic(attendee={cfg.attendee}, dance={cfg.dance})"
+        self.cfg = cfg
+        self.clock = clock
+        self.seconds = seconds or DEFAULT_SYNTHETIC_SECONDS
+        self.lost_frames = 0
+        self.warnings: list[str] = []
+        self._camera: Any = None
+
+    def probe(self) -> Granted:
+        w, h = self.cfg.size
+        return Granted(w, h, self.cfg.fps)
+
+    def open(self) -> Granted:
+        # Imported here: rendering pulls in more than a board needs to import the agent.
+        from edge_agent.synth import SyntheticCamera
+
+        self._camera = SyntheticCamera(self.cfg, self.seconds, clock_ns=self.clock.now_ns)
+        started = time.monotonic()
+        self._camera.prerender()
+        log.info(
+            "synthetic camera: %.1f s pre-rendered in %.1f s",
+            self.seconds,
+            time.monotonic() - started,
+        )
+        return self._camera.granted()
+
+    def frames(self) -> Iterator[CapturedFrame]:
+        if self._camera is None:
+            raise RuntimeError("open() the synthetic camera before iterating its frames")
+        return self._camera.frames()
+
+    def close(self) -> None:
+        self._camera = None
+
+
+def _device_error(what: str, err: OSError) -> DeviceError:
+    """A one-line reason staff can act on, from an OSError PyAV raised."""
+    import errno
+
+    reason = {
+        errno.ENOENT: "no such device (is the camera plugged in?)",
+        errno.ENODEV: "no such device (is the camera plugged in?)",
+        errno.EACCES: "permission denied (add the agent's user to the 'video' group)",
+        errno.EPERM: "permission denied (add the agent's user to the 'video' group)",
+        errno.EBUSY: "device busy (another program is using the camera)",
+        errno.EIO: "I/O error (a USB problem: check the cable and the port)",
+    }.get(err.errno or 0, err.strerror or str(err))
+    return DeviceError(f"{what}: {reason}")
+
+
+class V4L2Camera:
+    """A USB camera through Video4Linux, asked for MJPEG, read as JPEG packets without decoding."""
+
+    def __init__(self, cfg: V4L2Source, clock: BoothClock) -> None:
+        self.name = f"v4l2:{cfg.device}"
+        self.cfg = cfg
+        self.clock = clock
+        self.lost_frames = 0
+        self.warnings: list[str] = []
+        self._container: Any = None
+        self._stream: Any = None
+
+    def _options(self) -> dict[str, str]:
+        w, h = self.cfg.size
+        return {
+            "input_format": "mjpeg",
+            "video_size": f"{w}x{h}",
+            "framerate": f"{self.cfg.fps:g}",
+        }
+
+    def _open_container(self) -> Any:
+        import av
+
+        what = f"camera {self.cfg.device}"
+        try:
+            return av.open(self.cfg.device, format="v4l2", options=self._options())
+        except OSError as e:  # av.error.FileNotFoundError and friends subclass OSError
+            raise _device_error(what, e) from None
+        except av.FFmpegError as e:
+            w, h = self.cfg.size
+            raise DeviceError(
+                f"{what}: cannot open as MJPEG {w}x{h} at {self.cfg.fps:g} fps: {e}"
+            ) from None
+
+    def _granted(self, container: Any) -> Granted:
+        stream = container.streams.video[0]
+        cc = stream.codec_context
+        rate = stream.average_rate or stream.base_rate or stream.guessed_rate or 0
+        granted = Granted(int(cc.width), int(cc.height), float(rate), cc.name)
+        if cc.name != "mjpeg":
+            raise DeviceError(
+                f"camera {self.cfg.device} delivers {cc.name}, not MJPEG, at "
+                f"{granted.width}x{granted.height}; pick a size and rate it offers as MJPEG "
+                f"(v4l2-ctl --list-formats-ext)"
+            )
+        return granted
+
+    def _check(self, granted: Granted) -> None:
+        self.warnings = []
+        asked_w, asked_h = self.cfg.size
+        if (granted.width, granted.height) != (asked_w, asked_h):
+            self.warnings.append(
+                f"camera {self.cfg.device} granted {granted.width}x{granted.height}, "
+                f"not the {asked_w}x{asked_h} asked"
+            )
+        if msg := rate_warning(f"camera {self.cfg.device}", self.cfg.fps, granted):
+            self.warnings.append(msg)
+        for msg in self.warnings:
+            log.warning("%s", msg)
+
+    def probe(self) -> Granted:
+        container = self._open_container()
+        try:
+            granted = self._granted(container)
+        finally:
+            container.close()
+        self._check(granted)
+        return granted
+
+    def open(self) -> Granted:
+        self._container = self._open_container()
+        try:
+            granted = self._granted(self._container)
+        except DeviceError:
+            self.close()
+            raise
+        self._stream = self._container.streams.video[0]
+        self._check(granted)
+        self._fps = granted.fps or self.cfg.fps
+        return granted
+
+    def frames(self) -> Iterator[CapturedFrame]:
+        if self._container is None:
+            raise RuntimeError("open() the camera before iterating its frames")
+        tb = self._stream.time_base or Fraction(1, 1_000_000)
+        ns_per_tick = Fraction(10**9) * tb
+        period_ns = 1e9 / self._fps
+        clock = self.clock
+        device_clock: bool | None = None  # decided on the first frame
+        last_ns: int | None = None
+        seq = 0
+        for packet in self._container.demux(self._stream):
+            if packet.size == 0:
+                continue
+            jpeg = bytes(packet)
+            if packet.pts is None:
+                ts = clock.now_ns()
+            else:
+                dev_ns = int(packet.pts * ns_per_tick)
+                if device_clock is None:
+                    # Kernel buffer timestamps are nearer the exposure than our read.
+                    device_clock = abs(dev_ns - time.monotonic_ns()) < _MONOTONIC_WINDOW_NS
+                    if not device_clock:
+                        log.info(
+                            "camera %s: device timestamps are not on CLOCK_MONOTONIC; "
+                            "stamping frames on arrival",
+                            self.cfg.device,
+                        )
+                if device_clock:
+                    if last_ns is not None and dev_ns - last_ns > 1.5 * period_ns:
+                        self.lost_frames += round((dev_ns - last_ns) / period_ns) - 1
+                    last_ns = dev_ns
+                    ts = clock.from_monotonic_ns(dev_ns)
+                else:
+                    ts = clock.now_ns()
+            yield CapturedFrame(seq, ts, jpeg)
+            seq += 1
+
+    def close(self) -> None:
+        if self._container is not None:
+            self._container.close()
+            self._container = None
+
+
+class VideoFileCamera:
+    """A recorded video replayed as a camera, at its native rate or as fast as possible.
+
+    MJPEG files (the booth's own segments, for instance) pass their JPEG bytes
+    through untouched. Any other codec is decoded and JPEG-encoded once per frame
+    on this source's thread: for a file the decoder *is* the camera, so this is
+    not the hot path a real camera's frames take.
+    """
+
+    JPEG_QUALITY = 90
+
+    def __init__(self, cfg: FileSource, clock: BoothClock) -> None:
+        self.name = f"file:{cfg.path}"
+        self.cfg = cfg
+        self.clock = clock
+        self.lost_frames = 0
+        self.warnings: list[str] = []
+        self._granted: Granted | None = None
+
+    def _open_container(self) -> Any:
+        import av
+
+        if not self.cfg.path.is_file():
+            raise DeviceError(f"video file {self.cfg.path}: no such file")
+        try:
+            container = av.open(str(self.cfg.path))
+        except (OSError, av.FFmpegError) as e:
+            raise DeviceError(f"video file {self.cfg.path}: cannot open: {e}") from None
+        if not container.streams.video:
+            container.close()
+            raise DeviceError(f"video file {self.cfg.path}: has no video stream")
+        return container
+
+    def probe(self) -> Granted:
+        container = self._open_container()
+        try:
+            stream = container.streams.video[0]
+            cc = stream.codec_context
+            rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+            if not rate:
+                raise DeviceError(f"video file {self.cfg.path}: frame rate unknown")
+            return Granted(int(cc.width), int(cc.height), float(rate), cc.name)
+        finally:
+            container.close()
+
+    def open(self) -> Granted:
+        self._granted = self.probe()
+        return self._granted
+
+    def _jpegs_once(self) -> Iterator[tuple[float | None, bytes]]:
+        """``(time_s, jpeg)`` for each frame of one pass over the file."""
+        import av
+        import cv2
+
+        with self._open_container() as container:
+            stream = container.streams.video[0]
+            tb = stream.time_base
+            if stream.codec_context.name == "mjpeg":
+                for packet in container.demux(stream):
+                    if packet.size == 0:
+                        continue
+                    t = float(packet.pts * tb) if packet.pts is not None and tb else None
+                    yield t, bytes(packet)
+                return
+            encode = [int(cv2.IMWRITE_JPEG_QUALITY), self.JPEG_QUALITY]
+            try:
+                for frame in container.decode(stream):
+                    ok, buf = cv2.imencode(".jpg", frame.to_ndarray(format="bgr24"), encode)
+                    if not ok:
+                        raise DeviceError(f"video file {self.cfg.path}: cannot JPEG-encode a frame")
+                    yield frame.time, buf.tobytes()
+            except av.FFmpegError as e:
+                raise DeviceError(f"video file {self.cfg.path}: cannot decode: {e}") from None
+
+    def frames(self) -> Iterator[CapturedFrame]:
+        if self._granted is None:
+            raise RuntimeError("open() the video file before iterating its frames")
+        realtime = self.cfg.rate == "native"
+        period_s = 1.0 / self._granted.fps
+        clock = self.clock
+        seq = 0
+        start = time.monotonic()
+        offset_s = 0.0  # media time of a loop's start, so loops continue the schedule
+        while True:
+            t0: float | None = None
+            last_t = 0.0
+            for i, (t, jpeg) in enumerate(self._jpegs_once()):
+                if t is None:
+                    t = i * period_s
+                if t0 is None:
+                    t0 = t
+                last_t = t - t0
+                if realtime:
+                    delay = start + offset_s + last_t - time.monotonic()
+                    if delay > 0:
+                        time.sleep(delay)
+                yield CapturedFrame(seq, clock.now_ns(), jpeg)
+                seq += 1
+            if not self.cfg.loop or t0 is None:
+                return
+            offset_s += last_t + period_s
+
+    def close(self) -> None:
+        self._granted = None
+
+
+SourceFactory = Callable[..., CameraSource]
+
+_SOURCES: dict[str, Callable[..., CameraSource]] = {
+    "synthetic": lambda cfg, clock, seconds: SyntheticBoothCamera(cfg, clock, seconds),
+    "v4l2": lambda cfg, clock, seconds: V4L2Camera(cfg, clock),
+    "file": lambda cfg, clock, seconds: VideoFileCamera(cfg, clock),
+}
+
+
+def create_source(
+    cfg: SyntheticSource | V4L2Source | FileSource,
+    *,
+    clock: BoothClock,
+    seconds: float | None = None,
+) -> CameraSource:
+    """The camera source for ``cfg.type``. ``seconds`` bounds a synthetic take's length."""
+    return _SOURCES[cfg.type](cfg, clock, seconds)

@@ -1,0 +1,529 @@
+"""One take: a camera's frames for one session, recorded, streamed and posed.
+
+The hot path (``Take._capture``) does three non-blocking things per frame and
+nothing else — no decoding, no logging, no allocation beyond the frame itself:
+
+1. offer it to the segment writer's bounded queue (MJPEG-in-MP4, see segments.py);
+2. offer it to every stream subscription's bounded buffer (the uplink);
+3. put it into the pose worker's latest-frame slot ("latest wins").
+
+Each consumer has its own drop counter. The capture loop never waits on any of
+them, so the capture-drop counter only counts frames the *device* skipped.
+
+When the frames end (duration reached, ``stop()``, or the source ran out) the
+take finishes on the same thread, off the hot path: segments are finalized, the
+catch-up pass poses every frame the live worker skipped, the offline smoother
+runs over the whole take, and ``poses.npz``, ``frames.csv`` and the
+``take.json`` manifest are written next to the segments.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import re
+import threading
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import av
+import numpy as np
+
+from edge_agent.capture.buffers import BoundedBuffer, LatestSlot
+from edge_agent.capture.clock import BoothClock
+from edge_agent.capture.pose_worker import (
+    CATCH_UP,
+    LIVE,
+    CatchUpResult,
+    PoseStore,
+    PoseWorker,
+    catch_up,
+)
+from edge_agent.capture.segments import SegmentRecorder
+from edge_agent.capture.sources import CameraSource
+from edge_agent.config import CaptureConfig, SmoothingConfig
+from edge_agent.errors import BadInput, DeviceError
+from edge_agent.frames import CapturedFrame, Granted
+from edge_agent.pose.base import PoseBackend
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "take.json"
+POSES = "poses.npz"
+TIMESTAMPS = "frames.csv"
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def check_name(kind: str, value: str) -> str:
+    """Session and camera ids become directory names: refuse anything that is not a plain name."""
+    if not _SAFE_NAME.match(value or ""):
+        raise BadInput(
+            f"{kind} id {value!r} must be 1-128 letters, digits, '.', '_' or '-', "
+            f"starting with a letter or digit"
+        )
+    return value
+
+
+@dataclass
+class TakeSummary:
+    """What a finished take produced: the manifest's contents."""
+
+    session_id: str
+    camera_id: str
+    directory: str
+    state: str
+    granted: dict[str, Any]
+    frames: int
+    frames_written: int
+    capture_dropped: int
+    fps_captured: float
+    duration_s: float
+    segments: list[dict[str, Any]]
+    counters: dict[str, Any]
+    pose: dict[str, Any]
+    first_ts_ns: int | None
+    last_ts_ns: int | None
+    clock_offset_ns: int
+    timestamps: str = TIMESTAMPS
+    poses: str | None = None
+    errors: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.state == "done" and not self.errors
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Take:
+    """Capture one camera for one session. Build it, ``start()``, then ``wait()``.
+
+    The uplink seam: call :meth:`subscribe_stream` (before ``start()`` to see
+    every frame) to get a bounded buffer of :class:`CapturedFrame` that ends with
+    ``None`` when the take ends. Frames it had to drop are still in the segments
+    (see ``segments.read_segment_frames``).
+    """
+
+    def __init__(
+        self,
+        *,
+        session_id: str,
+        camera_id: str,
+        source: CameraSource,
+        capture: CaptureConfig,
+        clock: BoothClock,
+        pose_factory: Callable[[], PoseBackend] | None = None,
+        smoothing: SmoothingConfig | None = None,
+        duration_s: float | None = None,
+        statvfs: Callable[[str], Any] = os.statvfs,
+        booth_id: str = "",
+    ) -> None:
+        self.session_id = check_name("session", session_id)
+        self.camera_id = check_name("camera", camera_id)
+        if duration_s is not None and duration_s <= 0:
+            raise BadInput(f"take duration must be positive, got {duration_s} s")
+        self.booth_id = booth_id
+        self.source = source
+        self.capture_cfg = capture
+        self.smoothing_cfg = smoothing
+        self.clock = clock
+        self.duration_s = duration_s
+        self.directory = Path(capture.out_dir) / self.session_id / self.camera_id
+        self._pose_factory = pose_factory
+        self._statvfs = statvfs
+
+        self.state = "created"  # created | ready | capturing | finishing | done | failed
+        self.granted: Granted | None = None
+        self.frames = 0
+        self.first_ts_ns: int | None = None
+        self.last_ts_ns: int | None = None
+        self.capture_error: str | None = None
+        self.errors: list[str] = []
+        self.summary: TakeSummary | None = None
+        self.recorder: SegmentRecorder | None = None
+        self.slot: LatestSlot[CapturedFrame] = LatestSlot()
+        self.store = PoseStore()
+        self.worker: PoseWorker | None = None
+        self.catch_up_result: CatchUpResult | None = None
+        self._streams: tuple[BoundedBuffer[CapturedFrame], ...] = ()
+        self._stop = threading.Event()
+        self._skip_catch_up = threading.Event()
+        self._done = threading.Event()
+        self._callbacks: list[Callable[[TakeSummary], None]] = []
+        self._thread = threading.Thread(
+            target=self._run, name=f"capture-{self.camera_id}", daemon=True
+        )
+
+    # ---- the seams for other stages ---------------------------------------------------
+
+    def subscribe_stream(self, maxlen: int | None = None) -> BoundedBuffer[CapturedFrame]:
+        """A bounded buffer that receives every captured frame from now on (drop-newest)."""
+        buf: BoundedBuffer[CapturedFrame] = BoundedBuffer(
+            maxlen or self.capture_cfg.stream_buffer_frames, f"stream-{len(self._streams)}"
+        )
+        if self.state in ("finishing", "done", "failed"):
+            buf.close()
+        # Replacing the tuple is atomic, so the capture loop never sees a half-built list.
+        self._streams = (*self._streams, buf)
+        return buf
+
+    def add_done_callback(self, fn: Callable[[TakeSummary], None]) -> None:
+        """Call ``fn(summary)`` once the take is finished (immediately if it already is)."""
+        if self._done.is_set() and self.summary is not None:
+            fn(self.summary)
+        else:
+            self._callbacks.append(fn)
+
+    # ---- lifecycle -------------------------------------------------------------------
+
+    def prepare(self) -> Granted:
+        """Open the camera (pre-render a synthetic one) and set up the consumers.
+
+        Raises DeviceError (camera missing, busy, wrong format) or BadInput (the
+        take's directory already holds a take).
+        """
+        if self.state != "created":
+            raise RuntimeError(f"take already {self.state}")
+        if self.directory.exists() and any(self.directory.iterdir()):
+            raise BadInput(
+                f"{self.directory} already holds a take; use a new session id or remove it"
+            )
+        self.granted = self.source.open()
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            self.source.close()
+            raise DeviceError(f"cannot create {self.directory}: {e.strerror}") from None
+        g = self.granted
+        self.recorder = SegmentRecorder(
+            self.directory,
+            width=g.width,
+            height=g.height,
+            fps=g.fps,
+            segment_s=self.capture_cfg.segment_s,
+            min_free_disk_mb=self.capture_cfg.min_free_disk_mb,
+            metadata={"session": self.session_id, "camera": self.camera_id},
+            statvfs=self._statvfs,
+        )
+        if self._pose_factory is not None:
+            self.worker = PoseWorker(
+                self.slot, self._pose_factory, self.store, name=f"pose-{self.camera_id}"
+            )
+        self.state = "ready"
+        return g
+
+    def start(self) -> None:
+        if self.state == "created":
+            self.prepare()
+        if self.state != "ready":
+            raise RuntimeError(f"take already {self.state}")
+        assert self.recorder is not None
+        self.recorder.start()
+        if self.worker is not None:
+            self.worker.start()
+        self.state = "capturing"
+        self._thread.start()
+        log.info(
+            "take %s/%s started: %s, %dx%d at %g fps%s",
+            self.session_id,
+            self.camera_id,
+            self.source.name,
+            self.granted.width,
+            self.granted.height,
+            self.granted.fps,
+            f", {self.duration_s:g} s" if self.duration_s else "",
+        )
+
+    def stop(self, *, catch_up: bool = True) -> None:
+        """End capture at the next frame. ``catch_up=False`` also skips the catch-up pose pass."""
+        if not catch_up:
+            self._skip_catch_up.set()
+        self._stop.set()
+
+    def wait(self, timeout: float | None = None) -> TakeSummary | None:
+        """The summary once the take is finished (segments, poses, manifest); None on timeout."""
+        self._done.wait(timeout)
+        return self.summary
+
+    @property
+    def finished(self) -> bool:
+        return self._done.is_set()
+
+    # ---- the capture thread -----------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            self._capture()
+        finally:
+            self._finish()
+
+    def _capture(self) -> None:
+        """The hot path. Keep it lean: see the module docstring."""
+        assert self.recorder is not None and self.granted is not None
+        frames = self.source.frames()
+        offer_segment = self.recorder.queue.offer
+        put_pose = self.slot.put
+        stop = self._stop
+        fps = self.granted.fps or 30.0
+        max_frames = round(self.duration_s * fps) if self.duration_s else None
+        # A camera that delivers fewer frames than it granted still ends on time.
+        late_ns = int(self.duration_s * 1e9 + 2e9 / fps) if self.duration_s else None
+        end_ns: int | None = None
+        n = 0
+        try:
+            for frame in frames:
+                if n == 0:
+                    self.first_ts_ns = frame.capture_ts_ns
+                    if late_ns is not None:
+                        end_ns = frame.capture_ts_ns + late_ns
+                elif (
+                    stop.is_set()
+                    or n == max_frames
+                    or (end_ns is not None and frame.capture_ts_ns >= end_ns)
+                ):
+                    break
+                if frame.seq != n:  # sources number from 0; renumber if one does not
+                    frame = CapturedFrame(n, frame.capture_ts_ns, frame.jpeg)
+                offer_segment(frame)
+                for buf in self._streams:
+                    buf.offer(frame)
+                put_pose(frame)
+                n += 1
+                self.frames = n
+                self.last_ts_ns = frame.capture_ts_ns
+        except (OSError, av.FFmpegError, DeviceError) as e:
+            self.capture_error = f"camera {self.source.name} failed after {n} frames: {e}"
+            log.error("take %s/%s: %s", self.session_id, self.camera_id, self.capture_error)
+        finally:
+            close = getattr(frames, "close", None)
+            if close is not None:
+                close()
+            self.source.close()
+
+    def _finish(self) -> None:
+        self.state = "finishing"
+        self.slot.close()
+        for buf in self._streams:
+            buf.close()
+        assert self.recorder is not None
+        self.recorder.close()
+        self.recorder.wait()
+        backend = None
+        if self.worker is not None:
+            self.worker.join()
+            backend = self.worker.backend
+        try:
+            if backend is not None and not self._skip_catch_up.is_set():
+                self.catch_up_result = catch_up(
+                    self.recorder.finished_segments(),
+                    self.store,
+                    backend,
+                    stop=self._skip_catch_up,
+                    name=f"catch-up-{self.camera_id}",
+                )
+            self.summary = self._write_outputs()
+            self.state = "done"
+        except OSError as e:
+            msg = f"cannot write the take's pose and manifest files: {e.strerror or e}"
+            self.errors.append(msg)
+            log.error("take %s/%s: %s", self.session_id, self.camera_id, msg)
+            self.state = "failed"
+            self.summary = self._summary({}, None)
+        finally:
+            if backend is not None:
+                backend.close()
+            self._done.set()
+        log.info(
+            "take %s/%s finished: %d frames, %d written, pose coverage %.3f%s",
+            self.session_id,
+            self.camera_id,
+            self.summary.frames,
+            self.summary.frames_written,
+            self.summary.pose.get("coverage", 0.0),
+            f"; errors: {'; '.join(self.summary.errors)}" if self.summary.errors else "",
+        )
+        for fn in self._callbacks:
+            try:
+                fn(self.summary)
+            except Exception:  # a consumer's bug must not hide the take's result
+                log.exception("take %s/%s: a done callback failed", self.session_id, self.camera_id)
+
+    # ---- outputs ---------------------------------------------------------------------
+
+    def _timestamps(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Per frame: capture timestamp, segment index (-1: not recorded), size, corrupt flag."""
+        n = self.frames
+        fps = (self.granted.fps if self.granted else 0) or 30.0
+        ts = np.zeros(n, dtype=np.int64)
+        if n and self.first_ts_ns is not None:
+            ts[:] = self.first_ts_ns + (np.arange(n) * (1e9 / fps)).astype(np.int64)
+        segment = np.full(n, -1, dtype=np.int32)
+        size = np.full(n, -1, dtype=np.int64)
+        corrupt = np.zeros(n, dtype=bool)
+        for rec in self.recorder.records if self.recorder else ():
+            if rec.seq < n:
+                ts[rec.seq] = rec.capture_ts_ns
+                segment[rec.seq] = rec.segment
+                size[rec.seq] = rec.size_bytes
+                corrupt[rec.seq] = rec.corrupt
+        return ts, segment, size, corrupt
+
+    def _write_outputs(self) -> TakeSummary:
+        ts, segment, size, corrupt = self._timestamps()
+        tmp = self.directory / (TIMESTAMPS + ".tmp")
+        with open(tmp, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["seq", "capture_ts_ns", "segment", "bytes", "corrupt"])
+            for i in range(self.frames):
+                w.writerow([i, int(ts[i]), int(segment[i]), int(size[i]), int(corrupt[i])])
+        os.replace(tmp, self.directory / TIMESTAMPS)
+
+        poses = self._smoothed_poses(ts)
+        poses_file = None
+        if poses is not None:
+            tmp = self.directory / (POSES + ".tmp.npz")
+            np.savez_compressed(tmp, **poses)
+            os.replace(tmp, self.directory / POSES)
+            poses_file = POSES
+        summary = self._summary(poses, poses_file)
+        tmp = self.directory / (MANIFEST + ".tmp")
+        tmp.write_text(json.dumps(summary.to_dict(), indent=2) + "\n")
+        os.replace(tmp, self.directory / MANIFEST)
+        return summary
+
+    def _smoothed_poses(self, ts: np.ndarray) -> dict[str, np.ndarray] | None:
+        if self.worker is None or self.worker.backend is None:
+            return None
+        n = self.frames
+        arrays = self.store.arrays(n)
+        out = {"seq": np.arange(n, dtype=np.int64), "capture_ts_ns": ts, **arrays}
+        fps = (self.granted.fps if self.granted else 0) or 30.0
+        if n == 0:
+            out["skeleton"] = arrays["raw"].copy()
+            out["imputed"] = np.zeros((0, arrays["raw"].shape[1]), dtype=bool)
+            out["glitch"] = np.zeros(0, dtype=bool)
+            return out
+        # Imported here: the smoother is only needed once per take, after capture.
+        from edge_agent.smoothing import smooth_offline
+
+        smoothed = smooth_offline(arrays["raw"], fps, self.smoothing_cfg, ts_ns=ts)
+        out["skeleton"] = smoothed.skeletons
+        out["imputed"] = smoothed.imputed
+        out["glitch"] = smoothed.glitch
+        return out
+
+    def _summary(self, poses: dict[str, np.ndarray] | None, poses_file: str | None) -> TakeSummary:
+        rec = self.recorder
+        n = self.frames
+        errors = list(self.errors)
+        if self.capture_error:
+            errors.append(self.capture_error)
+        if rec is not None and rec.error:
+            errors.append(rec.error)
+        warnings = list(getattr(self.source, "warnings", []))
+        if self.worker is not None and self.worker.error:
+            warnings.append(self.worker.error)
+        cu = self.catch_up_result
+        if cu is not None and cu.error:
+            warnings.append(cu.error)
+        span_s = (
+            (self.last_ts_ns - self.first_ts_ns) / 1e9
+            if self.first_ts_ns is not None and self.last_ts_ns is not None
+            else 0.0
+        )
+        source_flags = poses["source"] if poses else np.zeros(0, dtype=np.uint8)
+        with_pose = int(np.count_nonzero(source_flags))
+        pose = {
+            "backend": self.worker.backend_name if self.worker else None,
+            "live": int(np.count_nonzero(source_flags == LIVE)),
+            "catch_up": int(np.count_nonzero(source_flags == CATCH_UP)),
+            "live_dropped": self.slot.replaced,
+            "live_fps": round(self.worker.fps, 2) if self.worker else 0.0,
+            "catch_up_s": round(cu.seconds, 3) if cu else None,
+            "corrupt": (self.worker.counters.corrupt if self.worker else 0)
+            + (cu.corrupt if cu else 0),
+            "errors": (self.worker.counters.errors if self.worker else 0)
+            + (cu.errors if cu else 0),
+            "coverage": round(with_pose / n, 6) if n else 0.0,
+            "detected": int(poses["detected"].sum()) if poses else 0,
+            "glitch_frames": int(poses["glitch"].sum()) if poses and "glitch" in poses else 0,
+            "smoothing": "offline" if poses else None,
+        }
+        g = self.granted
+        return TakeSummary(
+            session_id=self.session_id,
+            camera_id=self.camera_id,
+            directory=str(self.directory),
+            state=self.state if self.state in ("done", "failed") else "done",
+            granted=asdict(g) if g else {},
+            frames=n,
+            frames_written=rec.frames_written if rec else 0,
+            capture_dropped=self.source.lost_frames,
+            fps_captured=round((n - 1) / span_s, 3) if n > 1 and span_s > 0 else 0.0,
+            duration_s=round(n / g.fps, 3) if g and g.fps else 0.0,
+            segments=[s.to_dict() for s in rec.finished_segments()] if rec else [],
+            counters=self._counters(),
+            pose=pose,
+            first_ts_ns=self.first_ts_ns,
+            last_ts_ns=self.last_ts_ns,
+            clock_offset_ns=self.clock.offset_ns,
+            poses=poses_file,
+            errors=errors,
+            warnings=warnings,
+        )
+
+    def _counters(self) -> dict[str, Any]:
+        rec = self.recorder
+        return {
+            "capture_dropped": self.source.lost_frames,
+            "segment_dropped": rec.queue.dropped if rec else 0,
+            "not_recorded": rec.frames_not_recorded if rec else 0,
+            "stream_dropped": [b.dropped for b in self._streams],
+            "pose_dropped": self.slot.replaced,
+            "corrupt_frames": rec.corrupt_frames if rec else 0,
+        }
+
+    # ---- status ----------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        """A JSON-able snapshot, cheap enough to call every second from another thread."""
+        rec = self.recorder
+        first, last, n = self.first_ts_ns, self.last_ts_ns, self.frames
+        span_s = (last - first) / 1e9 if first is not None and last is not None else 0.0
+        worker = self.worker
+        errors = list(self.errors)
+        if self.capture_error:
+            errors.append(self.capture_error)
+        if rec is not None and rec.error:
+            errors.append(rec.error)
+        warnings = list(getattr(self.source, "warnings", []))
+        if worker is not None and worker.error:
+            warnings.append(worker.error)
+        return {
+            "session": self.session_id,
+            "camera": self.camera_id,
+            "state": self.state,
+            "granted": asdict(self.granted) if self.granted else None,
+            "frames": n,
+            "fps": round((n - 1) / span_s, 2) if n > 1 and span_s > 0 else 0.0,
+            "capture_dropped": self.source.lost_frames,
+            "recording": rec.stats() if rec else None,
+            "stream": [b.stats() for b in self._streams],
+            "pose": {
+                "backend": worker.backend_name if worker else None,
+                "posed": len(self.store),
+                "dropped": self.slot.replaced,
+                "fps": round(worker.fps, 2) if worker else 0.0,
+                "coverage": round(len(self.store) / n, 4) if n else 0.0,
+                "corrupt": worker.counters.corrupt if worker else 0,
+                "errors": worker.counters.errors if worker else 0,
+            },
+            "errors": errors,
+            "warnings": warnings,
+        }

@@ -1,0 +1,487 @@
+"""The take's hot path, segments, asynchronous pose and catch-up, on tiny frames."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+
+import av
+import cv2
+import numpy as np
+import pytest
+from capture_fakes import HEIGHT, WIDTH, make_jpegs, slow_pose_factory, square_centre
+
+from edge_agent.capture.buffers import BoundedBuffer, LatestSlot
+from edge_agent.capture.clock import BoothClock
+from edge_agent.capture.pose_worker import CATCH_UP, LIVE
+from edge_agent.capture.segments import read_segment_frames, read_segment_packets
+from edge_agent.capture.sources import ReplayCamera
+from edge_agent.capture.take import Take
+from edge_agent.config import CaptureConfig
+from edge_agent.frames import CapturedFrame, Granted
+
+FPS = 240.0
+N = 240  # one second at FPS
+
+needs_ffprobe = pytest.mark.skipif(
+    shutil.which("ffprobe") is None,
+    reason="ffprobe not installed (Debian's ffmpeg package; `make setup` installs it as root)",
+)
+
+
+@pytest.fixture(scope="module")
+def jpegs() -> list[bytes]:
+    return make_jpegs(N)
+
+
+def make_take(
+    tmp_path: Path,
+    jpegs: list[bytes],
+    *,
+    delay_s: float = 0.0,
+    pose: bool = True,
+    segment_s: float = 0.25,
+    min_free_disk_mb: int = 0,
+    realtime: bool = True,
+    statvfs=os.statvfs,
+    source=None,
+    duration_s: float | None = None,
+    session: str = "s1",
+) -> Take:
+    clock = BoothClock()
+    source = source or ReplayCamera(
+        jpegs, width=WIDTH, height=HEIGHT, fps=FPS, clock=clock, realtime=realtime
+    )
+    return Take(
+        session_id=session,
+        camera_id="cam0",
+        source=source,
+        capture=CaptureConfig(
+            out_dir=tmp_path, segment_s=segment_s, min_free_disk_mb=min_free_disk_mb
+        ),
+        clock=clock,
+        pose_factory=slow_pose_factory(delay_s) if pose else None,
+        duration_s=duration_s,
+        statvfs=statvfs,
+    )
+
+
+def run_take(take: Take, timeout: float = 60.0):
+    take.start()
+    summary = take.wait(timeout)
+    assert summary is not None, "the take did not finish"
+    return summary
+
+
+def segment_bytes(summary) -> list[bytes]:
+    out = []
+    for seg in summary.segments:
+        out += [jpeg for _pts, jpeg in read_segment_packets(Path(summary.directory) / seg["file"])]
+    return out
+
+
+def ffprobe(path: Path) -> dict:
+    done = subprocess.run(
+        [
+            "ffprobe",
+            "-v",
+            "error",
+            "-count_frames",
+            "-show_entries",
+            "stream=codec_name,width,height,nb_read_frames:format_tags",
+            "-of",
+            "json",
+            str(path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, f"ffprobe failed on {path.name}: {done.stderr}"
+    return json.loads(done.stdout)
+
+
+# ---- the hand-offs -----------------------------------------------------------------
+
+
+def test_bounded_buffer_drops_and_counts_the_newest_when_full_and_never_blocks():
+    buf: BoundedBuffer[int] = BoundedBuffer(3, "t")
+    assert [buf.offer(i) for i in range(5)] == [True, True, True, False, False]
+    assert (buf.dropped, buf.depth) == (2, 3)
+    buf.close()
+    assert buf.offer(9) is False
+    assert list(buf) == [0, 1, 2]
+    assert buf.get() is None and buf.depth == 0
+
+
+def test_latest_slot_hands_over_the_newest_item_and_counts_the_replaced_ones():
+    slot: LatestSlot[int] = LatestSlot()
+    for i in range(4):
+        slot.put(i)
+    assert slot.take(timeout=1) == 3
+    assert slot.replaced == 3
+    assert slot.take(timeout=0.01) is None  # nothing new
+    slot.put(7)
+    slot.close()
+    assert slot.take() == 7  # what was pending is still delivered
+    assert slot.take() is None
+
+
+# ---- the hot path -------------------------------------------------------------------
+
+
+def test_slow_pose_backend_never_costs_a_captured_frame(tmp_path, jpegs):
+    # 20 ms per pose at 240 fps: the model sees about one frame in five.
+    n = 120
+    summary = run_take(make_take(tmp_path, jpegs[:n], delay_s=0.02))
+    c = summary.counters
+    assert summary.frames == n
+    assert summary.frames_written == n
+    assert c["capture_dropped"] == 0 and c["segment_dropped"] == 0 and c["not_recorded"] == 0
+    assert c["pose_dropped"] > n // 2, "the slow model should have skipped most frames"
+    assert summary.pose["live"] + c["pose_dropped"] == n
+    assert summary.pose["coverage"] == 1.0
+    assert summary.ok
+
+
+@needs_ffprobe
+def test_segments_play_in_ffprobe_and_hold_exactly_the_offered_jpegs(tmp_path, jpegs):
+    summary = run_take(make_take(tmp_path, jpegs, pose=False))
+    assert len(summary.segments) >= 3
+    total = 0
+    for seg in summary.segments:
+        probe = ffprobe(Path(summary.directory) / seg["file"])
+        (stream,) = probe["streams"]
+        assert (stream["codec_name"], stream["width"], stream["height"]) == ("mjpeg", WIDTH, HEIGHT)
+        assert int(stream["nb_read_frames"]) == seg["frames"]
+        assert probe["format"]["tags"]["first_seq"] == str(seg["first_seq"])
+        total += seg["frames"]
+    assert total == N
+    assert segment_bytes(summary) == jpegs  # byte-identical, in order, none missing
+
+
+def test_segment_timestamps_are_relative_to_the_take_start_stored_as_metadata(tmp_path, jpegs):
+    summary = run_take(make_take(tmp_path, jpegs[:60], pose=False))
+    path = Path(summary.directory) / summary.segments[0]["file"]
+    with av.open(str(path)) as c:
+        start_ns = int(c.metadata["capture_start_ns"])
+    assert start_ns == summary.first_ts_ns
+    rows = (Path(summary.directory) / "frames.csv").read_text().splitlines()[1:]
+    ts = [int(r.split(",")[1]) for r in rows]
+    pts = [p for p, _ in read_segment_packets(path)]
+    assert pts[0] == 0
+    assert np.all(np.diff(pts) > 0)
+    # Microsecond pts reproduce the capture timestamps (to the microsecond).
+    assert [start_ns + p * 1000 for p in pts] == [t - (t - start_ns) % 1000 for t in ts[: len(pts)]]
+
+
+def test_segments_roll_while_capturing_and_are_finalized_atomically(tmp_path, jpegs):
+    release = threading.Event()
+
+    class Gated(ReplayCamera):
+        """Pauses after 150 frames until the test has looked at the directory."""
+
+        def frames(self) -> Iterator[CapturedFrame]:
+            for frame in super().frames():
+                if frame.seq == 150:
+                    release.wait(30)
+                yield frame
+
+    clock = BoothClock()
+    source = Gated(jpegs, width=WIDTH, height=HEIGHT, fps=FPS, clock=clock)
+    take = make_take(tmp_path, jpegs, pose=False, source=source)
+    take.start()
+    try:
+        deadline = time.monotonic() + 30
+        while len(take.recorder.finished_segments()) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        finished = take.recorder.finished_segments()
+        assert len(finished) >= 2, "segments should be finalized while the take still runs"
+        # The finished ones are complete files; the one being written is still a .part.
+        for info in finished:
+            assert info.path.exists()
+            assert [s for s, _ in read_segment_frames(info)] == info.seqs
+        assert any(p.name.endswith(".mp4.part") for p in take.directory.iterdir())
+    finally:
+        release.set()
+    summary = take.wait(60)
+    assert not [p for p in take.directory.iterdir() if p.name.endswith(".part")]
+    assert sorted(p.name for p in take.directory.glob("*.mp4")) == [
+        s["file"] for s in summary.segments
+    ]
+    assert segment_bytes(summary) == jpegs
+
+
+def test_stream_subscription_gets_every_frame_in_order_and_a_full_one_only_drops(tmp_path, jpegs):
+    take = make_take(tmp_path, jpegs, pose=False)
+    reader = take.subscribe_stream()
+    stalled = take.subscribe_stream(maxlen=16)  # nobody reads this one
+    got: list[CapturedFrame] = []
+    t = threading.Thread(target=lambda: got.extend(reader))
+    t.start()
+    summary = run_take(take)
+    t.join(30)
+    assert [f.seq for f in got] == list(range(N))
+    assert [f.jpeg for f in got] == jpegs
+    assert stalled.dropped == N - 16 and summary.counters["stream_dropped"] == [0, N - 16]
+    assert summary.frames_written == N and summary.counters["capture_dropped"] == 0
+
+
+def test_take_stops_after_its_duration(tmp_path, jpegs):
+    summary = run_take(make_take(tmp_path, jpegs, pose=False, duration_s=0.5))
+    assert summary.frames == int(0.5 * FPS)
+    assert summary.frames_written == summary.frames
+
+
+def test_stop_ends_the_take_at_the_next_frame_and_keeps_what_was_captured(tmp_path, jpegs):
+    take = make_take(tmp_path, jpegs, pose=False, realtime=True)
+    buf = take.subscribe_stream()
+    take.start()
+    for _ in range(30):
+        assert buf.get(timeout=10) is not None
+    take.stop()
+    summary = take.wait(30)
+    assert 30 <= summary.frames < N
+    assert summary.frames_written == summary.frames
+    assert segment_bytes(summary) == jpegs[: summary.frames]
+
+
+# ---- pose ---------------------------------------------------------------------------
+
+
+def test_catch_up_gives_every_frame_its_own_pose(tmp_path, jpegs):
+    summary = run_take(make_take(tmp_path, jpegs, delay_s=0.01))
+    assert summary.pose["coverage"] == 1.0
+    assert summary.pose["live"] > 0 and summary.pose["catch_up"] > 0
+    poses = np.load(Path(summary.directory) / "poses.npz")
+    assert list(poses["seq"]) == list(range(N))
+    assert set(np.unique(poses["source"])) == {LIVE, CATCH_UP}
+    expected = np.array([square_centre(k) for k in range(N)])
+    # Every joint sits on the square of *its own* frame, whichever pass posed it.
+    assert np.abs(poses["raw"][:, 0, :2] - expected).max() < 1.0
+    assert poses["skeleton"].shape == (N, 23, 3)
+    assert poses["imputed"].shape == (N, 23) and poses["glitch"].shape == (N,)
+    manifest = json.loads((Path(summary.directory) / "take.json").read_text())
+    assert manifest["pose"]["coverage"] == 1.0 and manifest["poses"] == "poses.npz"
+    assert manifest["frames"] == N and manifest["timestamps"] == "frames.csv"
+
+
+def test_a_pose_backend_that_fails_to_load_leaves_capture_untouched(tmp_path, jpegs):
+    def broken():
+        raise FileNotFoundError("models/pose_landmark_full.tflite: no such file")
+
+    take = make_take(tmp_path, jpegs[:60], pose=False)
+    take._pose_factory = broken
+    summary = run_take(take)
+    assert summary.frames_written == 60
+    assert summary.pose["coverage"] == 0.0
+    assert any("pose backend unavailable" in w for w in summary.warnings)
+
+
+# ---- bad input ------------------------------------------------------------------------
+
+
+def test_corrupt_jpegs_are_counted_stored_untouched_and_crash_nothing(tmp_path, jpegs):
+    frames = list(jpegs[:60])
+    frames[10] = frames[10][: len(frames[10]) // 2]  # truncated USB transfer
+    frames[20] = b"\x00garbage, not a JPEG at all"
+    frames[30] = b""  # an empty buffer
+    summary = run_take(make_take(tmp_path, frames, delay_s=0.005))
+    assert summary.frames == 60
+    assert summary.counters["corrupt_frames"] == 3
+    assert summary.counters["capture_dropped"] == 0
+    # Stored exactly as delivered; only the empty one cannot be put in an MP4.
+    assert segment_bytes(summary) == [f for f in frames if f]
+    assert summary.frames_written == 59
+    assert summary.pose["corrupt"] >= 1
+    assert summary.pose["coverage"] >= 57 / 60
+    assert summary.state == "done"
+
+
+def _statvfs_with(free_mb: dict):
+    def statvfs(path: str):
+        return SimpleNamespace(f_bavail=int(free_mb["mb"] * 2**20) // 4096, f_frsize=4096)
+
+    return statvfs
+
+
+@needs_ffprobe
+def test_full_disk_stops_recording_cleanly_and_keeps_finished_segments(tmp_path, jpegs):
+    free = {"mb": 10_000.0}
+
+    class FillsTheDisk(ReplayCamera):
+        def frames(self) -> Iterator[CapturedFrame]:
+            for frame in super().frames():
+                if frame.seq == 130:
+                    free["mb"] = 5.0  # below the 100 MB threshold from here on
+                yield frame
+
+    clock = BoothClock()
+    source = FillsTheDisk(jpegs, width=WIDTH, height=HEIGHT, fps=FPS, clock=clock)
+    take = make_take(
+        tmp_path,
+        jpegs,
+        source=source,
+        min_free_disk_mb=100,
+        statvfs=_statvfs_with(free),
+        delay_s=0.005,
+    )
+    summary = run_take(take)
+    assert take.recorder.state == "disk_full"
+    assert any("min_free_disk_mb=100" in e and "recording stopped" in e for e in summary.errors)
+    assert summary.frames == N, "capture itself goes on (stream and pose still get frames)"
+    assert 0 < summary.frames_written < N
+    assert summary.frames_written + summary.counters["not_recorded"] == N
+    assert not list(take.directory.glob("*.part"))
+    written = 0
+    for seg in summary.segments:
+        info_path = Path(summary.directory) / seg["file"]
+        assert int(ffprobe(info_path)["streams"][0]["nb_read_frames"]) == seg["frames"]
+        stored = [j for _p, j in read_segment_packets(info_path)]
+        assert stored == jpegs[seg["first_seq"] : seg["last_seq"] + 1]
+        written += seg["frames"]
+    assert written == summary.frames_written
+
+
+@pytest.fixture
+def tiny_tmpfs(tmp_path) -> Iterator[Path]:
+    mnt = tmp_path / "tiny"
+    mnt.mkdir()
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a tiny tmpfs needs root")
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)],
+        capture_output=True,
+        text=True,
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+@needs_ffprobe
+def test_enospc_on_a_really_full_disk_keeps_finished_segments_valid(tiny_tmpfs):
+    # Noise frames of ~15 KB: a 1 MB filesystem fills after about 60 of them.
+    rng = np.random.default_rng(1)
+    frames = [
+        cv2.imencode(".jpg", rng.integers(0, 255, (HEIGHT, WIDTH, 3), dtype=np.uint8))[1].tobytes()
+        for _ in range(120)
+    ]
+    summary = run_take(make_take(tiny_tmpfs, frames, pose=False, segment_s=0.05))
+    take_dir = Path(summary.directory)
+    assert any("disk full" in e for e in summary.errors)
+    assert 0 < summary.frames_written < 120
+    assert not list(take_dir.glob("*.part")), "the broken segment must not be left behind"
+    for seg in summary.segments:
+        path = take_dir / seg["file"]
+        assert int(ffprobe(path)["streams"][0]["nb_read_frames"]) == seg["frames"]
+        stored = [j for _p, j in read_segment_packets(path)]
+        assert stored == frames[seg["first_seq"] : seg["last_seq"] + 1]
+
+
+# ---- sources ------------------------------------------------------------------------------
+
+
+def _write_mjpeg_mp4(path: Path, jpegs: list[bytes], realtime: bool = False) -> None:
+    take = make_take(path.parent / "src", jpegs, pose=False, realtime=realtime, segment_s=60)
+    summary = run_take(take)
+    shutil.copy(Path(summary.directory) / summary.segments[0]["file"], path)
+
+
+def test_file_source_passes_mjpeg_bytes_through_unchanged(tmp_path, jpegs):
+    from edge_agent.capture.sources import VideoFileCamera
+    from edge_agent.config import FileSource
+
+    src = tmp_path / "in.mp4"
+    _write_mjpeg_mp4(src, jpegs[:50])
+    cam = VideoFileCamera(FileSource(path=src, rate="max"), BoothClock())
+    granted = cam.open()
+    assert (granted.width, granted.height, granted.pixel_format) == (WIDTH, HEIGHT, "mjpeg")
+    frames = list(cam.frames())
+    assert [f.jpeg for f in frames] == jpegs[:50]
+    assert [f.seq for f in frames] == list(range(50))
+
+
+def test_file_source_transcodes_other_codecs_to_jpeg_and_can_loop(tmp_path):
+    from edge_agent.capture.sources import VideoFileCamera
+    from edge_agent.config import FileSource
+
+    path = tmp_path / "in.mp4"
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("mpeg4", rate=30)
+        stream.width, stream.height, stream.pix_fmt = WIDTH, HEIGHT, "yuv420p"
+        for k in range(12):
+            img = np.full((HEIGHT, WIDTH, 3), 20 * k, dtype=np.uint8)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    cam = VideoFileCamera(FileSource(path=path, rate="max", loop=True), BoothClock())
+    assert cam.open().fps == 30
+    frames = []
+    for frame in cam.frames():
+        frames.append(frame)
+        if len(frames) == 30:
+            break
+    assert [f.seq for f in frames] == list(range(30))
+    decoded = [cv2.imdecode(np.frombuffer(f.jpeg, np.uint8), cv2.IMREAD_COLOR) for f in frames]
+    assert all(d is not None and d.shape == (HEIGHT, WIDTH, 3) for d in decoded)
+    assert abs(int(decoded[12].mean()) - int(decoded[0].mean())) < 5, "the loop restarts"
+    assert np.all(np.diff([f.capture_ts_ns for f in frames]) > 0)
+
+
+def test_file_source_replays_at_its_native_rate(tmp_path, jpegs):
+    from edge_agent.capture.sources import VideoFileCamera
+    from edge_agent.config import FileSource
+
+    src = tmp_path / "in.mp4"
+    _write_mjpeg_mp4(src, jpegs[:48], realtime=True)  # 0.2 s at 240 fps
+    cam = VideoFileCamera(FileSource(path=src, rate="native"), BoothClock())
+    cam.open()
+    frames = list(cam.frames())
+    span_s = (frames[-1].capture_ts_ns - frames[0].capture_ts_ns) / 1e9
+    assert span_s >= 47 / FPS * 0.95  # paced, not as fast as possible
+
+
+def test_missing_video_file_is_a_device_error_naming_it(tmp_path):
+    from edge_agent.capture.sources import VideoFileCamera
+    from edge_agent.config import FileSource
+    from edge_agent.errors import DeviceError
+
+    with pytest.raises(DeviceError, match="nope.mp4: no such file"):
+        VideoFileCamera(FileSource(path=tmp_path / "nope.mp4"), BoothClock()).probe()
+
+
+def test_missing_v4l2_device_is_a_clear_device_error():
+    from edge_agent.capture.sources import V4L2Camera
+    from edge_agent.config import V4L2Source
+    from edge_agent.errors import DeviceError
+
+    cam = V4L2Camera(V4L2Source(device="/dev/video-missing-42"), BoothClock())
+    with pytest.raises(DeviceError, match=r"/dev/video-missing-42: no such device"):
+        cam.open()
+    with pytest.raises(DeviceError, match="no such device"):
+        cam.probe()
+
+
+def test_v4l2_granted_rate_below_the_asked_one_is_reported():
+    from edge_agent.capture.sources import V4L2Camera
+    from edge_agent.config import V4L2Source
+
+    cam = V4L2Camera(V4L2Source(device="/dev/video0", fps=120, size="640x480"), BoothClock())
+    cam._check(Granted(640, 480, 60.0))
+    assert cam.warnings == ["camera /dev/video0 granted 60 fps, below the 120 fps asked"]
+    cam._check(Granted(640, 480, 119.88))  # NTSC-style rounding is not a shortfall
+    assert cam.warnings == []
+    cam._check(Granted(320, 240, 120.0))
+    assert cam.warnings == ["camera /dev/video0 granted 320x240, not the 640x480 asked"]
