@@ -83,7 +83,9 @@ class PubSubQueue(Strict):
     project: str = "dancebooth"
     topic: str = "training-jobs"
     subscription: str = "training-workers"
-    ack_deadline_s: int = Field(60, ge=10, le=600)
+    # How long a received job stays leased without a heartbeat. Subscriptions are created
+    # with at least 10 s (a Pub/Sub minimum); shorter leases use modify_ack_deadline (tests).
+    ack_deadline_s: int = Field(60, ge=1, le=600)
     max_attempts: int = Field(3, ge=1)
 
 

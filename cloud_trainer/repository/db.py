@@ -25,6 +25,10 @@ def create_db_engine(cfg) -> Engine:  # cfg: SqliteDatabase | PostgresDatabase
             cur.execute("PRAGMA foreign_keys=ON")
             cur.execute("PRAGMA busy_timeout=30000")
             cur.close()
+            # We issue BEGIN ourselves (below) instead of the driver's legacy mode.
+            dbapi_conn.isolation_level = None
+
+        _sqlite_write_locks(engine)
 
     else:
         engine = create_engine(cfg.url, pool_pre_ping=True)
@@ -32,9 +36,9 @@ def create_db_engine(cfg) -> Engine:  # cfg: SqliteDatabase | PostgresDatabase
             if not _SCHEMA_RE.match(cfg.db_schema):
                 raise ValueError(f"database.db_schema {cfg.db_schema!r} is not a plain identifier")
             schema = cfg.db_schema
-            with engine.begin() as conn:
-                conn.execute(text(f'CREATE SCHEMA IF NOT EXISTS "{schema}"'))
 
+            # Registered before the first connection: a pooled connection opened
+            # without it would keep the default search_path (public) for good.
             @event.listens_for(engine, "connect")
             def _search_path(dbapi_conn, _record) -> None:
                 cur = dbapi_conn.cursor()
@@ -42,5 +46,39 @@ def create_db_engine(cfg) -> Engine:  # cfg: SqliteDatabase | PostgresDatabase
                 cur.close()
                 dbapi_conn.commit()
 
+            with engine.begin() as conn:
+                conn.execute(text(f'CREATE SCHEMA IF NOT EXISTS "{schema}"'))
+
     metadata.create_all(engine)
     return engine
+
+
+_READ_PREFIXES = ("SELECT", "PRAGMA", "EXPLAIN")
+
+
+def _sqlite_write_locks(engine: Engine) -> None:
+    """Make ``SELECT ... FOR UPDATE`` mean something on SQLite.
+
+    The repositories read a row ``with_for_update()`` and then change it (state
+    transitions, merged JSON). PostgreSQL locks the row; SQLite has no row locks
+    and the driver's legacy mode runs such a read outside any transaction, so two
+    callers could both read "created" and both move the session. Here a
+    transaction takes SQLite's write lock (``BEGIN IMMEDIATE``) before its first
+    write or its first ``FOR UPDATE`` read; a read-first transaction runs its
+    plain reads in autocommit until then, exactly as the legacy mode did.
+    """
+
+    @event.listens_for(engine, "begin")
+    def _reset(conn) -> None:
+        conn.info["sqlite_write_locked"] = False
+
+    @event.listens_for(engine, "before_cursor_execute")
+    def _lock_before_write(conn, cursor, statement, parameters, context, executemany) -> None:
+        if not conn.in_transaction() or conn.info.get("sqlite_write_locked"):
+            return
+        compiled = getattr(context, "compiled", None)
+        for_update = getattr(getattr(compiled, "statement", None), "_for_update_arg", None)
+        if for_update is None and statement.lstrip()[:7].upper().startswith(_READ_PREFIXES):
+            return
+        cursor.execute("BEGIN IMMEDIATE")
+        conn.info["sqlite_write_locked"] = True

@@ -156,7 +156,8 @@ class SessionsRepo:
     def set_progress(self, session_id: str, **progress: Any) -> None:
         with self.engine.begin() as conn:
             row = conn.execute(
-                select(sessions.c.progress).where(sessions.c.id == session_id)
+                # Locked: concurrent reporters (trainer, renderer) must not drop keys.
+                select(sessions.c.progress).where(sessions.c.id == session_id).with_for_update()
             ).first()
             if row is None:
                 raise SessionNotFound(f"unknown session {session_id}")

@@ -41,6 +41,16 @@ def validate_key(key: str) -> str:
     return key
 
 
+def validate_prefix(prefix: str) -> str:
+    """A listing prefix: empty, or a key (or the start of one), optionally ending in ``/``."""
+    if prefix == "":
+        return prefix
+    if not isinstance(prefix, str):
+        raise BadInput(f"invalid blob prefix {prefix!r}")
+    validate_key(prefix[:-1] if prefix.endswith("/") else prefix)
+    return prefix
+
+
 class BlobStore(Protocol):
     def put(self, key: str, data: bytes, content_type: str | None = None) -> None:
         """Write atomically: readers see the old object or the whole new one, never a part."""
@@ -64,7 +74,8 @@ class BlobStore(Protocol):
     def delete(self, key: str) -> None:
         """Idempotent: deleting a missing key is not an error."""
 
-    def delete_prefix(self, prefix: str) -> int: ...
+    def delete_prefix(self, prefix: str) -> int:
+        """Delete every key starting with ``prefix`` (non-empty); returns how many were deleted."""
 
     def url(self, key: str, expires_s: int) -> str | None:
         """A signed URL where the backend supports one (gcs), else None (serve through the app)."""

@@ -1,0 +1,461 @@
+"""The metadata repository: every sessions and jobs operation, on SQLite and on PostgreSQL.
+
+Schema management is ``metadata.create_all`` at engine creation (see
+``cloud_trainer.repository.schema``); each test gets a fresh SQLite file or a
+fresh PostgreSQL schema from the ``db_config`` fixture.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+
+import pytest
+from sqlalchemy import event, func, select
+
+from cloud_trainer.repository import Repository, SessionNotFound
+from cloud_trainer.repository.jobs import JobFinished, JobNotFound, JobState
+from cloud_trainer.repository.schema import (
+    attendees,
+    frames,
+    jobs,
+    links,
+    outbox,
+    poses,
+    session_events,
+    takes,
+)
+from cloud_trainer.session import InvalidTransition, State
+from edge_agent.errors import BadInput
+
+
+@pytest.fixture
+def repo(db_config):
+    r = Repository.from_config(db_config)
+    yield r
+    r.close()
+
+
+def _new_session(repo: Repository, **overrides) -> str:
+    fields = {
+        "booth_id": "booth-1",
+        "name": "Ada Lovelace",
+        "email": "ada@example.com",
+        "consent": True,
+        "reference_name": "salsa",
+        "take_s": 15.0,
+        "cameras": ["cam0", "cam1"],
+        **overrides,
+    }
+    return repo.create_session(**fields)
+
+
+def _count(repo: Repository, table, **where) -> int:
+    q = select(func.count()).select_from(table)
+    for column, value in where.items():
+        q = q.where(table.c[column] == value)
+    with repo.engine.connect() as conn:
+        return conn.execute(q).scalar_one()
+
+
+def _walk(repo: Repository, session_id: str, *states: State) -> None:
+    for state in states:
+        repo.transition(session_id, state)
+
+
+# ---- sessions and attendees ----------------------------------------------------------------
+
+
+def test_create_session_with_consent_stores_attendee_and_session(repo):
+    sid = _new_session(repo, reference_version=2)
+    s = repo.get_session(sid)
+    assert s["state"] == "created"
+    assert (s["name"], s["email"], s["booth_id"]) == ("Ada Lovelace", "ada@example.com", "booth-1")
+    assert (s["reference_name"], s["reference_version"], s["take_s"]) == ("salsa", 2, 15.0)
+    assert s["cameras"] == ["cam0", "cam1"]
+    assert s["progress"] == {}
+    with repo.engine.connect() as conn:
+        attendee = conn.execute(select(attendees).where(attendees.c.id == s["attendee_id"])).one()
+    assert attendee.consent is True and attendee.consent_at is not None
+    assert [(e["from_state"], e["to_state"]) for e in repo.session_events(sid)] == [
+        (None, "created")
+    ]
+
+
+def test_create_session_without_consent_is_refused_and_stores_nothing(repo):
+    with pytest.raises(BadInput, match="consent"):
+        _new_session(repo, consent=False)
+    assert _count(repo, attendees) == 0
+    assert repo.list_sessions() == []
+
+
+def test_unknown_session_raises_session_not_found(repo):
+    with pytest.raises(SessionNotFound):
+        repo.get_session("0" * 32)
+    with pytest.raises(SessionNotFound):
+        repo.transition("0" * 32, State.CAPTURING)
+    with pytest.raises(SessionNotFound):
+        repo.set_progress("0" * 32, stage="training")
+    with pytest.raises(SessionNotFound):
+        repo.update_session("0" * 32, video_key="x")
+
+
+def test_list_sessions_filters_by_booth_and_time_newest_first(repo):
+    first = _new_session(repo, booth_id="booth-1")
+    time.sleep(0.01)  # distinct created_at, the sort key
+    second = _new_session(repo, booth_id="booth-1")
+    other = _new_session(repo, booth_id="booth-2")
+    assert [s["id"] for s in repo.list_sessions(booth_id="booth-1")] == [second, first]
+    assert [s["id"] for s in repo.list_sessions(booth_id="booth-2")] == [other]
+    since = repo.get_session(second)["created_at"]
+    assert {s["id"] for s in repo.list_sessions(since=since)} == {second, other}
+
+
+def test_the_whole_happy_path_is_allowed_and_recorded(repo):
+    sid = _new_session(repo)
+    _walk(
+        repo,
+        sid,
+        State.CAPTURING,
+        State.UPLOADED,
+        State.TRAINING,
+        State.TRAINING,  # a retried job goes back through training
+        State.RENDERING,
+        State.DELIVERED,
+    )
+    s = repo.get_session(sid)
+    assert s["state"] == "delivered"
+    assert s["capture_started_at"] <= s["uploaded_at"] <= s["delivered_at"]
+    assert [e["to_state"] for e in repo.session_events(sid)] == [
+        "created",
+        "capturing",
+        "uploaded",
+        "training",
+        "training",
+        "rendering",
+        "delivered",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("path", "refused"),
+    [
+        ((), State.UPLOADED),
+        ((), State.DELIVERED),
+        ((State.CAPTURING,), State.TRAINING),
+        ((State.CAPTURING, State.UPLOADED), State.CAPTURING),
+        ((State.CAPTURING, State.UPLOADED, State.TRAINING, State.RENDERING), State.UPLOADED),
+    ],
+)
+def test_transitions_the_machine_forbids_are_refused_and_change_nothing(repo, path, refused):
+    sid = _new_session(repo)
+    _walk(repo, sid, *path)
+    before = repo.get_session(sid)
+    with pytest.raises(InvalidTransition):
+        repo.transition(sid, refused)
+    after = repo.get_session(sid)
+    assert after["state"] == before["state"]
+    assert len(repo.session_events(sid)) == len(path) + 1
+
+
+def test_delivered_is_final(repo):
+    sid = _new_session(repo)
+    _walk(repo, sid, State.CAPTURING, State.UPLOADED, State.TRAINING, State.RENDERING)
+    repo.transition(sid, State.DELIVERED)
+    for target in State:
+        with pytest.raises(InvalidTransition):
+            repo.transition(sid, target)
+
+
+def test_failure_keeps_its_reason_and_staff_can_recapture(repo):
+    sid = _new_session(repo)
+    _walk(repo, sid, State.CAPTURING)
+    repo.fail(sid, "camera cam1 disconnected")
+    s = repo.get_session(sid)
+    assert (s["state"], s["failure_reason"]) == ("failed", "camera cam1 disconnected")
+    repo.transition(sid, State.CAPTURING)
+    s = repo.get_session(sid)
+    assert (s["state"], s["failure_reason"]) == ("capturing", None)
+
+
+def test_a_late_failure_does_not_undo_a_delivery(repo):
+    sid = _new_session(repo)
+    _walk(
+        repo, sid, State.CAPTURING, State.UPLOADED, State.TRAINING, State.RENDERING, State.DELIVERED
+    )
+    repo.fail(sid, "a late worker error")
+    s = repo.get_session(sid)
+    assert (s["state"], s["failure_reason"]) == ("delivered", None)
+
+
+def test_racing_transitions_let_exactly_one_caller_win(repo):
+    """Two threads move created -> capturing at the same moment: one wins, one is refused.
+
+    A barrier after each thread's read of the state forces the worst interleaving
+    (both read "created" before either writes) wherever the database lets both
+    reads through; where the read locks the row, the second reader waits instead.
+    """
+    sid = _new_session(repo)
+    both_read = threading.Barrier(2)
+
+    @event.listens_for(repo.engine, "after_cursor_execute")
+    def _pause_after_state_read(conn, cursor, statement, params, context, executemany):
+        if statement.lstrip().upper().startswith("SELECT SESSIONS.STATE"):
+            # Broken when the other reader is blocked on our row lock: that is the point.
+            with contextlib.suppress(threading.BrokenBarrierError):
+                both_read.wait(timeout=1)
+
+    outcomes: list[str] = []
+
+    def move() -> None:
+        try:
+            repo.transition(sid, State.CAPTURING)
+            outcomes.append("won")
+        except InvalidTransition:
+            outcomes.append("refused")
+
+    threads = [threading.Thread(target=move) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    event.remove(repo.engine, "after_cursor_execute", _pause_after_state_read)
+    assert sorted(outcomes) == ["refused", "won"]
+    assert [e["to_state"] for e in repo.session_events(sid)] == ["created", "capturing"]
+
+
+def test_progress_merges_keys(repo):
+    sid = _new_session(repo)
+    repo.set_progress(sid, stage="training", step=10, total_steps=100)
+    repo.set_progress(sid, step=20, eta_s=30.5, loss={"g": 1.5, "l1": 0.25})
+    assert repo.get_session(sid)["progress"] == {
+        "stage": "training",
+        "step": 20,
+        "total_steps": 100,
+        "eta_s": 30.5,
+        "loss": {"g": 1.5, "l1": 0.25},
+    }
+
+
+def test_concurrent_progress_updates_lose_no_keys(repo):
+    """The trainer and the renderer report at once: neither overwrites the other's keys."""
+    sid = _new_session(repo)
+    both_read = threading.Barrier(2)
+
+    @event.listens_for(repo.engine, "after_cursor_execute")
+    def _pause_after_progress_read(conn, cursor, statement, params, context, executemany):
+        if statement.lstrip().upper().startswith("SELECT SESSIONS.PROGRESS"):
+            with contextlib.suppress(threading.BrokenBarrierError):
+                both_read.wait(timeout=1)
+
+    threads = [
+        threading.Thread(target=repo.set_progress, args=(sid,), kwargs=kw)
+        for kw in ({"step": 5}, {"render_frame": 7})
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    event.remove(repo.engine, "after_cursor_execute", _pause_after_progress_read)
+    assert repo.get_session(sid)["progress"] == {"step": 5, "render_frame": 7}
+
+
+def test_update_session_and_attendee_email(repo):
+    sid = _new_session(repo)
+    repo.update_session(sid, video_key="sessions/x/video/out.mp4", quality={"ssim": 0.5})
+    repo.update_attendee_email(sid, "ada@analytical.engine")
+    s = repo.get_session(sid)
+    assert s["video_key"] == "sessions/x/video/out.mp4"
+    assert s["quality"] == {"ssim": 0.5}
+    assert s["email"] == "ada@analytical.engine"
+    assert s["state"] == "created"
+
+
+def test_deleting_a_session_removes_every_dependent_row(repo):
+    sid = _new_session(repo)
+    keep = _new_session(repo, name="Grace Hopper", email="grace@example.com")
+    _walk(repo, sid, State.CAPTURING)
+    repo.create_job(sid)
+    repo.create_job(keep)
+    now = time.time()
+    with repo.engine.begin() as conn:
+        for s in (sid, keep):
+            conn.execute(takes.insert().values(session_id=s, camera_id="cam0", updated_at=now))
+            conn.execute(
+                frames.insert().values(
+                    session_id=s,
+                    camera_id="cam0",
+                    seq=0,
+                    capture_ts_ns=1,
+                    shard_key=f"sessions/{s}/frames/cam0/shard-00000000.bin",
+                    offset=0,
+                    length=10,
+                    sha256="0" * 64,
+                )
+            )
+            conn.execute(
+                poses.insert().values(session_id=s, camera_id="cam0", seq=0, keypoints=b"\0" * 276)
+            )
+            conn.execute(
+                links.insert().values(
+                    token_sha256=s * 2, session_id=s, created_at=now, expires_at=now + 60
+                )
+            )
+        conn.execute(
+            outbox.insert().values(
+                message_id="<m1@booth>",
+                session_id=sid,
+                to_addr="ada@example.com",
+                subject="your dance",
+                body_text="t",
+                body_html="h",
+                state="sent",
+                next_attempt_at=now,
+                created_at=now,
+            )
+        )
+    attendee_id = repo.get_session(sid)["attendee_id"]
+
+    repo.delete_session_rows(sid)
+
+    with pytest.raises(SessionNotFound):
+        repo.get_session(sid)
+    for table in (session_events, takes, frames, poses, links, jobs):
+        assert _count(repo, table, session_id=sid) == 0, table.name
+        assert _count(repo, table, session_id=keep) >= 1, table.name
+    assert _count(repo, attendees, id=attendee_id) == 0
+    # The email record survives for the audit trail, no longer tied to the session.
+    with repo.engine.connect() as conn:
+        assert conn.execute(select(outbox.c.session_id)).scalar_one() is None
+    assert repo.get_session(keep)["name"] == "Grace Hopper"
+
+
+# ---- jobs ------------------------------------------------------------------------------------
+
+
+def test_create_job_is_one_per_session_and_idempotent(repo):
+    sid = _new_session(repo)
+    job_id = repo.create_job(sid)
+    assert repo.create_job(sid) == job_id
+    job = repo.get_job(job_id)
+    assert (job["session_id"], job["state"], job["attempts"], job["step"]) == (sid, "queued", 0, 0)
+    assert job["metrics"] == {} and job["error"] is None
+    assert repo.job_for_session(sid)["id"] == job_id
+    assert repo.job_for_session(_new_session(repo)) is None
+
+
+def test_create_job_for_an_unknown_session_is_refused(repo):
+    with pytest.raises(SessionNotFound):
+        repo.create_job("0" * 32)
+
+
+def test_unknown_job_raises_job_not_found(repo):
+    with pytest.raises(JobNotFound):
+        repo.get_job("missing")
+    with pytest.raises(JobNotFound):
+        repo.start_job("missing", "w1")
+    with pytest.raises(JobNotFound):
+        repo.update_job_progress("missing", step=1)
+    with pytest.raises(JobNotFound):
+        repo.fail_job("missing", "x")
+
+
+def test_job_lifecycle_records_progress_and_result(repo):
+    job_id = repo.create_job(_new_session(repo))
+    job = repo.start_job(job_id, "worker-a")
+    assert (job["state"], job["attempts"], job["worker"]) == ("running", 1, "worker-a")
+    started = job["started_at"]
+    assert started is not None
+
+    repo.update_job_progress(job_id, stage="loading", stage_seconds={"loading": 1.5})
+    repo.update_job_progress(
+        job_id, stage="training", step=50, total_steps=200, eta_s=90.0, metrics={"loss_g": [1.0]}
+    )
+    repo.update_job_progress(job_id, step=100, metrics={"loss_l1": [0.5]})
+    repo.update_job_progress(job_id, stage_seconds={"training": 60.0})
+    job = repo.get_job(job_id)
+    assert (job["stage"], job["step"], job["total_steps"], job["eta_s"]) == (
+        "training",
+        100,
+        200,
+        90.0,
+    )
+    assert job["metrics"] == {"loss_g": [1.0], "loss_l1": [0.5]}
+    assert job["stage_seconds"] == {"loading": 1.5, "training": 60.0}
+
+    repo.finish_job(job_id, model_key="sessions/s/model/generator", metrics={"ssim": 0.61})
+    job = repo.get_job(job_id)
+    assert (job["state"], job["model_key"], job["error"]) == (
+        "done",
+        "sessions/s/model/generator",
+        None,
+    )
+    assert job["metrics"] == {"loss_g": [1.0], "loss_l1": [0.5], "ssim": 0.61}
+    assert job["finished_at"] >= started
+    assert [j["id"] for j in repo.list_jobs(JobState.DONE)] == [job_id]
+    assert repo.list_jobs("running") == []
+
+
+def test_a_redelivered_job_counts_attempts_and_keeps_its_progress(repo):
+    job_id = repo.create_job(_new_session(repo))
+    repo.start_job(job_id, "worker-a")
+    repo.update_job_progress(job_id, step=40)
+    job = repo.start_job(job_id, "worker-b")  # worker-a died; the queue redelivered
+    assert (job["state"], job["attempts"], job["worker"], job["step"]) == (
+        "running",
+        2,
+        "worker-b",
+        40,
+    )
+
+
+def test_failed_job_keeps_its_error_and_cannot_be_started_until_requeued(repo):
+    job_id = repo.create_job(_new_session(repo))
+    repo.start_job(job_id, "worker-a")
+    repo.fail_job(job_id, "the take has no detected person")
+    job = repo.get_job(job_id)
+    assert (job["state"], job["error"]) == ("failed", "the take has no detected person")
+    assert job["finished_at"] is not None
+    with pytest.raises(JobFinished):
+        repo.start_job(job_id, "worker-b")
+
+    repo.requeue_job(job_id)
+    job = repo.get_job(job_id)
+    assert (job["state"], job["error"], job["finished_at"]) == ("queued", None, None)
+    assert repo.start_job(job_id, "worker-b")["attempts"] == 2
+
+
+def test_done_job_cannot_be_started_again(repo):
+    job_id = repo.create_job(_new_session(repo))
+    repo.start_job(job_id, "worker-a")
+    repo.finish_job(job_id)
+    with pytest.raises(JobFinished):
+        repo.start_job(job_id, "worker-b")
+    assert repo.get_job(job_id)["attempts"] == 1
+
+
+def test_concurrent_metric_updates_lose_no_keys(repo):
+    """Two writers merge metrics at once; the row lock makes the second see the first's keys."""
+    job_id = repo.create_job(_new_session(repo))
+    repo.start_job(job_id, "worker-a")
+    both_read = threading.Barrier(2)
+
+    @event.listens_for(repo.engine, "after_cursor_execute")
+    def _pause_after_metrics_read(conn, cursor, statement, params, context, executemany):
+        if statement.lstrip().upper().startswith("SELECT JOBS.METRICS"):
+            with contextlib.suppress(threading.BrokenBarrierError):
+                both_read.wait(timeout=1)
+
+    threads = [
+        threading.Thread(
+            target=repo.update_job_progress, args=(job_id,), kwargs={"metrics": {k: 1}}
+        )
+        for k in ("loss_g", "loss_l1")
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    event.remove(repo.engine, "after_cursor_execute", _pause_after_metrics_read)
+    assert repo.get_job(job_id)["metrics"] == {"loss_g": 1, "loss_l1": 1}
