@@ -112,6 +112,9 @@ class IngestConfig(Strict):
     port: int = Field(50051, ge=0, le=65535)
     max_message_mb: int = Field(16, ge=1, le=512)
     shard_mb: float = Field(8.0, gt=0, description="frames are chunked into shard objects this big")
+    # A partly filled shard is written after this long, so acks (and the agent's spool) never
+    # wait for a slow camera to fill a whole shard.
+    flush_interval_s: float = Field(0.25, gt=0, le=60)
     tls: TlsServer | None = None
     agents: list[AgentToken] = Field(default_factory=list)
 

@@ -1,0 +1,1 @@
+"""Edge-to-cloud transport, cloud side: the ingest stream, shards, control and auth."""

@@ -1,0 +1,302 @@
+"""Control, agent side: hold the Control stream, run StartTake/StopTake, report status.
+
+The agent registers (``Connect(Register)``) and keeps that stream open; the cloud
+pushes commands down it. Commands are idempotent here, because networks repeat
+and delay them:
+
+- a ``command_id`` seen before is not executed again (the agent still reports,
+  so the cloud sees the command acknowledged);
+- ``StartTake`` for a session this agent already captured is ignored, as is one
+  that arrives after its take would have ended (``start_at_ns + duration_s``);
+- ``StopTake`` when no take of that session runs is a no-op.
+
+After each command the agent reports at once (``last_command_id`` is the ack),
+and every ``report_interval_s`` otherwise. Each ``ReportAck.server_time_ns``
+gives a clock sample: ``offset = server_time - (send + receive) / 2`` on the
+monotonic clock, keeping the sample with the shortest round trip of the last
+few, so ``booth_time_ns()`` (monotonic + offset) agrees with the cloud to about
+half a round trip. ``start_at_ns`` is on that booth clock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import json
+import logging
+import os
+import random
+import time
+from collections import OrderedDict, deque
+from collections.abc import Awaitable
+from pathlib import Path
+from typing import Any, Protocol
+
+import grpc
+
+from edge_agent.stream import PERMANENT_CODES, auth_metadata, backoff_s, make_channel
+from protos import booth_pb2, booth_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+REMEMBERED_COMMANDS = 512
+REMEMBERED_SESSIONS = 256
+CLOCK_SAMPLES = 8
+_STATES = {
+    "idle": booth_pb2.IDLE,
+    "capturing": booth_pb2.CAPTURING,
+    "uploading": booth_pb2.UPLOADING,
+    "error": booth_pb2.ERROR,
+}
+
+
+class TakeRunner(Protocol):
+    """What the control client drives: the agent's capture (edge_agent.commands.agent)."""
+
+    def start_take(
+        self, session_id: str, duration_s: float, start_at_monotonic_ns: int
+    ) -> Awaitable[None] | None:
+        """Begin capturing ``session_id`` at that monotonic time (0: now)."""
+
+    def stop_take(self, session_id: str) -> Awaitable[None] | None:
+        """Stop the running take of ``session_id`` early."""
+
+    def status(self) -> dict[str, Any]:
+        """AgentStatus fields: state (idle|capturing|uploading|error), session_id, fps,
+        frames_captured, capture_dropped, pose_dropped, pose_fps, error."""
+
+
+class ControlClient:
+    def __init__(
+        self,
+        uplink: Any,  # edge_agent.config.UplinkConfig
+        *,
+        booth_id: str,
+        camera_id: str,
+        runner: TakeRunner,
+        capabilities: booth_pb2.Capabilities | None = None,
+        software_version: str = "",
+        streamer: Any = None,  # edge_agent.stream.Streamer, for the upload fields
+        report_interval_s: float = 1.0,
+        state_dir: str | os.PathLike[str] | None = None,
+        seed: int | None = None,
+    ):
+        self.cfg = uplink
+        self.booth_id, self.camera_id = booth_id, camera_id
+        self.runner, self.streamer = runner, streamer
+        self.capabilities = capabilities or booth_pb2.Capabilities()
+        self.software_version = software_version
+        self.report_interval_s = report_interval_s
+        self.clock_offset_ns = 0
+        self.connected = asyncio.Event()
+        self.last_command_id = ""
+        self.commands_run = 0
+        self._note = ""  # why the last command was not run, reported once
+        self._seen: OrderedDict[str, None] = OrderedDict()
+        self._state_path = Path(state_dir or uplink.spool_dir) / "control.json"
+        self._sessions: list[str] = self._load_sessions()
+        self._clock: deque[tuple[int, int]] = deque(maxlen=CLOCK_SAMPLES)  # (rtt, offset)
+        self._rng = random.Random(seed)
+        self._channel: grpc.aio.Channel | None = None
+        self._tasks: list[asyncio.Task] = []
+        self._lock = asyncio.Lock()
+
+    # ---- the booth clock -------------------------------------------------------------------
+
+    def booth_time_ns(self) -> int:
+        return time.monotonic_ns() + self.clock_offset_ns
+
+    def _clock_sample(self, sent_ns: int, received_ns: int, server_ns: int) -> None:
+        rtt = received_ns - sent_ns
+        self._clock.append((rtt, server_ns - (sent_ns + received_ns) // 2))
+        self.clock_offset_ns = min(self._clock)[1]
+
+    # ---- running ------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._channel = make_channel(self.cfg)
+        self._tasks = [
+            asyncio.create_task(self._hold_stream(), name="control-stream"),
+            asyncio.create_task(self._report_loop(), name="control-report"),
+        ]
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._channel is not None:
+            await self._channel.close()
+
+    async def _hold_stream(self) -> None:
+        assert self._channel is not None
+        stub = booth_pb2_grpc.ControlStub(self._channel)
+        attempt = 0
+        register = booth_pb2.Register(
+            booth_id=self.booth_id,
+            camera_id=self.camera_id,
+            software_version=self.software_version,
+            capabilities=self.capabilities,
+        )
+        while True:
+            call = stub.Connect(register, metadata=auth_metadata(self.cfg.token))
+            try:
+                await call.initial_metadata()
+                self.connected.set()
+                log.info("control: connected to %s", self.cfg.address)
+                attempt = 0
+                await self.report_now()
+                while (cmd := await call.read()) is not grpc.aio.EOF:
+                    await self.execute(cmd)
+                log.info("control: the server closed the stream")
+            except grpc.aio.AioRpcError as e:
+                level = logging.WARNING if e.code() in PERMANENT_CODES else logging.INFO
+                log.log(level, "control: stream broke: %s %s", e.code().name, e.details())
+                if e.code() in PERMANENT_CODES:
+                    attempt = 30  # retrying soon cannot help; wait the longest backoff
+            finally:
+                self.connected.clear()
+                call.cancel()
+            await asyncio.sleep(
+                backoff_s(attempt, self.cfg.backoff_initial_s, self.cfg.backoff_max_s, self._rng)
+            )
+            attempt += 1
+
+    async def _report_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.report_interval_s)
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                await self.report_now()
+
+    # ---- commands ------------------------------------------------------------------------------
+
+    async def execute(self, cmd: booth_pb2.Command) -> None:
+        """Run one command at most once, then report (which acknowledges it)."""
+        kind = cmd.WhichOneof("body")
+        if kind not in ("start", "stop"):
+            log.warning("control: ignoring an empty or unknown command")
+            return
+        body = getattr(cmd, kind)
+        async with self._lock:
+            if body.command_id and body.command_id in self._seen:
+                log.info("control: command %s already handled", body.command_id)
+            else:
+                self._remember(body.command_id)
+                try:
+                    if kind == "start":
+                        await self._start(body)
+                    else:
+                        await self._stop(body)
+                except Exception as e:  # a failed capture start is reported to staff, not fatal
+                    log.error("control: %s %s failed: %s", kind, body.session_id, e)
+                    self._note = f"{kind} take {body.session_id} failed: {e}"
+            self.last_command_id = body.command_id
+        with contextlib.suppress(grpc.aio.AioRpcError):
+            await self.report_now()
+
+    async def _start(self, start: booth_pb2.StartTake) -> None:
+        if start.session_id in self._sessions:
+            log.info("control: session %s was already captured here; ignoring", start.session_id)
+            return
+        if (
+            start.start_at_ns
+            and start.start_at_ns + int(start.duration_s * 1e9) < self.booth_time_ns()
+        ):
+            log.warning(
+                "control: StartTake for %s arrived after its take would end", start.session_id
+            )
+            self._note = f"start of {start.session_id} arrived too late"
+            return
+        current = self.runner.status()
+        if current.get("state") == "capturing":
+            self._note = (
+                f"cannot start {start.session_id}: still capturing {current.get('session_id')}"
+            )
+            log.warning("control: %s", self._note)
+            return
+        start_local = start.start_at_ns - self.clock_offset_ns if start.start_at_ns else 0
+        self._sessions.append(start.session_id)
+        del self._sessions[:-REMEMBERED_SESSIONS]
+        self._save_sessions()
+        log.info("control: start take %s (%g s)", start.session_id, start.duration_s)
+        await _maybe_await(self.runner.start_take(start.session_id, start.duration_s, start_local))
+        self.commands_run += 1
+
+    async def _stop(self, stop: booth_pb2.StopTake) -> None:
+        current = self.runner.status()
+        if current.get("state") != "capturing" or current.get("session_id") != stop.session_id:
+            log.info("control: no take of %s is running; stop is a no-op", stop.session_id)
+            return
+        log.info("control: stop take %s", stop.session_id)
+        await _maybe_await(self.runner.stop_take(stop.session_id))
+        self.commands_run += 1
+
+    def _remember(self, command_id: str) -> None:
+        if command_id:
+            self._seen[command_id] = None
+            while len(self._seen) > REMEMBERED_COMMANDS:
+                self._seen.popitem(last=False)
+
+    # ---- status -----------------------------------------------------------------------------
+
+    def build_status(self) -> booth_pb2.AgentStatus:
+        run = dict(self.runner.status())
+        up = self.streamer.status() if self.streamer is not None else {}
+        state = _STATES.get(run.get("state", "idle"), booth_pb2.AGENT_STATE_UNSPECIFIED)
+        if state == booth_pb2.IDLE and up.get("takes"):
+            state = booth_pb2.UPLOADING
+        error = run.get("error") or up.get("error") or self._note
+        return booth_pb2.AgentStatus(
+            booth_id=self.booth_id,
+            camera_id=self.camera_id,
+            state=state,
+            session_id=run.get("session_id", ""),
+            fps=float(run.get("fps", 0.0)),
+            frames_captured=int(run.get("frames_captured", 0)),
+            capture_dropped=int(run.get("capture_dropped", 0)),
+            pose_dropped=int(run.get("pose_dropped", 0)),
+            stream_dropped=int(up.get("stream_dropped", 0)),
+            pose_fps=float(run.get("pose_fps", 0.0)),
+            frames_acked=int(up.get("frames_acked", 0)),
+            spool_bytes=int(up.get("spool_bytes", 0)),
+            upload_behind=bool(up.get("upload_behind", False)),
+            error=str(error or ""),
+            clock_offset_ns=self.clock_offset_ns,
+            last_command_id=self.last_command_id,
+        )
+
+    async def report_now(self) -> None:
+        assert self._channel is not None
+        stub = booth_pb2_grpc.ControlStub(self._channel)
+        status = self.build_status()
+        sent = time.monotonic_ns()
+        ack = await stub.Report(status, metadata=auth_metadata(self.cfg.token), timeout=10)
+        self._clock_sample(sent, time.monotonic_ns(), ack.server_time_ns)
+        self._note = ""
+
+    # ---- sessions already captured (survive a restart) -----------------------------------------
+
+    def _load_sessions(self) -> list[str]:
+        try:
+            data = json.loads(self._state_path.read_text())
+        except FileNotFoundError:
+            return []
+        except (OSError, ValueError) as e:
+            log.warning(
+                "control: %s unreadable (%s); starting with no captured sessions",
+                self._state_path,
+                e,
+            )
+            return []
+        return [str(s) for s in data.get("sessions", [])][-REMEMBERED_SESSIONS:]
+
+    def _save_sessions(self) -> None:
+        self._state_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self._state_path.with_name(self._state_path.name + ".tmp")
+        tmp.write_text(json.dumps({"sessions": self._sessions}))
+        os.replace(tmp, self._state_path)
+
+
+async def _maybe_await(result: Any) -> None:
+    if inspect.isawaitable(result):
+        await result

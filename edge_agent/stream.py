@@ -1,0 +1,1011 @@
+"""Stream: the agent's uplink. Every frame goes to an on-disk spool first, then up the wire.
+
+Data flow for one take (one camera, one session)::
+
+    capture stream buffer --> SpoolTake.add_frame --> segment files --> Uplink --> Ingest
+                                                        ^ deleted once acked
+
+**The spool** (``uplink.spool_dir``) holds one directory per take: append-only
+segment files (``seg-000000.log``...) of records, and ``take.json`` (the take's
+metadata: ids, size, frame count once ended, the "behind" state). A record is a
+25-byte header ``kind u8 | crc32 u32 | seq u64 | capture_ts_ns i64 | length u32``
+and its payload (JPEG bytes or a pose). A take has ended once ``take.json``
+holds its ``frame_count`` (the hello and the EndOfTake come from there). Records are
+written with one ``write()`` each, so a crashed agent process loses nothing it
+spooled; ``fsync`` runs in batches (every ``FSYNC_INTERVAL_S`` or
+``FSYNC_BYTES``) against power loss. On start, a torn last record (power loss
+mid-write) is cut off by its length/CRC, and a take that has no end record
+(the agent died mid-capture) is sealed with the frames it has.
+
+**The budget** (``uplink.spool_budget_mb``). When spooling a frame would pass
+it, the take goes *behind*: from that seq on, no frame of the take is spooled
+(the MP4 segments still record them), ``upload_behind`` is reported, and each
+refused frame is counted in ``stream_dropped``. A gap in the capture's stream
+buffer (it drops the newest frame when the uplink is slow) has the same effect.
+Nothing is discarded silently: once the take has ended, the missing frames are
+re-read from the take's recording through ``TakeArchive`` (the capture's
+``segments.read_segment_frames``) as the spool drains. Without an archive the
+take stays incomplete, the server never marks it uploaded, and the status says
+how many frames are missing and that they are in the local recording.
+
+**The uplink** streams each take that has data over one Ingest stream (asyncio,
+``grpc.aio``): hello, resume after the server's acked seq, send records in seq
+order straight from the segment files, and delete a segment once every record
+in it is acked. It reconnects with exponential backoff and full jitter. Errors
+that retrying cannot fix (bad token, unknown session...) are reported in the
+status and retried at the slowest rate, never dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import struct
+import threading
+import time
+import zlib
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import grpc
+
+from edge_agent.errors import BadInput, BoothError
+from edge_agent.frames import CapturedFrame
+from protos import booth_pb2, booth_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+_HEADER = struct.Struct("<BIQqI")  # kind, crc32, seq, capture_ts_ns, length
+KIND_FRAME, KIND_POSE = 1, 2
+_POSE_FLAGS = struct.Struct("<B")
+_SEGMENT_RE = re.compile(r"^seg-(\d{6})\.log$")
+_SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+# Batched fsync: a power cut loses at most this much of the spool (a crash of the
+# agent process loses nothing: every record is already in the kernel's hands).
+FSYNC_INTERVAL_S = 0.5
+FSYNC_BYTES = 8 * 1024 * 1024
+SEGMENT_BYTES = 16 * 1024 * 1024
+READ_BATCH_BYTES = 4 * 1024 * 1024
+LATENCY_SAMPLES = 20_000
+
+# Status codes after which retrying soon is pointless; the take waits at the slowest
+# backoff (the config or the session may get fixed) and the status says why.
+PERMANENT_CODES = {
+    grpc.StatusCode.UNAUTHENTICATED,
+    grpc.StatusCode.PERMISSION_DENIED,
+    grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.ALREADY_EXISTS,
+    grpc.StatusCode.FAILED_PRECONDITION,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.UNIMPLEMENTED,
+}
+
+
+class TakeArchive(Protocol):
+    """Where a take's frames can be read again after they were not spooled (its MP4 segments)."""
+
+    def frames_from(self, session_id: str, camera_id: str, seq: int) -> Iterator[CapturedFrame]:
+        """Frames of the take with ``seq >= seq``, in seq order."""
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    kind: int
+    seq: int
+    capture_ts_ns: int
+    payload: bytes
+
+
+@dataclass
+class _Segment:
+    number: int
+    path: Path
+    size: int = 0  # bytes of complete records
+    last_frame: int = -1
+    last_pose: int = -1
+
+
+@dataclass
+class TakeMeta:
+    session_id: str
+    camera_id: str
+    booth_id: str
+    width: int = 0
+    height: int = 0
+    fps: float = 0.0
+    frame_count: int | None = None  # set by end()
+    behind_from_seq: int | None = None  # first frame not spooled (see module doc)
+    not_spooled: int = 0
+    created_at: float = field(default_factory=time.time)
+
+
+def _pose_payload(keypoints: Any, imputed: bool, glitch: bool) -> bytes:
+    import numpy as np
+
+    kp = np.asarray(keypoints, dtype="<f4").reshape(-1, 3)
+    return _POSE_FLAGS.pack(int(imputed) | (int(glitch) << 1)) + kp.tobytes()
+
+
+def decode_pose(payload: bytes) -> tuple[Any, bool, bool]:
+    """(float32 (N, 3) keypoints, imputed, glitch) from a spooled pose record."""
+    import numpy as np
+
+    (flags,) = _POSE_FLAGS.unpack_from(payload)
+    kp = np.frombuffer(payload, dtype="<f4", offset=_POSE_FLAGS.size).reshape(-1, 3)
+    return kp, bool(flags & 1), bool(flags & 2)
+
+
+class SpoolTake:
+    """One take's spool directory. Appends come from capture threads; reads from the uplink."""
+
+    def __init__(self, spool: Spool, directory: Path, meta: TakeMeta):
+        self.spool, self.dir, self.meta = spool, directory, meta
+        self.segments: list[_Segment] = []
+        self.next_seq = 0  # the next frame seq to spool
+        self.last_pose = -1
+        self.acked_seq = -1
+        self.pose_acked_seq = -1
+        self.complete = False
+        self.error = ""
+        self._lock = threading.RLock()
+        self._fd: int | None = None
+        self._dirty_bytes = 0
+        self._last_fsync = time.monotonic()
+
+    # ---- identity --------------------------------------------------------------------
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return self.meta.session_id, self.meta.camera_id
+
+    @property
+    def ended(self) -> bool:
+        return self.meta.frame_count is not None
+
+    @property
+    def behind(self) -> bool:
+        return self.meta.behind_from_seq is not None
+
+    @property
+    def bytes(self) -> int:
+        return sum(s.size for s in self.segments)
+
+    # ---- writing (any thread) -----------------------------------------------------------
+
+    def add_frame(self, frame: CapturedFrame) -> bool:
+        """Spool one captured frame; False if it was not spooled (budget, or take behind)."""
+        with self._lock:
+            if self.ended:
+                raise BadInput(f"take {self.key} has ended; frame {frame.seq} cannot join it")
+            if frame.seq < self.next_seq:
+                return True  # already spooled (a replay): idempotent
+            if self.behind or frame.seq > self.next_seq:
+                return self._refuse(frame.seq, "a gap in the capture stream")
+            if not self.spool.reserve(_HEADER.size + len(frame.jpeg)):
+                return self._refuse(frame.seq, "the spool budget is reached")
+            self._append(KIND_FRAME, frame.seq, frame.capture_ts_ns, frame.jpeg, reserved=True)
+            self.next_seq = frame.seq + 1
+        self.spool.notify()
+        return True
+
+    def add_frames(self, frames: Iterable[CapturedFrame | None]) -> int:
+        """Spool frames until the iterable ends (or yields None); returns how many were spooled."""
+        n = 0
+        for frame in frames:
+            if frame is None:
+                break
+            n += self.add_frame(frame)
+        return n
+
+    def add_pose(
+        self, seq: int, keypoints: Any, *, imputed: bool = False, glitch: bool = False
+    ) -> None:
+        """Spool one pose (float32 (23, 3) x, y, score). Poses are small: they ignore the budget."""
+        with self._lock:
+            if seq <= self.last_pose:
+                return
+            payload = _pose_payload(keypoints, imputed, glitch)
+            self.spool.reserve(_HEADER.size + len(payload), force=True)
+            self._append(KIND_POSE, seq, 0, payload, reserved=True)
+            self.last_pose = seq
+        self.spool.notify()
+
+    def end(self, frame_count: int | None = None) -> None:
+        """The take's capture ended after ``frame_count`` frames (default: what was offered)."""
+        with self._lock:
+            if self.ended:
+                return
+            if frame_count is None:
+                frame_count = self.next_seq if not self.behind else self._captured_hint()
+            if frame_count < self.next_seq:
+                raise BadInput(
+                    f"take {self.key} ended at {frame_count} frames but has {self.next_seq}"
+                )
+            if frame_count > self.next_seq and not self.behind:
+                # Frames at the end never reached the spool: fetch them from the recording.
+                self.meta.behind_from_seq = self.next_seq
+            self.meta.frame_count = frame_count
+            self._sync()
+            self.save_meta()
+        if self.behind:
+            log.warning(
+                "take %s/%s ended with frames %d..%d not spooled; they are in the recording",
+                *self.key,
+                self.meta.behind_from_seq,
+                frame_count - 1,
+            )
+        self.spool.notify()
+
+    def _captured_hint(self) -> int:
+        return (self.meta.behind_from_seq or 0) + self.meta.not_spooled
+
+    def _refuse(self, seq: int, why: str) -> bool:
+        if not self.behind:
+            self.meta.behind_from_seq = self.next_seq
+            log.warning(
+                "take %s/%s is behind from frame %d (%s); frames go to the recording only",
+                *self.key,
+                self.next_seq,
+                why,
+            )
+            self.save_meta()
+        self.meta.not_spooled += 1
+        if self.meta.not_spooled % 64 == 0:  # so a crash still knows roughly how many
+            self.save_meta()
+        return False
+
+    def backfill(self, archive: TakeArchive) -> int:
+        """Spool missing frames from the recording while the budget allows; returns how many."""
+        n = 0
+        with self._lock:
+            start = self.meta.behind_from_seq
+            if start is None or self.meta.frame_count is None:
+                return 0
+            end = self.meta.frame_count
+            frames = archive.frames_from(self.meta.session_id, self.meta.camera_id, start)
+        for frame in frames:
+            if frame.seq >= end:
+                break
+            with self._lock:
+                if frame.seq != self.meta.behind_from_seq:
+                    raise BadInput(
+                        f"the recording of {self.key} skips from {self.meta.behind_from_seq} to "
+                        f"{frame.seq}; those frames are lost"
+                    )
+                if not self.spool.reserve(_HEADER.size + len(frame.jpeg)):
+                    break
+                self._append(KIND_FRAME, frame.seq, frame.capture_ts_ns, frame.jpeg, reserved=True)
+                self.meta.behind_from_seq = frame.seq + 1
+                self.meta.not_spooled = max(0, self.meta.not_spooled - 1)
+                n += 1
+        with self._lock:
+            if self.meta.behind_from_seq is not None and self.meta.behind_from_seq >= end:
+                self.meta.behind_from_seq = None
+                self.meta.not_spooled = 0
+                log.info("take %s/%s caught up from its recording", *self.key)
+            self._sync()
+            self.save_meta()
+        if n:
+            self.spool.notify()
+        return n
+
+    def _append(self, kind: int, seq: int, ts: int, payload: bytes, *, reserved: bool) -> None:
+        seg = self.segments[-1] if self.segments else None
+        if seg is None or seg.size >= self.spool.segment_bytes or self._fd is None:
+            seg = self._new_segment()
+        header = _HEADER.pack(kind, zlib.crc32(payload), seq, ts, len(payload))
+        data = header + payload
+        view = memoryview(data)
+        while view:
+            written = os.write(self._fd, view)
+            view = view[written:]
+        seg.size += len(data)
+        if kind == KIND_FRAME:
+            seg.last_frame = max(seg.last_frame, seq)
+        else:
+            seg.last_pose = max(seg.last_pose, seq)
+        self._dirty_bytes += len(data)
+        now = time.monotonic()
+        if self._dirty_bytes >= FSYNC_BYTES or now - self._last_fsync >= FSYNC_INTERVAL_S:
+            self._sync()
+
+    def _new_segment(self) -> _Segment:
+        if self._fd is not None:
+            self._sync()
+            os.close(self._fd)
+        number = self.segments[-1].number + 1 if self.segments else 0
+        path = self.dir / f"seg-{number:06d}.log"
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        _fsync_dir(self.dir)
+        seg = _Segment(number, path)
+        self.segments.append(seg)
+        return seg
+
+    def _sync(self) -> None:
+        if self._fd is not None and self._dirty_bytes:
+            os.fsync(self._fd)
+        self._dirty_bytes = 0
+        self._last_fsync = time.monotonic()
+
+    def save_meta(self) -> None:
+        _atomic_write_json(self.dir / "take.json", self.meta.__dict__)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._fd is not None:
+                self._sync()
+                os.close(self._fd)
+                self._fd = None
+
+    # ---- acks (uplink's thread) -------------------------------------------------------------
+
+    def ack(self, durable_seq: int, pose_durable_seq: int) -> int:
+        """Forget what the server holds; returns how many frames this ack newly covers."""
+        with self._lock:
+            newly = max(0, durable_seq - self.acked_seq)
+            self.acked_seq = max(self.acked_seq, durable_seq)
+            self.pose_acked_seq = max(self.pose_acked_seq, pose_durable_seq)
+            # Only whole segments go, and never the one being appended to.
+            while len(self.segments) > 1:
+                seg = self.segments[0]
+                if seg.last_frame > self.acked_seq or seg.last_pose > self.pose_acked_seq:
+                    break
+                self.segments.pop(0)
+                with contextlib.suppress(FileNotFoundError):
+                    seg.path.unlink()
+                self.spool.release(seg.size)
+        return newly
+
+    def finish(self) -> None:
+        """The server confirmed the whole take: delete its directory."""
+        with self._lock:
+            self.complete = True
+            self.close()
+            freed = self.bytes
+            self.segments = []
+            shutil.rmtree(self.dir, ignore_errors=True)
+        self.spool.release(freed)
+        self.spool.forget(self)
+
+    # ---- reading (uplink) ---------------------------------------------------------------------
+
+    def snapshot(self) -> list[tuple[Path, int, int]]:
+        """(path, segment number, complete bytes) of each segment, for a reader."""
+        with self._lock:
+            return [(s.path, s.number, s.size) for s in self.segments]
+
+    def first_frame_seq(self) -> int | None:
+        """The lowest frame seq still in the spool (None if no frame is)."""
+        for path, _n, size in self.snapshot():
+            for rec in _scan(path, size):
+                if rec.kind == KIND_FRAME:
+                    return rec.seq
+        return None
+
+    def status(self) -> dict[str, Any]:
+        missing = 0
+        if self.meta.behind_from_seq is not None:
+            end = self.meta.frame_count
+            missing = (
+                (end - self.meta.behind_from_seq) if end is not None else self.meta.not_spooled
+            )
+        return {
+            "session": self.meta.session_id,
+            "camera": self.meta.camera_id,
+            "spooled_next_seq": self.next_seq,
+            "acked_seq": self.acked_seq,
+            "frame_count": self.meta.frame_count,
+            "behind_from_seq": self.meta.behind_from_seq,
+            "not_spooled": self.meta.not_spooled,
+            "missing": missing,
+            "bytes": self.bytes,
+            "complete": self.complete,
+            "error": self.error,
+        }
+
+
+class Spool:
+    """All takes waiting to be uploaded, under one disk budget."""
+
+    def __init__(self, directory: str | os.PathLike[str], budget_bytes: int, booth_id: str):
+        self.dir = Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.budget_bytes = budget_bytes
+        self.booth_id = booth_id
+        self.segment_bytes = max(64 * 1024, min(SEGMENT_BYTES, budget_bytes // 8))
+        self._lock = threading.Lock()
+        self._used = 0
+        self.takes: dict[tuple[str, str], SpoolTake] = {}
+        self._listeners: list[Callable[[], None]] = []
+        self._recover()
+
+    # ---- budget -----------------------------------------------------------------------
+
+    @property
+    def used_bytes(self) -> int:
+        return self._used
+
+    def reserve(self, n: int, *, force: bool = False) -> bool:
+        with self._lock:
+            if not force and self._used + n > self.budget_bytes:
+                return False
+            self._used += n
+            return True
+
+    def release(self, n: int) -> None:
+        with self._lock:
+            self._used = max(0, self._used - n)
+        self.notify()
+
+    # ---- takes ----------------------------------------------------------------------------
+
+    def open_take(
+        self, session_id: str, camera_id: str, *, width: int = 0, height: int = 0, fps: float = 0.0
+    ) -> SpoolTake:
+        for kind, value in (("session", session_id), ("camera", camera_id)):
+            if not _SAFE_ID.match(value or ""):
+                raise BadInput(f"{kind} id {value!r} cannot name a spool directory")
+        with self._lock:
+            take = self.takes.get((session_id, camera_id))
+            if take is not None:
+                return take
+            directory = self.dir / f"{session_id}__{camera_id}"
+            directory.mkdir(parents=True, exist_ok=True)
+            meta = TakeMeta(session_id, camera_id, self.booth_id, width, height, fps)
+            take = SpoolTake(self, directory, meta)
+            take.save_meta()
+            _fsync_dir(self.dir)
+            self.takes[take.key] = take
+        self.notify()
+        return take
+
+    def forget(self, take: SpoolTake) -> None:
+        with self._lock:
+            if self.takes.get(take.key) is take:
+                del self.takes[take.key]
+
+    def pending(self) -> list[SpoolTake]:
+        with self._lock:
+            return sorted(
+                (t for t in self.takes.values() if not t.complete), key=lambda t: t.meta.created_at
+            )
+
+    def add_listener(self, fn: Callable[[], None]) -> None:
+        self._listeners.append(fn)
+
+    def notify(self) -> None:
+        for fn in self._listeners:
+            fn()
+
+    def close(self) -> None:
+        for take in list(self.takes.values()):
+            take.close()
+
+    # ---- recovery ---------------------------------------------------------------------------
+
+    def _recover(self) -> None:
+        for directory in sorted(p for p in self.dir.iterdir() if p.is_dir()):
+            try:
+                take = self._recover_take(directory)
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                raise BoothError(f"spool {directory} is unreadable ({e}); move it aside") from None
+            if take is None:
+                continue
+            self.takes[take.key] = take
+            self._used += take.bytes
+            log.info(
+                "spool: resuming take %s/%s (%d frames, %d bytes)",
+                *take.key,
+                take.next_seq,
+                take.bytes,
+            )
+
+    def _recover_take(self, directory: Path) -> SpoolTake | None:
+        meta_path = directory / "take.json"
+        if not meta_path.exists():
+            shutil.rmtree(directory, ignore_errors=True)  # died before the take was set up
+            return None
+        meta = TakeMeta(**json.loads(meta_path.read_text()))
+        take = SpoolTake(self, directory, meta)
+        numbers = sorted(
+            int(m.group(1)) for p in directory.iterdir() if (m := _SEGMENT_RE.match(p.name))
+        )
+        for number in numbers:
+            path = directory / f"seg-{number:06d}.log"
+            seg = _Segment(number, path)
+            good = 0
+            for rec, end_at in _scan_with_offsets(path):
+                good = end_at
+                if rec.kind == KIND_FRAME:
+                    seg.last_frame = max(seg.last_frame, rec.seq)
+                    take.next_seq = max(take.next_seq, rec.seq + 1)
+                else:
+                    seg.last_pose = max(seg.last_pose, rec.seq)
+                    take.last_pose = max(take.last_pose, rec.seq)
+            if good < path.stat().st_size:
+                log.warning("spool: %s ends in a torn record; cutting it at byte %d", path, good)
+                with open(path, "r+b") as f:
+                    f.truncate(good)
+                    os.fsync(f.fileno())
+            seg.size = good
+            take.segments.append(seg)
+        if meta.behind_from_seq is not None:
+            take.next_seq = max(take.next_seq, meta.behind_from_seq)
+        if segs := take.segments:
+            take._fd = os.open(segs[-1].path, os.O_WRONLY | os.O_APPEND)
+        if not take.ended:
+            # The agent died mid-capture: what is spooled is the take (a "behind" take
+            # fetches the rest from the recording).
+            take.end()
+            log.warning(
+                "spool: take %s/%s was not ended; sealed at %d frames", *take.key, meta.frame_count
+            )
+        return take
+
+
+def _scan_with_offsets(path: Path, limit: int | None = None) -> Iterator[tuple[Record, int]]:
+    """Complete, CRC-checked records of a segment file with the offset just after each."""
+    with open(path, "rb", buffering=1 << 20) as f:
+        pos = 0
+        while limit is None or pos < limit:
+            header = f.read(_HEADER.size)
+            if len(header) < _HEADER.size:
+                return
+            kind, crc, seq, ts, length = _HEADER.unpack(header)
+            if kind not in (KIND_FRAME, KIND_POSE):
+                return
+            payload = f.read(length)
+            if len(payload) < length or zlib.crc32(payload) != crc:
+                return
+            pos += _HEADER.size + length
+            yield Record(kind, seq, ts, payload), pos
+
+
+def _scan(path: Path, limit: int) -> Iterator[Record]:
+    for rec, _ in _scan_with_offsets(path, limit):
+        yield rec
+
+
+class _SendCursor:
+    """Reads a take's records in file order, skipping what the server already holds."""
+
+    def __init__(self, take: SpoolTake, resume_after: int, pose_resume_after: int):
+        self.take = take
+        self.frames_after = resume_after
+        self.poses_after = pose_resume_after
+        self.segment = -1  # number of the segment being read
+        self.offset = 0
+        self._file: Any = None
+
+    def read(self, max_bytes: int = READ_BATCH_BYTES) -> list[Record]:
+        """The next records (possibly none, if the uplink has caught up with the spool)."""
+        out: list[Record] = []
+        budget = max_bytes
+        for path, number, size in self.take.snapshot():
+            if number < self.segment:
+                continue
+            if number > self.segment:
+                self._open(path, number)
+            if self._file is None:
+                continue
+            while self.offset < size and budget > 0:
+                header = self._file.read(_HEADER.size)
+                kind, _crc, seq, ts, length = _HEADER.unpack(header)
+                self.offset += _HEADER.size + length
+                skip = (kind == KIND_FRAME and seq <= self.frames_after) or (
+                    kind == KIND_POSE and seq <= self.poses_after
+                )
+                if skip:
+                    self._file.seek(length, os.SEEK_CUR)
+                    continue
+                payload = self._file.read(length)
+                if kind == KIND_FRAME:
+                    self.frames_after = seq
+                elif kind == KIND_POSE:
+                    self.poses_after = seq
+                out.append(Record(kind, seq, ts, payload))
+                budget -= length + _HEADER.size
+            if budget <= 0:
+                break
+        return out
+
+    def _open(self, path: Path, number: int) -> None:
+        self.close()
+        self.segment, self.offset = number, 0
+        try:
+            self._file = open(path, "rb", buffering=1 << 20)  # noqa: SIM115 - closed in close()
+        except FileNotFoundError:  # acked and deleted meanwhile
+            self._file = None
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+class TakeNotAccepted(BoothError):
+    """The server refused the take for a reason retrying soon will not fix."""
+
+
+def backoff_s(attempt: int, initial_s: float, max_s: float, rng: random.Random) -> float:
+    """Exponential backoff with full jitter: uniform in [0, min(max, initial * 2**attempt)]."""
+    return rng.uniform(0.0, min(max_s, initial_s * (2.0 ** min(attempt, 30))))
+
+
+def make_channel(uplink: Any) -> grpc.aio.Channel:
+    """A channel to ``uplink.address``, TLS when ``uplink.tls`` is set (UplinkConfig)."""
+    max_bytes = uplink.max_message_mb * 1024 * 1024
+    options = [
+        ("grpc.max_send_message_length", max_bytes),
+        ("grpc.max_receive_message_length", max_bytes),
+        # Notice a dead Wi-Fi link within seconds instead of TCP's minutes.
+        ("grpc.keepalive_time_ms", 10_000),
+        ("grpc.keepalive_timeout_ms", 5_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+        # Our own backoff decides when to retry; keep gRPC's reconnect quick.
+        ("grpc.initial_reconnect_backoff_ms", 100),
+        ("grpc.max_reconnect_backoff_ms", 2_000),
+    ]
+    if uplink.tls is None:
+        return grpc.aio.insecure_channel(uplink.address, options=options)
+    ca = None
+    if uplink.tls.ca_cert is not None:
+        try:
+            ca = Path(uplink.tls.ca_cert).read_bytes()
+        except OSError as e:
+            raise BadInput(f"uplink.tls.ca_cert: cannot read {e.filename}: {e.strerror}") from None
+    if uplink.tls.server_name:
+        options.append(("grpc.ssl_target_name_override", uplink.tls.server_name))
+    creds = grpc.ssl_channel_credentials(root_certificates=ca)
+    return grpc.aio.secure_channel(uplink.address, creds, options=options)
+
+
+def auth_metadata(token: str) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {token}"),)
+
+
+class Streamer:
+    """The spool plus the uplink that empties it. Build it, ``await start()``, feed takes.
+
+    ``open_take(...)`` returns the ``SpoolTake`` to feed from the capture threads
+    (``add_frames(take.subscribe_stream())``, ``add_pose``, ``end``); the uplink
+    picks it up by itself. ``status()`` has the AgentStatus fields it owns.
+    """
+
+    def __init__(
+        self,
+        uplink: Any,  # edge_agent.config.UplinkConfig
+        *,
+        booth_id: str,
+        camera_id: str,
+        software_version: str = "",
+        archive: TakeArchive | None = None,
+        seed: int | None = None,
+    ):
+        self.cfg = uplink
+        self.booth_id, self.camera_id = booth_id, camera_id
+        self.software_version = software_version
+        self.archive = archive
+        self.spool = Spool(uplink.spool_dir, uplink.spool_budget_mb * 1024 * 1024, booth_id)
+        self.frames_acked = 0
+        self.ack_latencies_s: deque[float] = deque(maxlen=LATENCY_SAMPLES)
+        self.reconnects = 0
+        self._rng = random.Random(seed)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wake: asyncio.Event | None = None
+        self._tasks: dict[tuple[str, str], asyncio.Task] = {}
+        self._supervisor: asyncio.Task | None = None
+        self._channel: grpc.aio.Channel | None = None
+        self._closed = False
+
+    # ---- feeding ----------------------------------------------------------------------
+
+    def open_take(
+        self, session_id: str, *, width: int = 0, height: int = 0, fps: float = 0.0
+    ) -> SpoolTake:
+        return self.spool.open_take(session_id, self.camera_id, width=width, height=height, fps=fps)
+
+    # ---- running ----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._wake = asyncio.Event()
+        self.spool.add_listener(self._notify)
+        self._channel = make_channel(self.cfg)
+        self._supervisor = asyncio.create_task(self._supervise(), name="uplink")
+
+    async def stop(self) -> None:
+        """Stop uploading (what is spooled stays for the next start)."""
+        self._closed = True
+        tasks = [t for t in (self._supervisor, *self._tasks.values()) if t is not None]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self._channel is not None:
+            await self._channel.close()
+        self.spool.close()
+
+    async def wait_uploaded(self, session_id: str, timeout_s: float | None = None) -> None:
+        """Until the server confirmed this camera's take of ``session_id`` complete."""
+        async with asyncio.timeout(timeout_s):
+            while (session_id, self.camera_id) in self.spool.takes:
+                assert self._wake is not None
+                await self._wait_change(1.0)
+
+    async def wait_idle(self, timeout_s: float | None = None) -> None:
+        """Until every spooled take is uploaded."""
+        async with asyncio.timeout(timeout_s):
+            while self.spool.pending():
+                await self._wait_change(1.0)
+
+    def _notify(self) -> None:
+        # Called from capture threads and from the loop itself.
+        loop, wake = self._loop, self._wake
+        if loop is None or wake is None or loop.is_closed():
+            return
+        # The loop may be shutting down; then nobody is waiting.
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(self._bump)
+
+    _changes = 0
+
+    def _bump(self) -> None:
+        self._changes += 1
+        if self._wake is not None:
+            self._wake.set()
+
+    async def _wait_change(self, timeout_s: float) -> None:
+        # Every waiter gets its own event: the shared one only says "something changed".
+        seen = self._changes
+        while self._changes == seen:
+            assert self._wake is not None
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout_s)
+            if self._changes == seen:
+                return
+
+    async def _supervise(self) -> None:
+        while not self._closed:
+            for take in self.spool.pending():
+                task = self._tasks.get(take.key)
+                if task is None or task.done():
+                    self._tasks[take.key] = asyncio.create_task(
+                        self._upload(take), name=f"uplink-{take.meta.session_id}"
+                    )
+            for key, task in list(self._tasks.items()):
+                if task.done():
+                    del self._tasks[key]
+                    if not task.cancelled() and task.exception() is not None:
+                        log.error("uplink of %s crashed", key, exc_info=task.exception())
+            await self._wait_change(1.0)
+
+    # ---- one take -----------------------------------------------------------------------
+
+    async def _upload(self, take: SpoolTake) -> None:
+        attempt = 0
+        while not take.complete and not self._closed:
+            try:
+                progressed = await self._stream_take(take)
+            except TakeNotAccepted as e:
+                take.error = str(e)
+                log.warning("take %s/%s not accepted: %s", *take.key, e)
+                delay = self.cfg.backoff_max_s
+            except asyncio.InvalidStateError:
+                take.error = "the stream ended unexpectedly"
+                delay = backoff_s(
+                    attempt, self.cfg.backoff_initial_s, self.cfg.backoff_max_s, self._rng
+                )
+                attempt += 1
+            except grpc.aio.AioRpcError as e:
+                take.error = f"{e.code().name}: {e.details()}"
+                if e.code() in PERMANENT_CODES:
+                    log.warning("take %s/%s refused: %s", *take.key, take.error)
+                    delay = self.cfg.backoff_max_s
+                else:
+                    log.info("take %s/%s: stream broke (%s); reconnecting", *take.key, take.error)
+                    delay = backoff_s(
+                        attempt, self.cfg.backoff_initial_s, self.cfg.backoff_max_s, self._rng
+                    )
+                    attempt += 1
+                self.reconnects += 1
+            else:
+                if take.complete:
+                    return
+                attempt = 0 if progressed else attempt + 1
+                delay = (
+                    0.0
+                    if progressed
+                    else backoff_s(
+                        attempt, self.cfg.backoff_initial_s, self.cfg.backoff_max_s, self._rng
+                    )
+                )
+            if delay:
+                await asyncio.sleep(delay)
+
+    async def _stream_take(self, take: SpoolTake) -> bool:
+        """One Ingest stream for ``take``; True if it made progress. Raises on stream errors."""
+        assert self._channel is not None
+        stub = booth_pb2_grpc.IngestStub(self._channel)
+        meta = take.meta
+        call = stub.Stream(metadata=auth_metadata(self.cfg.token))
+        reader: asyncio.Task | None = None
+        cursor: _SendCursor | None = None
+        try:
+            await call.write(
+                booth_pb2.IngestRequest(
+                    hello=booth_pb2.Hello(
+                        session_id=meta.session_id,
+                        camera_id=meta.camera_id,
+                        booth_id=meta.booth_id,
+                        software_version=self.software_version,
+                        width=meta.width,
+                        height=meta.height,
+                        fps=meta.fps,
+                    )
+                )
+            )
+            first = await call.read()
+            if first is grpc.aio.EOF:
+                await _raise_status(call)
+            if first.WhichOneof("body") != "hello_ack":
+                raise TakeNotAccepted("the server did not answer the hello with a hello_ack")
+            resume = first.hello_ack.resume_after_seq
+            pose_resume = first.hello_ack.pose_resume_after_seq
+            take.error = ""
+            self._on_ack(take, resume, pose_resume, {})
+            oldest = take.first_frame_seq()
+            if oldest is not None and oldest > resume + 1:
+                raise TakeNotAccepted(
+                    f"the server holds frames up to {resume} but this spool starts at {oldest}; "
+                    f"frames {resume + 1}..{oldest - 1} were acked before and are gone from it"
+                )
+            sent_at: dict[int, float] = {}
+            reader = asyncio.create_task(self._read_acks(call, take, sent_at))
+            cursor = _SendCursor(take, resume, pose_resume)
+            progressed = await self._send(call, take, cursor, sent_at, reader)
+            await call.done_writing()
+            await reader
+            return progressed or take.complete
+        finally:
+            if cursor is not None:
+                cursor.close()
+            if reader is not None:
+                reader.cancel()  # no-op if it ended; its error (if any) is the stream's error
+                await asyncio.gather(reader, return_exceptions=True)
+            call.cancel()
+
+    async def _send(
+        self,
+        call: Any,
+        take: SpoolTake,
+        cursor: _SendCursor,
+        sent_at: dict[int, float],
+        reader: asyncio.Task,
+    ) -> bool:
+        progressed = False
+        ids = {"session_id": take.meta.session_id, "camera_id": take.meta.camera_id}
+        while True:
+            if reader.done():
+                reader.result()  # the stream failed: raise its error
+                return progressed
+            batch = cursor.read()
+            for rec in batch:
+                if rec.kind == KIND_FRAME:
+                    req = booth_pb2.IngestRequest(
+                        frame=booth_pb2.Frame(
+                            seq=rec.seq, capture_ts_ns=rec.capture_ts_ns, jpeg=rec.payload, **ids
+                        )
+                    )
+                    await call.write(req)
+                    sent_at[rec.seq] = time.monotonic()
+                else:
+                    await call.write(booth_pb2.IngestRequest(pose=_pose_message(rec, ids)))
+                progressed = True
+            if batch:
+                continue
+            count = take.meta.frame_count
+            if count is not None and not take.behind and cursor.frames_after >= count - 1:
+                # Everything is sent (the end goes last, after any backfilled frames).
+                end = booth_pb2.EndOfTake(frame_count=count, **ids)
+                await call.write(booth_pb2.IngestRequest(end=end))
+                return True
+            if take.behind and take.ended and self.archive is not None:
+                try:
+                    n = await asyncio.to_thread(take.backfill, self.archive)
+                except (OSError, BoothError, ValueError) as e:
+                    raise TakeNotAccepted(
+                        f"cannot read frames back from the recording: {e}"
+                    ) from None
+                if n:
+                    continue
+            if take.behind:
+                take.error = (
+                    f"{take.status()['missing']} frames from seq {take.meta.behind_from_seq} "
+                    "are not uploaded (spool full or stream buffer overflow); they are in "
+                    "the local recording"
+                )
+            await self._wait_change(1.0)
+
+    async def _read_acks(self, call: Any, take: SpoolTake, sent_at: dict[int, float]) -> None:
+        while (resp := await call.read()) is not grpc.aio.EOF:
+            if resp.WhichOneof("body") != "ack":
+                continue
+            ack = resp.ack
+            self._on_ack(take, ack.durable_seq, ack.pose_durable_seq, sent_at)
+            if ack.take_complete:
+                take.finish()
+                log.info("take %s/%s uploaded", *take.key)
+                self._bump()
+                return
+        await _raise_status(call)
+
+    def _on_ack(self, take: SpoolTake, durable: int, pose_durable: int, sent_at: dict) -> None:
+        if sent_at:
+            now = time.monotonic()
+            for seq in [s for s in sent_at if s <= durable]:
+                self.ack_latencies_s.append(now - sent_at.pop(seq))
+        self.frames_acked += take.ack(durable, pose_durable)
+
+    # ---- status -----------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        takes = [t.status() for t in self.spool.pending()]
+        return {
+            "frames_acked": self.frames_acked,
+            "spool_bytes": self.spool.used_bytes,
+            "upload_behind": any(t["behind_from_seq"] is not None for t in takes),
+            "stream_dropped": sum(t["not_spooled"] for t in takes),
+            "error": next((t["error"] for t in takes if t["error"]), ""),
+            "takes": takes,
+        }
+
+
+def _pose_message(rec: Record, ids: dict[str, str]) -> booth_pb2.Pose:
+    kp, imputed, glitch = decode_pose(rec.payload)
+    return booth_pb2.Pose(
+        seq=rec.seq,
+        skeleton=booth_pb2.Skeleton(
+            keypoints=[booth_pb2.Keypoint(x=float(x), y=float(y), score=float(s)) for x, y, s in kp]
+        ),
+        imputed=imputed,
+        glitch=glitch,
+        **ids,
+    )
+
+
+async def _raise_status(call: Any) -> None:
+    code = await call.code()
+    if code != grpc.StatusCode.OK:
+        raise grpc.aio.AioRpcError(
+            code, grpc.aio.Metadata(), grpc.aio.Metadata(), await call.details()
+        )
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _atomic_write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(data, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

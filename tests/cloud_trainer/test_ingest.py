@@ -1,0 +1,315 @@
+"""The ingest server on loopback: durability, idempotency, completion, and bad input."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from pathlib import Path
+
+import grpc
+import pytest
+import transport_helpers as th
+
+from cloud_trainer.ingest.shards import decode_shard
+from cloud_trainer.repository import Repository
+from cloud_trainer.storage import create_blob_store
+from edge_agent.stream import Streamer
+from protos import booth_pb2
+
+
+class Env:
+    def __init__(self, tmp: Path, **cfg_kwargs):
+        self.tmp = tmp
+        self.cfg = th.booth_config(tmp, **cfg_kwargs)
+        self.repo = Repository.from_config(self.cfg.database)
+        self.store = create_blob_store(self.cfg.storage)
+        self.uploaded: list[str] = []
+
+    def streamer(self, port: int, camera_id: str = "cam0", **kwargs) -> Streamer:
+        uplink = th.uplink_config(f"127.0.0.1:{port}", self.tmp / f"spool-{camera_id}", camera_id)
+        return Streamer(uplink, booth_id=th.BOOTH, camera_id=camera_id, **kwargs)
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> Env:
+    return Env(tmp_path)
+
+
+@pytest.fixture
+async def server(env: Env):
+    async def hook(session_id: str) -> None:
+        env.uploaded.append(session_id)
+
+    async with th.running_server(
+        env.cfg, repo=env.repo, store=env.store, on_session_uploaded=hook
+    ) as srv:
+        yield srv
+
+
+async def test_two_cameras_upload_exactly_once_and_the_session_becomes_uploaded(env, server):
+    sid = th.new_session(env.repo, ("cam0", "cam1"))
+    sent = {cam: th.frames(30, salt=i) for i, cam in enumerate(("cam0", "cam1"))}
+    streamers = [env.streamer(server.port, cam) for cam in sent]
+    for st in streamers:
+        await st.start()
+    try:
+        for st in streamers:
+            take = st.open_take(sid, width=64, height=48, fps=120)
+            take.add_frames(sent[st.camera_id])
+            take.add_pose(5, [[1.0, 2.0, 0.5]] * 23, imputed=True)
+            take.end()
+        await asyncio.gather(*(st.wait_uploaded(sid, timeout_s=30) for st in streamers))
+    finally:
+        for st in streamers:
+            await st.stop()
+    for cam, frames in sent.items():
+        th.assert_exactly_once(env.repo, env.store, sid, cam, frames)
+        (pose,) = env.repo.pose_rows(sid, cam)
+        assert pose["seq"] == 5 and pose["imputed"] and not pose["glitch"]
+    assert {t["state"] for t in env.repo.list_takes(sid)} == {"uploaded"}
+    assert env.repo.get_session(sid)["state"] == "uploaded"
+    assert env.uploaded == [sid]  # the hook ran once, for the whole session
+
+
+async def test_frames_are_chunked_into_shards_not_one_object_per_frame(tmp_path):
+    env = Env(tmp_path, shard_mb=0.01)  # ~10 KB shards: several for 40 small frames
+    sid = th.new_session(env.repo)
+    frames = [th.frame_req(i) for i in range(40)]
+    async with th.running_server(env.cfg, repo=env.repo, store=env.store) as srv:
+        result = await th.raw_ingest(srv.port, th.token_for("cam0"), [th.hello(sid), *frames])
+    assert result.code == grpc.StatusCode.OK, result.details
+    keys = list(env.store.list(f"sessions/{sid}/frames/cam0/"))
+    assert 1 < len(keys) < 40  # shard_mb is tiny in the tests, but frames still share shards
+    seqs = [f.seq for key in keys for f in decode_shard(env.store.get(key))]
+    assert sorted(seqs) == list(range(40))
+
+
+async def test_acks_report_the_highest_contiguous_durable_seq(env, server):
+    sid = th.new_session(env.repo)
+    result = await th.raw_ingest(
+        server.port, th.token_for("cam0"), [th.hello(sid), *(th.frame_req(i) for i in range(10))]
+    )
+    assert result.responses[0].hello_ack.resume_after_seq == -1
+    durable = [a.durable_seq for a in th.acks(result)]
+    assert durable == sorted(durable) and durable[-1] == 9
+    assert not any(a.take_complete for a in th.acks(result))
+
+
+async def test_resent_frames_are_skipped_and_hello_says_where_to_resume(env, server):
+    sid = th.new_session(env.repo)
+    token = th.token_for("cam0")
+    await th.raw_ingest(server.port, token, [th.hello(sid), *(th.frame_req(i) for i in range(10))])
+    # The agent lost the acks and sends everything again, then the rest of the take.
+    again = await th.raw_ingest(
+        server.port,
+        token,
+        [th.hello(sid), *(th.frame_req(i) for i in range(20)), th.end_req(20)],
+    )
+    assert again.code == grpc.StatusCode.OK, again.details
+    assert again.responses[0].hello_ack.resume_after_seq == 9
+    assert th.acks(again)[-1].take_complete
+    stored = th.stored_frames(env.repo, env.store, sid, "cam0")
+    assert sorted(stored) == list(range(20))
+    assert all(stored[i] == th.make_jpeg(i) for i in range(20))
+    assert server.ingest.resent_frames == 10
+
+
+async def test_a_storage_failure_is_unavailable_and_the_agent_retries_until_it_lands(env):
+    class FlakyStore:
+        """The real store, but the first puts fail as a full or unreachable disk would."""
+
+        def __init__(self, inner, failures: int):
+            self.inner, self.failures = inner, failures
+
+        def put(self, key, data, content_type=None):
+            if self.failures > 0:
+                self.failures -= 1
+                raise OSError(5, "Input/output error")
+            self.inner.put(key, data, content_type)
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+    flaky = FlakyStore(env.store, failures=2)
+    sid = th.new_session(env.repo)
+    async with th.running_server(env.cfg, repo=env.repo, store=flaky) as srv:
+        bad = await th.raw_ingest(
+            srv.port,
+            th.token_for("cam0"),
+            [th.hello(th.new_session(env.repo)), th.frame_req(0), th.end_req(1)],
+        )
+        assert bad.code == grpc.StatusCode.UNAVAILABLE
+        assert "storage unavailable" in bad.details
+        st = env.streamer(srv.port)
+        await st.start()
+        try:
+            take = st.open_take(sid)
+            frames = th.frames(12)
+            take.add_frames(frames)
+            take.end()
+            await st.wait_uploaded(sid, timeout_s=30)
+        finally:
+            await st.stop()
+    th.assert_exactly_once(env.repo, env.store, sid, "cam0", frames)
+
+
+# ---- bad input: each gets a status with a clear detail, and the server keeps serving ----------
+
+
+def _bad_cases(
+    sid: str, other_sid: str
+) -> dict[str, tuple[list, str | None, grpc.StatusCode, str]]:
+    token = th.token_for("cam0")
+    big = th.frame_req(0, jpeg=b"\xff\xd8" + b"\0" * (5 * 1024 * 1024) + b"\xff\xd9")
+    return {
+        "malformed bytes": (
+            [b"\x0a\xff\xff\xff\x0f"],
+            token,
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "malformed",
+        ),
+        "truncated message": (
+            [th.hello(sid).SerializeToString()[:-3]],
+            token,
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "malformed",
+        ),
+        "frame before hello": ([th.frame_req(0)], token, grpc.StatusCode.INVALID_ARGUMENT, "hello"),
+        "empty request": (
+            [th.hello(sid), booth_pb2.IngestRequest()],
+            token,
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "empty",
+        ),
+        "oversized message": ([th.hello(sid), big], token, grpc.StatusCode.RESOURCE_EXHAUSTED, ""),
+        "unknown session": (
+            [th.hello("nosuchsession")],
+            token,
+            grpc.StatusCode.NOT_FOUND,
+            "unknown session",
+        ),
+        "camera not registered": (
+            [th.hello(sid, camera_id="cam9")],
+            token,
+            grpc.StatusCode.PERMISSION_DENIED,
+            "not registered",
+        ),
+        "camera not in the session": (
+            [th.hello(other_sid, camera_id="cam1")],
+            th.token_for("cam1"),
+            grpc.StatusCode.PERMISSION_DENIED,
+            "not part of session",
+        ),
+        "wrong booth": (
+            [th.hello(sid, booth_id="elsewhere")],
+            token,
+            grpc.StatusCode.PERMISSION_DENIED,
+            "booth",
+        ),
+        "out-of-order seq": (
+            [th.hello(sid), th.frame_req(0), th.frame_req(2)],
+            token,
+            grpc.StatusCode.OUT_OF_RANGE,
+            "1 was expected next",
+        ),
+        "duplicate seq with other bytes": (
+            [th.hello(sid), th.frame_req(0), th.frame_req(1), th.frame_req(1, th.make_jpeg(77))],
+            token,
+            grpc.StatusCode.ALREADY_EXISTS,
+            "different content",
+        ),
+        "non-JPEG payload": (
+            [th.hello(sid), th.frame_req(0, b"GIF89a" + b"\0" * 100)],
+            token,
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "not a JPEG",
+        ),
+        "JPEG without its end": (
+            [th.hello(sid), th.frame_req(0, th.make_jpeg(0)[:-200])],
+            token,
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "EOI",
+        ),
+        "pose with a wrong skeleton": (
+            [
+                th.hello(sid),
+                booth_pb2.IngestRequest(
+                    pose=booth_pb2.Pose(
+                        seq=0, skeleton=booth_pb2.Skeleton(keypoints=[booth_pb2.Keypoint()])
+                    )
+                ),
+            ],
+            token,
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "keypoints",
+        ),
+        "frames past the end": (
+            [th.hello(sid), th.frame_req(0), th.end_req(1), th.frame_req(1)],
+            token,
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "past the end",
+        ),
+        "frame for another session": (
+            [th.hello(sid), th.frame_req(0, session_id=other_sid)],
+            token,
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "this stream is",
+        ),
+        "no token": ([th.hello(sid)], None, grpc.StatusCode.UNAUTHENTICATED, "missing"),
+        "wrong token": (
+            [th.hello(sid)],
+            "not-a-token",
+            grpc.StatusCode.UNAUTHENTICATED,
+            "unknown token",
+        ),
+        "expired token": (
+            [th.hello(sid)],
+            th.token_for("old"),
+            grpc.StatusCode.UNAUTHENTICATED,
+            "expired",
+        ),
+    }
+
+
+async def test_bad_input_gets_a_clear_status_and_the_server_keeps_serving(tmp_path, caplog):
+    env = Env(
+        tmp_path,
+        agents=[
+            th.agent_entry("cam0"),
+            th.agent_entry("cam1"),
+            th.agent_entry("old", expires_at=1.0),
+        ],
+    )
+    async with th.running_server(env.cfg, repo=env.repo, store=env.store) as srv:
+        cases = None
+        for name in _bad_cases("x", "y"):
+            # A fresh session per case, so one case's frames do not change the next one's.
+            sid, other = th.new_session(env.repo), th.new_session(env.repo, ("cam0",))
+            cases = _bad_cases(sid, other)
+            requests, token, code, detail = cases[name]
+            result = await th.raw_ingest(srv.port, token, requests)
+            assert result.code == code, f"{name}: {result.code} {result.details}"
+            assert detail.lower() in result.details.lower(), f"{name}: {result.details!r}"
+            # ...and a well-behaved agent is still served.
+            good = th.new_session(env.repo)
+            ok = await th.raw_ingest(
+                srv.port, th.token_for("cam0"), [th.hello(good), th.frame_req(0), th.end_req(1)]
+            )
+            assert ok.code == grpc.StatusCode.OK and th.acks(ok)[-1].take_complete, name
+    assert cases is not None
+    assert "refused" in caplog.text  # each refusal is logged
+
+
+async def test_a_duplicate_seq_with_the_same_bytes_is_harmless(env, server):
+    sid = th.new_session(env.repo)
+    f1 = th.frame_req(1)
+    result = await th.raw_ingest(
+        server.port,
+        th.token_for("cam0"),
+        [th.hello(sid), th.frame_req(0), f1, f1, th.frame_req(2), th.end_req(3)],
+    )
+    assert result.code == grpc.StatusCode.OK, result.details
+    assert th.acks(result)[-1].take_complete
+    rows = env.repo.frame_index(sid, "cam0")
+    assert [r["seq"] for r in rows] == [0, 1, 2]
+    assert rows[1]["sha256"] == hashlib.sha256(th.make_jpeg(1)).hexdigest()
