@@ -1,0 +1,164 @@
+"""The synthetic booth as a camera: JPEGs rendered up front, replayed at an exact rate.
+
+Rendering a frame costs a few milliseconds, which a 120 fps (8.3 ms) schedule
+cannot absorb with any jitter margin, so ``prerender`` renders and JPEG-encodes
+the whole take first. ``frames`` then releases frame ``i`` at ``start + i / fps``:
+deadlines are absolute, so a late frame never delays the ones after it (no
+drift), and the capture timestamp is the deadline itself, as a camera with a
+hardware clock would stamp it. Waiting sleeps until about a millisecond before
+the deadline, then spins, because ``time.sleep`` alone overshoots by up to a
+scheduler tick.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import cv2
+import numpy as np
+
+from edge_agent.config import SyntheticSource
+from edge_agent.frames import CapturedFrame, Granted
+from edge_agent.synth.appearance import Attendee
+from edge_agent.synth.choreography import Dance
+from edge_agent.synth.render import SynthFrame, render
+
+log = logging.getLogger(__name__)
+
+# Sleep until this long before a deadline, then spin.
+SPIN_NS = 1_000_000
+
+
+def encode_jpeg(rgb: np.ndarray, quality: int) -> bytes:
+    """Baseline JPEG of an RGB frame (deterministic for equal pixels and quality)."""
+    ok, buf = cv2.imencode(
+        ".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), (cv2.IMWRITE_JPEG_QUALITY, int(quality))
+    )
+    if not ok:
+        raise RuntimeError("JPEG encoding failed")
+    return buf.tobytes()
+
+
+class SyntheticCamera:
+    """A camera whose scene is the synthetic booth.
+
+    ``seconds`` is the take length; ``frames()`` ends after it (or repeats it with
+    ``loop=True``). ``clock_ns`` and ``sleep`` are injectable so tests can run the
+    schedule on a fake clock.
+    """
+
+    def __init__(
+        self,
+        cfg: SyntheticSource,
+        seconds: float,
+        clock_ns: Callable[[], int] = time.monotonic_ns,
+        *,
+        sleep: Callable[[float], None] = time.sleep,
+        dance: Dance | None = None,
+        shadow: str = "auto",
+        noise: bool = True,
+    ) -> None:
+        if not seconds > 0:
+            raise ValueError(f"seconds must be > 0, got {seconds}")
+        self.cfg = cfg
+        self.seconds = float(seconds)
+        self.size = (int(cfg.size[0]), int(cfg.size[1]))
+        self.fps = float(cfg.fps)
+        self.attendee = Attendee.from_seed(cfg.attendee)
+        self.dance = dance if dance is not None else Dance.from_seed(cfg.dance)
+        self.shadow = shadow
+        self.noise = noise
+        self.poses = self.dance.poses(self.fps, self.seconds)
+        if not self.poses:
+            raise ValueError(f"{seconds} s at {self.fps} fps is not a single frame")
+        self._clock = clock_ns
+        self._sleep = sleep
+        self._jpegs: list[bytes] | None = None
+        self.keypoints: np.ndarray | None = None  # (N, 23, 3), filled by prerender
+        self._stop = threading.Event()
+
+    @property
+    def num_frames(self) -> int:
+        return len(self.poses)
+
+    def granted(self) -> Granted:
+        return Granted(width=self.size[0], height=self.size[1], fps=self.fps, pixel_format="mjpeg")
+
+    def ground_truth(self, seq: int) -> SynthFrame:
+        """Frame ``seq``'s ground truth (re-rendered: rendering is deterministic).
+
+        ``seq`` counts on past the end of the take when replaying in a loop.
+        """
+        i = seq % self.num_frames
+        return render(
+            self.attendee,
+            self.poses[i],
+            self.size,
+            self.cfg.viewpoint,
+            frame_index=i,
+            shadow=self.shadow,
+            noise=self.noise,
+        )
+
+    def prerender(self, progress: bool = False) -> None:
+        """Render and JPEG-encode the whole take (a tqdm bar on stderr if ``progress``)."""
+        if self._jpegs is not None:
+            return
+        indices = range(self.num_frames)
+        if progress:
+            from tqdm import tqdm
+
+            indices = tqdm(indices, desc="rendering", unit="frame", file=sys.stderr)
+        jpegs = []
+        keypoints = np.zeros((self.num_frames, 23, 3), dtype=np.float32)
+        t0 = time.perf_counter()
+        for i in indices:
+            frame = self.ground_truth(i)
+            keypoints[i] = frame.keypoints
+            jpegs.append(encode_jpeg(frame.rgb, self.cfg.jpeg_quality))
+        self._jpegs, self.keypoints = jpegs, keypoints
+        log.info(
+            "pre-rendered %d frames %dx%d in %.1f s (%.0f KB/frame)",
+            self.num_frames,
+            *self.size,
+            time.perf_counter() - t0,
+            sum(map(len, jpegs)) / len(jpegs) / 1024,
+        )
+
+    def jpeg(self, seq: int) -> bytes:
+        if self._jpegs is None:
+            self.prerender()
+        assert self._jpegs is not None
+        return self._jpegs[seq % self.num_frames]
+
+    def stop(self) -> None:
+        """Make ``frames()`` return after the frame it is waiting for (thread-safe)."""
+        self._stop.set()
+
+    def frames(self, loop: bool = False) -> Iterator[CapturedFrame]:
+        """Yield the take at exactly ``fps``, frame ``seq`` due at ``start + seq / fps``."""
+        if self._jpegs is None:
+            self.prerender()
+        assert self._jpegs is not None
+        self._stop.clear()
+        period_ns = 1e9 / self.fps
+        start = self._clock()
+        seq = 0
+        while not self._stop.is_set() and (loop or seq < self.num_frames):
+            deadline = start + round(seq * period_ns)
+            self._wait_until(deadline)
+            yield CapturedFrame(seq, deadline, self._jpegs[seq % self.num_frames])
+            seq += 1
+
+    def _wait_until(self, deadline_ns: int) -> None:
+        clock = self._clock
+        while True:
+            remaining = deadline_ns - clock()
+            if remaining <= 0:
+                return
+            if remaining > SPIN_NS + 200_000:
+                self._sleep((remaining - SPIN_NS) / 1e9)

@@ -1,0 +1,296 @@
+"""The synthetic booth: determinism, ground truth, occlusion, the camera and ``booth synth``."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from cloud_trainer.cli import main
+from edge_agent import skeleton as sk
+from edge_agent.config import SyntheticSource
+from edge_agent.synth import (
+    PART,
+    Attendee,
+    BodyPose,
+    Dance,
+    SyntheticCamera,
+    forward_kinematics,
+    mirror,
+    read_mp4_jpegs,
+    read_truth,
+    render,
+)
+from edge_agent.synth.body import sole_corners
+
+SMALL = (128, 96)
+
+
+def _crossed_arms() -> BodyPose:
+    """Left forearm across the belly in front of the torso, right forearm behind the back."""
+    return BodyPose.neutral().with_angles(
+        l_shoulder_flex=0.35,
+        l_shoulder_abd=0.2,
+        l_elbow=1.9,
+        l_shoulder_twist=-1.2,
+        r_shoulder_flex=-0.5,
+        r_shoulder_abd=0.1,
+        r_elbow=1.9,
+        r_shoulder_twist=-1.6,
+    )
+
+
+def test_same_seeds_render_identical_bytes():
+    pose = Dance.from_seed(4).pose(2.5)
+    a = render(Attendee.from_seed(3), pose, SMALL, viewpoint=1, frame_index=7)
+    b = render(Attendee.from_seed(3), Dance.from_seed(4).pose(2.5), SMALL, 1, frame_index=7)
+    assert a.rgb.tobytes() == b.rgb.tobytes()
+    assert a.parts.tobytes() == b.parts.tobytes()
+    assert np.array_equal(a.keypoints, b.keypoints)
+
+
+def test_camera_jpegs_are_identical_across_instances():
+    cfg = SyntheticSource(attendee=5, dance=2, size=(96, 64), fps=20)
+    one, two = SyntheticCamera(cfg, 0.25), SyntheticCamera(cfg, 0.25)
+    assert [one.jpeg(i) for i in range(5)] == [two.jpeg(i) for i in range(5)]
+
+
+def test_different_attendee_seeds_give_visibly_different_attendees():
+    people = [Attendee.from_seed(s) for s in range(1, 7)]
+    looks = {p.appearance for p in people}
+    assert len(looks) == len(people)
+    heights = {round(p.proportions.height_m, 3) for p in people}
+    assert len(heights) == len(people)
+    frames = [render(p, BodyPose.neutral(), SMALL, noise=False) for p in people]
+    for i in range(len(frames)):
+        for j in range(i + 1, len(frames)):
+            both = frames[i].mask | frames[j].mask
+            diff = np.abs(frames[i].rgb.astype(int) - frames[j].rgb.astype(int))[both].mean()
+            assert diff > 12, (i, j, diff)
+
+
+@pytest.mark.parametrize("dance", ["1", "2", "warmup", "turn+jump", "stepout"])
+def test_every_visible_keypoint_lies_on_the_person_mask(dance):
+    choreo = Dance.parse(dance)
+    seen = 0
+    for k, seed in enumerate((1, 4, 9)):
+        for t in np.arange(0.0, 12.0, 0.7) + 0.1 * k:
+            f = render(Attendee.from_seed(seed), choreo.pose(t), SMALL, viewpoint=k % 3)
+            xs, ys = f.keypoints[f.visible, 0].astype(int), f.keypoints[f.visible, 1].astype(int)
+            assert f.mask[ys, xs].all()
+            assert (f.keypoints[~f.visible] == 0).all()
+            assert (f.keypoints[f.visible, 2] == 1).all()
+            seen += int(f.visible.sum())
+    assert seen > 100
+
+
+def test_forearm_in_front_of_torso_is_visible_and_behind_it_occluded():
+    f = render(Attendee.from_seed(1), _crossed_arms(), (256, 192), noise=False)
+    lw, rw = sk.INDEX["left_wrist"], sk.INDEX["right_wrist"]
+    assert f.in_frame[lw] and f.in_frame[rw]
+    assert f.visible[lw], "the forearm in front of the belly hides nothing of the wrist"
+    assert not f.visible[rw] and f.occluded[rw], "the torso hides the wrist behind the back"
+    # The hidden wrist keeps its true position, where the body in front covers it.
+    x, y = f.projected[rw].astype(int)
+    own = {PART[n] for n in PART if n.startswith(("right_lower_arm", "right_hand"))}
+    assert f.mask[y, x] and f.parts[y, x] not in own
+    # Seen from behind, the roles swap.
+    back = render(Attendee.from_seed(1), _crossed_arms().moved(yaw=math.pi), (256, 192))
+    assert back.visible[rw] and not back.visible[lw]
+
+
+def test_face_turned_away_is_occluded_but_in_frame():
+    f = render(Attendee.from_seed(2), BodyPose.neutral().moved(yaw=math.pi), SMALL)
+    face = [sk.INDEX[n] for n in ("nose", "left_eye", "right_eye")]
+    assert f.in_frame[face].all() and not f.visible[face].any()
+    front = render(Attendee.from_seed(2), BodyPose.neutral(), SMALL)
+    assert front.visible[face].all()
+
+
+def test_part_map_puts_the_persons_left_on_the_image_right():
+    f = render(Attendee.from_seed(3), BodyPose.neutral(), (256, 192), noise=False)
+    assert set(np.unique(f.parts)) <= set(range(25))
+    assert np.array_equal(f.mask, f.parts > 0)
+
+    def cx(name: str) -> float:
+        return float(np.nonzero(f.parts == PART[name])[1].mean())
+
+    assert cx("left_upper_arm_front") > cx("torso_front") > cx("right_upper_arm_front")
+    assert cx("left_foot") > cx("right_foot")
+    assert cx("left_face") > cx("right_face")
+
+
+def test_any_attendee_performs_any_pose_with_their_own_bones():
+    pose = Dance.from_seed(6).pose(3.3)
+    tall, short = Attendee.from_seed(0), Attendee.from_seed(3)
+    assert tall.proportions.height_m - short.proportions.height_m > 0.1
+    for person in (tall, short):
+        body = forward_kinematics(person.proportions, pose.moved(lift=0.0))
+        lowest = min(sole_corners(body, s)[:, 1].min() for s in ("l", "r"))
+        assert abs(lowest) < 1e-9, "feet rest on the floor"
+    a = render(tall, pose, SMALL)
+    b = render(short, pose, SMALL)
+    nose = sk.INDEX["nose"]
+    assert a.projected[nose, 1] < b.projected[nose, 1]  # the taller head is higher
+
+
+def test_two_viewpoints_see_the_booth_from_either_side():
+    pose = BodyPose.neutral()
+    person = Attendee.from_seed(1)
+    views = [render(person, pose, (256, 192), viewpoint=v) for v in (0, 1, 2)]
+    assert views[1].rgb.tobytes() != views[2].rgb.tobytes()
+    assert all(v.visible.sum() >= 19 for v in views)
+
+    def nose_offset(f) -> float:
+        shoulders = f.projected[[sk.INDEX["left_shoulder"], sk.INDEX["right_shoulder"]], 0]
+        return float(f.projected[sk.INDEX["nose"], 0] - shoulders.mean())
+
+    # The face stands in front of the shoulders, so parallax moves it opposite ways.
+    assert nose_offset(views[1]) * nose_offset(views[2]) < 0
+    with pytest.raises(ValueError):
+        render(person, pose, SMALL, viewpoint=99)
+
+
+def test_stepout_leaves_the_frame_while_the_wall_shadow_stays():
+    dance = Dance.from_name("stepout")
+    empty_with_shadow = 0
+    for t in np.arange(0.5, dance.length_s, 0.25):
+        f = render(Attendee.from_seed(2), dance.pose(t), SMALL)
+        assert f.shadow_mask is not None, "the spotlight shines throughout a step-out"
+        if not f.in_frame.any():
+            assert f.shadow_mask.sum() > 0.02 * f.mask.size
+            assert not f.visible.any() and f.mask.mean() < 0.005  # a sliver of sleeve at most
+            empty_with_shadow += 1
+    assert empty_with_shadow >= 3
+
+
+def test_hard_shadow_follows_the_shadow_option():
+    person = Attendee.from_seed(1)
+    assert render(person, BodyPose.neutral(), SMALL, shadow="hard").shadow_mask.any()
+    assert render(person, BodyPose.neutral(), SMALL, shadow="soft").shadow_mask is None
+    with pytest.raises(ValueError):
+        render(person, BodyPose.neutral(), SMALL, shadow="dramatic")
+
+
+def test_pose_vectors_round_trip_and_mirroring_is_an_involution():
+    pose = Dance.from_seed(3).pose(4.2).moved(x=0.3, yaw=0.4)
+    again = BodyPose.from_vector(pose.as_vector())
+    assert np.array_equal(again.as_vector(), pose.as_vector())
+    twice = mirror(mirror(pose))
+    assert np.allclose(twice.as_vector(), pose.as_vector())
+    assert mirror(pose)["l_elbow"] == pose["r_elbow"]
+
+
+def test_dances_are_deterministic_and_named_moves_are_checked():
+    assert len(Dance.from_seed(1).poses(30, 2)) == 60
+    a, b = Dance.from_seed(8).poses(10, 5), Dance.from_seed(8).poses(10, 5)
+    assert all(np.array_equal(p.as_vector(), q.as_vector()) for p, q in zip(a, b, strict=True))
+    assert (
+        Dance.from_seed(8).pose(3.0).as_vector().tolist()
+        != Dance.from_seed(9).pose(3.0).as_vector().tolist()
+    )
+    assert Dance.parse("wave+squat").name == "wave+squat"
+    with pytest.raises(ValueError, match="unknown dance move"):
+        Dance.parse("moonwalk")
+
+
+class _FakeClock:
+    """Monotonic nanoseconds that advance only when slept on or read (a spin costs 10 µs)."""
+
+    def __init__(self) -> None:
+        self.now = 5_000_000_000
+
+    def clock(self) -> int:
+        self.now += 10_000
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += int(seconds * 1e9)
+
+
+def test_camera_replays_on_absolute_deadlines_without_drift():
+    fake = _FakeClock()
+    cfg = SyntheticSource(attendee=1, dance=1, size=(64, 48), fps=120)
+    cam = SyntheticCamera(cfg, 0.1, clock_ns=fake.clock, sleep=fake.sleep)
+    cam.prerender()
+    got, released = [], []
+    for frame in cam.frames():
+        got.append(frame)
+        released.append(fake.now)
+        if frame.seq == 3:
+            fake.now += 30_000_000  # the consumer stalls for 30 ms (3.6 frame periods)
+    assert [f.seq for f in got] == list(range(12))
+    start = got[0].capture_ts_ns
+    for f, when in zip(got, released, strict=True):
+        assert f.capture_ts_ns == start + round(f.seq * 1e9 / 120)
+        assert when >= f.capture_ts_ns  # never early
+    # After the stall, late frames go out at once and the schedule catches up.
+    assert released[-1] - got[-1].capture_ts_ns < 100_000
+    assert got[5].jpeg == cam.jpeg(5)
+    assert cam.granted().fps == 120 and (cam.granted().width, cam.granted().height) == (64, 48)
+
+
+def test_camera_ground_truth_matches_its_frames():
+    cfg = SyntheticSource(attendee=2, dance=3, size=(64, 48), fps=10)
+    cam = SyntheticCamera(cfg, 0.5)
+    cam.prerender()
+    gt = cam.ground_truth(3)
+    assert np.array_equal(gt.keypoints, cam.keypoints[3])
+    assert gt.rgb.shape == (48, 64, 3)
+
+
+def test_cli_writes_a_take_whose_mp4_holds_the_cameras_exact_jpegs(tmp_path, capsys):
+    out = tmp_path / "take"
+    args = ["synth", "--attendee", "4", "--dance", "2", "--seconds", "0.5", "--fps", "10"]
+    assert main([*args, "--size", "96x64", "--out", str(out), "--viewpoint", "1"]) == 0
+    assert "wrote 5 frames" in capsys.readouterr().out
+    for name in ("frames.mp4", "truth.npz", "contact.png", "take.json"):
+        assert (out / name).stat().st_size > 0
+    cam = SyntheticCamera(
+        SyntheticSource(attendee=4, dance=2, size=(96, 64), fps=10, viewpoint=1), 0.5
+    )
+    assert read_mp4_jpegs(out / "frames.mp4") == [cam.jpeg(i) for i in range(5)]
+    truth = read_truth(out / "truth.npz")
+    cam.prerender()
+    assert np.array_equal(truth["keypoints"], cam.keypoints)
+    assert truth["mask"].shape == truth["parts"].shape == (5, 64, 96)
+    assert np.array_equal(truth["mask"], truth["parts"] > 0)
+    assert truth["timestamps_ns"].tolist() == [i * 100_000_000 for i in range(5)]
+    meta = json.loads((out / "take.json").read_text())
+    assert meta["frames"] == 5 and meta["attendee"] == 4 and meta["size"] == [96, 64]
+
+
+def test_cli_accepts_dance_names(tmp_path, capsys):
+    out = tmp_path / "named"
+    args = ["synth", "--dance", "warmup", "--seconds", "0.2", "--fps", "10", "--size", "64x48"]
+    assert main([*args, "--out", str(out), "--shadow", "hard"]) == 0
+    assert json.loads((out / "take.json").read_text())["dance_name"] == "warmup"
+    assert read_truth(out / "truth.npz")["shadow"].any()
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        ["--size", "0x0"],
+        ["--size", "640by480"],
+        ["--fps", "-5"],
+        ["--fps", "0"],
+        ["--seconds", "-1"],
+        ["--dance", "moonwalk"],
+        ["--attendee", "-3"],
+        ["--viewpoint", "42"],
+        ["--fps", "fast"],
+    ],
+)
+def test_bad_cli_arguments_give_a_one_line_error_and_exit_2(bad, tmp_path, capsys):
+    argv = ["synth", "--out", str(tmp_path / "x"), "--seconds", "0.1", "--size", "64x48", *bad]
+    try:
+        code = main(argv)
+    except SystemExit as e:  # argparse's own type errors
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not (tmp_path / "x").exists()
