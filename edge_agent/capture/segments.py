@@ -31,6 +31,7 @@ import logging
 import os
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -236,6 +237,8 @@ class SegmentRecorder:
         self.corrupt_frames = 0
         self.first_corrupt_seq: int | None = None
         self.start_ts_ns: int | None = None
+        self.first_write_ns: int | None = None
+        self.last_write_ns: int | None = None
         self.records: list[FrameRecord] = []
         self.segments: list[SegmentInfo] = []  # finished, in order
         self._seg_lock = threading.Lock()
@@ -278,6 +281,13 @@ class SegmentRecorder:
     def finished_segments(self) -> list[SegmentInfo]:
         with self._seg_lock:
             return list(self.segments)
+
+    @property
+    def fps_written(self) -> float:
+        """Frames written per second of wall time, from the first write to the latest."""
+        if self.first_write_ns is None or self.last_write_ns == self.first_write_ns:
+            return 0.0
+        return (self._muxed - 1) * 1e9 / (self.last_write_ns - self.first_write_ns)
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -342,6 +352,10 @@ class SegmentRecorder:
                 continue
             seg.info.seqs.append(frame.seq)
             seg.info.last_ts_ns = ts
+            # Wall-clock times of the first and latest write: the sustained written rate.
+            self.last_write_ns = time.monotonic_ns()
+            if self.first_write_ns is None:
+                self.first_write_ns = self.last_write_ns
             self._muxed += 1
             self.records.append(FrameRecord(frame.seq, ts, index, len(jpeg), corrupt))
         if seg is not None:

@@ -1,0 +1,108 @@
+"""``booth agent --config FILE``: run one camera's edge agent.
+
+With ``--take-seconds S`` it runs one take locally, prints a summary and exits
+(0 if the take is complete, 1 if it finished with errors, 2 if it could not
+start). Without it, the agent runs until interrupted: it probes the camera,
+logs its status periodically, serves it over HTTP when ``status_port`` is set,
+and waits for the control channel to start takes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import threading
+import time
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, type=Path, help="booth YAML (its agent: section)")
+    p.add_argument("--camera-id", help="override agent.camera_id")
+    p.add_argument(
+        "--take-seconds", type=float, help="run one take of this length locally, then exit"
+    )
+    p.add_argument("--session", help="session id for --take-seconds (default: local-<time>)")
+    p.add_argument("--out-dir", type=Path, help="override agent.capture.out_dir")
+    p.add_argument("--status-port", type=int, help="override agent.status_port (0: off)")
+    p.add_argument("--json", action="store_true", help="print the take summary as JSON")
+
+
+def _print_summary(summary, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(summary.to_dict(), indent=2))
+        return
+    g = summary.granted
+    c = summary.counters
+    p = summary.pose
+    print(f"take {summary.session_id}/{summary.camera_id}: {summary.directory}")
+    print(
+        f"  camera granted {g.get('width')}x{g.get('height')} at {g.get('fps')} fps; "
+        f"captured {summary.frames} frames at {summary.fps_captured} fps"
+    )
+    print(
+        f"  written {summary.frames_written} in {len(summary.segments)} segments; "
+        f"dropped: capture {c['capture_dropped']}, segment {c['segment_dropped']}, "
+        f"pose {c['pose_dropped']}; corrupt {c['corrupt_frames']}"
+    )
+    print(
+        f"  pose ({p.get('backend')}): live {p.get('live')} at {p.get('live_fps')} fps, "
+        f"catch-up {p.get('catch_up')}, coverage {p.get('coverage')}"
+    )
+    for w in summary.warnings:
+        print(f"  warning: {w}")
+    for e in summary.errors:
+        print(f"  error: {e}")
+
+
+def run(args: argparse.Namespace) -> int:
+    from edge_agent.agent import Agent
+    from edge_agent.config import load_agent_config
+    from edge_agent.errors import BadInput
+
+    cfg = load_agent_config(args.config)
+    if args.camera_id:
+        cfg.camera_id = args.camera_id
+    if args.out_dir:
+        cfg.capture.out_dir = args.out_dir
+    if args.take_seconds is not None and args.take_seconds <= 0:
+        raise BadInput(f"--take-seconds must be positive, got {args.take_seconds}")
+
+    agent = Agent(cfg)
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        log.info("signal %d: stopping", signum)
+        stop.set()
+        take = agent.current_take
+        if take is not None:
+            take.stop()
+
+    # SIGTERM (docker stop) ends the take cleanly; handlers can only be set on the main thread.
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, on_signal) if main else None
+    agent.start(status_port=args.status_port)
+    try:
+        if args.take_seconds is not None:
+            session = args.session or time.strftime("local-%Y%m%d-%H%M%S")
+            take = agent.start_take(session, args.take_seconds)
+            summary = take.wait()
+            _print_summary(summary, args.json)
+            return 0 if summary.ok else 1
+        log.info(
+            "agent %s/%s running; no control channel is connected yet, so it only "
+            "reports status (Ctrl-C to stop)",
+            cfg.booth_id,
+            cfg.camera_id,
+        )
+        while not stop.wait(1.0):
+            pass
+        return 0
+    finally:
+        agent.close()
+        if main:
+            signal.signal(signal.SIGTERM, previous)

@@ -1,0 +1,313 @@
+"""The agent: takes on request, status (in Python and over HTTP), and bad input it survives."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from capture_fakes import HEIGHT, WIDTH, make_jpegs, slow_pose_factory
+
+from edge_agent.agent import Agent, BoothClock
+from edge_agent.capture.sources import ReplayCamera, rate_warning
+from edge_agent.config import AgentConfig, CaptureConfig, SyntheticSource, V4L2Source
+from edge_agent.errors import BadInput, DeviceError
+from edge_agent.frames import Granted
+
+FPS = 240.0
+
+
+@pytest.fixture(scope="module")
+def jpegs() -> list[bytes]:
+    return make_jpegs(120)
+
+
+def config(tmp_path: Path, **source) -> AgentConfig:
+    return AgentConfig(
+        camera_id="cam0",
+        source=V4L2Source(**source) if source else SyntheticSource(size=(WIDTH, HEIGHT), fps=FPS),
+        capture=CaptureConfig(out_dir=tmp_path / "takes", segment_s=0.25, min_free_disk_mb=0),
+    )
+
+
+class SlowToGrant(ReplayCamera):
+    """A camera that grants half the rate it was asked for, and says so like a V4L2 one does."""
+
+    def __init__(self, jpegs, clock, asked_fps: float) -> None:
+        super().__init__(jpegs, width=WIDTH, height=HEIGHT, fps=asked_fps / 2, clock=clock)
+        self.warnings = [
+            rate_warning("camera test", asked_fps, Granted(WIDTH, HEIGHT, asked_fps / 2))
+        ]
+
+
+def replay_factory(jpegs):
+    def factory(cfg, *, clock, seconds):
+        return ReplayCamera(jpegs, width=WIDTH, height=HEIGHT, fps=FPS, clock=clock)
+
+    return factory
+
+
+def make_agent(tmp_path, jpegs, **kw) -> Agent:
+    kw.setdefault("source_factory", replay_factory(jpegs))
+    kw.setdefault("pose_factory", slow_pose_factory(0.005))
+    return Agent(config(tmp_path), **kw)
+
+
+def http_json(url: str) -> tuple[int, dict]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def wait_for(predicate, timeout_s: float = 20.0) -> bool:
+    """Wait for a background thread's state change (not a sleep to win a race)."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def test_agent_runs_a_take_into_session_and_camera_dirs_and_reports_it(tmp_path, jpegs):
+    agent = make_agent(tmp_path, jpegs).start()
+    try:
+        seen = []
+        agent.add_take_listener(lambda take: seen.append(take.subscribe_stream()))
+        take = agent.start_take("sess-1", duration_s=0.25)
+        assert agent.state == "capturing"
+        with pytest.raises(BadInput, match="already capturing session sess-1"):
+            agent.start_take("sess-2")
+        summary = take.wait(60)
+        assert Path(summary.directory) == tmp_path / "takes" / "sess-1" / "cam0"
+        assert summary.frames == 60 and summary.frames_written == 60 and summary.ok
+        assert (Path(summary.directory) / "take.json").is_file()
+        assert [f.seq for f in seen[0]] == list(range(60)), "a listener sees every frame"
+        status = agent.status()
+        assert status["state"] == "idle" and status["error"] is None
+        assert status["frames"] == 60 and status["drops"]["capture"] == 0
+        assert status["last_take"]["coverage"] == 1.0
+        assert set(status) >= {"fps", "pose_fps", "drops", "queues", "take", "clock_offset_ns"}
+    finally:
+        agent.close()
+
+
+def test_stop_take_returns_the_summary_of_what_was_captured(tmp_path, jpegs):
+    agent = make_agent(tmp_path, jpegs).start()
+    try:
+        take = agent.start_take("sess-1")
+        buf = take.subscribe_stream()
+        assert buf.get(timeout=10) is not None
+        summary = agent.stop_take(timeout=60)
+        assert 1 <= summary.frames <= len(jpegs)
+        assert summary.frames_written == summary.frames
+    finally:
+        agent.close()
+
+
+def test_a_session_id_that_is_not_a_plain_name_is_refused(tmp_path, jpegs):
+    agent = make_agent(tmp_path, jpegs)
+    with pytest.raises(BadInput, match="session id '../etc'"):
+        agent.start_take("../etc", 1.0)
+
+
+def test_a_reused_session_is_refused_rather_than_overwritten(tmp_path, jpegs):
+    agent = make_agent(tmp_path, jpegs).start()
+    try:
+        agent.start_take("sess-1", 0.05).wait(60)
+        with pytest.raises(BadInput, match="already holds a take"):
+            agent.start_take("sess-1", 0.05)
+        assert agent.state == "idle"
+    finally:
+        agent.close()
+
+
+def test_booth_clock_offset_shifts_every_capture_timestamp(tmp_path, jpegs):
+    clock = BoothClock()
+    agent = make_agent(tmp_path, jpegs, clock=clock)
+    offset = 3_600 * 10**9
+    clock.set_offset(offset)
+    before = time.monotonic_ns() + offset
+    summary = agent.start_take("sess-1", 0.1).wait(60)
+    after = time.monotonic_ns() + offset
+    rows = (Path(summary.directory) / "frames.csv").read_text().splitlines()[1:]
+    ts = np.array([int(r.split(",")[1]) for r in rows])
+    assert before <= ts.min() and ts.max() <= after
+    assert summary.clock_offset_ns == offset
+
+
+def test_missing_camera_is_a_clear_error_in_status_and_the_agent_keeps_running(
+    tmp_path, get_free_port
+):
+    cfg = config(tmp_path, device="/dev/video-missing-42")
+    cfg.status_port = get_free_port()
+    agent = Agent(cfg, pose_factory=slow_pose_factory(0), retry_initial_s=0.05)
+    agent.start()  # does not raise
+    try:
+        assert agent.state == "error"
+        assert "/dev/video-missing-42: no such device" in agent.status()["error"]
+        with pytest.raises(DeviceError, match="no such device"):
+            agent.start_take("sess-1", 1.0)
+        code, body = http_json(f"http://127.0.0.1:{agent.status_port}/healthz")
+        assert code == 503 and "no such device" in body["error"]
+        code, body = http_json(f"http://127.0.0.1:{agent.status_port}/status")
+        assert code == 200 and body["state"] == "error" and body["camera"] == "cam0"
+        # It keeps probing: the retries are counted in the log, the state stays honest.
+        assert agent._loop.is_alive()
+    finally:
+        agent.close()
+
+
+def test_agent_recovers_when_the_camera_comes_back(tmp_path, jpegs):
+    plugged = {"in": False}
+
+    def factory(cfg, *, clock, seconds):
+        if not plugged["in"]:
+
+            class Missing(ReplayCamera):
+                def probe(self):
+                    raise DeviceError("camera /dev/video0: no such device (is it plugged in?)")
+
+            return Missing(jpegs, width=WIDTH, height=HEIGHT, fps=FPS, clock=clock)
+        return ReplayCamera(jpegs, width=WIDTH, height=HEIGHT, fps=FPS, clock=clock)
+
+    agent = make_agent(tmp_path, jpegs, source_factory=factory, retry_initial_s=0.02).start()
+    try:
+        assert agent.state == "error"
+        plugged["in"] = True
+        assert wait_for(lambda: agent.state == "idle"), "the agent should re-probe and recover"
+        assert agent.status()["error"] is None
+    finally:
+        agent.close()
+
+
+def test_granted_rate_below_the_asked_one_is_reported_in_status(tmp_path, jpegs):
+    def factory(cfg, *, clock, seconds):
+        return SlowToGrant(jpegs, clock, asked_fps=FPS)
+
+    agent = make_agent(tmp_path, jpegs, source_factory=factory).start()
+    try:
+        assert agent.status()["warnings"] == [
+            f"camera test granted {FPS / 2:g} fps, below the {FPS:g} fps asked"
+        ]
+        summary = agent.start_take("sess-1", 0.1).wait(60)
+        assert summary.warnings == agent.status()["warnings"]
+        assert summary.granted["fps"] == FPS / 2
+    finally:
+        agent.close()
+
+
+def test_full_disk_refuses_a_take_with_a_clear_message_and_the_agent_keeps_running(tmp_path, jpegs):
+    free = {"mb": 1.0}
+
+    def statvfs(path):
+        return SimpleNamespace(f_bavail=int(free["mb"] * 256), f_frsize=4096)
+
+    cfg = config(tmp_path)
+    cfg.capture.min_free_disk_mb = 50
+    agent = Agent(
+        cfg,
+        source_factory=replay_factory(jpegs),
+        pose_factory=slow_pose_factory(0),
+        statvfs=statvfs,
+        retry_initial_s=0.02,
+    ).start()
+    try:
+        assert agent.state == "error"
+        assert "disk almost full: 1 MB free" in agent.status()["error"]
+        with pytest.raises(DeviceError, match="min_free_disk_mb=50"):
+            agent.start_take("sess-1", 0.1)
+        free["mb"] = 1000.0
+        assert wait_for(lambda: agent.state == "idle"), "space freed: the agent recovers"
+        assert agent.start_take("sess-1", 0.1).wait(60).ok
+    finally:
+        agent.close()
+
+
+def test_status_endpoint_serves_live_counters_during_a_take(tmp_path, jpegs, get_free_port):
+    agent = make_agent(tmp_path, jpegs)
+    agent.start(status_port=get_free_port())
+    try:
+        take = agent.start_take("sess-1")
+        buf = take.subscribe_stream()
+        for _ in range(10):
+            buf.get(timeout=10)
+        code, body = http_json(f"http://127.0.0.1:{agent.status_port}/status")
+        assert code == 200
+        assert body["take"]["session"] == "sess-1"
+        assert body["frames"] >= 10
+        assert body["drops"]["capture"] == 0 and "segment" in body["queues"]
+        code, _ = http_json(f"http://127.0.0.1:{agent.status_port}/healthz")
+        assert code == 200
+        code, _ = http_json(f"http://127.0.0.1:{agent.status_port}/nope")
+        assert code == 404
+    finally:
+        agent.close()
+
+
+# ---- the CLI -------------------------------------------------------------------------------
+
+
+def _mjpeg_file(tmp_path: Path, jpegs: list[bytes]) -> Path:
+    agent = make_agent(tmp_path / "make", jpegs)
+    agent.cfg.capture.segment_s = 60
+    summary = agent.start_take("src", 0.25).wait(60)
+    return Path(summary.directory) / summary.segments[0]["file"]
+
+
+def test_booth_agent_runs_one_take_and_prints_a_summary(tmp_path, jpegs, capsys):
+    from cloud_trainer.cli import main
+
+    video = _mjpeg_file(tmp_path, jpegs)
+    cfg = tmp_path / "booth.yaml"
+    cfg.write_text(
+        "agent:\n"
+        "  camera_id: cam7\n"
+        f"  source: {{type: file, path: {video}, rate: max}}\n"
+        "  pose: {type: cpu, threads: 1, mode: tracking}\n"
+        f"  capture: {{out_dir: {tmp_path / 'out'}, segment_s: 0.1, min_free_disk_mb: 0}}\n"
+    )
+    code = main(
+        ["agent", "--config", str(cfg), "--take-seconds", "5", "--session", "cli-1", "--json"]
+    )
+    out = capsys.readouterr().out
+    summary = json.loads(out)
+    assert code == 0, out
+    assert summary["camera_id"] == "cam7" and summary["session_id"] == "cli-1"
+    assert summary["frames"] == 60 and summary["frames_written"] == 60
+    assert summary["pose"]["backend"] == "cpu" and summary["pose"]["coverage"] == 1.0
+    assert (tmp_path / "out" / "cli-1" / "cam7" / "poses.npz").is_file()
+
+
+def test_booth_agent_with_a_missing_camera_prints_one_line_and_exits_2(tmp_path, capsys):
+    from cloud_trainer.cli import main
+
+    cfg = tmp_path / "booth.yaml"
+    cfg.write_text(
+        "agent:\n"
+        "  source: {type: v4l2, device: /dev/video-missing-42}\n"
+        f"  capture: {{out_dir: {tmp_path / 'out'}, min_free_disk_mb: 0}}\n"
+    )
+    code = main(["agent", "--config", str(cfg), "--take-seconds", "1"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.strip().splitlines() == [
+        "booth agent: camera /dev/video-missing-42: no such device (is the camera plugged in?)"
+    ]
+
+
+def test_agent_captures_the_synthetic_booth_camera(tmp_path):
+    cfg = config(tmp_path)
+    cfg.source = SyntheticSource(size=(160, 120), fps=60)
+    agent = Agent(cfg, pose_factory=slow_pose_factory(0))
+    summary = agent.start_take("sess-1", 0.5).wait(60)
+    assert summary.granted == {"width": 160, "height": 120, "fps": 60.0, "pixel_format": "mjpeg"}
+    assert summary.frames == 30 and summary.frames_written == 30
+    assert summary.pose["coverage"] == 1.0 and summary.ok
