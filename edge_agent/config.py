@@ -141,7 +141,7 @@ class SmoothingConfig(Strict):
         0.35, gt=0, description="relative bone-length change that flags a glitch"
     )
     max_speed_body_per_s: float = Field(
-        12.0, gt=0, description="joint speed, in torso lengths per second"
+        25.0, gt=0, description="joint speed, in torso lengths per second"
     )
     # The Kalman smoother (edge_agent/smoothing.py); min_cutoff_hz, beta and
     # d_cutoff_hz above configure the One Euro baseline.
@@ -162,6 +162,9 @@ class SmoothingConfig(Strict):
         0.1, ge=0, le=1, description="per-frame step of the process-noise trim (log units)"
     )
     gate_chi2: float = Field(16.0, gt=0, description="innovation gate, chi-square with 2 dof")
+    reject_chi2: float = Field(
+        128.0, gt=0, description="innovation beyond which a measurement is refused outright"
+    )
     max_reject_frames: int = Field(
         6, ge=0, description="consecutive rejections after which a track restarts"
     )
