@@ -367,9 +367,10 @@ class _Figure:
 
     def _neck(self) -> _Item:
         r = self.body.proportions.neck_r
+        # Up into the head, which is drawn over the top: no ball-shaped end shows.
         return self._limb(
             "chest",
-            "neck_top",
+            "head",
             (r, r * 0.95),
             self.look.skin,
             PART["torso_front"] if self.faces_camera("chest") >= 0 else PART["torso_back"],
@@ -424,10 +425,17 @@ class _Figure:
                 pts_b.append(a[0] * (1 - t1) + a[1] * t1)
             return np.array(pts_a + pts_b[::-1])
 
+        # A round neckline on the front: skin below the collar, above the top edge's centre.
+        neckline = None
+        if self.faces_camera("chest") > 0.2:
+            top = (side_pts[0, 0] + side_pts[0, 1]) / 2
+            across = (side_pts[0, 0] - side_pts[0, 1]) / 2 * 0.3
+            down = (side_pts[1].mean(axis=0) - top) * 0.35
+            t = np.linspace(0, np.pi, 9)
+            neckline = top + np.outer(np.cos(t), across) + np.outer(np.sin(t), down)
         # Shading bands across the body, lit edge (t=0) to dark edge (t=1).
         bands = ((0.0, 0.07, 0.94), (0.07, 0.4, 1.1), (0.4, 0.68, 1.0), (0.68, 0.86, 0.86))
         fabric = self._shirt_pieces(belt)
-        chest_s = self.s("chest")
 
         def rgb(img: np.ndarray) -> None:
             cv2.fillPoly(img, [_fx(outline)], _scale(look.shirt, 0.7), _AA, _SHIFT)
@@ -446,21 +454,11 @@ class _Figure:
                         cv2.LINE_8,
                         _SHIFT,
                     )
-            # Neckline: skin showing above the collar.
-            c = self.p("chest") + (self.p("neck_top") - self.p("chest")) * 0.05
-            r = prop.neck_r * chest_s
-            cv2.ellipse(
-                img,
-                tuple(_fx(c)),
-                (int(r * 1.1 * _ONE), int(r * 0.7 * _ONE)),
-                0,
-                0,
-                180,
-                _scale(look.skin, 0.9),
-                -1,
-                _AA,
-                _SHIFT,
-            )
+            # Trousers between the legs, below the crotch level.
+            crotch = np.array((side_pts[-1, 0], bottom, side_pts[-1, 1]))
+            cv2.fillConvexPoly(img, _fx(crotch), _scale(look.trousers, 0.8), _AA, _SHIFT)
+            if neckline is not None:
+                cv2.fillConvexPoly(img, _fx(neckline), _scale(look.skin, 0.92), _AA, _SHIFT)
             # Belt line.
             a = patch(belt - 0.04, belt + 0.04, 0.0, 1.0)
             cv2.fillPoly(img, [_fx(a)], _scale(look.trousers, 0.45), cv2.LINE_8, _SHIFT)
