@@ -15,6 +15,7 @@ captured.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -34,6 +35,24 @@ log = logging.getLogger(__name__)
 
 LIVE = 1
 CATCH_UP = 2
+
+# Pose threads run at a lower CPU priority than capture: on a 2-core board, the
+# model (and the XNNPACK threads it starts, which inherit the value) must yield the
+# core to the capture and segment threads, never the other way round.
+POSE_NICE = 10
+
+
+def lower_thread_priority(nice: int = POSE_NICE) -> None:
+    """Make the calling thread (and threads it starts later) yield the CPU to capture.
+
+    Linux schedules threads individually, so this affects only the caller. Where
+    per-thread priorities do not exist, pose simply runs at normal priority.
+    """
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, max(os.getpriority(os.PRIO_PROCESS, tid), nice))
+    except (AttributeError, OSError) as e:
+        log.debug("cannot lower the pose thread's priority: %s", e)
 
 
 class PoseStore:
@@ -164,6 +183,7 @@ class PoseWorker:
         return True
 
     def _run(self) -> None:
+        lower_thread_priority()
         if not self._load():
             return
         backend = self.backend

@@ -42,6 +42,7 @@ from edge_agent.capture.pose_worker import (
     PoseStore,
     PoseWorker,
     catch_up,
+    lower_thread_priority,
 )
 from edge_agent.capture.segments import SegmentRecorder
 from edge_agent.capture.sources import CameraSource
@@ -308,6 +309,8 @@ class Take:
 
     def _finish(self) -> None:
         self.state = "finishing"
+        # Catch-up pose and smoothing may overlap the next take's capture: yield to it.
+        lower_thread_priority()
         self.slot.close()
         for buf in self._streams:
             buf.close()

@@ -311,3 +311,49 @@ def test_agent_captures_the_synthetic_booth_camera(tmp_path):
     assert summary.granted == {"width": 160, "height": 120, "fps": 60.0, "pixel_format": "mjpeg"}
     assert summary.frames == 30 and summary.frames_written == 30
     assert summary.pose["coverage"] == 1.0 and summary.ok
+
+
+def test_booth_agent_process_keeps_serving_status_with_a_missing_camera_until_sigterm(
+    tmp_path, get_free_port
+):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    port = get_free_port()
+    cfg = tmp_path / "booth.yaml"
+    cfg.write_text(
+        "agent:\n"
+        "  source: {type: v4l2, device: /dev/video-missing-42}\n"
+        f"  capture: {{out_dir: {tmp_path / 'out'}, min_free_disk_mb: 0}}\n"
+        f"  status_port: {port}\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cloud_trainer.cli", "agent", "--config", str(cfg)],
+        cwd=Path(__file__).resolve().parents[2],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+
+        def serving() -> bool:
+            assert proc.poll() is None, proc.stderr.read()
+            try:
+                return http_json(f"http://127.0.0.1:{port}/healthz")[0] == 503
+            except (urllib.error.URLError, ConnectionError):
+                return False
+
+        assert wait_for(serving, 60), "the agent should serve its status despite the error"
+        code, body = http_json(f"http://127.0.0.1:{port}/status")
+        assert body["state"] == "error" and "no such device" in body["error"]
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode == 0, err
+        assert "camera /dev/video-missing-42: no such device" in err
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
