@@ -72,8 +72,16 @@ class PubSubJobQueue:
         self._gexc = gexc
         self.max_attempts = max_attempts
         self.lease_s = int(min(max(ack_deadline_s, 1), _MAX_DEADLINE_S))
-        self._publisher = pubsub_v1.PublisherClient()
-        self._subscriber = pubsub_v1.SubscriberClient()
+        from google.auth.exceptions import DefaultCredentialsError
+
+        try:
+            self._publisher = pubsub_v1.PublisherClient()
+            self._subscriber = pubsub_v1.SubscriberClient()
+        except DefaultCredentialsError as e:
+            raise BoothError(
+                "Pub/Sub needs credentials: set GOOGLE_APPLICATION_CREDENTIALS, run on GCP, "
+                "or set PUBSUB_EMULATOR_HOST for the emulator"
+            ) from e
         self.topic_path = self._publisher.topic_path(project, topic)
         self.dead_topic_path = self._publisher.topic_path(project, f"{topic}-dead")
         self.subscription_path = self._subscriber.subscription_path(project, subscription)
@@ -186,7 +194,9 @@ class PubSubJobQueue:
                 )
         except (UnicodeDecodeError, ValueError) as e:
             # Not one of ours: park it rather than let it bounce between workers.
-            lease = PubSubLease(self, received.ack_id, job_id or msg.message_id, {}, attempt)
+            lease = PubSubLease(
+                self, received.ack_id, job_id or msg.message_id, {}, attempt, data=msg.data
+            )
             lease.dead_letter(f"malformed job message: {e}")
             return None
         if self.lease_s != self._subscription_deadline_s:

@@ -68,7 +68,15 @@ class GcsBlobStore:
                 client_options={"api_endpoint": self.endpoint},
             )
         else:
-            self._client = storage.Client(project=project, credentials=credentials)
+            from google.auth.exceptions import DefaultCredentialsError
+
+            try:
+                self._client = storage.Client(project=project, credentials=credentials)
+            except DefaultCredentialsError as e:
+                raise BoothError(
+                    "GCS needs credentials: set GOOGLE_APPLICATION_CREDENTIALS, run on GCP, "
+                    "or point storage.endpoint at an emulator"
+                ) from e
         self._bucket = self._client.bucket(bucket)
         self.bucket_name = bucket
         # Also retry 408/429/5xx and connection resets on uploads; see the module docstring.
