@@ -129,7 +129,8 @@ def _joint(value: Any, node: yaml.Node, p: _Problems) -> str | None:
         return value
     close = difflib.get_close_matches(str(value), sk.JOINTS, n=1)
     hint = f" (did you mean {close[0]}?)" if close else ""
-    p.add(node, f"unknown joint {value!r}{hint}; joints are: {', '.join(sk.JOINTS)}")
+    names = "" if close else f"; joints are: {', '.join(sk.JOINTS)}"
+    p.add(node, f"unknown joint {value!r}{hint}{names}")
     return None
 
 

@@ -127,9 +127,13 @@ class GlobalNormalization:
         far, close = t.height_far / s.height_far, t.height_close / s.height_close
         return far + self._alpha(floor) * (close - far)
 
-    def apply(self, poses: np.ndarray) -> np.ndarray:
-        """Map reference poses (N, 23, 3) into the attendee's image; scores are kept."""
-        p = np.array(poses, dtype=np.float32, copy=True)
+    def affines(self, poses: np.ndarray) -> np.ndarray:
+        """Per frame, the (2, 3) affine map from reference pixels to attendee pixels.
+
+        Every frame's map is a uniform scale plus a translation, so it moves a
+        person mask exactly as it moves the keypoints (``parts`` label maps need that).
+        """
+        p = np.asarray(poses, dtype=np.float32)
         floor = floor_contact(p)
         # Frames without ankles borrow the nearest measured floor contact.
         missing = np.isnan(floor)
@@ -143,9 +147,19 @@ class GlobalNormalization:
         alpha = self._alpha(floor)
         scale = self.scale(floor)
         target_floor = t.floor_far + alpha * (t.floor_close - t.floor_far)
+        m = np.zeros((len(p), 2, 3), dtype=np.float64)
+        m[:, 0, 0] = m[:, 1, 1] = scale
+        m[:, 0, 2] = t.center_x - scale * s.center_x
+        m[:, 1, 2] = target_floor - scale * clipped
+        return m
+
+    def apply(self, poses: np.ndarray) -> np.ndarray:
+        """Map reference poses (N, 23, 3) into the attendee's image; scores are kept."""
+        p = np.array(poses, dtype=np.float32, copy=True)
+        m = self.affines(p)
         present = p[:, :, 2] > 0
-        y = target_floor[:, None] + scale[:, None] * (p[:, :, 1] - clipped[:, None])
-        x = t.center_x + scale[:, None] * (p[:, :, 0] - s.center_x)
+        x = m[:, 0, 0, None] * p[:, :, 0] + m[:, 0, 2, None]
+        y = m[:, 1, 1, None] * p[:, :, 1] + m[:, 1, 2, None]
         p[:, :, 0] = np.where(present, x, 0.0)
         p[:, :, 1] = np.where(present, y, 0.0)
         return p

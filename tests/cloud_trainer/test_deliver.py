@@ -21,7 +21,7 @@ import yaml
 from smtp_capture import SmtpServer, free_port
 
 from cloud_trainer import deliver, links
-from cloud_trainer.config import BoothConfig, LocalStorage, OutboxMail, SmtpMail, SqliteDatabase
+from cloud_trainer.config import BoothConfig, LocalStorage, OutboxMail, SmtpMail
 from cloud_trainer.repository import Repository
 from cloud_trainer.session import State
 from cloud_trainer.storage import create_blob_store
@@ -32,9 +32,10 @@ REJECTED = "typo@example.org"
 
 
 @pytest.fixture
-def settings(tmp_path) -> BoothConfig:
+def settings(tmp_path, db_config) -> BoothConfig:
+    """Embedded defaults on SQLite and on PostgreSQL (``db_config`` from conftest)."""
     cfg = BoothConfig()
-    cfg.database = SqliteDatabase(path=tmp_path / "booth.db")
+    cfg.database = db_config
     cfg.storage = LocalStorage(root=tmp_path / "blobs")
     cfg.web.base_url = "https://booth.example"
     cfg.mail = OutboxMail(maildir=tmp_path / "maildir", sent_log=tmp_path / "sent.log")
@@ -169,12 +170,14 @@ def test_retries_give_up_as_failed_after_max_attempts(deliverer, repo, tmp_path)
     assert status["state"] == "failed" and "gave up after 4 attempts" in status["reason"]
 
 
-def _run_sender_process(tmp_path, port: int, crash_point: str) -> subprocess.CompletedProcess:
+def _run_sender_process(
+    settings, tmp_path, port: int, crash_point: str
+) -> subprocess.CompletedProcess:
     cfg_path = tmp_path / "booth.yaml"
     cfg_path.write_text(
         yaml.safe_dump(
             {
-                "database": {"type": "sqlite", "path": str(tmp_path / "booth.db")},
+                "database": settings.database.model_dump(mode="json"),
                 "mail": {
                     "type": "smtp",
                     "host": "127.0.0.1",
@@ -197,11 +200,11 @@ def _run_sender_process(tmp_path, port: int, crash_point: str) -> subprocess.Com
     )
 
 
-def test_sender_killed_after_smtp_accepted_does_not_send_twice(deliverer, repo, tmp_path):
+def test_sender_killed_after_smtp_accepted_does_not_send_twice(deliverer, repo, settings, tmp_path):
     server = SmtpServer().start()
     try:
         sid, _ = deliver_one(deliverer, repo)
-        proc = _run_sender_process(tmp_path, server.port, "after_sent_log")
+        proc = _run_sender_process(settings, tmp_path, server.port, "after_sent_log")
         assert proc.returncode == -signal.SIGKILL, proc.stderr
         assert len(server.messages) == 1
         assert repo.email_status(sid)["state"] == "sending"  # the row update never happened
@@ -217,7 +220,7 @@ def test_sender_killed_after_smtp_accepted_does_not_send_twice(deliverer, repo, 
         server.stop()
 
 
-def test_the_residual_window_resends_with_the_same_message_id(deliverer, repo, tmp_path):
+def test_the_residual_window_resends_with_the_same_message_id(deliverer, repo, settings, tmp_path):
     """Killed between the relay's 250 and the sent-log write: the one case that duplicates.
 
     The duplicate carries the same Message-ID, so receiving systems can drop it.
@@ -225,7 +228,7 @@ def test_the_residual_window_resends_with_the_same_message_id(deliverer, repo, t
     server = SmtpServer().start()
     try:
         sid, _ = deliver_one(deliverer, repo)
-        proc = _run_sender_process(tmp_path, server.port, "after_accept")
+        proc = _run_sender_process(settings, tmp_path, server.port, "after_accept")
         assert proc.returncode == -signal.SIGKILL, proc.stderr
         restarted = deliver.OutboxSender(repo, smtp_cfg(tmp_path, server.port))
         r = restarted.run_once(now=time.time() + restarted.lease_s + 1)

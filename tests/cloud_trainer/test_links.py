@@ -7,14 +7,14 @@ import time
 import pytest
 
 from cloud_trainer import links
-from cloud_trainer.config import LocalStorage, SqliteDatabase
+from cloud_trainer.config import LocalStorage
 from cloud_trainer.repository import Repository
 from cloud_trainer.storage import create_blob_store
 
 
 @pytest.fixture
-def repo(tmp_path):
-    r = Repository.from_config(SqliteDatabase(path=tmp_path / "booth.db"))
+def repo(db_config):
+    r = Repository.from_config(db_config)  # SQLite and PostgreSQL (conftest)
     yield r
     r.close()
 
@@ -114,7 +114,9 @@ def test_unsatisfiable_ranges_raise_416(header):
         links.parse_range(header, 10240)
 
 
-def test_range_requests_return_the_right_bytes(store):
+def test_range_requests_return_the_right_bytes(blob_store):
+    """Against the local store and the GCS emulator (``blob_store`` from conftest)."""
+    store = blob_store
     data = bytes(range(256)) * 40 + b"tail"
     key = "sessions/s1/video/final.mp4"
     store.put(key, data)

@@ -1,0 +1,540 @@
+"""Render: normalized reference poses -> label maps -> the attendee's generator -> H.264 MP4.
+
+The pipeline runs three stages at once, joined by bounded queues:
+
+1. a thread draws label maps (OpenCV, releases the GIL) and, for the optional
+   side-by-side, decodes and crops the reference dancer's frames;
+2. the calling thread runs the generator on batches of ``render.batch`` label
+   maps (SavedModel or TFLite; ``engine="auto"`` times both on the first batch
+   and keeps the faster, because which one wins depends on the model size and
+   the machine);
+3. a thread encodes with libx264 (``yuv420p``, ``movflags=+faststart`` so the
+   browser can start playing before the whole file arrived) at the reference's
+   frame rate.
+
+A generator is an exported directory (see ``write_export``): ``generator.json``
+records the label-map kind and size it was trained on, plus ``saved_model/``
+and/or ``generator.tflite``. A generator trained on one kind of label map
+produces garbage from another, so a mismatch is refused, never rendered.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import av
+import cv2
+import numpy as np
+
+from cloud_trainer import labelmap
+from edge_agent.errors import BadInput, BoothError
+
+log = logging.getLogger(__name__)
+
+EXPORT_META = "generator.json"
+SAVED_MODEL_DIR = "saved_model"
+TFLITE_FILE = "generator.tflite"
+EXPORT_FORMAT = 1
+ENGINES = ("savedmodel", "tflite")
+# libx264 preset: "veryfast" encodes 64-256 px frames far faster than the generator
+# makes them, at a size within ~10% of "medium" at the same CRF.
+X264_PRESET = "veryfast"
+# Email clients show the poster at about 480 px wide; generator frames are 64-256 px.
+POSTER_MIN_PX = 480
+_QUEUE_BATCHES = 4
+_STOP = object()
+
+
+class GeneratorMismatch(BadInput):
+    """The generator was trained on another label map (or size) than asked for."""
+
+
+# ---- generators -----------------------------------------------------------------------
+
+
+def _to_input(labels: np.ndarray) -> np.ndarray:
+    """uint8 label maps -> float32 in [-1, 1], as the generator was trained."""
+    return labels.astype(np.float32) * np.float32(1 / 127.5) - np.float32(1.0)
+
+
+def _to_image(out: np.ndarray) -> np.ndarray:
+    return np.clip((np.asarray(out, dtype=np.float32) + 1.0) * 127.5 + 0.5, 0, 255).astype(np.uint8)
+
+
+class _SavedModelEngine:
+    name = "savedmodel"
+
+    def __init__(self, path: Path):
+        import tensorflow as tf
+
+        self._tf = tf
+        loaded = tf.saved_model.load(str(path))
+        self._keep = loaded  # the signature needs its object alive
+        sigs = loaded.signatures
+        self._fn = (
+            sigs["serving_default"] if "serving_default" in sigs else next(iter(sigs.values()))
+        )
+        self._input = next(iter(self._fn.structured_input_signature[1]))
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        out = self._fn(**{self._input: self._tf.constant(x)})
+        return next(iter(out.values())).numpy()
+
+
+class _TfliteEngine:
+    name = "tflite"
+
+    def __init__(self, path: Path, threads: int | None = None):
+        from ai_edge_litert.interpreter import Interpreter
+
+        self._it = Interpreter(model_path=str(path), num_threads=threads or os.cpu_count() or 1)
+        self._in = self._it.get_input_details()[0]["index"]
+        self._out = self._it.get_output_details()[0]["index"]
+        self._batch = -1
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        if x.shape[0] != self._batch:
+            self._it.resize_tensor_input(self._in, list(x.shape))
+            self._it.allocate_tensors()
+            self._batch = x.shape[0]
+        self._it.set_tensor(self._in, x)
+        self._it.invoke()
+        return self._it.get_tensor(self._out)
+
+
+@dataclass
+class Generator:
+    """A loaded generator: uint8 label maps (B, S, S, 3) in, uint8 RGB frames out."""
+
+    label_map: str
+    size_px: int
+    engine: str
+    run: Callable[[np.ndarray], np.ndarray]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def predict(self, labels: np.ndarray) -> np.ndarray:
+        return _to_image(self.run(_to_input(np.asarray(labels))))
+
+
+def read_export_meta(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    try:
+        meta = json.loads((p / EXPORT_META).read_text())
+    except FileNotFoundError:
+        raise BadInput(f"{p} is not an exported generator (no {EXPORT_META})") from None
+    except (OSError, ValueError) as e:
+        raise BadInput(f"{p / EXPORT_META} is unreadable: {e}") from None
+    if meta.get("label_map") not in labelmap.KINDS or not isinstance(meta.get("size_px"), int):
+        raise BadInput(
+            f"{p / EXPORT_META} does not record the label map and size it was trained on"
+        )
+    return meta
+
+
+def _available(path: Path) -> list[str]:
+    found = []
+    if (path / SAVED_MODEL_DIR / "saved_model.pb").exists():
+        found.append("savedmodel")
+    if (path / TFLITE_FILE).exists():
+        found.append("tflite")
+    return found
+
+
+def _open_engine(path: Path, engine: str) -> Callable[[np.ndarray], np.ndarray]:
+    if engine == "savedmodel":
+        return _SavedModelEngine(path / SAVED_MODEL_DIR)
+    return _TfliteEngine(path / TFLITE_FILE)
+
+
+def load_generator(
+    path: str | Path,
+    *,
+    label_map: str | None = None,
+    engine: str = "auto",
+    probe_batch: int = 8,
+) -> Generator:
+    """Load an exported generator; refuse one trained on another label map than ``label_map``.
+
+    ``engine``: ``savedmodel``, ``tflite`` or ``auto`` (time both on one batch of
+    ``probe_batch`` after a warm-up, keep the faster).
+    """
+    p = Path(path)
+    meta = read_export_meta(p)
+    if label_map is not None and meta["label_map"] != label_map:
+        raise GeneratorMismatch(
+            f"the generator in {p} was trained on {meta['label_map']!r} label maps, "
+            f"but this render uses {label_map!r} label maps; retrain or pick the matching model"
+        )
+    have = _available(p)
+    if not have:
+        raise BadInput(f"{p} holds neither {SAVED_MODEL_DIR}/ nor {TFLITE_FILE}")
+    if engine not in ("auto", *ENGINES):
+        raise BadInput(f"unknown generator engine {engine!r} (auto, savedmodel, tflite)")
+    if engine != "auto" and engine not in have:
+        raise BadInput(f"{p} has no {engine} export (it has: {', '.join(have)})")
+    size = meta["size_px"]
+    candidates = have if engine == "auto" else [engine]
+    engines = {name: _open_engine(p, name) for name in candidates}
+    chosen = candidates[0]
+    if len(engines) > 1:
+        x = _to_input(np.zeros((probe_batch, size, size, 3), np.uint8))
+        timings = {}
+        for name, run in engines.items():
+            run(x)  # warm-up: graph tracing, allocation
+            t0 = time.perf_counter()
+            run(x)
+            timings[name] = time.perf_counter() - t0
+        chosen = min(timings, key=timings.get)
+        log.info(
+            "generator engine %s (probe ms per frame: %s)",
+            chosen,
+            ", ".join(f"{k} {1000 * v / probe_batch:.1f}" for k, v in timings.items()),
+        )
+    return Generator(meta["label_map"], size, chosen, engines[chosen], meta)
+
+
+def write_export(
+    model: Any,
+    out_dir: str | Path,
+    *,
+    label_map: str,
+    tflite: bool = True,
+    savedmodel: bool = True,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Export a Keras generator for rendering: SavedModel + TFLite + the recorded label map."""
+    import tensorflow as tf
+
+    if label_map not in labelmap.KINDS:
+        raise ValueError(f"unknown label map {label_map!r}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    size = int(model.input_shape[1])
+    spec = tf.TensorSpec([None, size, size, 3], tf.float32, name="label")
+
+    @tf.function(input_signature=[spec])
+    def serve(label):
+        return {"image": model(label, training=False)}
+
+    if savedmodel:
+        module = tf.Module()
+        module.model = model
+        module.serve = serve
+        tf.saved_model.save(
+            module, str(out / SAVED_MODEL_DIR), signatures={"serving_default": serve}
+        )
+    if tflite:
+        conv = tf.lite.TFLiteConverter.from_concrete_functions(
+            [serve.get_concrete_function()], module if savedmodel else None
+        )
+        (out / TFLITE_FILE).write_bytes(conv.convert())
+    meta = {"format": EXPORT_FORMAT, "label_map": label_map, "size_px": size, **(extra or {})}
+    (out / EXPORT_META).write_text(json.dumps(meta, indent=2))
+    return out
+
+
+# ---- H.264 ---------------------------------------------------------------------------
+
+
+def fps_fraction(fps: float) -> Fraction:
+    """29.97 -> 30000/1001: NTSC-style rates stay exact instead of drifting."""
+    return Fraction(fps).limit_denominator(1001)
+
+
+class H264Writer:
+    """RGB frames -> H.264 MP4 (libx264, yuv420p, +faststart) at a constant frame rate."""
+
+    def __init__(self, path: str | Path, fps: float, size: tuple[int, int], crf: int = 20):
+        w, h = size
+        if w % 2 or h % 2:
+            raise ValueError(f"yuv420p needs even frame sizes, got {w}x{h}")
+        self.path = Path(path)
+        self.size = (w, h)
+        self.frames = 0
+        self._out = av.open(str(self.path), "w", format="mp4", options={"movflags": "+faststart"})
+        self._stream = self._out.add_stream(
+            "libx264",
+            rate=fps_fraction(fps),
+            options={"crf": str(crf), "preset": X264_PRESET, "g": str(max(1, round(2 * fps)))},
+        )
+        self._stream.width, self._stream.height = w, h
+        self._stream.pix_fmt = "yuv420p"
+
+    def write(self, rgb: np.ndarray) -> None:
+        if rgb.shape[:2] != (self.size[1], self.size[0]):
+            raise ValueError(f"frame is {rgb.shape[1]}x{rgb.shape[0]}, the video is {self.size}")
+        frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
+        frame.pts = self.frames
+        for packet in self._stream.encode(frame):
+            self._out.mux(packet)
+        self.frames += 1
+
+    def close(self) -> None:
+        if self._out is None:
+            return
+        for packet in self._stream.encode():
+            self._out.mux(packet)
+        self._out.close()
+        self._out = None
+
+    def __enter__(self) -> H264Writer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# ---- the render ----------------------------------------------------------------------
+
+
+@dataclass
+class RenderResult:
+    video_path: Path
+    poster_path: Path
+    side_by_side_path: Path | None
+    frames: int
+    fps: float
+    engine: str
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def poster_index(poses: np.ndarray) -> int:
+    """The frame with the widest pose (arms out) in the middle 80%: a lively still."""
+    n = len(poses)
+    lo, hi = int(n * 0.1), max(int(n * 0.9), int(n * 0.1) + 1)
+    best, best_area = n // 2, -1.0
+    for i in range(lo, min(hi, n)):
+        present = poses[i, :, 2] >= labelmap.MIN_SCORE
+        if present.sum() < 4:
+            continue
+        xs, ys = poses[i, present, 0], poses[i, present, 1]
+        area = float((xs.max() - xs.min()) * (ys.max() - ys.min()))
+        if area > best_area:
+            best, best_area = i, area
+    return best
+
+
+def write_poster(rgb: np.ndarray, path: str | Path, quality: int = 90) -> None:
+    h, w = rgb.shape[:2]
+    k = max(1, -(-POSTER_MIN_PX // w))  # an integer upscale keeps the pixels crisp
+    img = cv2.resize(rgb, (w * k, h * k), interpolation=cv2.INTER_LANCZOS4) if k > 1 else rgb
+    ok, buf = cv2.imencode(
+        ".jpg", cv2.cvtColor(img, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality]
+    )
+    if not ok:
+        raise BoothError("could not encode the poster JPEG")
+    Path(path).write_bytes(buf.tobytes())
+
+
+def _put(q: queue.Queue, item: Any, failed: threading.Event) -> bool:
+    """Put unless the pipeline failed (then the consumer is gone: do not block forever)."""
+    while not failed.is_set():
+        try:
+            q.put(item, timeout=0.2)
+            return True
+        except queue.Full:
+            continue
+    return False
+
+
+def _get(q: queue.Queue, failed: threading.Event) -> Any:
+    while True:
+        try:
+            return q.get(timeout=0.2)
+        except queue.Empty:
+            if failed.is_set():
+                return _STOP
+
+
+def render_video(
+    generator: Generator,
+    crop_poses: np.ndarray,
+    fps: float,
+    out_dir: str | Path,
+    *,
+    masks: Iterable[np.ndarray] | None = None,
+    reference_frames: Iterable[np.ndarray] | None = None,
+    batch: int = 16,
+    crf: int = 20,
+    name: str = "final",
+) -> RenderResult:
+    """Render poses already in the generator's crop pixels (N, 23, 3) to MP4s and a poster.
+
+    ``masks`` (crop-size booleans, one per frame) are needed for ``parts`` label maps;
+    ``reference_frames`` (crop-size RGB, one per frame) make the side-by-side video.
+    """
+    poses = np.asarray(crop_poses, dtype=np.float32)
+    n, size, kind = len(poses), generator.size_px, generator.label_map
+    if n == 0:
+        raise BadInput("nothing to render: the reference has no frames")
+    if kind == "parts" and masks is None:
+        raise GeneratorMismatch(
+            "this generator needs 'parts' label maps, which need the reference's person masks; "
+            "this reference has none"
+        )
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    result = RenderResult(
+        video_path=out / f"{name}.mp4",
+        poster_path=out / "poster.jpg",
+        side_by_side_path=(out / f"{name}-side-by-side.mp4")
+        if reference_frames is not None
+        else None,
+        frames=n,
+        fps=fps,
+        engine=generator.engine,
+    )
+    labels_q: queue.Queue = queue.Queue(maxsize=_QUEUE_BATCHES)
+    frames_q: queue.Queue = queue.Queue(maxsize=_QUEUE_BATCHES)
+    failed = threading.Event()
+    errors: list[BaseException] = []
+    poster_at = poster_index(poses)
+    busy = {"labels": 0.0, "generator": 0.0, "encode": 0.0}
+
+    def draw() -> None:
+        t_busy = 0.0
+        try:
+            mask_it = iter(masks) if masks is not None else None
+            ref_it = iter(reference_frames) if reference_frames is not None else None
+            for start in range(0, n, batch):
+                t0 = time.perf_counter()
+                stop = min(n, start + batch)
+                labels = np.empty((stop - start, size, size, 3), np.uint8)
+                refs = []
+                for i in range(start, stop):
+                    mask = next(mask_it) if mask_it is not None else None
+                    labels[i - start] = labelmap.render_label(kind, poses[i], size, mask)
+                    if ref_it is not None:
+                        refs.append(next(ref_it, None))
+                t_busy += time.perf_counter() - t0
+                if not _put(labels_q, (labels, refs), failed):
+                    return
+            _put(labels_q, _STOP, failed)
+        except BaseException as e:  # handed to the caller, which re-raises it
+            errors.append(e)
+            failed.set()
+        finally:
+            busy["labels"] = t_busy
+
+    def encode() -> None:
+        t_busy = 0.0
+        try:
+            with H264Writer(result.video_path, fps, (size, size), crf) as video:
+                sbs = (
+                    H264Writer(result.side_by_side_path, fps, (2 * size, size), crf)
+                    if result.side_by_side_path is not None
+                    else None
+                )
+                try:
+                    while True:
+                        item = _get(frames_q, failed)
+                        if item is _STOP:
+                            break
+                        t0 = time.perf_counter()
+                        images, refs, first = item
+                        for j, img in enumerate(images):
+                            video.write(img)
+                            if first + j == poster_at:
+                                write_poster(img, result.poster_path)
+                            if sbs is not None:
+                                ref = refs[j] if j < len(refs) and refs[j] is not None else None
+                                panel = ref if ref is not None else np.zeros_like(img)
+                                sbs.write(np.concatenate([img, panel], axis=1))
+                        t_busy += time.perf_counter() - t0
+                finally:
+                    if sbs is not None:
+                        sbs.close()
+        except BaseException as e:
+            errors.append(e)
+            failed.set()
+        finally:
+            busy["encode"] = t_busy
+
+    t_start = time.perf_counter()
+    drawer = threading.Thread(target=draw, name="render-labels", daemon=True)
+    encoder = threading.Thread(target=encode, name="render-encode", daemon=True)
+    drawer.start()
+    encoder.start()
+    done = 0
+    try:
+        while True:
+            item = _get(labels_q, failed)
+            if item is _STOP:
+                break
+            labels, refs = item
+            t0 = time.perf_counter()
+            images = generator.predict(labels)
+            busy["generator"] += time.perf_counter() - t0
+            if not _put(frames_q, (images, refs, done), failed):
+                break
+            done += len(images)
+        _put(frames_q, _STOP, failed)
+    except BaseException as e:
+        errors.append(e)
+        failed.set()
+    drawer.join()
+    encoder.join()
+    if errors:
+        raise errors[0]
+    result.seconds = {**busy, "total": time.perf_counter() - t_start}
+    log.info(
+        "rendered %d frames at %dpx in %.1fs (%.1f fps, engine %s)",
+        n,
+        size,
+        result.seconds["total"],
+        n / max(result.seconds["total"], 1e-9),
+        generator.engine,
+    )
+    return result
+
+
+def probe(path: str | Path) -> dict[str, Any]:
+    """Codec, pixel format, frame count, fps and size of a video, read with PyAV."""
+    try:
+        with av.open(str(path)) as c:
+            if not c.streams.video:
+                raise BadInput(f"{path} has no video stream")
+            v = c.streams.video[0]
+            frames = sum(1 for _ in c.decode(video=0))
+            return {
+                "codec": v.codec_context.name,
+                "pix_fmt": v.codec_context.pix_fmt,
+                "fps": float(v.average_rate) if v.average_rate else None,
+                "frames": frames,
+                "width": v.codec_context.width,
+                "height": v.codec_context.height,
+                "format": c.format.name,
+            }
+    except av.error.FFmpegError as e:
+        raise BadInput(f"{path} is not a readable video: {e}") from None
+
+
+def iter_decoded(path: str | Path, indices: Iterable[int] | None = None) -> Iterator[np.ndarray]:
+    """RGB frames of a video, optionally only those at increasing ``indices``."""
+    wanted = None if indices is None else iter(indices)
+    target = next(wanted, None) if wanted is not None else None
+    if wanted is not None and target is None:
+        return
+    with av.open(str(path)) as c:
+        for i, frame in enumerate(c.decode(video=0)):
+            if wanted is None:
+                yield frame.to_ndarray(format="rgb24")
+                continue
+            if i < target:
+                continue
+            rgb = frame.to_ndarray(format="rgb24")
+            while target is not None and target == i:
+                yield rgb
+                target = next(wanted, None)
+            if target is None:
+                return

@@ -1,0 +1,187 @@
+"""The reference library: a real pose pass over a synthetic video, QA report, corrections.
+
+The reference video is rendered by the synthetic booth and encoded to H.264, so the
+CPU BlazePose backend, the offline smoother and the glitch flags all run for real.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from cloud_trainer import cli
+from cloud_trainer.config import LocalStorage
+from cloud_trainer.reference import ReferenceLibrary, ReferenceNotFound, SyntheticSettings
+from cloud_trainer.render import H264Writer, probe
+from cloud_trainer.storage import create_blob_store
+from edge_agent.config import CpuPose
+from edge_agent.errors import BadInput
+from edge_agent.synth import scene
+from edge_agent.synth.appearance import Attendee
+from edge_agent.synth.choreography import Dance
+from edge_agent.synth.render import render
+
+ROOT = Path(__file__).resolve().parents[2]
+MODELS = ROOT / "models"
+SIZE, FPS = (320, 240), 15.0
+GLITCH_FRAMES = (10, 11)  # the dancer teleports 0.9 m sideways for two frames
+
+pytestmark = pytest.mark.skipif(
+    not (MODELS / "pose_landmark_full.tflite").exists(), reason="run `make models` first"
+)
+
+
+@pytest.fixture(scope="module")
+def videos(tmp_path_factory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("videos")
+    dancer = Attendee.from_seed(3)
+    with H264Writer(d / "dance.mp4", FPS, SIZE) as w:
+        for i, pose in enumerate(Dance.parse("wave+squat").poses(FPS, 1.6)):
+            if i in GLITCH_FRAMES:
+                pose = pose.moved(x=pose.x + 0.9)
+            w.write(render(dancer, pose, SIZE, 0, i).rgb)
+    with H264Writer(d / "empty.mp4", FPS, SIZE) as w:
+        for _ in range(8):
+            w.write(scene.backdrop(0, SIZE).plain)
+    (d / "notes.mp4").write_text("these are my dance notes, not a video\n")
+    return {"dance": d / "dance.mp4", "empty": d / "empty.mp4", "text": d / "notes.mp4"}
+
+
+def _library(root: Path) -> ReferenceLibrary:
+    return ReferenceLibrary(
+        create_blob_store(LocalStorage(root=root)),
+        pose_cfg=CpuPose(models_dir=MODELS, mode="tracking"),
+        synthetic=SyntheticSettings(fps=10, seconds=1.2, size=(160, 120)),
+    )
+
+
+@pytest.fixture(scope="module")
+def added(videos, tmp_path_factory):
+    lib = _library(tmp_path_factory.mktemp("blobs"))
+    return lib, lib.add(videos["dance"], "salsa")
+
+
+def test_add_runs_pose_and_smoothing_on_every_frame_and_flags_the_glitch(added):
+    lib, ref = added
+    assert ref.version == 1 and len(ref) == 24
+    assert ref.poses.shape == (24, 23, 3) and ref.masks is not None and ref.masks.any()
+    assert ref.meta["detect_rate"] == 1.0 and ref.fps == FPS
+    assert ref.flagged[GLITCH_FRAMES[0]]
+    assert ref.flagged.sum() <= 4  # the rest of the dance is clean
+    assert ref.status.startswith("needs review")
+    # Stored and read back identically.
+    again = lib.get("salsa")
+    np.testing.assert_array_equal(again.poses, ref.poses)
+    np.testing.assert_array_equal(again.flagged, ref.flagged)
+
+
+def test_qa_report_has_trajectories_contact_sheet_and_summary(added):
+    lib, ref = added
+    d = "references/salsa/v1"
+    png = cv2.imdecode(np.frombuffer(lib.store.get(f"{d}/qa/trajectories.png"), np.uint8), 1)
+    sheet = cv2.imdecode(np.frombuffer(lib.store.get(f"{d}/qa/flagged.jpg"), np.uint8), 1)
+    assert png.shape[0] > 300 and png.shape[1] > 600
+    # One contact-sheet cell per flagged frame (up to 8 per row).
+    assert sheet.shape[1] == 160 * min(8, int(ref.flagged.sum()))
+    summary = json.loads(lib.store.get(f"{d}/qa/summary.json"))
+    assert summary["frames"] == 24 and summary["fps"] == FPS and summary["version"] == 1
+    assert summary["detect_rate"] == 1.0 and summary["flagged"] == int(ref.flagged.sum())
+    text = lib.store.get(f"{d}/qa/summary.txt").decode()
+    assert "salsa v1" in text and "needs review" in text
+    template = lib.store.get(f"{d}/qa/corrections-template.yaml").decode()
+    assert f"interpolate: [{GLITCH_FRAMES[0]}," in template
+    assert lib.store.exists(f"{d}/thumbnail.jpg")
+
+
+def test_correction_bumps_the_version_and_clears_the_flags(added, tmp_path):
+    lib, ref = added
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- interpolate: [9, 12]\n- {frame: 99, joint: nose, x: 1, y: 1}\n")
+    with pytest.raises(BadInput, match=r"bad.yaml line 2: frame 99 is out of range"):
+        lib.correct("salsa", bad)
+    assert lib.versions("salsa") == [1]
+
+    flagged = np.flatnonzero(ref.flagged)
+    good = tmp_path / "fix.yaml"
+    good.write_text(
+        f"- interpolate: [{flagged.min()}, {flagged.max()}]\n"
+        "- {frame: 2, joint: left_wrist, x: 150, y: 90}\n"
+        "- drop: [0, 0]\n"
+    )
+    v2 = lib.correct("salsa", good)
+    assert v2.version == 2 and lib.versions("salsa") == [1, 2]
+    assert len(v2) == 23 and v2.frame_index[0] == 1
+    assert v2.flagged.sum() == 0 and v2.status == "ready"
+    np.testing.assert_allclose(v2.poses[1, 9], (150, 90, 1))
+    assert lib.get("salsa", 1).version == 1  # the old version stays
+    assert "interpolate" in lib.store.get("references/salsa/v2/corrections.yaml").decode()
+    status = lib.status("salsa")
+    assert status["version"] == 2 and status["parent_version"] == 1
+    assert status["corrected_frames"] == flagged.max() - flagged.min() + 2
+    # The reference dancer's frames line up with the kept poses (for the side-by-side).
+    frames = list(lib.source_frames(v2))
+    assert len(frames) == 23 and frames[0].shape == (240, 320, 3)
+
+
+def test_a_file_that_is_not_a_video_is_refused(videos, tmp_path):
+    lib = _library(tmp_path)
+    with pytest.raises(BadInput, match="is not a video"):
+        lib.add(videos["text"], "notes")
+    with pytest.raises(BadInput, match="no such file"):
+        lib.add(tmp_path / "missing.mp4", "missing")
+    assert lib.names() == []
+
+
+def test_a_video_without_a_person_is_refused(videos, tmp_path):
+    lib = _library(tmp_path)
+    with pytest.raises(BadInput, match="no person found"):
+        lib.add(videos["empty"], "empty")
+    assert lib.names() == []
+
+
+def test_bad_names_and_unknown_references(tmp_path, videos):
+    lib = _library(tmp_path)
+    for name in ("Salsa!", "../x", "", "synthetic:warmup"):
+        with pytest.raises(BadInput):
+            lib.add(videos["dance"], name)
+    with pytest.raises(ReferenceNotFound, match="no reference named 'tango'"):
+        lib.get("tango")
+
+
+def test_synthetic_dances_are_built_in_references(tmp_path):
+    lib = _library(tmp_path)
+    names = [r["name"] for r in lib.catalogue()]
+    assert "synthetic:warmup" in names
+    ref = lib.get("synthetic:warmup")  # built on first use, offline
+    assert ref.version == 1 and len(ref) == 12 and ref.status == "ready"
+    assert (ref.poses[:, :, 2] > 0).mean() > 0.9
+    assert lib.names() == ["synthetic:warmup"]
+    info = probe(lib.store.root / ref.meta["source_key"])
+    assert info["codec"] == "h264" and info["frames"] == 12
+    assert lib.get("synthetic:warmup").version == 1  # not built twice
+    with pytest.raises(BadInput, match="unknown synthetic dance"):
+        lib.get("synthetic:moonwalk")
+
+
+def test_cli_show_and_correct(added, tmp_path, capsys):
+    lib, _ = added
+    cfg = tmp_path / "booth.yaml"
+    cfg.write_text(f"storage: {{type: local, root: {lib.store.root}}}\nmodels_dir: {MODELS}\n")
+    assert (
+        cli.main(["reference", "--config", str(cfg), "show", "salsa", "--qa", str(tmp_path / "qa")])
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "reference   salsa v" in out and "detected    100.0% of frames" in out
+    assert (tmp_path / "qa" / "trajectories.png").exists()
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- {frame: 1, joint: left_wirst, x: 1, y: 1}\n")
+    assert cli.main(["reference", "--config", str(cfg), "correct", "salsa", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "bad.yaml line 1: unknown joint 'left_wirst' (did you mean left_wrist?)" in err
+    assert cli.main(["reference", "--config", str(cfg), "list"]) == 0
+    assert "salsa" in capsys.readouterr().out
