@@ -3,15 +3,17 @@
 Three things live here, all on the canonical (23, 3) ``(x, y, score)`` skeleton:
 
 - ``CausalSmoother``: the per-camera filter that runs on the edge, one frame in,
-  one frame out, no look-ahead. Each joint is a 2-D constant-velocity point driven
-  by white acceleration noise (a Kalman filter per joint; x and y share one
-  covariance because they share the noise model). Its measurement noise grows as
-  the detector's score falls, so confident joints move the estimate more. Its
-  process noise adapts to how surprised the filter has recently been (a running
-  normalised innovation), so it is quiet when the dancer holds a pose and quick
-  when she moves. An innovation gate plus bone-length and speed checks reject
-  outliers; a joint whose measurements are missing or rejected is predicted forward
-  for up to ``max_gap_frames`` (and marked imputed), then dropped.
+  one frame out, no look-ahead. Each joint is a 2-D point whose velocity relaxes
+  towards zero under white acceleration noise (a Kalman filter per joint; x and y
+  share one covariance because they share the noise model). Three things adapt:
+  the measurement noise grows as the detector's score falls and is learnt per
+  joint from second differences of the measurements; the process noise is boosted
+  when the filter is surprised (a running normalised innovation) and trimmed until
+  successive innovations are uncorrelated, so it averages hard while the dancer
+  holds still and follows when she moves. An innovation gate, bone-length and
+  speed checks reject outliers; a joint whose measurements are missing or rejected
+  is predicted forward for up to ``max_gap_frames`` (and marked imputed), then
+  dropped until it is measured again.
 - ``smooth_offline``: the same forward filter followed by a Rauch-Tung-Striebel
   backward pass, for whole recordings (reference dances). Interior gaps are
   interpolated by the smoother itself.
@@ -19,8 +21,10 @@ Three things live here, all on the canonical (23, 3) ``(x, y, score)`` skeleton:
   the baseline the benchmark compares against.
 
 Glitch flags mark frames whose input pose jumps implausibly: a bone whose length
-departs from its running median by more than ``max_bone_change`` (relative), or a
-joint moving faster than ``max_speed_body_per_s`` torso lengths per second.
+departs from its running median (over the last ``window`` frames) by more than
+``max_bone_change`` of it, or a joint moving faster than ``max_speed_body_per_s``
+torso lengths per second. The ring buffer of recent bone and torso lengths is the
+per-camera state those checks use.
 """
 
 from __future__ import annotations
@@ -494,6 +498,10 @@ def smooth_offline(
     n = arr.shape[0]
     if ts_ns is not None and len(ts_ns) != n:
         raise ValueError(f"got {len(ts_ns)} timestamps for {n} frames")
+    if n == 0:
+        return SmoothedSequence(
+            arr.copy(), np.zeros((0, J), dtype=bool), np.zeros(0, dtype=bool), []
+        )
     reach = max(cfg.offline_max_gap_frames, cfg.max_gap_frames)
     tracks = _JointTracks(cfg, fps, reset_after=reach)
     recs: list[_StepRecord] = []

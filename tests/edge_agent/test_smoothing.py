@@ -96,6 +96,13 @@ def test_every_point_missing_yields_missing_joints_and_no_glitch() -> None:
     assert not off.glitch.any()
 
 
+def test_an_empty_sequence_smooths_to_an_empty_sequence() -> None:
+    off = smooth_offline(np.zeros((0, sk.NUM_JOINTS, 3), np.float32), FPS)
+    assert off.skeletons.shape == (0, sk.NUM_JOINTS, 3)
+    assert off.imputed.shape == (0, sk.NUM_JOINTS)
+    assert off.glitch.shape == (0,)
+
+
 def test_missing_frames_before_the_first_detection_are_not_invented() -> None:
     gt = _figure(30)
     seq = gt.copy()
