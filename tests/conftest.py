@@ -83,7 +83,14 @@ def _die_with_parent() -> None:
 
 
 class ServerProcess:
-    """A server subprocess in its own process group, with its output in a log file."""
+    """A server subprocess in its own process group, with its output in a log file.
+
+    Reusable for any server a test needs: ``wait_ready(check)`` polls until the
+    check passes (failing with the log tail if the process exits), ``stop()``
+    terminates then kills the whole group. Start it from the main thread: the
+    kernel kills it when the thread that started it ends (so a crashed pytest
+    leaves nothing behind).
+    """
 
     def __init__(self, name: str, argv: list[str], log_path: Path, env: dict[str, str] | None):
         self.name = name
