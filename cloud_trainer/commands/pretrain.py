@@ -1,0 +1,135 @@
+"""``booth pretrain``: build the booth's base checkpoint from many takes.
+
+Synthetic attendees by default (``--attendees 1..K``), or recorded take directories
+(``--takes DIR ...``). Training settings start from the config's ``trainer`` section
+(``--config``) and the flags override them. Rerunning with the same ``--out`` resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+from edge_agent.errors import BadInput
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--out", type=Path, required=True, metavar="DIR", help="base checkpoint directory"
+    )
+    p.add_argument(
+        "--attendees",
+        default="1..8",
+        metavar="SEEDS",
+        help="synthetic attendees to dance, e.g. 1..8 or 1,3,5 (default 1..8)",
+    )
+    p.add_argument(
+        "--takes",
+        nargs="+",
+        type=Path,
+        metavar="DIR",
+        help="take directories instead of synthetic attendees",
+    )
+    p.add_argument(
+        "--size", type=int, default=None, metavar="PX", help="image size (power of two, 32..512)"
+    )
+    p.add_argument("--label-map", choices=("skeleton", "parts"), default=None)
+    p.add_argument("--steps", type=int, default=None, metavar="N", help="stop after N steps")
+    p.add_argument("--budget-s", type=float, default=None, metavar="S", help="wall-clock budget")
+    p.add_argument("--batch", type=int, default=None, metavar="B")
+    p.add_argument("--seconds", type=float, default=15.0, metavar="S", help="synthetic take length")
+    p.add_argument("--fps", type=float, default=15.0, metavar="F", help="synthetic take frame rate")
+    p.add_argument(
+        "--config", type=Path, default=None, metavar="FILE", help="booth config (trainer section)"
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+
+
+def run(args: argparse.Namespace) -> int:
+    from cloud_trainer.config import BoothConfig, load_config
+    from cloud_trainer.pretrain import parse_seeds
+
+    booth = load_config(args.config) if args.config else BoothConfig()
+    update = {
+        k: v
+        for k, v in {
+            "size_px": args.size,
+            "label_map": args.label_map,
+            "max_steps": args.steps,
+            "budget_s": args.budget_s,
+            "batch": args.batch,
+        }.items()
+        if v is not None
+    }
+    try:
+        cfg = booth.trainer.model_validate({**booth.trainer.model_dump(), **update})
+    except ValueError as e:
+        raise BadInput(f"bad training setting: {str(e).splitlines()[-1].strip()}") from None
+    if cfg.size_px & (cfg.size_px - 1):
+        raise BadInput(f"--size must be a power of two (32, 64, 128, 256, 512), got {cfg.size_px}")
+    if not (math.isfinite(args.seconds) and 1 <= args.seconds <= 600):
+        raise BadInput(f"--seconds must be 1..600, got {args.seconds:g}")
+    if not (math.isfinite(args.fps) and 1 <= args.fps <= 120):
+        raise BadInput(f"--fps must be 1..120, got {args.fps:g}")
+    if args.takes:
+        missing = [str(t) for t in args.takes if not t.is_dir()]
+        if missing:
+            raise BadInput(f"take directory not found: {', '.join(missing)}")
+        takes: list = list(args.takes)
+    else:
+        try:
+            seeds = parse_seeds(args.attendees)
+        except ValueError as e:
+            raise BadInput(f"--attendees: {e}") from None
+        takes = None  # rendered below, after the heavy imports
+
+    # Imported here: TensorFlow is not needed for `booth --help`.
+    from tqdm import tqdm
+
+    from cloud_trainer.pretrain import pretrain, synthetic_takes
+
+    if takes is None:
+        takes = list(
+            tqdm(
+                synthetic_takes(seeds, size_px=cfg.size_px, seconds=args.seconds, fps=args.fps),
+                total=len(seeds),
+                desc="rendering takes",
+                unit="take",
+                disable=args.no_progress,
+                file=sys.stderr,
+            )
+        )
+    total = cfg.max_steps
+    bar = tqdm(
+        total=total if total else round(cfg.budget_s),
+        desc="pretraining",
+        unit="step" if total else "s",
+        disable=args.no_progress,
+        file=sys.stderr,
+    )
+
+    def progress(p) -> None:
+        done = p.step if total else min(round(p.elapsed_s), bar.total)
+        bar.update(max(0, done - bar.n))
+        bar.set_postfix_str(
+            f"{p.stage} step {p.step}" + (f" L1 {p.loss:.3f}" if p.loss is not None else "")
+        )
+
+    try:
+        out, result = pretrain(takes, cfg, args.out, progress=progress, models_dir=booth.models_dir)
+    finally:
+        bar.close()
+    summary = {
+        "base": str(out),
+        "steps": result.steps,
+        "best_step": result.best_step,
+        "elapsed_s": result.elapsed_s,
+        "ssim": result.score.get("ssim"),
+        "nn_ssim": result.score.get("nn_ssim"),
+        "export": str(result.export_dir),
+    }
+    print(json.dumps(summary))
+    return 0

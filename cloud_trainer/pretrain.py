@@ -1,0 +1,132 @@
+"""The booth's base checkpoint: pix2pix trained on many takes, the start of every fine-tune.
+
+By default the takes are synthetic attendees (``edge_agent.synth``), each dancing
+its own seeded dance in the booth. Real take directories work the same way. The
+base is trained like any job (``train_job``: budget, checkpoints, resumable, best
+checkpoint, score) and then written as a base checkpoint directory: a TF
+checkpoint with ``generator`` (the best one) and ``discriminator``, plus
+``base.json`` (model spec, label map, steps, score) and the job's export
+(``export/``, usable for rendering as is).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import tensorflow as tf
+
+from cloud_trainer.config import TrainerConfig
+from cloud_trainer.corpus import TakeData, TrainingFailed
+from cloud_trainer.model import ModelSpec
+from cloud_trainer.train import (
+    JobResult,
+    JobSpec,
+    Pix2Pix,
+    ProgressFn,
+    save_base,
+    select_runtime,
+    train_job,
+)
+
+log = logging.getLogger(__name__)
+
+# Dances of synthetic attendee n: seeded apart from the attendee numbers, so attendee 3
+# does not always dance dance 3 in every experiment.
+DANCE_OFFSET = 1000
+
+
+def parse_seeds(spec: str) -> list[int]:
+    """``1..8``, ``1,4,9`` or a mix (``1..3,7``) -> sorted unique seeds."""
+    seeds: set[int] = set()
+    for part in (p.strip() for p in spec.split(",")):
+        m = re.fullmatch(r"(\d+)\s*(?:\.\.|-)\s*(\d+)", part)
+        if m:
+            lo, hi = int(m.group(1)), int(m.group(2))
+            if hi < lo:
+                raise ValueError(f"empty range {part!r}")
+            seeds.update(range(lo, hi + 1))
+        elif part.isdigit():
+            seeds.add(int(part))
+        else:
+            raise ValueError(f"expected seeds like 1..8 or 1,4,9, got {spec!r}")
+    return sorted(seeds)
+
+
+def synth_frame_size(size_px: int) -> tuple[int, int]:
+    """Render size for a training size: the booth framing crops ~80% of the frame height."""
+    return size_px * 2, size_px * 3 // 2
+
+
+def synthetic_takes(
+    attendees: Sequence[int],
+    *,
+    size_px: int,
+    seconds: float = 15.0,
+    fps: float = 15.0,
+    viewpoint: int = 0,
+) -> Iterator[TakeData]:
+    for a in attendees:
+        yield TakeData.from_synth(
+            a,
+            DANCE_OFFSET + a,
+            seconds=seconds,
+            fps=fps,
+            size=synth_frame_size(size_px),
+            viewpoint=viewpoint,
+        )
+
+
+def pretrain(
+    takes: Sequence[TakeData | str | Path],
+    cfg: TrainerConfig,
+    out_dir: Path,
+    *,
+    progress: ProgressFn | None = None,
+    models_dir: Path | None = None,
+    on_takes: Callable[[int, int], None] | None = None,
+) -> tuple[Path, JobResult]:
+    """Train a base on ``takes`` and write it to ``out_dir``; resumable like any job.
+
+    ``cfg.work_dir`` is replaced by ``out_dir/work``; ``cfg.base_checkpoint`` (if set)
+    continues an older base.
+    """
+    if not takes:
+        raise TrainingFailed("pretraining needs at least one take")
+    out_dir = Path(out_dir)
+    job_cfg = cfg.model_copy(update={"work_dir": out_dir / "work"})
+    result = train_job(
+        JobSpec("pretrain", list(takes)), job_cfg, None, progress, models_dir=models_dir
+    )
+    # The base: the best generator with the discriminator it was trained against.
+    runtime = select_runtime(job_cfg)
+    model = Pix2Pix(
+        ModelSpec.for_size(cfg.size_px),
+        learning_rate=cfg.learning_rate,
+        l1_weight=cfg.l1_weight,
+        global_batch=cfg.batch,
+        runtime=runtime,
+    )
+    ckpts = out_dir / "work" / "pretrain" / "checkpoints"
+    latest = tf.train.latest_checkpoint(str(ckpts / "ckpt"))
+    if latest is None:
+        raise TrainingFailed(f"pretraining left no checkpoint in {ckpts}")
+    model.checkpoint.restore(latest).assert_existing_objects_matched()
+    best = tf.train.latest_checkpoint(str(ckpts / "best"))
+    if best:
+        tf.train.Checkpoint(generator=model.generator).restore(
+            best
+        ).assert_existing_objects_matched()
+    meta: dict[str, Any] = {
+        "steps": result.steps,
+        "best_step": result.best_step,
+        "takes": len(takes),
+        "score": result.score,
+        "export": str(result.export_dir),
+    }
+    save_base(model, out_dir, label_map=cfg.label_map, meta=meta)
+    log.info("base checkpoint written", extra={"out": str(out_dir), "steps": result.steps})
+    return out_dir, result

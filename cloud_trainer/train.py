@@ -1,0 +1,1074 @@
+"""Training: warm-started pix2pix under a wall-clock budget, resumable, exported for rendering.
+
+``train_job`` is the one function a worker calls for a session. Calling it again
+with the same work directory (or, on another machine, the same blob store)
+resumes the job, as TF Model Garden does: the latest job checkpoint if there is
+one, else the base checkpoint with ``expect_partial()``, else fresh weights. It
+never starts again from step 0 when a job checkpoint exists.
+
+The ``Budget`` covers everything from the call on: building the corpus, training,
+scoring and export. Training stops when what is left would only just pay for one
+more step, a last checkpoint, the score and the export, all estimated from
+measured times; the job then scores and exports its *best* checkpoint (by SSIM
+on held-out frames, evaluated at every checkpoint), not its last.
+
+NaN losses roll the job back once to the last good checkpoint at half the
+learning rate; a second divergence fails the job with a readable reason.
+
+Job directory (``trainer.work_dir/<session>``) and its mirror in the blob store::
+
+    corpus/                    -> sessions/<sid>/corpus/       (see corpus.py)
+    checkpoints/ckpt/          -> sessions/<sid>/checkpoints/ckpt/   full state, latest 2
+    checkpoints/best/          -> sessions/<sid>/checkpoints/best/   best generator
+    checkpoints/state.json     -> sessions/<sid>/checkpoints/state.json
+    export/                    -> sessions/<sid>/model/
+
+Export layout (``export/``, read by the renderer)::
+
+    generator.json    {"format": 1, "label_map": "skeleton"|"parts", "size_px": S,
+                       "framing": [...per take...], "spec": {...}, "step": N,
+                       "score": {...}, "input": ..., "output": ...}
+    saved_model/      tf.saved_model, signature "serving_default":
+                      label uint8 [N, S, S, 3] RGB -> {"image": uint8 [N, S, S, 3] RGB}
+    generator.tflite  the same function with batch 1, float32 weights, uint8 in and out
+    score.json, progress.png, samples.png
+
+A renderer must check ``label_map`` (``require_label_map``): a generator trained on
+skeleton maps draws garbage from part maps and the other way round.
+
+Base checkpoints (``booth pretrain``, or any job's ``checkpoints/ckpt``) are a
+directory holding a TF checkpoint with ``generator`` and ``discriminator`` and a
+``base.json`` describing them; ``trainer.base_checkpoint`` names it by path or as
+``blob:<prefix>`` in the blob store.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+from cloud_trainer.config import TrainerConfig
+from cloud_trainer.corpus import (
+    Corpus,
+    Examples,
+    TakeData,
+    TrainingFailed,
+    build_corpus,
+    default_segmenter,
+    load_take_dir,
+    mirror_from_store,
+    mirror_to_store,
+)
+from cloud_trainer.model import (
+    ModelSpec,
+    build_discriminator,
+    build_generator,
+    build_optimizer,
+    discriminator_loss,
+    generator_loss,
+)
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "Budget",
+    "JobResult",
+    "JobSpec",
+    "Pix2Pix",
+    "Progress",
+    "Runtime",
+    "TrainingFailed",
+    "export_generator",
+    "read_export",
+    "require_label_map",
+    "select_runtime",
+    "train_job",
+]
+
+EXPORT_FORMAT = 1
+BASE_META = "base.json"
+STATE = "state.json"
+# Held-out frames evaluated at each checkpoint to pick the best one.
+EVAL_FRAMES = 16
+# Safety margin kept back from the budget on top of the measured estimates.
+MARGIN_S = 1.5
+# Before anything is measured: seconds to save a checkpoint and to export, per million
+# parameters plus a constant (measured on this machine: SavedModel + TFLite of the
+# 54M-parameter 256 px generator took 7 s, the 7M one at 64 px 3 s).
+SAVE_S_PER_MPARAM = 0.03
+EXPORT_S = 5.0
+EXPORT_S_PER_MPARAM = 0.2
+# The pose metric costs the backend three times per scored frame (ours, NN, real).
+POSE_S_PER_FRAME = 0.1
+
+
+# ---- time -------------------------------------------------------------------------------
+
+
+class Budget:
+    """Wall-clock seconds a job may take; ``spent_s`` carries time used by earlier attempts."""
+
+    def __init__(
+        self,
+        budget_s: float,
+        *,
+        spent_s: float = 0.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.budget_s = float(budget_s)
+        self.spent_s = float(spent_s)
+        self._clock = clock
+        self._start = clock()
+
+    def elapsed(self) -> float:
+        return self.spent_s + (self._clock() - self._start)
+
+    def remaining(self) -> float:
+        return self.budget_s - self.elapsed()
+
+
+# ---- devices ----------------------------------------------------------------------------
+
+
+@dataclass
+class Runtime:
+    """Where and how the step runs: strategy, precision policy, XLA."""
+
+    strategy: tf.distribute.Strategy
+    device: str  # cpu | gpu | tpu
+    policy: str | None  # None (float32), mixed_float16 or mixed_bfloat16
+    jit_compile: bool
+
+    @property
+    def replicas(self) -> int:
+        return int(self.strategy.num_replicas_in_sync)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "strategy": type(self.strategy).__name__,
+            "device": self.device,
+            "replicas": self.replicas,
+            "precision": self.policy or "float32",
+            "jit_compile": self.jit_compile,
+        }
+
+
+def cpu_has_bf16() -> bool:
+    """True when the CPU computes bfloat16 natively (AVX512-BF16 or AMX)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def _tpu_strategy() -> tf.distribute.Strategy:
+    try:
+        resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu="")
+        tf.config.experimental_connect_to_cluster(resolver)
+        tf.tpu.experimental.initialize_tpu_system(resolver)
+    except (ValueError, tf.errors.NotFoundError, tf.errors.UnavailableError) as e:
+        raise TrainingFailed(f"trainer.strategy is tpu but no TPU is reachable ({e})") from e
+    return tf.distribute.TPUStrategy(resolver)
+
+
+def select_runtime(cfg: TrainerConfig) -> Runtime:
+    """Strategy, precision and XLA from config; ``auto`` picks by the devices present.
+
+    Measured on this machine's CPU (bench/train_step.py): XLA makes the pix2pix step
+    slower (1.16 vs 0.98 s at 256 px) and doubles tracing time, so ``auto`` uses it only
+    on GPU/TPU. bfloat16 on a CPU with native bf16 (AVX512-BF16/AMX) runs the step
+    ~1.8x faster at 256 px, so ``auto`` uses it there; float16 on GPU (with loss scaling).
+    """
+    gpus = tf.config.list_logical_devices("GPU")
+    tpus = tf.config.list_logical_devices("TPU")
+    kind = cfg.strategy
+    if kind == "auto":
+        kind = "tpu" if tpus else "mirrored" if len(gpus) > 1 else "default"
+    if kind == "tpu":
+        strategy = _tpu_strategy()
+        device = "tpu"
+    elif kind == "mirrored":
+        strategy = tf.distribute.MirroredStrategy()
+        device = "gpu" if gpus else "cpu"
+    else:
+        strategy = tf.distribute.OneDeviceStrategy("/gpu:0" if gpus else "/cpu:0")
+        device = "gpu" if gpus else "cpu"
+    native = {"gpu": "mixed_float16", "tpu": "mixed_bfloat16", "cpu": "mixed_bfloat16"}[device]
+    if cfg.mixed_precision == "on":
+        policy: str | None = native
+    elif cfg.mixed_precision == "off":
+        policy = None
+    else:
+        policy = native if device != "cpu" or cpu_has_bf16() else None
+    jit = cfg.jit_compile == "on" or (cfg.jit_compile == "auto" and device != "cpu")
+    return Runtime(strategy, device, policy, jit)
+
+
+# ---- the model pair ------------------------------------------------------------------------
+
+
+def _set_lr(opt, lr: float) -> None:
+    target = getattr(opt, "inner_optimizer", opt)
+    target.learning_rate.assign(lr)
+
+
+class Pix2Pix:
+    """Generator, discriminator, their optimizers and the compiled train step."""
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        *,
+        learning_rate: float,
+        l1_weight: float,
+        global_batch: int,
+        runtime: Runtime,
+    ) -> None:
+        self.spec = spec
+        self.runtime = runtime
+        self.l1_weight = float(l1_weight)
+        self.global_batch = int(global_batch)
+        loss_scale = runtime.policy == "mixed_float16"
+        with runtime.strategy.scope():
+            self.generator = build_generator(spec, runtime.policy)
+            self.discriminator = build_discriminator(spec, runtime.policy)
+            self.g_opt = build_optimizer(learning_rate, loss_scale=loss_scale)
+            self.d_opt = build_optimizer(learning_rate, loss_scale=loss_scale)
+            # Built now, not at the first step: a restore must find every slot variable.
+            self.g_opt.build(self.generator.trainable_variables)
+            self.d_opt.build(self.discriminator.trainable_variables)
+            self.step = tf.Variable(
+                0,
+                dtype=tf.int64,
+                trainable=False,
+                name="step",
+                aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
+            )
+        self.checkpoint = tf.train.Checkpoint(
+            generator=self.generator,
+            discriminator=self.discriminator,
+            g_opt=self.g_opt,
+            d_opt=self.d_opt,
+            step=self.step,
+        )
+        self.models = tf.train.Checkpoint(
+            generator=self.generator, discriminator=self.discriminator
+        )
+        replica = self._replica_step
+        if runtime.jit_compile:
+            replica = tf.function(replica, jit_compile=True)
+        strategy = runtime.strategy
+
+        @tf.function
+        def distributed(label: tf.Tensor, target: tf.Tensor) -> dict[str, tf.Tensor]:
+            per_replica = strategy.run(replica, args=(label, target))
+            return {
+                k: strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None)
+                for k, v in per_replica.items()
+            }
+
+        self._step_fn = distributed
+        s = spec.size_px
+        self._predict = tf.function(
+            lambda x: self.generator(x, training=False),
+            input_signature=[tf.TensorSpec([None, s, s, 3], tf.float32)],
+        )
+        self._finite = tf.function(
+            lambda: tf.reduce_all(
+                [
+                    tf.reduce_all(tf.math.is_finite(v))
+                    for v in self.generator.trainable_variables
+                    + self.discriminator.trainable_variables
+                ]
+            )
+        )
+
+    @property
+    def params_m(self) -> float:
+        return (self.generator.count_params() + self.discriminator.count_params()) / 1e6
+
+    def _replica_step(self, label: tf.Tensor, target: tf.Tensor) -> dict[str, tf.Tensor]:
+        g, d = self.generator, self.discriminator
+        with tf.GradientTape(persistent=True) as tape:
+            fake = g(label, training=True)
+            d_real = d([label, target], training=True)
+            d_fake = d([label, fake], training=True)
+            g_total, g_gan, g_l1 = generator_loss(d_fake, fake, target, self.l1_weight)
+            d_total = discriminator_loss(d_real, d_fake)
+            # Averaged over the global batch: replicas' gradients are summed.
+            avg = lambda x: tf.nn.compute_average_loss(x, global_batch_size=self.global_batch)  # noqa: E731
+            g_loss, d_loss = avg(g_total), avg(d_total)
+            g_scaled = (
+                self.g_opt.scale_loss(g_loss) if hasattr(self.g_opt, "scale_loss") else g_loss
+            )
+            d_scaled = (
+                self.d_opt.scale_loss(d_loss) if hasattr(self.d_opt, "scale_loss") else d_loss
+            )
+        g_grads = tape.gradient(g_scaled, g.trainable_variables)
+        d_grads = tape.gradient(d_scaled, d.trainable_variables)
+        del tape
+        self.g_opt.apply_gradients(zip(g_grads, g.trainable_variables, strict=True))
+        self.d_opt.apply_gradients(zip(d_grads, d.trainable_variables, strict=True))
+        self.step.assign_add(1)
+        return {"g": g_loss, "d": d_loss, "gan": avg(g_gan), "l1": avg(g_l1)}
+
+    def train_step(self, label: tf.Tensor, target: tf.Tensor) -> dict[str, float]:
+        out = self._step_fn(label, target)
+        return {k: float(v) for k, v in out.items()}
+
+    def generate(self, labels: np.ndarray) -> np.ndarray:
+        """uint8 label maps (N, S, S, 3) -> uint8 images, BatchNorm in inference mode."""
+        x = tf.cast(tf.convert_to_tensor(labels), tf.float32) / 127.5 - 1.0
+        y = self._predict(x)
+        return tf.cast(
+            tf.clip_by_value(tf.round((tf.cast(y, tf.float32) + 1.0) * 127.5), 0, 255), tf.uint8
+        ).numpy()
+
+    def weights_finite(self) -> bool:
+        return bool(self._finite())
+
+    def set_learning_rate(self, lr: float) -> None:
+        _set_lr(self.g_opt, lr)
+        _set_lr(self.d_opt, lr)
+
+    def snapshot(self) -> list[np.ndarray]:
+        return [v.numpy() for v in self._all_variables()]
+
+    def restore_snapshot(self, values: list[np.ndarray]) -> None:
+        for v, x in zip(self._all_variables(), values, strict=True):
+            v.assign(x)
+
+    def _all_variables(self) -> list[tf.Variable]:
+        return [
+            *self.generator.variables,
+            *self.discriminator.variables,
+            *self.g_opt.variables,
+            *self.d_opt.variables,
+            self.step,
+        ]
+
+
+def evaluate(model: Pix2Pix, holdout: Examples) -> dict[str, float]:
+    """Mean SSIM (whole crop) and L1 of the generator on a few held-out frames."""
+    out = np.concatenate(
+        [model.generate(holdout.labels[i : i + 8]) for i in range(0, len(holdout), 8)]
+    )
+    ssim = tf.image.ssim(tf.convert_to_tensor(out), tf.convert_to_tensor(holdout.frames), 255)
+    l1 = np.abs(out.astype(np.float32) - holdout.frames.astype(np.float32)).mean() / 255.0
+    return {"ssim": float(tf.reduce_mean(ssim)), "l1": float(l1)}
+
+
+# ---- base checkpoints -------------------------------------------------------------------
+
+
+def save_base(model: Pix2Pix, out_dir: Path, *, label_map: str, meta: dict[str, Any]) -> Path:
+    """Write the model pair as a base checkpoint (``base.json`` + TF checkpoint)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    manager = tf.train.CheckpointManager(model.models, str(out_dir), 1, checkpoint_name="base")
+    manager.save(checkpoint_number=int(model.step.numpy()))
+    info = {
+        "spec": model.spec.to_dict(),
+        "label_map": label_map,
+        "step": int(model.step.numpy()),
+        **meta,
+    }
+    _write_json(out_dir / BASE_META, info)
+    return out_dir
+
+
+def resolve_base(uri: str, store, cache_dir: Path) -> Path:
+    """A base checkpoint directory on local disk, downloading ``blob:<prefix>`` first."""
+    if uri.startswith("blob:"):
+        prefix = uri[len("blob:") :].lstrip("/")
+        if store is None:
+            raise TrainingFailed(
+                f"base checkpoint {uri} is in the blob store, but none is configured"
+            )
+        local = cache_dir / "base"
+        if local.exists():
+            shutil.rmtree(local)
+        if mirror_from_store(store, prefix, local) == 0:
+            raise TrainingFailed(f"base checkpoint {uri} not found in the blob store")
+        return local
+    path = Path(uri)
+    if not path.exists():
+        raise TrainingFailed(f"base checkpoint {uri} not found")
+    return path
+
+
+def restore_base(model: Pix2Pix, base_dir: Path, *, label_map: str) -> dict[str, Any]:
+    """Load generator and discriminator weights from a base checkpoint (optimizers start fresh)."""
+    meta: dict[str, Any] = {}
+    meta_file = base_dir / BASE_META if base_dir.is_dir() else None
+    if meta_file is not None and meta_file.exists():
+        meta = json.loads(meta_file.read_text())
+        spec = ModelSpec.from_dict(meta["spec"])
+        if spec != model.spec:
+            raise TrainingFailed(
+                f"base checkpoint {base_dir} is for {spec.size_px} px models "
+                f"({spec}); this job trains {model.spec.size_px} px ({model.spec})"
+            )
+        if meta.get("label_map") not in (None, label_map):
+            raise TrainingFailed(
+                f"base checkpoint {base_dir} was trained on {meta['label_map']} label maps, "
+                f"this job uses {label_map}"
+            )
+    prefix = tf.train.latest_checkpoint(str(base_dir)) if base_dir.is_dir() else str(base_dir)
+    if prefix is None:
+        raise TrainingFailed(f"base checkpoint {base_dir} holds no checkpoint")
+    try:
+        model.models.restore(prefix).expect_partial().assert_existing_objects_matched()
+    except (ValueError, AssertionError, tf.errors.OpError) as e:
+        raise TrainingFailed(
+            f"base checkpoint {base_dir} does not fit this model ({_short(e)})"
+        ) from e
+    log.info("warm start from base checkpoint", extra={"base": str(base_dir)})
+    return meta
+
+
+# ---- export -----------------------------------------------------------------------------
+
+
+def export_generator(
+    model: Pix2Pix, out_dir: Path, *, label_map: str, meta: dict[str, Any]
+) -> dict[str, Any]:
+    """Write SavedModel + TFLite + generator.json to ``out_dir`` (replaced atomically)."""
+    from tensorflow.python.framework.convert_to_constants import (
+        convert_variables_to_constants_v2,
+    )
+
+    s = model.spec.size_px
+    # A float32 copy: TFLite has no bfloat16 kernels, and serving needs no loss scaling.
+    gen = build_generator(model.spec)
+    gen.set_weights(model.generator.get_weights())
+
+    def run(label: tf.Tensor) -> dict[str, tf.Tensor]:
+        y = gen(tf.cast(label, tf.float32) / 127.5 - 1.0, training=False)
+        return {"image": tf.cast(tf.clip_by_value(tf.round((y + 1.0) * 127.5), 0, 255), tf.uint8)}
+
+    module = tf.Module()
+    module.generator = gen
+    module.serve = tf.function(
+        run, input_signature=[tf.TensorSpec([None, s, s, 3], tf.uint8, name="label")]
+    )
+    single = tf.function(run, input_signature=[tf.TensorSpec([1, s, s, 3], tf.uint8, name="label")])
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    tf.saved_model.save(
+        module, str(tmp / "saved_model"), signatures={"serving_default": module.serve}
+    )
+    # Keras 3 variables survive the converter as resource variables (read as zeros by
+    # LiteRT): fold them into constants first.
+    frozen = convert_variables_to_constants_v2(single.get_concrete_function())
+    tflite = tf.lite.TFLiteConverter.from_concrete_functions([frozen]).convert()
+    (tmp / "generator.tflite").write_bytes(tflite)
+    info = {
+        "format": EXPORT_FORMAT,
+        "label_map": label_map,
+        "size_px": s,
+        "spec": model.spec.to_dict(),
+        "input": f"label map, uint8 RGB [N, {s}, {s}, 3] (tflite: N = 1)",
+        "output": f"image, uint8 RGB [N, {s}, {s}, 3]",
+        "signature": "serving_default",
+        **meta,
+    }
+    _write_json(tmp / "generator.json", info)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+    return info
+
+
+def read_export(export_dir: str | Path) -> dict[str, Any]:
+    path = Path(export_dir) / "generator.json"
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError as e:
+        raise TrainingFailed(f"no exported generator at {export_dir}") from e
+
+
+def require_label_map(export_meta: dict[str, Any], label_map: str) -> None:
+    """Refuse a generator trained on another kind of label map than the renderer draws."""
+    trained = export_meta.get("label_map")
+    if trained != label_map:
+        raise TrainingFailed(
+            f"the generator was trained on {trained} label maps but {label_map} maps were "
+            "given: render with the label map it was trained on"
+        )
+
+
+# ---- jobs -------------------------------------------------------------------------------
+
+
+@dataclass
+class JobSpec:
+    """One training job: a session's takes (TakeData, take directories or ``blob:`` prefixes)."""
+
+    session_id: str
+    takes: Sequence[TakeData | str | Path]
+    base_checkpoint: str | None = None  # overrides trainer.base_checkpoint
+    job_id: str | None = None
+
+
+@dataclass
+class Progress:
+    stage: str  # loading | training | scoring | exporting | done
+    step: int = 0
+    max_steps: int | None = None
+    loss: float | None = None  # generator L1 (the number that means something to people)
+    eta_s: float | None = None
+    elapsed_s: float = 0.0
+    message: str = ""
+
+
+@dataclass
+class JobResult:
+    session_id: str
+    steps: int
+    best_step: int
+    resumed_from: int | None  # job step restored from a checkpoint, None on a fresh start
+    warm_start: bool
+    stopped: str  # budget | max_steps | done-before
+    elapsed_s: float
+    score: dict[str, Any]
+    export_dir: Path
+    model_prefix: str | None  # blob prefix of the export
+    plot_path: Path
+    history: list[dict[str, float]] = field(default_factory=list)
+    evals: list[dict[str, float]] = field(default_factory=list)
+    runtime: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["export_dir"] = str(self.export_dir)
+        d["plot_path"] = str(self.plot_path)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> JobResult:
+        d = dict(d)
+        d["export_dir"] = Path(d["export_dir"])
+        d["plot_path"] = Path(d["plot_path"])
+        return cls(**d)
+
+
+class TrainHooks:
+    """Test seams: called after every training step (fault injection, kill simulation)."""
+
+    def after_step(self, step: int, model: Pix2Pix) -> None:
+        pass
+
+
+ProgressFn = Callable[[Progress], None]
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, default=float))
+    os.replace(tmp, path)
+
+
+def _short(e: BaseException) -> str:
+    msg = getattr(e, "message", None) or str(e)
+    return msg.strip().splitlines()[0][:200] if msg.strip() else type(e).__name__
+
+
+def open_take(ref: TakeData | str | Path, store, cache_dir: Path) -> TakeData:
+    """A job's take reference -> TakeData.
+
+    ``blob:<prefix>`` mirrors a take directory from the blob store first (the seam where
+    ingest's frame shards and the repository's frame index plug in).
+    """
+    if isinstance(ref, TakeData):
+        return ref
+    ref = str(ref)
+    if ref.startswith("blob:"):
+        if store is None:
+            raise TrainingFailed(f"take {ref} is in the blob store, but none is configured")
+        prefix = ref[len("blob:") :].lstrip("/")
+        local = cache_dir / prefix.strip("/").replace("/", "_")
+        if mirror_from_store(store, prefix, local) == 0:
+            raise TrainingFailed(f"take {ref} not found in the blob store")
+        return load_take_dir(local)
+    return load_take_dir(Path(ref))
+
+
+def prepare_corpus(
+    job: JobSpec,
+    cfg: TrainerConfig,
+    job_dir: Path,
+    store,
+    *,
+    models_dir: Path | None,
+) -> Corpus:
+    """The job's corpus: reused from disk or the store when present, else built (and uploaded)."""
+    local = job_dir / "corpus"
+    prefix = f"sessions/{job.session_id}/corpus"
+
+    def fits(c: Corpus) -> bool:
+        return c.size_px == cfg.size_px and c.label_map == cfg.label_map
+
+    if not Corpus.exists(local) and store is not None and store.exists(f"{prefix}/corpus.json"):
+        mirror_from_store(store, prefix, local)
+    if Corpus.exists(local):
+        corpus = Corpus.open(local)
+        if fits(corpus):
+            corpus.verify()
+            return corpus
+    takes = [open_take(t, store, job_dir / "takes") for t in job.takes]
+    segmenter = None
+    if cfg.label_map == "parts":
+        segmenter = lambda: default_segmenter(models_dir or Path("models"))  # noqa: E731
+    corpus = build_corpus(
+        takes,
+        local,
+        size_px=cfg.size_px,
+        label_map=cfg.label_map,
+        holdout_fraction=cfg.holdout_fraction,
+        segmenter=segmenter,
+    )
+    corpus.verify()
+    if store is not None:
+        mirror_to_store(local, store, prefix)
+    return corpus
+
+
+@dataclass
+class _State:
+    step: int = 0
+    elapsed_s: float = 0.0
+    learning_rate: float = 0.0
+    nan_rollbacks: int = 0
+    best: dict[str, float] | None = None
+    history: list[dict[str, float]] = field(default_factory=list)
+    evals: list[dict[str, float]] = field(default_factory=list)
+    done: dict[str, Any] | None = None
+
+    @classmethod
+    def load(cls, path: Path) -> _State | None:
+        if not path.exists():
+            return None
+        d = json.loads(path.read_text())
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+
+
+class _Fit:
+    """One training run of a job: the loop, its checkpoints, best tracking and rollback."""
+
+    def __init__(
+        self,
+        model: Pix2Pix,
+        corpus: Corpus,
+        cfg: TrainerConfig,
+        ckpt_root: Path,
+        budget: Budget,
+        state: _State,
+        *,
+        store,
+        store_prefix: str | None,
+        progress: ProgressFn,
+        hooks: TrainHooks | None,
+        score_frames: int,
+        pose_metric: bool,
+    ) -> None:
+        self.model, self.corpus, self.cfg = model, corpus, cfg
+        self.root = ckpt_root
+        self.budget, self.state = budget, state
+        self.store, self.store_prefix = store, store_prefix
+        self.progress, self.hooks = progress, hooks
+        self.manager = tf.train.CheckpointManager(model.checkpoint, str(ckpt_root / "ckpt"), 2)
+        self.best_ckpt = tf.train.Checkpoint(generator=model.generator)
+        self.best_manager = tf.train.CheckpointManager(self.best_ckpt, str(ckpt_root / "best"), 1)
+        holdout_split = "holdout" if corpus.count("holdout") else "train"
+        n = corpus.count(holdout_split)
+        pick = np.zeros(n, bool)
+        pick[np.unique(np.linspace(0, n - 1, min(n, EVAL_FRAMES)).round().astype(int))] = True
+        self.holdout = corpus.examples(holdout_split, keep=pick)
+        self.step_s: float | None = None
+        self.eval_s: float | None = None
+        self.save_s = 0.5 + SAVE_S_PER_MPARAM * model.params_m
+        self.export_s = EXPORT_S + EXPORT_S_PER_MPARAM * model.params_m
+        self.score_frames = score_frames
+        self.pose_metric = pose_metric
+        self.snapshot: list[np.ndarray] | None = None
+
+    # -- estimates ------------------------------------------------------------------------
+
+    def reserve_s(self) -> float:
+        """Seconds that must stay in the budget before starting another step."""
+        eval_s = self.eval_s or 1.0
+        per_frame = eval_s / max(1, len(self.holdout))
+        score_s = 2.0 + self.score_frames * (
+            2 * per_frame + (POSE_S_PER_FRAME if self.pose_metric else 0.0)
+        )
+        return (self.step_s or 0.0) + eval_s + self.save_s + score_s + self.export_s + MARGIN_S
+
+    # -- checkpoints -----------------------------------------------------------------------
+
+    def evaluate(self) -> dict[str, float]:
+        if self.eval_s is None:
+            self.model.generate(self.holdout.labels[:1])  # trace outside the timing
+        t = time.monotonic()
+        e = evaluate(self.model, self.holdout)
+        self.eval_s = time.monotonic() - t
+        entry = {"step": self.state.step, "t": round(self.budget.elapsed(), 2), **e}
+        self.state.evals.append(entry)
+        return entry
+
+    def _is_better(self, e: dict[str, float]) -> bool:
+        b = self.state.best
+        return b is None or (e["ssim"], -e["l1"]) > (b["ssim"], -b["l1"])
+
+    def checkpoint(self) -> None:
+        """Evaluate, keep the best generator, save the full state, mirror to the store."""
+        if not self.model.weights_finite():
+            raise _Diverged(self.state.step)
+        t = time.monotonic()
+        e = self.evaluate()
+        changed = ["state.json"]
+        if self._is_better(e):
+            self.state.best = {"step": e["step"], "ssim": e["ssim"], "l1": e["l1"]}
+            self.best_manager.save(checkpoint_number=self.state.step)
+            changed += [str(p.relative_to(self.root)) for p in (self.root / "best").iterdir()]
+        self.manager.save(checkpoint_number=self.state.step)
+        self.state.elapsed_s = self.budget.elapsed()
+        _write_json(self.root / STATE, asdict(self.state))
+        if self.store is not None and self.store_prefix:
+            latest = Path(self.manager.latest_checkpoint).name
+            changed += [
+                str(p.relative_to(self.root))
+                for p in (self.root / "ckpt").iterdir()
+                if p.name.startswith(latest + ".") or p.name == "checkpoint"
+            ]
+            mirror_to_store(self.root, self.store, self.store_prefix, only=changed)
+        self.save_s = max(0.2, time.monotonic() - t - (self.eval_s or 0.0))
+        log.info(
+            "checkpoint",
+            extra={"step": self.state.step, "ssim": round(e["ssim"], 4), "best": self.state.best},
+        )
+
+    def rollback(self, bad_step: int) -> None:
+        """Back to the last good checkpoint (or the start), at half the learning rate, once."""
+        if self.state.nan_rollbacks >= 1:
+            raise TrainingFailed(
+                f"training diverged (NaN loss) at step {bad_step} again after rolling back "
+                f"once with learning rate {self.state.learning_rate:g}; try a lower "
+                "trainer.learning_rate or check the take"
+            )
+        latest = self.manager.latest_checkpoint
+        if latest:
+            self.model.checkpoint.restore(latest).assert_existing_objects_matched()
+            where = f"checkpoint at step {int(self.model.step.numpy())}"
+        elif self.snapshot is not None:
+            self.model.restore_snapshot(self.snapshot)
+            where = f"the start (step {int(self.model.step.numpy())})"
+        else:
+            raise TrainingFailed(
+                f"training diverged (NaN loss) at step {bad_step} with nothing to roll back to"
+            )
+        self.state.nan_rollbacks += 1
+        self.state.learning_rate /= 2
+        self.model.set_learning_rate(self.state.learning_rate)
+        self.state.step = int(self.model.step.numpy())
+        log.warning(
+            "NaN loss: rolled back",
+            extra={"bad_step": bad_step, "to": where, "learning_rate": self.state.learning_rate},
+        )
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    def run(self) -> str:
+        cfg, model, state = self.cfg, self.model, self.state
+        dataset = self.corpus.dataset(cfg.batch * model.runtime.replicas, seed=state.step)
+        iterator = iter(model.runtime.strategy.experimental_distribute_dataset(dataset))
+        if self.manager.latest_checkpoint is None:
+            self.snapshot = model.snapshot()
+        if not state.evals or state.evals[-1]["step"] != state.step:
+            e = self.evaluate()  # the starting point, and a measured eval cost
+            if self._is_better(e) and self.manager.latest_checkpoint is None:
+                # Until a checkpoint is written, the starting weights are the best known.
+                state.best = {"step": e["step"], "ssim": e["ssim"], "l1": e["l1"]}
+                self.best_manager.save(checkpoint_number=state.step)
+        last_ckpt_step, last_ckpt_t = state.step, time.monotonic()
+        window: list[dict[str, float]] = []
+        history_every_s = max(1.0, cfg.budget_s / 300)
+        last_hist_t = last_report_t = time.monotonic()
+        first = True
+        stopped = "budget"
+        while True:
+            if cfg.max_steps is not None and state.step >= cfg.max_steps:
+                stopped = "max_steps"
+                break
+            if self.budget.remaining() <= self.reserve_s():
+                stopped = "budget"
+                break
+            try:
+                label, target = next(iterator)
+            except (tf.errors.DataLossError, tf.errors.InvalidArgumentError) as e:
+                raise TrainingFailed(f"a corpus shard is corrupt ({_short(e)})") from e
+            t = time.monotonic()
+            try:
+                losses = model.train_step(label, target)
+                if not all(math.isfinite(v) for v in losses.values()):
+                    raise _Diverged(state.step + 1)
+                state.step = int(model.step.numpy())
+                if self.hooks is not None:
+                    self.hooks.after_step(state.step, model)
+                dt = time.monotonic() - t
+                if first:
+                    first = False  # includes tracing: no estimate of the next steps
+                else:
+                    self.step_s = dt if self.step_s is None else 0.8 * self.step_s + 0.2 * dt
+                window.append(losses)
+                now = time.monotonic()
+                if now - last_hist_t >= history_every_s:
+                    self._push_history(window)
+                    window, last_hist_t = [], now
+                if (
+                    state.step - last_ckpt_step >= cfg.checkpoint_every_steps
+                    or now - last_ckpt_t >= cfg.checkpoint_every_s
+                ):
+                    self._push_history(window)
+                    window = []
+                    self.checkpoint()
+                    last_ckpt_step, last_ckpt_t = state.step, time.monotonic()
+                if now - last_report_t >= 1.0:
+                    self._report(losses)
+                    last_report_t = now
+            except _Diverged as d:
+                window = []
+                self.rollback(d.step)
+                last_ckpt_step, last_ckpt_t = state.step, time.monotonic()
+                first = True
+        self._push_history(window)
+        if state.step != last_ckpt_step or not self.manager.latest_checkpoint:
+            try:
+                self.checkpoint()
+            except _Diverged as d:
+                # Diverged in the very last steps: the best checkpoint is still good.
+                log.warning(
+                    "weights not finite at the end; keeping the best checkpoint",
+                    extra={"step": d.step},
+                )
+        return stopped
+
+    def _push_history(self, window: list[dict[str, float]]) -> None:
+        if not window:
+            return
+        mean = {k: float(np.mean([w[k] for w in window])) for k in window[0]}
+        self.state.history.append(
+            {"step": self.state.step, "t": round(self.budget.elapsed(), 2), **mean}
+        )
+
+    def _report(self, losses: dict[str, float]) -> None:
+        eta = self.budget.remaining()
+        if self.cfg.max_steps is not None and self.step_s:
+            eta = min(eta, (self.cfg.max_steps - self.state.step) * self.step_s + self.reserve_s())
+        self.progress(
+            Progress(
+                "training",
+                self.state.step,
+                self.cfg.max_steps,
+                losses["l1"],
+                max(0.0, eta),
+                self.budget.elapsed(),
+            )
+        )
+
+
+class _Diverged(Exception):
+    def __init__(self, step: int) -> None:
+        super().__init__(f"non-finite loss at step {step}")
+        self.step = step
+
+
+def _checkpoint_prefix(job: JobSpec) -> str:
+    return f"sessions/{job.session_id}/checkpoints"
+
+
+def train_job(
+    job: JobSpec,
+    cfg: TrainerConfig,
+    store=None,
+    progress: ProgressFn | None = None,
+    *,
+    models_dir: Path | None = Path("models"),
+    hooks: TrainHooks | None = None,
+    runtime: Runtime | None = None,
+) -> JobResult:
+    """Train, score and export the generator of one session; resumable (see module docstring).
+
+    Raises TrainingFailed (a BoothError) with a readable reason on bad input: an empty or
+    tiny take, no person, a corrupt shard, a missing or mismatched base checkpoint, or
+    losses that stay NaN after one rollback.
+    """
+    report = progress or (lambda p: None)
+    job_dir = Path(cfg.work_dir) / job.session_id
+    ckpt_root = job_dir / "checkpoints"
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    prefix = _checkpoint_prefix(job) if store is not None else None
+    model_prefix = f"sessions/{job.session_id}/model" if store is not None else None
+
+    # A restarted job picks up its checkpoints from the store when this machine has none.
+    if (
+        store is not None
+        and not (ckpt_root / "ckpt" / "checkpoint").exists()
+        and store.exists(f"{prefix}/ckpt/checkpoint")
+    ):
+        mirror_from_store(store, prefix, ckpt_root)
+    state = _State.load(ckpt_root / STATE) or _State(learning_rate=cfg.learning_rate)
+    if state.done is not None and (job_dir / "export" / "generator.json").exists():
+        log.info("job already finished; returning its result", extra={"session": job.session_id})
+        return JobResult.from_dict({**state.done, "stopped": "done-before"})
+    budget = Budget(cfg.budget_s, spent_s=state.elapsed_s)
+    report(
+        Progress(
+            "loading",
+            state.step,
+            cfg.max_steps,
+            elapsed_s=budget.elapsed(),
+            message="building the corpus",
+        )
+    )
+    corpus = prepare_corpus(job, cfg, job_dir, store, models_dir=models_dir)
+
+    runtime = runtime or select_runtime(cfg)
+    spec = ModelSpec.for_size(cfg.size_px)
+    model = Pix2Pix(
+        spec,
+        learning_rate=state.learning_rate or cfg.learning_rate,
+        l1_weight=cfg.l1_weight,
+        global_batch=cfg.batch * runtime.replicas,
+        runtime=runtime,
+    )
+    resumed_from: int | None = None
+    warm = False
+    latest = tf.train.latest_checkpoint(str(ckpt_root / "ckpt"))
+    base_uri = job.base_checkpoint or cfg.base_checkpoint
+    if latest:
+        try:
+            model.checkpoint.restore(latest).assert_existing_objects_matched()
+        except (ValueError, AssertionError, tf.errors.OpError) as e:
+            raise TrainingFailed(
+                f"the job's checkpoint {latest} does not fit this model ({_short(e)})"
+            ) from e
+        resumed_from = int(model.step.numpy())
+        state.step = resumed_from
+        state.history = [h for h in state.history if h["step"] <= resumed_from]
+        state.evals = [e for e in state.evals if e["step"] <= resumed_from]
+        warm = bool(base_uri)
+        log.info("resuming job", extra={"session": job.session_id, "step": resumed_from})
+    elif base_uri:
+        restore_base(model, resolve_base(base_uri, store, job_dir), label_map=cfg.label_map)
+        warm = True
+    model.set_learning_rate(state.learning_rate)
+
+    score_frames = min(corpus.count("holdout"), 48) + min(corpus.count("transfer"), 48)
+    pose_available = models_dir is not None and Path(models_dir).is_dir()
+    fit = _Fit(
+        model,
+        corpus,
+        cfg,
+        ckpt_root,
+        budget,
+        state,
+        store=store,
+        store_prefix=prefix,
+        progress=report,
+        hooks=hooks,
+        score_frames=score_frames,
+        pose_metric=pose_available,
+    )
+    report(Progress("training", state.step, cfg.max_steps, elapsed_s=budget.elapsed()))
+    stopped = fit.run()
+
+    # The best generator, not the last, is what the attendee gets.
+    best_path = fit.best_manager.latest_checkpoint
+    best_step = state.step
+    if best_path and state.best is not None:
+        fit.best_ckpt.restore(best_path).assert_existing_objects_matched()
+        best_step = int(state.best["step"])
+    report(Progress("scoring", state.step, cfg.max_steps, elapsed_s=budget.elapsed()))
+    export_dir = job_dir / "export"
+    work_out = job_dir / "out"
+    work_out.mkdir(exist_ok=True)
+    from cloud_trainer.score import plot_progress, score_generator
+
+    if corpus.count("holdout"):
+        score = score_generator(
+            model.generate,
+            corpus,
+            models_dir=models_dir if pose_available else None,
+            samples_path=work_out / "samples.png",
+        )
+    else:
+        score = {"notes": ["not scored: the corpus has no held-out frames (holdout_fraction = 0)"]}
+    plot_path = work_out / "progress.png"
+    plot_progress(
+        state.history,
+        state.evals,
+        score if "ssim" in score else None,
+        plot_path,
+        title=job.session_id,
+    )
+
+    report(Progress("exporting", state.step, cfg.max_steps, elapsed_s=budget.elapsed()))
+    framings = [{"take": t["name"], "camera": t["camera"], **t["framing"]} for t in corpus.takes]
+    export_generator(
+        model,
+        export_dir,
+        label_map=cfg.label_map,
+        meta={"framing": framings, "step": best_step, "score": score, "session_id": job.session_id},
+    )
+    for name in ("progress.png", "samples.png"):
+        if (work_out / name).exists():
+            shutil.copy2(work_out / name, export_dir / name)
+    _write_json(export_dir / "score.json", score)
+    if store is not None:
+        mirror_to_store(export_dir, store, model_prefix)
+    result = JobResult(
+        session_id=job.session_id,
+        steps=state.step,
+        best_step=best_step,
+        resumed_from=resumed_from,
+        warm_start=warm,
+        stopped=stopped,
+        elapsed_s=round(budget.elapsed(), 2),
+        score=score,
+        export_dir=export_dir,
+        model_prefix=model_prefix,
+        plot_path=export_dir / "progress.png",
+        history=state.history,
+        evals=state.evals,
+        runtime=runtime.describe(),
+    )
+    state.elapsed_s = budget.elapsed()
+    state.done = result.to_dict()
+    _write_json(ckpt_root / STATE, asdict(state))
+    if store is not None:
+        mirror_to_store(ckpt_root, store, prefix, only=[STATE])
+    report(Progress("done", state.step, cfg.max_steps, elapsed_s=budget.elapsed(), eta_s=0.0))
+    log.info(
+        "job finished",
+        extra={
+            "session": job.session_id,
+            "steps": state.step,
+            "stopped": stopped,
+            "elapsed_s": result.elapsed_s,
+        },
+    )
+    return result
