@@ -12,10 +12,11 @@ The pipeline runs three stages at once, joined by bounded queues:
    browser can start playing before the whole file arrived) at the reference's
    frame rate.
 
-A generator is an exported directory (see ``write_export``): ``generator.json``
-records the label-map kind and size it was trained on, plus ``saved_model/``
-and/or ``generator.tflite``. A generator trained on one kind of label map
-produces garbage from another, so a mismatch is refused, never rendered.
+A generator is the trainer's export directory (``cloud_trainer.train.export_generator``):
+``generator.json`` records the label-map kind and size it was trained on (and the
+takes' training crops), ``saved_model/`` takes uint8 label maps in batches and
+``generator.tflite`` the same with batch 1. A generator trained on one kind of
+label map produces garbage from another, so a mismatch is refused, never rendered.
 """
 
 from __future__ import annotations
@@ -24,9 +25,10 @@ import json
 import logging
 import os
 import queue
+import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -62,13 +64,16 @@ class GeneratorMismatch(BadInput):
 # ---- generators -----------------------------------------------------------------------
 
 
-def _to_input(labels: np.ndarray) -> np.ndarray:
-    """uint8 label maps -> float32 in [-1, 1], as the generator was trained."""
+def _to_float(labels: np.ndarray) -> np.ndarray:
+    """uint8 label maps -> float32 in [-1, 1], for exports whose graph takes floats."""
     return labels.astype(np.float32) * np.float32(1 / 127.5) - np.float32(1.0)
 
 
-def _to_image(out: np.ndarray) -> np.ndarray:
-    return np.clip((np.asarray(out, dtype=np.float32) + 1.0) * 127.5 + 0.5, 0, 255).astype(np.uint8)
+def _to_uint8(out: np.ndarray) -> np.ndarray:
+    out = np.asarray(out)
+    if out.dtype == np.uint8:
+        return out
+    return np.clip((out.astype(np.float32) + 1.0) * 127.5 + 0.5, 0, 255).astype(np.uint8)
 
 
 class _SavedModelEngine:
@@ -84,32 +89,57 @@ class _SavedModelEngine:
         self._fn = (
             sigs["serving_default"] if "serving_default" in sigs else next(iter(sigs.values()))
         )
-        self._input = next(iter(self._fn.structured_input_signature[1]))
+        self._input, spec = next(iter(self._fn.structured_input_signature[1].items()))
+        self.takes_uint8 = spec.dtype == tf.uint8
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         out = self._fn(**{self._input: self._tf.constant(x)})
-        return next(iter(out.values())).numpy()
+        return out["image"].numpy() if "image" in out else next(iter(out.values())).numpy()
 
 
 class _TfliteEngine:
+    """LiteRT with XNNPACK. The trainer exports batch 1; larger batches are tried by
+    resizing the input, and fall back to one invoke per frame if the graph refuses."""
+
     name = "tflite"
 
     def __init__(self, path: Path, threads: int | None = None):
-        from ai_edge_litert.interpreter import Interpreter
+        from edge_agent.pose.litert import runtime
 
-        self._it = Interpreter(model_path=str(path), num_threads=threads or os.cpu_count() or 1)
-        self._in = self._it.get_input_details()[0]["index"]
+        self._it = runtime().Interpreter(
+            model_path=str(path), num_threads=threads or os.cpu_count() or 1
+        )
+        self._it.allocate_tensors()
+        detail = self._it.get_input_details()[0]
+        self._in = detail["index"]
         self._out = self._it.get_output_details()[0]["index"]
-        self._batch = -1
+        self.takes_uint8 = detail["dtype"] == np.uint8
+        self._batch = int(detail["shape"][0])
+        self._resizable = True
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        if x.shape[0] != self._batch:
-            self._it.resize_tensor_input(self._in, list(x.shape))
-            self._it.allocate_tensors()
-            self._batch = x.shape[0]
+    def _invoke(self, x: np.ndarray) -> np.ndarray:
         self._it.set_tensor(self._in, x)
         self._it.invoke()
         return self._it.get_tensor(self._out)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        if x.shape[0] != self._batch and self._resizable:
+            try:
+                self._it.resize_tensor_input(self._in, list(x.shape))
+                self._it.allocate_tensors()
+                self._batch = x.shape[0]
+            except (RuntimeError, ValueError):
+                log.info(
+                    "tflite generator has a fixed batch of %d; invoking per frame", self._batch
+                )
+                self._resizable = False
+                self._it.resize_tensor_input(self._in, [self._batch, *x.shape[1:]])
+                self._it.allocate_tensors()
+        if x.shape[0] == self._batch:
+            return self._invoke(x)
+        return np.concatenate(
+            [self._invoke(x[i : i + self._batch]) for i in range(0, len(x), self._batch)]
+        )
 
 
 @dataclass
@@ -119,11 +149,20 @@ class Generator:
     label_map: str
     size_px: int
     engine: str
-    run: Callable[[np.ndarray], np.ndarray]
+    run: Any  # one of the engines above
     meta: dict[str, Any] = field(default_factory=dict)
 
     def predict(self, labels: np.ndarray) -> np.ndarray:
-        return _to_image(self.run(_to_input(np.asarray(labels))))
+        labels = np.ascontiguousarray(labels, dtype=np.uint8)
+        return _to_uint8(self.run(labels if self.run.takes_uint8 else _to_float(labels)))
+
+    def framing(self, camera: str | None = None) -> labelmap.Framing | None:
+        """The training crop the export recorded (of ``camera``, else the first take)."""
+        takes = self.meta.get("framing") or []
+        for t in takes:
+            if camera is None or t.get("camera") == camera:
+                return labelmap.Framing.from_dict(t)
+        return None
 
 
 def read_export_meta(path: str | Path) -> dict[str, Any]:
@@ -150,7 +189,7 @@ def _available(path: Path) -> list[str]:
     return found
 
 
-def _open_engine(path: Path, engine: str) -> Callable[[np.ndarray], np.ndarray]:
+def _open_engine(path: Path, engine: str) -> Any:
     if engine == "savedmodel":
         return _SavedModelEngine(path / SAVED_MODEL_DIR)
     return _TfliteEngine(path / TFLITE_FILE)
@@ -163,17 +202,19 @@ def load_generator(
     engine: str = "auto",
     probe_batch: int = 8,
 ) -> Generator:
-    """Load an exported generator; refuse one trained on another label map than ``label_map``.
+    """Load an exported generator (``cloud_trainer.train.export_generator``'s layout).
 
-    ``engine``: ``savedmodel``, ``tflite`` or ``auto`` (time both on one batch of
-    ``probe_batch`` after a warm-up, keep the faster).
+    Refuses one trained on another label map than ``label_map``. ``engine``:
+    ``savedmodel``, ``tflite`` or ``auto`` (time both on one batch of ``probe_batch``
+    after a warm-up and keep the faster).
     """
     p = Path(path)
     meta = read_export_meta(p)
     if label_map is not None and meta["label_map"] != label_map:
         raise GeneratorMismatch(
             f"the generator in {p} was trained on {meta['label_map']!r} label maps, "
-            f"but this render uses {label_map!r} label maps; retrain or pick the matching model"
+            f"but this render draws {label_map!r} label maps; render with the label map "
+            "it was trained on (trainer.label_map) or retrain"
         )
     have = _available(p)
     if not have:
@@ -184,15 +225,18 @@ def load_generator(
         raise BadInput(f"{p} has no {engine} export (it has: {', '.join(have)})")
     size = meta["size_px"]
     candidates = have if engine == "auto" else [engine]
-    engines = {name: _open_engine(p, name) for name in candidates}
+    gens = {
+        name: Generator(meta["label_map"], size, name, _open_engine(p, name), meta)
+        for name in candidates
+    }
     chosen = candidates[0]
-    if len(engines) > 1:
-        x = _to_input(np.zeros((probe_batch, size, size, 3), np.uint8))
+    if len(gens) > 1:
+        labels = np.zeros((probe_batch, size, size, 3), np.uint8)
         timings = {}
-        for name, run in engines.items():
-            run(x)  # warm-up: graph tracing, allocation
+        for name, gen in gens.items():
+            gen.predict(labels)  # warm-up: graph tracing, allocation
             t0 = time.perf_counter()
-            run(x)
+            gen.predict(labels)
             timings[name] = time.perf_counter() - t0
         chosen = min(timings, key=timings.get)
         log.info(
@@ -200,47 +244,7 @@ def load_generator(
             chosen,
             ", ".join(f"{k} {1000 * v / probe_batch:.1f}" for k, v in timings.items()),
         )
-    return Generator(meta["label_map"], size, chosen, engines[chosen], meta)
-
-
-def write_export(
-    model: Any,
-    out_dir: str | Path,
-    *,
-    label_map: str,
-    tflite: bool = True,
-    savedmodel: bool = True,
-    extra: dict[str, Any] | None = None,
-) -> Path:
-    """Export a Keras generator for rendering: SavedModel + TFLite + the recorded label map."""
-    import tensorflow as tf
-
-    if label_map not in labelmap.KINDS:
-        raise ValueError(f"unknown label map {label_map!r}")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    size = int(model.input_shape[1])
-    spec = tf.TensorSpec([None, size, size, 3], tf.float32, name="label")
-
-    @tf.function(input_signature=[spec])
-    def serve(label):
-        return {"image": model(label, training=False)}
-
-    if savedmodel:
-        module = tf.Module()
-        module.model = model
-        module.serve = serve
-        tf.saved_model.save(
-            module, str(out / SAVED_MODEL_DIR), signatures={"serving_default": serve}
-        )
-    if tflite:
-        conv = tf.lite.TFLiteConverter.from_concrete_functions(
-            [serve.get_concrete_function()], module if savedmodel else None
-        )
-        (out / TFLITE_FILE).write_bytes(conv.convert())
-    meta = {"format": EXPORT_FORMAT, "label_map": label_map, "size_px": size, **(extra or {})}
-    (out / EXPORT_META).write_text(json.dumps(meta, indent=2))
-    return out
+    return gens[chosen]
 
 
 # ---- H.264 ---------------------------------------------------------------------------
@@ -538,3 +542,97 @@ def iter_decoded(path: str | Path, indices: Iterable[int] | None = None) -> Iter
                 target = next(wanted, None)
             if target is None:
                 return
+
+
+# ---- a session's video ------------------------------------------------------------------
+
+
+def warp_masks(
+    reference: Any, norm: Any, framing: labelmap.Framing, size_px: int
+) -> Iterator[np.ndarray]:
+    """The reference dancer's person masks, moved like the poses, in the attendee's crop.
+
+    ``parts`` label maps need a silhouette; the attendee never danced these moves, so
+    the reference's silhouette is moved by the same per-frame scale and offset as its
+    keypoints (the normalization is exactly such a map).
+    """
+    w, h = reference.frame_size
+    affines = norm.affines(reference.poses)
+    for i, small in enumerate(reference.masks):
+        mh, mw = small.shape
+        k = np.diag([w / mw, h / mh])
+        m = np.concatenate([affines[i][:, :2] @ k, affines[i][:, 2:]], axis=1)
+        full = cv2.warpAffine(
+            small.astype(np.uint8) * 255,
+            m,
+            (framing.frame_w, framing.frame_h),
+            flags=cv2.INTER_LINEAR,
+        )
+        yield framing.crop_mask(full.astype(np.float32) / 255.0, size_px)
+
+
+def render_session(
+    store: Any,
+    session_id: str,
+    generator: Generator,
+    reference: Any,
+    take_poses: np.ndarray,
+    framing: labelmap.Framing,
+    *,
+    library: Any = None,
+    side_by_side: bool = True,
+    batch: int = 16,
+    crf: int = 20,
+) -> dict[str, str | None]:
+    """Render the reference dance with the attendee's generator; store MP4s and poster.
+
+    ``take_poses`` are the attendee's poses (full-frame pixels of the camera the
+    generator was trained on) and ``framing`` that camera's training crop. Returns
+    the blob keys: ``video_key``, ``poster_key``, ``side_by_side_key`` (None without).
+    """
+    from cloud_trainer import normalize
+
+    if generator.label_map == "parts" and reference.masks is None:
+        raise GeneratorMismatch(
+            f"the generator uses 'parts' label maps, but reference {reference.name} "
+            f"v{reference.version} has no person masks"
+        )
+    size = generator.size_px
+    norm = normalize.fit(reference.poses, take_poses)
+    full = norm.apply(reference.poses)
+    crop = np.stack([framing.to_crop(p, size) for p in full])
+    masks = warp_masks(reference, norm, framing, size) if generator.label_map == "parts" else None
+    panels = None
+    if side_by_side and library is not None:
+        ref_framing = reference.framing()
+        panels = (ref_framing.crop(rgb, size) for rgb in library.source_frames(reference))
+    prefix = f"sessions/{session_id}/video"
+    with tempfile.TemporaryDirectory(prefix="booth-render-") as tmp:
+        result = render_video(
+            generator,
+            crop,
+            reference.fps,
+            tmp,
+            masks=masks,
+            reference_frames=panels,
+            batch=batch,
+            crf=crf,
+        )
+        keys: dict[str, str | None] = {
+            "video_key": f"{prefix}/final.mp4",
+            "poster_key": f"{prefix}/poster.jpg",
+            "side_by_side_key": None,
+        }
+        store.put_file(keys["video_key"], str(result.video_path), "video/mp4")
+        store.put_file(keys["poster_key"], str(result.poster_path), "image/jpeg")
+        if result.side_by_side_path is not None:
+            keys["side_by_side_key"] = f"{prefix}/side-by-side.mp4"
+            store.put_file(keys["side_by_side_key"], str(result.side_by_side_path), "video/mp4")
+    log.info(
+        "session %s rendered: %d frames of %s v%d",
+        session_id,
+        result.frames,
+        reference.name,
+        reference.version,
+    )
+    return keys

@@ -1,0 +1,163 @@
+"""The renderer: a real exported generator (64 px, the trainer's export) to H.264 MP4s."""
+
+from __future__ import annotations
+
+import json
+import types
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from cloud_trainer import labelmap, normalize, render
+from cloud_trainer.config import LocalStorage
+from cloud_trainer.model import ModelSpec, build_generator
+from cloud_trainer.reference import ReferenceLibrary, SyntheticSettings
+from cloud_trainer.storage import create_blob_store
+from cloud_trainer.train import export_generator
+from edge_agent import skeleton as sk
+from edge_agent.errors import BadInput
+from edge_agent.synth.appearance import Attendee
+from edge_agent.synth.choreography import Dance
+from edge_agent.synth.render import render as synth_render
+
+SIZE = 64
+TAKE_SIZE = (320, 240)
+
+
+@pytest.fixture(scope="module")
+def export_dir(tmp_path_factory) -> Path:
+    """The trainer's own export of an untrained 64 px generator (its weights do not matter)."""
+    spec = ModelSpec.for_size(SIZE)
+    out = tmp_path_factory.mktemp("model") / "export"
+    model = types.SimpleNamespace(spec=spec, generator=build_generator(spec))
+    export_generator(model, out, label_map="skeleton", meta={"framing": []})
+    return out
+
+
+@pytest.fixture(scope="module")
+def generator(export_dir) -> render.Generator:
+    return render.load_generator(export_dir, label_map="skeleton", engine="tflite")
+
+
+def _relabelled(export_dir: Path, dest: Path, label_map: str) -> Path:
+    """The same weights, recorded as trained on another label map."""
+    dest.mkdir()
+    for name in ("saved_model", "generator.tflite"):
+        (dest / name).symlink_to(export_dir / name)
+    meta = json.loads((export_dir / "generator.json").read_text())
+    meta["label_map"] = label_map
+    (dest / "generator.json").write_text(json.dumps(meta))
+    return dest
+
+
+def _crop_poses(n: int) -> np.ndarray:
+    dance = Dance.parse("wave+squat").poses(10.0, n / 10.0)
+    a = Attendee.from_seed(4)
+    full = np.stack([synth_render(a, p, TAKE_SIZE, 0, i).keypoints for i, p in enumerate(dance)])
+    framing = labelmap.Framing.from_poses(full, *TAKE_SIZE)
+    return np.stack([framing.to_crop(s, SIZE) for s in full])
+
+
+def test_render_writes_playable_h264_with_the_right_frames_and_fps(generator, tmp_path):
+    poses = _crop_poses(20)
+    panels = [np.full((SIZE, SIZE, 3), 90, np.uint8)] * 20
+    result = render.render_video(generator, poses, 12.5, tmp_path, reference_frames=panels, batch=8)
+    info = render.probe(result.video_path)
+    assert info["codec"] == "h264" and info["pix_fmt"] == "yuv420p"
+    assert info["frames"] == 20 and info["fps"] == 12.5
+    assert (info["width"], info["height"]) == (SIZE, SIZE)
+    head = result.video_path.read_bytes()
+    assert 0 <= head.find(b"moov") < head.find(b"mdat")  # +faststart: index first
+    sbs = render.probe(result.side_by_side_path)
+    assert (sbs["width"], sbs["height"], sbs["frames"]) == (2 * SIZE, SIZE, 20)
+    poster = cv2.imdecode(np.frombuffer(result.poster_path.read_bytes(), np.uint8), 1)
+    assert poster is not None and poster.shape[1] >= render.POSTER_MIN_PX
+    # The side-by-side's right half is the reference panel.
+    frame = next(render.iter_decoded(result.side_by_side_path))
+    assert abs(float(frame[:, SIZE + 4 : -4].mean()) - 90) < 6
+
+
+def test_both_engines_give_the_same_frames(export_dir):
+    labels = np.stack([labelmap.render_skeleton(p, SIZE) for p in _crop_poses(4)])
+    saved = render.load_generator(export_dir, engine="savedmodel").predict(labels)
+    lite = render.load_generator(export_dir, engine="tflite").predict(labels)
+    assert saved.shape == lite.shape == (4, SIZE, SIZE, 3) and saved.dtype == np.uint8
+    assert np.abs(saved.astype(int) - lite.astype(int)).max() <= 2
+    assert render.load_generator(export_dir, engine="auto").engine in render.ENGINES
+
+
+def test_a_generator_for_another_label_map_is_refused(export_dir, tmp_path):
+    parts = _relabelled(export_dir, tmp_path / "parts", "parts")
+    with pytest.raises(render.GeneratorMismatch, match="trained on 'parts' label maps"):
+        render.load_generator(parts, label_map="skeleton")
+    with pytest.raises(BadInput, match="not an exported generator"):
+        render.load_generator(tmp_path)
+    # A parts generator needs masks the caller did not give.
+    gen = render.load_generator(parts, engine="tflite")
+    with pytest.raises(render.GeneratorMismatch, match="person masks"):
+        render.render_video(gen, _crop_poses(2), 10.0, tmp_path / "out")
+
+
+class _BrokenEngine:
+    takes_uint8 = True
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        raise RuntimeError("out of memory (simulated)")
+
+
+def test_a_failing_generator_stops_the_pipeline_with_its_error(tmp_path):
+    bad = render.Generator("skeleton", SIZE, "broken", _BrokenEngine())
+    with pytest.raises(RuntimeError, match="simulated"):
+        render.render_video(bad, _crop_poses(20), 10.0, tmp_path, batch=4)
+
+
+@pytest.fixture(scope="module")
+def library(tmp_path_factory) -> ReferenceLibrary:
+    store = create_blob_store(LocalStorage(root=tmp_path_factory.mktemp("blobs")))
+    return ReferenceLibrary(store, synthetic=SyntheticSettings(fps=10, seconds=2, size=(320, 240)))
+
+
+def _take(seed: int = 5) -> np.ndarray:
+    a = Attendee.from_seed(seed)
+    poses = Dance.parse("march").poses(10.0, 1.0)
+    return np.stack(
+        [
+            synth_render(a, p.moved(x=0.3, z=0.4), TAKE_SIZE, 0, i, noise=False).keypoints
+            for i, p in enumerate(poses)
+        ]
+    )
+
+
+def test_render_session_stores_video_poster_and_side_by_side(generator, library):
+    ref = library.get("synthetic:warmup")
+    take = _take()
+    framing = labelmap.Framing.from_poses(take, *TAKE_SIZE)
+    keys = render.render_session(
+        library.store, "s1", generator, ref, take, framing, library=library
+    )
+    assert keys == {
+        "video_key": "sessions/s1/video/final.mp4",
+        "poster_key": "sessions/s1/video/poster.jpg",
+        "side_by_side_key": "sessions/s1/video/side-by-side.mp4",
+    }
+    info = render.probe(library.store.root / keys["video_key"])
+    assert info["frames"] == len(ref) == 20 and info["fps"] == ref.fps == 10
+    assert info["codec"] == "h264" and info["pix_fmt"] == "yuv420p"
+    assert render.probe(library.store.root / keys["side_by_side_key"])["frames"] == 20
+    assert library.store.size(keys["poster_key"]) > 1000
+
+
+def test_parts_masks_move_with_the_normalized_pose(library):
+    ref = library.get("synthetic:warmup")
+    take = _take(6)
+    framing = labelmap.Framing.from_poses(take, *TAKE_SIZE)
+    norm = normalize.fit(ref.poses, take)
+    crops = [framing.to_crop(p, SIZE) for p in norm.apply(ref.poses)]
+    torso = [sk.INDEX[n] for n in ("left_shoulder", "right_shoulder", "left_hip", "right_hip")]
+    inside = []
+    for crop, mask in zip(crops, render.warp_masks(ref, norm, framing, SIZE), strict=True):
+        xy = np.clip(np.round(crop[torso, :2]).astype(int), 0, SIZE - 1)
+        inside.extend(mask[xy[:, 1], xy[:, 0]])
+    assert np.mean(inside) > 0.9
