@@ -34,6 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="auto: soft floor shadow, hard wall shadow when the attendee or dance has one",
     )
     parser.add_argument("--quality", type=int, default=85, metavar="Q", help="JPEG quality")
+    parser.add_argument(
+        "--motion-blur", action="store_true", help="average each frame over half a frame period"
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
 
 
@@ -86,6 +89,7 @@ def run(args: argparse.Namespace) -> int:
             viewpoint=args.viewpoint,
             shadow=args.shadow,
             jpeg_quality=args.quality,
+            motion_blur=args.motion_blur,
             progress=not args.no_progress and sys.stderr.isatty(),
         )
     except OSError as e:

@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 
 # Sleep until this long before a deadline, then spin.
 SPIN_NS = 1_000_000
+# With motion blur, the exposure lasts this fraction of the frame period.
+SHUTTER = 0.5
 
 
 def encode_jpeg(rgb: np.ndarray, quality: int) -> bytes:
@@ -61,6 +63,7 @@ class SyntheticCamera:
         dance: Dance | None = None,
         shadow: str = "auto",
         noise: bool = True,
+        motion_blur: bool = False,
     ) -> None:
         if not seconds > 0:
             raise ValueError(f"seconds must be > 0, got {seconds}")
@@ -72,6 +75,7 @@ class SyntheticCamera:
         self.dance = dance if dance is not None else Dance.from_seed(cfg.dance)
         self.shadow = shadow
         self.noise = noise
+        self.motion_blur = motion_blur
         self.poses = self.dance.poses(self.fps, self.seconds)
         if not self.poses:
             raise ValueError(f"{seconds} s at {self.fps} fps is not a single frame")
@@ -102,6 +106,7 @@ class SyntheticCamera:
             frame_index=i,
             shadow=self.shadow,
             noise=self.noise,
+            blur_from=self.dance.pose((i - SHUTTER) / self.fps) if self.motion_blur else None,
         )
 
     def prerender(self, progress: bool = False) -> None:

@@ -120,7 +120,7 @@ def _wave(rng: np.random.Generator, beat: float) -> tuple[float, MovePose]:
                 r_shoulder_abd=height - 0.35 * w, r_elbow=0.7 - 0.6 * v, r_shoulder_twist=1.2
             )
         else:
-            angles.update(r_shoulder_abd=0.25, r_elbow=1.2, r_shoulder_flex=0.3)
+            angles.update(r_shoulder_abd=0.3 + 0.1 * w, r_elbow=0.5, r_shoulder_flex=0.15)
         return _N.with_angles(**angles)
 
     return rng.uniform(2.0, 4.0), pose

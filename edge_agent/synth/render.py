@@ -750,12 +750,15 @@ def render(
     frame_index: int = 0,
     shadow: str = "auto",
     noise: bool = True,
+    blur_from: BodyPose | None = None,
 ) -> SynthFrame:
     """Render ``attendee`` in ``pose`` from camera ``viewpoint`` of the booth.
 
     ``shadow``: ``auto`` (soft floor shadow, plus the hard wall shadow when the
     attendee or the pose asks for the side spot), ``hard``, ``soft`` or ``none``.
     ``frame_index`` only moves the sensor noise, so equal inputs give equal bytes.
+    ``blur_from``: optional motion blur, the pose where the exposure began; the
+    figure is averaged over instants from it to ``pose``. Ground truth is ``pose``'s.
     """
     if shadow not in SHADOW_MODES:
         raise ValueError(f"shadow must be one of {', '.join(SHADOW_MODES)}, got {shadow!r}")
@@ -778,8 +781,11 @@ def render(
 
     fig = _Figure(attendee, body, cam)
     parts = np.zeros((h, w), dtype=np.uint8)
+    if blur_from is not None:
+        _blurred_figure(img, attendee, blur_from, pose, cam)
     for item in fig.items():
-        item.draw_rgb(img)
+        if blur_from is None:
+            item.draw_rgb(img)
         item.draw_parts(parts)
     if noise:
         scene.add_noise(img, frame_index)
@@ -798,6 +804,7 @@ def render(
     under = parts[yi, xi]
     visible = in_frame & _ALLOWED[np.arange(sk.NUM_JOINTS), under]
     visible &= _self_occlusion(body, cam)
+    visible &= ~_covered_by_limbs(body, cam)
     keypoints = np.zeros((sk.NUM_JOINTS, 3), dtype=np.float32)
     keypoints[visible, :2] = projected[visible]
     keypoints[visible, 2] = 1.0
@@ -847,6 +854,85 @@ def _self_occlusion(body: Body3D, cam: scene.CameraModel) -> np.ndarray:
         ok[_HEELS[side]] = cos < 0.5
         ok[_TOES[side]] = cos > -0.5
     return ok
+
+
+BLUR_INSTANTS = 4
+
+
+def _blurred_figure(img, attendee: Attendee, start: BodyPose, end: BodyPose, cam) -> None:
+    """Draw the figure as the average of several instants of one exposure, in place."""
+    backdrop = img.copy()
+    acc = np.zeros(img.shape, dtype=np.float32)
+    for k in range(BLUR_INSTANTS):
+        layer = backdrop.copy()
+        pose = BodyPose.blend(start, end, (k + 1) / BLUR_INSTANTS)
+        for item in _Figure(attendee, forward_kinematics(attendee.proportions, pose), cam).items():
+            item.draw_rgb(layer)
+        cv2.accumulate(layer, acc)
+    np.copyto(img, np.rint(acc / BLUR_INSTANTS).astype(np.uint8))
+
+
+_LIMB_SAMPLES = np.linspace(0.0, 1.0, 9)
+
+
+def _limb_capsules(prop) -> list[tuple[str, str, tuple[float, float]]]:
+    h = prop.head_h
+    out = []
+    for s in ("l", "r"):
+        out += [
+            (f"{s}_shoulder", f"{s}_elbow", prop.upper_arm_r),
+            (f"{s}_elbow", f"{s}_wrist", prop.forearm_r),
+            (f"{s}_wrist", f"{s}_hand", prop.hand_r),
+            (f"{s}_hip", f"{s}_knee", prop.thigh_r),
+            (f"{s}_knee", f"{s}_ankle", prop.shin_r),
+            (f"{s}_ankle", f"{s}_big_toe", (0.14 * h, 0.1 * h)),
+        ]
+    return out
+
+
+def _joint_radii(prop) -> np.ndarray:
+    """How far below the skin each canonical joint lies (metres)."""
+    h = prop.head_h
+    r = {
+        "shoulder": prop.upper_arm_r[0],
+        "elbow": prop.forearm_r[0],
+        "wrist": prop.hand_r[0],
+        "hip": prop.thigh_r[0],
+        "knee": prop.shin_r[0],
+        "ankle": prop.shin_r[1],
+    }
+    return np.array(
+        [next((v for k, v in r.items() if name.endswith(k)), 0.08 * h) for name in sk.JOINTS]
+    )
+
+
+def _covered_by_limbs(body: Body3D, cam: scene.CameraModel) -> np.ndarray:
+    """Joints hidden behind a limb that points at the camera, their own included.
+
+    The part map cannot see this: an elbow under its own forearm shows forearm
+    pixels either way. Each limb is sampled as spheres along its axis; a joint is
+    covered when a sphere nearer the camera than the joint's skin overlaps it in
+    the image and does not simply contain the joint (its own end of the limb).
+    """
+    prop = body.proportions
+    caps = _limb_capsules(prop)
+    a = np.array([body.points[P[c[0]]] for c in caps])
+    b = np.array([body.points[P[c[1]]] for c in caps])
+    r = np.array([c[2] for c in caps])
+    t = _LIMB_SAMPLES[None, :, None]
+    centres = (a[:, None] + (b - a)[:, None] * t).reshape(-1, 3)
+    radii = (r[:, :1] + (r[:, 1:] - r[:, :1]) * _LIMB_SAMPLES[None]).reshape(-1)
+    joints = body.points[list(CANONICAL_POINTS)]
+    uv_c, d_c = cam.project(centres)
+    uv_j, d_j = cam.project(joints)
+    r_j = _joint_radii(prop)
+    px = cam.f_px / d_c  # pixels per metre at each sample
+    near_2d = np.linalg.norm(uv_c[None] - uv_j[:, None], axis=-1) < radii[None] * px[None] * 0.9
+    in_front = (d_c - radii)[None] < (d_j - r_j)[:, None] - 0.02
+    apart = np.linalg.norm(centres[None] - joints[:, None], axis=-1) > (radii[None] + r_j[:, None])
+    covered = (near_2d & in_front & apart).any(axis=1)
+    covered[_FACE_JOINTS] = False  # the head has its own test
+    return covered
 
 
 def _soft_floor_shadow(img: np.ndarray, body: Body3D, cam: scene.CameraModel) -> None:

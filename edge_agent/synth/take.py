@@ -34,7 +34,7 @@ import numpy as np
 from edge_agent import skeleton as sk
 from edge_agent.synth.appearance import Attendee
 from edge_agent.synth.body import ANGLE_NAMES
-from edge_agent.synth.camera import encode_jpeg
+from edge_agent.synth.camera import SHUTTER, encode_jpeg
 from edge_agent.synth.choreography import Dance
 from edge_agent.synth.render import PART_NAMES, SynthFrame, render
 
@@ -202,6 +202,7 @@ def write_take(
     viewpoint: int = 0,
     shadow: str = "auto",
     jpeg_quality: int = 85,
+    motion_blur: bool = False,
     progress: bool = False,
 ) -> TakeSummary:
     """Render a whole take into ``out_dir`` (created if missing); see the module doc."""
@@ -237,7 +238,8 @@ def write_take(
     try:
         parts_stream = _NpyStream(zf, "parts", (n, h, w), np.uint8)
         for i in indices:
-            f = render(person, poses[i], (w, h), viewpoint, frame_index=i, shadow=shadow)
+            blur_from = choreo.pose((i - SHUTTER) / fps) if motion_blur else None
+            f = render(person, poses[i], (w, h), viewpoint, i, shadow=shadow, blur_from=blur_from)
             writer.write(encode_jpeg(f.rgb, jpeg_quality), int(timestamps[i]))
             keypoints[i], projected[i] = f.keypoints, f.projected
             visible[i], in_frame[i] = f.visible, f.in_frame
@@ -279,6 +281,7 @@ def write_take(
         "viewpoint": viewpoint,
         "shadow": shadow,
         "jpeg_quality": jpeg_quality,
+        "motion_blur": motion_blur,
         "frames": n,
         "files": {"video": "frames.mp4", "truth": "truth.npz", "contact_sheet": "contact.png"},
         "joints": list(sk.JOINTS),

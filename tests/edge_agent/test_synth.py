@@ -294,3 +294,12 @@ def test_bad_cli_arguments_give_a_one_line_error_and_exit_2(bad, tmp_path, capsy
     assert code == 2
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert not (tmp_path / "x").exists()
+
+
+def test_motion_blur_smears_pixels_but_keeps_the_ground_truth():
+    dance = Dance.from_name("jump")
+    sharp = render(Attendee.from_seed(3), dance.pose(1.2), SMALL)
+    blurred = render(Attendee.from_seed(3), dance.pose(1.2), SMALL, blur_from=dance.pose(1.15))
+    assert np.array_equal(sharp.keypoints, blurred.keypoints)
+    assert np.array_equal(sharp.parts, blurred.parts)
+    assert np.abs(sharp.rgb.astype(int) - blurred.rgb.astype(int)).max() > 40
