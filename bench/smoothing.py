@@ -119,10 +119,11 @@ def take_poses(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Ground truth and CPU-pose skeletons (N, 23, 3) for one take, from cache if possible."""
     w, h = (int(v) for v in args.size.lower().split("x"))
-    key = (
+    take = (
         f"a{attendee}_d{dance}_v{args.viewpoint}_{w}x{h}_{args.fps:g}fps"
-        f"_{args.start_s:g}+{args.seconds:g}s_{_sources_digest()}"
+        f"_{args.start_s:g}+{args.seconds:g}s"
     )
+    key = f"{take}_{_sources_digest()}"
     path = CACHE / f"{key}.npz"
     if path.exists() and not args.no_cache:
         with np.load(path) as z:
@@ -152,6 +153,10 @@ def take_poses(
     tmp = path.with_suffix(".part.npz")
     np.savez_compressed(tmp, gt=gt, pose=pose)
     tmp.replace(path)
+    # Outputs of older synth/pose code for this take will never be read again.
+    for stale in CACHE.glob(f"{take}_*.npz"):
+        if stale != path:
+            stale.unlink(missing_ok=True)
     return gt, pose
 
 
