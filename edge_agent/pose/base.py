@@ -29,7 +29,8 @@ class PoseResult:
 
     skeleton: np.ndarray = field(default_factory=sk.empty)  # (23, 3) float32, pixels
     detected: bool = False
-    # Person mask (H, W) float32 in [0, 1] at full-frame size, when the backend segments.
+    # Person mask (H, W) float32 in [0, 1] at full-frame size, when the backend segments
+    # (cpu: selfie segmentation of the person's region, 0 elsewhere). Read-only.
     mask: np.ndarray | None = None
     # Person box (x0, y0, x1, y1) in pixels: the extent of the joints scoring >= 0.5.
     box: tuple[float, float, float, float] | None = None
@@ -91,8 +92,9 @@ def register(type_key: str) -> Callable[[Callable[..., PoseBackend]], Callable[.
 def create_pose_backend(cfg, **options) -> PoseBackend:  # cfg: CpuPose | EdgeTpuPose
     """Build the backend ``cfg.type`` names; its module is imported (and models load) only now.
 
-    ``options`` go to the backend's factory as keyword arguments (e.g. edgetpu's
-    ``delegate_optional`` for tests); settings belong in ``cfg``.
+    ``options`` go to the backend's factory as keyword arguments: ``zone=`` (a
+    ``ZoneConfig``) turns on shadow gating inside the backend; edgetpu also takes
+    ``delegate_optional`` (tests only). Settings belong in ``cfg``.
     """
     if cfg.type not in _FACTORIES:
         importlib.import_module(_MODULES[cfg.type])

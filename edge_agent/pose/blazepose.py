@@ -205,33 +205,42 @@ def _pixel_grid(size: int) -> tuple[np.ndarray, np.ndarray]:
     return xs, ys
 
 
-def warp_to_tensor(
-    rgb: np.ndarray, roi: Roi, size: int, *, border: int, out: np.ndarray | None = None
-) -> np.ndarray:
-    """Crop, rotate and scale ``roi`` into a (size, size, 3) uint8 image.
+def fixed_maps(roi: Roi, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """``remap`` maps for ``roi`` -> (size, size), in OpenCV's fixed-point form.
 
-    This is ``warpAffine`` with the fixed-point bilinear sampling OpenCV used up to 4.10
-    (source coordinates rounded to 1/32 px, integer weights), which MediaPipe's
-    ``warpPerspective`` performs. OpenCV 5's ``warpAffine`` samples in floating point;
-    the difference is invisible to the eye but moves the detector's keypoints by
-    ~0.2 px and the landmarks by ~1.5 px, so we build the same fixed-point maps and
-    ``remap`` through them (about 0.2 ms more per 256x256 tensor).
+    Why fixed point: MediaPipe samples with ``warpPerspective``, which (like
+    ``warpAffine`` up to OpenCV 4.10) rounds source coordinates to 1/32 px and blends
+    with integer weights. OpenCV 5's ``warpAffine`` samples in floating point; the
+    difference is invisible to the eye but moves the detector's keypoints by ~0.2 px
+    and the landmarks by ~1.5 px, so we build the same fixed-point maps and ``remap``.
     """
     (a, b, c), (d, e, f) = cv2.invertAffineTransform(roi_matrix(roi, size, size)).tolist()
     xs, ys = _pixel_grid(size)
     # Python floats keep the maps float32 (convertMaps accepts nothing else).
     map_x = a * xs + b * ys + c
     map_y = d * xs + e * ys + f
-    fixed_xy, fixed_frac = cv2.convertMaps(map_x, map_y, cv2.CV_16SC2)
+    return cv2.convertMaps(map_x, map_y, cv2.CV_16SC2)
+
+
+def remap_to_tensor(
+    rgb: np.ndarray,
+    maps: tuple[np.ndarray, np.ndarray],
+    *,
+    border: int,
+    out: np.ndarray | None = None,
+) -> np.ndarray:
+    """Sample ``rgb`` through ``fixed_maps`` into a (size, size, 3) uint8 image."""
     return cv2.remap(
-        rgb,
-        fixed_xy,
-        fixed_frac,
-        cv2.INTER_LINEAR,
-        dst=out,
-        borderMode=border,
-        borderValue=(0, 0, 0),
+        rgb, maps[0], maps[1], cv2.INTER_LINEAR, dst=out, borderMode=border, borderValue=(0, 0, 0)
     )
+
+
+def warp_to_tensor(
+    rgb: np.ndarray, roi: Roi, size: int, *, border: int, out: np.ndarray | None = None
+) -> np.ndarray:
+    """Crop, rotate and scale ``roi`` into a (size, size, 3) uint8 image: the affine warp
+    MediaPipe does, with its sampling (see ``fixed_maps``)."""
+    return remap_to_tensor(rgb, fixed_maps(roi, size), border=border, out=out)
 
 
 def project(points_norm: np.ndarray, roi: Roi) -> np.ndarray:

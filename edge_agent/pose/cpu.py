@@ -9,18 +9,25 @@ Two modes (``CpuPose.mode``):
   and the detector runs again *on the same frame*, so a person who is still there
   costs one frame's extra latency rather than a missed frame.
 
+With ``zone=`` (the agent's ``ZoneConfig``) every candidate is gated
+(``edge_agent.pose.gating``) before it is reported or tracked: a wall shadow that
+BlazePose takes for a person is dropped, tracking lets go of it, and the next
+detection (up to ``MAX_CANDIDATES``) is tried.
+
 A joint's score is ``visibility x presence``: presence is the model's belief that the
 joint lies inside the frame, visibility that it is inside and not occluded, so the
 product reads as "seen here". Joints outside the frame thus score near 0.
 
-Segmentation: the full pipeline costs about 7.9 (detector) + 9.8 (landmarks) + 2.8
-(segmentation) ms here. In ``full`` mode the mask is computed every frame. In
-``tracking`` mode, running it every frame would cost a fifth of the frame budget
-(80 fps leaves 12.5 ms), so it runs whenever the detector runs (acquiring a person
-is when a wall shadow can be mistaken for one) and otherwise every
-``SEGMENTATION_INTERVAL_FRAMES`` frames; in between, results carry the last mask,
-which at camera rates lags the person by a few pixels. Treat ``PoseResult.mask``
-as read-only: it may be shared by consecutive results.
+Segmentation runs on the landmark model's crop of the person (see
+``segmentation``), so a frame without a person has no mask. The full pipeline costs
+about 7.9 (detector) + 9.8 (landmarks) + 2.8 (segmentation) ms here. In ``full``
+mode the mask is computed every frame. In ``tracking`` mode, running it every frame
+would cost a fifth of the frame budget (80 fps leaves 12.5 ms), so it runs whenever
+the detector found the person (acquiring a person is when a wall shadow can be
+mistaken for one) and otherwise every ``SEGMENTATION_INTERVAL_FRAMES`` frames; in
+between, the last mask of the crop is warped with the current ROI, so it moves with
+the person and misses only the limbs' motion of the last few frames (a few pixels
+at pose rates of 80+ fps).
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ import cv2
 import numpy as np
 
 from edge_agent import skeleton as sk
-from edge_agent.config import CpuPose
+from edge_agent.config import CpuPose, ZoneConfig
 from edge_agent.pose import blazepose as bp
 from edge_agent.pose import gating, litert
 from edge_agent.pose.base import PoseResult, check_frame, register
@@ -42,6 +49,9 @@ log = logging.getLogger(__name__)
 DETECTOR_FILE = "pose_detection.tflite"
 LANDMARK_FILE = "pose_landmark_full.tflite"
 SEGMENTATION_INTERVAL_FRAMES = 4
+# With gating, how many detections (best first) may be tried before giving up on a frame:
+# a shadow beside the dancer can outscore them, each try costs one landmark run.
+MAX_CANDIDATES = 3
 # Joints scoring at least this count toward the person box.
 BOX_MIN_SCORE = 0.5
 
@@ -71,10 +81,11 @@ class CpuPoseBackend:
 
     name = "cpu"
 
-    def __init__(self, cfg: CpuPose) -> None:
+    def __init__(self, cfg: CpuPose, *, zone: ZoneConfig | None = None) -> None:
         models = Path(cfg.models_dir)
         self.cfg = cfg
         self.mode = cfg.mode
+        self.zone = zone
         self._det = litert.load_interpreter(models / DETECTOR_FILE, threads=cfg.threads)
         self._lm = litert.load_interpreter(models / LANDMARK_FILE, threads=cfg.threads)
         ds, ls = bp.DETECTOR_SIZE, bp.LANDMARK_SIZE
@@ -102,6 +113,8 @@ class CpuPoseBackend:
         self._lm_heatmap = self._lm.tensor(_output_index(self._lm, (1, 64, 64, n)))
         self._anchors = bp.ssd_anchors()
         self._det_u8 = np.empty((ds, ds, 3), np.uint8)
+        self._det_maps: tuple[np.ndarray, np.ndarray] | None = None
+        self._det_maps_for: tuple[int, int] | None = None
         self._lm_u8 = np.empty((ls, ls, 3), np.uint8)
         self._segmenter = None
         if cfg.segmentation:
@@ -109,9 +122,9 @@ class CpuPoseBackend:
 
             self._segmenter = SelfieSegmenter(models, cfg.threads)
         self._roi: bp.Roi | None = None
-        self._mask: np.ndarray | None = None
+        self._crop_mask: np.ndarray | None = None  # last segmentation, in crop pixels
         self._frame = 0  # frames estimated since reset
-        self._mask_frame = -1  # the frame self._mask was computed on
+        self._mask_frame = -1  # the frame self._crop_mask was computed on
         log.info(
             "cpu pose ready: mode=%s threads=%d segmentation=%s",
             cfg.mode,
@@ -125,7 +138,11 @@ class CpuPoseBackend:
         """All people the detector finds (weighted NMS), best first, in frame pixels."""
         h, w = rgb.shape[:2]
         roi = bp.full_frame_roi(w, h)
-        bp.warp_to_tensor(rgb, roi, bp.DETECTOR_SIZE, border=cv2.BORDER_CONSTANT, out=self._det_u8)
+        if self._det_maps_for != (w, h):
+            # The detector always sees the whole frame: its maps change only with the size.
+            self._det_maps = bp.fixed_maps(roi, bp.DETECTOR_SIZE)
+            self._det_maps_for = (w, h)
+        bp.remap_to_tensor(rgb, self._det_maps, border=cv2.BORDER_CONSTANT, out=self._det_u8)
         tensor = self._det_in()[0]
         np.multiply(self._det_u8, _SCALE_SIGNED, out=tensor, dtype=np.float32)
         tensor -= 1.0
@@ -155,31 +172,43 @@ class CpuPoseBackend:
         self._frame += 1
         tracked_roi = self._roi if self.mode == "tracking" else None
         self._roi = None
-        mask = self._update_mask(rgb, force=tracked_roi is None)
 
-        lms, flag, tracked = None, 0.0, False
         if tracked_roi is not None:
-            lms, flag = self.landmarks(rgb, tracked_roi)
-            tracked = flag >= bp.POSE_FLAG_THRESHOLD
-            if not tracked:
-                log.debug("tracking lost (pose flag %.2f); running the detector", flag)
-                mask = self._update_mask(rgb, force=True)
-        if not tracked:
-            dets = self.detect(rgb)
-            if not dets:
-                return PoseResult(mask=mask, frame_size=(w, h))
-            det = gating.pick_detection(dets, mask)
-            lms, flag = self.landmarks(rgb, bp.roi_from_detection(det))
-            if flag < bp.POSE_FLAG_THRESHOLD:
-                return PoseResult(mask=mask, score=flag, frame_size=(w, h))
+            result, lms = self._pose_in(rgb, tracked_roi, tracked=True)
+            if result.detected:
+                self._roi = bp.roi_from_landmarks(lms)
+                return result
+            log.debug("tracking lost (pose flag %.2f); running the detector", result.score)
 
-        if self.mode == "tracking":
-            self._roi = bp.roi_from_landmarks(lms)
+        dets = self.detect(rgb)
+        if not dets:
+            return PoseResult(frame_size=(w, h))
+        # Without gating, MediaPipe's rule: the top detection or nobody. With gating, the
+        # next candidates get a chance when the top one is a shadow.
+        rejected = None
+        for det in dets[: MAX_CANDIDATES if self.zone else 1]:
+            result, lms = self._pose_in(rgb, bp.roi_from_detection(det), tracked=False)
+            if result.detected:
+                if self.mode == "tracking":
+                    self._roi = bp.roi_from_landmarks(lms)
+                return result
+            rejected = rejected or result
+        return rejected
+
+    def _pose_in(
+        self, rgb: np.ndarray, roi: bp.Roi, *, tracked: bool
+    ) -> tuple[PoseResult, np.ndarray]:
+        """Landmarks (and the mask) in ``roi`` as a PoseResult, gated when a zone is set."""
+        h, w = rgb.shape[:2]
+        lms, flag = self.landmarks(rgb, roi)
+        if flag < bp.POSE_FLAG_THRESHOLD:
+            return PoseResult(score=flag, frame_size=(w, h)), lms
+        mask = self._mask_in(roi, (w, h), fresh=not tracked)
         pose = np.empty((bp.NUM_POSE_LANDMARKS, 3), np.float32)
         pose[:, :2] = lms[: bp.NUM_POSE_LANDMARKS, :2]
         pose[:, 2] = lms[: bp.NUM_POSE_LANDMARKS, 3] * lms[: bp.NUM_POSE_LANDMARKS, 4]
         skel = sk.from_blazepose(pose)
-        return PoseResult(
+        result = PoseResult(
             skeleton=skel,
             detected=True,
             mask=mask,
@@ -188,23 +217,33 @@ class CpuPoseBackend:
             score=flag,
             frame_size=(w, h),
         )
+        if self.zone is not None:
+            result = gating.gate(result, self.zone, rgb)
+        return result, lms
 
-    def _update_mask(self, rgb: np.ndarray, *, force: bool) -> np.ndarray | None:
-        """The person mask for this frame: fresh when forced or due, else the last one."""
+    def _mask_in(self, roi: bp.Roi, size: tuple[int, int], *, fresh: bool) -> np.ndarray | None:
+        """The person mask in frame pixels for the landmark crop just made of ``roi``.
+
+        When segmentation is not due, the last mask *of the crop* is reused: the crop
+        follows the person, so warping it with this frame's ROI carries the mask along
+        with the body (only the limbs' own motion since then is missed).
+        """
         if self._segmenter is None:
             return None
-        fresh = self._mask is not None and self._mask.shape == rgb.shape[:2]
-        if fresh and self._mask_frame == self._frame:
-            return self._mask  # already computed for this frame
-        due = self.mode == "full" or self._frame - self._mask_frame >= SEGMENTATION_INTERVAL_FRAMES
-        if force or due or not fresh:
-            self._mask = self._segmenter.mask(rgb)
+        due = (
+            fresh
+            or self.mode == "full"
+            or self._crop_mask is None
+            or self._frame - self._mask_frame >= SEGMENTATION_INTERVAL_FRAMES
+        )
+        if due:
+            self._crop_mask = self._segmenter.segment(self._lm_u8)
             self._mask_frame = self._frame
-        return self._mask
+        return self._segmenter.to_frame(self._crop_mask, roi, size)
 
     def reset(self) -> None:
         self._roi = None
-        self._mask = None
+        self._crop_mask = None
         self._frame = 0
         self._mask_frame = -1
 

@@ -28,9 +28,9 @@ import cv2
 import numpy as np
 
 from edge_agent import skeleton as sk
-from edge_agent.config import EdgeTpuPose
+from edge_agent.config import EdgeTpuPose, ZoneConfig
 from edge_agent.errors import BadInput, DeviceError
-from edge_agent.pose import litert
+from edge_agent.pose import gating, litert
 from edge_agent.pose.base import PoseBackend, PoseResult, check_frame, register
 
 log = logging.getLogger(__name__)
@@ -55,8 +55,15 @@ class _Device:
 class EdgeTpuPoseBackend:
     name = "edgetpu"
 
-    def __init__(self, cfg: EdgeTpuPose, *, delegate_optional: bool = False) -> None:
+    def __init__(
+        self,
+        cfg: EdgeTpuPose,
+        *,
+        zone: ZoneConfig | None = None,
+        delegate_optional: bool = False,
+    ) -> None:
         self.cfg = cfg
+        self.zone = zone
         self._pool: queue.Queue[_Device] = queue.Queue(maxsize=len(cfg.devices))
         self.devices: list[str] = []
         causes = []
@@ -136,13 +143,15 @@ class EdgeTpuPoseBackend:
         score = float(yxs[:, 2].mean())
         if score < MIN_POSE_SCORE:
             return PoseResult(score=score, frame_size=(w, h))
-        return PoseResult(
+        result = PoseResult(
             skeleton=skel,
             detected=True,
             box=sk.bbox(skel, BOX_MIN_SCORE),
             score=score,
             frame_size=(w, h),
         )
+        # No mask here: gating has the face, the zone and the floor to go on.
+        return gating.gate(result, self.zone, rgb) if self.zone is not None else result
 
     def reset(self) -> None:
         """Single-frame model: nothing to forget."""
@@ -153,17 +162,19 @@ class EdgeTpuPoseBackend:
 
 
 @register("edgetpu")
-def create(cfg: EdgeTpuPose, *, delegate_optional: bool = False) -> PoseBackend:
+def create(
+    cfg: EdgeTpuPose, *, zone: ZoneConfig | None = None, delegate_optional: bool = False
+) -> PoseBackend:
     """The EdgeTPU pool, or the cpu backend when no device loads and config allows it."""
     try:
-        return EdgeTpuPoseBackend(cfg, delegate_optional=delegate_optional)
+        return EdgeTpuPoseBackend(cfg, zone=zone, delegate_optional=delegate_optional)
     except DeviceError as e:
         if not cfg.fallback_to_cpu:
             raise
         log.warning("edgetpu unavailable (%s); falling back to the cpu backend", e)
         from edge_agent.pose.cpu import CpuPoseBackend
 
-        return CpuPoseBackend(cfg.cpu)
+        return CpuPoseBackend(cfg.cpu, zone=zone)
 
 
 def _one_line(err: BaseException) -> str:

@@ -1,10 +1,16 @@
-"""Shadow and false-positive suppression, applied by the agent after every estimate.
+"""Shadow and false-positive suppression.
+
+Give the backend the zone (``create_pose_backend(cfg.pose, zone=cfg.zone)``) and it
+gates every estimate itself, which matters in tracking mode: a rejected "person"
+is not tracked into the next frame, and when the top detection is a shadow the next
+ones get a chance. ``gate()`` also works after the fact on any PoseResult, but then
+a tracker that has locked onto a shadow stays there.
 
 Measured here (DESIGN.md): a person-shaped wall shadow *alone* is detected by
 BlazePose as a person in 56 of 60 frames, with visibility 0.92, so confidence cannot
 tell a shadow from a person. Worse, selfie segmentation marks such a shadow as a
-person too (on our synthetic booth, up to 70% of the shadow's joints lay on the
-mask). What does separate them, in order of the checks below:
+person too (on our synthetic booth, up to 70% of the shadow's joints lay on a
+whole-frame mask). What does separate them, in order of the checks below:
 
 1. **a visible face** (``ZoneConfig.min_face_contrast``). A shadow is a flat grey
    patch: between its "eyes" and "nose" the grey levels spread by 6-12 (sensor
@@ -12,7 +18,8 @@ mask). What does separate them, in order of the checks below:
    shadows and 16 people of the synthetic booth. This also rejects a person seen from
    behind, whose pose BlazePose mirrors (left and right swapped) anyway.
 2. **the person mask** (``require_mask_overlap``): enough of the confident joints
-   must lie on the segmentation mask, which removes detections in empty background.
+   must lie on the segmentation mask, which removes a "person" the segmentation of
+   its own region does not see (background clutter).
 3. **feet on the floor** (``floor_polygon``, optional): a wall shadow's feet are on
    the wall, above the dance floor's back edge.
 4. **per joint**: joints off the mask or outside the booth-zone ``polygon`` are
@@ -130,23 +137,6 @@ def face_contrast(rgb: np.ndarray, skeleton: np.ndarray) -> float:
     grey = cv2.cvtColor(np.ascontiguousarray(rgb[y0:y1, x0:x1]), cv2.COLOR_RGB2GRAY)
     lo, hi = np.percentile(grey, (5, 95))
     return float(hi - lo)
-
-
-def pick_detection(detections: Sequence, mask: np.ndarray | None):
-    """Of several detections (best score first), the best-scoring one standing on the mask.
-
-    A detection stands on the mask if its hip and shoulder centres (detector
-    keypoints 0 and 2) both do. With no mask, or nobody on it, the top score wins,
-    as in MediaPipe.
-    """
-    if mask is None or len(detections) < 2:
-        return detections[0]
-    radius = _radius_px(mask)
-    for det in detections:
-        centres = det.keypoints[[0, 2]]
-        if (mask_at(mask, centres, radius) >= MASK_THRESHOLD).all():
-            return det
-    return detections[0]
 
 
 def gate(result: PoseResult, zone: ZoneConfig, rgb: np.ndarray | None = None) -> PoseResult:

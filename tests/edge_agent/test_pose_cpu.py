@@ -60,7 +60,11 @@ def test_cpu_landmarks_agree_with_mediapipe_on_the_astronaut(full_backend, name)
     assert result.detected and not result.tracked
     nose = sk.INDEX["nose"]
     np.testing.assert_allclose(result.skeleton[nose, :2], expected[0, :2], atol=1.0)
-    assert result.mask is not None and result.mask.shape == rgb.shape[:2]
+    mask = result.mask
+    assert mask is not None and mask.shape == rgb.shape[:2]
+    # The person's region is segmented: the face is on the mask, the far corner is not.
+    assert mask[int(expected[0, 1]), int(expected[0, 0])] > 0.5
+    assert mask[5, rgb.shape[1] - 5] < 0.5
     assert result.frame_size == (rgb.shape[1], rgb.shape[0])
 
 
@@ -68,7 +72,7 @@ def test_cpu_finds_nobody_in_an_empty_frame(full_backend):
     result = full_backend.estimate(np.full((96, 128, 3), 128, np.uint8))
     assert not result.detected
     assert (result.skeleton == 0).all()
-    assert result.mask is not None and result.mask.shape == (96, 128)
+    assert result.mask is None  # the mask is the person's: no person, no mask
 
 
 @pytest.mark.parametrize(

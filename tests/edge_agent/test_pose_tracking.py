@@ -10,10 +10,7 @@ import pytest
 from edge_agent import skeleton as sk
 from edge_agent.config import CpuPose
 from edge_agent.pose.base import create_pose_backend
-from edge_agent.synth.appearance import Attendee
-from edge_agent.synth.body import BodyPose
-from edge_agent.synth.choreography import Dance
-from edge_agent.synth.render import render
+from edge_agent.synth import Attendee, BodyPose, Dance, render
 
 MODELS = Path(__file__).resolve().parents[2] / "models"
 SIZE = (320, 240)  # the models see 224/256 px anyway; smaller renders keep this fast
