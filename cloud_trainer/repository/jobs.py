@@ -152,6 +152,20 @@ class JobsRepo:
         """Mark the job failed with a reason a person can read."""
         self._end(job_id, JobState.FAILED, error=error or "unknown failure")
 
+    def mark_job_published(self, job_id: str) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(update(jobs).where(jobs.c.id == job_id).values(published_at=time.time()))
+
+    def unpublished_jobs(self) -> list[dict[str, Any]]:
+        """Queued jobs that never reached the queue (their publisher died in between)."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(jobs.c.id, jobs.c.session_id).where(
+                    jobs.c.state == JobState.QUEUED.value, jobs.c.published_at.is_(None)
+                )
+            )
+            return [dict(r._mapping) for r in rows]
+
     def requeue_job(self, job_id: str) -> None:
         """Staff retry: back to queued. Attempts and the last step are kept (it resumes)."""
         with self.engine.begin() as conn:

@@ -172,6 +172,8 @@ jobs = Table(
     Column("error", Text, nullable=True),
     Column("model_key", String(512), nullable=True),
     Column("created_at", Float, nullable=False),
+    # Set once the job is on the queue; a job row without it is re-published at start-up.
+    Column("published_at", Float, nullable=True),
     Column("started_at", Float, nullable=True),
     Column("finished_at", Float, nullable=True),
     Column("stage_seconds", JSON, nullable=False, default=dict),  # {stage: seconds}

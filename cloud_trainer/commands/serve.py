@@ -1,0 +1,48 @@
+"""``booth serve --config FILE``: the cloud process (web app, API, ingest, control, mail)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import sys
+from pathlib import Path
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, type=Path, help="the booth YAML file")
+    p.add_argument("--http-port", type=int, help="override web.port (0: any free port)")
+    p.add_argument("--grpc-port", type=int, help="override ingest.port (0: any free port)")
+    p.add_argument(
+        "--ready-file", type=Path, help="write the bound ports here as JSON once serving"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from cloud_trainer.config import load_config
+    from cloud_trainer.service import Service
+
+    cfg = load_config(args.config)
+    service = Service(cfg, http_port=args.http_port, grpc_port=args.grpc_port)
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, service.stop.set)
+        task = asyncio.create_task(service.run())
+        while not service.ready.is_set() and not task.done():
+            await asyncio.sleep(0.05)
+        if service.ready.is_set():
+            if args.ready_file:
+                tmp = args.ready_file.with_suffix(".tmp")
+                tmp.write_text(json.dumps(service.bound))
+                tmp.replace(args.ready_file)
+            print(
+                f"serving: http://{cfg.web.host}:{service.bound['http']}  grpc {cfg.ingest.host}:{service.bound['grpc']}",
+                file=sys.stderr,
+            )
+        await task
+
+    asyncio.run(main())
+    return 0

@@ -1,0 +1,41 @@
+"""``booth worker --config FILE``: take training jobs from the queue, one at a time."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+from pathlib import Path
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, type=Path, help="the booth YAML file")
+    p.add_argument("--once", action="store_true", help="handle at most one job, then exit")
+    p.add_argument("--id", help="worker id shown on jobs (default: host:pid)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from cloud_trainer.config import load_config
+    from cloud_trainer.queue import create_job_queue
+    from cloud_trainer.repository import Repository
+    from cloud_trainer.storage import create_blob_store
+    from cloud_trainer.worker import Worker
+
+    cfg = load_config(args.config)
+    worker = Worker(
+        cfg,
+        Repository.from_config(cfg.database),
+        create_blob_store(cfg.storage),
+        create_job_queue(cfg.queue),
+    )
+    if args.id:
+        worker.worker_id = args.id
+    # Finish the current step cleanly on SIGTERM; the job's checkpoints let another worker resume.
+    signal.signal(signal.SIGTERM, lambda *_: worker.stop.set())
+    if args.once:
+        worker.run_once(timeout_s=30.0)
+        return 0
+    try:
+        worker.run_forever()
+    finally:
+        worker.queue.close()
+    return 0

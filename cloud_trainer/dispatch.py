@@ -1,0 +1,34 @@
+"""Putting training jobs on the queue, without losing one when a process dies.
+
+A job row is created (idempotently, one per session) before it is published,
+and marked ``published_at`` after. ``publish_pending`` re-publishes rows that
+never got the mark, so a crash between the session's upload and the publish
+delays the job instead of leaving the session stuck in ``uploaded``. A crash
+between publish and mark publishes twice; workers ignore a job that has
+already ended and the queue keeps one message per job where it can (SQLite).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+def enqueue_training(repo: Any, queue: Any, session_id: str) -> str:
+    job_id = repo.create_job(session_id)
+    queue.publish(job_id, {"session_id": session_id})
+    repo.mark_job_published(job_id)
+    log.info("training job queued", extra={"session_id": session_id, "job_id": job_id})
+    return job_id
+
+
+def publish_pending(repo: Any, queue: Any) -> int:
+    pending = repo.unpublished_jobs()
+    for job in pending:
+        queue.publish(job["id"], {"session_id": job["session_id"]})
+        repo.mark_job_published(job["id"])
+    if pending:
+        log.warning("re-published %d job(s) that never reached the queue", len(pending))
+    return len(pending)

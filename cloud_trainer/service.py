@@ -1,0 +1,168 @@
+"""The cloud process (``booth serve``): web app + API, gRPC ingest and control, job dispatch, mail.
+
+Everything shares one asyncio loop, one repository and one blob store:
+- uvicorn serves the FastAPI app (tablet, attendee pages, JSON API, metrics);
+- the grpc.aio server takes agents' frames and holds their control streams;
+- when every camera of a session is uploaded, a training job is queued;
+- a thread sends the email outbox.
+Training runs in separate ``booth worker`` processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from cloud_trainer.config import BoothConfig, refuse_placeholders
+from edge_agent.errors import BoothError
+
+log = logging.getLogger(__name__)
+
+
+class RegistryController:
+    """The control plane as the front desk sees it (see ``front_desk.TakeController``)."""
+
+    def __init__(self, registry: Any, countdown_s: float, repo: Any):
+        self.registry, self.countdown_s, self.repo = registry, countdown_s, repo
+
+    def online_agents(self, booth_id: str) -> list[dict[str, Any]]:
+        out = []
+        for a in self.registry.agents(booth_id):
+            status = a.status or {}
+            out.append(
+                {
+                    "camera_id": a.camera_id,
+                    "online": a.online,
+                    "state": a.state,
+                    "session_id": a.session_id,
+                    "fps": status.get("fps"),
+                    "frames_captured": status.get("frames_captured"),
+                    "capture_dropped": status.get("capture_dropped", 0),
+                    "pose_dropped": status.get("pose_dropped", 0),
+                    "frames_acked": status.get("frames_acked"),
+                    "upload_behind": status.get("upload_behind", False),
+                    "error": status.get("error") or "",
+                    "last_seen": a.last_seen,
+                }
+            )
+        return [a for a in out if a["online"]] + [a for a in out if not a["online"]]
+
+    async def start_take(
+        self, booth_id: str, session_id: str, duration_s: float
+    ) -> list[dict[str, Any]]:
+        # Every camera starts at the same instant on the shared booth clock, after the
+        # countdown the tablet shows.
+        start_at_ns = time.time_ns() + int(self.countdown_s * 1e9)
+        self.repo.set_progress(session_id, capture_at=start_at_ns / 1e9, stage="capturing")
+        results = await self.registry.booth(booth_id).start_take(
+            session_id, duration_s, start_at_ns=start_at_ns
+        )
+        answers = [
+            {
+                "camera_id": r.camera_id,
+                "delivered": r.delivered,
+                "acked": r.acked,
+                "state": r.state,
+                "error": r.error,
+            }
+            for r in results.values()
+        ]
+        if not any(r["delivered"] for r in answers):
+            raise BoothError(
+                "no camera received the start command; check that the boards are online"
+            )
+        return answers
+
+
+@dataclass
+class Service:
+    settings: BoothConfig
+    http_port: int | None = None
+    grpc_port: int | None = None
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+    ready: threading.Event = field(default_factory=threading.Event)
+    bound: dict[str, int] = field(default_factory=dict)
+
+    async def run(self) -> None:
+        import uvicorn
+
+        from cloud_trainer.deliver import OutboxSender
+        from cloud_trainer.dispatch import enqueue_training, publish_pending
+        from cloud_trainer.ingest.control import AgentRegistry
+        from cloud_trainer.ingest.server import serve
+        from cloud_trainer.queue import create_job_queue
+        from cloud_trainer.repository import Repository
+        from cloud_trainer.storage import create_blob_store
+        from cloud_trainer.web import create_app
+
+        cfg = self.settings
+        refuse_placeholders(cfg, ("web",))
+        repo = Repository.from_config(cfg.database)
+        store = create_blob_store(cfg.storage)
+        queue = create_job_queue(cfg.queue)
+        publish_pending(repo, queue)
+        registry = AgentRegistry(repo=repo)
+        registry.bind_loop(asyncio.get_running_loop())
+
+        async def on_uploaded(session_id: str) -> None:
+            await asyncio.to_thread(enqueue_training, repo, queue, session_id)
+
+        ingest = serve(
+            cfg,
+            store=store,
+            repo=repo,
+            registry=registry,
+            on_session_uploaded=on_uploaded,
+            port=self.grpc_port,
+        )
+        await ingest.start()
+        self.bound["grpc"] = ingest.port
+        control = RegistryController(registry, cfg.booth.countdown_s, repo)
+        app = create_app(cfg, repo=repo, store=store, control=control)
+        server = uvicorn.Server(
+            uvicorn.Config(
+                app,
+                host=cfg.web.host,
+                port=cfg.web.port if self.http_port is None else self.http_port,
+                log_level="warning",
+                lifespan="off",
+            )
+        )
+        mail_stop = threading.Event()
+        sender = OutboxSender(repo, cfg.mail)
+        mail_thread = threading.Thread(
+            target=sender.run_forever, args=(mail_stop,), name="outbox", daemon=True
+        )
+        mail_thread.start()
+        http_task = asyncio.create_task(server.serve())
+        while not server.started and not http_task.done():
+            await asyncio.sleep(0.05)
+        if http_task.done():
+            await ingest.stop(0)
+            http_task.result()
+            raise BoothError("the web server did not start")
+        self.bound["http"] = server.servers[0].sockets[0].getsockname()[1]
+        log.info(
+            "booth %s serving: http on %s:%d, grpc on %s:%d",
+            cfg.booth.id,
+            cfg.web.host,
+            self.bound["http"],
+            cfg.ingest.host,
+            self.bound["grpc"],
+        )
+        self.ready.set()
+        try:
+            stop_task = asyncio.create_task(self.stop.wait())
+            await asyncio.wait({http_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            server.should_exit = True
+            mail_stop.set()
+            await ingest.stop(2.0)
+            await asyncio.gather(http_task, return_exceptions=True)
+            mail_thread.join(timeout=5)
+            queue.close()
+            repo.close()

@@ -1,0 +1,310 @@
+"""The training worker: one job at a time, from upload to email.
+
+For each job the worker takes from the queue it
+1. reads the session's takes from ingest's frame shards and the pose rows,
+2. trains (``train.train_job``: warm start, budget, checkpoints, score, export),
+3. renders the reference dance with the new generator (``render.render_session``),
+4. delivers: session ``delivered`` + link + outbox email in one transaction.
+
+It is safe to run many workers and to kill any of them. Delivery is at least
+once, so every step is idempotent: a job whose session is gone (deleted) or
+already ended is acknowledged and dropped; a restarted job resumes from its
+checkpoints (``train_job``), and rendering and delivery are redone only if the
+session has not reached ``delivered``.
+
+Failures the attendee's data explains (an empty take, nobody in the frame, a
+corrupt shard, a missing base checkpoint) fail the session with that reason and
+the worker takes the next job. Anything unexpected is retried on another
+attempt; the last attempt fails the session with the cause.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cloud_trainer.config import BoothConfig
+from cloud_trainer.repository import Repository, SessionNotFound
+from cloud_trainer.session import State
+from edge_agent import skeleton as sk
+from edge_agent.errors import BoothError
+
+log = logging.getLogger(__name__)
+
+# How often the tablet's training plot is redrawn while a job trains.
+PLOT_EVERY_S = 10.0
+
+
+class JobGone(Exception):
+    """The session was deleted while its job ran: stop quietly."""
+
+
+def take_from_ingest(repo: Repository, store: Any, session_id: str, camera_id: str, fps: float):
+    """One camera's take, as ingest stored it: JPEG bytes from the shards, poses from the rows.
+
+    Frames without a pose row count as "nobody detected" (all scores 0); the
+    corpus builder skips them.
+    """
+    from cloud_trainer.corpus import TakeData, TrainingFailed
+
+    rows = repo.frame_index(session_id, camera_id)
+    if not rows:
+        raise TrainingFailed(f"camera {camera_id} stored no frames for this session")
+    frames: list[bytes] = []
+    shard_cache: dict[str, bytes] = {}
+    for row in rows:
+        # Whole shards are read once (a few MB each) and sliced, rather than one
+        # ranged read per frame (ingest.shards.read_frame) thousands of times.
+        data = shard_cache.get(row["shard_key"])
+        if data is None:
+            shard_cache.clear()
+            try:
+                data = store.get(row["shard_key"])
+            except BoothError as e:
+                raise TrainingFailed(f"camera {camera_id}: frame shard unreadable ({e})") from e
+            shard_cache[row["shard_key"]] = data
+        jpeg = data[row["offset"] : row["offset"] + row["length"]]
+        if len(jpeg) != row["length"]:
+            raise TrainingFailed(f"camera {camera_id}: frame shard {row['shard_key']} is cut short")
+        frames.append(jpeg)
+    seq_to_i = {row["seq"]: i for i, row in enumerate(rows)}
+    poses = np.zeros((len(rows), sk.NUM_JOINTS, 3), np.float32)
+    for p in repo.pose_rows(session_id, camera_id):
+        i = seq_to_i.get(p["seq"])
+        if i is not None:
+            poses[i] = np.frombuffer(p["keypoints"], dtype="<f4").reshape(sk.NUM_JOINTS, 3)
+    return TakeData(
+        name=f"{session_id}-{camera_id}", frames=frames, poses=poses, fps=fps, camera=camera_id
+    )
+
+
+class StageClock:
+    """Seconds spent per stage of a job, for the ``booth_job_stage_seconds`` metric."""
+
+    def __init__(self) -> None:
+        self.current: str | None = None
+        self.seconds: dict[str, float] = {}
+        self._since = time.monotonic()
+
+    def enter(self, stage: str | None) -> None:
+        if stage == self.current:
+            return
+        now = time.monotonic()
+        if self.current is not None:
+            self.seconds[self.current] = self.seconds.get(self.current, 0.0) + now - self._since
+        self.current, self._since = stage, now
+
+
+@dataclass
+class Worker:
+    settings: BoothConfig
+    repo: Repository
+    store: Any
+    queue: Any
+    worker_id: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    def run_forever(self, poll_s: float = 2.0) -> None:
+        log.info("worker ready", extra={"worker": self.worker_id})
+        while not self.stop.is_set():
+            self.run_once(timeout_s=poll_s)
+
+    def run_once(self, timeout_s: float = 2.0) -> bool:
+        """Take at most one job and see it through. True if there was one."""
+        lease = self.queue.receive(timeout_s=timeout_s)
+        if lease is None:
+            return False
+        self.handle(lease)
+        return True
+
+    # ---- one job --------------------------------------------------------------------
+
+    def handle(self, lease) -> None:
+        session_id = lease.payload.get("session_id", "")
+        job_id = lease.job_id
+        try:
+            session = self.repo.get_session(session_id)
+        except SessionNotFound:
+            log.info("job for a deleted session dropped", extra={"job_id": job_id})
+            lease.ack()
+            return
+        if session["state"] in (State.DELIVERED.value, State.FAILED.value):
+            log.info(
+                "job already ended; acknowledged again",
+                extra={"job_id": job_id, "state": session["state"]},
+            )
+            lease.ack()
+            return
+        if lease.exhausted:
+            self._fail(
+                session_id,
+                job_id,
+                f"training was interrupted {lease.max_attempts} times (the worker died); giving up",
+            )
+            lease.ack()
+            return
+        try:
+            self.repo.start_job(job_id, self.worker_id)
+        except BoothError as e:  # JobFinished: a redelivery of a job that already ended
+            log.info("job already ended", extra={"job_id": job_id, "reason": str(e)})
+            lease.ack()
+            return
+        try:
+            with lease.keep_alive():
+                self._run(session, job_id, lease)
+            lease.ack()
+        except JobGone:
+            log.info("session deleted while its job ran", extra={"session_id": session_id})
+            lease.ack()
+        except BoothError as e:  # the take, the reference or the config explains it
+            log.warning("job failed", extra={"session_id": session_id, "reason": str(e)})
+            self._fail(session_id, job_id, str(e))
+            lease.ack()
+        except Exception as e:  # a bug or a passing outage: another attempt may succeed
+            log.exception("job crashed", extra={"session_id": session_id, "attempt": lease.attempt})
+            reason = f"internal error on attempt {lease.attempt}: {type(e).__name__}: {e}"
+            if lease.final:
+                self._fail(session_id, job_id, reason)
+                lease.ack()
+            else:
+                self.repo.requeue_job(job_id)
+                lease.nack(retry_after_s=5.0)
+
+    def _fail(self, session_id: str, job_id: str, reason: str) -> None:
+        try:
+            self.repo.fail_job(job_id, reason)
+            self.repo.fail(session_id, reason)
+        except SessionNotFound:
+            pass  # deleted meanwhile: nothing left to mark
+
+    def _run(self, session: dict[str, Any], job_id: str, lease) -> None:
+        from cloud_trainer import render
+        from cloud_trainer.deliver import Deliverer
+        from cloud_trainer.links import watch_url
+        from cloud_trainer.reference import ReferenceLibrary
+        from cloud_trainer.train import JobSpec, Progress, train_job
+
+        sid = session["id"]
+        cfg = self.settings
+        if session["state"] == State.UPLOADED.value:
+            self.repo.transition(sid, State.TRAINING, detail=f"worker {self.worker_id}")
+        clock = StageClock()
+        last_plot = [0.0]
+        history: list[dict[str, float]] = []
+
+        def progress(p: Progress) -> None:
+            if lease.lost.is_set():
+                raise BoothError("this worker lost its lease; another worker has the job")
+            clock.enter(p.stage)
+            if p.loss is not None:
+                history.append({"step": p.step, "l1": p.loss, "t": p.elapsed_s})
+            fields = {
+                "stage": p.stage,
+                "step": p.step,
+                "total_steps": p.max_steps,
+                "eta_s": p.eta_s,
+                "loss": p.loss,
+            }
+            try:
+                self.repo.update_job_progress(
+                    job_id, stage=p.stage, step=p.step, total_steps=p.max_steps, eta_s=p.eta_s
+                )
+                self.repo.set_progress(sid, **fields, message=p.message)
+            except SessionNotFound:
+                raise JobGone() from None
+            if history and time.monotonic() - last_plot[0] > PLOT_EVERY_S:
+                last_plot[0] = time.monotonic()
+                self._plot(sid, history)
+
+        takes = []
+        for take in self.repo.list_takes(sid):
+            takes.append(
+                take_from_ingest(self.repo, self.store, sid, take["camera_id"], take["fps"] or 30.0)
+            )
+        if not takes:
+            raise BoothError("no camera uploaded a take for this session")
+        result = train_job(
+            JobSpec(session_id=sid, takes=takes, job_id=job_id),
+            cfg.trainer,
+            self.store,
+            progress,
+            models_dir=cfg.models_dir,
+        )
+        if result.plot_path and Path(result.plot_path).exists():
+            self.store.put_file(
+                f"sessions/{sid}/job/progress.png", str(result.plot_path), "image/png"
+            )
+        quality = {
+            k: v
+            for k, v in (result.score or {}).items()
+            if isinstance(v, int | float | str | bool) or v is None
+        }
+        self.repo.update_session(sid, quality=quality)
+
+        clock.enter("rendering")
+        if self.repo.get_session(sid)["state"] == State.TRAINING.value:
+            self.repo.transition(sid, State.RENDERING)
+        self.repo.set_progress(sid, stage="rendering", eta_s=None)
+        library = ReferenceLibrary(self.store)
+        reference = library.get(session["reference_name"])
+        generator = render.load_generator(result.export_dir)
+        # Render from the camera the generator knows best: the first take's framing.
+        camera = takes[0].camera
+        framing = generator.framing(camera)
+        if framing is None:
+            raise BoothError(f"the exported generator has no framing for camera {camera}")
+        keys = render.render_session(
+            self.store,
+            sid,
+            generator,
+            reference,
+            takes[0].poses,
+            framing,
+            library=library,
+            side_by_side=cfg.render.side_by_side,
+            batch=cfg.render.batch,
+            crf=cfg.render.crf,
+        )
+
+        clock.enter("delivering")
+        link = Deliverer(self.repo, self.store, cfg).deliver(
+            sid,
+            video_key=keys["video_key"],
+            poster_key=keys["poster_key"],
+            side_by_side_key=keys["side_by_side_key"],
+        )
+        self.repo.set_progress(
+            sid, stage="delivered", link_url=watch_url(cfg.web.base_url, link.token), eta_s=0
+        )
+        clock.enter(None)
+        self.repo.update_job_progress(job_id, stage="done", stage_seconds=clock.seconds)
+        self.repo.finish_job(
+            job_id, metrics={"score": quality, "steps": result.steps}, model_key=result.model_prefix
+        )
+
+    def _plot(self, sid: str, history: list[dict[str, float]]) -> None:
+        import io
+
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 2.6), dpi=100)
+        ax.plot([h["step"] for h in history], [h["l1"] for h in history], color="#ff4f7b")
+        ax.set_xlabel("step")
+        ax.set_ylabel("L1 (lower is better)")
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png")
+        plt.close(fig)
+        self.store.put(f"sessions/{sid}/job/progress.png", buf.getvalue(), "image/png")
