@@ -275,6 +275,11 @@ def test_the_causal_smoother_reduces_jitter_without_lagging() -> None:
     seq = _noisy(gt, sigma_px=2.5)
     out = _stack(_causal(seq))
     assert _err_px(out[20:], gt[20:]) < 0.75 * _err_px(seq[20:], gt[20:])
+    # The shift that best aligns output and truth: 0 frames, where a lagging
+    # filter would need a positive one.
+    shifts = range(-3, 4)
+    cost = [_err_px(out[20 + k : len(out) - 3 + k], gt[20 : len(gt) - 3]) for k in shifts]
+    assert shifts[int(np.argmin(cost))] == 0
 
 
 def test_offline_beats_causal_on_a_noisy_trajectory() -> None:
