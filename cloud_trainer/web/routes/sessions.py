@@ -15,7 +15,7 @@ from sqlalchemy import select
 
 from cloud_trainer.front_desk import Conflict
 from cloud_trainer.repository import SessionNotFound
-from cloud_trainer.repository.schema import outbox
+from cloud_trainer.repository.schema import outbox, takes
 from cloud_trainer.web.deps import Services, ServicesDep, StaffApi, StaffPage, check_form_csrf
 from edge_agent.errors import BadInput, BoothError
 
@@ -52,8 +52,26 @@ def email_state(services: Services, session_id: str) -> dict[str, Any] | None:
     return dict(row._mapping) if row else None
 
 
+def takes_view(services: Services, session_id: str) -> list[dict[str, Any]]:
+    with services.repo.engine.connect() as conn:
+        rows = conn.execute(
+            select(takes).where(takes.c.session_id == session_id).order_by(takes.c.camera_id)
+        )
+        return [
+            {
+                "camera_id": r.camera_id,
+                "state": r.state,
+                "frame_count": r.frame_count,
+                "frames_stored": r.durable_seq + 1,
+                "fps": r.fps,
+            }
+            for r in rows
+        ]
+
+
 def session_view(services: Services, s: dict[str, Any]) -> dict[str, Any]:
     progress = s.get("progress") or {}
+    take_rows = takes_view(services, s["id"])
     return {
         "id": s["id"],
         "state": s["state"],
@@ -69,6 +87,12 @@ def session_view(services: Services, s: dict[str, Any]) -> dict[str, Any]:
         "quality": s.get("quality"),
         "link_url": progress.get("link_url"),
         "email_delivery": email_state(services, s["id"]),
+        "takes": take_rows,
+        "frames_uploaded": sum(t["frames_stored"] for t in take_rows),
+        "timeline": [
+            {"state": e["to_state"], "at": e["at"], "detail": e["detail"]}
+            for e in services.repo.session_events(s["id"])
+        ],
         "stage_index": STAGES.index(s["state"]) if s["state"] in STAGES else -1,
     }
 
