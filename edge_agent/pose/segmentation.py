@@ -56,7 +56,8 @@ class SelfieSegmenter:
     def to_frame(self, small: np.ndarray, roi: bp.Roi, size: tuple[int, int]) -> np.ndarray:
         """A (256, 256) mask of ``roi``'s crop, warped into frame pixels ``size`` (w, h).
 
-        A fresh array per call: callers may keep a result's mask across frames.
+        A fresh array per call: callers may keep a result's mask. (Warping only the
+        ROI's bounding box into a zeroed frame measured no faster.)
         """
         return cv2.warpAffine(
             small,

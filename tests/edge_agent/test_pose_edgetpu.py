@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from edge_agent import skeleton as sk
-from edge_agent.config import CpuPose, EdgeTpuPose
+from edge_agent.config import CpuPose, EdgeTpuPose, ZoneConfig
 from edge_agent.errors import BadInput, DeviceError
 from edge_agent.pose.base import create_pose_backend
 
@@ -167,3 +167,12 @@ def test_edgetpu_rejects_a_model_that_is_not_movenet_shaped():
 def test_edgetpu_missing_model_file_is_a_clear_error(tmp_path):
     with pytest.raises(BadInput, match="not found"):
         create_pose_backend(_cfg(tmp_path / "nope.tflite"), delegate_optional=True)
+
+
+def test_edgetpu_gates_with_the_zone_it_is_given(movenet_model):
+    # A flat red frame scores as a person for this model, but has no face: gating says nobody.
+    plain = create_pose_backend(_cfg(movenet_model), delegate_optional=True)
+    gated = create_pose_backend(_cfg(movenet_model), zone=ZoneConfig(), delegate_optional=True)
+    assert plain.estimate(_red(128, 96)).detected
+    result = gated.estimate(_red(128, 96))
+    assert not result.detected and (result.skeleton == 0).all()
