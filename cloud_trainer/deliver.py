@@ -223,7 +223,10 @@ class OutboxSender:
             report.errors.append(str(e))
             log.warning("email bounced: %s", e, extra=where)
             return
-        except mail.TemporaryFailure as e:
+        except Exception as e:  # a bug or an unexpected library error: keep the row alive
+            if not isinstance(e, mail.TemporaryFailure):
+                log.exception("unexpected error sending an email", extra=where)
+                e = mail.TemporaryFailure(f"unexpected error: {type(e).__name__}: {e}")
             report.errors.append(str(e))
             if row["attempts"] >= self.max_attempts:
                 self.repo.mark_email_failed(

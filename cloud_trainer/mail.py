@@ -142,14 +142,17 @@ class SmtpMailer:
     def send(self, msg: EmailMessage) -> None:
         cfg = self.cfg
         try:
-            with smtplib.SMTP(cfg.host, cfg.port, timeout=cfg.timeout_s) as smtp:
+            smtp = smtplib.SMTP(cfg.host, cfg.port, timeout=cfg.timeout_s)
+        except (smtplib.SMTPException, OSError) as e:  # OSError covers timeouts and refusals
+            raise TemporaryFailure(f"SMTP {cfg.host}:{cfg.port} unavailable: {e}") from None
+        try:
+            smtp.ehlo()
+            if cfg.starttls:
+                smtp.starttls(context=self.ssl_context or ssl.create_default_context())
                 smtp.ehlo()
-                if cfg.starttls:
-                    smtp.starttls(context=self.ssl_context or ssl.create_default_context())
-                    smtp.ehlo()
-                if cfg.username:
-                    smtp.login(cfg.username, cfg.password or "")
-                refused = smtp.send_message(msg)
+            if cfg.username:
+                smtp.login(cfg.username, cfg.password or "")
+            refused = smtp.send_message(msg)
         except smtplib.SMTPRecipientsRefused as e:
             code, reason = next(iter(e.recipients.values()))
             raise _reply_error(code, reason) from None
@@ -160,11 +163,22 @@ class SmtpMailer:
             ) from None
         except smtplib.SMTPResponseException as e:
             raise _reply_error(e.smtp_code, e.smtp_error) from None
-        except (smtplib.SMTPException, OSError) as e:  # OSError covers timeouts and TLS
-            raise TemporaryFailure(f"SMTP {cfg.host}:{cfg.port} unavailable: {e}") from None
+        except (smtplib.SMTPException, OSError) as e:
+            raise TemporaryFailure(f"SMTP {cfg.host}:{cfg.port} failed: {e}") from None
+        finally:
+            _quit(smtp)
         if refused:  # one recipient per message, so this is the only one
             code, reason = next(iter(refused.values()))
             raise _reply_error(code, reason)
+
+
+def _quit(smtp: smtplib.SMTP) -> None:
+    """Say goodbye without letting a failed QUIT turn an accepted message into an error."""
+    try:
+        smtp.quit()
+    except (smtplib.SMTPException, OSError) as e:
+        log.debug("SMTP QUIT failed (the message, if accepted, stays accepted): %s", e)
+        smtp.close()
 
 
 def _text(reply: bytes | str) -> str:

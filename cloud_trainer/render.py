@@ -577,8 +577,9 @@ def render_session(
     generator: Generator,
     reference: Any,
     take_poses: np.ndarray,
-    framing: labelmap.Framing,
+    framing: labelmap.Framing | None = None,
     *,
+    camera: str | None = None,
     library: Any = None,
     side_by_side: bool = True,
     batch: int = 16,
@@ -587,10 +588,19 @@ def render_session(
     """Render the reference dance with the attendee's generator; store MP4s and poster.
 
     ``take_poses`` are the attendee's poses (full-frame pixels of the camera the
-    generator was trained on) and ``framing`` that camera's training crop. Returns
-    the blob keys: ``video_key``, ``poster_key``, ``side_by_side_key`` (None without).
+    generator was trained on) and ``framing`` that camera's training crop (default:
+    the crop the export recorded for ``camera``, else one fitted to ``take_poses``).
+    Returns the blob keys: ``video_key``, ``poster_key``, ``side_by_side_key``
+    (None without a side-by-side).
     """
     from cloud_trainer import normalize
+
+    if framing is None:
+        framing = generator.framing(camera)
+    if framing is None:
+        w = int(np.ceil(take_poses[..., 0].max())) + 1
+        h = int(np.ceil(take_poses[..., 1].max())) + 1
+        framing = labelmap.Framing.from_poses(take_poses, w, h)
 
     if generator.label_map == "parts" and reference.masks is None:
         raise GeneratorMismatch(

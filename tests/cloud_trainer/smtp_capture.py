@@ -24,8 +24,9 @@ def free_port() -> int:
 
 
 class CapturingHandler:
-    def __init__(self, reject: set[str] | None = None):
+    def __init__(self, reject: set[str] | None = None, quit_reply: str | None = None):
         self.reject = {a.lower() for a in (reject or set())}
+        self.quit_reply = quit_reply
         self.messages: list[EmailMessage] = []
         self.envelopes: list[tuple[str, list[str]]] = []
         self._lock = threading.Lock()
@@ -35,6 +36,9 @@ class CapturingHandler:
             return f"550 5.1.1 <{address}>: Recipient address rejected: mailbox unavailable"
         envelope.rcpt_tos.append(address)
         return "250 OK"
+
+    async def handle_QUIT(self, server, session, envelope):  # noqa: N802
+        return self.quit_reply or "221 Bye"
 
     async def handle_DATA(self, server, session, envelope):  # noqa: N802
         msg = email.message_from_bytes(envelope.content, policy=email.policy.default)
@@ -54,9 +58,10 @@ class SmtpServer:
         *,
         tls_context: ssl.SSLContext | None = None,
         credentials: tuple[str, str] | None = None,
+        quit_reply: str | None = None,
     ):
         self.port = port or free_port()
-        self.handler = CapturingHandler(reject)
+        self.handler = CapturingHandler(reject, quit_reply)
         self.tls_context = tls_context
         self.credentials = credentials
         self._controller: Controller | None = None

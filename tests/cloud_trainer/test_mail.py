@@ -55,6 +55,16 @@ def test_a_rejected_address_is_a_permanent_failure_with_the_reason(smtp):
     assert smtp.messages == []
 
 
+def test_a_failed_quit_after_acceptance_is_still_a_success():
+    """The relay accepted the message; a broken goodbye must not make us send it again."""
+    server = SmtpServer(quit_reply="554 5.3.0 shutting down").start()
+    try:
+        mail.create_mailer(SmtpMail(host="127.0.0.1", port=server.port)).send(_message())
+        assert len(server.messages) == 1
+    finally:
+        server.stop()
+
+
 def test_a_server_that_is_down_is_a_temporary_failure():
     mailer = mail.create_mailer(SmtpMail(host="127.0.0.1", port=free_port(), timeout_s=2))
     with pytest.raises(mail.TemporaryFailure, match="unavailable"):
