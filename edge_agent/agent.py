@@ -83,6 +83,7 @@ class Agent:
         self._warnings: list[str] = []
         self._granted: Granted | None = None
         self._takes_done = 0
+        self._starting = False
         self._last_summary: TakeSummary | None = None
         self._closing = threading.Event()
         self._wake = threading.Event()
@@ -176,20 +177,28 @@ class Agent:
         self._listeners.append(fn)
 
     def start_take(self, session_id: str, duration_s: float | None = None) -> Take:
-        """Start capturing a take; returns once frames flow. Raises DeviceError or BadInput."""
+        """Start capturing a take; returns once frames flow. Raises DeviceError or BadInput.
+
+        Opening the camera (or pre-rendering a synthetic one) happens outside the
+        agent's lock, so ``status()`` keeps answering meanwhile.
+        """
         with self._lock:
             current = self._take
-            if current is not None and current.state in ("ready", "capturing"):
-                raise BadInput(
-                    f"camera {self.cfg.camera_id} is already capturing session "
-                    f"{current.session_id}; stop it first"
+            if self._starting or (current is not None and current.state in ("ready", "capturing")):
+                busy = (
+                    "a take that is starting"
+                    if self._starting
+                    else (f"session {current.session_id}")
                 )
-            if current is not None and not current.finished:
-                self._finishing.append(current)
+                raise BadInput(
+                    f"camera {self.cfg.camera_id} is already capturing {busy}; stop it first"
+                )
             problem = self._disk_problem()
             if problem:
                 self._set_error(problem)
                 raise DeviceError(problem)
+            self._starting = True
+        try:
             source = self._source_factory(self.cfg.source, clock=self.clock, seconds=duration_s)
             take = Take(
                 session_id=session_id,
@@ -208,14 +217,21 @@ class Agent:
             except DeviceError as e:
                 self._set_error(str(e))
                 raise
-            self._granted = granted
-            self._warnings = list(getattr(source, "warnings", []))
+            with self._lock:
+                self._granted = granted
+                self._warnings = list(getattr(source, "warnings", []))
             self._clear_error()
             for fn in self._listeners:
                 fn(take)
             take.add_done_callback(self._on_take_done)
-            self._take = take
+            with self._lock:
+                if current is not None and not current.finished:
+                    self._finishing.append(current)
+                self._take = take
             take.start()
+        finally:
+            with self._lock:
+                self._starting = False
         self._wake.set()
         return take
 
@@ -248,6 +264,8 @@ class Agent:
     def state(self) -> str:
         with self._lock:
             take = self._take
+            if self._starting:
+                return "starting"
             if take is not None and take.state in ("ready", "capturing"):
                 return "capturing"
             if take is not None and take.state == "finishing":

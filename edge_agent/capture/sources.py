@@ -35,8 +35,7 @@ log = logging.getLogger(__name__)
 DEFAULT_SYNTHETIC_SECONDS = 15.0
 # Some UVC cameras grant 119.88 when asked for 120; that is not "below the asked rate".
 RATE_TOLERANCE = 0.01
-# A device timestamp this close to CLOCK_MONOTONIC is taken to be on it (FFmpeg passes
-# V4L2 buffer timestamps through unchanged, and UVC drivers stamp with CLOCK_MONOTONIC).
+# A device timestamp this close to CLOCK_MONOTONIC is taken to be on it.
 _MONOTONIC_WINDOW_NS = 10_000_000_000
 
 
@@ -157,6 +156,53 @@ class SyntheticBoothCamera:
         self._camera = None
 
 
+class DeviceTimestamps:
+    """Puts a camera's own frame timestamps on the booth clock and counts the frames it skipped.
+
+    FFmpeg passes V4L2 buffer timestamps through unchanged; UVC drivers stamp them
+    with CLOCK_MONOTONIC near the end of exposure, which is closer to the truth
+    than the moment we read the frame. If the first timestamp is not near
+    CLOCK_MONOTONIC (another clock, or none), frames are stamped on arrival.
+    A jump of more than 1.5 frame periods means the device dropped frames.
+    """
+
+    def __init__(
+        self,
+        clock: BoothClock,
+        time_base: Fraction,
+        fps: float,
+        name: str = "camera",
+        monotonic_ns: Callable[[], int] = time.monotonic_ns,
+    ) -> None:
+        ns_per_tick = Fraction(10**9) * Fraction(time_base)
+        self._num, self._den = ns_per_tick.numerator, ns_per_tick.denominator
+        self._period_ns = 1e9 / fps
+        self._clock = clock
+        self._name = name
+        self._monotonic_ns = monotonic_ns
+        self._device_clock: bool | None = None  # decided on the first frame
+        self._last_ns: int | None = None
+        self.lost = 0
+
+    def stamp(self, pts: int | None) -> int:
+        if pts is None:
+            return self._clock.now_ns()
+        dev_ns = pts * self._num // self._den
+        if self._device_clock is None:
+            self._device_clock = abs(dev_ns - self._monotonic_ns()) < _MONOTONIC_WINDOW_NS
+            if not self._device_clock:
+                log.info(
+                    "%s: device timestamps are not on CLOCK_MONOTONIC; stamping frames on arrival",
+                    self._name,
+                )
+        if not self._device_clock:
+            return self._clock.now_ns()
+        last, self._last_ns = self._last_ns, dev_ns
+        if last is not None and dev_ns - last > 1.5 * self._period_ns:
+            self.lost += round((dev_ns - last) / self._period_ns) - 1
+        return self._clock.from_monotonic_ns(dev_ns)
+
+
 def _device_error(what: str, err: OSError) -> DeviceError:
     """A one-line reason staff can act on, from an OSError PyAV raised."""
     import errno
@@ -179,7 +225,7 @@ class V4L2Camera:
         self.name = f"v4l2:{cfg.device}"
         self.cfg = cfg
         self.clock = clock
-        self.lost_frames = 0
+        self._stamps: DeviceTimestamps | None = None
         self.warnings: list[str] = []
         self._container: Any = None
         self._stream: Any = None
@@ -256,39 +302,20 @@ class V4L2Camera:
     def frames(self) -> Iterator[CapturedFrame]:
         if self._container is None:
             raise RuntimeError("open() the camera before iterating its frames")
-        tb = self._stream.time_base or Fraction(1, 1_000_000)
-        ns_per_tick = Fraction(10**9) * tb
-        period_ns = 1e9 / self._fps
-        clock = self.clock
-        device_clock: bool | None = None  # decided on the first frame
-        last_ns: int | None = None
+        stamps = DeviceTimestamps(
+            self.clock, self._stream.time_base or Fraction(1, 1_000_000), self._fps, self.name
+        )
+        self._stamps = stamps
         seq = 0
         for packet in self._container.demux(self._stream):
             if packet.size == 0:
                 continue
-            jpeg = bytes(packet)
-            if packet.pts is None:
-                ts = clock.now_ns()
-            else:
-                dev_ns = int(packet.pts * ns_per_tick)
-                if device_clock is None:
-                    # Kernel buffer timestamps are nearer the exposure than our read.
-                    device_clock = abs(dev_ns - time.monotonic_ns()) < _MONOTONIC_WINDOW_NS
-                    if not device_clock:
-                        log.info(
-                            "camera %s: device timestamps are not on CLOCK_MONOTONIC; "
-                            "stamping frames on arrival",
-                            self.cfg.device,
-                        )
-                if device_clock:
-                    if last_ns is not None and dev_ns - last_ns > 1.5 * period_ns:
-                        self.lost_frames += round((dev_ns - last_ns) / period_ns) - 1
-                    last_ns = dev_ns
-                    ts = clock.from_monotonic_ns(dev_ns)
-                else:
-                    ts = clock.now_ns()
-            yield CapturedFrame(seq, ts, jpeg)
+            yield CapturedFrame(seq, stamps.stamp(packet.pts), bytes(packet))
             seq += 1
+
+    @property
+    def lost_frames(self) -> int:
+        return self._stamps.lost if self._stamps is not None else 0
 
     def close(self) -> None:
         if self._container is not None:

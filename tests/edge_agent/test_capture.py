@@ -485,3 +485,49 @@ def test_v4l2_granted_rate_below_the_asked_one_is_reported():
     assert cam.warnings == []
     cam._check(Granted(320, 240, 120.0))
     assert cam.warnings == ["camera /dev/video0 granted 320x240, not the 640x480 asked"]
+
+
+def test_v4l2_device_timestamps_go_on_the_booth_clock_and_gaps_count_as_lost_frames():
+    from fractions import Fraction
+
+    from edge_agent.capture.sources import DeviceTimestamps
+
+    clock = BoothClock(offset_ns=5_000)
+    now = 1_000_000_000_000
+    stamps = DeviceTimestamps(clock, Fraction(1, 1_000_000), 100.0, monotonic_ns=lambda: now)
+    base_us = now // 1000
+    got = [stamps.stamp(base_us + k * 10_000) for k in (0, 1, 2, 5, 6)]  # frames 3, 4 missing
+    assert got == [(base_us + k * 10_000) * 1000 + 5_000 for k in (0, 1, 2, 5, 6)]
+    assert stamps.lost == 2
+
+
+def test_v4l2_timestamps_not_on_the_monotonic_clock_are_replaced_by_arrival_time():
+    from fractions import Fraction
+
+    from edge_agent.capture.sources import DeviceTimestamps
+
+    clock = BoothClock()
+    stamps = DeviceTimestamps(clock, Fraction(1, 1_000_000), 100.0, monotonic_ns=lambda: 10**18)
+    before = clock.now_ns()
+    ts = stamps.stamp(42)  # a wall-clock or zero-based device timestamp
+    assert before <= ts <= clock.now_ns()
+
+
+def test_repeated_and_backward_timestamps_are_bumped_so_every_frame_is_stored(tmp_path, jpegs):
+    class StuckClock(ReplayCamera):
+        def frames(self) -> Iterator[CapturedFrame]:
+            for frame in super().frames():
+                # Three frames per timestamp, and one that goes back in time.
+                ts = 10**12 + (frame.seq // 3) * 1_000_000 - (5_000_000 if frame.seq == 7 else 0)
+                yield CapturedFrame(frame.seq, ts, frame.jpeg)
+
+    source = StuckClock(jpegs[:30], width=WIDTH, height=HEIGHT, fps=FPS, clock=BoothClock())
+    summary = run_take(make_take(tmp_path, jpegs, pose=False, source=source))
+    assert summary.frames_written == 30
+    pts = [
+        p
+        for s in summary.segments
+        for p, _ in read_segment_packets(Path(summary.directory) / s["file"])
+    ]
+    assert len(pts) == 30 and all(b > a for a, b in zip(pts, pts[1:], strict=False))
+    assert segment_bytes(summary) == jpegs[:30]
