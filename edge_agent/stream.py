@@ -9,6 +9,7 @@ Data flow for one take (one camera, one session)::
 segment files (``seg-000000.log``...) of records, and ``take.json`` (the take's
 metadata: ids, size, frame count once ended, the "behind" state). A record is a
 25-byte header ``kind u8 | crc32 u32 | seq u64 | capture_ts_ns i64 | length u32``
+(the CRC covers the other header fields and the payload)
 and its payload (JPEG bytes or a pose). A take has ended once ``take.json``
 holds its ``frame_count`` (the hello and the EndOfTake come from there). Records are
 written with one ``write()`` each, so a crashed agent process loses nothing it
@@ -65,6 +66,13 @@ from protos import booth_pb2, booth_pb2_grpc
 log = logging.getLogger(__name__)
 
 _HEADER = struct.Struct("<BIQqI")  # kind, crc32, seq, capture_ts_ns, length
+_CHECKED = struct.Struct("<BQqI")  # the header fields the CRC covers
+
+
+def _crc(kind: int, seq: int, ts: int, payload: bytes) -> int:
+    return zlib.crc32(payload, zlib.crc32(_CHECKED.pack(kind, seq, ts, len(payload))))
+
+
 KIND_FRAME, KIND_POSE = 1, 2
 _POSE_FLAGS = struct.Struct("<B")
 _SEGMENT_RE = re.compile(r"^seg-(\d{6})\.log$")
@@ -160,6 +168,7 @@ class SpoolTake:
         self.error = ""
         self._lock = threading.RLock()
         self._fd: int | None = None
+        self._next_segment = 0  # never reused: readers track their place by number
         self._dirty_bytes = 0
         self._last_fsync = time.monotonic()
 
@@ -304,7 +313,7 @@ class SpoolTake:
         seg = self.segments[-1] if self.segments else None
         if seg is None or seg.size >= self.spool.segment_bytes or self._fd is None:
             seg = self._new_segment()
-        header = _HEADER.pack(kind, zlib.crc32(payload), seq, ts, len(payload))
+        header = _HEADER.pack(kind, _crc(kind, seq, ts, payload), seq, ts, len(payload))
         data = header + payload
         view = memoryview(data)
         while view:
@@ -324,7 +333,8 @@ class SpoolTake:
         if self._fd is not None:
             self._sync()
             os.close(self._fd)
-        number = self.segments[-1].number + 1 if self.segments else 0
+        number = self._next_segment
+        self._next_segment += 1
         path = self.dir / f"seg-{number:06d}.log"
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         _fsync_dir(self.dir)
@@ -356,11 +366,16 @@ class SpoolTake:
             newly = max(0, durable_seq - self.acked_seq)
             self.acked_seq = max(self.acked_seq, durable_seq)
             self.pose_acked_seq = max(self.pose_acked_seq, pose_durable_seq)
-            # Only whole segments go, and never the one being appended to.
-            while len(self.segments) > 1:
+            # Only whole segments go; if the one being appended to goes, the next record
+            # starts a new one.
+            while self.segments:
                 seg = self.segments[0]
                 if seg.last_frame > self.acked_seq or seg.last_pose > self.pose_acked_seq:
                     break
+                if len(self.segments) == 1 and self._fd is not None:
+                    self._sync()
+                    os.close(self._fd)
+                    self._fd = None
                 self.segments.pop(0)
                 with contextlib.suppress(FileNotFoundError):
                     seg.path.unlink()
@@ -423,7 +438,7 @@ class Spool:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.budget_bytes = budget_bytes
         self.booth_id = booth_id
-        self.segment_bytes = max(64 * 1024, min(SEGMENT_BYTES, budget_bytes // 8))
+        self.segment_bytes = max(4096, min(SEGMENT_BYTES, budget_bytes // 8))
         self._lock = threading.Lock()
         self._used = 0
         self.takes: dict[tuple[str, str], SpoolTake] = {}
@@ -540,6 +555,7 @@ class Spool:
                     os.fsync(f.fileno())
             seg.size = good
             take.segments.append(seg)
+        take._next_segment = numbers[-1] + 1 if numbers else 0
         if meta.behind_from_seq is not None:
             take.next_seq = max(take.next_seq, meta.behind_from_seq)
         if segs := take.segments:
@@ -566,7 +582,7 @@ def _scan_with_offsets(path: Path, limit: int | None = None) -> Iterator[tuple[R
             if kind not in (KIND_FRAME, KIND_POSE):
                 return
             payload = f.read(length)
-            if len(payload) < length or zlib.crc32(payload) != crc:
+            if len(payload) < length or _crc(kind, seq, ts, payload) != crc:
                 return
             pos += _HEADER.size + length
             yield Record(kind, seq, ts, payload), pos
@@ -654,6 +670,10 @@ def make_channel(uplink: Any) -> grpc.aio.Channel:
         ("grpc.keepalive_timeout_ms", 5_000),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.max_pings_without_data", 0),
+        # The uplink resumes from the server's ack itself. gRPC's own retries would replay
+        # buffered messages on a new connection behind its back (and copy every message
+        # into a retry buffer), so they are off.
+        ("grpc.enable_retries", 0),
         # Our own backoff decides when to retry; keep gRPC's reconnect quick.
         ("grpc.initial_reconnect_backoff_ms", 100),
         ("grpc.max_reconnect_backoff_ms", 2_000),
@@ -803,12 +823,6 @@ class Streamer:
                 take.error = str(e)
                 log.warning("take %s/%s not accepted: %s", *take.key, e)
                 delay = self.cfg.backoff_max_s
-            except asyncio.InvalidStateError:
-                take.error = "the stream ended unexpectedly"
-                delay = backoff_s(
-                    attempt, self.cfg.backoff_initial_s, self.cfg.backoff_max_s, self._rng
-                )
-                attempt += 1
             except grpc.aio.AioRpcError as e:
                 take.error = f"{e.code().name}: {e.details()}"
                 if e.code() in PERMANENT_CODES:
@@ -879,6 +893,10 @@ class Streamer:
             await call.done_writing()
             await reader
             return progressed or take.complete
+        except asyncio.InvalidStateError:
+            # A write after the call ended: the call's status says why.
+            await _raise_status(call)
+            raise
         finally:
             if cursor is not None:
                 cursor.close()

@@ -1,0 +1,216 @@
+"""The agent's spool and uplink: crash safety, the disk budget, cut links and restarts."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import sys
+from pathlib import Path
+
+import pytest
+import transport_helpers as th
+
+from cloud_trainer.repository import Repository
+from cloud_trainer.storage import create_blob_store
+from edge_agent.frames import CapturedFrame
+from edge_agent.stream import Spool, Streamer, backoff_s
+
+HELPERS = Path(th.__file__)
+
+
+# ---- the spool on its own --------------------------------------------------------------------
+
+
+def test_a_torn_last_record_is_cut_off_and_an_unended_take_is_sealed(tmp_path: Path):
+    spool = Spool(tmp_path, budget_bytes=10 << 20, booth_id=th.BOOTH)
+    take = spool.open_take("s1", "cam0", width=64, height=48, fps=120)
+    take.add_frames(th.frames(10))
+    take.add_pose(3, [[1.0, 2.0, 0.9]] * 23)
+    segment = take.segments[-1].path
+    spool.close()
+    with open(segment, "ab") as f:  # the agent died in the middle of writing frame 10
+        f.write(b"\x01\x00\x00\x00\x00\x0a" + b"\0" * 30)
+
+    again = Spool(tmp_path, budget_bytes=10 << 20, booth_id=th.BOOTH)
+    (recovered,) = again.takes.values()
+    assert recovered.next_seq == 10 and recovered.last_pose == 3
+    assert recovered.meta.frame_count == 10  # sealed with what it has
+    assert (recovered.meta.width, recovered.meta.height) == (64, 48)
+    assert segment.stat().st_size == recovered.segments[-1].size
+    assert again.used_bytes == recovered.bytes
+
+
+def test_the_budget_stops_spooling_says_so_and_counts_what_was_not_spooled(tmp_path: Path):
+    frames = th.frames(40)
+    per_frame = max(len(f.jpeg) for f in frames) + 32
+    spool = Spool(tmp_path, budget_bytes=per_frame * 10, booth_id=th.BOOTH)
+    take = spool.open_take("s1", "cam0")
+    spooled = take.add_frames(frames)
+    assert 5 <= spooled < 40
+    status = take.status()
+    assert status["behind_from_seq"] == spooled
+    assert status["not_spooled"] == 40 - spooled  # nothing discarded silently
+    take.end(40)
+    assert take.status()["missing"] == 40 - spooled
+
+
+def test_a_gap_in_the_capture_stream_puts_the_take_behind(tmp_path: Path):
+    spool = Spool(tmp_path, budget_bytes=10 << 20, booth_id=th.BOOTH)
+    take = spool.open_take("s1", "cam0")
+    frames = th.frames(10)
+    take.add_frames(frames[:5] + frames[6:])  # the stream buffer dropped frame 5
+    assert take.meta.behind_from_seq == 5
+    assert take.status()["not_spooled"] == 4
+
+
+def test_backoff_is_exponential_with_full_jitter():
+    rng = random.Random(1)
+    samples = [backoff_s(a, 0.1, 5.0, rng) for a in range(12) for _ in range(50)]
+    assert all(0.0 <= s <= 5.0 for s in samples)
+    early = [backoff_s(0, 0.1, 5.0, rng) for _ in range(200)]
+    late = [backoff_s(10, 0.1, 5.0, rng) for _ in range(200)]
+    assert max(early) <= 0.1 and max(late) > 1.0
+    assert min(late) < 1.0  # full jitter: anywhere from zero
+
+
+# ---- against a real server -------------------------------------------------------------------
+
+
+class Env:
+    def __init__(self, tmp: Path):
+        self.tmp = tmp
+        self.cfg = th.booth_config(tmp)
+        self.repo = Repository.from_config(self.cfg.database)
+        self.store = create_blob_store(self.cfg.storage)
+
+    def streamer(self, address: str, **kwargs) -> Streamer:
+        uplink = th.uplink_config(address, self.tmp / "spool")
+        return Streamer(uplink, booth_id=th.BOOTH, camera_id="cam0", **kwargs)
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> Env:
+    return Env(tmp_path)
+
+
+async def _until(predicate, timeout_s: float = 30.0) -> None:
+    async with asyncio.timeout(timeout_s):
+        while not predicate():
+            await asyncio.sleep(0.01)
+
+
+async def test_a_cut_connection_mid_take_reconnects_and_the_take_completes(env):
+    sid = th.new_session(env.repo)
+    sent = th.frames(120)
+    async with th.running_server(env.cfg, repo=env.repo, store=env.store) as srv:
+        proxy = th.CutProxy(srv.port)
+        await proxy.start()
+        st = env.streamer(f"127.0.0.1:{proxy.port}")
+        await st.start()
+        try:
+            take = st.open_take(sid)
+            take.add_frames(sent[:50])
+            await _until(lambda: st.frames_acked >= 20)
+            proxy.cut()
+            take.add_frames(sent[50:])
+            await _until(lambda: proxy.bytes_up > 0 and st.reconnects >= 1)
+            proxy.cut()  # again, while the rest is on its way
+            take.end()
+            await st.wait_uploaded(sid, timeout_s=60)
+        finally:
+            await st.stop()
+            await proxy.stop()
+    assert proxy.cuts >= 2 and proxy.connections >= 2
+    th.assert_exactly_once(env.repo, env.store, sid, "cam0", sent)
+
+
+async def test_an_agent_killed_mid_take_resumes_from_its_spool_after_restart(env):
+    sid = th.new_session(env.repo)
+    sent = th.frames(90)
+    async with th.running_server(env.cfg, repo=env.repo, store=env.store) as srv:
+        address = f"127.0.0.1:{srv.port}"
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            str(HELPERS),
+            "agent",
+            address,
+            str(env.tmp / "spool"),
+            sid,
+            "--upload",
+            "40",
+            "--total",
+            "90",
+            stdout=asyncio.subprocess.PIPE,
+        )
+        try:
+            async with asyncio.timeout(60):
+                assert (await proc.stdout.readline()).startswith(b"acked")
+                assert await proc.stdout.readline() == b"spooled\n"
+        finally:
+            proc.kill()  # SIGKILL: no clean-up of any kind
+            await proc.wait()
+        stored_before = len(env.repo.frame_index(sid, "cam0"))
+        assert 40 <= stored_before < 90
+
+        st = env.streamer(address)  # the restarted agent: same spool directory
+        await st.start()
+        try:
+            await st.wait_uploaded(sid, timeout_s=60)
+        finally:
+            await st.stop()
+    th.assert_exactly_once(env.repo, env.store, sid, "cam0", sent)
+    assert not list((env.tmp / "spool").glob("*__*"))  # the spool is empty again
+
+
+class ListArchive:
+    """Stands in for the take's MP4 segments (edge_agent.capture.segments.read_segment_frames)."""
+
+    def __init__(self, frames: list[CapturedFrame]):
+        self.frames = frames
+        self.reads = 0
+
+    def frames_from(self, session_id: str, camera_id: str, seq: int):
+        self.reads += 1
+        return iter([f for f in self.frames if f.seq >= seq])
+
+
+async def test_frames_over_the_budget_are_read_back_from_the_recording(env):
+    sid = th.new_session(env.repo)
+    sent = th.frames(60)
+    archive = ListArchive(sent)
+    async with th.running_server(env.cfg, repo=env.repo, store=env.store) as srv:
+        st = env.streamer(f"127.0.0.1:{srv.port}", archive=archive)
+        st.spool.budget_bytes = 12 * (max(len(f.jpeg) for f in sent) + 32)
+        take = st.open_take(sid)
+        spooled = take.add_frames(sent)  # before the uplink runs: the budget fills up
+        assert spooled < 60
+        status = st.status()
+        assert status["upload_behind"] and status["stream_dropped"] == 60 - spooled
+        take.end()
+        await st.start()
+        try:
+            await st.wait_uploaded(sid, timeout_s=60)
+        finally:
+            await st.stop()
+    assert archive.reads >= 1
+    th.assert_exactly_once(env.repo, env.store, sid, "cam0", sent)
+
+
+async def test_without_a_recording_to_read_from_the_take_waits_and_says_why(env):
+    sid = th.new_session(env.repo)
+    sent = th.frames(30)
+    async with th.running_server(env.cfg, repo=env.repo, store=env.store) as srv:
+        st = env.streamer(f"127.0.0.1:{srv.port}")
+        st.spool.budget_bytes = 8 * (max(len(f.jpeg) for f in sent) + 32)
+        take = st.open_take(sid)
+        spooled = take.add_frames(sent)
+        take.end()
+        await st.start()
+        try:
+            await _until(lambda: "not uploaded" in st.status()["error"])
+            await _until(lambda: st.frames_acked == spooled)
+        finally:
+            await st.stop()
+    assert f"{30 - spooled} frames" in st.status()["error"]
+    assert env.repo.list_takes(sid)[0]["state"] == "capturing"  # never marked uploaded
+    assert len(env.repo.frame_index(sid, "cam0")) == spooled
