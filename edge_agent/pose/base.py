@@ -64,7 +64,7 @@ def check_frame(rgb: object) -> np.ndarray:
     h, w = rgb.shape[:2]
     if min(h, w) < MIN_SIDE_PX or max(h, w) > MAX_SIDE_PX:
         raise BadInput(f"pose input of {w}x{h} px is outside {MIN_SIDE_PX}..{MAX_SIDE_PX} px")
-    return rgb
+    return np.ascontiguousarray(rgb)  # OpenCV wants rows in order (no copy if they are)
 
 
 def decode_jpeg(data: bytes) -> np.ndarray:

@@ -40,6 +40,7 @@ import numpy as np
 
 from edge_agent import skeleton as sk
 from edge_agent.config import CpuPose, ZoneConfig
+from edge_agent.errors import BadInput
 from edge_agent.pose import blazepose as bp
 from edge_agent.pose import gating, litert
 from edge_agent.pose.base import PoseResult, check_frame, register
@@ -65,19 +66,22 @@ def _expect(interp, name: str, inputs: list[tuple[int, ...]], outputs: list[tupl
     got_in = [tuple(d["shape"]) for d in interp.get_input_details()]
     got_out = [tuple(d["shape"]) for d in interp.get_output_details()]
     if got_in != inputs or sorted(got_out) != sorted(outputs):
-        raise ValueError(f"{name}: unexpected tensors {got_in} -> {got_out}")
+        raise BadInput(f"{name}: not the BlazePose model expected ({got_in} -> {got_out})")
 
 
 def _output_index(interp, shape: tuple[int, ...]) -> int:
     for d in interp.get_output_details():
         if tuple(d["shape"]) == shape:
             return int(d["index"])
-    raise ValueError(f"no output of shape {shape}")
+    raise BadInput(f"model has no output of shape {shape}")
 
 
 @register("cpu")
 class CpuPoseBackend:
-    """BlazePose full on LiteRT/XNNPACK. Loads its models here, in the constructor."""
+    """BlazePose full on LiteRT/XNNPACK. Loads its models here, in the constructor.
+
+    One caller at a time: it holds tracking state and the interpreters' buffers.
+    """
 
     name = "cpu"
 

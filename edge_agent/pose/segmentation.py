@@ -19,6 +19,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from edge_agent.errors import BadInput
 from edge_agent.pose import blazepose as bp
 from edge_agent.pose import litert
 
@@ -37,7 +38,7 @@ class SelfieSegmenter:
         inp = self._interp.get_input_details()[0]
         out = self._interp.get_output_details()[0]
         if tuple(inp["shape"]) != (1, SIZE, SIZE, 3) or tuple(out["shape"]) != (1, SIZE, SIZE, 1):
-            raise ValueError(
+            raise BadInput(
                 f"{MODEL_FILE}: expected 1x{SIZE}x{SIZE}x3 in, 1x{SIZE}x{SIZE}x1 out, got "
                 f"{inp['shape'].tolist()} -> {out['shape'].tolist()}"
             )

@@ -120,3 +120,22 @@ def test_importing_the_pose_package_loads_no_model_or_runtime():
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def test_a_model_file_that_is_not_blazepose_is_a_clear_bad_input(tmp_path):
+    import shutil
+
+    for name in ("pose_detection.tflite", "pose_landmark_full.tflite"):
+        shutil.copy(MODELS / "selfie_segmentation.tflite", tmp_path / name)
+    with pytest.raises(BadInput, match="not the BlazePose model"):
+        create_pose_backend(CpuPose(models_dir=tmp_path))
+
+
+def test_a_mirrored_view_of_a_frame_is_accepted(full_backend):
+    rgb = _astronaut("astronaut")
+    mirrored = rgb[:, ::-1]  # a non-contiguous numpy view
+    result = full_backend.estimate(mirrored)
+    assert result.detected
+    # The same pixels give the same pose, view or copy.
+    direct = full_backend.estimate(np.ascontiguousarray(mirrored))
+    np.testing.assert_allclose(result.skeleton, direct.skeleton)
