@@ -54,6 +54,15 @@ class SelfieSegmenter:
         self._interp.invoke()
         return self._output()[0, :, :, 0].copy()
 
+    def mask(self, rgb: np.ndarray) -> np.ndarray:
+        """Whole-frame mask (H, W) float32 in [0, 1]: the frame stretched to 256x256 and back.
+
+        Simple, but on a booth frame where the dancer is small it misses dark clothes
+        (see the module docstring); the pose backend segments the person's crop instead.
+        """
+        h, w = rgb.shape[:2]
+        return cv2.resize(self.segment(rgb), (w, h), interpolation=cv2.INTER_LINEAR)
+
     def to_frame(self, small: np.ndarray, roi: bp.Roi, size: tuple[int, int]) -> np.ndarray:
         """A (256, 256) mask of ``roi``'s crop, warped into frame pixels ``size`` (w, h).
 
