@@ -305,7 +305,10 @@ def _offer(queue: asyncio.Queue, item: Any) -> bool:
 
 
 def _as_dict(message: Any) -> dict[str, Any]:
-    return MessageToDict(message, preserving_proto_field_name=True)
+    # Every field, defaults included, so readers (the tablet) see stable keys.
+    return MessageToDict(
+        message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
 
 
 async def _hop(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, Any]) -> Any:

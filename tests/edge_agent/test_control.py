@@ -1,0 +1,161 @@
+"""Control on loopback: the cloud starts and stops takes on every agent of a booth."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import pytest
+import transport_helpers as th
+
+from cloud_trainer.repository import Repository
+from cloud_trainer.storage import create_blob_store
+from edge_agent.control import ControlClient
+from protos import booth_pb2
+
+
+class FakeCapture:
+    """Records what the control client asks of the capture."""
+
+    def __init__(self):
+        self.started: list[tuple[str, float, int]] = []
+        self.stopped: list[str] = []
+        self.session = ""
+
+    def start_take(self, session_id: str, duration_s: float, start_at_monotonic_ns: int) -> None:
+        self.started.append((session_id, duration_s, start_at_monotonic_ns))
+        self.session = session_id
+
+    async def stop_take(self, session_id: str) -> None:
+        self.stopped.append(session_id)
+        self.session = ""
+
+    def status(self) -> dict:
+        if self.session:
+            return {"state": "capturing", "session_id": self.session, "frames_captured": 7}
+        return {"state": "idle"}
+
+
+class Booth:
+    def __init__(self, tmp: Path, srv, cameras=("cam0", "cam1")):
+        self.srv = srv
+        self.captures = {cam: FakeCapture() for cam in cameras}
+        self.clients = {
+            cam: ControlClient(
+                th.uplink_config(f"127.0.0.1:{srv.port}", tmp / f"spool-{cam}", cam),
+                booth_id=th.BOOTH,
+                camera_id=cam,
+                runner=self.captures[cam],
+                capabilities=booth_pb2.Capabilities(pose_backends=["cpu"], max_fps=120),
+                software_version="test-1",
+                report_interval_s=0.2,
+            )
+            for cam in cameras
+        }
+        self.booth = srv.registry.booth(th.BOOTH)
+
+    async def __aenter__(self):
+        for c in self.clients.values():
+            await c.start()
+        async with asyncio.timeout(30):
+            while sorted(self.booth.online()) != sorted(self.clients):
+                await asyncio.sleep(0.01)
+        return self
+
+    async def __aexit__(self, *exc):
+        for c in self.clients.values():
+            await c.stop()
+
+
+@pytest.fixture
+async def server(tmp_path: Path):
+    cfg = th.booth_config(tmp_path)
+    repo = Repository.from_config(cfg.database)
+    async with th.running_server(cfg, repo=repo, store=create_blob_store(cfg.storage)) as srv:
+        srv.test_repo = repo
+        yield srv
+
+
+async def test_start_and_stop_reach_both_agents_and_they_acknowledge(tmp_path, server):
+    async with Booth(tmp_path, server) as b:
+        results = await b.booth.start_take("s1", 15.0)
+        assert set(results) == {"cam0", "cam1"}
+        for r in results.values():
+            assert r.delivered and r.acked and r.state == "capturing" and r.session_id == "s1"
+        assert all(c.started == [("s1", 15.0, 0)] for c in b.captures.values())
+        views = {v.camera_id: v for v in b.booth.agents()}
+        assert views["cam0"].online and views["cam0"].state == "capturing"
+        assert views["cam0"].software_version == "test-1"
+        assert views["cam0"].capabilities["pose_backends"] == ["cpu"]
+
+        stopped = await b.booth.stop_take("s1")
+        assert all(r.acked and r.state == "idle" for r in stopped.values())
+        assert all(c.stopped == ["s1"] for c in b.captures.values())
+
+    rows = {r["camera_id"]: r for r in server.test_repo.list_agents(th.BOOTH)}
+    assert set(rows) == {"cam0", "cam1"}
+    assert rows["cam0"]["last_seen"] is not None and rows["cam0"]["software_version"] == "test-1"
+    assert (
+        rows["cam0"]["status"]["camera_id"] == "cam0" and "upload_behind" in rows["cam0"]["status"]
+    )
+    async with asyncio.timeout(30):  # the agents disconnected: the table says so (soon)
+        while {r["state"] for r in server.test_repo.list_agents(th.BOOTH)} != {"offline"}:
+            await asyncio.sleep(0.01)
+
+
+async def test_duplicate_and_late_commands_are_harmless(tmp_path, server):
+    async with Booth(tmp_path, server, cameras=("cam0",)) as b:
+        capture = b.captures["cam0"]
+        first = await b.booth.start_take("s1", 5.0, command_id="c-1")
+        again = await b.booth.start_take("s1", 5.0, command_id="c-1")  # the network repeated it
+        assert first["cam0"].acked and again["cam0"].acked
+        assert len(capture.started) == 1
+
+        await b.booth.stop_take("s1", command_id="c-2")
+        # A new command id for a session this agent already captured: still ignored.
+        redo = await b.booth.start_take("s1", 5.0, command_id="c-3")
+        assert redo["cam0"].acked and len(capture.started) == 1
+
+        # StopTake with no take running is a no-op.
+        noop = await b.booth.stop_take("nothing-running", command_id="c-4")
+        assert noop["cam0"].acked and capture.stopped == ["s1"]
+
+        # A StartTake that arrives after its take would have ended is ignored.
+        client = b.clients["cam0"]
+        past = client.booth_time_ns() - 60 * 10**9
+        late = await b.booth.start_take("s2", 5.0, start_at_ns=past, command_id="c-5")
+        assert late["cam0"].acked and len(capture.started) == 1
+        assert "too late" in late["cam0"].error
+
+
+async def test_the_agent_measures_its_clock_offset_from_report_acks(tmp_path, server):
+    async with Booth(tmp_path, server, cameras=("cam0",)) as b:
+        client = b.clients["cam0"]
+        await client.report_now()
+        # The booth clock is the server's wall clock (same machine here): within a round trip.
+        assert abs(client.booth_time_ns() - time.time_ns()) < 1_000_000_000
+        assert client.build_status().clock_offset_ns == client.clock_offset_ns != 0
+
+
+async def test_an_agent_that_is_gone_is_offline_and_commands_skip_it(tmp_path, server):
+    async with Booth(tmp_path, server) as b:
+        await b.clients["cam1"].stop()
+        async with asyncio.timeout(30):
+            while b.booth.online() != ["cam0"]:
+                await asyncio.sleep(0.01)
+        results = await b.booth.start_take("s1", 5.0)
+        assert set(results) == {"cam0"}
+        views = {v.camera_id: v for v in b.booth.agents()}
+        assert not views["cam1"].online and views["cam1"].state == "offline"
+
+
+async def test_the_registry_can_be_used_from_another_event_loop(tmp_path, server):
+    async with Booth(tmp_path, server, cameras=("cam0",)) as b:
+
+        def web_app_thread():
+            # A web app with its own loop (uvicorn in a thread) awaits the same API.
+            return asyncio.run(b.booth.start_take("s9", 3.0))
+
+        results = await asyncio.to_thread(web_app_thread)
+        assert results["cam0"].acked and b.captures["cam0"].started[-1][0] == "s9"
