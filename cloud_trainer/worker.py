@@ -255,7 +255,7 @@ class Worker:
         self.repo.set_progress(sid, stage="rendering", eta_s=None)
         library = ReferenceLibrary(self.store)
         reference = library.get(session["reference_name"])
-        generator = render.load_generator(result.export_dir)
+        generator = render.load_generator(result.export_dir, label_map=cfg.trainer.label_map)
         # Render from the camera the generator knows best: the first take's framing.
         camera = takes[0].camera
         framing = generator.framing(camera)
