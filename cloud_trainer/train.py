@@ -105,10 +105,11 @@ EVAL_FRAMES = 16
 MARGIN_S = 1.5
 # Before anything is measured: seconds to save a checkpoint and to export, per million
 # parameters plus a constant (measured on this machine: SavedModel + TFLite of the
-# 54M-parameter 256 px generator took 7 s, the 7M one at 64 px 3 s).
+# 54M-parameter 256 px generator took 7.3 s, the 7M one at 64 px 2.5 s; about
+# half again as much when other jobs share the cores).
 SAVE_S_PER_MPARAM = 0.03
-EXPORT_S = 5.0
-EXPORT_S_PER_MPARAM = 0.2
+EXPORT_S = 4.0
+EXPORT_S_PER_MPARAM = 0.12
 # The pose metric costs the backend three times per scored frame (ours, NN, real).
 POSE_S_PER_FRAME = 0.1
 
@@ -548,6 +549,8 @@ class JobResult:
     export_dir: Path
     model_prefix: str | None  # blob prefix of the export
     plot_path: Path
+    nan_rollbacks: int = 0
+    learning_rate: float = 0.0
     history: list[dict[str, float]] = field(default_factory=list)
     evals: list[dict[str, float]] = field(default_factory=list)
     runtime: dict[str, Any] = field(default_factory=dict)
@@ -946,6 +949,10 @@ def train_job(
     )
     corpus = prepare_corpus(job, cfg, job_dir, store, models_dir=models_dir)
 
+    latest = tf.train.latest_checkpoint(str(ckpt_root / "ckpt"))
+    base_uri = job.base_checkpoint or cfg.base_checkpoint
+    # Found before the model is built: a missing base fails the job in seconds.
+    base_dir = resolve_base(base_uri, store, job_dir) if base_uri and not latest else None
     runtime = runtime or select_runtime(cfg)
     spec = ModelSpec.for_size(cfg.size_px)
     model = Pix2Pix(
@@ -957,8 +964,6 @@ def train_job(
     )
     resumed_from: int | None = None
     warm = False
-    latest = tf.train.latest_checkpoint(str(ckpt_root / "ckpt"))
-    base_uri = job.base_checkpoint or cfg.base_checkpoint
     if latest:
         try:
             model.checkpoint.restore(latest).assert_existing_objects_matched()
@@ -972,8 +977,8 @@ def train_job(
         state.evals = [e for e in state.evals if e["step"] <= resumed_from]
         warm = bool(base_uri)
         log.info("resuming job", extra={"session": job.session_id, "step": resumed_from})
-    elif base_uri:
-        restore_base(model, resolve_base(base_uri, store, job_dir), label_map=cfg.label_map)
+    elif base_dir is not None:
+        restore_base(model, base_dir, label_map=cfg.label_map)
         warm = True
     model.set_learning_rate(state.learning_rate)
 
@@ -1052,6 +1057,8 @@ def train_job(
         export_dir=export_dir,
         model_prefix=model_prefix,
         plot_path=export_dir / "progress.png",
+        nan_rollbacks=state.nan_rollbacks,
+        learning_rate=state.learning_rate,
         history=state.history,
         evals=state.evals,
         runtime=runtime.describe(),

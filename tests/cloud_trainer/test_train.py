@@ -1,0 +1,315 @@
+"""Training jobs: resume after a kill, the wall-clock budget, warm start, NaN rollback, export.
+
+Everything runs at 32 px on a 3-second synthetic take, a handful of steps per job.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from cloud_trainer.cli import main as booth
+from cloud_trainer.config import TrainerConfig
+from cloud_trainer.corpus import TakeData, TrainingFailed, build_corpus
+from cloud_trainer.model import ModelSpec
+from cloud_trainer.storage.local import LocalBlobStore
+from cloud_trainer.train import (
+    Budget,
+    JobSpec,
+    Pix2Pix,
+    TrainHooks,
+    read_export,
+    require_label_map,
+    restore_base,
+    select_runtime,
+    train_job,
+)
+from edge_agent import skeleton as sk
+
+SIZE = 32
+
+
+class Killed(BaseException):
+    """Stands in for SIGKILL: nothing after it runs (no final checkpoint, no export)."""
+
+
+class KillAt(TrainHooks):
+    def __init__(self, step: int) -> None:
+        self.at = step
+
+    def after_step(self, step: int, model: Pix2Pix) -> None:
+        if step == self.at:
+            raise Killed()
+
+
+class PoisonAt(TrainHooks):
+    """Turns the generator's weights to NaN once at each of ``steps``, or at every step
+    from ``every_after`` on (a run that keeps diverging)."""
+
+    def __init__(self, *steps: int, every_after: int | None = None) -> None:
+        self.steps, self.every_after, self.poisoned = set(steps), every_after, []
+
+    def after_step(self, step: int, model: Pix2Pix) -> None:
+        once = step in self.steps and step not in self.poisoned
+        if once or (self.every_after is not None and step >= self.every_after):
+            v = model.generator.trainable_variables[0]
+            v.assign(tf.fill(v.shape, float("nan")))
+            self.poisoned.append(step)
+
+
+@pytest.fixture(scope="module")
+def take() -> TakeData:
+    return TakeData.from_synth(3, 7, seconds=3, fps=8, size=(64, 48))
+
+
+def config(work: Path, **kw) -> TrainerConfig:
+    base = {
+        "size_px": SIZE,
+        "batch": 2,
+        "budget_s": 600,
+        "max_steps": 6,
+        "checkpoint_every_steps": 2,
+        "work_dir": work,
+    }
+    return TrainerConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def resumed(take: TakeData, tmp_path_factory):
+    """A job killed at step 5 on one machine and finished on another through the blob store,
+    where its weights turn NaN once at step 5 (one job run covers both stories: jobs are
+    the slowest thing these tests do)."""
+    root = tmp_path_factory.mktemp("resume")
+    store = LocalBlobStore(root / "blobs")
+    job = JobSpec("sess-1", [take])
+    with pytest.raises(Killed):
+        train_job(job, config(root / "machine-a"), store, hooks=KillAt(5), models_dir=None)
+    seen = []
+    poison = PoisonAt(5)
+    result = train_job(
+        job, config(root / "machine-b"), store, seen.append, hooks=poison, models_dir=None
+    )
+    assert poison.poisoned == [5]
+    return result, store, seen
+
+
+def test_killed_job_resumes_from_its_last_checkpoint_not_from_step_0(resumed) -> None:
+    result, _, seen = resumed
+    assert result.resumed_from == 4  # checkpoints every 2 steps; killed at 5
+    assert result.steps == 6 and result.stopped == "max_steps"
+    training = [p.step for p in seen if p.stage == "training"]
+    assert training and min(training) >= 4
+    assert [e["step"] for e in result.evals][-1] == 6
+
+
+def test_checkpoints_and_export_are_mirrored_to_the_blob_store(resumed) -> None:
+    _, store, _ = resumed
+    keys = set(store.list("sessions/sess-1/"))
+    assert "sessions/sess-1/checkpoints/ckpt/checkpoint" in keys
+    assert "sessions/sess-1/checkpoints/state.json" in keys
+    assert {
+        "sessions/sess-1/model/generator.json",
+        "sessions/sess-1/model/generator.tflite",
+    } <= keys
+    assert "sessions/sess-1/model/saved_model/saved_model.pb" in keys
+    assert "sessions/sess-1/corpus/corpus.json" in keys
+    # Old checkpoints are pruned in the store as on disk.
+    assert len([k for k in keys if k.endswith(".index") and "/ckpt/" in k]) <= 2
+
+
+def test_export_serves_the_same_images_from_savedmodel_and_tflite(resumed) -> None:
+    from ai_edge_litert.interpreter import Interpreter
+
+    result, _, _ = resumed
+    meta = read_export(result.export_dir)
+    assert meta["label_map"] == "skeleton" and meta["size_px"] == SIZE
+    assert meta["framing"][0]["side"] > 0 and meta["step"] == result.best_step
+    labels = np.random.default_rng(0).integers(0, 255, (1, SIZE, SIZE, 3), dtype=np.uint8)
+    served = tf.saved_model.load(str(result.export_dir / "saved_model"))
+    ref = served.signatures["serving_default"](label=tf.constant(labels))["image"].numpy()
+    interp = Interpreter(model_path=str(result.export_dir / "generator.tflite"))
+    interp.allocate_tensors()
+    interp.set_tensor(interp.get_input_details()[0]["index"], labels)
+    interp.invoke()
+    out = interp.get_tensor(interp.get_output_details()[0]["index"])
+    assert out.dtype == np.uint8 and out.shape == ref.shape
+    assert np.abs(out.astype(int) - ref.astype(int)).max() <= 2
+
+
+def test_renderer_check_refuses_a_generator_of_another_label_map(resumed) -> None:
+    meta = read_export(resumed[0].export_dir)
+    require_label_map(meta, "skeleton")
+    with pytest.raises(TrainingFailed, match="trained on skeleton label maps but parts"):
+        require_label_map(meta, "parts")
+
+
+def test_job_stores_a_score_and_a_progress_plot(resumed) -> None:
+    result = resumed[0]
+    for key in ("ssim", "psnr", "nn_ssim", "nn_psnr", "frames", "beats_nn"):
+        assert key in result.score
+    assert 0 <= result.score["ssim"] <= 1
+    assert result.plot_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (
+        json.loads((result.export_dir / "score.json").read_text())["ssim"] == result.score["ssim"]
+    )
+
+
+def test_finished_job_run_again_returns_its_result_without_training(resumed, tmp_path) -> None:
+    result, store, _ = resumed
+    again = train_job(JobSpec("sess-1", []), config(result.export_dir.parent.parent), store)
+    assert again.stopped == "done-before" and again.steps == result.steps
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("base") / "base"
+    code = booth(
+        [
+            "pretrain",
+            "--out",
+            str(out),
+            "--attendees",
+            "1..2",
+            "--size",
+            str(SIZE),
+            "--steps",
+            "2",
+            "--seconds",
+            "3",
+            "--fps",
+            "8",
+            "--batch",
+            "2",
+            "--no-progress",
+        ]
+    )
+    assert code == 0
+    return out
+
+
+def test_booth_pretrain_writes_a_base_checkpoint(base: Path) -> None:
+    meta = json.loads((base / "base.json").read_text())
+    assert meta["label_map"] == "skeleton" and meta["takes"] == 2 and meta["steps"] == 2
+    assert ModelSpec.from_dict(meta["spec"]) == ModelSpec.for_size(SIZE)
+    assert tf.train.latest_checkpoint(str(base)) is not None
+    assert (base / "export" / "generator.tflite").exists() or Path(meta["export"]).exists()
+
+
+def test_warm_start_loads_the_base_generator_and_discriminator(base: Path) -> None:
+    cfg = config(Path("/nonexistent"))
+    model = Pix2Pix(
+        ModelSpec.for_size(SIZE),
+        learning_rate=1e-4,
+        l1_weight=100,
+        global_batch=2,
+        runtime=select_runtime(cfg),
+    )
+    restore_base(model, base, label_map="skeleton")
+    reader = tf.train.load_checkpoint(tf.train.latest_checkpoint(str(base)))
+    names = [n for n, _ in tf.train.list_variables(tf.train.latest_checkpoint(str(base)))]
+    kernel = next(n for n in names if n.startswith("generator/") and "kernel" in n)
+    saved = reader.get_tensor(kernel)
+    assert any(np.array_equal(v.numpy(), saved) for v in model.generator.trainable_variables)
+
+
+def test_budget_is_honoured_within_a_few_seconds_by_a_warm_started_job(
+    take: TakeData, base: Path, tmp_path: Path
+) -> None:
+    cfg = config(
+        tmp_path, max_steps=None, budget_s=25, checkpoint_every_steps=50, checkpoint_every_s=4
+    )
+    t0 = time.monotonic()
+    result = train_job(JobSpec("sess-b", [take], base_checkpoint=str(base)), cfg, models_dir=None)
+    took = time.monotonic() - t0
+    assert result.stopped == "budget" and result.warm_start
+    assert result.steps > 0
+    assert took <= cfg.budget_s + 4, f"job took {took:.1f} s for a {cfg.budget_s} s budget"
+    assert result.elapsed_s <= cfg.budget_s + 4
+
+
+def test_nan_loss_rolls_back_once_to_the_last_checkpoint_at_half_the_learning_rate(
+    resumed,
+) -> None:
+    result = resumed[0]
+    assert result.nan_rollbacks == 1 and result.learning_rate == pytest.approx(1e-4)
+    assert result.steps == 6 and np.isfinite(result.score["ssim"])
+    # Rolled back to the step-4 checkpoint, not to the start: steps 2 and 4 ran once.
+    assert [e["step"] for e in result.evals] == [0, 2, 4, 6]
+
+
+def test_nan_losses_after_a_rollback_fail_the_job_with_a_readable_reason(
+    take: TakeData, tmp_path: Path
+) -> None:
+    with pytest.raises(TrainingFailed, match=r"diverged \(NaN loss\).*again after rolling back"):
+        train_job(
+            JobSpec("sess-f", [take]),
+            config(tmp_path, max_steps=8),
+            hooks=PoisonAt(every_after=1),
+            models_dir=None,
+        )
+
+
+def test_missing_base_checkpoint_fails_the_job(take: TakeData, tmp_path: Path) -> None:
+    job = JobSpec("sess-m", [take], base_checkpoint=str(tmp_path / "no-such-base"))
+    with pytest.raises(TrainingFailed, match="base checkpoint .*no-such-base not found"):
+        train_job(job, config(tmp_path), models_dir=None)
+    store = LocalBlobStore(tmp_path / "blobs")
+    job = JobSpec("sess-m2", [take], base_checkpoint="blob:base/missing")
+    with pytest.raises(TrainingFailed, match="blob:base/missing not found in the blob store"):
+        train_job(job, config(tmp_path), store, models_dir=None)
+
+
+def test_base_of_another_label_map_fails_the_job(
+    take: TakeData, base: Path, tmp_path: Path
+) -> None:
+    job = JobSpec("sess-p", [take], base_checkpoint=str(base))
+    with pytest.raises(TrainingFailed, match="trained on skeleton label maps, this job uses parts"):
+        train_job(job, config(tmp_path, label_map="parts"), models_dir=None)
+
+
+def test_corrupt_corpus_shard_fails_the_job(take: TakeData, tmp_path: Path) -> None:
+    c = build_corpus(
+        [take],
+        tmp_path / "sess-c" / "corpus",
+        size_px=SIZE,
+        label_map="skeleton",
+        holdout_fraction=0.1,
+    )
+    shard = Path(c.files("train")[0])
+    shard.write_bytes(shard.read_bytes()[:100] + b"\x00" * 200 + shard.read_bytes()[300:])
+    with pytest.raises(TrainingFailed, match="corrupt"):
+        train_job(JobSpec("sess-c", [take]), config(tmp_path), models_dir=None)
+
+
+def test_empty_take_and_no_person_fail_the_job(take: TakeData, tmp_path: Path) -> None:
+    empty = TakeData("empty", [], np.zeros((0, sk.NUM_JOINTS, 3), np.float32))
+    with pytest.raises(TrainingFailed, match="empty"):
+        train_job(JobSpec("sess-e", [empty]), config(tmp_path), models_dir=None)
+    nobody = TakeData("nobody", take.frames, np.zeros_like(take.poses))
+    with pytest.raises(TrainingFailed, match="no person detected"):
+        train_job(JobSpec("sess-e2", [nobody]), config(tmp_path), models_dir=None)
+
+
+def test_budget_counts_time_spent_by_earlier_attempts() -> None:
+    now = [100.0]
+    b = Budget(60, spent_s=20, clock=lambda: now[0])
+    assert b.remaining() == 40
+    now[0] += 15
+    assert b.elapsed() == 35 and b.remaining() == 25
+
+
+def test_runtime_on_cpu_is_one_device_without_xla(tmp_path: Path) -> None:
+    rt = select_runtime(config(tmp_path))
+    assert rt.device == "cpu" and rt.replicas == 1 and not rt.jit_compile
+    assert select_runtime(config(tmp_path, mixed_precision="off")).policy is None
+    assert select_runtime(config(tmp_path, mixed_precision="on")).policy == "mixed_bfloat16"
+    assert select_runtime(config(tmp_path, jit_compile="on")).jit_compile
