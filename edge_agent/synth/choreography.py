@@ -322,7 +322,7 @@ def _stepout(rng: np.random.Generator, beat: float) -> tuple[float, MovePose]:
     stays in view: the "backup dancer" that pose gating must not follow. Measured
     for viewpoints 0-2 (the centre camera and the two-camera pair).
     """
-    out_x = -2.5
+    out_x = -2.7
     walk = 2.6
     hold = rng.uniform(1.2, 2.0)
     period = 0.55

@@ -39,7 +39,7 @@ VIEWPOINTS: tuple[tuple[float, float], ...] = (
     (-1.3, 3.8),
 )
 CAMERA_HEIGHT = 1.1
-AIM = np.array((0.0, 0.92, 0.0))
+AIM = np.array((0.0, 1.0, 0.0))
 
 
 @dataclass(frozen=True)
@@ -87,8 +87,9 @@ def camera(viewpoint: int, size: tuple[int, int]) -> CameraModel:
     right = np.cross(fwd, (0.0, 1.0, 0.0))
     right /= np.linalg.norm(right)
     up = np.cross(right, fwd)
-    # Frame the whole figure with room for raised arms and jumps, whatever the aspect.
-    f_px = 1.6 * min(h, 1.33 * w)
+    # Frame the whole figure with room for hands raised overhead (about 1.3x the
+    # height) and jumps, whatever the aspect.
+    f_px = 1.4 * min(h, 1.33 * w)
     return CameraModel(pos, np.stack((right, up, fwd)), f_px, w / 2.0, h / 2.0, (w, h))
 
 
