@@ -30,26 +30,33 @@ def stepout():
 
 
 def test_gated_tracking_drops_the_lone_wall_shadow_and_finds_the_dancer_again(stepout):
-    attendee, dance = stepout
+    _, dance = stepout
     cfg = CpuPose(models_dir=MODELS, mode="tracking", segmentation=True)
-    raw_backend = create_pose_backend(cfg)
-    gated_backend = create_pose_backend(cfg, zone=ZoneConfig())
     shadow_only = fooled = person = found = 0
-    for k, t in enumerate(np.arange(1.0, 7.4, 0.1)):
-        frame = render(attendee, dance.pose(t), size=SIZE, frame_index=k)
-        raw = raw_backend.estimate(frame.rgb)
-        gated = gated_backend.estimate(frame.rgb)
-        if not frame.in_frame.any() and frame.shadow_mask.sum() > 500:
-            shadow_only += 1  # the dancer is gone, their shadow is not
-            fooled += raw.detected
-            assert not gated.detected, t
-            assert (gated.skeleton == 0).all() and gated.box is None
-        elif frame.visible.sum() >= 12:
-            person += 1
-            ok = (gated.skeleton[:, 2] > 0.5) & frame.visible
-            err = np.hypot(*(gated.skeleton[ok, :2] - frame.keypoints[ok, :2]).T)
-            found += gated.detected and np.median(err) < 0.1 * sk.torso_size(frame.keypoints)
-    assert shadow_only >= 5 and person >= 10, (shadow_only, person)
+    # At camera-like rates the plain tracker follows the dancer out and onto the shadow
+    # (DESIGN.md: within 1-2 frames). Whether it does depends on the attendee, so try
+    # a second one if the first does not fool it.
+    for seed in (1, 2):
+        attendee = Attendee.from_seed(seed)
+        raw_backend = create_pose_backend(cfg)
+        gated_backend = create_pose_backend(cfg, zone=ZoneConfig())
+        for k, t in enumerate(np.arange(1.2, 3.4, 1 / 30)):
+            frame = render(attendee, dance.pose(t), size=SIZE, frame_index=k, shadow="hard")
+            raw = raw_backend.estimate(frame.rgb)
+            gated = gated_backend.estimate(frame.rgb)
+            if not frame.in_frame.any() and frame.shadow_mask.sum() > 500:
+                shadow_only += 1  # the dancer is gone, their shadow is not
+                fooled += raw.detected
+                assert not gated.detected, (seed, t)
+                assert (gated.skeleton == 0).all() and gated.box is None
+            elif frame.visible.sum() >= 12:
+                person += 1
+                ok = (gated.skeleton[:, 2] > 0.5) & frame.visible
+                err = np.hypot(*(gated.skeleton[ok, :2] - frame.keypoints[ok, :2]).T)
+                found += gated.detected and np.median(err) < 0.1 * sk.torso_size(frame.keypoints)
+        if fooled:
+            break
+    assert shadow_only >= 10 and person >= 10, (shadow_only, person)
     # Otherwise this test proves nothing: the raw tracker must have been fooled.
     assert fooled >= 1
     assert found >= 0.9 * person, (found, person)
