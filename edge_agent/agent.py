@@ -252,7 +252,9 @@ class Agent:
         with self._lock:
             self._takes_done += 1
             self._last_summary = summary
-            self._finishing = [t for t in self._finishing if not t.finished]
+            self._finishing = [
+                t for t in self._finishing if not t.finished and t.summary is not summary
+            ]
         if summary.errors:
             # A full disk or a camera that died mid-take stays visible until a probe or a
             # new take shows it is fixed.

@@ -67,15 +67,21 @@ def paced(
 
     The schedule is absolute (start + i / fps), so a late frame does not delay the
     ones after it: the rate is exact over the take, and jitter never accumulates.
+    In real time, a frame is stamped with its due time, as a camera with its own
+    clock stamps the exposure however late the frame is read; as fast as
+    possible, it is stamped on delivery.
     """
-    period_ns = round(1e9 / fps)
+    period_ns = 1e9 / fps
     start = time.monotonic_ns()
     for seq, jpeg in enumerate(jpegs):
         if realtime:
-            delay_ns = start + seq * period_ns - time.monotonic_ns()
+            due = start + round(seq * period_ns)
+            delay_ns = due - time.monotonic_ns()
             if delay_ns > 0:
                 time.sleep(delay_ns / 1e9)
-        yield CapturedFrame(seq, clock.now_ns(), jpeg)
+            yield CapturedFrame(seq, clock.from_monotonic_ns(due), jpeg)
+        else:
+            yield CapturedFrame(seq, clock.now_ns(), jpeg)
 
 
 class ReplayCamera:
@@ -404,7 +410,7 @@ class VideoFileCamera:
         period_s = 1.0 / self._granted.fps
         clock = self.clock
         seq = 0
-        start = time.monotonic()
+        start_ns = time.monotonic_ns()
         offset_s = 0.0  # media time of a loop's start, so loops continue the schedule
         while True:
             t0: float | None = None
@@ -415,11 +421,15 @@ class VideoFileCamera:
                 if t0 is None:
                     t0 = t
                 last_t = t - t0
-                if realtime:
-                    delay = start + offset_s + last_t - time.monotonic()
-                    if delay > 0:
-                        time.sleep(delay)
-                yield CapturedFrame(seq, clock.now_ns(), jpeg)
+                if realtime:  # stamped with its due time, like a camera's own clock
+                    due = start_ns + round((offset_s + last_t) * 1e9)
+                    delay_ns = due - time.monotonic_ns()
+                    if delay_ns > 0:
+                        time.sleep(delay_ns / 1e9)
+                    ts = clock.from_monotonic_ns(due)
+                else:
+                    ts = clock.now_ns()
+                yield CapturedFrame(seq, ts, jpeg)
                 seq += 1
             if not self.cfg.loop or t0 is None:
                 return

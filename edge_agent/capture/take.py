@@ -156,7 +156,9 @@ class Take:
         self._stop = threading.Event()
         self._skip_catch_up = threading.Event()
         self._done = threading.Event()
-        self._callbacks: list[Callable[[TakeSummary], None]] = []
+        # None once the callbacks have been run (then new ones run at once).
+        self._callbacks: list[Callable[[TakeSummary], None]] | None = []
+        self._callback_lock = threading.Lock()
         self._thread = threading.Thread(
             target=self._run, name=f"capture-{self.camera_id}", daemon=True
         )
@@ -176,10 +178,11 @@ class Take:
 
     def add_done_callback(self, fn: Callable[[TakeSummary], None]) -> None:
         """Call ``fn(summary)`` once the take is finished (immediately if it already is)."""
-        if self._done.is_set() and self.summary is not None:
-            fn(self.summary)
-        else:
-            self._callbacks.append(fn)
+        with self._callback_lock:
+            if self._callbacks is not None:
+                self._callbacks.append(fn)
+                return
+        fn(self.summary)
 
     # ---- lifecycle -------------------------------------------------------------------
 
@@ -333,15 +336,13 @@ class Take:
             self.summary = self._write_outputs()
             self.state = "done"
         except OSError as e:
-            msg = f"cannot write the take's pose and manifest files: {e.strerror or e}"
-            self.errors.append(msg)
-            log.error("take %s/%s: %s", self.session_id, self.camera_id, msg)
-            self.state = "failed"
-            self.summary = self._summary({}, None)
+            self._fail(f"cannot write the take's pose and manifest files: {e.strerror or e}")
+        except Exception as e:  # a bug after capture must still leave a summary and status
+            log.exception("take %s/%s: post-processing failed", self.session_id, self.camera_id)
+            self._fail(f"post-processing failed: {e}")
         finally:
             if backend is not None:
                 backend.close()
-            self._done.set()
         log.info(
             "take %s/%s finished: %d frames, %d written, pose coverage %.3f%s",
             self.session_id,
@@ -351,11 +352,21 @@ class Take:
             self.summary.pose.get("coverage", 0.0),
             f"; errors: {'; '.join(self.summary.errors)}" if self.summary.errors else "",
         )
-        for fn in self._callbacks:
+        # Callbacks run before wait() returns, so whoever waits sees their effects.
+        with self._callback_lock:
+            callbacks, self._callbacks = self._callbacks, None
+        for fn in callbacks:
             try:
                 fn(self.summary)
             except Exception:  # a consumer's bug must not hide the take's result
                 log.exception("take %s/%s: a done callback failed", self.session_id, self.camera_id)
+        self._done.set()
+
+    def _fail(self, message: str) -> None:
+        self.errors.append(message)
+        log.error("take %s/%s: %s", self.session_id, self.camera_id, message)
+        self.state = "failed"
+        self.summary = self._summary(None, None)
 
     # ---- outputs ---------------------------------------------------------------------
 

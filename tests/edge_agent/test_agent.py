@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -77,7 +78,21 @@ def wait_for(predicate, timeout_s: float = 20.0) -> bool:
 
 
 def test_agent_runs_a_take_into_session_and_camera_dirs_and_reports_it(tmp_path, jpegs):
-    agent = make_agent(tmp_path, jpegs).start()
+    release = threading.Event()
+
+    class Gated(ReplayCamera):
+        """Holds frame 10 back until the test has tried a second take."""
+
+        def frames(self):
+            for frame in super().frames():
+                if frame.seq == 10:
+                    release.wait(30)
+                yield frame
+
+    def factory(cfg, *, clock, seconds):
+        return Gated(jpegs, width=WIDTH, height=HEIGHT, fps=FPS, clock=clock)
+
+    agent = make_agent(tmp_path, jpegs, source_factory=factory).start()
     try:
         seen = []
         agent.add_take_listener(lambda take: seen.append(take.subscribe_stream()))
@@ -85,6 +100,7 @@ def test_agent_runs_a_take_into_session_and_camera_dirs_and_reports_it(tmp_path,
         assert agent.state == "capturing"
         with pytest.raises(BadInput, match="already capturing session sess-1"):
             agent.start_take("sess-2")
+        release.set()
         summary = take.wait(60)
         assert Path(summary.directory) == tmp_path / "takes" / "sess-1" / "cam0"
         assert summary.frames == 60 and summary.frames_written == 60 and summary.ok
@@ -93,18 +109,20 @@ def test_agent_runs_a_take_into_session_and_camera_dirs_and_reports_it(tmp_path,
         status = agent.status()
         assert status["state"] == "idle" and status["error"] is None
         assert status["frames"] == 60 and status["drops"]["capture"] == 0
-        assert status["last_take"]["coverage"] == 1.0
+        assert status["last_take"]["coverage"] == 1.0 and status["takes_done"] == 1
         assert set(status) >= {"fps", "pose_fps", "drops", "queues", "take", "clock_offset_ns"}
     finally:
+        release.set()
         agent.close()
 
 
 def test_stop_take_returns_the_summary_of_what_was_captured(tmp_path, jpegs):
     agent = make_agent(tmp_path, jpegs).start()
+    bufs = []
+    agent.add_take_listener(lambda take: bufs.append(take.subscribe_stream()))
     try:
-        take = agent.start_take("sess-1")
-        buf = take.subscribe_stream()
-        assert buf.get(timeout=10) is not None
+        agent.start_take("sess-1")
+        assert bufs[0].get(timeout=10) is not None
         summary = agent.stop_take(timeout=60)
         assert 1 <= summary.frames <= len(jpegs)
         assert summary.frames_written == summary.frames
@@ -235,10 +253,11 @@ def test_status_endpoint_serves_live_counters_during_a_take(tmp_path, jpegs, get
     agent = make_agent(tmp_path, jpegs)
     agent.start(status_port=get_free_port())
     try:
-        take = agent.start_take("sess-1")
-        buf = take.subscribe_stream()
+        bufs = []
+        agent.add_take_listener(lambda take: bufs.append(take.subscribe_stream()))
+        agent.start_take("sess-1")
         for _ in range(10):
-            buf.get(timeout=10)
+            bufs[0].get(timeout=10)
         code, body = http_json(f"http://127.0.0.1:{agent.status_port}/status")
         assert code == 200
         assert body["take"]["session"] == "sess-1"
