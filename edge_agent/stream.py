@@ -759,16 +759,22 @@ class Streamer:
 
     async def wait_uploaded(self, session_id: str, timeout_s: float | None = None) -> None:
         """Until the server confirmed this camera's take of ``session_id`` complete."""
-        async with asyncio.timeout(timeout_s):
-            while (session_id, self.camera_id) in self.spool.takes:
-                assert self._wake is not None
-                await self._wait_change(1.0)
+        await self._wait_until(
+            lambda: (session_id, self.camera_id) not in self.spool.takes, timeout_s
+        )
 
     async def wait_idle(self, timeout_s: float | None = None) -> None:
         """Until every spooled take is uploaded."""
-        async with asyncio.timeout(timeout_s):
-            while self.spool.pending():
-                await self._wait_change(1.0)
+        await self._wait_until(lambda: not self.spool.pending(), timeout_s)
+
+    async def _wait_until(self, done: Callable[[], bool], timeout_s: float | None) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout_s is None else loop.time() + timeout_s
+        while not done():
+            left = 1.0 if deadline is None else min(1.0, deadline - loop.time())
+            if left <= 0:
+                raise TimeoutError(f"the upload did not finish within {timeout_s:g} s")
+            await self._wait_change(left)
 
     def _notify(self) -> None:
         # Called from capture threads and from the loop itself.
@@ -792,8 +798,7 @@ class Streamer:
         while self._changes == seen:
             assert self._wake is not None
             self._wake.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout_s)
+            await wait_event(self._wake, timeout_s)
             if self._changes == seen:
                 return
 
@@ -915,7 +920,7 @@ class Streamer:
     ) -> bool:
         progressed = False
         ids = {"session_id": take.meta.session_id, "camera_id": take.meta.camera_id}
-        while True:
+        while not self._closed:
             if reader.done():
                 reader.result()  # the stream failed: raise its error
                 return progressed
@@ -989,6 +994,22 @@ class Streamer:
             "error": next((t["error"] for t in takes if t["error"]), ""),
             "takes": takes,
         }
+
+
+async def wait_event(event: asyncio.Event, timeout_s: float) -> bool:
+    """Wait for ``event`` at most ``timeout_s``; True if it is set.
+
+    Not ``asyncio.wait_for``: before Python 3.12 it can swallow a cancellation that
+    arrives as the event fires, and a stopped uplink would then never stop.
+    """
+    if event.is_set():
+        return True
+    waiter = asyncio.ensure_future(event.wait())
+    try:
+        await asyncio.wait({waiter}, timeout=timeout_s)
+    finally:
+        waiter.cancel()
+    return event.is_set()
 
 
 def _pose_message(rec: Record, ids: dict[str, str]) -> booth_pb2.Pose:

@@ -55,6 +55,7 @@ from protos import booth_pb2, booth_pb2_grpc
 log = logging.getLogger(__name__)
 
 MAX_SEQ = 2**31 - 1  # the index stores seq in a 32-bit column: ~200 days at 120 fps
+ACK_WRITE_TIMEOUT_S = 10.0
 SessionHook = Callable[[str], Awaitable[None] | None]
 _ACCEPTING = {State.CREATED.value, State.CAPTURING.value}
 
@@ -255,8 +256,19 @@ class IngestStream:
         )
         async with self._write_lock:
             try:
-                await self.context.write(booth_pb2.IngestResponse(ack=ack))
-            except (grpc.aio.AioRpcError, asyncio.InvalidStateError, RuntimeError) as e:
+                # Bounded: an agent that stopped reading must not stall the shard writer.
+                write = asyncio.ensure_future(self.context.write(booth_pb2.IngestResponse(ack=ack)))
+                done, _ = await asyncio.wait({write}, timeout=ACK_WRITE_TIMEOUT_S)
+                if not done:
+                    write.cancel()
+                    raise TimeoutError("the agent does not read its acks")
+                write.result()
+            except (
+                grpc.aio.AioRpcError,
+                asyncio.InvalidStateError,
+                RuntimeError,
+                TimeoutError,
+            ) as e:
                 # The agent went away; it will hello again and learn the position then.
                 log.debug("ack for %s/%s not delivered: %s", self.session_id, self.camera_id, e)
 

@@ -22,7 +22,6 @@ does ``ShardWriter`` report the new durable seq (and the stream acks it).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import logging
 import struct
@@ -32,6 +31,7 @@ from typing import Any
 
 from cloud_trainer.storage.base import BlobStore
 from edge_agent.errors import BadInput
+from edge_agent.stream import wait_event
 
 log = logging.getLogger(__name__)
 
@@ -210,8 +210,7 @@ class ShardWriter:
                 due = (self._oldest_at or 0.0) + self._interval_s
                 if not (self._force or self._bytes >= self._shard_bytes or loop.time() >= due):
                     self._kick.clear()
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._kick.wait(), due - loop.time())
+                    await wait_event(self._kick, due - loop.time())
                     continue
                 frames, poses = self._frames, self._poses
                 self._frames, self._poses, self._bytes, self._oldest_at = [], [], 0, None
