@@ -125,6 +125,8 @@ def face_contrast(rgb: np.ndarray, skeleton: np.ndarray) -> float:
     the wall stays out of it. Returns 0 when the box falls off the frame.
     """
     le, re, nose = skeleton[_I["left_eye"]], skeleton[_I["right_eye"]], skeleton[_I["nose"]]
+    if not np.isfinite(np.concatenate([le[:2], re[:2], nose[:2]])).all():
+        return 0.0
     pad = max(0.4 * float(np.hypot(le[0] - re[0], le[1] - re[1])), 3.0)
     x0 = int(np.floor(min(le[0], re[0], nose[0]) - pad))
     x1 = int(np.ceil(max(le[0], re[0], nose[0]) + pad))
