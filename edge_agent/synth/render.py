@@ -711,32 +711,49 @@ def _grow(radii: tuple[float, float], k: float) -> tuple[float, float]:
 # ---- the hard wall shadow ----------------------------------------------------------------
 
 
-def _draw_spot_shadow(mask: np.ndarray, body: Body3D, cam: scene.CameraModel) -> None:
-    """The side spot's person-shaped shadow (wall and floor) into a uint8 mask."""
-    prop = body.proportions
-    hit, mag = scene.spot_shadow_points(body.points)
-    uv, depth = cam.project(hit)
-    px = cam.f_px / depth * mag  # pixels per metre of body width, in the shadow
+def _spot_shadow(
+    attendee: Attendee, body: Body3D, cam: scene.CameraModel, wall: np.ndarray
+) -> np.ndarray:
+    """The side spot's shadow on the wall, (H, W) uint8 255/0.
 
-    def seg(a: str, b: str, ra: float, rb: float) -> None:
-        i, j = P[a], P[b]
-        _capsule(mask, uv[i], uv[j], ra * px[i], rb * px[j], 255, cv2.LINE_8)
-
-    w = prop.torso_w
-    seg("pelvis", "waist", w[3] * 0.95, w[2])
-    seg("waist", "chest", w[2], w[1] * 0.9)
-    seg("l_shoulder", "r_shoulder", prop.upper_arm_r[0], prop.upper_arm_r[0])
-    seg("chest", "neck_top", prop.neck_r, prop.neck_r)
-    seg("head", "head", prop.head_r[0], prop.head_r[0])
-    hc, hr = uv[P["head"]], prop.head_r[1] * px[P["head"]] * 0.9
-    _capsule(mask, hc + (0, hr * 0.25), hc - (0, hr * 0.25), hr * 0.8, hr * 0.8, 255, cv2.LINE_8)
-    for s in ("l", "r"):
-        seg(f"{s}_shoulder", f"{s}_elbow", *prop.upper_arm_r)
-        seg(f"{s}_elbow", f"{s}_wrist", *prop.forearm_r)
-        seg(f"{s}_wrist", f"{s}_hand", *prop.hand_r)
-        seg(f"{s}_hip", f"{s}_knee", *prop.thigh_r)
-        seg(f"{s}_knee", f"{s}_ankle", *prop.shin_r)
-        seg(f"{s}_ankle", f"{s}_big_toe", prop.shin_r[1], prop.foot_half_w * 0.6)
+    The figure is drawn as the spotlight sees it (clothes, hair and all), and that
+    silhouette is carried onto the wall plane and into the camera by a homography.
+    """
+    centre = (body.points[P["pelvis"]] + body.points[P["chest"]]) / 2
+    spot = scene.spot_view(centre)
+    silhouette = np.zeros((spot.size[1], spot.size[0]), dtype=np.uint8)
+    for item in _Figure(attendee, body, spot).items():
+        item.draw_parts(silhouette)
+    h, w = wall.shape
+    out = np.zeros((h, w), dtype=np.uint8)
+    ys, xs = np.nonzero(silhouette)
+    if len(xs) == 0:
+        return out
+    hom = scene.wall_homography(spot, cam)
+    box = np.array(
+        (
+            (xs.min(), ys.min()),
+            (xs.max() + 1, ys.min()),
+            (xs.max() + 1, ys.max() + 1),
+            (xs.min(), ys.max() + 1),
+        ),
+        dtype=np.float32,
+    )
+    uv = cv2.perspectiveTransform(box[None], hom)[0]
+    x0, y0 = np.floor(uv.min(axis=0)).astype(int).clip(0, (w, h))
+    x1, y1 = np.ceil(uv.max(axis=0)).astype(int).clip(0, (w, h))
+    if x1 <= x0 or y1 <= y0:
+        return out
+    shift = np.array(((1, 0, -x0), (0, 1, -y0), (0, 0, 1)), dtype=np.float64)
+    roi = cv2.warpPerspective(
+        np.where(silhouette > 0, 255, 0).astype(np.uint8),
+        shift @ hom,
+        (int(x1 - x0), int(y1 - y0)),
+        flags=cv2.INTER_LINEAR,
+    )
+    roi = np.where(roi >= 128, 255, 0).astype(np.uint8)
+    out[y0:y1, x0:x1] = cv2.bitwise_and(roi, wall[y0:y1, x0:x1])
+    return out
 
 
 # ---- public entry point ---------------------------------------------------------------------
@@ -773,8 +790,7 @@ def render(
     img = (bd.spotlit if hard else bd.plain).copy()
     shadow_mask = None
     if hard:
-        shadow_mask = np.zeros((h, w), dtype=np.uint8)
-        _draw_spot_shadow(shadow_mask, body, cam)
+        shadow_mask = _spot_shadow(attendee, body, cam, bd.wall)
         cv2.copyTo(bd.shadowed, shadow_mask, img)
     if shadow != "none":
         _soft_floor_shadow(img, body, cam)

@@ -22,10 +22,12 @@ FLOOR_RGB = (122, 126, 136)
 WALL_Z = -2.0  # the back wall, metres behind the centre of the dance zone
 WALL_TOP_Y = 2.7
 WALL_HALF_W = 3.4
-# The side spotlight that casts the person-shaped "backup dancer" on the wall: far
-# to the left and low, so the whole figure lands on the wall beside the dancer and
-# stays in view when the dancer steps out of frame to the left.
-SPOT_POS = np.array((-4.7, 0.6, 6.0))
+# The side spotlight that casts the person-shaped "backup dancer" on the wall: a
+# low floor light far off to the left, across the aisle. Low, so the whole figure
+# lands on the wall feet first (a higher light puts the legs' shadow on the floor);
+# far, so the shadow moves only 0.7x as fast as the dancer in the image: it stands
+# beside the dancer and stays in view when the dancer steps out of frame leftwards.
+SPOT_POS = np.array((-15.0, 0.25, 20.0))
 # Image-space direction the key light comes from (upper left), for limb shading.
 LIGHT_DIR_2D = np.array((-0.6, -0.8))
 
@@ -76,21 +78,32 @@ def check_viewpoint(viewpoint: int) -> None:
         raise ValueError(f"viewpoint must be 0..{len(VIEWPOINTS) - 1}, got {viewpoint}")
 
 
+def look_at(pos: np.ndarray, target: np.ndarray, f_px: float, size: tuple[int, int]) -> CameraModel:
+    """A level pinhole camera at ``pos`` aimed at ``target``."""
+    w, h = size
+    fwd = np.asarray(target, dtype=np.float64) - pos
+    fwd /= np.linalg.norm(fwd)
+    right = np.cross(fwd, (0.0, 1.0, 0.0))
+    right /= np.linalg.norm(right)
+    up = np.cross(right, fwd)
+    return CameraModel(
+        np.asarray(pos, dtype=np.float64),
+        np.stack((right, up, fwd)),
+        f_px,
+        w / 2.0,
+        h / 2.0,
+        (w, h),
+    )
+
+
 @functools.lru_cache(maxsize=32)
 def camera(viewpoint: int, size: tuple[int, int]) -> CameraModel:
     check_viewpoint(viewpoint)
     w, h = size
     x, z = VIEWPOINTS[viewpoint]
-    pos = np.array((x, CAMERA_HEIGHT, z))
-    fwd = AIM - pos
-    fwd /= np.linalg.norm(fwd)
-    right = np.cross(fwd, (0.0, 1.0, 0.0))
-    right /= np.linalg.norm(right)
-    up = np.cross(right, fwd)
     # Frame the whole figure with room for hands raised overhead (about 1.3x the
     # height) and jumps, whatever the aspect.
-    f_px = 1.4 * min(h, 1.33 * w)
-    return CameraModel(pos, np.stack((right, up, fwd)), f_px, w / 2.0, h / 2.0, (w, h))
+    return look_at(np.array((x, CAMERA_HEIGHT, z)), AIM, 1.4 * min(h, 1.33 * w), (w, h))
 
 
 def _rays(cam: CameraModel) -> np.ndarray:
@@ -115,7 +128,7 @@ class Backdrop:
     plain: np.ndarray  # (H, W, 3) uint8 RGB
     spotlit: np.ndarray
     shadowed: np.ndarray
-    wall_bottom_y: int  # first image row that is floor everywhere (for clipping shadows)
+    wall: np.ndarray  # (H, W) uint8, 255 where the booth wall is seen (shadows fall there)
 
 
 @functools.lru_cache(maxsize=16)
@@ -177,15 +190,14 @@ def backdrop(viewpoint: int, size: tuple[int, int]) -> Backdrop:
     # The side spot brightens a pool on the wall; its shadow is darker than the plain wall.
     to_spot = SPOT_POS.astype(np.float32) - hit
     dist = np.linalg.norm(to_spot, axis=-1)
-    aim = np.array((1.2, 1.1, WALL_Z), dtype=np.float32) - SPOT_POS.astype(np.float32)
+    aim = np.array((0.5, 1.1, WALL_Z), dtype=np.float32) - SPOT_POS.astype(np.float32)
     aim /= np.linalg.norm(aim)
     cos_a = (-(to_spot / dist[..., None]) @ aim).clip(0, 1)
-    pool = np.clip((cos_a - 0.93) / 0.05, 0, 1) * (~above | on_floor)
+    pool = np.clip((cos_a - 0.985) / 0.01, 0, 1) * (~above | on_floor)
     spotlit = np.clip(img * (1.0 + 0.25 * pool)[..., None], 0, 255).astype(np.uint8)
-    shadowed = np.clip(img * 0.5, 0, 255).astype(np.uint8)
-    rows_floor = np.nonzero(on_floor.all(axis=1))[0]
-    wall_bottom = int(rows_floor[0]) if len(rows_floor) else h
-    return Backdrop(plain, spotlit, shadowed, wall_bottom)
+    shadowed = np.clip(img * 0.3, 0, 255).astype(np.uint8)
+    wall_px = np.where(~on_floor & ~above, 255, 0).astype(np.uint8)
+    return Backdrop(plain, spotlit, shadowed, wall_px)
 
 
 # ---- per-frame effects -----------------------------------------------------------
@@ -254,16 +266,27 @@ def floor_shadow(
     roi[:] = (roi * scale[..., None]).astype(np.uint8)
 
 
-def spot_shadow_points(points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Where the side spot's rays through ``points`` (N, 3) land on the wall or floor.
+SPOT_VIEW_PX = 320  # the spotlight's-eye silhouette is drawn at this size
 
-    Returns the hit points (N, 3) and the magnification (hit distance over point
-    distance from the light), which scales the widths of shadowed body parts.
-    """
-    d = points - SPOT_POS
-    with np.errstate(divide="ignore", invalid="ignore"):
-        t_wall = np.where(d[:, 2] < 0, (WALL_Z - SPOT_POS[2]) / d[:, 2], np.inf)
-        t_floor = np.where(d[:, 1] < 0, -SPOT_POS[1] / d[:, 1], np.inf)
-    t = np.minimum(t_wall, t_floor)
-    t = np.where(np.isfinite(t), t, 1.0)
-    return SPOT_POS + d * t[:, None], t
+
+def spot_view(target: np.ndarray) -> CameraModel:
+    """The spotlight as a camera aimed at ``target``: what it lights is what it sees."""
+    dist = float(np.linalg.norm(target - SPOT_POS))
+    # A 2.6 m tall figure (hands up) fills about 85% of the view.
+    f_px = 0.85 * SPOT_VIEW_PX * dist / 2.6
+    return look_at(SPOT_POS, target, f_px, (SPOT_VIEW_PX, SPOT_VIEW_PX))
+
+
+def wall_homography(spot: CameraModel, cam: CameraModel) -> np.ndarray:
+    """Maps spot-view pixels to camera pixels through the wall plane (3x3)."""
+    w, h = spot.size
+    corners = np.array(((0, 0), (w, 0), (w, h), (0, h)), dtype=np.float64)
+    rays = (
+        spot.axes[2]
+        + np.outer((corners[:, 0] - spot.cx) / spot.f_px, spot.axes[0])
+        - np.outer((corners[:, 1] - spot.cy) / spot.f_px, spot.axes[1])
+    )
+    t = (WALL_Z - spot.position[2]) / rays[:, 2]
+    on_wall = spot.position + rays * t[:, None]
+    uv, _ = cam.project(on_wall)
+    return cv2.getPerspectiveTransform(corners.astype(np.float32), uv.astype(np.float32))
