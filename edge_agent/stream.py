@@ -314,17 +314,19 @@ class SpoolTake:
         if seg is None or seg.size >= self.spool.segment_bytes or self._fd is None:
             seg = self._new_segment()
         header = _HEADER.pack(kind, _crc(kind, seq, ts, payload), seq, ts, len(payload))
-        data = header + payload
-        view = memoryview(data)
-        while view:
-            written = os.write(self._fd, view)
-            view = view[written:]
-        seg.size += len(data)
+        size = len(header) + len(payload)
+        # One writev: the record reaches the kernel whole, without joining it in memory.
+        written = os.writev(self._fd, [header, payload])
+        if written < size:  # rare (a signal, a full disk): finish the record
+            rest = memoryview(header + payload)[written:]
+            while rest:
+                rest = rest[os.write(self._fd, rest) :]
+        seg.size += size
         if kind == KIND_FRAME:
             seg.last_frame = max(seg.last_frame, seq)
         else:
             seg.last_pose = max(seg.last_pose, seq)
-        self._dirty_bytes += len(data)
+        self._dirty_bytes += size
         now = time.monotonic()
         if self._dirty_bytes >= FSYNC_BYTES or now - self._last_fsync >= FSYNC_INTERVAL_S:
             self._sync()
