@@ -772,40 +772,60 @@ class Streamer:
     async def _wait_until(self, done: Callable[[], bool], timeout_s: float | None) -> None:
         loop = asyncio.get_running_loop()
         deadline = None if timeout_s is None else loop.time() + timeout_s
-        while not done():
+        while True:
+            mark = self._mark()
+            if done():
+                return
             left = 1.0 if deadline is None else min(1.0, deadline - loop.time())
             if left <= 0:
                 raise TimeoutError(f"the upload did not finish within {timeout_s:g} s")
-            await self._wait_change(left)
+            await self._wait_change(left, mark)
+
+    # Waking the uplink: capture threads append frames and call _notify. Waking the
+    # loop costs a syscall and a loop turn, so it happens only when someone waits:
+    # a waiter takes a mark (both counters) BEFORE looking for work, registers in
+    # _waiting, and sleeps only if the mark is unchanged; a notifier bumps the counter
+    # BEFORE looking at _waiting. One of the two always sees the other.
+    _changes = 0  # changes seen on the loop (acks, completions)
+    _appended = 0  # records appended, from any thread
+    _waiting = 0
+    _bump_scheduled = False
+
+    def _mark(self) -> tuple[int, int]:
+        return self._changes, self._appended
 
     def _notify(self) -> None:
-        # Called from capture threads and from the loop itself.
-        loop, wake = self._loop, self._wake
-        if loop is None or wake is None or loop.is_closed():
+        self._appended += 1
+        loop = self._loop
+        if not self._waiting or self._bump_scheduled or loop is None or loop.is_closed():
             return
+        self._bump_scheduled = True
         # The loop may be shutting down; then nobody is waiting.
         with contextlib.suppress(RuntimeError):
             loop.call_soon_threadsafe(self._bump)
 
-    _changes = 0
-
     def _bump(self) -> None:
+        self._bump_scheduled = False
         self._changes += 1
         if self._wake is not None:
             self._wake.set()
 
-    async def _wait_change(self, timeout_s: float) -> None:
-        # Every waiter gets its own event: the shared one only says "something changed".
-        seen = self._changes
-        while self._changes == seen:
-            assert self._wake is not None
-            self._wake.clear()
-            await wait_event(self._wake, timeout_s)
-            if self._changes == seen:
-                return
+    async def _wait_change(self, timeout_s: float, mark: tuple[int, int] | None = None) -> None:
+        """Until something changed since ``mark`` (taken before the caller looked), or timeout."""
+        mark = mark or self._mark()
+        assert self._wake is not None
+        self._waiting += 1
+        try:
+            while self._mark() == mark:
+                self._wake.clear()
+                if not await wait_event(self._wake, timeout_s):
+                    return
+        finally:
+            self._waiting -= 1
 
     async def _supervise(self) -> None:
         while not self._closed:
+            mark = self._mark()
             for take in self.spool.pending():
                 task = self._tasks.get(take.key)
                 if task is None or task.done():
@@ -817,7 +837,7 @@ class Streamer:
                     del self._tasks[key]
                     if not task.cancelled() and task.exception() is not None:
                         log.error("uplink of %s crashed", key, exc_info=task.exception())
-            await self._wait_change(1.0)
+            await self._wait_change(1.0, mark)
 
     # ---- one take -----------------------------------------------------------------------
 
@@ -926,6 +946,7 @@ class Streamer:
             if reader.done():
                 reader.result()  # the stream failed: raise its error
                 return progressed
+            mark = self._mark()
             batch = cursor.read()
             for rec in batch:
                 if rec.kind == KIND_FRAME:
@@ -962,7 +983,7 @@ class Streamer:
                     "are not uploaded (spool full or stream buffer overflow); they are in "
                     "the local recording"
                 )
-            await self._wait_change(1.0)
+            await self._wait_change(1.0, mark)
 
     async def _read_acks(self, call: Any, take: SpoolTake, sent_at: dict[int, float]) -> None:
         while (resp := await call.read()) is not grpc.aio.EOF:
