@@ -362,10 +362,6 @@ class IngestService(booth_pb2_grpc.IngestServicer):
             raise NotAccepting(f"session {sid} is {state}; it no longer accepts frames")
         if state == State.CREATED.value:
             await self._start_capturing(sid)
-        stream = IngestStream(
-            self, context, sid, cam, pos.durable_seq, pos.pose_durable_seq, pos.frame_count
-        )
-        self._active[(sid, cam)] = stream
         await context.write(
             booth_pb2.IngestResponse(
                 hello_ack=booth_pb2.HelloAck(
@@ -373,6 +369,11 @@ class IngestService(booth_pb2_grpc.IngestServicer):
                 )
             )
         )
+        # Only now (the agent is there to hear about it) does the stream get a shard writer.
+        stream = IngestStream(
+            self, context, sid, cam, pos.durable_seq, pos.pose_durable_seq, pos.frame_count
+        )
+        self._active[(sid, cam)] = stream
         log.info("camera %s streaming session %s, resuming after seq %d", cam, sid, pos.durable_seq)
         return stream
 
