@@ -507,7 +507,9 @@ class _Figure:
 
         hair_polys: list[np.ndarray] = []
         if style != "bald":
-            hair_pts = centre_w + (sph * radii * volume) @ head_w.T
+            # Volume grows up, out and back, never forward over the face.
+            grow = np.where(sph[:, 2:3] > 0.3, (volume, volume, 1.0), volume)
+            hair_pts = centre_w + (sph * radii * grow) @ head_w.T
             uv_h, _ = self.cam.project(hair_pts)
             x, y, z = sph[:, 0], sph[:, 1], sph[:, 2]
             hairline = -0.05 + 0.55 * z
@@ -573,8 +575,6 @@ class _Figure:
             c = head_hull.mean(axis=0)
             lit = c + (head_hull - c) * 0.86 + scene.LIGHT_DIR_2D * 0.06 * h * self.s("head")
             cv2.fillConvexPoly(img, _fx(lit), skin, _AA, _SHIFT)
-            for fn in features:
-                fn(img)
             for poly in hair_polys:
                 cv2.fillConvexPoly(img, _fx(poly), hair_c, _AA, _SHIFT)
             if hair_polys:
@@ -583,6 +583,10 @@ class _Figure:
                 cc = crown.mean(axis=0)
                 sheen = cc + (crown - cc) * 0.45 + scene.LIGHT_DIR_2D * 0.1 * h * self.s("head")
                 cv2.fillConvexPoly(img, _fx(sheen), _scale(hair_c, 1.25, 18), _AA, _SHIFT)
+            # The face goes on last: a fringe may touch the brows, never hide the eyes,
+            # because the face is what tells BlazePose front from back.
+            for fn in features:
+                fn(img)
 
         def parts(pm: np.ndarray) -> None:
             for e in ears:

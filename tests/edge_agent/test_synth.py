@@ -168,7 +168,8 @@ def test_stepout_leaves_the_frame_while_the_wall_shadow_stays():
 
 def test_hard_shadow_follows_the_shadow_option():
     person = Attendee.from_seed(1)
-    assert render(person, BodyPose.neutral(), SMALL, shadow="hard").shadow_mask.any()
+    hard = render(person, BodyPose.neutral(), SMALL, shadow="hard")
+    assert hard.shadow_mask.any() and not (hard.shadow_mask & hard.mask).any()
     assert render(person, BodyPose.neutral(), SMALL, shadow="soft").shadow_mask is None
     with pytest.raises(ValueError):
         render(person, BodyPose.neutral(), SMALL, shadow="dramatic")
