@@ -42,5 +42,16 @@ def correction_joint_crash(err: BaseException) -> bool:
     return isinstance(err, TypeError) and any(f.name == "_joint" for f in _frames(err))
 
 
+def mail_address_crash(err: BaseException) -> bool:
+    """cloud_trainer/mail.py ``address`` catches ValueError/IndexError, but the email package
+    raises ``HeaderParseError`` for a local part like ``:`` or ``a"b`` that the front desk
+    accepts; the outbox then retries it as a temporary failure instead of bouncing it."""
+    import email.errors
+
+    return isinstance(err, email.errors.HeaderParseError) and any(
+        f.name == "address" for f in _frames(err)
+    )
+
+
 def config_crash(err: BaseException) -> bool:
     return pyyaml_crash(err) or parse_size_crash(err)
