@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 REMEMBERED_COMMANDS = 512
 REMEMBERED_SESSIONS = 256
 CLOCK_SAMPLES = 8
+CLOCK_STEP_NS = 500_000  # adopt a new offset when it moved by more than this
 _STATES = {
     "idle": booth_pb2.IDLE,
     "capturing": booth_pb2.CAPTURING,
@@ -80,6 +81,7 @@ class ControlClient:
         streamer: Any = None,  # edge_agent.stream.Streamer, for the upload fields
         report_interval_s: float = 1.0,
         state_dir: str | os.PathLike[str] | None = None,
+        clock: Any = None,  # edge_agent.capture.clock.BoothClock: gets the measured offset
         seed: int | None = None,
     ):
         self.cfg = uplink
@@ -88,6 +90,7 @@ class ControlClient:
         self.capabilities = capabilities or booth_pb2.Capabilities()
         self.software_version = software_version
         self.report_interval_s = report_interval_s
+        self.clock = clock
         self.clock_offset_ns = 0
         self.connected = asyncio.Event()
         self.last_command_id = ""
@@ -111,6 +114,12 @@ class ControlClient:
         rtt = received_ns - sent_ns
         self._clock.append((rtt, server_ns - (sent_ns + received_ns) // 2))
         self.clock_offset_ns = min(self._clock)[1]
+        # The capture stamps frames with it; small wobbles are noise, not news.
+        if (
+            self.clock is not None
+            and abs(self.clock.offset_ns - self.clock_offset_ns) > CLOCK_STEP_NS
+        ):
+            self.clock.set_offset(self.clock_offset_ns)
 
     # ---- running ------------------------------------------------------------------------------
 
@@ -215,11 +224,12 @@ class ControlClient:
             log.warning("control: %s", self._note)
             return
         start_local = start.start_at_ns - self.clock_offset_ns if start.start_at_ns else 0
+        log.info("control: start take %s (%g s)", start.session_id, start.duration_s)
+        await _call(self.runner.start_take, start.session_id, start.duration_s, start_local)
+        # Remembered once started: a failed start may be retried with a new command.
         self._sessions.append(start.session_id)
         del self._sessions[:-REMEMBERED_SESSIONS]
         self._save_sessions()
-        log.info("control: start take %s (%g s)", start.session_id, start.duration_s)
-        await _maybe_await(self.runner.start_take(start.session_id, start.duration_s, start_local))
         self.commands_run += 1
 
     async def _stop(self, stop: booth_pb2.StopTake) -> None:
@@ -228,7 +238,7 @@ class ControlClient:
             log.info("control: no take of %s is running; stop is a no-op", stop.session_id)
             return
         log.info("control: stop take %s", stop.session_id)
-        await _maybe_await(self.runner.stop_take(stop.session_id))
+        await _call(self.runner.stop_take, stop.session_id)
         self.commands_run += 1
 
     def _remember(self, command_id: str) -> None:
@@ -297,6 +307,43 @@ class ControlClient:
         os.replace(tmp, self._state_path)
 
 
-async def _maybe_await(result: Any) -> None:
-    if inspect.isawaitable(result):
-        await result
+async def _call(fn: Any, *args: Any) -> None:
+    """Await ``fn`` if it is async; else run it in a thread (opening a camera takes a while)."""
+    if inspect.iscoroutinefunction(fn):
+        await fn(*args)
+    else:
+        result = await asyncio.to_thread(fn, *args)
+        if inspect.isawaitable(result):
+            await result
+
+
+class AgentRunner:
+    """``TakeRunner`` over ``edge_agent.agent.Agent``: what the control stream drives."""
+
+    def __init__(self, agent: Any):
+        self.agent = agent
+
+    def start_take(self, session_id: str, duration_s: float, start_at_monotonic_ns: int) -> None:
+        wait_ns = start_at_monotonic_ns - time.monotonic_ns() if start_at_monotonic_ns else 0
+        if wait_ns > 0:  # every camera of the booth starts on the same booth-clock instant
+            time.sleep(wait_ns / 1e9)
+        self.agent.start_take(session_id, duration_s)
+
+    def stop_take(self, session_id: str) -> None:
+        self.agent.stop_take(wait=False)
+
+    def status(self) -> dict[str, Any]:
+        st = self.agent.status()
+        take = st.get("take") or {}
+        drops = st.get("drops") or {}
+        state = st.get("state", "idle")
+        return {
+            "state": {"starting": "capturing", "finishing": "uploading"}.get(state, state),
+            "session_id": take.get("session", "") if state != "idle" else "",
+            "fps": st.get("fps", 0.0),
+            "frames_captured": st.get("frames", 0),
+            "capture_dropped": drops.get("capture", 0),
+            "pose_dropped": drops.get("pose", 0),
+            "pose_fps": st.get("pose_fps", 0.0),
+            "error": st.get("error") or "",
+        }

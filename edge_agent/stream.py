@@ -1071,3 +1071,101 @@ def _atomic_write_json(path: Path, data: dict[str, Any]) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+# ---- wiring to the capture (edge_agent.agent / edge_agent.capture) -----------------------
+
+
+class RecordingArchive:
+    """A take's frames read back from its MJPEG-in-MP4 segments: the spool's fallback.
+
+    Uses the capture's outputs in ``capture.out_dir/<session>/<camera>/``: ``frames.csv``
+    (seq, capture_ts_ns, segment index; -1 = not recorded) and the ``seg_NNNNN.mp4``
+    files, whose packets are the camera's JPEG bytes unchanged.
+    """
+
+    def __init__(self, out_dir: str | os.PathLike[str]):
+        self.out_dir = Path(out_dir)
+
+    def frames_from(self, session_id: str, camera_id: str, seq: int) -> Iterator[CapturedFrame]:
+        import csv
+
+        from edge_agent.capture.segments import read_segment_packets, segment_name
+
+        directory = self.out_dir / session_id / camera_id
+        # Each segment's packets are its frames in seq order.
+        segments: dict[int, list[tuple[int, int]]] = {}
+        with open(directory / "frames.csv", newline="") as f:
+            for row in csv.DictReader(f):
+                segments.setdefault(int(row["segment"]), []).append(
+                    (int(row["seq"]), int(row["capture_ts_ns"]))
+                )
+        unrecorded = [s for s, _ in segments.pop(-1, []) if s >= seq]
+        if unrecorded:
+            # The spool reports the gap when it reaches it; say here why it exists.
+            log.warning(
+                "take %s/%s: %d frames from seq %d were never recorded (disk full?)",
+                session_id,
+                camera_id,
+                len(unrecorded),
+                unrecorded[0],
+            )
+        for index in sorted(segments):
+            frames = segments[index]
+            if frames[-1][0] < seq:
+                continue
+            packets = read_segment_packets(directory / segment_name(index))
+            for (s, ts), (_pts, jpeg) in zip(frames, packets, strict=False):
+                if s >= seq:
+                    yield CapturedFrame(s, ts, jpeg)
+
+
+def stream_agent_takes(agent: Any, streamer: Streamer) -> None:
+    """Spool (and so upload) every take ``agent`` captures. Call once, before the first take.
+
+    For each take: a thread moves frames from the take's stream buffer into the spool
+    as they are captured; when the take is done, its smoothed poses are spooled and the
+    take is ended with the number of frames the camera delivered (frames the buffer
+    dropped are read back from the recording, see ``RecordingArchive``).
+    """
+
+    def on_take(take: Any) -> None:
+        source = agent.cfg.source
+        width, height = getattr(source, "size", (0, 0))
+        spooled = streamer.open_take(
+            take.session_id, width=width, height=height, fps=float(getattr(source, "fps", 0.0))
+        )
+        buffer = take.subscribe_stream()
+        feeder = threading.Thread(
+            target=spooled.add_frames, args=(buffer,), name=f"spool-{take.session_id}", daemon=True
+        )
+        feeder.start()
+
+        def done(summary: Any) -> None:
+            feeder.join()
+            if summary.poses:
+                _spool_poses(spooled, Path(summary.directory) / summary.poses)
+            spooled.end(summary.frames)
+
+        take.add_done_callback(done)
+
+    agent.add_take_listener(on_take)
+
+
+def _spool_poses(spooled: SpoolTake, path: Path) -> None:
+    import numpy as np
+
+    try:
+        with np.load(path) as data:
+            seqs, skeletons = data["seq"], data["skeleton"]
+            imputed, glitch = data["imputed"], data["glitch"]
+    except (OSError, KeyError, ValueError) as e:
+        log.warning("poses of %s/%s not uploaded: %s", *spooled.key, e)
+        return
+    for i, seq in enumerate(seqs):
+        spooled.add_pose(
+            int(seq),
+            skeletons[i],
+            imputed=bool(np.any(imputed[i])) if len(imputed) else False,
+            glitch=bool(glitch[i]) if len(glitch) else False,
+        )

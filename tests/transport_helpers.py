@@ -149,6 +149,15 @@ def assert_exactly_once(
 # ---- a cuttable TCP proxy ------------------------------------------------------------------
 
 
+def dead_port() -> int:
+    """A loopback port nothing listens on (bound and released; connections are refused)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 class CutProxy:
     """Forwards 127.0.0.1:port to an upstream port; ``cut()`` drops every live connection."""
 

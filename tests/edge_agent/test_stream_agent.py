@@ -1,0 +1,110 @@
+"""The whole edge-to-cloud path with the real agent: Start on the tablet -> frames in the cloud."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+import transport_helpers as th
+from capture_fakes import HEIGHT, WIDTH, make_jpegs, slow_pose_factory
+
+from cloud_trainer.repository import Repository
+from cloud_trainer.storage import create_blob_store
+from edge_agent.agent import Agent
+from edge_agent.capture.sources import ReplayCamera
+from edge_agent.config import AgentConfig, CaptureConfig, SyntheticSource
+from edge_agent.control import AgentRunner, ControlClient
+from edge_agent.stream import RecordingArchive, Streamer, stream_agent_takes
+
+FPS = 240.0
+
+
+class CountingArchive(RecordingArchive):
+    reads = 0
+
+    def frames_from(self, session_id, camera_id, seq):
+        self.reads += 1
+        return super().frames_from(session_id, camera_id, seq)
+
+
+def make_agent(tmp_path: Path) -> Agent:
+    jpegs = make_jpegs(60)
+
+    def source(cfg, *, clock, seconds):
+        return ReplayCamera(jpegs, width=WIDTH, height=HEIGHT, fps=FPS, clock=clock)
+
+    cfg = AgentConfig(
+        booth_id=th.BOOTH,
+        camera_id="cam0",
+        source=SyntheticSource(size=(WIDTH, HEIGHT), fps=FPS),
+        capture=CaptureConfig(out_dir=tmp_path / "takes", segment_s=0.1, min_free_disk_mb=0),
+    )
+    return Agent(cfg, source_factory=source, pose_factory=slow_pose_factory(0.0))
+
+
+@pytest.fixture
+def cloud(tmp_path: Path):
+    cfg = th.booth_config(tmp_path)
+    return cfg, Repository.from_config(cfg.database), create_blob_store(cfg.storage)
+
+
+@pytest.mark.parametrize("budget_frames", [None, 10], ids=["spooled", "spool-full"])
+async def test_start_on_the_tablet_puts_every_recorded_frame_in_the_cloud_once(
+    tmp_path, cloud, budget_frames
+):
+    cfg, repo, store = cloud
+    sid = th.new_session(repo)
+    agent = make_agent(tmp_path).start()
+    out_dir = agent.cfg.capture.out_dir
+    async with th.running_server(cfg, repo=repo, store=store) as srv:
+        # The uplink goes through a proxy, so the test can hold the link down while the take
+        # is captured (the control stream goes direct).
+        proxy = th.CutProxy(srv.port if not budget_frames else th.dead_port())
+        await proxy.start()
+        uplink = th.uplink_config(f"127.0.0.1:{proxy.port}", tmp_path / "spool")
+        archive = CountingArchive(out_dir)
+        streamer = Streamer(uplink, booth_id=th.BOOTH, camera_id="cam0", archive=archive)
+        if budget_frames:  # the spool fills up: the rest must come from the MP4 segments
+            streamer.spool.budget_bytes = budget_frames * max(len(j) for j in make_jpegs(60))
+        stream_agent_takes(agent, streamer)
+        control = ControlClient(
+            th.uplink_config(f"127.0.0.1:{srv.port}", tmp_path / "spool"),
+            booth_id=th.BOOTH,
+            camera_id="cam0",
+            runner=AgentRunner(agent),
+            streamer=streamer,
+            clock=agent.clock,
+            report_interval_s=0.2,
+        )
+        await streamer.start()
+        await control.start()
+        try:
+            booth = srv.registry.booth(th.BOOTH)
+            async with asyncio.timeout(30):
+                while booth.online() != ["cam0"]:
+                    await asyncio.sleep(0.01)
+            results = await booth.start_take(sid, 0.5)
+            assert results["cam0"].acked and results["cam0"].state == "capturing"
+            if budget_frames:
+                async with asyncio.timeout(30):  # the take ends with the link still down
+                    while not (agent.state == "idle" and streamer.status()["takes"]):
+                        await asyncio.sleep(0.01)
+                status = streamer.status()
+                assert status["upload_behind"] and status["stream_dropped"] > 0
+                assert control.build_status().upload_behind
+                proxy.upstream_port = srv.port  # the link is back
+            await streamer.wait_uploaded(sid, timeout_s=60)
+            assert (archive.reads > 0) == bool(budget_frames)
+        finally:
+            await control.stop()
+            await streamer.stop()
+            await proxy.stop()
+            agent.close()
+
+    summary = agent.status()["last_take"]
+    recorded = list(RecordingArchive(out_dir).frames_from(sid, "cam0", 0))
+    assert summary["frames"] == len(recorded) >= 30
+    th.assert_exactly_once(repo, store, sid, "cam0", recorded)
+    assert len(repo.pose_rows(sid, "cam0")) == len(recorded)
+    assert repo.get_session(sid)["state"] == "uploaded"
