@@ -67,7 +67,8 @@ from edge_agent.synth.appearance import Appearance, Attendee
 from edge_agent.synth.body import ANGLE_NAMES, BodyPose, Proportions, forward_kinematics
 from edge_agent.synth.camera import SyntheticCamera
 from edge_agent.synth.choreography import MOVES, Dance, mirror
-from edge_agent.synth.render import NUM_PARTS, PART, PART_NAMES, SynthFrame, render
+from edge_agent.synth.figure import NUM_PARTS, PART, PART_NAMES
+from edge_agent.synth.render import SynthFrame, render
 from edge_agent.synth.take import read_mp4_jpegs, read_truth, write_take
 
 __all__ = [
