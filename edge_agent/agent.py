@@ -71,7 +71,8 @@ class Agent:
         self.cfg = cfg
         self.clock = clock or BoothClock()
         self._source_factory = source_factory
-        self._pose_factory = pose_factory or (lambda: create_pose_backend(cfg.pose))
+        # The zone turns on shadow gating inside the backend, so tracking lets go of a shadow.
+        self._pose_factory = pose_factory or (lambda: create_pose_backend(cfg.pose, zone=cfg.zone))
         self._statvfs = statvfs
         self.status_interval_s = status_interval_s
         self.retry_initial_s = retry_initial_s
