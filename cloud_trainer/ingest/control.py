@@ -27,7 +27,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
-from google.protobuf.json_format import MessageToDict
 
 from cloud_trainer.ingest.auth import check_caller
 from protos import booth_pb2, booth_pb2_grpc
@@ -305,10 +304,19 @@ def _offer(queue: asyncio.Queue, item: Any) -> bool:
 
 
 def _as_dict(message: Any) -> dict[str, Any]:
-    # Every field, defaults included, so readers (the tablet) see stable keys.
-    return MessageToDict(
-        message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
-    )
+    """Every field with its native Python type (ints stay ints, unlike proto JSON's int64
+    strings; the agent state is its lower-case name), so the tablet sees stable keys."""
+    out: dict[str, Any] = {}
+    for field_desc in message.DESCRIPTOR.fields:
+        value = getattr(message, field_desc.name)
+        if field_desc.is_repeated:
+            value = list(value)
+        elif field_desc.message_type is not None:
+            value = _as_dict(value)
+        elif field_desc.enum_type is not None:
+            value = state_name(value)
+        out[field_desc.name] = value
+    return out
 
 
 async def _hop(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, Any]) -> Any:

@@ -88,6 +88,9 @@ async def test_start_and_stop_reach_both_agents_and_they_acknowledge(tmp_path, s
         assert views["cam0"].online and views["cam0"].state == "capturing"
         assert views["cam0"].software_version == "test-1"
         assert views["cam0"].capabilities["pose_backends"] == ["cpu"]
+        # Plain Python values for the tablet: ints stay ints, the state is its name.
+        assert views["cam0"].status["frames_captured"] == 7
+        assert views["cam0"].status["state"] == "capturing"
 
         stopped = await b.booth.stop_take("s1")
         assert all(r.acked and r.state == "idle" for r in stopped.values())
