@@ -304,3 +304,19 @@ def test_motion_blur_smears_pixels_but_keeps_the_ground_truth():
     assert np.array_equal(sharp.keypoints, blurred.keypoints)
     assert np.array_equal(sharp.parts, blurred.parts)
     assert np.abs(sharp.rgb.astype(int) - blurred.rgb.astype(int)).max() > 40
+
+
+def test_mp4_writer_bumps_repeated_timestamps_and_keeps_bytes(tmp_path):
+    from edge_agent.synth.camera import encode_jpeg
+    from edge_agent.synth.take import Mjpeg4Writer
+
+    frames = [
+        render(Attendee.from_seed(1), BodyPose.neutral(), (64, 48), frame_index=i).rgb
+        for i in range(3)
+    ]
+    jpegs = [encode_jpeg(f, 80) for f in frames]
+    writer = Mjpeg4Writer(tmp_path / "t.mp4", (64, 48), 30.0)
+    for jpeg, ts in zip(jpegs, (0, 0, 33_000_000), strict=True):  # a repeated timestamp
+        writer.write(jpeg, ts)
+    writer.close()
+    assert read_mp4_jpegs(tmp_path / "t.mp4") == jpegs
