@@ -170,6 +170,7 @@ class SpoolTake:
         self._fd: int | None = None
         self._next_segment = 0  # never reused: readers track their place by number
         self._dirty_bytes = 0
+        self._sync_due = False
         self._last_fsync = time.monotonic()
 
     # ---- identity --------------------------------------------------------------------
@@ -206,6 +207,7 @@ class SpoolTake:
             self._append(KIND_FRAME, frame.seq, frame.capture_ts_ns, frame.jpeg, reserved=True)
             self.next_seq = frame.seq + 1
         self.spool.notify()
+        self._sync_if_due()
         return True
 
     def add_frames(self, frames: Iterable[CapturedFrame | None]) -> int:
@@ -229,6 +231,7 @@ class SpoolTake:
             self._append(KIND_POSE, seq, 0, payload, reserved=True)
             self.last_pose = seq
         self.spool.notify()
+        self._sync_if_due()
 
     def end(self, frame_count: int | None = None) -> None:
         """The take's capture ended after ``frame_count`` frames (default: what was offered)."""
@@ -298,6 +301,7 @@ class SpoolTake:
                 self.meta.behind_from_seq = frame.seq + 1
                 self.meta.not_spooled = max(0, self.meta.not_spooled - 1)
                 n += 1
+            self._sync_if_due()
         with self._lock:
             if self.meta.behind_from_seq is not None and self.meta.behind_from_seq >= end:
                 self.meta.behind_from_seq = None
@@ -327,9 +331,11 @@ class SpoolTake:
         else:
             seg.last_pose = max(seg.last_pose, seq)
         self._dirty_bytes += size
-        now = time.monotonic()
-        if self._dirty_bytes >= FSYNC_BYTES or now - self._last_fsync >= FSYNC_INTERVAL_S:
-            self._sync()
+        if (
+            self._dirty_bytes >= FSYNC_BYTES
+            or time.monotonic() - self._last_fsync >= FSYNC_INTERVAL_S
+        ):
+            self._sync_due = True  # done by _sync_if_due, outside the lock
 
     def _new_segment(self) -> _Segment:
         if self._fd is not None:
@@ -343,6 +349,20 @@ class SpoolTake:
         seg = _Segment(number, path)
         self.segments.append(seg)
         return seg
+
+    def _sync_if_due(self) -> None:
+        """The batched fsync, outside the lock: an ack on the uplink's loop never waits for it."""
+        with self._lock:
+            if not self._sync_due or self._fd is None:
+                return
+            fd = os.dup(self._fd)  # the segment may be closed meanwhile; this stays valid
+            self._sync_due = False
+            self._dirty_bytes = 0
+            self._last_fsync = time.monotonic()
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def _sync(self) -> None:
         if self._fd is not None and self._dirty_bytes:
@@ -375,9 +395,10 @@ class SpoolTake:
                 if seg.last_frame > self.acked_seq or seg.last_pose > self.pose_acked_seq:
                     break
                 if len(self.segments) == 1 and self._fd is not None:
-                    self._sync()
+                    # No fsync: everything in it is on the server already.
                     os.close(self._fd)
                     self._fd = None
+                    self._dirty_bytes, self._sync_due = 0, False
                 self.segments.pop(0)
                 with contextlib.suppress(FileNotFoundError):
                     seg.path.unlink()
