@@ -293,7 +293,12 @@ class DemoBooth:
         self.procs.start("worker", "worker", "--config", str(self.config_path))
         for i, camera in enumerate(self.tokens):
             self.procs.start(
-                f"agent-{camera}", "agent", "--config", str(self._agent_config(camera, i))
+                f"agent-{camera}",
+                "agent",
+                "--config",
+                str(self._agent_config(camera, i)),
+                "--prerender-seconds",
+                str(self.plan.take_s),
             )
         staff = StaffClient(self.base_url)
         staff.login("staff", self.password)

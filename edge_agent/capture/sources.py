@@ -123,6 +123,10 @@ class ReplayCamera:
         pass
 
 
+# The last pre-rendered synthetic take (one camera per agent process; kept to one entry).
+_PRERENDERED: dict[tuple[str, float, int], Any] = {}
+
+
 class SyntheticBoothCamera:
     """The synthetic booth (``edge_agent.synth``) as a camera: pre-rendered, then exact-rate."""
 
@@ -143,14 +147,22 @@ class SyntheticBoothCamera:
         # Imported here: rendering pulls in more than a board needs to import the agent.
         from edge_agent.synth import SyntheticCamera
 
-        self._camera = SyntheticCamera(self.cfg, self.seconds, clock_ns=self.clock.now_ns)
-        started = time.monotonic()
-        self._camera.prerender()
-        log.info(
-            "synthetic camera: %.1f s pre-rendered in %.1f s",
-            self.seconds,
-            time.monotonic() - started,
-        )
+        # Every take of one synthetic camera shows the same dance: render it once per
+        # process, so Start on the tablet starts the take, not a minute of rendering.
+        key = (self.cfg.model_dump_json(), self.seconds, id(self.clock))
+        camera = _PRERENDERED.get(key)
+        if camera is None:
+            camera = SyntheticCamera(self.cfg, self.seconds, clock_ns=self.clock.now_ns)
+            started = time.monotonic()
+            camera.prerender()
+            log.info(
+                "synthetic camera: %.1f s pre-rendered in %.1f s",
+                self.seconds,
+                time.monotonic() - started,
+            )
+            _PRERENDERED.clear()
+            _PRERENDERED[key] = camera
+        self._camera = camera
         return self._camera.granted()
 
     def frames(self) -> Iterator[CapturedFrame]:

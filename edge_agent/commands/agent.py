@@ -10,6 +10,7 @@ and waits for the control channel to start takes.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import logging
 import signal
@@ -30,6 +31,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out-dir", type=Path, help="override agent.capture.out_dir")
     p.add_argument("--status-port", type=int, help="override agent.status_port (0: off)")
     p.add_argument("--json", action="store_true", help="print the take summary as JSON")
+    p.add_argument(
+        "--offline", action="store_true", help="no uplink or control: report status only"
+    )
+    p.add_argument(
+        "--prerender-seconds",
+        type=float,
+        default=0.0,
+        help="synthetic camera: render a take of this length at start-up, before Start is pressed",
+    )
 
 
 def _print_summary(summary, as_json: bool) -> None:
@@ -61,10 +71,14 @@ def _print_summary(summary, as_json: bool) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from edge_agent.agent import Agent
+    from edge_agent.capture.sources import create_source
     from edge_agent.config import load_agent_config
+    from edge_agent.connected import check_token, run_connected
     from edge_agent.errors import BadInput
 
     cfg = load_agent_config(args.config)
+    if args.take_seconds is None and not args.offline:
+        check_token(cfg)
     if args.camera_id:
         cfg.camera_id = args.camera_id
     if args.out_dir:
@@ -93,14 +107,25 @@ def run(args: argparse.Namespace) -> int:
             summary = take.wait()
             _print_summary(summary, args.json)
             return 0 if summary.ok else 1
-        log.info(
-            "agent %s/%s running; no control channel is connected yet, so it only "
-            "reports status (Ctrl-C to stop)",
-            cfg.booth_id,
-            cfg.camera_id,
-        )
-        while not stop.wait(1.0):
-            pass
+        if args.offline:
+            log.info(
+                "agent %s/%s running offline: status only (Ctrl-C to stop)",
+                cfg.booth_id,
+                cfg.camera_id,
+            )
+            while not stop.wait(1.0):
+                pass
+            return 0
+        if args.prerender_seconds and cfg.source.type == "synthetic":
+            # A synthetic camera renders its take up front; do it now, not when Start is pressed.
+            threading.Thread(
+                target=lambda: create_source(
+                    cfg.source, clock=agent.clock, seconds=args.prerender_seconds
+                ).open(),
+                name="prerender",
+                daemon=True,
+            ).start()
+        asyncio.run(run_connected(agent, cfg, stop))
         return 0
     finally:
         agent.close()
