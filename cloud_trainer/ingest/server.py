@@ -119,35 +119,36 @@ class IngestStream:
         else:
             raise BadInput("empty IngestRequest (no frame, pose or end)")
 
-    def _check_ids(self, what: str, session_id: str, camera_id: str) -> None:
+    def _check_ids(self, what: str, seq: int, session_id: str, camera_id: str) -> None:
         # Empty ids mean "the stream's own"; anything else must match the hello.
         if (session_id and session_id != self.session_id) or (
             camera_id and camera_id != self.camera_id
         ):
             raise BadInput(
-                f"{what} is for {session_id or '-'}/{camera_id or '-'} but this stream is "
+                f"{what} {seq} is for {session_id or '-'}/{camera_id or '-'} but this stream is "
                 f"{self.session_id}/{self.camera_id}"
             )
 
     async def _frame(self, f: booth_pb2.Frame) -> None:
-        self._check_ids(f"frame {f.seq}", f.session_id, f.camera_id)
         seq = f.seq
+        self._check_ids("frame", seq, f.session_id, f.camera_id)
         if seq > MAX_SEQ:
             raise BadInput(f"frame seq {seq} is out of range (max {MAX_SEQ})")
         if self.frame_count is not None and seq >= self.frame_count:
             raise BadInput(f"frame {seq} is past the end of the take ({self.frame_count} frames)")
+        jpeg = f.jpeg  # each access copies the bytes out of the message
         if seq < self.next_seq:
-            await self._resent(seq, f.jpeg)
+            await self._resent(seq, jpeg)
             return
         if seq > self.next_seq:
             raise OutOfOrder(
                 f"frame {seq} arrived but {self.next_seq} was expected next; frames must be "
                 f"contiguous: reconnect and resume after seq {self.durable_seq}"
             )
-        check_jpeg(seq, f.jpeg)
+        check_jpeg(seq, jpeg)
         await self.writer.room()
-        self.writer.add_frame(FrameIn(seq, f.capture_ts_ns, f.jpeg))
-        self._pending[seq] = f.jpeg
+        self.writer.add_frame(FrameIn(seq, f.capture_ts_ns, jpeg))
+        self._pending[seq] = jpeg
         self.next_seq = seq + 1
 
     async def _resent(self, seq: int, data: bytes) -> None:
@@ -175,7 +176,7 @@ class IngestStream:
         log.debug("skipped resent frame %s/%s/%d", self.session_id, self.camera_id, seq)
 
     def _pose(self, p: booth_pb2.Pose) -> None:
-        self._check_ids(f"pose {p.seq}", p.session_id, p.camera_id)
+        self._check_ids("pose", p.seq, p.session_id, p.camera_id)
         if p.seq > MAX_SEQ:
             raise BadInput(f"pose seq {p.seq} is out of range (max {MAX_SEQ})")
         n = len(p.skeleton.keypoints)
@@ -188,7 +189,7 @@ class IngestStream:
         self.last_pose_seq = p.seq
 
     async def _end(self, e: booth_pb2.EndOfTake) -> None:
-        self._check_ids("end of take", e.session_id, e.camera_id)
+        self._check_ids("end of take", e.frame_count, e.session_id, e.camera_id)
         if e.frame_count > MAX_SEQ:
             raise BadInput(f"frame_count {e.frame_count} is out of range")
         if e.frame_count < self.next_seq:
