@@ -239,6 +239,8 @@ class SegmentRecorder:
         self.start_ts_ns: int | None = None
         self.first_write_ns: int | None = None
         self.last_write_ns: int | None = None
+        self.first_written_ts_ns: int | None = None
+        self.last_written_ts_ns: int | None = None
         self.records: list[FrameRecord] = []
         self.segments: list[SegmentInfo] = []  # finished, in order
         self._seg_lock = threading.Lock()
@@ -284,10 +286,19 @@ class SegmentRecorder:
 
     @property
     def fps_written(self) -> float:
-        """Frames written per second of wall time, from the first write to the latest."""
-        if self.first_write_ns is None or self.last_write_ns == self.first_write_ns:
+        """The sustained written rate: frames per second of wall time between first and last write.
+
+        The span is at least the frames' own capture span, so a first frame that was
+        written late (and the catching up after it) cannot raise the rate above the
+        camera's; a last frame written late lowers it, as it should.
+        """
+        if self.first_write_ns is None or self._muxed < 2:
             return 0.0
-        return (self._muxed - 1) * 1e9 / (self.last_write_ns - self.first_write_ns)
+        span_ns = max(
+            self.last_write_ns - self.first_write_ns,
+            (self.last_written_ts_ns or 0) - (self.first_written_ts_ns or 0),
+        )
+        return (self._muxed - 1) * 1e9 / span_ns if span_ns > 0 else 0.0
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -319,7 +330,7 @@ class SegmentRecorder:
                 # An empty packet cannot be stored in MP4 (the muxer treats it as a flush).
                 self._not_recorded += 1
                 self.records.append(
-                    FrameRecord(frame.seq, frame.capture_ts_ns, -1, len(jpeg), True)
+                    FrameRecord(frame.seq, frame.capture_ts_ns, -1, len(jpeg), corrupt)
                 )
                 continue
             ts = frame.capture_ts_ns
@@ -354,8 +365,10 @@ class SegmentRecorder:
             seg.info.last_ts_ns = ts
             # Wall-clock times of the first and latest write: the sustained written rate.
             self.last_write_ns = time.monotonic_ns()
+            self.last_written_ts_ns = ts
             if self.first_write_ns is None:
                 self.first_write_ns = self.last_write_ns
+                self.first_written_ts_ns = ts
             self._muxed += 1
             self.records.append(FrameRecord(frame.seq, ts, index, len(jpeg), corrupt))
         if seg is not None:
@@ -368,14 +381,12 @@ class SegmentRecorder:
         final = self.out_dir / segment_name(index)
         info = SegmentInfo(index=index, path=final, first_ts_ns=frame.capture_ts_ns)
         meta = {**self.metadata, "segment_index": str(index), "first_seq": str(frame.seq)}
-        return _OpenSegment(
-            info,
-            final.with_name(final.name + PART_SUFFIX),
-            self.width,
-            self.height,
-            self.fps,
-            meta,
-        )
+        part = final.with_name(final.name + PART_SUFFIX)
+        try:
+            return _OpenSegment(info, part, self.width, self.height, self.fps, meta)
+        except (OSError, av.FFmpegError):
+            part.unlink(missing_ok=True)  # never leave an empty .part behind
+            raise
 
     def _disk_has_room(self, seq: int) -> bool:
         try:

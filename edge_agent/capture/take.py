@@ -301,9 +301,12 @@ class Take:
                 n += 1
                 self.frames = n
                 self.last_ts_ns = frame.capture_ts_ns
-        except (OSError, av.FFmpegError, DeviceError) as e:
+        except (OSError, av.FFmpegError, DeviceError) as e:  # unplugged, USB error, ...
             self.capture_error = f"camera {self.source.name} failed after {n} frames: {e}"
             log.error("take %s/%s: %s", self.session_id, self.camera_id, self.capture_error)
+        except Exception as e:  # a source bug: keep what was captured, say what happened
+            self.capture_error = f"camera {self.source.name} failed after {n} frames: {e!r}"
+            log.exception("take %s/%s: capture failed", self.session_id, self.camera_id)
         finally:
             close = getattr(frames, "close", None)
             if close is not None:

@@ -376,3 +376,24 @@ def test_booth_agent_process_keeps_serving_status_with_a_missing_camera_until_si
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def test_camera_unplugged_mid_take_keeps_the_frames_and_reports_the_error(tmp_path, jpegs):
+    import errno
+
+    class Unplugged(ReplayCamera):
+        def frames(self):
+            for frame in super().frames():
+                if frame.seq == 20:
+                    raise OSError(errno.ENODEV, "No such device")
+                yield frame
+
+    def factory(cfg, *, clock, seconds):
+        return Unplugged(jpegs, width=WIDTH, height=HEIGHT, fps=FPS, clock=clock)
+
+    agent = make_agent(tmp_path, jpegs, source_factory=factory)
+    summary = agent.start_take("sess-1").wait(60)
+    assert summary.frames == 20 and summary.frames_written == 20
+    assert summary.errors == ["camera replay failed after 20 frames: [Errno 19] No such device"]
+    assert summary.pose["coverage"] == 1.0, "what was captured is still posed"
+    assert agent.state == "error" and "No such device" in agent.status()["error"]
