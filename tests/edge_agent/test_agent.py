@@ -349,7 +349,7 @@ def test_booth_agent_process_keeps_serving_status_with_a_missing_camera_until_si
         f"  status_port: {port}\n"
     )
     proc = subprocess.Popen(
-        [sys.executable, "-m", "cloud_trainer.cli", "agent", "--config", str(cfg)],
+        [sys.executable, "-m", "cloud_trainer.cli", "agent", "--config", str(cfg), "--offline"],
         cwd=Path(__file__).resolve().parents[2],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
