@@ -162,3 +162,19 @@ async def test_the_registry_can_be_used_from_another_event_loop(tmp_path, server
 
         results = await asyncio.to_thread(web_app_thread)
         assert results["cam0"].acked and b.captures["cam0"].started[-1][0] == "s9"
+
+
+async def test_an_agent_knows_it_is_connected_before_any_command(tmp_path, server):
+    async with Booth(tmp_path, server, cameras=("cam0",)) as b:
+        client = b.clients["cam0"]
+        await asyncio.wait_for(client.connected.wait(), 30)
+        assert client.clock_offset_ns != 0  # it reported at once, and measured the clock
+
+
+async def test_a_start_while_another_take_runs_is_refused_and_says_why(tmp_path, server):
+    async with Booth(tmp_path, server, cameras=("cam0",)) as b:
+        await b.booth.start_take("s1", 5.0)
+        second = await b.booth.start_take("s2", 5.0)
+        assert second["cam0"].acked and second["cam0"].session_id == "s1"
+        assert "still capturing s1" in second["cam0"].error
+        assert [s for s, _, _ in b.captures["cam0"].started] == ["s1"]
