@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 
+import pytest
 from hypothesis import HealthCheck, settings
 
 DEFAULT_EXAMPLES = 60
@@ -45,3 +46,9 @@ def fuzz_settings(share: float = 1.0, **overrides) -> settings:
         ],
         **overrides,
     )
+
+
+def fuzz_marks() -> list[pytest.MarkDecorator]:
+    """``pytestmark`` for a fuzz module: the marker, and a timeout that grows with the run
+    (pytest's 600 s default is too short for the slowest tests at ``FUZZ_EXAMPLES=2000``)."""
+    return [pytest.mark.fuzz, pytest.mark.timeout(max(600, fuzz_examples()))]

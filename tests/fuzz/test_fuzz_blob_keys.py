@@ -17,10 +17,11 @@ from __future__ import annotations
 import errno
 import os
 import re
+import shutil
 from pathlib import Path
 
 import pytest
-from fuzz_settings import fuzz_settings
+from fuzz_settings import fuzz_marks, fuzz_settings
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -29,7 +30,7 @@ from cloud_trainer.storage.base import BlobNotFound, validate_key, validate_pref
 from cloud_trainer.storage.local import LocalBlobStore, check_blob_token, sign_blob_token
 from edge_agent.errors import BadInput
 
-pytestmark = pytest.mark.fuzz
+pytestmark = fuzz_marks()
 
 _SAFE_KEY = re.compile(r"[A-Za-z0-9._\-]+(/[A-Za-z0-9._\-]+)*")
 # Errors the filesystem gives for a key it cannot hold although it is valid: a part over
@@ -189,6 +190,7 @@ def test_no_store_operation_on_any_key_escapes_the_store_root(
     assert after == before, f"{key!r} changed files outside the store"
     for path in _tree(root):
         assert Path(path).resolve().is_relative_to(root.resolve()), path
+    shutil.rmtree(root)  # the next example starts from an empty store
 
 
 @fuzz_settings(share=2.0)

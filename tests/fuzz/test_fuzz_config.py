@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 import yaml
-from fuzz_settings import fuzz_settings
+from fuzz_settings import fuzz_marks, fuzz_settings
 from hypothesis import given
 from hypothesis import strategies as st
 from known_bugs import config_crash
@@ -38,7 +38,7 @@ from cloud_trainer.config import (
 )
 from edge_agent.config import PLACEHOLDER_SECRETS, AgentConfig, ConfigError, load_agent_config
 
-pytestmark = pytest.mark.fuzz
+pytestmark = fuzz_marks()
 
 ROOT = Path(__file__).resolve().parents[2]
 

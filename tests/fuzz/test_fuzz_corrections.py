@@ -20,7 +20,7 @@ import re
 import numpy as np
 import pytest
 import yaml
-from fuzz_settings import fuzz_settings
+from fuzz_settings import fuzz_marks, fuzz_settings
 from hypothesis import assume, given
 from hypothesis import strategies as st
 from known_bugs import correction_joint_crash, pyyaml_crash
@@ -29,7 +29,7 @@ from cloud_trainer import corrections
 from edge_agent import skeleton as sk
 from edge_agent.errors import BadInput
 
-pytestmark = pytest.mark.fuzz
+pytestmark = fuzz_marks()
 
 SOURCE = "fix.yaml"
 

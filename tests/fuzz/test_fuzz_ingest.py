@@ -24,7 +24,7 @@ from typing import Any
 import grpc
 import pytest
 import transport_helpers as th
-from fuzz_settings import fuzz_settings
+from fuzz_settings import fuzz_marks, fuzz_settings
 from hypothesis import event, given
 from hypothesis import strategies as st
 
@@ -34,7 +34,7 @@ from cloud_trainer.storage import create_blob_store
 from edge_agent.errors import BadInput
 from protos import booth_pb2, booth_pb2_grpc
 
-pytestmark = pytest.mark.fuzz
+pytestmark = fuzz_marks()
 
 SID = "{sid}"  # replaced by the example's fresh session id
 # When the server ends a stream while the client is still writing, gRPC's transport now and

@@ -25,7 +25,7 @@ import grpc
 import numpy as np
 import pytest
 import transport_helpers as th
-from fuzz_settings import fuzz_settings
+from fuzz_settings import fuzz_marks, fuzz_settings
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
@@ -36,7 +36,7 @@ from edge_agent.errors import BadInput
 from edge_agent.frames import CapturedFrame
 from edge_agent.pose.base import MAX_SIDE_PX, MIN_SIDE_PX, PoseResult, decode_jpeg
 
-pytestmark = pytest.mark.fuzz
+pytestmark = fuzz_marks()
 
 ROOT = Path(__file__).resolve().parents[2]
 SOI, EOI = b"\xff\xd8", b"\xff\xd9"
