@@ -150,11 +150,12 @@ class ControlClient:
         while True:
             call = stub.Connect(register, metadata=auth_metadata(self.cfg.token))
             try:
-                await call.initial_metadata()
+                # The stream carries nothing until a command comes; a report that goes through
+                # says the server is there (and measures the clock at once).
+                await self.report_now()
                 self.connected.set()
                 log.info("control: connected to %s", self.cfg.address)
                 attempt = 0
-                await self.report_now()
                 while (cmd := await call.read()) is not grpc.aio.EOF:
                     await self.execute(cmd)
                 log.info("control: the server closed the stream")

@@ -272,8 +272,6 @@ class ControlService(booth_pb2_grpc.ControlServicer):
     async def Connect(self, request: booth_pb2.Register, context: grpc.aio.ServicerContext) -> Any:
         check_caller(request.booth_id, request.camera_id)
         link = await self.registry.attach(request)
-        # Headers now, not with the first command: the agent learns at once that it is in.
-        await context.send_initial_metadata(())
         try:
             while True:
                 cmd = await link.queue.get()
