@@ -140,7 +140,10 @@ def backdrop(viewpoint: int, size: tuple[int, int]) -> Backdrop:
         t_wall = np.where(d[..., 2] < 0, (WALL_Z - c[2]) / d[..., 2], np.inf)
         t_floor = np.where(d[..., 1] < 0, -c[1] / d[..., 1], np.inf)
     t = np.minimum(t_wall, t_floor)
-    hit = c + d * t[..., None]
+    # Rays that meet neither (only in absurdly wide views of tiny frames) see the hall.
+    nowhere = ~np.isfinite(t)
+    hit = c + d * np.where(nowhere, 1.0, t)[..., None]
+    hit[nowhere] = (0.0, WALL_TOP_Y + 1.0, WALL_Z)
     on_floor = t_floor < t_wall
     hx, hy, hz = hit[..., 0], hit[..., 1], hit[..., 2]
 
@@ -227,12 +230,7 @@ def add_noise(img: np.ndarray, frame_index: int) -> None:
     cv2.subtract(img, neg[dy : dy + h, dx : dx + w], dst=img)
 
 
-@functools.lru_cache(maxsize=1)
-def _blob() -> np.ndarray:
-    """A soft elliptical shadow sprite (alpha in 0..1)."""
-    yy, xx = np.mgrid[-1:1:64j, -1:1:128j].astype(np.float32)
-    r2 = xx**2 + yy**2
-    return np.clip(np.exp(-3.0 * r2) - np.exp(-3.0), 0, 1) / (1 - math.exp(-3.0))
+_EXP3 = math.exp(-3.0)  # the Gaussian's value at the ellipse's rim, where alpha ends
 
 
 def floor_shadow(
@@ -250,20 +248,24 @@ def floor_shadow(
     corners = np.array(
         ((cx - half_x, 0, cz), (cx + half_x, 0, cz), (cx, 0, cz - half_z), (cx, 0, cz + half_z))
     )
-    uv, _ = cam.project(corners)
-    x0, x1 = int(math.floor(uv[:, 0].min())), int(math.ceil(uv[:, 0].max()))
-    y0, y1 = int(math.floor(uv[:, 1].min())), int(math.ceil(uv[:, 1].max()))
-    if x1 - x0 < 2 or y1 - y0 < 2:
+    uv, depth = cam.project(corners)
+    if depth.min() < 0.5:  # the dancer stands on the camera: no sensible floor patch
         return
     h, w = img.shape[:2]
-    sprite = cv2.resize(_blob(), (x1 - x0, y1 - y0), interpolation=cv2.INTER_LINEAR)
-    cx0, cy0, cx1, cy1 = max(x0, 0), max(y0, 0), min(x1, w), min(y1, h)
-    if cx1 <= cx0 or cy1 <= cy0:
+    x0, x1 = max(math.floor(uv[:, 0].min()), 0), min(math.ceil(uv[:, 0].max()), w)
+    y0, y1 = max(math.floor(uv[:, 1].min()), 0), min(math.ceil(uv[:, 1].max()), h)
+    if x1 - x0 < 1 or y1 - y0 < 1:
         return
-    alpha = sprite[cy0 - y0 : cy1 - y0, cx0 - x0 : cx1 - x0]
-    roi = img[cy0:cy1, cx0:cx1]
-    scale = 1.0 - strength * alpha
-    roi[:] = (roi * scale[..., None]).astype(np.uint8)
+    # The projected ellipse, approximated in the image by its axis-aligned extent.
+    mx, my = (uv[0, 0] + uv[1, 0]) / 2, (uv[2, 1] + uv[3, 1]) / 2
+    rx = max(abs(uv[1, 0] - uv[0, 0]) / 2, 1.0)
+    ry = max(abs(uv[3, 1] - uv[2, 1]) / 2, 1.0)
+    u = (np.arange(x0, x1, dtype=np.float32) + 0.5 - mx) / rx
+    v = (np.arange(y0, y1, dtype=np.float32) + 0.5 - my) / ry
+    r2 = v[:, None] ** 2 + u[None, :] ** 2
+    alpha = np.clip((np.exp(-3.0 * r2) - _EXP3) / (1.0 - _EXP3), 0.0, 1.0)
+    roi = img[y0:y1, x0:x1]
+    roi[:] = (roi * (1.0 - strength * alpha)[..., None]).astype(np.uint8)
 
 
 SPOT_VIEW_PX = 320  # the spotlight's-eye silhouette is drawn at this size

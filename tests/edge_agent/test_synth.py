@@ -320,3 +320,23 @@ def test_mp4_writer_bumps_repeated_timestamps_and_keeps_bytes(tmp_path):
         writer.write(jpeg, ts)
     writer.close()
     assert read_mp4_jpegs(tmp_path / "t.mp4") == jpegs
+
+
+def test_any_pose_renders_at_any_size_without_error():
+    from edge_agent.synth.body import NUM_ANGLES
+
+    rng = np.random.default_rng(11)
+    for k in range(60):
+        pose = BodyPose(
+            rng.uniform(-3, 3, NUM_ANGLES),
+            x=float(rng.uniform(-5, 5)),
+            z=float(rng.uniform(-1.9, 3.0)),
+            lift=float(rng.uniform(0, 1)),
+            yaw=float(rng.uniform(-7, 7)),
+            hard_shadow=bool(rng.random() < 0.5),
+        )
+        size = (int(rng.integers(1, 120)), int(rng.integers(1, 90)))
+        f = render(Attendee.from_seed(k), pose, size, viewpoint=k % 5, frame_index=k)
+        assert f.rgb.shape == (size[1], size[0], 3) and f.parts.shape == size[::-1]
+        xs, ys = f.keypoints[f.visible, 0].astype(int), f.keypoints[f.visible, 1].astype(int)
+        assert f.mask[ys, xs].all()
