@@ -22,7 +22,9 @@ import cv2
 import numpy as np
 
 from edge_agent.config import SyntheticSource
+from edge_agent.errors import BadInput
 from edge_agent.frames import CapturedFrame, Granted
+from edge_agent.synth import scene
 from edge_agent.synth.appearance import Attendee
 from edge_agent.synth.choreography import Dance
 from edge_agent.synth.render import SynthFrame, render
@@ -67,6 +69,10 @@ class SyntheticCamera:
     ) -> None:
         if not seconds > 0:
             raise ValueError(f"seconds must be > 0, got {seconds}")
+        try:
+            scene.check_viewpoint(cfg.viewpoint)
+        except ValueError as e:
+            raise BadInput(f"synthetic camera: {e}") from None
         self.cfg = cfg
         self.seconds = float(seconds)
         self.size = (int(cfg.size[0]), int(cfg.size[1]))

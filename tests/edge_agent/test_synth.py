@@ -340,3 +340,10 @@ def test_any_pose_renders_at_any_size_without_error():
         assert f.rgb.shape == (size[1], size[0], 3) and f.parts.shape == size[::-1]
         xs, ys = f.keypoints[f.visible, 0].astype(int), f.keypoints[f.visible, 1].astype(int)
         assert f.mask[ys, xs].all()
+
+
+def test_camera_refuses_an_unknown_viewpoint_in_plain_words():
+    from edge_agent.errors import BadInput
+
+    with pytest.raises(BadInput, match="viewpoint must be 0..4"):
+        SyntheticCamera(SyntheticSource(viewpoint=7, size=(64, 48)), 1.0)
