@@ -223,7 +223,10 @@ class Agent:
                 self._warnings = list(getattr(source, "warnings", []))
             self._clear_error()
             for fn in self._listeners:
-                fn(take)
+                try:
+                    fn(take)
+                except Exception:  # a consumer's bug must not stop the camera
+                    log.exception("take listener %r failed; capturing anyway", fn)
             take.add_done_callback(self._on_take_done)
             with self._lock:
                 if current is not None and not current.finished:

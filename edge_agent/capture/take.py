@@ -56,6 +56,7 @@ log = logging.getLogger(__name__)
 MANIFEST = "take.json"
 POSES = "poses.npz"
 TIMESTAMPS = "frames.csv"
+POSE_LOAD_WAIT_S = 60.0  # longest prepare() waits for the pose model before capturing anyway
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
@@ -187,7 +188,7 @@ class Take:
     # ---- lifecycle -------------------------------------------------------------------
 
     def prepare(self) -> Granted:
-        """Open the camera (pre-render a synthetic one) and set up the consumers.
+        """Open the camera (pre-render a synthetic one), load the pose model, set up consumers.
 
         Raises DeviceError (camera missing, busy, wrong format) or BadInput (the
         take's directory already holds a take).
@@ -219,6 +220,16 @@ class Take:
             self.worker = PoseWorker(
                 self.slot, self._pose_factory, self.store, name=f"pose-{self.camera_id}"
             )
+            # Load the model now: building an interpreter holds the GIL for a while,
+            # which would stall the first frames if it overlapped capture.
+            self.worker.start()
+            if not self.worker.wait_ready(POSE_LOAD_WAIT_S):
+                log.warning(
+                    "take %s/%s: pose backend still loading after %g s; capture starts anyway",
+                    self.session_id,
+                    self.camera_id,
+                    POSE_LOAD_WAIT_S,
+                )
         self.state = "ready"
         return g
 
@@ -229,8 +240,6 @@ class Take:
             raise RuntimeError(f"take already {self.state}")
         assert self.recorder is not None
         self.recorder.start()
-        if self.worker is not None:
-            self.worker.start()
         self.state = "capturing"
         self._thread.start()
         log.info(
