@@ -44,7 +44,7 @@ sys.path.insert(0, str(ROOT))
 
 from edge_agent.capture.clock import BoothClock  # noqa: E402
 from edge_agent.capture.take import Take  # noqa: E402
-from edge_agent.config import CaptureConfig, CpuPose, SyntheticSource  # noqa: E402
+from edge_agent.config import CaptureConfig, CpuPose, SyntheticSource, ZoneConfig  # noqa: E402
 from edge_agent.frames import Granted  # noqa: E402
 from edge_agent.pose.base import create_pose_backend, decode_jpeg  # noqa: E402
 from edge_agent.synth import SyntheticCamera  # noqa: E402
@@ -62,6 +62,11 @@ def pose_config() -> CpuPose | None:
     except ModuleNotFoundError:
         return None
     return CpuPose(models_dir=ROOT / "models", threads=2, mode="tracking")
+
+
+def make_backend(pose: CpuPose):
+    """The backend exactly as the agent builds it (with the booth zone's shadow gating)."""
+    return create_pose_backend(pose, zone=ZoneConfig())
 
 
 class TimedSynthetic:
@@ -120,7 +125,7 @@ def run_ours(
             source=src,
             capture=CaptureConfig(out_dir=out, segment_s=2.0, min_free_disk_mb=200),
             clock=clock,
-            pose_factory=(lambda: create_pose_backend(pose)) if pose else None,
+            pose_factory=(lambda: make_backend(pose)) if pose else None,
             duration_s=seconds,
         )
         for i, src in enumerate(sources)
@@ -179,7 +184,7 @@ def run_ours(
 
 def run_naive(cams: list[SyntheticCamera], frames: int, pose: CpuPose | None, out: Path) -> float:
     """Per-camera fps of decode -> pose inline -> mp4v re-encode, all cameras at once."""
-    backends = [create_pose_backend(pose) if pose else None for _ in cams]
+    backends = [make_backend(pose) if pose else None for _ in cams]
     rates = [0.0] * len(cams)
     barrier = threading.Barrier(len(cams))
 
