@@ -238,7 +238,7 @@ def _is_jpeg(data: bytes) -> bool:
     return True
 
 
-@fuzz_settings(share=1.0)
+@fuzz_settings(share=0.5)
 @given(
     start_with_hello=st.sampled_from([True, True, False]),
     specs=streams() | st.lists(REQUEST, max_size=10),
@@ -266,7 +266,7 @@ async def test_any_request_stream_gets_a_deliberate_status_and_stores_only_good_
     await server.assert_still_serving()
 
 
-@fuzz_settings(share=1.0)
+@fuzz_settings(share=0.5)
 @given(
     message=MESSAGE,
     cut=st.integers(1, 200),
