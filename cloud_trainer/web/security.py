@@ -51,7 +51,8 @@ class CookieSigner:
         return f"{payload}.{self._sig(payload.encode())}"
 
     def loads(self, value: str | None) -> dict | None:
-        if not value or value.count(".") != 1:
+        # A non-ASCII cookie is forged (ours are base64); compare_digest raises on one.
+        if not value or value.count(".") != 1 or not value.isascii():
             return None
         payload, sig = value.split(".")
         if not hmac.compare_digest(sig, self._sig(payload.encode())):

@@ -252,6 +252,7 @@ async def delete_form(
 
 @router.get("/sessions/{session_id}/plot.png", include_in_schema=False)
 def plot(session_id: str, services: ServicesDep, staff: StaffPage):
+    _get(services, session_id)  # 404 for an unknown id, before it becomes a blob key
     key = f"sessions/{session_id}/job/progress.png"
     if not services.store.exists(key):
         raise HTTPException(404, "no training plot yet")
