@@ -74,9 +74,19 @@ def bench_render(size: tuple[int, int], frames: int) -> dict:
     }
 
 
-def _replay(cam: SyntheticCamera) -> dict:
+def _realtime_allowed() -> bool:
+    try:
+        before = (os.sched_getscheduler(0), os.sched_getparam(0))
+        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(1))
+        os.sched_setscheduler(0, *before)
+    except (OSError, AttributeError):
+        return False
+    return True
+
+
+def _replay(cam: SyntheticCamera, realtime: bool = False) -> dict:
     released, deadlines = [], []
-    for frame in cam.frames():
+    for frame in cam.frames(realtime=realtime):
         released.append(time.monotonic_ns())
         deadlines.append(frame.capture_ts_ns)
     rel = np.array(released, dtype=np.int64)
@@ -107,17 +117,12 @@ def bench_replay(size: tuple[int, int], fps: float, seconds: float) -> dict:
     # The same replay with the thread on the real-time (SCHED_FIFO) class, as a
     # capture process given CAP_SYS_NICE would run: shows how much of the jitter is
     # other processes on a shared machine rather than the schedule itself.
-    try:
-        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(10))
-    except (OSError, AttributeError) as e:
-        say(f"real-time replay skipped: {e}")
-        out["replay_rt_skipped"] = str(e)
+    if not _realtime_allowed():
+        say("real-time replay skipped: SCHED_FIFO not permitted")
+        out["replay_rt_skipped"] = "SCHED_FIFO not permitted"
         return out
-    say("replaying again with SCHED_FIFO")
-    try:
-        rt = _replay(cam)
-    finally:
-        os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+    say("replaying again with frames(realtime=True)")
+    rt = _replay(cam, realtime=True)
     out.update(
         replay_rt_fps_achieved=rt["fps_achieved"],
         replay_rt_p99_jitter_ms=rt["p99"],

@@ -347,3 +347,14 @@ def test_camera_refuses_an_unknown_viewpoint_in_plain_words():
 
     with pytest.raises(BadInput, match="viewpoint must be 0..4"):
         SyntheticCamera(SyntheticSource(viewpoint=7, size=(64, 48)), 1.0)
+
+
+def test_realtime_replay_restores_the_threads_scheduling():
+    import os
+
+    fake = _FakeClock()
+    cfg = SyntheticSource(attendee=1, dance=1, size=(64, 48), fps=60)
+    cam = SyntheticCamera(cfg, 0.05, clock_ns=fake.clock, sleep=fake.sleep)
+    before = os.sched_getscheduler(0)
+    assert [f.seq for f in cam.frames(realtime=True)] == [0, 1, 2]
+    assert os.sched_getscheduler(0) == before
