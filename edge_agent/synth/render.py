@@ -108,7 +108,7 @@ def _spot_shadow(
     silhouette is carried onto the wall plane and into the camera by a homography.
     """
     centre = (body.points[P["pelvis"]] + body.points[P["chest"]]) / 2
-    spot = scene.spot_view(centre)
+    spot = scene.spot_view(centre, wall.shape[0])
     silhouette = np.zeros((spot.size[1], spot.size[0]), dtype=np.uint8)
     for item in Figure(attendee, body, spot).items():
         item.draw_parts(silhouette)

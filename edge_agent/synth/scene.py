@@ -268,15 +268,17 @@ def floor_shadow(
     roi[:] = (roi * (1.0 - strength * alpha)[..., None]).astype(np.uint8)
 
 
-SPOT_VIEW_PX = 320  # the spotlight's-eye silhouette is drawn at this size
+def spot_view(target: np.ndarray, frame_height: int) -> CameraModel:
+    """The spotlight as a camera aimed at ``target``: what it lights is what it sees.
 
-
-def spot_view(target: np.ndarray) -> CameraModel:
-    """The spotlight as a camera aimed at ``target``: what it lights is what it sees."""
+    Its view is sized so the silhouette has about the pixels its shadow will cover
+    in a frame ``frame_height`` tall (the shadow spans about half of that).
+    """
+    size = int(np.clip(round(0.6 * frame_height), 48, 400))
     dist = float(np.linalg.norm(target - SPOT_POS))
     # A 2.6 m tall figure (hands up) fills about 85% of the view.
-    f_px = 0.85 * SPOT_VIEW_PX * dist / 2.6
-    return look_at(SPOT_POS, target, f_px, (SPOT_VIEW_PX, SPOT_VIEW_PX))
+    f_px = 0.85 * size * dist / 2.6
+    return look_at(SPOT_POS, target, f_px, (size, size))
 
 
 def wall_homography(spot: CameraModel, cam: CameraModel) -> np.ndarray:
