@@ -328,6 +328,49 @@ def test_a_placeholder_secret_refuses_to_start_however_it_is_spelled(
         refuse_placeholders(cfg, services)
 
 
+@fuzz_settings(share=1.0)
+@given(token=_placeholder | _real_secret)
+def test_the_agent_refuses_a_placeholder_uplink_token(token: str) -> None:
+    from edge_agent.connected import check_token
+
+    cfg = AgentConfig(uplink={"token": token})
+    if token.strip().lower() in PLACEHOLDER_SECRETS:
+        with pytest.raises(ConfigError, match="agent.uplink.token"):
+            check_token(cfg)
+    else:
+        check_token(cfg)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="known gap: ingest accepts an ingest.agents entry whose token_sha256 is the hash "
+    "of a placeholder ('changethis'), so an agent that kept its placeholder is let in",
+)
+@pytest.mark.parametrize("placeholder", ["changethis", "changeme"])
+def test_known_gap_ingest_starts_with_a_placeholder_agent_token(
+    placeholder: str, tmp_path: Path
+) -> None:
+    import hashlib
+
+    from cloud_trainer.ingest.server import serve
+
+    cfg = BoothConfig(
+        ingest={
+            "port": 0,
+            "agents": [
+                {
+                    "camera_id": "cam0",
+                    "token_sha256": hashlib.sha256(placeholder.encode()).hexdigest(),
+                }
+            ],
+        },
+        storage={"type": "local", "root": str(tmp_path / "blobs")},
+        database={"type": "sqlite", "path": str(tmp_path / "booth.db")},
+    )
+    with pytest.raises(ConfigError, match="placeholder"):
+        serve(cfg)
+
+
 def test_a_placeholder_from_an_env_default_refuses_to_start(tmp_path: Path) -> None:
     path = tmp_path / "booth.yaml"
     path.write_text("web:\n  secret_key: ${NO_SUCH_BOOTH_SECRET:-changethis}\n")
