@@ -74,9 +74,6 @@ class PoseStore:
     def __len__(self) -> int:
         return len(self._skeletons)
 
-    def count(self, source: int) -> int:
-        return sum(1 for s in list(self._source.values()) if s == source)
-
     def arrays(self, n: int) -> dict[str, np.ndarray]:
         """Dense arrays for frames ``0..n-1``: missing frames have score 0 and source 0."""
         skeletons = np.zeros((n, sk.NUM_JOINTS, 3), dtype=np.float32)

@@ -451,8 +451,6 @@ class VideoFileCamera:
         self._granted = None
 
 
-SourceFactory = Callable[..., CameraSource]
-
 _SOURCES: dict[str, Callable[..., CameraSource]] = {
     "synthetic": lambda cfg, clock, seconds: SyntheticBoothCamera(cfg, clock, seconds),
     "v4l2": lambda cfg, clock, seconds: V4L2Camera(cfg, clock),

@@ -76,6 +76,7 @@ class TakeSummary:
 
     session_id: str
     camera_id: str
+    booth_id: str
     directory: str
     state: str
     granted: dict[str, Any]
@@ -485,6 +486,7 @@ class Take:
         return TakeSummary(
             session_id=self.session_id,
             camera_id=self.camera_id,
+            booth_id=self.booth_id,
             directory=str(self.directory),
             state=self.state if self.state in ("done", "failed") else "done",
             granted=asdict(g) if g else {},
