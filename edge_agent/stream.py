@@ -136,6 +136,8 @@ class TakeMeta:
     behind_from_seq: int | None = None  # first frame not spooled (see module doc)
     not_spooled: int = 0
     created_at: float = field(default_factory=time.time)
+    # Ended by spool recovery (the agent died mid-capture), not by the capture.
+    sealed_on_recovery: bool = False
 
 
 def _pose_payload(keypoints: Any, imputed: bool, glitch: bool) -> bytes:
@@ -258,6 +260,28 @@ class SpoolTake:
                 frame_count - 1,
             )
         self.spool.notify()
+
+    def reconcile_with_server(self, server_seq: int) -> None:
+        """A take sealed on recovery also counts the frames the server already holds.
+
+        Acked segments are deleted, so an agent killed mid-take may have fewer frames
+        in its spool than it once sent (none at all, if everything was acked): sealed
+        at that count, the take's end would contradict the server forever.
+        """
+        with self._lock:
+            count = self.meta.frame_count
+            if not self.meta.sealed_on_recovery or count is None or server_seq < count:
+                return
+            log.warning(
+                "take %s/%s: the server holds frames up to %d; sealed at %d, not %d",
+                *self.key,
+                server_seq,
+                server_seq + 1,
+                count,
+            )
+            self.meta.frame_count = server_seq + 1
+            self.next_seq = max(self.next_seq, server_seq + 1)
+            self.save_meta()
 
     def _captured_hint(self) -> int:
         return (self.meta.behind_from_seq or 0) + self.meta.not_spooled
@@ -585,7 +609,9 @@ class Spool:
             take._fd = os.open(segs[-1].path, os.O_WRONLY | os.O_APPEND)
         if not take.ended:
             # The agent died mid-capture: what is spooled is the take (a "behind" take
-            # fetches the rest from the recording).
+            # fetches the rest from the recording), plus what the server already holds
+            # (``reconcile_with_server``).
+            meta.sealed_on_recovery = True
             take.end()
             log.warning(
                 "spool: take %s/%s was not ended; sealed at %d frames", *take.key, meta.frame_count
@@ -927,6 +953,7 @@ class Streamer:
             resume = first.hello_ack.resume_after_seq
             pose_resume = first.hello_ack.pose_resume_after_seq
             take.error = ""
+            take.reconcile_with_server(resume)
             self._on_ack(take, resume, pose_resume, {})
             oldest = take.first_frame_seq()
             if oldest is not None and oldest > resume + 1:
