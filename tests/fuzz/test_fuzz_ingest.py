@@ -14,6 +14,7 @@ input; this file throws generated ones at one long-lived server. Properties:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -419,3 +420,33 @@ async def test_a_take_of_zero_frames_completes_with_nothing_stored(server: Serve
     late = await th.raw_ingest(server.port, th.token_for("cam0"), [th.hello(sid), th.frame_req(0)])
     assert late.code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION)
     await server.assert_still_serving()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="known bug: the agent's uplink retries a frame larger than uplink.max_message_mb "
+    "forever; the take never completes and its status shows no error (the session is stuck)",
+)
+async def test_known_bug_a_100_mb_frame_blocks_the_agents_take_silently(
+    server: Server, tmp_path: Path
+) -> None:
+    from edge_agent.frames import CapturedFrame
+    from edge_agent.stream import Streamer
+
+    sid = th.new_session(server.repo)
+    uplink = th.uplink_config(f"127.0.0.1:{server.port}", tmp_path / "spool", budget_mb=512)
+    streamer = Streamer(uplink, booth_id=th.BOOTH, camera_id="cam0")
+    await streamer.start()
+    try:
+        take = streamer.open_take(sid, width=64, height=48, fps=120)
+        frames = th.frames(3)
+        big = b"\xff\xd8" + b"\0" * (100 * 2**20) + b"\xff\xd9"
+        take.add_frames([*frames, CapturedFrame(3, frames[-1].capture_ts_ns + 8_333_333, big)])
+        take.end()
+        with contextlib.suppress(TimeoutError):
+            await streamer.wait_uploaded(sid, timeout_s=4)
+        (status,) = streamer.status()["takes"]
+        # Never stuck: within a bounded time the take is complete, or says why it is not.
+        assert status["complete"] or status["error"], status
+    finally:
+        await streamer.stop()
