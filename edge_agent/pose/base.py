@@ -67,10 +67,47 @@ def check_frame(rgb: object) -> np.ndarray:
     return np.ascontiguousarray(rgb)  # OpenCV wants rows in order (no copy if they are)
 
 
+# No booth camera comes near this (4K is 8.3 Mpx); a header claiming more is hostile or broken,
+# and decoding it first would allocate gigabytes.
+MAX_JPEG_PIXELS = 4096 * 4096
+_SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+
+
+def jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """``(width, height)`` from a JPEG's start-of-frame header, without decoding; None if absent."""
+    pos, n = 2, len(data)
+    while pos + 4 <= n:
+        if data[pos] != 0xFF:
+            return None
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
+            pos += 2
+            continue
+        length = int.from_bytes(data[pos + 2 : pos + 4], "big")
+        if marker in _SOF_MARKERS:
+            if pos + 9 > n:
+                return None
+            height = int.from_bytes(data[pos + 5 : pos + 7], "big")
+            width = int.from_bytes(data[pos + 7 : pos + 9], "big")
+            return width, height
+        if marker == 0xDA or length < 2:  # start of scan before any frame header
+            return None
+        pos += 2 + length
+    return None
+
+
 def decode_jpeg(data: bytes) -> np.ndarray:
     """Decode one camera JPEG to RGB uint8, raising BadInput for a corrupt or truncated one."""
     if len(data) < 4 or data[:2] != b"\xff\xd8":
         raise BadInput(f"corrupt JPEG: no start-of-image marker ({len(data)} bytes)")
+    size = jpeg_size(data)
+    if size is None:
+        raise BadInput(f"corrupt JPEG: no frame header ({len(data)} bytes)")
+    if size[0] * size[1] > MAX_JPEG_PIXELS or 0 in size:
+        raise BadInput(f"JPEG claims {size[0]}x{size[1]} pixels; refusing to decode it")
     bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
     if bgr is None:
         raise BadInput(f"corrupt JPEG: cannot decode {len(data)} bytes (truncated or damaged)")
