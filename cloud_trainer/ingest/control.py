@@ -122,7 +122,8 @@ class AgentRegistry:
 
     # ---- called by the Control service --------------------------------------------------
 
-    async def attach(self, register: booth_pb2.Register) -> _Link:
+    def attach(self, register: booth_pb2.Register) -> _Link:
+        """Register an open Connect stream (synchronously: the caller's finally detaches it)."""
         key = (register.booth_id, register.camera_id)
         old = self._links.get(key)
         if old is not None:  # the agent reconnected; the old stream is dead or dying
@@ -132,8 +133,10 @@ class AgentRegistry:
         self._registered[key] = register
         self._seen[key] = self._clock()
         log.info("agent %s/%s connected (%s)", *key, register.software_version or "?")
-        await self._persist(key, state="idle")
         return link
+
+    async def record_connected(self, link: _Link) -> None:
+        await self._persist((link.register.booth_id, link.register.camera_id), state="idle")
 
     async def detach(self, link: _Link) -> None:
         key = (link.register.booth_id, link.register.camera_id)
@@ -271,8 +274,10 @@ class ControlService(booth_pb2_grpc.ControlServicer):
 
     async def Connect(self, request: booth_pb2.Register, context: grpc.aio.ServicerContext) -> Any:
         check_caller(request.booth_id, request.camera_id)
-        link = await self.registry.attach(request)
+        link = self.registry.attach(request)
         try:
+            # Inside the try: an agent that leaves while this write runs is still detached.
+            await self.registry.record_connected(link)
             while True:
                 cmd = await link.queue.get()
                 if cmd is None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from pathlib import Path
 
@@ -178,3 +179,32 @@ async def test_a_start_while_another_take_runs_is_refused_and_says_why(tmp_path,
         assert second["cam0"].acked and second["cam0"].session_id == "s1"
         assert "still capturing s1" in second["cam0"].error
         assert [s for s, _, _ in b.captures["cam0"].started] == ["s1"]
+
+
+async def test_an_agent_that_leaves_while_it_is_being_registered_is_offline(tmp_path):
+    cfg = th.booth_config(tmp_path)
+    repo = Repository.from_config(cfg.database)
+    entered, release = threading.Event(), threading.Event()
+
+    class SlowRepo:
+        """The real repository, but recording an agent waits until the test says so."""
+
+        def upsert_agent(self, *args, **kwargs):
+            entered.set()
+            release.wait(30)
+            return repo.upsert_agent(*args, **kwargs)
+
+        def __getattr__(self, name):
+            return getattr(repo, name)
+
+    async with th.running_server(cfg, repo=SlowRepo(), store=create_blob_store(cfg.storage)) as srv:
+        booth = srv.registry.booth(th.BOOTH)
+        client = Booth(tmp_path, srv, cameras=("cam0",)).clients["cam0"]
+        await client.start()
+        assert await asyncio.to_thread(entered.wait, 30)
+        assert booth.online() == ["cam0"]
+        await client.stop()  # gone while the server is still writing its arrival
+        release.set()
+        async with asyncio.timeout(30):
+            while booth.online():
+                await asyncio.sleep(0.01)

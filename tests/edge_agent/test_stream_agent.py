@@ -85,7 +85,8 @@ async def test_start_on_the_tablet_puts_every_recorded_frame_in_the_cloud_once(
                 while booth.online() != ["cam0"]:
                     await asyncio.sleep(0.01)
             results = await booth.start_take(sid, 0.5)
-            assert results["cam0"].acked and results["cam0"].state == "capturing"
+            # The replayed camera is quick: by its report the take may already be finishing.
+            assert results["cam0"].acked and results["cam0"].session_id == sid
             if budget_frames:
                 async with asyncio.timeout(30):  # the take ends with the link still down
                     while not (agent.state == "idle" and streamer.status()["takes"]):
