@@ -19,6 +19,7 @@ Sources are chosen by the config's ``type`` key through :func:`create_source`.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from fractions import Fraction
@@ -125,6 +126,34 @@ class ReplayCamera:
 
 # The last pre-rendered synthetic take (one camera per agent process; kept to one entry).
 _PRERENDERED: dict[tuple[str, float, int], Any] = {}
+_PRERENDER_LOCK = threading.Lock()
+
+
+def _prerendered(cfg: SyntheticSource, seconds: float, clock: BoothClock) -> Any:
+    """The synthetic take for ``cfg``, rendered once per process.
+
+    Every take of one synthetic camera shows the same dance, so Start on the tablet
+    starts the take rather than a minute of rendering; a take started while the
+    start-up pre-render (``booth agent --prerender-seconds``) runs waits for it.
+    """
+    # Imported here: rendering pulls in more than a board needs to import the agent.
+    from edge_agent.synth import SyntheticCamera
+
+    key = (cfg.model_dump_json(), seconds, id(clock))
+    with _PRERENDER_LOCK:
+        camera = _PRERENDERED.get(key)
+        if camera is None:
+            camera = SyntheticCamera(cfg, seconds, clock_ns=clock.now_ns)
+            started = time.monotonic()
+            camera.prerender()
+            log.info(
+                "synthetic camera: %.1f s pre-rendered in %.1f s",
+                seconds,
+                time.monotonic() - started,
+            )
+            _PRERENDERED.clear()
+            _PRERENDERED[key] = camera
+        return camera
 
 
 class SyntheticBoothCamera:
@@ -144,25 +173,7 @@ class SyntheticBoothCamera:
         return Granted(w, h, self.cfg.fps)
 
     def open(self) -> Granted:
-        # Imported here: rendering pulls in more than a board needs to import the agent.
-        from edge_agent.synth import SyntheticCamera
-
-        # Every take of one synthetic camera shows the same dance: render it once per
-        # process, so Start on the tablet starts the take, not a minute of rendering.
-        key = (self.cfg.model_dump_json(), self.seconds, id(self.clock))
-        camera = _PRERENDERED.get(key)
-        if camera is None:
-            camera = SyntheticCamera(self.cfg, self.seconds, clock_ns=self.clock.now_ns)
-            started = time.monotonic()
-            camera.prerender()
-            log.info(
-                "synthetic camera: %.1f s pre-rendered in %.1f s",
-                self.seconds,
-                time.monotonic() - started,
-            )
-            _PRERENDERED.clear()
-            _PRERENDERED[key] = camera
-        self._camera = camera
+        self._camera = _prerendered(self.cfg, self.seconds, self.clock)
         return self._camera.granted()
 
     def frames(self) -> Iterator[CapturedFrame]:
