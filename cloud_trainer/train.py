@@ -78,6 +78,7 @@ from cloud_trainer.model import (
     discriminator_loss,
     generator_loss,
 )
+from cloud_trainer.score import box_metrics, person_box, plot_progress, score_generator
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +111,14 @@ MARGIN_S = 1.5
 SAVE_S_PER_MPARAM = 0.03
 EXPORT_S = 4.0
 EXPORT_S_PER_MPARAM = 0.12
+# Export and scoring relative to the first step's duration (mostly tracing), measured on
+# this machine: idle, a 6 s first step at 32 px, then 2.5 s scoring and 2.7 s export;
+# with other jobs on the 2 cores, 11-18 s first steps and 10-15 s exports (the
+# single-threaded converter suffers most). Before the first step, its duration is
+# guessed from tracing the generator alone for the first evaluation (about 5x less).
+EXPORT_PER_TRACE = 1.4
+SCORE_PER_TRACE = 0.4
+FIRST_STEP_PER_PREDICT_TRACE = 5.0
 # The pose metric costs the backend three times per scored frame (ours, NN, real).
 POSE_S_PER_FRAME = 0.1
 
@@ -362,13 +371,17 @@ class Pix2Pix:
 
 
 def evaluate(model: Pix2Pix, holdout: Examples) -> dict[str, float]:
-    """Mean SSIM (whole crop) and L1 of the generator on a few held-out frames."""
+    """SSIM inside the person box (as the score) and whole-crop L1 on a few held-out frames."""
     out = np.concatenate(
         [model.generate(holdout.labels[i : i + 8]) for i in range(0, len(holdout), 8)]
     )
-    ssim = tf.image.ssim(tf.convert_to_tensor(out), tf.convert_to_tensor(holdout.frames), 255)
+    size = model.spec.size_px
+    ssim = [
+        box_metrics(o, t, person_box(p, size))[0]
+        for o, t, p in zip(out, holdout.frames, holdout.poses, strict=True)
+    ]
     l1 = np.abs(out.astype(np.float32) - holdout.frames.astype(np.float32)).mean() / 255.0
-    return {"ssim": float(tf.reduce_mean(ssim)), "l1": float(l1)}
+    return {"ssim": float(np.mean(ssim)), "l1": float(l1)}
 
 
 # ---- base checkpoints -------------------------------------------------------------------
@@ -455,6 +468,7 @@ def export_generator(
     gen = build_generator(model.spec)
     gen.set_weights(model.generator.get_weights())
 
+    @tf.autograph.experimental.do_not_convert  # straight-line code; autograph only warns
     def run(label: tf.Tensor) -> dict[str, tf.Tensor]:
         y = gen(tf.cast(label, tf.float32) / 127.5 - 1.0, training=False)
         return {"image": tf.cast(tf.clip_by_value(tf.round((y + 1.0) * 127.5), 0, 255), tf.uint8)}
@@ -554,6 +568,7 @@ class JobResult:
     history: list[dict[str, float]] = field(default_factory=list)
     evals: list[dict[str, float]] = field(default_factory=list)
     runtime: dict[str, Any] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage, this attempt
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -702,6 +717,8 @@ class _Fit:
         pick[np.unique(np.linspace(0, n - 1, min(n, EVAL_FRAMES)).round().astype(int))] = True
         self.holdout = corpus.examples(holdout_split, keep=pick)
         self.step_s: float | None = None
+        self.first_step_s: float | None = None
+        self.predict_trace_s: float | None = None
         self.eval_s: float | None = None
         self.save_s = 0.5 + SAVE_S_PER_MPARAM * model.params_m
         self.export_s = EXPORT_S + EXPORT_S_PER_MPARAM * model.params_m
@@ -718,13 +735,27 @@ class _Fit:
         score_s = 2.0 + self.score_frames * (
             2 * per_frame + (POSE_S_PER_FRAME if self.pose_metric else 0.0)
         )
-        return (self.step_s or 0.0) + eval_s + self.save_s + score_s + self.export_s + MARGIN_S
+        export_s = self.export_s
+        first = self.first_step_s
+        if first is None and self.predict_trace_s is not None:
+            first = FIRST_STEP_PER_PREDICT_TRACE * self.predict_trace_s
+        if first is not None:
+            # Exporting traces the generator twice and converts it: graph work like the
+            # first step's tracing, and slowed alike when other jobs share the cores.
+            export_s = max(export_s, EXPORT_PER_TRACE * first)
+            score_s = max(score_s, SCORE_PER_TRACE * first)
+        step_s = self.step_s
+        if step_s is None and self.first_step_s is None and first is not None:
+            step_s = first  # the first step is about to trace
+        return (step_s or 0.0) + eval_s + self.save_s + score_s + export_s + MARGIN_S
 
     # -- checkpoints -----------------------------------------------------------------------
 
     def evaluate(self) -> dict[str, float]:
         if self.eval_s is None:
-            self.model.generate(self.holdout.labels[:1])  # trace outside the timing
+            t = time.monotonic()
+            self.model.generate(self.holdout.labels[:1])  # trace outside the eval timing
+            self.predict_trace_s = time.monotonic() - t
         t = time.monotonic()
         e = evaluate(self.model, self.holdout)
         self.eval_s = time.monotonic() - t
@@ -797,7 +828,12 @@ class _Fit:
     def run(self) -> str:
         cfg, model, state = self.cfg, self.model, self.state
         dataset = self.corpus.dataset(cfg.batch * model.runtime.replicas, seed=state.step)
-        iterator = iter(model.runtime.strategy.experimental_distribute_dataset(dataset))
+        if model.runtime.replicas > 1:
+            iterator = iter(model.runtime.strategy.experimental_distribute_dataset(dataset))
+        else:
+            # One replica needs no distributed iterator, whose teardown blocks for seconds
+            # (measured 0.7-6 s idle, over a minute under load) on its prefetch threads.
+            iterator = iter(dataset)
         if self.manager.latest_checkpoint is None:
             self.snapshot = model.snapshot()
         if not state.evals or state.evals[-1]["step"] != state.step:
@@ -834,6 +870,8 @@ class _Fit:
                 dt = time.monotonic() - t
                 if first:
                     first = False  # includes tracing: no estimate of the next steps
+                    if self.first_step_s is None:
+                        self.first_step_s = dt
                 else:
                     self.step_s = dt if self.step_s is None else 0.8 * self.step_s + 0.2 * dt
                 window.append(losses)
@@ -934,9 +972,16 @@ def train_job(
     ):
         mirror_from_store(store, prefix, ckpt_root)
     state = _State.load(ckpt_root / STATE) or _State(learning_rate=cfg.learning_rate)
-    if state.done is not None and (job_dir / "export" / "generator.json").exists():
-        log.info("job already finished; returning its result", extra={"session": job.session_id})
-        return JobResult.from_dict({**state.done, "stopped": "done-before"})
+    if state.done is not None:
+        export_dir = job_dir / "export"
+        if not (export_dir / "generator.json").exists() and store is not None:
+            mirror_from_store(store, model_prefix, export_dir)
+        if (export_dir / "generator.json").exists():
+            # A redelivered job that already finished: same result, no second training.
+            log.info("job already finished", extra={"session": job.session_id})
+            done = {**state.done, "stopped": "done-before", "export_dir": str(export_dir)}
+            done["plot_path"] = str(export_dir / "progress.png")
+            return JobResult.from_dict(done)
     budget = Budget(cfg.budget_s, spent_s=state.elapsed_s)
     report(
         Progress(
@@ -947,7 +992,10 @@ def train_job(
             message="building the corpus",
         )
     )
+    timings: dict[str, float] = {}
+    t_stage = time.monotonic()
     corpus = prepare_corpus(job, cfg, job_dir, store, models_dir=models_dir)
+    timings["corpus_s"] = round(time.monotonic() - t_stage, 2)
 
     latest = tf.train.latest_checkpoint(str(ckpt_root / "ckpt"))
     base_uri = job.base_checkpoint or cfg.base_checkpoint
@@ -999,7 +1047,11 @@ def train_job(
         pose_metric=pose_available,
     )
     report(Progress("training", state.step, cfg.max_steps, elapsed_s=budget.elapsed()))
+    t_stage = time.monotonic()
     stopped = fit.run()
+    timings["train_s"] = round(time.monotonic() - t_stage, 2)
+    timings["first_step_s"] = round(fit.first_step_s or 0.0, 2)
+    timings["step_s"] = round(fit.step_s or 0.0, 4)
 
     # The best generator, not the last, is what the attendee gets.
     best_path = fit.best_manager.latest_checkpoint
@@ -1008,11 +1060,10 @@ def train_job(
         fit.best_ckpt.restore(best_path).assert_existing_objects_matched()
         best_step = int(state.best["step"])
     report(Progress("scoring", state.step, cfg.max_steps, elapsed_s=budget.elapsed()))
+    t_stage = time.monotonic()
     export_dir = job_dir / "export"
     work_out = job_dir / "out"
     work_out.mkdir(exist_ok=True)
-    from cloud_trainer.score import plot_progress, score_generator
-
     if corpus.count("holdout"):
         score = score_generator(
             model.generate,
@@ -1031,7 +1082,9 @@ def train_job(
         title=job.session_id,
     )
 
+    timings["score_s"] = round(time.monotonic() - t_stage, 2)
     report(Progress("exporting", state.step, cfg.max_steps, elapsed_s=budget.elapsed()))
+    t_stage = time.monotonic()
     framings = [{"take": t["name"], "camera": t["camera"], **t["framing"]} for t in corpus.takes]
     export_generator(
         model,
@@ -1045,6 +1098,7 @@ def train_job(
     _write_json(export_dir / "score.json", score)
     if store is not None:
         mirror_to_store(export_dir, store, model_prefix)
+    timings["export_s"] = round(time.monotonic() - t_stage, 2)
     result = JobResult(
         session_id=job.session_id,
         steps=state.step,
@@ -1062,6 +1116,7 @@ def train_job(
         history=state.history,
         evals=state.evals,
         runtime=runtime.describe(),
+        timings=timings,
     )
     state.elapsed_s = budget.elapsed()
     state.done = result.to_dict()

@@ -197,3 +197,32 @@ def test_corpus_round_trips_through_the_blob_store(corpus: Corpus, tmp_path: Pat
     copy = Corpus.open(tmp_path / "copy")
     copy.verify()
     assert copy.count("train") == corpus.count("train")
+
+
+MODELS = Path(__file__).resolve().parents[2] / "models"
+
+
+@pytest.mark.skipif(
+    not (MODELS / "selfie_segmentation.tflite").exists(), reason="models not unpacked (make models)"
+)
+def test_parts_masks_from_selfie_segmentation_cover_the_person(
+    take: TakeData, tmp_path: Path
+) -> None:
+    from cloud_trainer.corpus import default_segmenter
+
+    no_masks = TakeData("maskless", take.frames, take.poses, fps=8)
+    c = build_corpus(
+        [no_masks],
+        tmp_path,
+        size_px=SIZE,
+        label_map="parts",
+        holdout_fraction=0.1,
+        segmenter=lambda: default_segmenter(MODELS),
+    )
+    truth = build_corpus(
+        [take], tmp_path / "truth", size_px=SIZE, label_map="parts", holdout_fraction=0.1
+    )
+    seg, ref = c.examples("holdout").labels, truth.examples("holdout").labels
+    person_seg, person_ref = seg.sum(-1) > 0, ref.sum(-1) > 0
+    iou = (person_seg & person_ref).sum() / max(1, (person_seg | person_ref).sum())
+    assert iou > 0.5

@@ -26,6 +26,7 @@ from cloud_trainer.train import (
     Budget,
     JobSpec,
     Pix2Pix,
+    Runtime,
     TrainHooks,
     read_export,
     require_label_map,
@@ -163,10 +164,16 @@ def test_job_stores_a_score_and_a_progress_plot(resumed) -> None:
     )
 
 
-def test_finished_job_run_again_returns_its_result_without_training(resumed, tmp_path) -> None:
+def test_finished_job_delivered_again_returns_its_result_without_training(
+    resumed, tmp_path: Path
+) -> None:
     result, store, _ = resumed
     again = train_job(JobSpec("sess-1", []), config(result.export_dir.parent.parent), store)
     assert again.stopped == "done-before" and again.steps == result.steps
+    # On a third machine, from the store alone.
+    elsewhere = train_job(JobSpec("sess-1", []), config(tmp_path), store)
+    assert elsewhere.stopped == "done-before" and elsewhere.score == result.score
+    assert read_export(elsewhere.export_dir)["label_map"] == "skeleton"
 
 
 @pytest.fixture(scope="module")
@@ -225,15 +232,15 @@ def test_budget_is_honoured_within_a_few_seconds_by_a_warm_started_job(
     take: TakeData, base: Path, tmp_path: Path
 ) -> None:
     cfg = config(
-        tmp_path, max_steps=None, budget_s=25, checkpoint_every_steps=50, checkpoint_every_s=4
+        tmp_path, max_steps=None, budget_s=20, checkpoint_every_steps=50, checkpoint_every_s=4
     )
     t0 = time.monotonic()
     result = train_job(JobSpec("sess-b", [take], base_checkpoint=str(base)), cfg, models_dir=None)
     took = time.monotonic() - t0
     assert result.stopped == "budget" and result.warm_start
     assert result.steps > 0
-    assert took <= cfg.budget_s + 4, f"job took {took:.1f} s for a {cfg.budget_s} s budget"
-    assert result.elapsed_s <= cfg.budget_s + 4
+    assert took <= cfg.budget_s + 5, f"{took:.1f} s for a {cfg.budget_s} s budget: {result.timings}"
+    assert result.elapsed_s <= cfg.budget_s + 5
 
 
 def test_nan_loss_rolls_back_once_to_the_last_checkpoint_at_half_the_learning_rate(
@@ -305,6 +312,21 @@ def test_budget_counts_time_spent_by_earlier_attempts() -> None:
     assert b.remaining() == 40
     now[0] += 15
     assert b.elapsed() == 35 and b.remaining() == 25
+
+
+def test_train_step_runs_under_mirrored_strategy_with_float16_loss_scaling() -> None:
+    # The GPU path (MirroredStrategy, mixed_float16, LossScaleOptimizer), exercised on the CPU.
+    runtime = Runtime(tf.distribute.MirroredStrategy(), "cpu", "mixed_float16", False)
+    model = Pix2Pix(
+        ModelSpec.for_size(SIZE), learning_rate=2e-4, l1_weight=100, global_batch=2, runtime=runtime
+    )
+    x = tf.random.uniform((2, SIZE, SIZE, 3), -1, 1)
+    before = model.generator.trainable_variables[0].numpy().copy()
+    losses = [model.train_step(x, x) for _ in range(2)]
+    assert all(np.isfinite(v) for step in losses for v in step.values())
+    assert int(model.step.numpy()) == 2
+    assert not np.array_equal(before, model.generator.trainable_variables[0].numpy())
+    assert type(model.g_opt).__name__ == "LossScaleOptimizer"
 
 
 def test_runtime_on_cpu_is_one_device_without_xla(tmp_path: Path) -> None:
