@@ -85,6 +85,7 @@ FSYNC_BYTES = 8 * 1024 * 1024
 SEGMENT_BYTES = 16 * 1024 * 1024
 READ_BATCH_BYTES = 4 * 1024 * 1024
 LATENCY_SAMPLES = 20_000
+MESSAGE_OVERHEAD_BYTES = 1024  # a Frame's fields besides the JPEG, with room to spare
 
 # Status codes after which retrying soon is pointless; the take waits at the slowest
 # backoff (the config or the session may get fixed) and the status says why.
@@ -952,7 +953,6 @@ class Streamer:
                 raise TakeNotAccepted("the server did not answer the hello with a hello_ack")
             resume = first.hello_ack.resume_after_seq
             pose_resume = first.hello_ack.pose_resume_after_seq
-            take.error = ""
             take.reconcile_with_server(resume)
             self._on_ack(take, resume, pose_resume, {})
             oldest = take.first_frame_seq()
@@ -990,6 +990,7 @@ class Streamer:
     ) -> bool:
         progressed = False
         ids = {"session_id": take.meta.session_id, "camera_id": take.meta.camera_id}
+        max_jpeg = self.cfg.max_message_mb * 2**20 - MESSAGE_OVERHEAD_BYTES
         while not self._closed:
             if reader.done():
                 reader.result()  # the stream failed: raise its error
@@ -998,6 +999,15 @@ class Streamer:
             batch = cursor.read()
             for rec in batch:
                 if rec.kind == KIND_FRAME:
+                    if len(rec.payload) > max_jpeg:
+                        # Let the server keep (and ack) what came before, then say why we stop.
+                        await call.done_writing()
+                        await reader
+                        raise TakeNotAccepted(
+                            f"frame {rec.seq} is {len(rec.payload) / 2**20:.1f} MiB, more than "
+                            f"uplink.max_message_mb ({self.cfg.max_message_mb}) allows; the take "
+                            "cannot complete until that limit (and ingest.max_message_mb) is raised"
+                        )
                     req = booth_pb2.IngestRequest(
                         frame=booth_pb2.Frame(
                             seq=rec.seq, capture_ts_ns=rec.capture_ts_ns, jpeg=rec.payload, **ids
@@ -1051,7 +1061,10 @@ class Streamer:
             now = time.monotonic()
             for seq in [s for s in sent_at if s <= durable]:
                 self.ack_latencies_s.append(now - sent_at.pop(seq))
-        self.frames_acked += take.ack(durable, pose_durable)
+        newly = take.ack(durable, pose_durable)
+        if newly:
+            take.error = ""  # progress: whatever went wrong before is over
+        self.frames_acked += newly
 
     # ---- status -----------------------------------------------------------------------------
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import secrets
 import time
 from collections.abc import Coroutine
@@ -320,6 +321,8 @@ def _as_dict(message: Any) -> dict[str, Any]:
             value = _as_dict(value)
         elif field_desc.enum_type is not None:
             value = state_name(value)
+        elif isinstance(value, float) and not math.isfinite(value):
+            value = None  # an agent's NaN fps must not break strict JSON (tablet, PostgreSQL)
         out[field_desc.name] = value
     return out
 

@@ -210,3 +210,18 @@ async def test_an_agent_that_leaves_while_it_is_being_registered_is_offline(tmp_
         async with asyncio.timeout(30):
             while booth.online():
                 await asyncio.sleep(0.01)
+
+
+async def test_a_status_with_nan_numbers_is_stored_and_shown_as_strict_json(tmp_path, server):
+    import json
+
+    registry = server.registry
+    bad = booth_pb2.AgentStatus(
+        booth_id=th.BOOTH, camera_id="cam0", fps=float("nan"), pose_fps=float("inf")
+    )
+    await registry.report(bad)
+    (view,) = registry.agents(th.BOOTH)
+    assert view.status["fps"] is None and view.status["pose_fps"] is None
+    json.dumps(view.status, allow_nan=False)
+    (row,) = server.test_repo.list_agents(th.BOOTH)
+    assert row["status"]["fps"] is None

@@ -214,3 +214,21 @@ async def test_without_a_recording_to_read_from_the_take_waits_and_says_why(env)
     assert f"{30 - spooled} frames" in st.status()["error"]
     assert env.repo.list_takes(sid)[0]["state"] == "capturing"  # never marked uploaded
     assert len(env.repo.frame_index(sid, "cam0")) == spooled
+
+
+async def test_a_frame_too_big_to_send_stops_the_take_with_a_reason(env):
+    sid = th.new_session(env.repo)
+    frames = th.frames(3)
+    huge = CapturedFrame(3, 0, b"\xff\xd8" + b"\0" * (5 * 2**20) + b"\xff\xd9")  # > 4 MiB
+    async with th.running_server(env.cfg, repo=env.repo, store=env.store) as srv:
+        st = env.streamer(f"127.0.0.1:{srv.port}")
+        take = st.open_take(sid)
+        take.add_frames([*frames, huge])
+        take.end()
+        await st.start()
+        try:
+            await _until(lambda: "max_message_mb" in st.status()["error"])
+            await _until(lambda: st.frames_acked == 3)  # what fits is uploaded meanwhile
+            assert "frame 3 is 5.0 MiB" in st.status()["error"]
+        finally:
+            await st.stop()
