@@ -1,9 +1,11 @@
 """Putting training jobs on the queue, without losing one when a process dies.
 
 A job row is created (idempotently, one per session) before it is published,
-and marked ``published_at`` after. ``publish_pending`` re-publishes rows that
-never got the mark, so a crash between the session's upload and the publish
-delays the job instead of leaving the session stuck in ``uploaded``. A crash
+and marked ``published_at`` after. ``publish_pending`` (run when ``booth serve``
+starts) creates the job of an ``uploaded`` session that has none and
+re-publishes rows that never got the mark, so a crash anywhere between the
+session's upload and the publish delays the job instead of leaving the session
+stuck in ``uploaded``. A crash
 between publish and mark publishes twice; workers ignore a job that has
 already ended and the queue keeps one message per job where it can (SQLite).
 """
@@ -25,6 +27,24 @@ def enqueue_training(repo: Any, queue: Any, session_id: str) -> str:
 
 
 def publish_pending(repo: Any, queue: Any) -> int:
+    """Queue what a crash left unqueued: uploaded sessions without a job, and unpublished jobs."""
+    from sqlalchemy import select
+
+    from cloud_trainer.repository.schema import jobs, sessions
+    from cloud_trainer.session import State
+
+    with repo.engine.connect() as conn:
+        orphans = [
+            r.id
+            for r in conn.execute(
+                select(sessions.c.id)
+                .outerjoin(jobs, jobs.c.session_id == sessions.c.id)
+                .where(sessions.c.state == State.UPLOADED.value, jobs.c.id.is_(None))
+            )
+        ]
+    for session_id in orphans:
+        log.warning("session %s was uploaded but never queued; queueing it now", session_id)
+        repo.create_job(session_id)
     pending = repo.unpublished_jobs()
     for job in pending:
         queue.publish(job["id"], {"session_id": job["session_id"]})

@@ -1,0 +1,44 @@
+"""A crash between upload and publish delays a training job; it never loses one."""
+
+from __future__ import annotations
+
+from cloud_trainer.config import SqliteDatabase, SqliteQueue
+from cloud_trainer.dispatch import enqueue_training, publish_pending
+from cloud_trainer.queue import create_job_queue
+from cloud_trainer.repository import Repository
+
+
+def uploaded_session(repo: Repository) -> str:
+    sid = repo.create_session(
+        booth_id="booth-1",
+        name="A",
+        email="a@example.org",
+        consent=True,
+        reference_name="r",
+        take_s=1,
+        cameras=["cam0"],
+    )
+    repo.transition(sid, "capturing")
+    repo.transition(sid, "uploaded")
+    return sid
+
+
+def test_uploaded_session_without_a_job_is_queued_at_start_up(tmp_path):
+    repo = Repository.from_config(SqliteDatabase(path=tmp_path / "b.db"))
+    queue = create_job_queue(SqliteQueue(path=tmp_path / "q.db"))
+    sid = uploaded_session(repo)  # the server died before its upload hook ran
+    assert publish_pending(repo, queue) == 1
+    lease = queue.receive(timeout_s=1)
+    assert lease is not None and lease.payload == {"session_id": sid}
+    assert repo.job_for_session(sid)["published_at"] is not None
+    assert publish_pending(repo, queue) == 0
+
+
+def test_job_created_but_never_published_is_published_once(tmp_path):
+    repo = Repository.from_config(SqliteDatabase(path=tmp_path / "b.db"))
+    queue = create_job_queue(SqliteQueue(path=tmp_path / "q.db"))
+    sid = uploaded_session(repo)
+    job_id = repo.create_job(sid)  # died between create and publish
+    assert publish_pending(repo, queue) == 1
+    assert queue.receive(timeout_s=1).job_id == job_id
+    assert enqueue_training(repo, queue, sid) == job_id  # idempotent on the session
