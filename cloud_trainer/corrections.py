@@ -125,7 +125,7 @@ def _frame(value: Any, node: yaml.Node, n_frames: int, what: str, p: _Problems) 
 
 
 def _joint(value: Any, node: yaml.Node, p: _Problems) -> str | None:
-    if value in sk.INDEX:
+    if isinstance(value, str) and value in sk.INDEX:
         return value
     close = difflib.get_close_matches(str(value), sk.JOINTS, n=1)
     hint = f" (did you mean {close[0]}?)" if close else ""
@@ -213,6 +213,11 @@ def parse(text: str, n_frames: int, *, source: str = "corrections") -> Correctio
             data = loader.construct_document(root) if root is not None else None
         finally:
             loader.dispose()
+    except (ValueError, IndexError, TypeError, RecursionError) as e:
+        # PyYAML's constructors raise these for a bad explicit tag or absurd nesting.
+        raise BadInput(
+            f"{source}: malformed YAML: {str(e).strip()[:200] or type(e).__name__}"
+        ) from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]

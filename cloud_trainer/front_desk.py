@@ -22,10 +22,13 @@ from edge_agent.errors import BadInput, BoothError
 
 log = logging.getLogger(__name__)
 
-# Deliberately simple: one @, a dot in the domain, no spaces or control characters.
+# Deliberately strict: one @, a dot in the domain, no spaces or control characters.
 # The SMTP server has the final word; a rejected address shows on the session.
+# The local part is an RFC 5322 dot-atom (quoted forms such as "a b"@x are refused: mail
+# libraries and clients disagree on them).
 _EMAIL_RE = re.compile(
-    r"^[^@\s\x00-\x1f\x7f]{1,64}@[A-Za-z0-9](?:[A-Za-z0-9-]{0,62}\.)+[A-Za-z]{2,63}$"
+    r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*"
+    r"@[A-Za-z0-9](?:[A-Za-z0-9-]{0,62}\.)+[A-Za-z]{2,63}$"
 )
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 

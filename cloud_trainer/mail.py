@@ -16,6 +16,7 @@ names are replaced by spaces, and an address containing them is refused).
 
 from __future__ import annotations
 
+import email.errors as email_errors
 import logging
 import mailbox
 import os
@@ -88,7 +89,7 @@ def address(name: str, email: str) -> Address:
     email = email.strip()
     try:
         addr = Address(display_name=clean_display_name(name), addr_spec=email)
-    except (ValueError, IndexError) as e:
+    except (ValueError, IndexError, email_errors.HeaderParseError) as e:
         raise BadInput(f"not a valid email address: {email!r} ({e})") from None
     if not addr.username or not addr.domain or "@" not in email:
         raise BadInput(f"not a valid email address: {email!r}")

@@ -37,7 +37,10 @@ def _parse_size(value: Any) -> tuple[int, int]:
             raise ValueError(f"size must look like 640x480, got {value!r}") from None
     if not isinstance(value, list | tuple) or len(value) != 2:
         raise ValueError(f"size must be WIDTHxHEIGHT (quote it in YAML: '640x480'), got {value!r}")
-    w, h = int(value[0]), int(value[1])
+    try:
+        w, h = int(value[0]), int(value[1])
+    except (TypeError, ValueError, OverflowError):
+        raise ValueError(f"size must be two whole numbers of pixels, got {value!r}") from None
     if w <= 0 or h <= 0:
         raise ValueError(f"size must be positive, got {w}x{h}")
     if w % 2 or h % 2:
@@ -299,6 +302,11 @@ def expand_env(text: str, environ: Mapping[str, str], source: str = "config") ->
     return _ENV_RE.sub(sub, text)
 
 
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:200] if text else type(e).__name__
+
+
 def read_yaml(path: str | Path, environ: Mapping[str, str] | None = None) -> Any:
     p = Path(path)
     try:
@@ -310,6 +318,10 @@ def read_yaml(path: str | Path, environ: Mapping[str, str] | None = None) -> Any
     text = expand_env(text, os.environ if environ is None else environ, str(p))
     try:
         data = yaml.safe_load(text)
+    except (ValueError, IndexError, TypeError, RecursionError) as e:
+        # PyYAML's constructors raise these (not YAMLError) for a bad explicit tag such
+        # as ``!!int x``, a number past Python's digit limit, or absurdly deep nesting.
+        raise ConfigError(f"{p}: malformed YAML: {_first_line(e)}") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1} column {mark.column + 1}" if mark else ""
