@@ -9,13 +9,12 @@ print a traceback. Properties:
 - a secret still set to its placeholder makes ``refuse_placeholders`` (and so
   the services) refuse to start, however it is spelled.
 
-Known bugs found by this fuzzing are reproduced in ``test_known_config_crashes``
-(strict xfail: remove a case once it is fixed) and kept out of the properties.
+Files that crashed the loader before are kept as regression cases; the ones still
+open are strict xfails (an XPASS means fixed: drop the mark).
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import re
 import subprocess
@@ -28,7 +27,6 @@ import yaml
 from fuzz_settings import fuzz_marks, fuzz_settings
 from hypothesis import given
 from hypothesis import strategies as st
-from known_bugs import config_crash
 
 from cloud_trainer.config import (
     BoothConfig,
@@ -163,29 +161,44 @@ ANY_TEXT = st.text(st.characters(exclude_categories=["Cs"]), max_size=300) | YAM
 # ---- known bugs --------------------------------------------------------------------------------
 
 
-KNOWN_CRASHES = {
-    # A config saved as Latin-1 (a text editor's choice): UnicodeDecodeError, not ConfigError.
-    "latin-1 file": "booth:\n  name: caf\xe9\n".encode("latin-1"),
-    # _parse_size: int(None) raises TypeError, int(inf) OverflowError; pydantic lets both escape.
-    "size with a null": b"agent:\n  source: {type: synthetic, size: [~, 480]}\n",
-    "size with infinity": b"agent:\n  source: {type: v4l2, size: [.inf, 480]}\n",
+# Files that once crashed the loader (found by this suite): each must now be a ConfigError.
+ONCE_CRASHED = {
     # PyYAML's constructors: an empty or non-numeric explicit int tag.
     "empty !!int": b"booth:\n  countdown_s: !!int\n",
     "!!int of a word": b"booth:\n  countdown_s: !!int three\n",
+    # _parse_size: int(None) raised TypeError, int(inf) OverflowError, past pydantic.
+    "size with a null": b"agent:\n  source: {type: synthetic, size: [~, 480]}\n",
+    "size with infinity": b"agent:\n  source: {type: v4l2, size: [.inf, 480]}\n",
     # PyYAML's int() of a 5000-digit number raises ValueError (Python's digit limit).
     "5000-digit number": b"agent:\n  status_port: " + b"1" * 5000 + b"\n",
     # PyYAML recurses once per nesting level: RecursionError.
     "1000 nested lists": b"[" * 1000,
+    # A config saved as Latin-1 (a text editor's choice): UnicodeDecodeError.
+    "latin-1 file": "booth:\n  name: caf\xe9\n".encode("latin-1"),
 }
+STILL_OPEN = {"latin-1 file"}
 
 
-@pytest.mark.parametrize("name", sorted(KNOWN_CRASHES))
-@pytest.mark.xfail(strict=True, reason="known bug: the loader lets a non-ConfigError escape")
-def test_known_config_crashes(name: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(
+            n,
+            marks=pytest.mark.xfail(
+                strict=True, reason="known bug: read_yaml lets UnicodeDecodeError escape"
+            ),
+        )
+        if n in STILL_OPEN
+        else n
+        for n in sorted(ONCE_CRASHED)
+    ],
+)
+def test_a_file_that_once_crashed_the_loader_is_a_config_error(name: str, tmp_path: Path) -> None:
     path = tmp_path / "booth.yaml"
-    path.write_bytes(KNOWN_CRASHES[name])
-    with contextlib.suppress(ConfigError):
+    path.write_bytes(ONCE_CRASHED[name])
+    with pytest.raises(ConfigError) as e:
         load_config(path)
+    _check_error(e.value, path)
 
 
 # ---- properties --------------------------------------------------------------------------------
@@ -207,16 +220,12 @@ def _check_error(err: ConfigError, path: Path) -> str:
     return msg
 
 
-def _load(path: Path) -> BoothConfig | str | None:
-    """The config, the text of its ConfigError, or None for a known bug; else the test fails."""
+def _load(path: Path) -> BoothConfig | str:
+    """The config, or the text of its ConfigError (any other exception fails the test)."""
     try:
         cfg = load_config(path)
     except ConfigError as e:
         return _check_error(e, path)
-    except Exception as e:
-        if not config_crash(e):
-            raise
-        return None
     assert isinstance(cfg, BoothConfig)
     return cfg
 
@@ -226,15 +235,11 @@ def _load(path: Path) -> BoothConfig | str | None:
 def test_any_text_loads_or_is_refused_with_a_config_error(text: str, tmp_path: Path) -> None:
     path = tmp_path / "booth.yaml"
     path.write_text(text, encoding="utf-8")
-    if _load(path) is None:
-        return  # a known bug (see known_bugs.py)
+    _load(path)
     try:
         agent = load_agent_config(path)
     except ConfigError as e:
         _check_error(e, path)
-    except Exception as e:
-        if not config_crash(e):
-            raise
     else:
         assert isinstance(agent, AgentConfig)
 
