@@ -150,6 +150,7 @@ def fuzz_target(tmp_dir: Path | None = None, database: Any = None) -> Iterator[F
     with contextlib.ExitStack() as stack:
         if tmp_dir is None:
             tmp_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="api-fuzz-")))
+        tmp_dir.mkdir(parents=True, exist_ok=True)
         app, repo, store = build_app(tmp_dir, database)
         stack.callback(repo.engine.dispose)
         cookie, csrf = log_in(app)
