@@ -283,7 +283,9 @@ def compose(
     """Subject, text and HTML of the delivery email (the link and the poster in both)."""
     env = _env()
     ctx = {
-        "name": mail.clean_display_name(name) or "there",
+        # The body shows the name as typed (Jinja escapes it in HTML); only control
+        # characters go. Header-safety (clean_display_name) is for the To: line.
+        "name": " ".join(mail.CONTROL_CHARS.sub(" ", name or "").split()) or "there",
         "booth": booth,
         "dance": dance,
         "watch_url": links_mod.watch_url(base_url, token),

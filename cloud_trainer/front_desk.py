@@ -83,6 +83,9 @@ class FrontDesk:
     def create_session(self, *, name: str, email: str, consent: bool, reference: str) -> str:
         if not consent:
             raise BadInput("no capture without consent: tick the consent box with the attendee")
+        reference = (reference or "").strip()
+        if not reference or len(reference) > 120 or _CONTROL_RE.search(reference):
+            raise BadInput("pick a reference dance")
         return self.repo.create_session(
             booth_id=self.booth_id,
             name=clean_name(name),

@@ -96,7 +96,7 @@ def lookup(repo: Any, token: str, now: float | None = None) -> Resolution:
     """What a token is: ok, not_found, expired or revoked (no exceptions)."""
     now = time.time() if now is None else now
     # Malformed tokens are unknown tokens; no need to touch the database.
-    if not isinstance(token, str) or not _TOKEN_RE.match(token):
+    if not isinstance(token, str) or not _TOKEN_RE.fullmatch(token):
         return Resolution("not_found")
     row = repo.get_link(hash_token(token))
     if row is None:
@@ -198,6 +198,8 @@ def parse_range(header: str | None, size: int) -> ByteRange | None:
     if m is None:
         return None
     first, last = m.group(1), m.group(2)
+    if len(first) > 18 or len(last) > 18:  # past any real size; int() of 4300+ digits raises
+        return None
     if first == "" and last == "":
         return None
     if first == "":  # suffix: the last N bytes

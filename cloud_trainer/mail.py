@@ -33,7 +33,7 @@ from edge_agent.errors import BadInput, BoothError
 
 log = logging.getLogger(__name__)
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
+CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]+")
 
 
 class SendError(BoothError):
@@ -77,14 +77,23 @@ def create_mailer(cfg) -> Mailer:  # cfg: OutboxMail | SmtpMail
 # ---- messages ---------------------------------------------------------------------
 
 
+# RFC 5322 "specials" and the encoded-word brackets. A display name holding none of
+# them cannot change the header's structure however the email package quotes, folds
+# or encodes it (a folded long name lost its quotes; an encoded word decoded back to
+# CR/LF before CPython's fix for gh-121650).
+_NAME_SPECIALS = re.compile(r'[()<>\[\]:;@\\,."]|=\?|\?=')
+
+
 def clean_display_name(name: str) -> str:
-    """A display name with control characters (CR/LF above all) replaced by spaces."""
-    return _CONTROL.sub(" ", name or "").strip()
+    """A display name safe in any header: control characters and specials become spaces."""
+    name = CONTROL_CHARS.sub(" ", name or "")
+    name = _NAME_SPECIALS.sub(" ", name)
+    return " ".join(name.split())[:100]
 
 
 def address(name: str, email: str) -> Address:
     """A safe ``Address``; BadInput for an address with control characters or no domain."""
-    if _CONTROL.search(email or ""):
+    if CONTROL_CHARS.search(email or ""):
         raise BadInput("the email address contains a line break or control character")
     email = email.strip()
     try:
@@ -120,7 +129,7 @@ def build_message(
     msg = EmailMessage()
     msg["From"] = sender_address(sender)
     msg["To"] = address(to_name, to_email)
-    msg["Subject"] = _CONTROL.sub(" ", subject)
+    msg["Subject"] = CONTROL_CHARS.sub(" ", subject)
     msg["Message-ID"] = message_id
     msg["Date"] = formatdate(usegmt=True)
     msg.set_content(text)

@@ -82,7 +82,7 @@ def storage_key(name: str) -> str:
             raise BadInput(f"invalid synthetic dance {spec!r} (e.g. synthetic:warmup, synthetic:7)")
         # '.' never occurs in staff-chosen names, so the two namespaces cannot collide.
         return "synthetic." + spec.replace("+", "_")
-    if not _NAME_RE.match(name):
+    if not _NAME_RE.fullmatch(name):
         raise BadInput(
             f"invalid reference name {name!r}: use lower-case letters, digits, '-' and '_' "
             "(at most 63), starting with a letter or digit"

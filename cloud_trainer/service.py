@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import threading
 import time
 from dataclasses import dataclass, field
@@ -32,7 +33,11 @@ class RegistryController:
     def online_agents(self, booth_id: str) -> list[dict[str, Any]]:
         out = []
         for a in self.registry.agents(booth_id):
-            status = a.status or {}
+            # An agent may report NaN or infinity (fps of an empty take); JSON has neither.
+            status = {
+                k: (v if not isinstance(v, float) or math.isfinite(v) else None)
+                for k, v in (a.status or {}).items()
+            }
             out.append(
                 {
                     "camera_id": a.camera_id,

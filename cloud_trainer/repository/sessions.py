@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import secrets
 import time
 from typing import Any
@@ -19,6 +20,19 @@ class SessionNotFound(BoothError):
 
 def new_id() -> str:
     return secrets.token_hex(16)
+
+
+_ID_RE = re.compile(r"[0-9a-f]{32}")
+
+
+def known_id(session_id: str) -> str:
+    """``session_id`` if it has the shape of our ids, else SessionNotFound.
+
+    Ids come from URLs: one with a NUL byte would otherwise reach PostgreSQL as an error.
+    """
+    if not isinstance(session_id, str) or not _ID_RE.fullmatch(session_id):
+        raise SessionNotFound(f"unknown session {session_id!r}")
+    return session_id
 
 
 class SessionsRepo:
@@ -76,6 +90,7 @@ class SessionsRepo:
 
     def get_session(self, session_id: str) -> dict[str, Any]:
         """The session joined with its attendee, as a plain dict."""
+        known_id(session_id)
         with self.engine.connect() as conn:
             row = conn.execute(
                 select(sessions, attendees.c.name, attendees.c.email)

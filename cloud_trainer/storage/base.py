@@ -34,7 +34,7 @@ class BlobNotFound(BoothError):
 
 
 def validate_key(key: str) -> str:
-    if not isinstance(key, str) or not key or len(key) > 1024 or not _KEY_RE.match(key):
+    if not isinstance(key, str) or not key or len(key) > 1024 or not _KEY_RE.fullmatch(key):
         raise BadInput(f"invalid blob key {key!r}")
     if any(part in (".", "..") for part in key.split("/")):
         raise BadInput(f"invalid blob key {key!r}: path traversal")

@@ -232,8 +232,12 @@ def sign_blob_token(secret: str, key: str, expires_s: float, now: float | None =
 
 def check_blob_token(secret: str, key: str, token: str, now: float | None = None) -> bool:
     """True if ``token`` was made by ``sign_blob_token`` for this key and has not expired."""
+    if (
+        not token.isascii()
+    ):  # ours are ASCII; str.isdigit() accepts '²', compare_digest refuses non-ASCII
+        return False
     expires_text, _, mac = token.partition(".")
-    if not expires_text.isdigit() or not mac:
+    if not expires_text.isdigit() or not mac or len(expires_text) > 18:
         return False
     expires_at = int(expires_text)
     if expires_at < (time.time() if now is None else now):
