@@ -9,6 +9,7 @@ This module imports nothing heavy: the CLI validates configs on a board too.
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -238,6 +239,15 @@ def placeholder_secrets(cfg: BoothConfig, *, services: tuple[str, ...] = ("web",
         bad.append("web.secret_key")
     if "agent" in services and cfg.agent.uplink.token.strip().lower() in PLACEHOLDER_SECRETS:
         bad.append("agent.uplink.token")
+    if "ingest" in services:
+        placeholder_hashes = {
+            hashlib.sha256(p.encode()).hexdigest() for p in PLACEHOLDER_SECRETS if p
+        }
+        bad += [
+            f"ingest.agents.{i}.token_sha256"
+            for i, a in enumerate(cfg.ingest.agents)
+            if a.token_sha256 in placeholder_hashes
+        ]
     smtp_auth = isinstance(cfg.mail, SmtpMail) and cfg.mail.username
     if (
         "mail" in services

@@ -315,6 +315,8 @@ def read_yaml(path: str | Path, environ: Mapping[str, str] | None = None) -> Any
         raise ConfigError(f"{p}: no such file") from None
     except OSError as e:
         raise ConfigError(f"{p}: cannot read: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{p}: not UTF-8 text (byte {e.start}); save it as UTF-8") from None
     text = expand_env(text, os.environ if environ is None else environ, str(p))
     try:
         data = yaml.safe_load(text)

@@ -31,6 +31,7 @@ from typing import Any
 import grpc
 import numpy as np
 
+from cloud_trainer.config import refuse_placeholders
 from cloud_trainer.ingest.auth import (
     BearerTokenInterceptor,
     TokenBook,
@@ -438,6 +439,7 @@ def serve(
     ``ingest.port`` (0 picks a free one; ``IngestServer.port`` tells which).
     """
     cfg = settings.ingest
+    refuse_placeholders(settings, ("ingest",))  # an agent that kept "changethis" must not get in
     if store is None:
         from cloud_trainer.storage import create_blob_store
 
