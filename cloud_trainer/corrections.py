@@ -81,7 +81,14 @@ class Corrections:
 
 
 def _num(v: float) -> str:
-    return repr(float(v)) if not float(v).is_integer() else str(int(v))
+    if float(v).is_integer():
+        return str(int(v))
+    text = repr(float(v))
+    # YAML 1.1 (PyYAML) reads 1e-05 as a string: exponents need a '.' in the mantissa.
+    if "e" in text and "." not in text.split("e")[0]:
+        mantissa, exponent = text.split("e")
+        text = f"{mantissa}.0e{exponent}"
+    return text
 
 
 class _Problems:
@@ -134,9 +141,17 @@ def _joint(value: Any, node: yaml.Node, p: _Problems) -> str | None:
     return None
 
 
+# Keypoints are float32 pixels; anything this far off a frame is a typo, and beyond
+# float32's range it would turn into inf in the poses.
+_MAX_COORD_PX = 1e6
+
+
 def _coord(value: Any, node: yaml.Node, key: str, p: _Problems) -> float | None:
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         p.add(node, f"{key} must be a number of pixels, got {value!r}")
+        return None
+    if abs(value) > _MAX_COORD_PX:
+        p.add(node, f"{key} {value!r} is far outside any frame")
         return None
     return float(value)
 

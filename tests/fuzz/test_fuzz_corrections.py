@@ -151,23 +151,15 @@ def test_a_file_that_once_crashed_parse_is_refused_with_bad_input(name: str) -> 
     _check_refusal(e.value, text)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known bug: to_yaml writes 1e-05, which YAML 1.1 (PyYAML) reads as a string",
-)
-def test_known_bug_tiny_values_do_not_survive_to_yaml() -> None:
+def test_tiny_values_survive_to_yaml() -> None:
     c = corrections.parse("- {frame: 1, joint: nose, x: 0.00001, y: 1, score: 0.00001}\n", 10)
     corrections.parse(c.to_yaml(), 10)
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered")
-@pytest.mark.xfail(
-    strict=True, reason="known bug: an override beyond float32 range becomes inf in the poses"
-)
-def test_known_bug_huge_coordinates_become_infinite() -> None:
-    c = corrections.parse("- {frame: 1, joint: nose, x: 1.0e+39, y: 1}\n", 10)
-    fixed, _ = corrections.apply(np.zeros((10, sk.NUM_JOINTS, 3), np.float32), c)
-    assert np.isfinite(fixed).all()
+def test_huge_coordinates_are_refused_not_made_infinite() -> None:
+    with pytest.raises(BadInput, match="line 1: x 1e[+]39 is far outside any frame"):
+        corrections.parse("- {frame: 1, joint: nose, x: 1.0e+39, y: 1}\n", 10, source=SOURCE)
 
 
 def _beyond_float32(c: corrections.Corrections) -> bool:
