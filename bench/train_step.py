@@ -2,8 +2,9 @@
 
 ``tutorial`` re-implements the tutorial's ``train_step`` and ``fit`` as written
 (https://www.tensorflow.org/tutorials/generative/pix2pix): two gradient tapes, a
-mean-reduced ``BinaryCrossentropy`` loss object, four ``tf.summary.scalar`` writes
-per step, an input pipeline that decodes and randomly jitters every image
+mean-reduced ``BinaryCrossentropy`` loss object, four summary writes per step
+(``tf.summary.write``, the op ``tf.summary.scalar`` wraps: TensorBoard, which
+provides ``scalar``, is not installed here), an input pipeline that decodes and randomly jitters every image
 (resize to 286/256 of the size, random crop, random flip) with no cache and no
 prefetch, batch 1, iterated with ``ds.repeat().take(n).enumerate()``. It uses
 our generator and discriminator (``cloud_trainer.model``), so only the step and
@@ -127,10 +128,10 @@ class Tutorial:
             zip(discriminator_gradients, self.discriminator.trainable_variables, strict=True)
         )
         with self.summary_writer.as_default():
-            tf.summary.scalar("gen_total_loss", gen_total_loss, step=step // 1000)
-            tf.summary.scalar("gen_gan_loss", gen_gan_loss, step=step // 1000)
-            tf.summary.scalar("gen_l1_loss", gen_l1_loss, step=step // 1000)
-            tf.summary.scalar("disc_loss", disc_loss, step=step // 1000)
+            tf.summary.write("gen_total_loss", gen_total_loss, step=step // 1000)
+            tf.summary.write("gen_gan_loss", gen_gan_loss, step=step // 1000)
+            tf.summary.write("gen_l1_loss", gen_l1_loss, step=step // 1000)
+            tf.summary.write("disc_loss", disc_loss, step=step // 1000)
 
     def run(self, steps: int) -> None:
         # The tutorial's fit(): a fresh iterator per call, enumerate over repeat().take().
