@@ -169,6 +169,7 @@ class SpoolTake:
         self.pose_acked_seq = -1
         self.complete = False
         self.error = ""
+        self.poses_not_spooled = 0  # refused by a full disk (poses ignore the budget)
         self._lock = threading.RLock()
         self._fd: int | None = None
         self._next_segment = 0  # never reused: readers track their place by number
@@ -207,7 +208,11 @@ class SpoolTake:
                 return self._refuse(frame.seq, "a gap in the capture stream")
             if not self.spool.reserve(_HEADER.size + len(frame.jpeg)):
                 return self._refuse(frame.seq, "the spool budget is reached")
-            self._append(KIND_FRAME, frame.seq, frame.capture_ts_ns, frame.jpeg, reserved=True)
+            try:
+                self._append(KIND_FRAME, frame.seq, frame.capture_ts_ns, frame.jpeg, reserved=True)
+            except OSError as e:  # the disk is full (or failing): as if the budget were reached
+                self.spool.release(_HEADER.size + len(frame.jpeg))
+                return self._refuse(frame.seq, f"the spool disk refused a write: {e.strerror}")
             self.next_seq = frame.seq + 1
         self.spool.notify()
         self._sync_if_due()
@@ -231,7 +236,14 @@ class SpoolTake:
                 return
             payload = _pose_payload(keypoints, imputed, glitch)
             self.spool.reserve(_HEADER.size + len(payload), force=True)
-            self._append(KIND_POSE, seq, 0, payload, reserved=True)
+            try:
+                self._append(KIND_POSE, seq, 0, payload, reserved=True)
+            except OSError as e:  # a full disk: the frames matter more than this pose
+                self.spool.release(_HEADER.size + len(payload))
+                self.poses_not_spooled += 1
+                if self.poses_not_spooled == 1:
+                    log.warning("take %s/%s: poses not spooled: %s", *self.key, e.strerror)
+                return
             self.last_pose = seq
         self.spool.notify()
         self._sync_if_due()
@@ -322,7 +334,13 @@ class SpoolTake:
                     )
                 if not self.spool.reserve(_HEADER.size + len(frame.jpeg)):
                     break
-                self._append(KIND_FRAME, frame.seq, frame.capture_ts_ns, frame.jpeg, reserved=True)
+                try:
+                    self._append(
+                        KIND_FRAME, frame.seq, frame.capture_ts_ns, frame.jpeg, reserved=True
+                    )
+                except OSError:  # the disk is still full: try again later, like the budget
+                    self.spool.release(_HEADER.size + len(frame.jpeg))
+                    break
                 self.meta.behind_from_seq = frame.seq + 1
                 self.meta.not_spooled = max(0, self.meta.not_spooled - 1)
                 n += 1
@@ -345,11 +363,17 @@ class SpoolTake:
         header = _HEADER.pack(kind, _crc(kind, seq, ts, payload), seq, ts, len(payload))
         size = len(header) + len(payload)
         # One writev: the record reaches the kernel whole, without joining it in memory.
-        written = os.writev(self._fd, [header, payload])
-        if written < size:  # rare (a signal, a full disk): finish the record
-            rest = memoryview(header + payload)[written:]
-            while rest:
-                rest = rest[os.write(self._fd, rest) :]
+        try:
+            written = os.writev(self._fd, [header, payload])
+            if written < size:  # rare (a signal, a full disk): finish the record
+                rest = memoryview(header + payload)[written:]
+                while rest:
+                    rest = rest[os.write(self._fd, rest) :]
+        except OSError:
+            # Cut a partial record off, so the next one starts where readers expect it.
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, seg.size)
+            raise
         seg.size += size
         if kind == KIND_FRAME:
             seg.last_frame = max(seg.last_frame, seq)
@@ -396,7 +420,12 @@ class SpoolTake:
         self._last_fsync = time.monotonic()
 
     def save_meta(self) -> None:
-        _atomic_write_json(self.dir / "take.json", self.meta.__dict__)
+        try:
+            _atomic_write_json(self.dir / "take.json", self.meta.__dict__)
+        except OSError as e:
+            # A full disk: the uplink works from the meta in memory; take.json catches up
+            # at the next save (a crash before that recovers from the older one).
+            log.warning("take %s/%s: take.json not updated: %s", *self.key, e.strerror)
 
     def close(self) -> None:
         with self._lock:
@@ -471,6 +500,7 @@ class SpoolTake:
             "frame_count": self.meta.frame_count,
             "behind_from_seq": self.meta.behind_from_seq,
             "not_spooled": self.meta.not_spooled,
+            "poses_not_spooled": self.poses_not_spooled,
             "missing": missing,
             "bytes": self.bytes,
             "complete": self.complete,

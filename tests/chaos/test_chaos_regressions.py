@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import shutil
+import subprocess
 from pathlib import Path
 
+import pytest
 import transport_helpers as th
 
 from cloud_trainer.repository import Repository
@@ -55,3 +60,91 @@ async def test_an_agent_killed_after_everything_it_spooled_was_acked_still_compl
     th.assert_exactly_once(repo, store, sid, "cam0", sent)
     (row,) = repo.list_takes(sid)
     assert row["frame_count"] == len(sent) and row["state"] == "uploaded"
+
+
+def test_a_take_without_any_pose_is_left_out_when_another_camera_has_poses():
+    # Found by kill_agent_mid_take: the restarted agent uploads its spooled frames but no
+    # poses (they are sent when a take ends), and the whole session failed with "no
+    # person detected" although the other camera's take was complete.
+    import numpy as np
+
+    from cloud_trainer.corpus import TakeData
+    from cloud_trainer.worker import takes_to_train_on
+
+    posed = np.zeros((4, 23, 3), np.float32)
+    posed[:, :, 2] = 0.9
+    killed = TakeData("s-cam0", [b""] * 4, np.zeros((4, 23, 3), np.float32), camera="cam0")
+    complete = TakeData("s-cam1", [b""] * 4, posed, camera="cam1")
+    assert [t.name for t in takes_to_train_on([killed, complete])] == ["s-cam1"]
+    # With no posed take at all, the corpus gives the reason ("no person detected").
+    assert [t.name for t in takes_to_train_on([killed])] == ["s-cam0"]
+
+
+class ListArchive:
+    """Stands in for the take's MP4 segments (``RecordingArchive``)."""
+
+    def __init__(self, frames):
+        self.frames = frames
+
+    def frames_from(self, session_id: str, camera_id: str, seq: int):
+        return iter([f for f in self.frames if f.seq >= seq])
+
+
+@contextlib.contextmanager
+def tiny_tmpfs(path: Path, size_kb: int):
+    path.mkdir(parents=True, exist_ok=True)
+    r = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size_kb}k", "tmpfs", str(path)],
+        capture_output=True,
+        text=True,
+    )
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs: {r.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("mount") is None, reason="mounting a tmpfs needs root"
+)
+async def test_a_full_spool_disk_puts_the_take_behind_and_the_recording_fills_the_gap(
+    tmp_path: Path,
+):
+    # Found by full_spool_disk: ENOSPC from the spool's write escaped add_frame, killed
+    # the thread feeding the spool, then failed the take's end (spooling poses and
+    # take.json); the take never ended and its session stayed in "capturing" for ever.
+    from edge_agent.stream import _scan_with_offsets
+
+    cfg = th.booth_config(tmp_path)
+    repo = Repository.from_config(cfg.database)
+    store = create_blob_store(cfg.storage)
+    sid = th.new_session(repo)
+    sent = th.frames(60)
+    with tiny_tmpfs(tmp_path / "spool", 256) as spool_dir:
+        filler = spool_dir / "filler.bin"
+        with open(filler, "wb") as f, contextlib.suppress(OSError):
+            f.write(b"\0" * (256 * 1024))  # fills the disk up to what the kernel allows
+        filler.write_bytes(filler.read_bytes()[: -16 * 1024])  # leave room for a few frames
+        uplink = th.uplink_config("127.0.0.1:1", spool_dir)
+        streamer = Streamer(uplink, booth_id=th.BOOTH, camera_id="cam0", archive=ListArchive(sent))
+        take = streamer.open_take(sid, width=64, height=48, fps=120)
+        spooled = take.add_frames(sent)
+        assert 0 < spooled < len(sent)
+        assert streamer.status()["upload_behind"]
+        for seg in take.segments:  # no torn record: every byte of a segment parses
+            ends = [end for _, end in _scan_with_offsets(seg.path)]
+            assert ends[-1] == seg.path.stat().st_size == seg.size
+        take.add_pose(0, [[1.0, 2.0, 0.9]] * 23)  # may not fit either: must not raise
+        take.end(len(sent))  # must not raise on a full disk
+        filler.unlink()  # ops free the disk
+
+        async with th.running_server(cfg, repo=repo, store=store) as srv:
+            streamer.cfg = th.uplink_config(f"127.0.0.1:{srv.port}", spool_dir)
+            await streamer.start()
+            try:
+                await streamer.wait_uploaded(sid, timeout_s=60)
+            finally:
+                await streamer.stop()
+    th.assert_exactly_once(repo, store, sid, "cam0", sent)
