@@ -86,6 +86,21 @@ def take_from_ingest(repo: Repository, store: Any, session_id: str, camera_id: s
     )
 
 
+def takes_to_train_on(takes: list[Any]) -> list[Any]:
+    """Leave out takes without a single pose when another camera's take has poses.
+
+    An agent killed mid-take uploads its spooled frames after it restarts, but no
+    poses (those are smoothed and sent when a take ends). One posed camera is
+    enough to train and render from; failing the attendee's session is not needed.
+    """
+    posed = [t for t in takes if bool(np.any(t.poses[..., 2] > 0))]
+    if posed and len(posed) < len(takes):
+        names = [t.name for t in takes if not np.any(t.poses[..., 2] > 0)]
+        log.warning("takes without any pose left out of training: %s", ", ".join(names))
+        return posed
+    return takes
+
+
 class StageClock:
     """Seconds spent per stage of a job, for the ``booth_job_stage_seconds`` metric."""
 
@@ -231,6 +246,7 @@ class Worker:
             )
         if not takes:
             raise BoothError("no camera uploaded a take for this session")
+        takes = takes_to_train_on(takes)
         result = train_job(
             JobSpec(session_id=sid, takes=takes, job_id=job_id),
             cfg.trainer,
