@@ -170,6 +170,7 @@ class SpoolTake:
         self.complete = False
         self.error = ""
         self.poses_not_spooled = 0  # refused by a full disk (poses ignore the budget)
+        self._meta_stale = False  # the last save_meta failed (said once, not per frame)
         self._lock = threading.RLock()
         self._fd: int | None = None
         self._next_segment = 0  # never reused: readers track their place by number
@@ -425,7 +426,11 @@ class SpoolTake:
         except OSError as e:
             # A full disk: the uplink works from the meta in memory; take.json catches up
             # at the next save (a crash before that recovers from the older one).
-            log.warning("take %s/%s: take.json not updated: %s", *self.key, e.strerror)
+            if not self._meta_stale:
+                log.warning("take %s/%s: take.json not updated: %s", *self.key, e.strerror)
+            self._meta_stale = True
+        else:
+            self._meta_stale = False
 
     def close(self) -> None:
         with self._lock:
