@@ -9,7 +9,7 @@ Keys come from ids and names that crossed a network or a form. Properties:
   it nothing exists outside the store's root but what was there before;
 - a reference name maps to one safe key part or is refused with BadInput.
 
-Known bugs are reproduced (strict xfail) at the end of the file.
+Bugs this found are regression tests at the end of the file.
 """
 
 from __future__ import annotations
@@ -94,8 +94,6 @@ def test_validate_key_accepts_only_safe_relative_keys(key: str) -> None:
     except BadInput as e:
         assert "invalid blob key" in str(e)
         return
-    if key.endswith("\n") and _is_safe(key[:-1]):
-        return  # known bug: see test_known_bug_a_trailing_newline_passes_validate_key
     assert _is_safe(key), f"validate_key accepted {key!r}"
 
 
@@ -201,8 +199,6 @@ def test_a_reference_name_is_one_safe_key_part_or_refused(name: str, tmp_path: P
     except BadInput as e:
         assert "invalid" in str(e)
         return
-    if part.endswith("\n"):
-        return  # known bug: see test_known_bug_a_trailing_newline_passes_validate_key
     assert "/" not in part and part not in (".", "..")
     assert validate_key(f"references/{part}/v1/meta.json")
     library = ReferenceLibrary(LocalBlobStore(tmp_path / "blobs"))
@@ -217,12 +213,10 @@ def test_validate_prefix_refuses_what_validate_key_refuses(prefix: str) -> None:
     except BadInput:
         return
     body = prefix[:-1] if prefix.endswith("/") else prefix
-    if body.endswith("\n"):
-        return  # known bug (trailing newline)
     assert prefix == "" or _is_safe(body)
 
 
-# ---- known bugs -------------------------------------------------------------------------------
+# ---- bugs this found, kept as regression cases -------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("check", ["validate_key", "storage_key"])

@@ -9,8 +9,7 @@ print a traceback. Properties:
 - a secret still set to its placeholder makes ``refuse_placeholders`` (and so
   the services) refuse to start, however it is spelled.
 
-Files that crashed the loader before are kept as regression cases; the ones still
-open are strict xfails (an XPASS means fixed: drop the mark).
+Files that crashed the loader before are kept as regression cases.
 """
 
 from __future__ import annotations
@@ -158,7 +157,7 @@ YAML_TEXT = st.lists(st.sampled_from(_TOKENS) | st.sampled_from(_KEYS) | _text, 
 ANY_TEXT = st.text(st.characters(exclude_categories=["Cs"]), max_size=300) | YAML_TEXT
 
 
-# ---- known bugs --------------------------------------------------------------------------------
+# ---- bugs this found, kept as regression cases --------------------------------------------------------------------------------
 
 
 # Files that once crashed the loader (found by this suite): each must now be a ConfigError.
@@ -176,23 +175,9 @@ ONCE_CRASHED = {
     # A config saved as Latin-1 (a text editor's choice): UnicodeDecodeError.
     "latin-1 file": "booth:\n  name: caf\xe9\n".encode("latin-1"),
 }
-STILL_OPEN: set[str] = set()
 
 
-@pytest.mark.parametrize(
-    "name",
-    [
-        pytest.param(
-            n,
-            marks=pytest.mark.xfail(
-                strict=True, reason="known bug: read_yaml lets UnicodeDecodeError escape"
-            ),
-        )
-        if n in STILL_OPEN
-        else n
-        for n in sorted(ONCE_CRASHED)
-    ],
-)
+@pytest.mark.parametrize("name", sorted(ONCE_CRASHED))
 def test_a_file_that_once_crashed_the_loader_is_a_config_error(name: str, tmp_path: Path) -> None:
     path = tmp_path / "booth.yaml"
     path.write_bytes(ONCE_CRASHED[name])
