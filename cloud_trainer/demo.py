@@ -59,6 +59,30 @@ class DemoPlan:
     timeout_s: float = 900.0
     python: str = sys.executable
     env: dict[str, str] = field(default_factory=dict)
+    # Fault-injection seams (the chaos suite): sections merged into booth.yaml (e.g.
+    # mail, queue, trainer) and into each agent's ``agent:`` section (e.g. uplink), and
+    # an address the agents dial instead of serve's gRPC port (e.g. a cuttable proxy).
+    config_overrides: dict[str, Any] = field(default_factory=dict)
+    agent_overrides: dict[str, Any] = field(default_factory=dict)
+    uplink_address: str | None = None
+
+
+def _merged(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``over`` merged in, recursively for nested dicts.
+
+    A section whose adapter ``type`` changes is replaced, not merged: another
+    adapter's keys would be refused by the strict config.
+    """
+    out = dict(base)
+    for k, v in over.items():
+        old = out.get(k)
+        mergeable = (
+            isinstance(v, dict)
+            and isinstance(old, dict)
+            and v.get("type", old.get("type")) == old.get("type")
+        )
+        out[k] = _merged(old, v) if mergeable else v
+    return out
 
 
 class DemoFailed(BoothError):
@@ -72,11 +96,12 @@ class Processes:
         self.logs = logs
         self.plan = plan
         self.children: dict[str, subprocess.Popen] = {}
+        self.args: dict[str, tuple[str, ...]] = {}
         logs.mkdir(parents=True, exist_ok=True)
 
-    def start(self, name: str, *args: str) -> subprocess.Popen:
+    def start(self, name: str, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
         out = open(self.logs / f"{name}.log", "ab")  # noqa: SIM115 (closed with the process)
-        env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **self.plan.env}
+        env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **self.plan.env, **(env or {})}
         proc = subprocess.Popen(
             [self.plan.python, "-m", "cloud_trainer.cli", *args],
             stdout=out,
@@ -86,7 +111,21 @@ class Processes:
         )
         out.close()
         self.children[name] = proc
+        self.args[name] = args
         return proc
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        """Signal the child's whole process group (SIGKILL: no clean-up) and reap it."""
+        proc = self.children[name]
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        proc.wait()
+
+    def restart(self, name: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+        """Start ``name`` again with the same arguments (killing it first if it still runs)."""
+        if self.children[name].poll() is None:
+            self.kill(name)
+        return self.start(name, *self.args[name], env=env)
 
     def check(self) -> None:
         for name, proc in self.children.items():
@@ -226,7 +265,11 @@ class DemoBooth:
                 "work_dir": str(d / "jobs"),
                 "checkpoint_every_s": 30,
             },
-            "mail": {"type": "outbox", "maildir": str(d / "maildir")},
+            "mail": {
+                "type": "outbox",
+                "maildir": str(d / "maildir"),
+                "sent_log": str(d / "mail-sent.log"),
+            },
             "web": {
                 "host": "127.0.0.1",
                 "port": 0,
@@ -235,6 +278,7 @@ class DemoBooth:
                 "staff": [{"username": "staff", "password_hash": hash_password(self.password)}],
             },
         }
+        cfg = _merged(cfg, p.config_overrides)
         d.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
         self._cfg = cfg
@@ -264,12 +308,13 @@ class DemoBooth:
                     "segment_s": p.segment_s,
                 },
                 "uplink": {
-                    "address": f"127.0.0.1:{self.ports['grpc']}",
+                    "address": p.uplink_address or f"127.0.0.1:{self.ports['grpc']}",
                     "token": self.tokens[camera],
                     "spool_dir": str(self.dir / "edge" / camera / "spool"),
                 },
             }
         }
+        agent["agent"] = _merged(agent["agent"], p.agent_overrides)
         path = self.dir / f"agent-{camera}.yaml"
         path.write_text(yaml.safe_dump(agent, sort_keys=False))
         return path
@@ -287,6 +332,13 @@ class DemoBooth:
                 raise DemoFailed("booth serve did not come up within 60 s")
             time.sleep(0.1)
         self.ports = json.loads(ready.read_text())
+        # A restarted serve binds the same ports, so agents and tablets find it again.
+        self.procs.args["serve"] += (
+            "--http-port",
+            str(self.ports["http"]),
+            "--grpc-port",
+            str(self.ports["grpc"]),
+        )
         # The worker and the links need the real base URL now that the port is known.
         self._cfg["web"]["base_url"] = self.base_url
         self.config_path.write_text(yaml.safe_dump(self._cfg, sort_keys=False))
