@@ -387,7 +387,10 @@ def build_corpus(
     """Write the corpus of ``takes`` to ``out_dir``; raise TrainingFailed on unusable input.
 
     ``segmenter`` is a factory, called only if some take lacks masks, of the person
-    segmenter the ``parts`` label map needs.
+    segmenter the ``parts`` label map needs. A take that cannot be used (empty, too
+    short, nobody in it, frames that do not decode) is skipped, and listed with its
+    reason in the manifest, as long as another take is usable; otherwise the job fails
+    with every take's reason.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -396,6 +399,7 @@ def build_corpus(
         stale.unlink()
     writers = {s: _ShardWriter(out, s) for s in SPLITS}
     manifest_takes: list[dict[str, Any]] = []
+    skipped: list[dict[str, str]] = []
     seg: Segmenter | None = None
     takes = list(takes)
     if not takes:
@@ -403,8 +407,6 @@ def build_corpus(
     t0 = time.monotonic()
     try:
         for t_idx, take in enumerate(takes):
-            if len(take) == 0:
-                raise TrainingFailed(f"take {take.name} is empty: no frames were recorded")
             needs_mask = label_map == "parts" and take.masks is None
             if needs_mask and seg is None:
                 if segmenter is None:
@@ -413,19 +415,30 @@ def build_corpus(
                         " for the parts label map"
                     )
                 seg = segmenter()
-            info = _write_take(t_idx, take, writers, size_px, label_map, holdout_fraction, seg)
-            manifest_takes.append(info)
+            try:
+                info = _write_take(
+                    len(manifest_takes), take, writers, size_px, label_map, holdout_fraction, seg
+                )
+            except TrainingFailed as e:
+                # One camera that saw nobody must not sink the others' takes.
+                skipped.append({"take": take.name, "reason": e.reason})
+                log.warning("take skipped", extra={"take": take.name, "reason": e.reason})
+            else:
+                manifest_takes.append(info)
             if progress:
                 progress(t_idx + 1, len(takes))
     finally:
         for w in writers.values():
             w.close()
+    if not manifest_takes:
+        raise TrainingFailed("; ".join(s["reason"] for s in skipped))
     manifest = {
         "format": CORPUS_FORMAT,
         "size_px": size_px,
         "label_map": label_map,
         "holdout_fraction": holdout_fraction,
         "takes": manifest_takes,
+        "skipped": skipped,
         "shards": {s: w.shards for s, w in writers.items()},
         "build_s": round(time.monotonic() - t0, 2),
     }
@@ -453,6 +466,8 @@ def _write_take(
     seg: Segmenter | None,
 ) -> dict[str, Any]:
     n = len(take)
+    if n == 0:
+        raise TrainingFailed(f"take {take.name} is empty: no frames were recorded")
     with_person = np.array([has_person(p) for p in take.poses])
     if not with_person.any():
         raise TrainingFailed(
@@ -490,11 +505,14 @@ def _write_take(
                 return None
         return render_label(label_map, pose, size_px, mask), framing.crop(rgb, size_px), pose
 
+    # Encoded records (tens of KB each) are held until the take passes its checks, so a
+    # rejected take leaves nothing in the shards.
+    records: dict[str, list[bytes]] = {"train": [], "holdout": [], "transfer": []}
     for split, idx in (("train", train_idx), ("holdout", hold_idx)):
         for i in idx:
             p = pair(i)
             if p is not None:
-                writers[split].write(encode_example(p[0], p[1], p[2], t_idx, i))
+                records[split].append(encode_example(p[0], p[1], p[2], t_idx, i))
                 counts[split] += 1
     if counts["undecodable"] > n // 2:
         raise TrainingFailed(
@@ -513,10 +531,13 @@ def _write_take(
             pose = framing.to_crop(pose_full, size_px)
             mask = framing.crop_mask(m, size_px) if label_map == "parts" else None
             label = render_label(label_map, pose, size_px, mask)
-            writers["transfer"].write(
+            records["transfer"].append(
                 encode_example(label, framing.crop(rgb, size_px), pose, t_idx, j)
             )
             counts["transfer"] += 1
+    for split, recs in records.items():
+        for r in recs:
+            writers[split].write(r)
     return {
         "name": take.name,
         "camera": take.camera,

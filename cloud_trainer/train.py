@@ -1073,6 +1073,9 @@ def train_job(
         )
     else:
         score = {"notes": ["not scored: the corpus has no held-out frames (holdout_fraction = 0)"]}
+    score.setdefault("notes", []).extend(
+        f"take {t['take']} not used: {t['reason']}" for t in corpus.manifest.get("skipped", [])
+    )
     plot_path = work_out / "progress.png"
     plot_progress(
         state.history,

@@ -133,6 +133,20 @@ def test_take_without_a_person_fails_with_a_readable_reason(take: TakeData, tmp_
         build_corpus([nobody], tmp_path, size_px=SIZE, label_map="skeleton", holdout_fraction=0.1)
 
 
+def test_an_unusable_camera_take_is_skipped_when_another_is_usable(
+    take: TakeData, tmp_path: Path
+) -> None:
+    nobody = TakeData("cam1-empty-room", take.frames, np.zeros_like(take.poses), fps=8)
+    c = build_corpus(
+        [nobody, take], tmp_path, size_px=SIZE, label_map="skeleton", holdout_fraction=0.1
+    )
+    assert [t["name"] for t in c.takes] == [take.name]
+    assert c.manifest["skipped"][0]["take"] == "cam1-empty-room"
+    assert "no person detected" in c.manifest["skipped"][0]["reason"]
+    _, takes, _ = c.metadata("train")
+    assert set(takes.tolist()) == {0}  # records point at the manifest's takes
+
+
 def test_take_whose_frames_do_not_decode_fails_as_corrupt(take: TakeData, tmp_path: Path) -> None:
     ok = cv2.imencode(".jpg", take.frames[0])[1].tobytes()
     frames = [ok] + [b"\xff\xd8 not a jpeg" for _ in range(len(take) - 1)]
