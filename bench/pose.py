@@ -42,23 +42,7 @@ ATTENDEES = (1, 2, 3)
 DANCES = (1, 2)
 # The dances open with a short groove; start where the choreography is under way.
 START_S = 4.0
-BODY12 = [
-    sk.INDEX[n]
-    for n in (
-        "left_shoulder",
-        "right_shoulder",
-        "left_elbow",
-        "right_elbow",
-        "left_wrist",
-        "right_wrist",
-        "left_hip",
-        "right_hip",
-        "left_knee",
-        "right_knee",
-        "left_ankle",
-        "right_ankle",
-    )
-]
+BODY12 = list(sk.BODY_12)
 GROUPS = {
     "face": list(range(5)),
     "body12": BODY12,

@@ -46,23 +46,7 @@ MAX_SCORE_FRAMES = 48
 # BlazePose wants the person at least this big; smaller outputs are upscaled first.
 POSE_MIN_PX = 256
 # Body joints compared for the pose distance (face points are too small at 64 px).
-BODY_JOINTS = [
-    sk.INDEX[n]
-    for n in (
-        "left_shoulder",
-        "right_shoulder",
-        "left_elbow",
-        "right_elbow",
-        "left_wrist",
-        "right_wrist",
-        "left_hip",
-        "right_hip",
-        "left_knee",
-        "right_knee",
-        "left_ankle",
-        "right_ankle",
-    )
-]
+BODY_JOINTS = list(sk.BODY_12)
 
 Generate = Callable[[np.ndarray], np.ndarray]  # uint8 labels (N,S,S,3) -> uint8 images
 

@@ -38,6 +38,9 @@ JOINTS: tuple[str, ...] = (
 )
 NUM_JOINTS = len(JOINTS)
 INDEX: dict[str, int] = {name: i for i, name in enumerate(JOINTS)}
+# The 12 body joints, shoulders to ankles: what pose metrics compare (the face is tiny
+# at training sizes, and the feet are COCO-WholeBody extras).
+BODY_12: tuple[int, ...] = tuple(range(INDEX["left_shoulder"], INDEX["right_ankle"] + 1))
 
 # Bones drawn in label maps, with EDN-style distinct colours (RGB). The order is
 # fixed: label maps rendered by old checkpoints must stay comparable.
