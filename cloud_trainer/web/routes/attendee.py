@@ -49,16 +49,21 @@ def _video_key(s: dict, which: str) -> str:
 
 @router.get("/v/{token}", response_class=HTMLResponse, summary="The attendee's video page")
 def page(token: str, request: Request, services: ServicesDep):
-    s = _session_for(services, token)
+    return _render_page(request, services, _session_for(services, token), token)
+
+
+def _render_page(
+    request: Request, services: Services, s: dict, token: str, error: str | None = None
+):
+    context = {
+        "s": s,
+        "token": token,
+        "has_side": bool(s.get("side_by_side_key")),
+        "booth": services.settings.booth.name,
+        "error": error,
+    }
     return services.templates.TemplateResponse(
-        request,
-        "attendee.html",
-        {
-            "s": s,
-            "token": token,
-            "has_side": bool(s.get("side_by_side_key")),
-            "booth": services.settings.booth.name,
-        },
+        request, "attendee.html", context, status_code=400 if error else 200
     )
 
 
@@ -127,18 +132,8 @@ def delete_my_data(
 ):
     s = _session_for(services, token)
     if confirm != "yes":
-        return services.templates.TemplateResponse(
-            request,
-            "attendee.html",
-            {
-                "s": s,
-                "token": token,
-                "has_side": bool(s.get("side_by_side_key")),
-                "booth": services.settings.booth.name,
-                "error": "tick the box to confirm that everything should be deleted",
-            },
-            status_code=400,
-        )
+        error = "tick the box to confirm that everything should be deleted"
+        return _render_page(request, services, s, token, error)
     services.desk.delete(s["id"])
     return services.templates.TemplateResponse(
         request, "gone.html", {"message": "Your video and all your data were deleted."}
