@@ -86,19 +86,18 @@ def take_from_ingest(repo: Repository, store: Any, session_id: str, camera_id: s
     )
 
 
-def takes_to_train_on(takes: list[Any]) -> list[Any]:
-    """Leave out takes without a single pose when another camera's take has poses.
+def render_source(takes: list[Any], generator: Any) -> tuple[Any, Any]:
+    """The take to render from, and its framing: the first the generator has a framing for.
 
-    An agent killed mid-take uploads its spooled frames after it restarts, but no
-    poses (those are smoothed and sent when a take ends). One posed camera is
-    enough to train and render from; failing the attendee's session is not needed.
+    The corpus skips a camera's take it cannot use (too short, nobody in it, no poses
+    because its agent was killed mid-take); the generator has no framing for that camera.
     """
-    posed = [t for t in takes if bool(np.any(t.poses[..., 2] > 0))]
-    if posed and len(posed) < len(takes):
-        names = [t.name for t in takes if not np.any(t.poses[..., 2] > 0)]
-        log.warning("takes without any pose left out of training: %s", ", ".join(names))
-        return posed
-    return takes
+    for take in takes:
+        framing = generator.framing(take.camera)
+        if framing is not None:
+            return take, framing
+    cameras = ", ".join(t.camera for t in takes)
+    raise BoothError(f"the exported generator has no framing for any camera ({cameras})")
 
 
 class StageClock:
@@ -246,7 +245,6 @@ class Worker:
             )
         if not takes:
             raise BoothError("no camera uploaded a take for this session")
-        takes = takes_to_train_on(takes)
         result = train_job(
             JobSpec(session_id=sid, takes=takes, job_id=job_id),
             cfg.trainer,
@@ -272,17 +270,13 @@ class Worker:
         library = ReferenceLibrary(self.store)
         reference = library.get(session["reference_name"])
         generator = render.load_generator(result.export_dir, label_map=cfg.trainer.label_map)
-        # Render from the camera the generator knows best: the first take's framing.
-        camera = takes[0].camera
-        framing = generator.framing(camera)
-        if framing is None:
-            raise BoothError(f"the exported generator has no framing for camera {camera}")
+        source, framing = render_source(takes, generator)
         keys = render.render_session(
             self.store,
             sid,
             generator,
             reference,
-            takes[0].poses,
+            source.poses,
             framing,
             library=library,
             side_by_side=cfg.render.side_by_side,

@@ -62,22 +62,31 @@ async def test_an_agent_killed_after_everything_it_spooled_was_acked_still_compl
     assert row["frame_count"] == len(sent) and row["state"] == "uploaded"
 
 
-def test_a_take_without_any_pose_is_left_out_when_another_camera_has_poses():
-    # Found by kill_agent_mid_take: the restarted agent uploads its spooled frames but no
-    # poses (they are sent when a take ends), and the whole session failed with "no
-    # person detected" although the other camera's take was complete.
+def test_the_video_is_rendered_from_a_camera_the_generator_was_trained_on():
+    # Found by kill_agent_mid_take and full_spool_disk: the corpus skips a camera's take
+    # it cannot use (no poses: its agent was killed, or a full disk refused them), but
+    # the worker rendered from the first take regardless, and failed the session with
+    # "the exported generator has no framing for camera cam0".
     import numpy as np
 
     from cloud_trainer.corpus import TakeData
-    from cloud_trainer.worker import takes_to_train_on
+    from cloud_trainer.worker import render_source
+    from edge_agent.errors import BoothError
 
-    posed = np.zeros((4, 23, 3), np.float32)
-    posed[:, :, 2] = 0.9
-    killed = TakeData("s-cam0", [b""] * 4, np.zeros((4, 23, 3), np.float32), camera="cam0")
-    complete = TakeData("s-cam1", [b""] * 4, posed, camera="cam1")
-    assert [t.name for t in takes_to_train_on([killed, complete])] == ["s-cam1"]
-    # With no posed take at all, the corpus gives the reason ("no person detected").
-    assert [t.name for t in takes_to_train_on([killed])] == ["s-cam0"]
+    class Generator:  # what render.load_generator returns, as far as framing goes
+        def __init__(self, cameras: set[str]):
+            self.cameras = cameras
+
+        def framing(self, camera: str):
+            return {"camera": camera} if camera in self.cameras else None
+
+    poses = np.zeros((4, 23, 3), np.float32)
+    skipped = TakeData("s-cam0", [b""] * 4, poses, camera="cam0")
+    used = TakeData("s-cam1", [b""] * 4, poses, camera="cam1")
+    take, framing = render_source([skipped, used], Generator({"cam1"}))
+    assert take is used and framing == {"camera": "cam1"}
+    with pytest.raises(BoothError, match="no framing for any camera"):
+        render_source([skipped], Generator(set()))
 
 
 class ListArchive:
