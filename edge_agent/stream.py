@@ -27,7 +27,10 @@ Nothing is discarded silently: once the take has ended, the missing frames are
 re-read from the take's recording through ``TakeArchive`` (the capture's
 ``segments.read_segment_frames``) as the spool drains. Without an archive the
 take stays incomplete, the server never marks it uploaded, and the status says
-how many frames are missing and that they are in the local recording.
+how many frames are missing and that they are in the local recording. Poses
+ignore the budget, but a full disk can refuse them too: from the first refused
+one on, they are read back from the recording's ``poses.npz`` the same way, and
+the take's end waits for them.
 
 **The uplink** streams each take that has data over one Ingest stream (asyncio,
 ``grpc.aio``): hello, resume after the server's acked seq, send records in seq
@@ -107,6 +110,11 @@ class TakeArchive(Protocol):
     def frames_from(self, session_id: str, camera_id: str, seq: int) -> Iterator[CapturedFrame]:
         """Frames of the take with ``seq >= seq``, in seq order."""
 
+    def poses_from(
+        self, session_id: str, camera_id: str, seq: int
+    ) -> Iterator[tuple[int, Any, bool, bool]]:
+        """``(seq, keypoints, imputed, glitch)`` of the take's poses with ``seq >= seq``."""
+
 
 @dataclass(frozen=True, slots=True)
 class Record:
@@ -139,6 +147,8 @@ class TakeMeta:
     created_at: float = field(default_factory=time.time)
     # Ended by spool recovery (the agent died mid-capture), not by the capture.
     sealed_on_recovery: bool = False
+    # First pose a full disk refused; it and the later ones come from the recording.
+    poses_behind_from_seq: int | None = None
 
 
 def _pose_payload(keypoints: Any, imputed: bool, glitch: bool) -> bytes:
@@ -169,7 +179,6 @@ class SpoolTake:
         self.pose_acked_seq = -1
         self.complete = False
         self.error = ""
-        self.poses_not_spooled = 0  # refused by a full disk (poses ignore the budget)
         self._meta_stale = False  # the last save_meta failed (said once, not per frame)
         self._lock = threading.RLock()
         self._fd: int | None = None
@@ -191,6 +200,10 @@ class SpoolTake:
     @property
     def behind(self) -> bool:
         return self.meta.behind_from_seq is not None
+
+    @property
+    def poses_behind(self) -> bool:
+        return self.meta.poses_behind_from_seq is not None
 
     @property
     def bytes(self) -> int:
@@ -233,17 +246,23 @@ class SpoolTake:
     ) -> None:
         """Spool one pose (float32 (23, 3) x, y, score). Poses are small: they ignore the budget."""
         with self._lock:
-            if seq <= self.last_pose:
+            # Once one pose was refused, the later ones come from the recording too (in order).
+            if seq <= self.last_pose or self.poses_behind:
                 return
             payload = _pose_payload(keypoints, imputed, glitch)
             self.spool.reserve(_HEADER.size + len(payload), force=True)
             try:
                 self._append(KIND_POSE, seq, 0, payload, reserved=True)
-            except OSError as e:  # a full disk: the frames matter more than this pose
+            except OSError as e:  # a full disk: read the poses back from the recording later
                 self.spool.release(_HEADER.size + len(payload))
-                self.poses_not_spooled += 1
-                if self.poses_not_spooled == 1:
-                    log.warning("take %s/%s: poses not spooled: %s", *self.key, e.strerror)
+                self.meta.poses_behind_from_seq = seq
+                log.warning(
+                    "take %s/%s: poses from %d not spooled (%s); they are in the recording",
+                    *self.key,
+                    seq,
+                    e.strerror,
+                )
+                self.save_meta()
                 return
             self.last_pose = seq
         self.spool.notify()
@@ -316,7 +335,42 @@ class SpoolTake:
         return False
 
     def backfill(self, archive: TakeArchive) -> int:
-        """Spool missing frames from the recording while the budget allows; returns how many."""
+        """Spool missing frames, then poses, from the recording while there is room; how many."""
+        n = self._backfill_frames(archive)
+        if not self.behind:
+            n += self._backfill_poses(archive)
+        return n
+
+    def _backfill_poses(self, archive: TakeArchive) -> int:
+        with self._lock:
+            start = self.meta.poses_behind_from_seq
+            if start is None or not self.ended:
+                return 0
+        n = 0
+        for seq, keypoints, imputed, glitch in archive.poses_from(*self.key, start):
+            payload = _pose_payload(keypoints, imputed, glitch)
+            with self._lock:
+                self.spool.reserve(_HEADER.size + len(payload), force=True)
+                try:
+                    self._append(KIND_POSE, seq, 0, payload, reserved=True)
+                except OSError:  # the disk is still full: try again later
+                    self.spool.release(_HEADER.size + len(payload))
+                    break
+                self.last_pose = seq
+                self.meta.poses_behind_from_seq = seq + 1
+                n += 1
+        else:
+            with self._lock:
+                self.meta.poses_behind_from_seq = None
+            log.info("take %s/%s: poses caught up from the recording", *self.key)
+        with self._lock:
+            self._sync()
+            self.save_meta()
+        if n:
+            self.spool.notify()
+        return n
+
+    def _backfill_frames(self, archive: TakeArchive) -> int:
         n = 0
         with self._lock:
             start = self.meta.behind_from_seq
@@ -505,7 +559,7 @@ class SpoolTake:
             "frame_count": self.meta.frame_count,
             "behind_from_seq": self.meta.behind_from_seq,
             "not_spooled": self.meta.not_spooled,
-            "poses_not_spooled": self.poses_not_spooled,
+            "poses_behind_from_seq": self.meta.poses_behind_from_seq,
             "missing": missing,
             "bytes": self.bytes,
             "complete": self.complete,
@@ -1056,12 +1110,13 @@ class Streamer:
             if batch:
                 continue
             count = take.meta.frame_count
-            if count is not None and not take.behind and cursor.frames_after >= count - 1:
+            waiting = take.behind or take.poses_behind
+            if count is not None and not waiting and cursor.frames_after >= count - 1:
                 # Everything is sent (the end goes last, after any backfilled frames).
                 end = booth_pb2.EndOfTake(frame_count=count, **ids)
                 await call.write(booth_pb2.IngestRequest(end=end))
                 return True
-            if take.behind and take.ended and self.archive is not None:
+            if waiting and take.ended and self.archive is not None:
                 try:
                     n = await asyncio.to_thread(take.backfill, self.archive)
                 except (OSError, BoothError, ValueError) as e:
@@ -1108,7 +1163,10 @@ class Streamer:
         return {
             "frames_acked": self.frames_acked,
             "spool_bytes": self.spool.used_bytes,
-            "upload_behind": any(t["behind_from_seq"] is not None for t in takes),
+            "upload_behind": any(
+                t["behind_from_seq"] is not None or t["poses_behind_from_seq"] is not None
+                for t in takes
+            ),
             "stream_dropped": sum(t["not_spooled"] for t in takes),
             "error": next((t["error"] for t in takes if t["error"]), ""),
             "takes": takes,
@@ -1215,6 +1273,13 @@ class RecordingArchive:
                 if s >= seq:
                     yield CapturedFrame(s, ts, jpeg)
 
+    def poses_from(
+        self, session_id: str, camera_id: str, seq: int
+    ) -> Iterator[tuple[int, Any, bool, bool]]:
+        for pose in _read_poses(self.out_dir / session_id / camera_id / "poses.npz"):
+            if pose[0] >= seq:
+                yield pose
+
 
 def stream_agent_takes(agent: Any, streamer: Streamer) -> None:
     """Spool (and so upload) every take ``agent`` captures. Call once, before the first take.
@@ -1248,20 +1313,27 @@ def stream_agent_takes(agent: Any, streamer: Streamer) -> None:
     agent.add_take_listener(on_take)
 
 
-def _spool_poses(spooled: SpoolTake, path: Path) -> None:
+def _read_poses(path: Path) -> Iterator[tuple[int, Any, bool, bool]]:
+    """``(seq, keypoints, imputed, glitch)`` from a take's ``poses.npz``."""
     import numpy as np
 
+    with np.load(path) as data:
+        seqs, skeletons = data["seq"], data["skeleton"]
+        imputed, glitch = data["imputed"], data["glitch"]
+    for i, seq in enumerate(seqs):
+        yield (
+            int(seq),
+            skeletons[i],
+            bool(np.any(imputed[i])) if len(imputed) else False,
+            bool(glitch[i]) if len(glitch) else False,
+        )
+
+
+def _spool_poses(spooled: SpoolTake, path: Path) -> None:
     try:
-        with np.load(path) as data:
-            seqs, skeletons = data["seq"], data["skeleton"]
-            imputed, glitch = data["imputed"], data["glitch"]
+        poses = list(_read_poses(path))
     except (OSError, KeyError, ValueError) as e:
         log.warning("poses of %s/%s not uploaded: %s", *spooled.key, e)
         return
-    for i, seq in enumerate(seqs):
-        spooled.add_pose(
-            int(seq),
-            skeletons[i],
-            imputed=bool(np.any(imputed[i])) if len(imputed) else False,
-            glitch=bool(glitch[i]) if len(glitch) else False,
-        )
+    for seq, keypoints, imputed, glitch in poses:
+        spooled.add_pose(seq, keypoints, imputed=imputed, glitch=glitch)

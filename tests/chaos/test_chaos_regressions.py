@@ -90,13 +90,16 @@ def test_the_video_is_rendered_from_a_camera_the_generator_was_trained_on():
 
 
 class ListArchive:
-    """Stands in for the take's MP4 segments (``RecordingArchive``)."""
+    """Stands in for the take's recording (``RecordingArchive``: MP4 segments, poses.npz)."""
 
-    def __init__(self, frames):
-        self.frames = frames
+    def __init__(self, frames, poses):
+        self.frames, self.poses = frames, poses
 
     def frames_from(self, session_id: str, camera_id: str, seq: int):
         return iter([f for f in self.frames if f.seq >= seq])
+
+    def poses_from(self, session_id: str, camera_id: str, seq: int):
+        return iter([p for p in self.poses if p[0] >= seq])
 
 
 @contextlib.contextmanager
@@ -124,6 +127,7 @@ async def test_a_full_spool_disk_puts_the_take_behind_and_the_recording_fills_th
     # Found by full_spool_disk: ENOSPC from the spool's write escaped add_frame, killed
     # the thread feeding the spool, then failed the take's end (spooling poses and
     # take.json); the take never ended and its session stayed in "capturing" for ever.
+    # Then: poses a full disk refused were lost, and the take "too short to train on".
     from edge_agent.stream import _scan_with_offsets
 
     cfg = th.booth_config(tmp_path)
@@ -131,13 +135,15 @@ async def test_a_full_spool_disk_puts_the_take_behind_and_the_recording_fills_th
     store = create_blob_store(cfg.storage)
     sid = th.new_session(repo)
     sent = th.frames(60)
+    poses = [(f.seq, [[1.0, 2.0, 0.9]] * 23, False, False) for f in sent]
     with tiny_tmpfs(tmp_path / "spool", 256) as spool_dir:
         filler = spool_dir / "filler.bin"
         with open(filler, "wb") as f, contextlib.suppress(OSError):
             f.write(b"\0" * (256 * 1024))  # fills the disk up to what the kernel allows
         filler.write_bytes(filler.read_bytes()[: -16 * 1024])  # leave room for a few frames
         uplink = th.uplink_config("127.0.0.1:1", spool_dir)
-        streamer = Streamer(uplink, booth_id=th.BOOTH, camera_id="cam0", archive=ListArchive(sent))
+        archive = ListArchive(sent, poses)
+        streamer = Streamer(uplink, booth_id=th.BOOTH, camera_id="cam0", archive=archive)
         take = streamer.open_take(sid, width=64, height=48, fps=120)
         spooled = take.add_frames(sent)
         assert 0 < spooled < len(sent)
@@ -145,7 +151,9 @@ async def test_a_full_spool_disk_puts_the_take_behind_and_the_recording_fills_th
         for seg in take.segments:  # no torn record: every byte of a segment parses
             ends = [end for _, end in _scan_with_offsets(seg.path)]
             assert ends[-1] == seg.path.stat().st_size == seg.size
-        take.add_pose(0, [[1.0, 2.0, 0.9]] * 23)  # may not fit either: must not raise
+        for seq, keypoints, _, _ in poses:  # the take's end spools its poses: no room either
+            take.add_pose(seq, keypoints)
+        assert take.poses_behind
         take.end(len(sent))  # must not raise on a full disk
         filler.unlink()  # ops free the disk
 
@@ -157,3 +165,4 @@ async def test_a_full_spool_disk_puts_the_take_behind_and_the_recording_fills_th
             finally:
                 await streamer.stop()
     th.assert_exactly_once(repo, store, sid, "cam0", sent)
+    assert [p["seq"] for p in repo.pose_rows(sid, "cam0")] == [f.seq for f in sent]
