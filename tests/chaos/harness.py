@@ -705,23 +705,24 @@ class ChaosBooth:
         from cloud_trainer.repository import schema
 
         assert self.staff is not None
+        attendee = self.repo.get_session(sid).get("attendee_id")
         r = self.staff.http.delete(
             f"/api/sessions/{sid}", headers={"X-CSRF-Token": self.staff.csrf}
         )
         if r.status_code != 204:
             return [f"DELETE answered {r.status_code}: {r.text[:200]}"]
         left = [f"blob {k}" for k in self.store.list(f"sessions/{sid}/")]
+        keyed = [(t, t.c.session_id) for t in schema.metadata.sorted_tables if "session_id" in t.c]
+        keyed += [
+            (schema.sessions, schema.sessions.c.id),
+            (schema.attendees, schema.attendees.c.id),
+        ]
         with self.repo.engine.connect() as conn:
-            for name in ("sessions", "takes", "frames", "poses", "outbox", "jobs", "links"):
-                table = getattr(schema, name, None)
-                if table is None:
-                    continue
-                col = table.c.id if name == "sessions" else table.c.get("session_id")
-                if col is None:
-                    continue
-                n = len(conn.execute(select(col).where(col == sid)).all())
+            for table, col in keyed:
+                key = attendee if table is schema.attendees else sid
+                n = len(conn.execute(select(col).where(col == key)).all())
                 if n:
-                    left.append(f"{n} {name} row(s)")
+                    left.append(f"{n} {table.name} row(s)")
         for camera in self.booth.tokens:
             spool = self.dir / "edge" / camera / "spool"
             left += [f"spool {p}" for p in spool.glob(f"*{sid}*")] if spool.is_dir() else []
@@ -993,6 +994,9 @@ def full_spool_disk(b: ChaosBooth) -> Verdict:
     v.details["saw_upload_behind"] = saw_behind
     v.details["caught_up_from_recording"] = {
         c: b.log_count(f"agent-{c}", "caught up from its recording") for c in cameras
+    }
+    v.details["poses_read_back"] = {
+        c: b.log_count(f"agent-{c}", "poses caught up from the recording") for c in cameras
     }
     if not saw_behind:
         v.problems.append("the status never said the upload was behind")
