@@ -30,6 +30,9 @@ class BoothSection(Strict):
     name: str = "dancebooth"
     take_s: float = Field(15.0, gt=0, le=600, description="seconds each take captures")
     countdown_s: int = Field(3, ge=0, le=30)
+    # A take not fully uploaded this long after it started fails with the cameras that are
+    # missing, so a board that never comes back cannot leave a session stuck in capturing.
+    upload_deadline_s: float = Field(1800.0, gt=0)
 
 
 # ---- storage ------------------------------------------------------------------

@@ -52,3 +52,38 @@ def publish_pending(repo: Any, queue: Any) -> int:
     if pending:
         log.warning("re-published %d job(s) that never reached the queue", len(pending))
     return len(pending)
+
+
+def fail_overdue_captures(repo: Any, take_s_grace: float, now: float | None = None) -> list[str]:
+    """Fail sessions still ``capturing`` ``take_s + take_s_grace`` seconds after they started.
+
+    The reason names the cameras whose take never completed, so staff know which board to check.
+    """
+    import time
+
+    from sqlalchemy import select
+
+    from cloud_trainer.repository.schema import sessions
+    from cloud_trainer.session import State
+
+    now = time.time() if now is None else now
+    with repo.engine.connect() as conn:
+        rows = conn.execute(
+            select(
+                sessions.c.id, sessions.c.take_s, sessions.c.capture_started_at, sessions.c.cameras
+            ).where(sessions.c.state == State.CAPTURING.value)
+        ).all()
+    failed = []
+    for r in rows:
+        started = r.capture_started_at or now
+        if now - started < r.take_s + take_s_grace:
+            continue
+        missing = sorted(set(r.cameras or []) - repo.uploaded_cameras(r.id)) or ["(unknown)"]
+        reason = (
+            f"the take never finished uploading from {', '.join(missing)} "
+            f"within {take_s_grace:.0f} s; check those boards, then start again"
+        )
+        repo.fail(r.id, reason)
+        log.warning("session %s failed: %s", r.id, reason)
+        failed.append(r.id)
+    return failed

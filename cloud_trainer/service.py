@@ -160,10 +160,20 @@ class Service:
             self.bound["grpc"],
         )
         self.ready.set()
+
+        async def sweep_overdue() -> None:
+            from cloud_trainer.dispatch import fail_overdue_captures
+
+            while True:
+                await asyncio.to_thread(fail_overdue_captures, repo, cfg.booth.upload_deadline_s)
+                await asyncio.sleep(30.0)
+
+        sweeper = asyncio.create_task(sweep_overdue())
         try:
             stop_task = asyncio.create_task(self.stop.wait())
             await asyncio.wait({http_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
         finally:
+            sweeper.cancel()
             server.should_exit = True
             mail_stop.set()
             await ingest.stop(2.0)

@@ -13,6 +13,7 @@ booth:
   name: dancebooth
   take_s: 15            # seconds each take captures
   countdown_s: 3
+  upload_deadline_s: 1800  # a take not uploaded by then fails, naming the missing cameras
 
 models_dir: models      # filled by `make models` from the mediapipe wheel
 

@@ -42,3 +42,25 @@ def test_job_created_but_never_published_is_published_once(tmp_path):
     assert publish_pending(repo, queue) == 1
     assert queue.receive(timeout_s=1).job_id == job_id
     assert enqueue_training(repo, queue, sid) == job_id  # idempotent on the session
+
+
+def test_a_capture_that_never_finishes_uploading_fails_with_the_missing_camera(tmp_path):
+    from cloud_trainer.dispatch import fail_overdue_captures
+
+    repo = Repository.from_config(SqliteDatabase(path=tmp_path / "b.db"))
+    sid = repo.create_session(
+        booth_id="booth-1",
+        name="A",
+        email="a@example.org",
+        consent=True,
+        reference_name="r",
+        take_s=15,
+        cameras=["cam0", "cam1"],
+    )
+    repo.transition(sid, "capturing")
+    started = repo.get_session(sid)["capture_started_at"]
+    assert fail_overdue_captures(repo, 600, now=started + 60) == []  # still within its deadline
+    assert repo.get_session(sid)["state"] == "capturing"
+    assert fail_overdue_captures(repo, 600, now=started + 700) == [sid]
+    s = repo.get_session(sid)
+    assert s["state"] == "failed" and "cam0, cam1" in s["failure_reason"]
