@@ -11,7 +11,9 @@ from edge_agent.errors import BadInput
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="staff_command", metavar="ACTION", required=True)
-    h = sub.add_parser("hash-password", help="print an argon2 hash of a password (read from stdin or a prompt)")
+    h = sub.add_parser(
+        "hash-password", help="print an argon2 hash of a password (read from stdin or a prompt)"
+    )
     h.add_argument("--stdin", action="store_true", help="read the password from standard input")
 
 
