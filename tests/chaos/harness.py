@@ -738,7 +738,6 @@ class Scenario:
     title: str
     run: Callable[[ChaosBooth], Verdict]
     topology: str = "standard"
-    in_make_test: bool = False
 
 
 def _timed(fn: Callable[[ChaosBooth], Verdict]) -> Callable[[ChaosBooth], Verdict]:
@@ -841,7 +840,11 @@ def kill_worker_mid_training(b: ChaosBooth) -> Verdict:
         b.reconfigure_worker(**usual)
         raise
     b.kill9("worker")
-    killed_at_step = b.repo.get_job(job["id"])["step"]
+    checkpoints_at_kill = sorted(
+        k.rsplit("/", 1)[-1]
+        for k in b.store.list(f"sessions/{sid}/checkpoints/ckpt/")
+        if k.endswith(".index")
+    )
     b.start_process("worker-2", "worker", "--config", str(b.booth.config_path), "--id", "worker-2")
     try:
         v = b.verdict("kill_worker_mid_training", sid, addr, delete=False)
@@ -851,7 +854,7 @@ def kill_worker_mid_training(b: ChaosBooth) -> Verdict:
 
         done = (json.loads(state_file.read_text()).get("done") or {}) if state_file.exists() else {}
         v.details.update(
-            killed_at_step=killed_at_step,
+            checkpoints_at_kill=checkpoints_at_kill,
             attempts=job["attempts"],
             worker=job["worker"],
             resumed_from=done.get("resumed_from"),
@@ -1078,21 +1081,17 @@ def pubsub_redelivery(b: ChaosBooth) -> Verdict:
 
 def _scenarios(long_cut_s: float) -> dict[str, Scenario]:
     items = [
-        Scenario(
-            "double_start", "Start pressed on two tablets at once", double_start, in_make_test=True
-        ),
+        Scenario("double_start", "Start pressed on two tablets at once", double_start),
         Scenario(
             "kill_agent_mid_take",
             "kill -9 of an agent mid-take",
             kill_agent_mid_take,
-            in_make_test=True,
         ),
-        Scenario("smtp_down", "SMTP down for a while", smtp_down, in_make_test=True),
+        Scenario("smtp_down", "SMTP down for a while", smtp_down),
         Scenario(
             "kill_serve_mid_take",
             "kill -9 of the ingest server mid-take",
             kill_serve_mid_take,
-            in_make_test=True,
         ),
         Scenario(
             "kill_worker_mid_training",
@@ -1129,9 +1128,7 @@ def _scenarios(long_cut_s: float) -> dict[str, Scenario]:
             topology="pubsub",
         ),
     ]
-    return {
-        s.name: Scenario(s.name, s.title, _timed(s.run), s.topology, s.in_make_test) for s in items
-    }
+    return {s.name: Scenario(s.name, s.title, _timed(s.run), s.topology) for s in items}
 
 
 LONG_CUT_ENV = "CHAOS_LONG_CUT_S"
