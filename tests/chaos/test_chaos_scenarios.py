@@ -60,6 +60,12 @@ def test_smtp_down_for_a_while_still_sends_exactly_one_email(booth):
 
 
 @pytest.mark.chaos_full
+def test_a_board_that_never_comes_back_fails_its_session_naming_the_camera(booth):
+    v = run(booth, "agent_never_returns")
+    assert v.final_state == "failed" and v.emails_received == 0
+
+
+@pytest.mark.chaos_full
 def test_worker_killed_mid_training_is_resumed_from_its_checkpoint_by_another_worker(booth):
     v = run(booth, "kill_worker_mid_training")
     assert v.details["resumed_from"] > 0
