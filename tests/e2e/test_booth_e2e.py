@@ -95,9 +95,14 @@ def shot(driver, name: str) -> None:
 
 
 def wait_for(predicate, timeout_s: float, what: str, poll_s: float = 0.5):
+    from selenium.common.exceptions import StaleElementReferenceException
+
     deadline = time.monotonic() + timeout_s
     while True:
-        value = predicate()
+        try:
+            value = predicate()
+        except StaleElementReferenceException:  # the page navigated between find and read
+            value = None
         if value:
             return value
         if time.monotonic() > deadline:
@@ -121,8 +126,10 @@ def test_staff_and_attendee_flow_in_a_real_browser(booth, browser):
     d.find_element(By.ID, "name").send_keys("Grace Hopper")
     d.find_element(By.ID, "email").send_keys("grace@example.org")
     d.find_element(By.ID, "create").click()
-    err = wait_for(lambda: d.find_elements(By.ID, "error"), 15, "the consent error")
-    assert "consent" in err[0].text
+    err = wait_for(
+        lambda: (e := d.find_elements(By.ID, "error")) and e[0].text, 15, "the consent error"
+    )
+    assert "consent" in err
     assert booth.staff.get("/api/sessions") == []
     shot(d, "02-no-consent-refused")
 
