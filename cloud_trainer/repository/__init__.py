@@ -10,26 +10,14 @@ from __future__ import annotations
 from sqlalchemy import Engine
 
 from cloud_trainer.repository.db import create_db_engine
+from cloud_trainer.repository.ingest import IngestRepo
+from cloud_trainer.repository.jobs import JobsRepo
+from cloud_trainer.repository.links import LinksRepo
+from cloud_trainer.repository.outbox import OutboxRepo
 from cloud_trainer.repository.sessions import SessionNotFound, SessionsRepo, new_id
 
-_MIXINS: list[type] = [SessionsRepo]
-# Aggregates built in their own modules join the Repository as they land.
-for _name, _cls in (
-    ("cloud_trainer.repository.ingest", "IngestRepo"),
-    ("cloud_trainer.repository.jobs", "JobsRepo"),
-    ("cloud_trainer.repository.links", "LinksRepo"),
-    ("cloud_trainer.repository.outbox", "OutboxRepo"),
-):
-    try:
-        _mod = __import__(_name, fromlist=[_cls])
-    except ModuleNotFoundError as _e:
-        if _e.name != _name:
-            raise
-        continue
-    _MIXINS.append(getattr(_mod, _cls))
 
-
-class Repository(*_MIXINS):  # type: ignore[misc]
+class Repository(SessionsRepo, IngestRepo, JobsRepo, LinksRepo, OutboxRepo):
     def __init__(self, engine: Engine):
         self.engine = engine
 
