@@ -32,6 +32,7 @@ from typing import Any
 
 import yaml
 
+from cloud_trainer.ingest.auth import hash_token
 from edge_agent.errors import BoothError
 
 log = logging.getLogger(__name__)
@@ -153,12 +154,6 @@ class Processes:
                 proc.wait()
 
 
-def _token_sha256(token: str) -> str:
-    import hashlib
-
-    return hashlib.sha256(token.encode()).hexdigest()
-
-
 class StaffClient:
     """The tablet's side of the JSON API."""
 
@@ -249,8 +244,7 @@ class DemoBooth:
                 "host": "127.0.0.1",
                 "port": 0,
                 "agents": [
-                    {"camera_id": c, "token_sha256": _token_sha256(t)}
-                    for c, t in self.tokens.items()
+                    {"camera_id": c, "token_sha256": hash_token(t)} for c, t in self.tokens.items()
                 ],
             },
             "storage": {"type": "local", "root": str(d / "blobs")},

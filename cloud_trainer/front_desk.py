@@ -129,10 +129,8 @@ class FrontDesk:
             raise Conflict(f"there is nothing to resend yet: the session is {session['state']}")
         if self.resend_email is None:
             raise Conflict("email delivery is not configured on this server")
-        email = clean_email(new_email) if new_email else None
-        if email:
-            self.repo.update_attendee_email(session_id, email)
-        self.resend_email(session_id, email)
+        # The deliverer stores a corrected address itself, after its own header checks.
+        self.resend_email(session_id, clean_email(new_email) if new_email else None)
 
     def delete(self, session_id: str) -> None:
         """Remove everything the booth holds about this attendee; their links then answer 410."""
