@@ -2,13 +2,14 @@
 
 ``Repository`` is composed of one mixin per aggregate, each in its own module:
 sessions and attendees, ingest (takes, frame index, poses, agents), jobs,
-links, and the email outbox. All share ``self.engine``.
+links, the email outbox, and the metrics' counters. All share ``self.engine``.
 """
 
 from __future__ import annotations
 
 from sqlalchemy import Engine
 
+from cloud_trainer.repository.counters import CountersRepo
 from cloud_trainer.repository.db import create_db_engine
 from cloud_trainer.repository.ingest import IngestRepo
 from cloud_trainer.repository.jobs import JobsRepo
@@ -17,7 +18,7 @@ from cloud_trainer.repository.outbox import OutboxRepo
 from cloud_trainer.repository.sessions import SessionNotFound, SessionsRepo, new_id
 
 
-class Repository(SessionsRepo, IngestRepo, JobsRepo, LinksRepo, OutboxRepo):
+class Repository(SessionsRepo, IngestRepo, JobsRepo, LinksRepo, OutboxRepo, CountersRepo):
     def __init__(self, engine: Engine):
         self.engine = engine
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import re
+from typing import Any
 
-from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy import Connection, Engine, Table, create_engine, event, text
+from sqlalchemy.dialects import postgresql, sqlite
 
 from cloud_trainer.repository.schema import metadata
 
@@ -51,6 +53,13 @@ def create_db_engine(cfg) -> Engine:  # cfg: SqliteDatabase | PostgresDatabase
 
     metadata.create_all(engine)
     return engine
+
+
+def dialect_insert(bind: Connection | Engine, table: Table) -> Any:
+    """The backend's own INSERT, which has ``on_conflict_do_*`` (both spell it the same)."""
+    if bind.dialect.name == "postgresql":
+        return postgresql.insert(table)
+    return sqlite.insert(table)
 
 
 _READ_PREFIXES = ("SELECT", "PRAGMA", "EXPLAIN")

@@ -19,10 +19,12 @@ from typing import Any
 
 from sqlalchemy import Connection, and_, select, update
 
+from cloud_trainer.repository.counters import EMAILS, add_counts
 from cloud_trainer.repository.schema import attendees, outbox, sessions
 from cloud_trainer.session import State
 
 PENDING, SENDING, SENT, FAILED, BOUNCED = "pending", "sending", "sent", "failed", "bounced"
+FINAL = frozenset({SENT, FAILED, BOUNCED})
 
 
 class OutboxRepo:
@@ -135,14 +137,18 @@ class OutboxRepo:
         return dict(row._mapping)
 
     def _finish(self, row_id: int, from_state: str, **values: Any) -> bool:
+        """Compare-and-set the row's state; a final outcome is counted in the same transaction."""
         with self.engine.begin() as conn:
-            return bool(
+            changed = bool(
                 conn.execute(
                     update(outbox)
                     .where(and_(outbox.c.id == row_id, outbox.c.state == from_state))
                     .values(**values)
                 ).rowcount
             )
+            if changed and values["state"] in FINAL:
+                add_counts(conn, [(EMAILS, values["state"], 1)])
+            return changed
 
     def mark_email_sent(self, row_id: int, at: float) -> bool:
         return self._finish(row_id, SENDING, state=SENT, sent_at=at, last_error=None)

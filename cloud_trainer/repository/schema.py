@@ -229,3 +229,16 @@ outbox = Table(
     Column("sent_at", Float, nullable=True),
     UniqueConstraint("message_id", name="uq_outbox_message_id"),
 )
+
+# Monotonic totals for the Prometheus counters (``cloud_trainer.repository.counters``).
+# Deleting an attendee's data deletes the rows the counters were read from, so what
+# those rows counted is added here in the same transaction; email outcomes are added
+# when they happen. Labels are camera ids, stage names and email states: nothing
+# personal, so deletion leaves these rows alone.
+counters = Table(
+    "counters",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("label", String(128), primary_key=True),
+    Column("value", Float, nullable=False, default=0.0),
+)

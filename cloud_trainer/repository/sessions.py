@@ -9,6 +9,7 @@ from typing import Any
 
 from sqlalchemy import select, update
 
+from cloud_trainer.repository.counters import retire_session_counts
 from cloud_trainer.repository.schema import attendees, session_events, sessions
 from cloud_trainer.session import State, check_transition
 from edge_agent.errors import BadInput, BoothError
@@ -211,8 +212,13 @@ class SessionsRepo:
             return [dict(r._mapping) for r in rows]
 
     def delete_session_rows(self, session_id: str) -> None:
-        """Remove the session, its attendee and everything hanging off them (cascades)."""
+        """Remove the session, its attendee and everything hanging off them (cascades).
+
+        The takes and the job go first, explicitly, so what they counted stays in the
+        metrics' counters (``retire_session_counts``).
+        """
         s = self.get_session(session_id)
         with self.engine.begin() as conn:
+            retire_session_counts(conn, session_id)
             conn.execute(sessions.delete().where(sessions.c.id == session_id))
             conn.execute(attendees.delete().where(attendees.c.id == s["attendee_id"]))

@@ -81,7 +81,7 @@ def create_app(
         description="Staff tablet, attendee pages and the booth's JSON API.",
     )
     app.state.services = services
-    app.state.metrics_registry = metrics.make_registry(repo.engine)
+    app.state.metrics_registry = metrics.make_registry(repo)
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
     for module in (auth, sessions, attendee, health):
         app.include_router(module.router)

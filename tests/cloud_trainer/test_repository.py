@@ -459,3 +459,94 @@ def test_concurrent_metric_updates_lose_no_keys(repo):
         t.join()
     event.remove(repo.engine, "after_cursor_execute", _pause_after_metrics_read)
     assert repo.get_job(job_id)["metrics"] == {"loss_g": 1, "loss_l1": 1}
+
+
+# ---- the metrics' counters -----------------------------------------------------------------
+
+
+def _frame_rows(seqs) -> list[dict]:
+    return [
+        {
+            "seq": s,
+            "capture_ts_ns": 1_700_000_000_000_000_000 + s,
+            "shard_key": "shard",
+            "offset": s * 10,
+            "length": 10,
+            "sha256": f"{s:064x}",
+        }
+        for s in seqs
+    ]
+
+
+def _store_frames(repo: Repository, sid: str, camera: str, n: int) -> None:
+    repo.open_take(sid, camera)
+    repo.commit_shard(
+        sid, camera, _frame_rows(range(n)), [], durable_seq=n - 1, pose_durable_seq=-1
+    )
+
+
+def _sent_email(repo: Repository, sid: str, message_id: str) -> int:
+    email = {
+        "message_id": message_id,
+        "to_addr": "ada@example.com",
+        "subject": "your dance",
+        "body_text": "t",
+        "body_html": "h",
+    }
+    row_id = repo.enqueue_email(sid, email=email)
+    assert [r["id"] for r in repo.claim_emails(time.time(), lease_s=60)] == [row_id]
+    assert repo.mark_email_sent(row_id, time.time())
+    return row_id
+
+
+def _delete_like_the_front_desk(repo: Repository, sid: str) -> None:
+    with repo.engine.begin() as conn:  # FrontDesk.delete removes the outbox rows itself
+        conn.execute(outbox.delete().where(outbox.c.session_id == sid))
+    repo.delete_session_rows(sid)
+
+
+def test_counters_do_not_drop_when_a_session_is_deleted(repo):
+    sid = _new_session(repo)
+    keep = _new_session(repo, name="Grace Hopper", email="grace@example.com")
+    _store_frames(repo, sid, "cam0", 7)
+    _store_frames(repo, sid, "cam1", 5)
+    _store_frames(repo, keep, "cam0", 3)
+    job_id = repo.create_job(sid)
+    repo.update_job_progress(job_id, stage_seconds={"training": 60.0, "rendering": 4.5})
+    repo.update_job_progress(repo.create_job(keep), stage_seconds={"training": 30.0})
+    _sent_email(repo, sid, "<m1@booth>")
+    before = repo.counter_values()
+    assert before == {
+        "frames_ingested": {"cam0": 10.0, "cam1": 5.0},
+        "job_stage_seconds": {"training": 90.0, "rendering": 4.5},
+        "job_stage_runs": {"training": 2.0, "rendering": 1.0},
+        "emails": {"sent": 1.0},
+    }
+
+    _delete_like_the_front_desk(repo, sid)
+
+    assert _count(repo, takes, session_id=sid) == _count(repo, jobs, session_id=sid) == 0
+    assert _count(repo, outbox) == 0
+    assert repo.counter_values() == before
+    # They keep counting on top of what the deleted session counted.
+    repo.commit_shard(
+        keep, "cam0", _frame_rows(range(3, 5)), [], durable_seq=4, pose_durable_seq=-1
+    )
+    assert repo.counter_values()["frames_ingested"] == {"cam0": 12.0, "cam1": 5.0}
+    _delete_like_the_front_desk(repo, keep)
+    assert repo.counter_values() == {**before, "frames_ingested": {"cam0": 12.0, "cam1": 5.0}}
+
+
+def test_an_email_outcome_is_counted_once_when_it_is_recorded(repo):
+    sid = _new_session(repo)
+    row_id = _sent_email(repo, sid, "<m1@booth>")
+    assert not repo.mark_email_sent(row_id, time.time())  # a second sender lost the race
+    email = {"to_addr": "x@example.com", "subject": "s", "body_text": "t", "body_html": "h"}
+    for n, bounced in enumerate((True, False, False)):
+        row = repo.enqueue_email(sid, email={**email, "message_id": f"<b{n}@booth>"})
+        repo.claim_emails(time.time(), lease_s=60)
+        assert repo.mark_email_failed(row, "550 no such user", bounced=bounced)
+    retry = repo.enqueue_email(sid, email={**email, "message_id": "<r@booth>"})
+    repo.claim_emails(time.time(), lease_s=60)
+    assert repo.mark_email_retry(retry, "421 try later", time.time() + 60)  # not an outcome
+    assert repo.counter_values()["emails"] == {"sent": 1.0, "bounced": 1.0, "failed": 2.0}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import time
 
 import pytest
 from fastapi.testclient import TestClient
@@ -243,3 +244,58 @@ def test_openapi_lists_the_json_api(client):
         "/v/{token}/video.mp4",
     ):
         assert p in paths
+
+
+def _counter_samples(text: str) -> dict[tuple[str, tuple], float]:
+    """Every sample of the counter families in a /metrics page, keyed by (name, labels)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        if family.type == "counter"
+        for s in family.samples
+        if s.name.endswith("_total")
+    }
+
+
+def test_metrics_counters_do_not_drop_when_a_session_is_deleted(settings, db_config):
+    settings.database = db_config
+    repo = Repository.from_config(db_config)
+    app = create_app(
+        settings,
+        repo=repo,
+        store=create_blob_store(settings.storage),
+        references=lambda: [],
+        deliverer=None,
+    )
+    with TestClient(app) as client:
+        csrf = login(client)
+        sid = new_session(client, csrf).json()["id"]
+        repo.open_take(sid, "cam0")
+        frame = {"capture_ts_ns": 1, "shard_key": "k", "offset": 0, "length": 1, "sha256": "0" * 64}
+        frames = [{**frame, "seq": s} for s in range(4)]
+        repo.commit_shard(sid, "cam0", frames, [], durable_seq=3, pose_durable_seq=-1)
+        repo.update_job_progress(repo.create_job(sid), stage_seconds={"training": 12.0})
+        row = repo.enqueue_email(
+            sid,
+            email={
+                "message_id": "<m@booth>",
+                "to_addr": "ada@example.org",
+                "subject": "s",
+                "body_text": "t",
+                "body_html": "h",
+            },
+        )
+        repo.claim_emails(time.time(), lease_s=60)
+        repo.mark_email_sent(row, time.time())
+        before = _counter_samples(client.get("/metrics").text)
+        assert before[("booth_frames_ingested_total", (("camera", "cam0"),))] == 4
+        assert before[("booth_job_stage_seconds_total", (("stage", "training"),))] == 12
+        assert before[("booth_emails_total", (("state", "sent"),))] == 1
+
+        r = client.delete(f"/api/sessions/{sid}", headers={"X-CSRF-Token": csrf})
+        assert r.status_code == 204 and repo.list_takes(sid) == [] and repo.emails() == []
+
+        assert _counter_samples(client.get("/metrics").text) == before
+    repo.close()
