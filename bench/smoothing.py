@@ -21,6 +21,9 @@ Compared, on the same frames:
 - ``ours``: ``CausalSmoother`` with the default config;
 - ``offline``: ``smooth_offline`` (RTS) with the default config.
 
+``jitter_px`` is the mean frame-to-frame acceleration |x[t+1] - 2x[t] + x[t-1]|,
+for the ground truth too: the shake a viewer sees, which the mean error hides.
+
 Errors are mean pixel distances to the ground truth over joints the ground truth
 marks visible, on every frame where all four methods output the joint (imputed
 joints included). ``lag_frames`` is the time shift that minimises the squared
@@ -237,6 +240,19 @@ def err_px(outs: list[np.ndarray], gts: list[np.ndarray], masks: list[np.ndarray
     return float(np.concatenate(d).mean())
 
 
+def jitter_px(outs: list[np.ndarray], masks: list[np.ndarray]) -> float:
+    """Mean |x[t+1] - 2 x[t] + x[t-1]| (px/frame^2) where the joint is in all three frames.
+
+    At 120 fps a dancer's true acceleration is a fraction of a pixel per frame^2, so
+    this is mostly the frame-to-frame shake a viewer sees, which a mean error hides.
+    """
+    d = []
+    for o, m in zip(outs, masks, strict=True):
+        acc = np.linalg.norm(o[2:, :, :2] - 2 * o[1:-1, :, :2] + o[:-2, :, :2], axis=-1)
+        d.append(acc[m[2:] & m[1:-1] & m[:-2]])
+    return float(np.concatenate(d).mean())
+
+
 def lag_frames(outs: list[np.ndarray], gts: list[np.ndarray], moving: list[np.ndarray]) -> float:
     """The shift s minimising |out[t + s] - gt[t]|^2 over moving joints; sub-frame."""
     shifts = np.arange(-MAX_LAG_FRAMES, MAX_LAG_FRAMES + 1)
@@ -367,6 +383,16 @@ def main(argv: list[str] | None = None) -> int:
         "one_euro_default_err_px": round(err_px(euro_default, gts, masks), 3),
         "one_euro_lag_frames": round(lag_frames(euro, gts, moving), 2),
         "raw_lag_frames": round(lag_frames(raw_out, gts, moving), 2),
+        "jitter_px": {
+            name: round(jitter_px(out, masks), 3)
+            for name, out in (
+                ("ground_truth", gts),
+                ("raw", raw_out),
+                ("one_euro", euro),
+                ("ours", ours),
+                ("offline", offline),
+            )
+        },
         "pose_err_uncorrupted_px": round(err_px(raws, gts, pose_masks), 3),
         "pose_err_uncorrupted_debiased_px": round(err_px(raws, shifted, pose_masks), 3),
         "outlier_err_px": {
