@@ -25,6 +25,7 @@ import logging
 import os
 import re
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -57,6 +58,10 @@ MANIFEST = "take.json"
 POSES = "poses.npz"
 TIMESTAMPS = "frames.csv"
 POSE_LOAD_WAIT_S = 60.0  # longest prepare() waits for the pose model before capturing anyway
+# A capturing camera that has sent nothing for this long (or ten frame periods, if
+# longer) is reported as stalled: a loose USB cable often leaves the device open and
+# silent rather than closed, so no error ever reaches the capture loop.
+STALL_AFTER_S = 1.0
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
@@ -126,6 +131,7 @@ class Take:
         duration_s: float | None = None,
         statvfs: Callable[[str], Any] = os.statvfs,
         booth_id: str = "",
+        monotonic_ns: Callable[[], int] = time.monotonic_ns,
     ) -> None:
         self.session_id = check_name("session", session_id)
         self.camera_id = check_name("camera", camera_id)
@@ -140,12 +146,15 @@ class Take:
         self.directory = Path(capture.out_dir) / self.session_id / self.camera_id
         self._pose_factory = pose_factory
         self._statvfs = statvfs
+        self._monotonic_ns = monotonic_ns
 
         self.state = "created"  # created | ready | capturing | finishing | done | failed
         self.granted: Granted | None = None
         self.frames = 0
         self.first_ts_ns: int | None = None
         self.last_ts_ns: int | None = None
+        # Local arrival time of the newest frame (or of the start), for stall detection.
+        self.last_arrival_ns: int | None = None
         self.capture_error: str | None = None
         self.errors: list[str] = []
         self.summary: TakeSummary | None = None
@@ -241,6 +250,7 @@ class Take:
             raise RuntimeError(f"take already {self.state}")
         assert self.recorder is not None
         self.recorder.start()
+        self.last_arrival_ns = self._monotonic_ns()
         self.state = "capturing"
         self._thread.start()
         log.info(
@@ -283,6 +293,7 @@ class Take:
         frames = self.source.frames()
         offer_segment = self.recorder.queue.offer
         put_pose = self.slot.put
+        arrival_ns = self._monotonic_ns
         stop = self._stop
         fps = self.granted.fps or 30.0
         max_frames = round(self.duration_s * fps) if self.duration_s else None
@@ -311,6 +322,7 @@ class Take:
                 n += 1
                 self.frames = n
                 self.last_ts_ns = frame.capture_ts_ns
+                self.last_arrival_ns = arrival_ns()
         except (OSError, av.FFmpegError, DeviceError) as e:  # unplugged, USB error, ...
             self.capture_error = f"camera {self.source.name} failed after {n} frames: {e}"
             log.error("take %s/%s: %s", self.session_id, self.camera_id, self.capture_error)
@@ -453,6 +465,8 @@ class Take:
             errors.append(self.capture_error)
         if rec is not None and rec.error:
             errors.append(rec.error)
+        if stalled := self.stalled():
+            errors.append(stalled)
         warnings = list(getattr(self.source, "warnings", []))
         if self.worker is not None and self.worker.error:
             warnings.append(self.worker.error)
@@ -519,6 +533,26 @@ class Take:
 
     # ---- status ----------------------------------------------------------------------
 
+    def stalled(self) -> str | None:
+        """Why the camera looks stalled while capturing, or None.
+
+        The capture loop cannot notice this itself (it is blocked waiting for the
+        frame that does not come), so the status poller does. The take then ends
+        when the camera comes back or is unplugged; the cloud fails the session
+        if it never does (``booth.upload_deadline_s``).
+        """
+        since = self.last_arrival_ns
+        if self.state != "capturing" or since is None:
+            return None
+        fps = self.granted.fps if self.granted and self.granted.fps else 30.0
+        silent_s = (self._monotonic_ns() - since) / 1e9
+        if silent_s < max(STALL_AFTER_S, 10.0 / fps):
+            return None
+        return (
+            f"camera {self.source.name} stalled: no frame for {silent_s:.1f} s after "
+            f"{self.frames} frames (check the cable and the USB port)"
+        )
+
     def status(self) -> dict[str, Any]:
         """A JSON-able snapshot, cheap enough to call every second from another thread."""
         rec = self.recorder
@@ -530,6 +564,8 @@ class Take:
             errors.append(self.capture_error)
         if rec is not None and rec.error:
             errors.append(rec.error)
+        if stalled := self.stalled():
+            errors.append(stalled)
         warnings = list(getattr(self.source, "warnings", []))
         if worker is not None and worker.error:
             warnings.append(worker.error)

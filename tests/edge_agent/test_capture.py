@@ -264,6 +264,35 @@ def test_stop_ends_the_take_at_the_next_frame_and_keeps_what_was_captured(tmp_pa
     assert segment_bytes(summary) == jpegs[: summary.frames]
 
 
+def test_a_camera_that_goes_silent_is_reported_stalled_and_recovers(tmp_path, jpegs):
+    """A loose cable leaves the device open and silent: status says so, on a fake clock."""
+    silent, resume = threading.Event(), threading.Event()
+    now = [0]
+
+    class GoesSilent(ReplayCamera):
+        def frames(self) -> Iterator[CapturedFrame]:
+            for frame in super().frames():
+                if frame.seq == 50:
+                    silent.set()
+                    resume.wait(30)
+                yield frame
+
+    source = GoesSilent(jpegs, width=WIDTH, height=HEIGHT, fps=FPS, clock=BoothClock())
+    take = make_take(tmp_path, jpegs, pose=False, source=source)
+    take._monotonic_ns = lambda: now[0]
+    take.start()
+    assert silent.wait(30)
+    assert take.stalled() is None and not take.status()["errors"]  # no time has passed
+    now[0] += int(0.5e9)
+    assert take.stalled() is None  # half a second: a hiccup, not a stall
+    now[0] += int(2.5e9)
+    (error,) = take.status()["errors"]
+    assert "stalled" in error and "no frame for 3.0 s after 50 frames" in error
+    resume.set()
+    summary = take.wait(30)
+    assert summary.frames == N and take.stalled() is None  # ended: no longer "stalled"
+
+
 # ---- pose ---------------------------------------------------------------------------
 
 
