@@ -299,3 +299,63 @@ def test_metrics_counters_do_not_drop_when_a_session_is_deleted(settings, db_con
 
         assert _counter_samples(client.get("/metrics").text) == before
     repo.close()
+
+
+def _check_documented(openapi: dict, method: str, template: str, r) -> None:
+    """The response's status, content type, required headers and error body are in the OpenAPI."""
+    responses = openapi["paths"][template][method]["responses"]
+    where = f"{method.upper()} {template} {r.status_code}"
+    assert str(r.status_code) in responses, f"{where} undocumented: {sorted(responses)}"
+    documented = responses[str(r.status_code)]
+    media = r.headers.get("content-type", "").split(";")[0]
+    if r.content:
+        assert media in documented.get("content", {}), f"{where}: {media}"
+    for name, header in documented.get("headers", {}).items():
+        assert not header.get("required") or name in r.headers, f"{where}: no {name}"
+    if media == "application/json" and r.status_code >= 400:
+        assert list(r.json()) == ["detail"] and isinstance(r.json()["detail"], str), r.text
+
+
+def test_every_error_the_api_answers_is_documented_in_the_openapi(client, app_parts):
+    """The fuzz runs logged in with a CSRF token; this reaches the refusals it cannot."""
+    _, repo, store = app_parts
+    openapi = client.get("/openapi.json").json()
+    checked = set()
+
+    def check(method: str, template: str, r, status: int) -> None:
+        assert r.status_code == status, f"{method} {template}: {r.status_code} {r.text[:200]}"
+        _check_documented(openapi, method, template, r)
+        checked.add(status)
+
+    check("get", "/api/sessions", client.get("/api/sessions"), 401)
+    check("get", "/api/agents", client.get("/api/agents"), 401)
+    for status in (401, 401, 401, 429):
+        r = client.post("/api/login", json={"username": "staff", "password": "nope"})
+        check("post", "/api/login", r, status)
+    # Staff would wait a minute for the throttle; the test forgets the failures instead.
+    client.app.state.services.throttle.succeeded("testclient", "staff")
+    csrf = login(client)
+    body = {"name": "A", "email": "a@example.org", "consent": True, "reference": "r"}
+    check("post", "/api/sessions", client.post("/api/sessions", json=body), 403)
+    check("post", "/api/sessions", new_session(client, csrf, consent=False), 400)
+    sid = new_session(client, csrf).json()["id"]
+    unknown = "0" * 32
+    headers = {"X-CSRF-Token": csrf}
+    check("get", "/api/sessions/{session_id}", client.get(f"/api/sessions/{unknown}"), 404)
+    r = client.post(f"/api/sessions/{sid}/start", headers=headers)
+    check("post", "/api/sessions/{session_id}/start", r, 409)
+    r = client.post(f"/api/sessions/{sid}/resend", headers=headers, json={})
+    check("post", "/api/sessions/{session_id}/resend", r, 409)
+    r = client.delete(f"/api/sessions/{unknown}", headers=headers)
+    check("delete", "/api/sessions/{session_id}", r, 404)
+
+    _, token = _delivered_session(repo, store)
+    check("get", "/v/{token}", client.get(f"/v/{token[:-1]}x"), 404)
+    r = client.get(f"/v/{token}/video.mp4", headers={"Range": "bytes=5-9"})
+    check("get", "/v/{token}/video.mp4", r, 206)
+    r = client.get(f"/v/{token}/download", headers={"Range": "bytes=999999-"})
+    check("get", "/v/{token}/download", r, 416)
+    check("post", "/v/{token}/delete", client.post(f"/v/{token}/delete", data={}), 400)
+    links.revoke(repo, token)
+    check("get", "/v/{token}/poster.jpg", client.get(f"/v/{token}/poster.jpg"), 410)
+    assert checked == {206, 400, 401, 403, 404, 409, 410, 416, 429}

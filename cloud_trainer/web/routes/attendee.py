@@ -11,6 +11,7 @@ from sqlalchemy import select
 from cloud_trainer import links
 from cloud_trainer.repository.schema import link_tombstones
 from cloud_trainer.web.deps import Services, ServicesDep
+from cloud_trainer.web.errors import Responses, page_errors
 
 router = APIRouter(tags=["attendee"])
 
@@ -47,7 +48,32 @@ def _video_key(s: dict, which: str) -> str:
     return key
 
 
-@router.get("/v/{token}", response_class=HTMLResponse, summary="The attendee's video page")
+def _file_responses(media_type: str, *, ranges: bool) -> Responses:
+    """A served file: the whole of it, a range of it, or a redirect to a signed URL (gcs)."""
+    binary = {media_type: {"schema": {"type": "string", "format": "binary"}}}
+    out: Responses = {
+        200: {"description": "The whole file", "content": binary},
+        307: {
+            "description": "Fetch it from a short-lived signed URL instead (gcs storage)",
+            "headers": {"Location": {"required": True, "schema": {"type": "string"}}},
+        },
+    }
+    if ranges:
+        out[206] = {
+            "description": "The bytes the Range header names",
+            "content": binary,
+            "headers": {"Content-Range": {"required": True, "schema": {"type": "string"}}},
+        }
+        return {**out, **page_errors(404, 410, 416)}
+    return {**out, **page_errors(404, 410)}
+
+
+@router.get(
+    "/v/{token}",
+    response_class=HTMLResponse,
+    summary="The attendee's video page",
+    responses=page_errors(404, 410),
+)
 def page(token: str, request: Request, services: ServicesDep):
     return _render_page(request, services, _session_for(services, token), token)
 
@@ -101,17 +127,32 @@ def _serve(
     )
 
 
-@router.get("/v/{token}/video.mp4", summary="The H.264 video (supports Range requests)")
+@router.get(
+    "/v/{token}/video.mp4",
+    summary="The H.264 video (supports Range requests)",
+    response_class=Response,
+    responses=_file_responses("video/mp4", ranges=True),
+)
 def video(token: str, services: ServicesDep, range: Annotated[str | None, Header()] = None):
     return _serve(services, _video_key(_session_for(services, token), "video"), "video/mp4", range)
 
 
-@router.get("/v/{token}/side-by-side.mp4", summary="The video beside the reference dancer")
+@router.get(
+    "/v/{token}/side-by-side.mp4",
+    summary="The video beside the reference dancer",
+    response_class=Response,
+    responses=_file_responses("video/mp4", ranges=True),
+)
 def side_by_side(token: str, services: ServicesDep, range: Annotated[str | None, Header()] = None):
     return _serve(services, _video_key(_session_for(services, token), "side"), "video/mp4", range)
 
 
-@router.get("/v/{token}/download", summary="Download the video")
+@router.get(
+    "/v/{token}/download",
+    summary="Download the video",
+    response_class=Response,
+    responses=_file_responses("video/mp4", ranges=True),
+)
 def download(token: str, services: ServicesDep, range: Annotated[str | None, Header()] = None):
     s = _session_for(services, token)
     return _serve(
@@ -119,13 +160,21 @@ def download(token: str, services: ServicesDep, range: Annotated[str | None, Hea
     )
 
 
-@router.get("/v/{token}/poster.jpg", summary="The poster image")
+@router.get(
+    "/v/{token}/poster.jpg",
+    summary="The poster image",
+    response_class=Response,
+    responses=_file_responses("image/jpeg", ranges=False),
+)
 def poster(token: str, services: ServicesDep):
     return _serve(services, _video_key(_session_for(services, token), "poster"), "image/jpeg", None)
 
 
 @router.post(
-    "/v/{token}/delete", response_class=HTMLResponse, summary="Delete my data (needs confirm=yes)"
+    "/v/{token}/delete",
+    response_class=HTMLResponse,
+    summary="Delete my data (needs confirm=yes)",
+    responses=page_errors(400, 404, 410),
 )
 def delete_my_data(
     token: str, request: Request, services: ServicesDep, confirm: Annotated[str, Form()] = ""

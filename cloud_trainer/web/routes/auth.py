@@ -9,6 +9,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
 from pydantic import BaseModel
 
 from cloud_trainer.web.deps import Services, ServicesDep
+from cloud_trainer.web.errors import api_errors
 from cloud_trainer.web.security import SESSION_COOKIE, new_csrf_token, verify_password
 
 router = APIRouter(tags=["auth"])
@@ -85,7 +86,11 @@ def logout():
     return response
 
 
-@router.post("/api/login", summary="Log in as staff; returns the CSRF token for later calls")
+@router.post(
+    "/api/login",
+    summary="Log in as staff; returns the CSRF token for later calls",
+    responses=api_errors(400, 401, 429),
+)
 def login_api(body: LoginBody, request: Request, services: ServicesDep):
     csrf = _authenticate(services, request, body.username, body.password)
     response = JSONResponse({"username": body.username, "csrf_token": csrf})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
+from fastapi.responses import PlainTextResponse
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -17,7 +18,16 @@ def healthz():
     return {"status": "ok"}
 
 
-@router.get("/readyz", summary="The database and blob store answer")
+@router.get(
+    "/readyz",
+    summary="The database and blob store answer",
+    responses={
+        503: {
+            "description": "Not ready: the body names the check that failed and why",
+            "content": {"application/json": {"schema": {"type": "object"}}},
+        }
+    },
+)
 def readyz(services: ServicesDep, response: Response):
     checks = {}
     try:
@@ -36,7 +46,7 @@ def readyz(services: ServicesDep, response: Response):
     return {"ready": ready, **checks}
 
 
-@router.get("/metrics", summary="Prometheus metrics")
+@router.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse)
 def metrics(request: Request):
     return Response(
         render(request.app.state.metrics_registry), media_type="text/plain; version=0.0.4"

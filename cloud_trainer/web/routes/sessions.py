@@ -17,6 +17,7 @@ from cloud_trainer.front_desk import Conflict
 from cloud_trainer.repository import SessionNotFound
 from cloud_trainer.repository.schema import outbox, takes
 from cloud_trainer.web.deps import Services, ServicesDep, StaffApi, StaffPage, check_form_csrf
+from cloud_trainer.web.errors import api_errors
 from edge_agent.errors import BadInput, BoothError
 
 router = APIRouter(tags=["sessions"])
@@ -264,13 +265,20 @@ def plot(session_id: str, services: ServicesDep, staff: StaffPage):
 # ---- JSON API -------------------------------------------------------------------------
 
 
-@router.get("/api/sessions", summary="Today's sessions, newest first")
+# The staff guard (deps.require_staff_api) answers 401 without a login, 403 on a write
+# without the CSRF header; each route adds what it refuses itself.
+@router.get("/api/sessions", summary="Today's sessions, newest first", responses=api_errors(401))
 def list_sessions(services: ServicesDep, staff: StaffApi, all_days: bool = False):
     since = None if all_days else _today_start()
     return [session_view(services, s) for s in services.repo.list_sessions(since=since)]
 
 
-@router.post("/api/sessions", status_code=201, summary="Enter an attendee (consent required)")
+@router.post(
+    "/api/sessions",
+    status_code=201,
+    summary="Enter an attendee (consent required)",
+    responses=api_errors(400, 401, 403),
+)
 def create_session(body: NewSession, services: ServicesDep, staff: StaffApi):
     try:
         sid = services.desk.create_session(
@@ -281,7 +289,11 @@ def create_session(body: NewSession, services: ServicesDep, staff: StaffApi):
     return session_view(services, services.repo.get_session(sid))
 
 
-@router.get("/api/sessions/{session_id}", summary="One session with its progress")
+@router.get(
+    "/api/sessions/{session_id}",
+    summary="One session with its progress",
+    responses=api_errors(401, 404),
+)
 def get_session(session_id: str, services: ServicesDep, staff: StaffApi):
     return session_view(services, _get(services, session_id))
 
@@ -301,7 +313,9 @@ async def _api_call(services: Services, session_id: str, fn):
 
 
 @router.post(
-    "/api/sessions/{session_id}/start", summary="Start the take on every camera of the booth"
+    "/api/sessions/{session_id}/start",
+    summary="Start the take on every camera of the booth",
+    responses=api_errors(401, 403, 404, 409),
 )
 async def start(session_id: str, services: ServicesDep, staff: StaffApi):
     acks = await _api_call(services, session_id, lambda: services.desk.start(session_id))
@@ -314,13 +328,19 @@ async def start(session_id: str, services: ServicesDep, staff: StaffApi):
 @router.post(
     "/api/sessions/{session_id}/resend",
     summary="Send the email again, optionally to a corrected address",
+    responses=api_errors(400, 401, 403, 404, 409),
 )
 async def resend(session_id: str, body: Resend, services: ServicesDep, staff: StaffApi):
     await _api_call(services, session_id, lambda: services.desk.resend(session_id, body.email))
     return session_view(services, services.repo.get_session(session_id))
 
 
-@router.delete("/api/sessions/{session_id}", status_code=204, summary="Delete the attendee's data")
+@router.delete(
+    "/api/sessions/{session_id}",
+    status_code=204,
+    summary="Delete the attendee's data",
+    responses=api_errors(401, 403, 404),
+)
 def delete_session(session_id: str, services: ServicesDep, staff: StaffApi):
     try:
         services.desk.delete(session_id)
@@ -332,6 +352,15 @@ def delete_session(session_id: str, services: ServicesDep, staff: StaffApi):
 @router.get(
     "/api/sessions/{session_id}/events",
     summary="Server-sent events: the session whenever it changes",
+    response_class=StreamingResponse,
+    responses={
+        200: {
+            "description": "One `data:` event with the session view per change, "
+            "`event: deleted` when it is deleted",
+            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+        },
+        **api_errors(401, 404),
+    },
 )
 async def events(session_id: str, request: Request, services: ServicesDep, staff: StaffApi):
     _get(services, session_id)
@@ -361,11 +390,21 @@ async def events(session_id: str, request: Request, services: ServicesDep, staff
     )
 
 
-@router.get("/api/agents", summary="The booth's cameras and what each is doing", tags=["agents"])
+@router.get(
+    "/api/agents",
+    summary="The booth's cameras and what each is doing",
+    tags=["agents"],
+    responses=api_errors(401),
+)
 def agents(services: ServicesDep, staff: StaffApi):
     return _agents(services)
 
 
-@router.get("/api/references", summary="Reference dances staff can pick", tags=["references"])
+@router.get(
+    "/api/references",
+    summary="Reference dances staff can pick",
+    tags=["references"],
+    responses=api_errors(401),
+)
 def references(services: ServicesDep, staff: StaffApi):
     return _references(services)
