@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import hmac
 import json
 import secrets
 import threading
@@ -13,6 +12,8 @@ from collections import defaultdict, deque
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
+
+from cloud_trainer import signing
 
 SESSION_COOKIE = "booth_session"
 SESSION_MAX_AGE_S = 12 * 3600  # one conference day
@@ -35,27 +36,21 @@ class CookieSigner:
     """HMAC-SHA256 signed, timestamped JSON cookies. Tampering or age invalidates them."""
 
     def __init__(self, secret_key: str, max_age_s: int = SESSION_MAX_AGE_S):
+        # Derived, so the web secret never signs anything else as it is.
         self._key = hashlib.sha256(("dancebooth-cookie:" + secret_key).encode()).digest()
         self.max_age_s = max_age_s
-
-    def _sig(self, payload: bytes) -> str:
-        return (
-            base64.urlsafe_b64encode(hmac.new(self._key, payload, hashlib.sha256).digest())
-            .decode()
-            .rstrip("=")
-        )
 
     def dumps(self, data: dict) -> str:
         body = json.dumps({**data, "iat": int(time.time())}, separators=(",", ":")).encode()
         payload = base64.urlsafe_b64encode(body).decode().rstrip("=")
-        return f"{payload}.{self._sig(payload.encode())}"
+        return f"{payload}.{signing.sign(self._key, payload.encode())}"
 
     def loads(self, value: str | None) -> dict | None:
-        # A non-ASCII cookie is forged (ours are base64); compare_digest raises on one.
+        # Ours are base64 on both sides of the dot: anything else is forged.
         if not value or value.count(".") != 1 or not value.isascii():
             return None
         payload, sig = value.split(".")
-        if not hmac.compare_digest(sig, self._sig(payload.encode())):
+        if not signing.verify(self._key, payload.encode(), sig):
             return None
         try:
             data = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
