@@ -4,50 +4,51 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Iterator
 
 import pytest
 from fastapi.testclient import TestClient
+from staff_app import (
+    PASSWORD,
+    STAFF,
+    VIDEO,
+    StaffApp,
+    build_app,
+    delivered_session,
+    log_in,
+    staff_settings,
+)
 
 from cloud_trainer import links
-from cloud_trainer.config import BoothConfig, LocalStorage, SqliteDatabase, StaffUser
-from cloud_trainer.repository import Repository
-from cloud_trainer.storage import create_blob_store
+from cloud_trainer.config import BoothConfig
 from cloud_trainer.web import create_app
-from cloud_trainer.web.security import hash_password
 from edge_agent.config import ConfigError
-
-PASSWORD = "correct horse battery"
 
 
 @pytest.fixture
 def settings(tmp_path) -> BoothConfig:
-    cfg = BoothConfig()
-    cfg.web.secret_key = "test-secret-" + "x" * 20
-    cfg.web.staff = [StaffUser(username="staff", password_hash=hash_password(PASSWORD))]
-    cfg.web.login_attempts_per_minute = 3
-    cfg.database = SqliteDatabase(path=tmp_path / "booth.db")
-    cfg.storage = LocalStorage(root=tmp_path / "blobs")
-    return cfg
+    return staff_settings(tmp_path)
 
 
 @pytest.fixture
-def app_parts(settings):
-    repo = Repository.from_config(settings.database)
-    store = create_blob_store(settings.storage)
-    app = create_app(settings, repo=repo, store=store, references=lambda: [], deliverer=None)
-    return app, repo, store
+def booth(settings) -> Iterator[StaffApp]:
+    built = build_app(settings)
+    yield built
+    built.repo.close()
 
 
 @pytest.fixture
-def client(app_parts):
-    with TestClient(app_parts[0]) as c:
+def booth_on_each_db(tmp_path, db_config) -> Iterator[StaffApp]:
+    """The app on SQLite and on PostgreSQL."""
+    built = build_app(staff_settings(tmp_path, db_config))
+    yield built
+    built.repo.close()
+
+
+@pytest.fixture
+def client(booth):
+    with TestClient(booth.app) as c:
         yield c
-
-
-def login(client: TestClient) -> str:
-    r = client.post("/api/login", json={"username": "staff", "password": PASSWORD})
-    assert r.status_code == 200, r.text
-    return r.json()["csrf_token"]
 
 
 def new_session(client: TestClient, csrf: str, **overrides) -> dict:
@@ -75,7 +76,7 @@ def test_pages_need_login_and_api_says_401(client):
 
 def test_login_form_sets_a_signed_cookie_and_tampering_logs_out(client):
     r = client.post(
-        "/login", data={"username": "staff", "password": PASSWORD}, follow_redirects=False
+        "/login", data={"username": STAFF, "password": PASSWORD}, follow_redirects=False
     )
     assert r.status_code == 303
     assert client.get("/").status_code == 200
@@ -86,15 +87,15 @@ def test_login_form_sets_a_signed_cookie_and_tampering_logs_out(client):
 
 def test_wrong_password_is_rate_limited(client):
     for _ in range(3):
-        r = client.post("/api/login", json={"username": "staff", "password": "nope"})
+        r = client.post("/api/login", json={"username": STAFF, "password": "nope"})
         assert r.status_code == 401
-    r = client.post("/api/login", json={"username": "staff", "password": PASSWORD})
+    r = client.post("/api/login", json={"username": STAFF, "password": PASSWORD})
     assert r.status_code == 429 and "Retry-After" in r.headers
     assert "too many failed logins" in r.json()["detail"]
 
 
 def test_mutations_need_the_csrf_token(client):
-    csrf = login(client)
+    csrf = log_in(client)
     r = client.post(
         "/api/sessions",
         json={"name": "A", "email": "a@example.org", "consent": True, "reference": "x"},
@@ -104,7 +105,7 @@ def test_mutations_need_the_csrf_token(client):
 
 
 def test_form_post_without_csrf_is_refused(client):
-    login(client)
+    log_in(client)
     r = client.post(
         "/sessions",
         data={"name": "A", "email": "a@example.org", "consent": "yes", "reference": "x"},
@@ -112,15 +113,15 @@ def test_form_post_without_csrf_is_refused(client):
     assert r.status_code == 403
 
 
-def test_no_consent_no_session(client, app_parts):
-    csrf = login(client)
+def test_no_consent_no_session(client, booth):
+    csrf = log_in(client)
     r = new_session(client, csrf, consent=False)
     assert r.status_code == 400 and "consent" in r.json()["detail"]
-    assert app_parts[1].list_sessions() == []
+    assert booth.repo.list_sessions() == []
 
 
 def test_no_consent_on_the_tablet_form_shows_the_reason(client):
-    csrf = login(client)
+    csrf = log_in(client)
     r = client.post(
         "/sessions", data={"name": "A", "email": "a@example.org", "reference": "x", "csrf": csrf}
     )
@@ -134,66 +135,42 @@ def test_no_consent_on_the_tablet_form_shows_the_reason(client):
     "email", ["not-an-email", "a@b", "x@example.org\r\nBcc: evil@example.org", ""]
 )
 def test_invalid_email_is_refused(client, email):
-    csrf = login(client)
+    csrf = log_in(client)
     r = new_session(client, csrf, email=email)
     assert r.status_code == 400 and "email" in r.json()["detail"]
 
 
 def test_header_injection_in_the_name_is_refused(client):
-    csrf = login(client)
+    csrf = log_in(client)
     r = new_session(client, csrf, name="Eve\r\nBcc: everyone@example.org")
     assert r.status_code == 400
 
 
 def test_start_with_no_agents_online_is_refused_and_state_stays(client):
-    csrf = login(client)
+    csrf = log_in(client)
     sid = new_session(client, csrf).json()["id"]
     r = client.post(f"/api/sessions/{sid}/start", headers={"X-CSRF-Token": csrf})
     assert r.status_code == 409 and "no cameras" in r.json()["detail"]
     assert client.get(f"/api/sessions/{sid}").json()["state"] == "created"
 
 
-def test_delete_twice_and_unknown_sessions(client, app_parts):
-    csrf = login(client)
+def test_delete_twice_and_unknown_sessions(client, booth):
+    csrf = log_in(client)
     sid = new_session(client, csrf).json()["id"]
-    app_parts[2].put(f"sessions/{sid}/frames/cam0/shard-00000000.bin", b"frames")
+    booth.store.put(f"sessions/{sid}/frames/cam0/shard-00000000.bin", b"frames")
     assert client.delete(f"/api/sessions/{sid}", headers={"X-CSRF-Token": csrf}).status_code == 204
-    assert list(app_parts[2].list(f"sessions/{sid}/")) == []
+    assert list(booth.store.list(f"sessions/{sid}/")) == []
     assert client.delete(f"/api/sessions/{sid}", headers={"X-CSRF-Token": csrf}).status_code == 404
     assert client.get(f"/api/sessions/{sid}").status_code == 404
 
 
-def _delivered_session(repo: Repository, store) -> tuple[str, str]:
-    sid = repo.create_session(
-        booth_id="booth-1",
-        name="Bo",
-        email="bo@example.org",
-        consent=True,
-        reference_name="r",
-        take_s=1,
-        cameras=["cam0"],
-    )
-    for state in ("capturing", "uploaded", "training", "rendering", "delivered"):
-        repo.transition(sid, state)
-    video = bytes(range(256)) * 40
-    store.put(f"sessions/{sid}/video/final.mp4", video)
-    store.put(f"sessions/{sid}/video/poster.jpg", b"\xff\xd8poster\xff\xd9")
-    repo.update_session(
-        sid,
-        video_key=f"sessions/{sid}/video/final.mp4",
-        poster_key=f"sessions/{sid}/video/poster.jpg",
-    )
-    link = links.create_link(repo, sid, expiry_days=30)
-    return sid, link.token
-
-
-def test_attendee_page_range_requests_and_delete_my_data(client, app_parts):
-    _, repo, store = app_parts
-    sid, token = _delivered_session(repo, store)
+def test_attendee_page_range_requests_and_delete_my_data(client, booth):
+    repo, store = booth.repo, booth.store
+    sid, token = delivered_session(repo, store)
     page = client.get(f"/v/{token}")
     assert page.status_code == 200 and "<video" in page.text and "Delete my data" in page.text
     whole = client.get(f"/v/{token}/video.mp4")
-    assert whole.status_code == 200 and len(whole.content) == 10240
+    assert whole.status_code == 200 and whole.content == VIDEO
     part = client.get(f"/v/{token}/video.mp4", headers={"Range": "bytes=100-199"})
     assert part.status_code == 206 and part.content == whole.content[100:200]
     assert part.headers["content-range"] == "bytes 100-199/10240"
@@ -212,21 +189,21 @@ def test_attendee_page_range_requests_and_delete_my_data(client, app_parts):
     assert client.post(f"/v/{token}/delete", data={"confirm": "yes"}).status_code == 410
 
 
-def test_tampered_and_revoked_links(client, app_parts):
-    _, repo, store = app_parts
-    _, token = _delivered_session(repo, store)
+def test_tampered_and_revoked_links(client, booth):
+    repo, store = booth.repo, booth.store
+    _, token = delivered_session(repo, store)
     tampered = token[:-1] + ("A" if token[-1] != "A" else "B")
     assert client.get(f"/v/{tampered}").status_code == 404
     links.revoke(repo, token)
     assert client.get(f"/v/{token}").status_code == 410
 
 
-def test_health_and_metrics_move(client, app_parts):
+def test_health_and_metrics_move(client, booth):
     assert client.get("/healthz").json() == {"status": "ok"}
     assert client.get("/readyz").json()["ready"] is True
     before = client.get("/metrics").text
     assert not re.search(r'booth_sessions\{state="created"\} [1-9]', before)
-    csrf = login(client)
+    csrf = log_in(client)
     new_session(client, csrf)
     after = client.get("/metrics").text
     assert 'booth_sessions{state="created"} 1.0' in after
@@ -259,18 +236,10 @@ def _counter_samples(text: str) -> dict[tuple[str, tuple], float]:
     }
 
 
-def test_metrics_counters_do_not_drop_when_a_session_is_deleted(settings, db_config):
-    settings.database = db_config
-    repo = Repository.from_config(db_config)
-    app = create_app(
-        settings,
-        repo=repo,
-        store=create_blob_store(settings.storage),
-        references=lambda: [],
-        deliverer=None,
-    )
-    with TestClient(app) as client:
-        csrf = login(client)
+def test_metrics_counters_do_not_drop_when_a_session_is_deleted(booth_on_each_db):
+    repo = booth_on_each_db.repo
+    with TestClient(booth_on_each_db.app) as client:
+        csrf = log_in(client)
         sid = new_session(client, csrf).json()["id"]
         repo.open_take(sid, "cam0")
         frame = {"capture_ts_ns": 1, "shard_key": "k", "offset": 0, "length": 1, "sha256": "0" * 64}
@@ -298,7 +267,6 @@ def test_metrics_counters_do_not_drop_when_a_session_is_deleted(settings, db_con
         assert r.status_code == 204 and repo.list_takes(sid) == [] and repo.emails() == []
 
         assert _counter_samples(client.get("/metrics").text) == before
-    repo.close()
 
 
 def _check_documented(openapi: dict, method: str, template: str, r) -> None:
@@ -316,9 +284,9 @@ def _check_documented(openapi: dict, method: str, template: str, r) -> None:
         assert list(r.json()) == ["detail"] and isinstance(r.json()["detail"], str), r.text
 
 
-def test_every_error_the_api_answers_is_documented_in_the_openapi(client, app_parts):
+def test_every_error_the_api_answers_is_documented_in_the_openapi(client, booth):
     """The fuzz runs logged in with a CSRF token; this reaches the refusals it cannot."""
-    _, repo, store = app_parts
+    repo, store = booth.repo, booth.store
     openapi = client.get("/openapi.json").json()
     checked = set()
 
@@ -330,11 +298,11 @@ def test_every_error_the_api_answers_is_documented_in_the_openapi(client, app_pa
     check("get", "/api/sessions", client.get("/api/sessions"), 401)
     check("get", "/api/agents", client.get("/api/agents"), 401)
     for status in (401, 401, 401, 429):
-        r = client.post("/api/login", json={"username": "staff", "password": "nope"})
+        r = client.post("/api/login", json={"username": STAFF, "password": "nope"})
         check("post", "/api/login", r, status)
     # Staff would wait a minute for the throttle; the test forgets the failures instead.
-    client.app.state.services.throttle.succeeded("testclient", "staff")
-    csrf = login(client)
+    client.app.state.services.throttle.succeeded("testclient", STAFF)
+    csrf = log_in(client)
     body = {"name": "A", "email": "a@example.org", "consent": True, "reference": "r"}
     check("post", "/api/sessions", client.post("/api/sessions", json=body), 403)
     check("post", "/api/sessions", new_session(client, csrf, consent=False), 400)
@@ -349,7 +317,7 @@ def test_every_error_the_api_answers_is_documented_in_the_openapi(client, app_pa
     r = client.delete(f"/api/sessions/{unknown}", headers=headers)
     check("delete", "/api/sessions/{session_id}", r, 404)
 
-    _, token = _delivered_session(repo, store)
+    _, token = delivered_session(repo, store)
     check("get", "/v/{token}", client.get(f"/v/{token[:-1]}x"), 404)
     r = client.get(f"/v/{token}/video.mp4", headers={"Range": "bytes=5-9"})
     check("get", "/v/{token}/video.mp4", r, 206)

@@ -34,14 +34,12 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:  # when run as a script or imported by bench/
-    sys.path.insert(0, str(ROOT))
+for _path in (ROOT, ROOT / "tests"):  # when run as a script or imported by bench/
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
 
 log = logging.getLogger(__name__)
 
-STAFF = "staff"
-PASSWORD = "fuzz correct horse battery"
-SECRET_KEY = "fuzz-secret-key-" + "x" * 24
 # The checks whose verdicts count: no 5xx, and every status, body, content type and
 # required header the app sends is one its OpenAPI documents for that operation.
 CHECKS = (
@@ -87,73 +85,32 @@ class FuzzTarget:
     token: str  # a delivered session's attendee link
 
 
-def build_app(tmp: Path, database: Any = None) -> tuple[Any, Any, Any]:
-    """The real app on ``tmp`` (SQLite unless ``database`` is given); returns (app, repo, store)."""
-    from cloud_trainer.config import BoothConfig, LocalStorage, SqliteDatabase, StaffUser
-    from cloud_trainer.repository import Repository
-    from cloud_trainer.storage import create_blob_store
-    from cloud_trainer.web import create_app
-    from cloud_trainer.web.security import hash_password
-
-    cfg = BoothConfig()
-    cfg.web.secret_key = SECRET_KEY
-    cfg.web.staff = [StaffUser(username=STAFF, password_hash=hash_password(PASSWORD))]
-    # Schema-valid logins with random passwords would lock the fuzzer's own account out.
-    cfg.web.login_attempts_per_minute = 10**9
-    cfg.database = database or SqliteDatabase(path=tmp / "booth.db")
-    cfg.storage = LocalStorage(root=tmp / "blobs")
-    repo = Repository.from_config(cfg.database)
-    store = create_blob_store(cfg.storage)
-    app = create_app(cfg, repo=repo, store=store, references=lambda: [], deliverer=None)
-    return app, repo, store
-
-
-def delivered_session(repo: Any, store: Any) -> str:
-    """A delivered session with a video and a poster; returns its attendee link token."""
-    from cloud_trainer import links
-
-    sid = repo.create_session(
-        booth_id="booth-1",
-        name="Ada Fuzz",
-        email="ada@example.org",
-        consent=True,
-        reference_name="synthetic:warmup",
-        take_s=1,
-        cameras=["cam0"],
-    )
-    for state in ("capturing", "uploaded", "training", "rendering", "delivered"):
-        repo.transition(sid, state)
-    store.put(f"sessions/{sid}/video/final.mp4", bytes(range(256)) * 40)
-    store.put(f"sessions/{sid}/video/poster.jpg", b"\xff\xd8poster\xff\xd9")
-    repo.update_session(
-        sid,
-        video_key=f"sessions/{sid}/video/final.mp4",
-        poster_key=f"sessions/{sid}/video/poster.jpg",
-        side_by_side_key=f"sessions/{sid}/video/final.mp4",
-    )
-    return links.create_link(repo, sid, expiry_days=30).token
-
-
-def log_in(app: Any) -> tuple[str, str]:
+def _log_in(app: Any) -> tuple[str, str]:
     """(session cookie, CSRF token) of a fresh staff login."""
     from fastapi.testclient import TestClient
+    from staff_app import log_in
 
     with TestClient(app) as client:
-        r = client.post("/api/login", json={"username": STAFF, "password": PASSWORD})
-        r.raise_for_status()
-        return r.cookies["booth_session"], r.json()["csrf_token"]
+        csrf = log_in(client)
+        return client.cookies["booth_session"], csrf
 
 
 @contextlib.contextmanager
 def fuzz_target(tmp_dir: Path | None = None, database: Any = None) -> Iterator[FuzzTarget]:
+    """The app built by ``tests/staff_app.py`` (SQLite unless ``database`` is given), logged in."""
+    from staff_app import build_app, delivered_session, staff_settings
+
     with contextlib.ExitStack() as stack:
         if tmp_dir is None:
             tmp_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="api-fuzz-")))
         tmp_dir.mkdir(parents=True, exist_ok=True)
-        app, repo, store = build_app(tmp_dir, database)
-        stack.callback(repo.engine.dispose)
-        cookie, csrf = log_in(app)
-        yield FuzzTarget(app, repo, store, cookie, csrf, delivered_session(repo, store))
+        # Schema-valid logins with random passwords would lock the fuzzer's own account out.
+        settings = staff_settings(tmp_dir, database, login_attempts_per_minute=10**9)
+        booth = build_app(settings)
+        stack.callback(booth.repo.close)
+        cookie, csrf = _log_in(booth.app)
+        _, token = delivered_session(booth.repo, booth.store)
+        yield FuzzTarget(booth.app, booth.repo, booth.store, cookie, csrf, token)
 
 
 def _checks() -> list[Callable]:

@@ -25,10 +25,9 @@ from fastapi.testclient import TestClient
 from fuzz_settings import examples, fuzz_marks, fuzz_settings
 from hypothesis import assume, given
 from hypothesis import strategies as st
+from staff_app import VIDEO
 
 pytestmark = fuzz_marks()
-
-VIDEO = bytes(range(256)) * 40  # what api_fuzz.delivered_session stores
 
 
 @pytest.fixture
