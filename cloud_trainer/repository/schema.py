@@ -205,6 +205,17 @@ link_tombstones = Table(
     Column("deleted_at", Float, nullable=False),
 )
 
+# What is left of a deleted session: its id (a random token, no personal data) and
+# its booth, so a board that was offline when the attendee deleted it is told
+# "deleted" (and drops its copy) rather than "unknown" (and keeps retrying).
+session_tombstones = Table(
+    "session_tombstones",
+    metadata,
+    Column("session_id", String(32), primary_key=True),
+    Column("booth_id", String(64), nullable=False),
+    Column("deleted_at", Float, nullable=False),
+)
+
 outbox = Table(
     "outbox",
     metadata,

@@ -10,7 +10,7 @@ from typing import Any
 from sqlalchemy import select, update
 
 from cloud_trainer.repository.counters import retire_session_counts
-from cloud_trainer.repository.schema import attendees, session_events, sessions
+from cloud_trainer.repository.schema import attendees, session_events, session_tombstones, sessions
 from cloud_trainer.session import State, check_transition
 from edge_agent.errors import BadInput, BoothError
 
@@ -222,3 +222,18 @@ class SessionsRepo:
             retire_session_counts(conn, session_id)
             conn.execute(sessions.delete().where(sessions.c.id == session_id))
             conn.execute(attendees.delete().where(attendees.c.id == s["attendee_id"]))
+            conn.execute(
+                session_tombstones.insert().values(
+                    session_id=session_id, booth_id=s["booth_id"], deleted_at=time.time()
+                )
+            )
+
+    def session_deleted(self, session_id: str) -> bool:
+        """Whether ``session_id`` existed and was deleted (its boards must drop their copies)."""
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                select(session_tombstones.c.session_id).where(
+                    session_tombstones.c.session_id == session_id
+                )
+            ).first()
+        return row is not None

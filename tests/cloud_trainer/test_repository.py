@@ -550,3 +550,13 @@ def test_an_email_outcome_is_counted_once_when_it_is_recorded(repo):
     repo.claim_emails(time.time(), lease_s=60)
     assert repo.mark_email_retry(retry, "421 try later", time.time() + 60)  # not an outcome
     assert repo.counter_values()["emails"] == {"sent": 1.0, "bounced": 1.0, "failed": 2.0}
+
+
+def test_a_deleted_session_leaves_a_tombstone_that_tells_deleted_from_unknown(repo):
+    sid = _new_session(repo)
+    other = _new_session(repo, name="Grace Hopper", email="grace@example.com")
+    assert not repo.session_deleted(sid)
+    _delete_like_the_front_desk(repo, sid)
+    assert repo.session_deleted(sid)
+    assert not repo.session_deleted(other) and not repo.session_deleted("never-existed")
+    assert repo.session_booth_and_cameras(sid) is None  # gone, as before
