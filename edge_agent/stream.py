@@ -43,7 +43,9 @@ status and retried at the slowest rate, never dropped.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
+import itertools
 import json
 import logging
 import os
@@ -87,6 +89,10 @@ FSYNC_INTERVAL_S = 0.5
 FSYNC_BYTES = 8 * 1024 * 1024
 SEGMENT_BYTES = 16 * 1024 * 1024
 READ_BATCH_BYTES = 4 * 1024 * 1024
+# Records just spooled stay in memory up to this much (all takes of a spool together), so
+# the uplink sends them without reading them back; past it, it reads the segment files.
+# About 5 s of one camera at 120 fps: an uplink that keeps up never touches the files.
+TAIL_BYTES = 32 * 1024 * 1024
 LATENCY_SAMPLES = 20_000
 MESSAGE_OVERHEAD_BYTES = 1024  # a Frame's fields besides the JPEG, with room to spare
 
@@ -128,6 +134,7 @@ class Record:
 class _Segment:
     number: int
     path: Path
+    start: int = 0  # take-wide position of its first byte (see SpoolTake.tail_from)
     size: int = 0  # bytes of complete records
     last_frame: int = -1
     last_pose: int = -1
@@ -149,6 +156,10 @@ class TakeMeta:
     sealed_on_recovery: bool = False
     # First pose a full disk refused; it and the later ones come from the recording.
     poses_behind_from_seq: int | None = None
+
+
+def _entry_start(entry: tuple[int, int, Record]) -> int:
+    return entry[0]
 
 
 def _pose_payload(keypoints: Any, imputed: bool, glitch: bool) -> bytes:
@@ -186,6 +197,14 @@ class SpoolTake:
         self._dirty_bytes = 0
         self._sync_due = False
         self._last_fsync = time.monotonic()
+        # Positions are take-wide byte offsets: every record appended moves ``_end`` on by its
+        # size, and segment N holds [start, start + size). The tail keeps the newest records
+        # (already written to their segment) in memory, so the uplink sends them without
+        # reading them back; its own lock, because appends hold ``_lock`` across the write.
+        self._end = 0
+        self._tail: deque[tuple[int, int, Record]] = deque()  # (position, end, record)
+        self._tail_bytes = 0
+        self._tail_lock = threading.Lock()
 
     # ---- identity --------------------------------------------------------------------
 
@@ -435,6 +454,7 @@ class SpoolTake:
         else:
             seg.last_pose = max(seg.last_pose, seq)
         self._dirty_bytes += size
+        self._remember(Record(kind, seq, ts, payload), size)
         if (
             self._dirty_bytes >= FSYNC_BYTES
             or time.monotonic() - self._last_fsync >= FSYNC_INTERVAL_S
@@ -450,12 +470,76 @@ class SpoolTake:
         path = self.dir / f"seg-{number:06d}.log"
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         _fsync_dir(self.dir)
-        seg = _Segment(number, path)
+        seg = _Segment(number, path, start=self._end)
         self.segments.append(seg)
         return seg
 
+    # ---- the in-memory tail (appends under _lock; the uplink reads) -------------------------
+
+    def _remember(self, rec: Record, size: int) -> None:
+        """Keep a record just written in memory; over the spool's tail budget, drop our oldest."""
+        start = self._end
+        self._end += size
+        with self._tail_lock:
+            self._tail.append((start, self._end, rec))
+            self._tail_bytes += size
+            freed = 0
+            over = self.spool.hold_tail(size)
+            while over > freed and len(self._tail) > 1:
+                old_start, old_end, _ = self._tail.popleft()
+                freed += old_end - old_start
+            self._tail_bytes -= freed
+        if freed:
+            self.spool.hold_tail(-freed)
+
+    def tail_start(self) -> int | None:
+        """Position of the oldest record held in memory (None if none is)."""
+        with self._tail_lock:
+            return self._tail[0][0] if self._tail else None
+
+    def tail_from(self, position: int, max_bytes: int) -> list[tuple[Record, int]]:
+        """``(record, end)`` of the records in memory from ``position`` on ([] if not there).
+
+        The same bytes as in the segment files, never a copy.
+        """
+        out: list[tuple[Record, int]] = []
+        with self._tail_lock:
+            if not self._tail or not self._tail[0][0] <= position < self._tail[-1][1]:
+                return out
+            first = bisect.bisect_left(self._tail, position, key=_entry_start)
+            if self._tail[first][0] != position:
+                return out  # not a record boundary (cannot happen): let the files say
+            taken = 0
+            for start, end, rec in itertools.islice(self._tail, first, None):
+                out.append((rec, end))
+                taken += end - start
+                if taken >= max_bytes:
+                    break
+        return out
+
+    def _forget_acked_tail(self) -> None:
+        """Acked records leave memory (the server has them); the rest stays for a resend."""
+        freed = 0
+        with self._tail_lock:
+            while self._tail:
+                start, end, rec = self._tail[0]
+                acked = self.acked_seq if rec.kind == KIND_FRAME else self.pose_acked_seq
+                if rec.seq > acked:
+                    break
+                self._tail.popleft()
+                self._tail_bytes -= end - start
+                freed += end - start
+        self.spool.hold_tail(-freed)
+
+    def first_position(self) -> int:
+        """Position of the oldest byte still spooled (the end, if nothing is)."""
+        with self._lock:
+            return self.segments[0].start if self.segments else self._end
+
     def _sync_if_due(self) -> None:
         """The batched fsync, outside the lock: an ack on the uplink's loop never waits for it."""
+        if not self._sync_due:  # read without the lock: a miss is caught by the next record
+            return
         with self._lock:
             if not self._sync_due or self._fd is None:
                 return
@@ -516,6 +600,7 @@ class SpoolTake:
                 with contextlib.suppress(FileNotFoundError):
                     seg.path.unlink()
                 self.spool.release(seg.size)
+        self._forget_acked_tail()
         return newly
 
     def finish(self) -> None:
@@ -526,19 +611,23 @@ class SpoolTake:
             freed = self.bytes
             self.segments = []
             shutil.rmtree(self.dir, ignore_errors=True)
+        with self._tail_lock:
+            self._tail.clear()
+            freed, self._tail_bytes = self._tail_bytes, 0
+        self.spool.hold_tail(-freed)
         self.spool.release(freed)
         self.spool.forget(self)
 
     # ---- reading (uplink) ---------------------------------------------------------------------
 
-    def snapshot(self) -> list[tuple[Path, int, int]]:
-        """(path, segment number, complete bytes) of each segment, for a reader."""
+    def snapshot(self) -> list[tuple[Path, int, int, int]]:
+        """(path, segment number, start position, complete bytes) of each segment, for a reader."""
         with self._lock:
-            return [(s.path, s.number, s.size) for s in self.segments]
+            return [(s.path, s.number, s.start, s.size) for s in self.segments]
 
     def first_frame_seq(self) -> int | None:
         """The lowest frame seq still in the spool (None if no frame is)."""
-        for path, _n, size in self.snapshot():
+        for path, _n, _start, size in self.snapshot():
             for rec in _scan(path, size):
                 if rec.kind == KIND_FRAME:
                     return rec.seq
@@ -576,8 +665,10 @@ class Spool:
         self.budget_bytes = budget_bytes
         self.booth_id = booth_id
         self.segment_bytes = max(4096, min(SEGMENT_BYTES, budget_bytes // 8))
+        self.tail_bytes = TAIL_BYTES
         self._lock = threading.Lock()
         self._used = 0
+        self._tail_used = 0
         self.takes: dict[tuple[str, str], SpoolTake] = {}
         self._listeners: list[Callable[[], None]] = []
         self._recover()
@@ -599,6 +690,12 @@ class Spool:
         with self._lock:
             self._used = max(0, self._used - n)
         self.notify()
+
+    def hold_tail(self, n: int) -> int:
+        """Count ``n`` more bytes (fewer if negative) of records kept in memory; how many over."""
+        with self._lock:
+            self._tail_used += n
+            return max(0, self._tail_used - self.tail_bytes)
 
     # ---- takes ----------------------------------------------------------------------------
 
@@ -691,6 +788,8 @@ class Spool:
                     f.truncate(good)
                     os.fsync(f.fileno())
             seg.size = good
+            seg.start = take._end
+            take._end += good
             take.segments.append(seg)
         take._next_segment = numbers[-1] + 1 if numbers else 0
         if meta.behind_from_seq is not None:
@@ -733,60 +832,97 @@ def _scan(path: Path, limit: int) -> Iterator[Record]:
 
 
 class _SendCursor:
-    """Reads a take's records in file order, skipping what the server already holds."""
+    """Reads a take's records in order, skipping what the server already holds.
+
+    Its place is a take-wide position (see ``SpoolTake``). Records still in the take's
+    in-memory tail come from there; older ones (after a reconnect or a restart, or when
+    the uplink fell behind the tail) are read from the segment files.
+    """
 
     def __init__(self, take: SpoolTake, resume_after: int, pose_resume_after: int):
         self.take = take
         self.frames_after = resume_after
         self.poses_after = pose_resume_after
-        self.segment = -1  # number of the segment being read
-        self.offset = 0
+        self.position = take.first_position()
         self._file: Any = None
+        self._segment = -1  # number of the segment self._file reads
+        self._offset = 0  # where self._file stands in it
 
     def read(self, max_bytes: int = READ_BATCH_BYTES) -> list[Record]:
         """The next records (possibly none, if the uplink has caught up with the spool)."""
         out: list[Record] = []
         budget = max_bytes
-        for path, number, size in self.take.snapshot():
-            if number < self.segment:
-                continue
-            if number > self.segment:
-                self._open(path, number)
-            if self._file is None:
-                continue
-            while self.offset < size and budget > 0:
-                header = self._file.read(_HEADER.size)
-                kind, _crc, seq, ts, length = _HEADER.unpack(header)
-                self.offset += _HEADER.size + length
-                skip = (kind == KIND_FRAME and seq <= self.frames_after) or (
-                    kind == KIND_POSE and seq <= self.poses_after
-                )
-                if skip:
-                    self._file.seek(length, os.SEEK_CUR)
-                    continue
-                payload = self._file.read(length)
-                if kind == KIND_FRAME:
-                    self.frames_after = seq
-                elif kind == KIND_POSE:
-                    self.poses_after = seq
-                out.append(Record(kind, seq, ts, payload))
-                budget -= length + _HEADER.size
-            if budget <= 0:
-                break
+        while budget > 0:
+            batch = self.take.tail_from(self.position, budget)
+            if not batch:
+                batch = self._read_files(budget)
+                if not batch:
+                    break
+            for rec, end in batch:
+                budget -= end - self.position
+                self.position = end
+                if self._wanted(rec):
+                    out.append(rec)
         return out
 
-    def _open(self, path: Path, number: int) -> None:
+    def _wanted(self, rec: Record) -> bool:
+        if rec.kind == KIND_FRAME:
+            if rec.seq <= self.frames_after:
+                return False
+            self.frames_after = rec.seq
+        else:
+            if rec.seq <= self.poses_after:
+                return False
+            self.poses_after = rec.seq
+        return True
+
+    def _read_files(self, max_bytes: int) -> list[tuple[Record, int]]:
+        """Records from the segment file holding ``position``, up to where the tail starts."""
+        segments = self.take.snapshot()
+        if segments and self.position < segments[0][2]:
+            self.position = segments[0][2]  # acked and deleted meanwhile: nothing to resend
+        tail = self.take.tail_start()
+        for path, number, start, size in segments:
+            if not start <= self.position < start + size:
+                continue
+            if not self._open(path, number):
+                self.position = start + size  # acked and deleted meanwhile: the next one
+                continue
+            stop = size if tail is None or tail <= self.position else min(size, tail - start)
+            return self._read_segment(start, stop, max_bytes)
+        return []
+
+    def _open(self, path: Path, number: int) -> bool:
+        if number == self._segment:
+            return True
         self.close()
-        self.segment, self.offset = number, 0
         try:
-            self._file = open(path, "rb", buffering=1 << 20)  # noqa: SIM115 - closed in close()
-        except FileNotFoundError:  # acked and deleted meanwhile
-            self._file = None
+            self._file = open(path, "rb", buffering=1 << 20)  # noqa: SIM115 - see close()
+        except FileNotFoundError:
+            return False
+        self._segment, self._offset = number, 0
+        return True
+
+    def _read_segment(self, start: int, stop: int, max_bytes: int) -> list[tuple[Record, int]]:
+        offset = self.position - start
+        if offset != self._offset:
+            self._file.seek(offset)
+        out: list[tuple[Record, int]] = []
+        taken = 0
+        while offset < stop and taken < max_bytes:
+            kind, _crc, seq, ts, length = _HEADER.unpack(self._file.read(_HEADER.size))
+            payload = self._file.read(length)
+            offset += _HEADER.size + length
+            taken += _HEADER.size + length
+            out.append((Record(kind, seq, ts, payload), start + offset))
+        self._offset = offset
+        return out
 
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
             self._file = None
+        self._segment = -1
 
 
 class TakeNotAccepted(BoothError):
@@ -1043,14 +1179,14 @@ class Streamer:
             resume = first.hello_ack.resume_after_seq
             pose_resume = first.hello_ack.pose_resume_after_seq
             take.reconcile_with_server(resume)
-            self._on_ack(take, resume, pose_resume, {})
+            self._on_ack(take, resume, pose_resume, deque())
             oldest = take.first_frame_seq()
             if oldest is not None and oldest > resume + 1:
                 raise TakeNotAccepted(
                     f"the server holds frames up to {resume} but this spool starts at {oldest}; "
                     f"frames {resume + 1}..{oldest - 1} were acked before and are gone from it"
                 )
-            sent_at: dict[int, float] = {}
+            sent_at: deque[tuple[int, float]] = deque()  # (frame seq, when sent), in seq order
             reader = asyncio.create_task(self._read_acks(call, take, sent_at))
             cursor = _SendCursor(take, resume, pose_resume)
             progressed = await self._send(call, take, cursor, sent_at, reader)
@@ -1074,7 +1210,7 @@ class Streamer:
         call: Any,
         take: SpoolTake,
         cursor: _SendCursor,
-        sent_at: dict[int, float],
+        sent_at: deque[tuple[int, float]],
         reader: asyncio.Task,
     ) -> bool:
         progressed = False
@@ -1103,7 +1239,7 @@ class Streamer:
                         )
                     )
                     await call.write(req)
-                    sent_at[rec.seq] = time.monotonic()
+                    sent_at.append((rec.seq, time.monotonic()))
                 else:
                     await call.write(booth_pb2.IngestRequest(pose=_pose_message(rec, ids)))
                 progressed = True
@@ -1133,7 +1269,9 @@ class Streamer:
                 )
             await self._wait_change(1.0, mark)
 
-    async def _read_acks(self, call: Any, take: SpoolTake, sent_at: dict[int, float]) -> None:
+    async def _read_acks(
+        self, call: Any, take: SpoolTake, sent_at: deque[tuple[int, float]]
+    ) -> None:
         while (resp := await call.read()) is not grpc.aio.EOF:
             if resp.WhichOneof("body") != "ack":
                 continue
@@ -1146,11 +1284,13 @@ class Streamer:
                 return
         await _raise_status(call)
 
-    def _on_ack(self, take: SpoolTake, durable: int, pose_durable: int, sent_at: dict) -> None:
+    def _on_ack(
+        self, take: SpoolTake, durable: int, pose_durable: int, sent_at: deque[tuple[int, float]]
+    ) -> None:
         if sent_at:
             now = time.monotonic()
-            for seq in [s for s in sent_at if s <= durable]:
-                self.ack_latencies_s.append(now - sent_at.pop(seq))
+            while sent_at and sent_at[0][0] <= durable:
+                self.ack_latencies_s.append(now - sent_at.popleft()[1])
         newly = take.ack(durable, pose_durable)
         if newly:
             take.error = ""  # progress: whatever went wrong before is over

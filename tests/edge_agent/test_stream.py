@@ -13,7 +13,7 @@ import transport_helpers as th
 from cloud_trainer.repository import Repository
 from cloud_trainer.storage import create_blob_store
 from edge_agent.frames import CapturedFrame
-from edge_agent.stream import Spool, Streamer, backoff_s
+from edge_agent.stream import KIND_FRAME, Spool, Streamer, _scan, _SendCursor, backoff_s
 
 HELPERS = Path(th.__file__)
 
@@ -61,6 +61,67 @@ def test_a_gap_in_the_capture_stream_puts_the_take_behind(tmp_path: Path):
     take.add_frames(frames[:5] + frames[6:])  # the stream buffer dropped frame 5
     assert take.meta.behind_from_seq == 5
     assert take.status()["not_spooled"] == 4
+
+
+def _read_all(cursor: _SendCursor) -> list[tuple[int, int, bytes]]:
+    out = []
+    while batch := cursor.read(max_bytes=3 * 4096):
+        out += [(r.kind, r.seq, r.payload) for r in batch]
+    return out
+
+
+def _spooled(take) -> list[tuple[int, int, bytes]]:
+    # What the segment files hold, read the way recovery does.
+    return [
+        (r.kind, r.seq, r.payload)
+        for path, _n, _s, size in take.snapshot()
+        for r in _scan(path, size)
+    ]
+
+
+def test_the_uplink_sends_what_it_keeps_up_with_from_memory_not_the_files(tmp_path: Path):
+    spool = Spool(tmp_path, budget_bytes=10 << 20, booth_id=th.BOOTH)
+    spool.segment_bytes = 8_000  # several segments
+    take = spool.open_take("s1", "cam0")
+    cursor = _SendCursor(take, -1, -1)
+    sent = []
+    for frames in (th.frames(10), th.frames(25, start=10)):
+        take.add_frames(frames)
+        take.add_pose(frames[-1].seq, [[1.0, 2.0, 0.5]] * 23)
+        sent += _read_all(cursor)
+    assert sent == _spooled(take)  # the same records, bytes and order as on disk
+    assert len(take.segments) > 2 and cursor._file is None  # no segment was read back
+    # Acked records leave memory with their segments; what is left is still sendable.
+    take.ack(19, -1)
+    assert spool._tail_used == sum(end - start for start, end, _ in take._tail) > 0
+    assert min(r.seq for _, _, r in take._tail if r.kind == KIND_FRAME) <= 20
+
+
+@pytest.mark.parametrize("tail_bytes", [0, 5_000, 60_000])
+def test_records_dropped_from_memory_are_read_from_the_files_in_order(
+    tmp_path: Path, tail_bytes: int
+):
+    spool = Spool(tmp_path, budget_bytes=10 << 20, booth_id=th.BOOTH)
+    spool.segment_bytes, spool.tail_bytes = 20_000, tail_bytes
+    take = spool.open_take("s1", "cam0")
+    cursor = _SendCursor(take, -1, -1)
+    sent = []
+    rng = random.Random(tail_bytes)
+    seq = 0
+    while seq < 60:  # appends and reads interleaved, the uplink sometimes far behind
+        n = rng.randint(1, 12)
+        take.add_frames(th.frames(min(60, seq + n), start=seq))
+        take.add_pose(seq, [[0.0, 0.0, 0.0]] * 23)
+        seq = min(60, seq + n)
+        if rng.random() < 0.5:
+            sent += _read_all(cursor)
+    sent += _read_all(cursor)
+    assert sent == _spooled(take)
+    assert spool._tail_used <= max(tail_bytes, max(len(p) for _, _, p in sent) + 64)
+    # A reconnect starts a new cursor after what the server holds: nothing acked is resent.
+    take.ack(29, 10)
+    again = _read_all(_SendCursor(take, 29, 10))
+    assert again == [r for r in _spooled(take) if r[1] > (29 if r[0] == KIND_FRAME else 10)]
 
 
 def test_backoff_is_exponential_with_full_jitter():
