@@ -20,7 +20,12 @@ from typing import Any
 
 import grpc
 
-from cloud_trainer.ingest.errors import PermissionDenied, Unauthenticated, wrap_handler
+from cloud_trainer.ingest.errors import (
+    Malformed,
+    PermissionDenied,
+    Unauthenticated,
+    wrap_handler,
+)
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +150,8 @@ def _bind(agent: AgentIdentity) -> Callable[[str, Callable], Callable]:
         if inspect.isasyncgenfunction(inner):
 
             async def stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                if isinstance(request, Malformed):
+                    request.refuse()
                 _current.set(agent)
                 async for response in inner(request, context):
                     yield response
@@ -152,6 +159,8 @@ def _bind(agent: AgentIdentity) -> Callable[[str, Callable], Callable]:
             return stream
 
         async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            if isinstance(request, Malformed):
+                request.refuse()
             _current.set(agent)
             return await inner(request, context)
 

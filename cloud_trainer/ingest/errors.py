@@ -5,6 +5,14 @@ Handlers raise plain exceptions that say what went wrong in the booth's words
 maps each to a status code with a readable detail, logs it once, and keeps the
 server serving everybody else. Anything unexpected becomes ``INTERNAL`` with a
 short reference that also appears in the log next to the traceback.
+
+A unary request is parsed by gRPC before any handler (or this interceptor's
+wrapper) runs, and a parse failure there would reach the caller as ``UNKNOWN``.
+So the interceptor also wraps the request parser: a message that does not parse
+becomes a ``Malformed`` marker, and the call ends with ``INVALID_ARGUMENT`` (as
+a malformed message on a stream does) once whoever comes first refuses it: the
+token check (``auth``, so an unknown caller still hears UNAUTHENTICATED), or
+else the handler, whose failure on the marker is reported as the parse error.
 """
 
 from __future__ import annotations
@@ -104,6 +112,36 @@ async def abort_for(exc: BaseException, context: grpc.aio.ServicerContext, metho
     await context.abort(code, detail)
 
 
+class Malformed:
+    """A unary request whose bytes did not parse (see the module doc)."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: DecodeError):
+        self.error = error
+
+    def refuse(self) -> None:
+        raise self.error
+
+
+def _tolerant(parse: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if parse is None:
+        return None
+
+    def parse_or_mark(data: bytes) -> Any:
+        try:
+            return parse(data)
+        except DecodeError as e:
+            return Malformed(e)
+
+    return parse_or_mark
+
+
+def _cause(exc: BaseException, request: Any) -> BaseException:
+    # A handler that failed on a request that never parsed failed because of the parse.
+    return request.error if isinstance(request, Malformed) else exc
+
+
 def _is_abort(exc: BaseException) -> bool:
     # context.abort() raises AbortError (aio); let it through untouched.
     return isinstance(exc, grpc.aio.AbortError)
@@ -116,7 +154,7 @@ def _wrap_unary(method: str, inner: Callable[..., Awaitable[Any]]) -> Callable[.
         except Exception as exc:
             if _is_abort(exc):
                 raise
-            await abort_for(exc, context, method)
+            await abort_for(_cause(exc, request_or_iterator), context, method)
 
     return behavior
 
@@ -129,18 +167,24 @@ def _wrap_stream(method: str, inner: Callable[..., Any]) -> Callable[..., Any]:
         except Exception as exc:
             if _is_abort(exc):
                 raise
-            await abort_for(exc, context, method)
+            await abort_for(_cause(exc, request_or_iterator), context, method)
 
     return behavior
 
 
 def wrap_handler(
-    handler: grpc.RpcMethodHandler, method: str, wrap: Callable[[str, Callable], Callable]
+    handler: grpc.RpcMethodHandler,
+    method: str,
+    wrap: Callable[[str, Callable], Callable],
+    *,
+    mark_malformed: bool = False,
 ) -> grpc.RpcMethodHandler:
     """Rebuild ``handler`` with its behaviour passed through ``wrap(method, behaviour)``.
 
     ``wrap`` receives the behaviour and must return one of the same kind (a
     coroutine function, or an async generator function for streamed responses).
+    ``mark_malformed``: a unary request that does not parse reaches ``wrap``'s
+    behaviour as a ``Malformed`` instead of failing inside gRPC.
     """
     kinds = {
         (False, False): ("unary_unary", grpc.unary_unary_rpc_method_handler),
@@ -149,9 +193,12 @@ def wrap_handler(
         (True, True): ("stream_stream", grpc.stream_stream_rpc_method_handler),
     }
     attr, make = kinds[(handler.request_streaming, handler.response_streaming)]
+    parse = handler.request_deserializer
+    if mark_malformed and not handler.request_streaming:
+        parse = _tolerant(parse)
     return make(
         wrap(method, getattr(handler, attr)),
-        request_deserializer=handler.request_deserializer,
+        request_deserializer=parse,
         response_serializer=handler.response_serializer,
     )
 
@@ -173,4 +220,4 @@ class ErrorStatusInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None:
             return None
-        return wrap_handler(handler, handler_call_details.method, _wrap_any)
+        return wrap_handler(handler, handler_call_details.method, _wrap_any, mark_malformed=True)
