@@ -147,7 +147,8 @@ class IngestStream:
                 f"contiguous: reconnect and resume after seq {self.durable_seq}"
             )
         check_jpeg(seq, jpeg)
-        await self.writer.room()
+        if self.writer.full:
+            await self.writer.room()
         self.writer.add_frame(FrameIn(seq, f.capture_ts_ns, jpeg))
         self._pending[seq] = jpeg
         self.next_seq = seq + 1

@@ -169,6 +169,11 @@ class ShardWriter:
             self._kick.set()  # start the interval timer
         self._bytes += n
 
+    @property
+    def full(self) -> bool:
+        """A full shard is buffered (``room()`` may wait), or the writer failed."""
+        return self._bytes >= self._shard_bytes or self.error is not None
+
     async def room(self) -> None:
         """Wait while a full shard is buffered behind one still being written (backpressure)."""
         while self._bytes >= self._shard_bytes and self._busy and self.error is None:
