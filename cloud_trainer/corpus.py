@@ -772,8 +772,12 @@ def mirror_to_store(local: Path, store, prefix: str, *, only: Iterable[str] | No
     )
     want = set(names if only is None else only)
     sent = 0
-    # Data before index: a reader that sees the new `checkpoint` index finds its files.
-    for name in sorted(want & set(names), key=lambda n: (n in ("checkpoint", MANIFEST), n)):
+    # Data before index: a reader that sees the new `checkpoint` index (``ckpt/checkpoint``
+    # in a job's checkpoint tree) finds its files, even if the writer is killed midway.
+    def index_last(n: str) -> tuple[bool, str]:
+        return Path(n).name in ("checkpoint", MANIFEST), n
+
+    for name in sorted(want & set(names), key=index_last):
         store.put_file(f"{prefix}/{name}", str(local / name))
         sent += 1
     for key in list(store.list(prefix + "/")):

@@ -213,6 +213,29 @@ def test_corpus_round_trips_through_the_blob_store(corpus: Corpus, tmp_path: Pat
     assert copy.count("train") == corpus.count("train")
 
 
+def test_mirroring_uploads_checkpoint_indexes_after_their_data(tmp_path: Path) -> None:
+    # A worker killed mid-upload must not leave `ckpt/checkpoint` naming files not yet sent.
+    from cloud_trainer.storage.local import LocalBlobStore
+
+    class Recording(LocalBlobStore):
+        def __init__(self, root: Path) -> None:
+            super().__init__(root)
+            self.order: list[str] = []
+
+        def put_file(self, key: str, path: str, content_type: str | None = None) -> None:
+            self.order.append(key.split("/", 1)[1])
+            super().put_file(key, path, content_type)
+
+    local = tmp_path / "checkpoints"
+    for name in ("best/checkpoint", "best/ckpt-4.index", "ckpt/checkpoint", "ckpt/ckpt-4.index"):
+        (local / name).parent.mkdir(parents=True, exist_ok=True)
+        (local / name).write_text(name)
+    (local / "ckpt" / "ckpt-4.data-00000-of-00001").write_text("weights")
+    store = Recording(tmp_path / "blobs")
+    mirror_to_store(local, store, "ck")
+    assert store.order[-2:] == ["best/checkpoint", "ckpt/checkpoint"]
+
+
 MODELS = Path(__file__).resolve().parents[2] / "models"
 
 
