@@ -772,6 +772,7 @@ def mirror_to_store(local: Path, store, prefix: str, *, only: Iterable[str] | No
     )
     want = set(names if only is None else only)
     sent = 0
+
     # Data before index: a reader that sees the new `checkpoint` index (``ckpt/checkpoint``
     # in a job's checkpoint tree) finds its files, even if the writer is killed midway.
     def index_last(n: str) -> tuple[bool, str]:
