@@ -12,6 +12,10 @@ more step, a last checkpoint, the score and the export, all estimated from
 measured times; the job then scores and exports its *best* checkpoint (by SSIM
 on held-out frames, evaluated at every checkpoint), not its last.
 
+A budget too short for even one training step fails the job with the numbers (what
+was spent, what one step, scoring and export would need) rather than exporting
+weights that never saw the attendee.
+
 NaN losses roll the job back once to the last good checkpoint at half the
 learning rate; a second divergence fails the job with a readable reason.
 
@@ -749,6 +753,18 @@ class _Fit:
             step_s = first  # the first step is about to trace
         return (step_s or 0.0) + eval_s + self.save_s + score_s + export_s + MARGIN_S
 
+    def too_short(self) -> str:
+        """Why a budget that cannot pay for a single step fails the job, with a way out."""
+        spent, need = self.budget.elapsed(), self.reserve_s()
+        least = 10 * math.ceil((spent + need) / 10)
+        return (
+            f"the training budget is too short to train at all: trainer.budget_s is "
+            f"{self.cfg.budget_s:g} s, {spent:.0f} s went to loading the take and building "
+            f"the model, and one training step plus scoring and export need about "
+            f"{need:.0f} s more on this machine now; raise trainer.budget_s well above "
+            f"{least} s (a useful model takes minutes)"
+        )
+
     # -- checkpoints -----------------------------------------------------------------------
 
     def evaluate(self) -> dict[str, float]:
@@ -853,6 +869,10 @@ class _Fit:
                 stopped = "max_steps"
                 break
             if self.budget.remaining() <= self.reserve_s():
+                if state.step == 0:
+                    # Exporting untrained (or untouched base) weights would hand the
+                    # attendee a model that never saw them: say why instead.
+                    raise TrainingFailed(self.too_short())
                 stopped = "budget"
                 break
             try:
@@ -954,8 +974,8 @@ def train_job(
     """Train, score and export the generator of one session; resumable (see module docstring).
 
     Raises TrainingFailed (a BoothError) with a readable reason on bad input: an empty or
-    tiny take, no person, a corrupt shard, a missing or mismatched base checkpoint, or
-    losses that stay NaN after one rollback.
+    tiny take, no person, a corrupt shard, a missing or mismatched base checkpoint, a
+    budget too short for one training step, or losses that stay NaN after one rollback.
     """
     report = progress or (lambda p: None)
     job_dir = Path(cfg.work_dir) / job.session_id

@@ -10,6 +10,7 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import json
+import re
 import time
 from pathlib import Path
 
@@ -231,8 +232,10 @@ def test_warm_start_loads_the_base_generator_and_discriminator(base: Path) -> No
 def test_budget_is_honoured_within_a_few_seconds_by_a_warm_started_job(
     take: TakeData, base: Path, tmp_path: Path
 ) -> None:
+    # 30 s: about twice what one step, scoring and export take here when other jobs
+    # share the two cores, so the job trains rather than failing as too short.
     cfg = config(
-        tmp_path, max_steps=None, budget_s=20, checkpoint_every_steps=50, checkpoint_every_s=4
+        tmp_path, max_steps=None, budget_s=30, checkpoint_every_steps=50, checkpoint_every_s=4
     )
     t0 = time.monotonic()
     result = train_job(JobSpec("sess-b", [take], base_checkpoint=str(base)), cfg, models_dir=None)
@@ -241,6 +244,25 @@ def test_budget_is_honoured_within_a_few_seconds_by_a_warm_started_job(
     assert result.steps > 0
     assert took <= cfg.budget_s + 5, f"{took:.1f} s for a {cfg.budget_s} s budget: {result.timings}"
     assert result.elapsed_s <= cfg.budget_s + 5
+
+
+def test_budget_too_short_for_one_step_fails_the_job_with_the_reason_within_a_few_seconds(
+    take: TakeData, base: Path, tmp_path: Path
+) -> None:
+    # 2 s cannot pay for one step plus scoring and export (a few seconds at least), so the
+    # job must neither train zero steps and export the base as the attendee's model, nor
+    # overrun its budget trying.
+    cfg = config(tmp_path, max_steps=None, budget_s=2)
+    t0 = time.monotonic()
+    with pytest.raises(TrainingFailed) as failed:
+        train_job(JobSpec("sess-t", [take], base_checkpoint=str(base)), cfg, models_dir=None)
+    took = time.monotonic() - t0
+    assert took <= cfg.budget_s + 5, f"{took:.1f} s to fail a {cfg.budget_s} s budget"
+    reason = failed.value.reason
+    assert "budget is too short to train at all: trainer.budget_s is 2 s" in reason
+    least = int(re.search(r"well above (\d+) s", reason).group(1))
+    assert least > cfg.budget_s
+    assert not (tmp_path / "sess-t" / "export").exists()
 
 
 def test_nan_loss_rolls_back_once_to_the_last_checkpoint_at_half_the_learning_rate(
