@@ -497,12 +497,12 @@ class SpoolTake:
         with self._tail_lock:
             return self._tail[0][0] if self._tail else None
 
-    def tail_from(self, position: int, max_bytes: int) -> list[tuple[Record, int]]:
+    def tail_from(self, position: int, max_bytes: int) -> list[tuple[Record | None, int]]:
         """``(record, end)`` of the records in memory from ``position`` on ([] if not there).
 
         The same bytes as in the segment files, never a copy.
         """
-        out: list[tuple[Record, int]] = []
+        out: list[tuple[Record | None, int]] = []
         with self._tail_lock:
             if not self._tail or not self._tail[0][0] <= position < self._tail[-1][1]:
                 return out
@@ -613,8 +613,8 @@ class SpoolTake:
             shutil.rmtree(self.dir, ignore_errors=True)
         with self._tail_lock:
             self._tail.clear()
-            freed, self._tail_bytes = self._tail_bytes, 0
-        self.spool.hold_tail(-freed)
+            in_memory, self._tail_bytes = self._tail_bytes, 0
+        self.spool.hold_tail(-in_memory)
         self.spool.release(freed)
         self.spool.forget(self)
 
@@ -861,7 +861,7 @@ class _SendCursor:
             for rec, end in batch:
                 budget -= end - self.position
                 self.position = end
-                if self._wanted(rec):
+                if rec is not None and self._wanted(rec):
                     out.append(rec)
         return out
 
@@ -876,7 +876,7 @@ class _SendCursor:
             self.poses_after = rec.seq
         return True
 
-    def _read_files(self, max_bytes: int) -> list[tuple[Record, int]]:
+    def _read_files(self, max_bytes: int) -> list[tuple[Record | None, int]]:
         """Records from the segment file holding ``position``, up to where the tail starts."""
         segments = self.take.snapshot()
         if segments and self.position < segments[0][2]:
@@ -903,18 +903,25 @@ class _SendCursor:
         self._segment, self._offset = number, 0
         return True
 
-    def _read_segment(self, start: int, stop: int, max_bytes: int) -> list[tuple[Record, int]]:
+    def _read_segment(
+        self, start: int, stop: int, max_bytes: int
+    ) -> list[tuple[Record | None, int]]:
+        """``(record, end)`` read from the open segment; None for one the server holds."""
         offset = self.position - start
         if offset != self._offset:
             self._file.seek(offset)
-        out: list[tuple[Record, int]] = []
+        out: list[tuple[Record | None, int]] = []
         taken = 0
         while offset < stop and taken < max_bytes:
             kind, _crc, seq, ts, length = _HEADER.unpack(self._file.read(_HEADER.size))
-            payload = self._file.read(length)
             offset += _HEADER.size + length
+            after = self.frames_after if kind == KIND_FRAME else self.poses_after
+            if seq <= after:  # acked before: not worth reading
+                self._file.seek(length, os.SEEK_CUR)
+                out.append((None, start + offset))
+                continue
+            out.append((Record(kind, seq, ts, self._file.read(length)), start + offset))
             taken += _HEADER.size + length
-            out.append((Record(kind, seq, ts, payload), start + offset))
         self._offset = offset
         return out
 

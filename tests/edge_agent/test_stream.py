@@ -95,6 +95,8 @@ def test_the_uplink_sends_what_it_keeps_up_with_from_memory_not_the_files(tmp_pa
     take.ack(19, -1)
     assert spool._tail_used == sum(end - start for start, end, _ in take._tail) > 0
     assert min(r.seq for _, _, r in take._tail if r.kind == KIND_FRAME) <= 20
+    take.finish()  # the server confirmed the whole take: nothing is held, on disk or in memory
+    assert spool.used_bytes == 0 and spool._tail_used == 0 and not take._tail
 
 
 @pytest.mark.parametrize("tail_bytes", [0, 5_000, 60_000])
