@@ -131,6 +131,8 @@ class CaptureConfig(Strict):
     stream_buffer_frames: int = Field(1024, ge=1)
     # Stop recording cleanly when free disk falls below this.
     min_free_disk_mb: int = Field(200, ge=0)
+    # Keep a take's recording after ingest confirmed it complete (see edge_agent.retention).
+    keep_uploaded_takes: bool = False
 
 
 class SmoothingConfig(Strict):

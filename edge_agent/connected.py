@@ -51,7 +51,9 @@ async def run_connected(agent, cfg: AgentConfig, stop: threading.Event) -> None:
         booth_id=cfg.booth_id,
         camera_id=cfg.camera_id,
         software_version=__version__,
-        archive=RecordingArchive(cfg.capture.out_dir),
+        archive=RecordingArchive(
+            cfg.capture.out_dir, keep_uploaded=cfg.capture.keep_uploaded_takes
+        ),
     )
     stream_agent_takes(agent, streamer)
     control = ControlClient(

@@ -13,3 +13,9 @@ class BadInput(BoothError):
 
 class DeviceError(BoothError):
     """A camera, accelerator or disk that is missing or misbehaving."""
+
+
+# Ingest's trailing metadata on NOT_FOUND for a session its attendee deleted: the board
+# then drops its copies instead of offering the take again (see ``edge_agent.retention``).
+SESSION_STATE_KEY = "booth-session-state"
+SESSION_DELETED = "deleted"

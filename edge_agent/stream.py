@@ -64,8 +64,9 @@ from typing import Any, Protocol
 
 import grpc
 
-from edge_agent.errors import BadInput, BoothError
+from edge_agent.errors import SESSION_DELETED, SESSION_STATE_KEY, BadInput, BoothError
 from edge_agent.frames import CapturedFrame
+from edge_agent.retention import discard_recording
 from protos import booth_pb2, booth_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -120,6 +121,12 @@ class TakeArchive(Protocol):
         self, session_id: str, camera_id: str, seq: int
     ) -> Iterator[tuple[int, Any, bool, bool]]:
         """``(seq, keypoints, imputed, glitch)`` of the take's poses with ``seq >= seq``."""
+
+    def uploaded(self, session_id: str, camera_id: str) -> None:
+        """Ingest confirmed the take complete (retention may remove the recording)."""
+
+    def deleted(self, session_id: str, camera_id: str) -> None:
+        """The take's session was deleted in the cloud: remove the recording."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -1004,6 +1011,7 @@ class Streamer:
         self.frames_acked = 0
         self.ack_latencies_s: deque[float] = deque(maxlen=LATENCY_SAMPLES)
         self.reconnects = 0
+        self.takes_dropped = 0  # takes whose session was deleted before they were uploaded
         self._rng = random.Random(seed)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake: asyncio.Event | None = None
@@ -1132,7 +1140,14 @@ class Streamer:
                 delay = self.cfg.backoff_max_s
             except grpc.aio.AioRpcError as e:
                 take.error = f"{e.code().name}: {e.details()}"
-                if e.code() in PERMANENT_CODES:
+                if _session_deleted(e):
+                    if take.ended:
+                        await self._drop_deleted(take)
+                        return
+                    # Still capturing (deleted mid-take): drop it once it has ended.
+                    take.error = "its session was deleted; the take is dropped once it ends"
+                    delay = self.cfg.backoff_initial_s
+                elif e.code() in PERMANENT_CODES:
                     log.warning("take %s/%s refused: %s", *take.key, take.error)
                     delay = self.cfg.backoff_max_s
                 else:
@@ -1288,6 +1303,8 @@ class Streamer:
                 take.finish()
                 log.info("take %s/%s uploaded", *take.key)
                 self._bump()
+                if self.archive is not None:
+                    await asyncio.to_thread(self.archive.uploaded, *take.key)
                 return
         await _raise_status(call)
 
@@ -1303,12 +1320,28 @@ class Streamer:
             take.error = ""  # progress: whatever went wrong before is over
         self.frames_acked += newly
 
+    async def _drop_deleted(self, take: SpoolTake) -> None:
+        """The attendee deleted the session while this board held the take: let it go."""
+        log.warning(
+            "take %s/%s: its session was deleted in the cloud; dropping the spooled copy "
+            "and the local recording",
+            *take.key,
+        )
+        # The recording first: a board killed in between finds the take still spooled,
+        # is told "deleted" again, and finishes the job.
+        if self.archive is not None:
+            await asyncio.to_thread(self.archive.deleted, *take.key)
+        self.takes_dropped += 1
+        await asyncio.to_thread(take.finish)
+        self._bump()
+
     # ---- status -----------------------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
         takes = [t.status() for t in self.spool.pending()]
         return {
             "frames_acked": self.frames_acked,
+            "takes_dropped": self.takes_dropped,
             "spool_bytes": self.spool.used_bytes,
             "upload_behind": any(
                 t["behind_from_seq"] is not None or t["poses_behind_from_seq"] is not None
@@ -1353,8 +1386,16 @@ async def _raise_status(call: Any) -> None:
     code = await call.code()
     if code != grpc.StatusCode.OK:
         raise grpc.aio.AioRpcError(
-            code, grpc.aio.Metadata(), grpc.aio.Metadata(), await call.details()
+            code, grpc.aio.Metadata(), await call.trailing_metadata(), await call.details()
         )
+
+
+def _session_deleted(err: grpc.aio.AioRpcError) -> bool:
+    """Whether ingest refused the take because its session was deleted (not merely unknown)."""
+    if err.code() != grpc.StatusCode.NOT_FOUND:
+        return False
+    trailers = err.trailing_metadata() or ()
+    return any(k == SESSION_STATE_KEY and v == SESSION_DELETED for k, v in trailers)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -1385,8 +1426,18 @@ class RecordingArchive:
     files, whose packets are the camera's JPEG bytes unchanged.
     """
 
-    def __init__(self, out_dir: str | os.PathLike[str]):
+    def __init__(self, out_dir: str | os.PathLike[str], *, keep_uploaded: bool = False):
         self.out_dir = Path(out_dir)
+        self.keep_uploaded = keep_uploaded
+
+    def uploaded(self, session_id: str, camera_id: str) -> None:
+        """Ingest holds the whole take: the recording goes, unless configured to stay."""
+        if not self.keep_uploaded:
+            discard_recording(self.out_dir, session_id, camera_id, why="uploaded")
+
+    def deleted(self, session_id: str, camera_id: str) -> None:
+        """The take's session was deleted: the recording goes, whatever the setting."""
+        discard_recording(self.out_dir, session_id, camera_id, why="its session was deleted")
 
     def frames_from(self, session_id: str, camera_id: str, seq: int) -> Iterator[CapturedFrame]:
         import csv

@@ -29,7 +29,7 @@ from google.protobuf.message import DecodeError
 from cloud_trainer.repository.sessions import SessionNotFound
 from cloud_trainer.session import InvalidTransition
 from cloud_trainer.storage.base import BlobNotFound
-from edge_agent.errors import BadInput, BoothError
+from edge_agent.errors import SESSION_DELETED, SESSION_STATE_KEY, BadInput, BoothError
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,10 @@ class Conflict(BadInput):
 
 class NotAccepting(BoothError):
     """The session or take is in a state where this request makes no sense (e.g. failed)."""
+
+
+class SessionDeleted(SessionNotFound):
+    """A session its attendee deleted: the board must drop its copy, not offer it again."""
 
 
 class StorageUnavailable(BoothError):
@@ -109,7 +113,8 @@ async def abort_for(exc: BaseException, context: grpc.aio.ServicerContext, metho
         await context.abort(grpc.StatusCode.INTERNAL, f"internal error (ref {ref}); see server log")
     code, detail = mapped
     log.warning("%s refused: %s %s", method, code.name, detail)
-    await context.abort(code, detail)
+    trailers = ((SESSION_STATE_KEY, SESSION_DELETED),) if isinstance(exc, SessionDeleted) else ()
+    await context.abort(code, detail, trailers)
 
 
 class Malformed:

@@ -45,6 +45,7 @@ from cloud_trainer.ingest.errors import (
     NotAccepting,
     OutOfOrder,
     PermissionDenied,
+    SessionDeleted,
 )
 from cloud_trainer.ingest.shards import FrameIn, PoseIn, ShardWriter, encode_shard
 from cloud_trainer.repository.sessions import SessionNotFound
@@ -341,6 +342,10 @@ class IngestService(booth_pb2_grpc.IngestServicer):
         check_caller(hello.booth_id, cam)
         found = await asyncio.to_thread(self.repo.session_booth_and_cameras, sid)
         if found is None:
+            if await asyncio.to_thread(self.repo.session_deleted, sid):
+                raise SessionDeleted(
+                    f"session {sid} was deleted by its attendee; drop this take and its recording"
+                )
             raise SessionNotFound(f"unknown session {sid!r}; sessions are created by the booth API")
         booth_id, state, cameras = found
         if booth_id != hello.booth_id:

@@ -13,7 +13,15 @@ import transport_helpers as th
 from cloud_trainer.repository import Repository
 from cloud_trainer.storage import create_blob_store
 from edge_agent.frames import CapturedFrame
-from edge_agent.stream import KIND_FRAME, Spool, Streamer, _scan, _SendCursor, backoff_s
+from edge_agent.stream import (
+    KIND_FRAME,
+    RecordingArchive,
+    Spool,
+    Streamer,
+    _scan,
+    _SendCursor,
+    backoff_s,
+)
 
 HELPERS = Path(th.__file__)
 
@@ -295,3 +303,75 @@ async def test_a_frame_too_big_to_send_stops_the_take_with_a_reason(env):
             assert "frame 3 is 5.0 MiB" in st.status()["error"]
         finally:
             await st.stop()
+
+
+# ---- what the board keeps ---------------------------------------------------------------
+
+
+def _recording(env: Env, sid: str) -> Path:
+    """Stands in for the capture's output directory of this take (retention removes it)."""
+    d = env.tmp / "takes" / sid / "cam0"
+    d.mkdir(parents=True)
+    (d / "seg_00000.mp4").write_bytes(b"\0" * 128)
+    return d
+
+
+@pytest.mark.parametrize("keep", [False, True], ids=["default", "keep_uploaded_takes"])
+async def test_an_uploaded_take_leaves_no_recording_on_the_board_unless_asked(env, keep):
+    sid = th.new_session(env.repo)
+    recording = _recording(env, sid)
+    archive = RecordingArchive(env.tmp / "takes", keep_uploaded=keep)
+    async with th.running_server(env.cfg, repo=env.repo, store=env.store) as srv:
+        st = env.streamer(f"127.0.0.1:{srv.port}", archive=archive)
+        take = st.open_take(sid)
+        take.add_frames(th.frames(20))
+        take.end()
+        await st.start()
+        try:
+            await st.wait_uploaded(sid, timeout_s=60)
+            await _until(lambda: recording.exists() == keep)
+        finally:
+            await st.stop()
+    assert recording.exists() == keep and st.takes_dropped == 0
+    assert env.repo.get_session(sid)["state"] == "uploaded"
+
+
+async def test_a_take_whose_session_was_deleted_while_the_board_was_offline_is_dropped(env):
+    sid = th.new_session(env.repo)
+    recording = _recording(env, sid)
+    archive = RecordingArchive(env.tmp / "takes", keep_uploaded=True)  # deletion overrides it
+    async with th.running_server(env.cfg, repo=env.repo, store=env.store) as srv:
+        proxy = th.CutProxy(th.dead_port())  # the board is offline
+        await proxy.start()
+        st = env.streamer(f"127.0.0.1:{proxy.port}", archive=archive)
+        take = st.open_take(sid)
+        take.add_frames(th.frames(20))
+        take.end()
+        await st.start()
+        try:
+            env.repo.delete_session_rows(sid)  # the attendee deletes their data meanwhile
+            proxy.upstream_port = srv.port  # the board is back
+            await st.wait_uploaded(sid, timeout_s=60)  # returns once the take left the spool
+        finally:
+            await st.stop()
+            await proxy.stop()
+    assert st.takes_dropped == 1 and not recording.exists()
+    assert not any((env.tmp / "spool").rglob(f"*{sid}*"))
+    assert env.repo.frame_index(sid, "cam0") == []
+
+
+async def test_an_unknown_session_is_not_mistaken_for_a_deleted_one(env):
+    archive = RecordingArchive(env.tmp / "takes")
+    recording = _recording(env, "never-created")
+    async with th.running_server(env.cfg, repo=env.repo, store=env.store) as srv:
+        st = env.streamer(f"127.0.0.1:{srv.port}", archive=archive)
+        take = st.open_take("never-created")
+        take.add_frames(th.frames(5))
+        take.end()
+        await st.start()
+        try:
+            await _until(lambda: "NOT_FOUND" in st.status()["error"])
+        finally:
+            await st.stop()
+    # A typo'd booth address or a lost database must not cost an attendee their take.
+    assert recording.exists() and st.takes_dropped == 0 and st.spool.pending()

@@ -63,7 +63,8 @@ async def test_start_on_the_tablet_puts_every_recorded_frame_in_the_cloud_once(
         proxy = th.CutProxy(srv.port if not budget_frames else th.dead_port())
         await proxy.start()
         uplink = th.uplink_config(f"127.0.0.1:{proxy.port}", tmp_path / "spool")
-        archive = CountingArchive(out_dir)
+        # Kept after upload, so the test can compare it with what the cloud stored.
+        archive = CountingArchive(out_dir, keep_uploaded=True)
         streamer = Streamer(uplink, booth_id=th.BOOTH, camera_id="cam0", archive=archive)
         if budget_frames:  # the spool fills up: the rest must come from the MP4 segments
             streamer.spool.budget_bytes = budget_frames * max(len(j) for j in make_jpegs(60))
