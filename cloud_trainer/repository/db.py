@@ -23,7 +23,7 @@ def create_db_engine(cfg) -> Engine:  # cfg: SqliteDatabase | PostgresDatabase
             cur = dbapi_conn.cursor()
             # WAL: readers never block the writer; the API reads while ingest writes.
             cur.execute("PRAGMA journal_mode=WAL")
-            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.execute("PRAGMA synchronous=FULL")
             cur.execute("PRAGMA foreign_keys=ON")
             cur.execute("PRAGMA busy_timeout=30000")
             cur.close()
