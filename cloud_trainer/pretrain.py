@@ -4,7 +4,8 @@ By default the takes are synthetic attendees (``edge_agent.synth``), each dancin
 its own seeded dance in the booth. Real take directories work the same way. The
 base is trained like any job (``train_job``: budget, checkpoints, resumable, best
 checkpoint, score) and then written as a base checkpoint directory: a TF
-checkpoint with ``generator`` (the best one) and ``discriminator``, plus
+checkpoint with ``generator`` (the best one) and its Adam moments (what a warm
+start restores, see ``train.restore_base``), plus
 ``base.json`` (model spec, label map, steps, score) and the job's export
 (``export/``, usable for rendering as is).
 """
@@ -101,7 +102,7 @@ def pretrain(
     result = train_job(
         JobSpec("pretrain", list(takes)), job_cfg, None, progress, models_dir=models_dir
     )
-    # The base: the best generator with the discriminator it was trained against.
+    # The base: the best generator, with the optimizer state of the last step.
     runtime = select_runtime(job_cfg)
     model = Pix2Pix(
         ModelSpec.for_size(cfg.size_px),

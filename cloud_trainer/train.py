@@ -41,7 +41,8 @@ A renderer must check ``label_map`` (``require_label_map``): a generator trained
 skeleton maps draws garbage from part maps and the other way round.
 
 Base checkpoints (``booth pretrain``, or any job's ``checkpoints/ckpt``) are a
-directory holding a TF checkpoint with ``generator`` and ``discriminator`` and a
+directory holding a TF checkpoint with ``generator`` and its Adam state ``g_opt``
+(a job's also holds the discriminator, which a warm start leaves out) and a
 ``base.json`` describing them; ``trainer.base_checkpoint`` names it by path or as
 ``blob:<prefix>`` in the blob store.
 """
