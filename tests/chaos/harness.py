@@ -741,7 +741,13 @@ class ChaosBooth:
         if r.status_code != 204:
             return [f"DELETE answered {r.status_code}: {r.text[:200]}"]
         left = [f"blob {k}" for k in self.store.list(f"sessions/{sid}/")]
-        keyed = [(t, t.c.session_id) for t in schema.metadata.sorted_tables if "session_id" in t.c]
+        # The tombstone stays on purpose (an id and a time, no personal data): it is how a
+        # board that was offline learns to drop its copy.
+        keyed = [
+            (t, t.c.session_id)
+            for t in schema.metadata.sorted_tables
+            if "session_id" in t.c and t is not schema.session_tombstones
+        ]
         keyed += [
             (schema.sessions, schema.sessions.c.id),
             (schema.attendees, schema.attendees.c.id),
