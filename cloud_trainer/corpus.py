@@ -58,6 +58,10 @@ MIN_JOINTS = 6
 # booth frame rates are near-duplicates, which would make the held-out score a recall test.
 HOLDOUT_GAP_S = 0.25
 RECORDS_PER_SHARD = 256
+# The training stream's decode/cast threads and prefetched batches (no autotuning: see
+# Corpus.dataset).
+DATASET_THREADS = 2
+PREFETCH_BATCHES = 2
 JPEG_QUALITY = 95
 
 
@@ -664,14 +668,20 @@ class Corpus:
                     )
 
     def dataset(self, batch: int, *, seed: int = 0, cache: bool = True) -> tf.data.Dataset:
-        """Endless shuffled batches of (label, frame), float32 in [-1, 1], prefetched."""
+        """Endless shuffled batches of (label, frame), float32 in [-1, 1], prefetched.
+
+        Without tf.data's autotuner: dropping an iterator whose autotuner was busy
+        blocked for 2.2 s in about a third of 15 s runs here, and for 19 s in a job while
+        other work shared the cores (never in 40 runs with it off), time the job's budget
+        paid for nothing. The pipeline is a cached cast, so fixed parallelism loses nothing.
+        """
         files = self.files("train")
         if not files:
             raise TrainingFailed("the corpus has no training frames")
         ds = tf.data.TFRecordDataset(files, num_parallel_reads=min(4, len(files)))
         ds = ds.map(
             lambda r: (lambda e: (e["label"], e["frame"]))(self._parse(r)),
-            num_parallel_calls=tf.data.AUTOTUNE,
+            num_parallel_calls=DATASET_THREADS,
         )
         if cache:
             # uint8 before the float cast: a quarter of the memory of cached floats.
@@ -680,9 +690,12 @@ class Corpus:
         ds = ds.repeat()
         ds = ds.map(
             lambda label, frame: (_to_unit(label), _to_unit(frame)),
-            num_parallel_calls=tf.data.AUTOTUNE,
+            num_parallel_calls=DATASET_THREADS,
         )
-        return ds.batch(batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+        options = tf.data.Options()
+        options.autotune.enabled = False
+        ds = ds.batch(batch, drop_remainder=True).prefetch(PREFETCH_BATCHES)
+        return ds.with_options(options)
 
     def metadata(self, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(poses, takes, indices) of every record of a split, without decoding images."""

@@ -12,9 +12,13 @@ more step, a last checkpoint, the score and the export, all estimated from
 measured times; the job then scores and exports its *best* checkpoint (by SSIM
 on held-out frames, evaluated at every checkpoint), not its last.
 
-A budget too short for even one training step fails the job with the numbers (what
-was spent, what one step, scoring and export would need) rather than exporting
-weights that never saw the attendee.
+A job always takes its first step unless the budget cannot even pay for scoring
+and export after it; such a budget fails the job with the numbers (what was spent,
+what scoring and export need) rather than exporting weights that never saw the
+attendee. The first step is not weighed against the budget beforehand: it is
+mostly tracing, which a loaded machine slows several-fold, so its guess is the
+least reliable, and without it the job has no point; a tiny budget may therefore
+end a few seconds late.
 
 NaN losses roll the job back once to the last good checkpoint at half the
 learning rate; a second divergence fails the job with a readable reason.
@@ -777,8 +781,12 @@ class _Fit:
 
     # -- estimates ------------------------------------------------------------------------
 
-    def reserve_s(self) -> float:
-        """Seconds that must stay in the budget before starting another step."""
+    def reserve_s(self, *, next_step: bool = True) -> float:
+        """Seconds that must stay in the budget before starting another step.
+
+        ``next_step=False`` leaves out the step itself and what is only guessed from it
+        before it ran: what the job needs after any step (a checkpoint, scoring, export).
+        """
         eval_s = self.eval_s or 1.0
         per_frame = eval_s / max(1, len(self.holdout))
         score_s = 2.0 + self.score_frames * (
@@ -786,28 +794,29 @@ class _Fit:
         )
         export_s = self.export_s
         first = self.first_step_s
-        if first is None and self.predict_trace_s is not None:
+        if first is None and self.predict_trace_s is not None and next_step:
             first = FIRST_STEP_PER_PREDICT_TRACE * self.predict_trace_s
         if first is not None:
             # Exporting traces the generator twice and converts it: graph work like the
             # first step's tracing, and slowed alike when other jobs share the cores.
             export_s = max(export_s, EXPORT_PER_TRACE * first)
             score_s = max(score_s, SCORE_PER_TRACE * first)
-        step_s = self.step_s
-        if step_s is None and self.first_step_s is None and first is not None:
+        step_s = self.step_s if next_step else None
+        if step_s is None and self.first_step_s is None and first is not None and next_step:
             step_s = first  # the first step is about to trace
         return (step_s or 0.0) + eval_s + self.save_s + score_s + export_s + MARGIN_S
 
     def too_short(self) -> str:
         """Why a budget that cannot pay for a single step fails the job, with a way out."""
-        spent, need = self.budget.elapsed(), self.reserve_s()
-        least = 10 * math.ceil((spent + need) / 10)
+        spent = self.budget.elapsed()
+        after = self.reserve_s(next_step=False)
+        least = 5 * math.ceil((spent + self.reserve_s()) / 5)
         return (
             f"the training budget of {self.cfg.budget_s:g} s is too short to train at all: "
-            f"{spent:.0f} s went to loading the take and building the model, and one "
-            f"training step plus scoring and export need about {need:.0f} s more on this "
-            f"machine now; raise the budget (trainer.budget_s) well above {least} s "
-            "(a useful model takes minutes)"
+            f"{spent:.0f} s went to loading the take and building the model, and scoring "
+            f"and exporting the result alone need about {after:.0f} s more on this machine "
+            f"now; one training step needs a budget of about {least} s or more, a useful "
+            "model minutes (trainer.budget_s)"
         )
 
     # -- checkpoints -----------------------------------------------------------------------
@@ -913,11 +922,13 @@ class _Fit:
             if cfg.max_steps is not None and state.step >= cfg.max_steps:
                 stopped = "max_steps"
                 break
-            if self.budget.remaining() <= self.reserve_s():
-                if state.step == 0:
-                    # Exporting untrained (or untouched base) weights would hand the
-                    # attendee a model that never saw them: say why instead.
+            if state.step == 0:
+                # The first step is what the job is for: it runs unless the budget cannot
+                # even pay for scoring and export. Exporting untrained (or untouched base)
+                # weights would hand the attendee a model that never saw them.
+                if self.budget.remaining() <= self.reserve_s(next_step=False):
                     raise TrainingFailed(self.too_short())
+            elif self.budget.remaining() <= self.reserve_s():
                 stopped = "budget"
                 break
             try:
