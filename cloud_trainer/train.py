@@ -12,13 +12,13 @@ more step, a last checkpoint, the score and the export, all estimated from
 measured times; the job then scores and exports its *best* checkpoint (by SSIM
 on held-out frames, evaluated at every checkpoint), not its last.
 
-A job always takes its first step unless the budget cannot even pay for scoring
-and export after it; such a budget fails the job with the numbers (what was spent,
-what scoring and export need) rather than exporting weights that never saw the
-attendee. The first step is not weighed against the budget beforehand: it is
-mostly tracing, which a loaded machine slows several-fold, so its guess is the
-least reliable, and without it the job has no point; a tiny budget may therefore
-end a few seconds late.
+A job always takes its first step unless the budget cannot pay for scoring and
+export after it even at their fastest; such a budget fails the job with the
+numbers rather than exporting weights that never saw the attendee. The first
+step is not weighed against the budget beforehand: it is mostly tracing, which a
+loaded machine slows several-fold, so its guess is the least reliable, and
+without it the job has no point; a tiny budget may therefore end a few seconds
+late.
 
 NaN losses roll the job back once to the last good checkpoint at half the
 learning rate; a second divergence fails the job with a readable reason.
@@ -128,6 +128,12 @@ EXPORT_S_PER_MPARAM = 0.12
 EXPORT_PER_TRACE = 1.4
 SCORE_PER_TRACE = 0.4
 FIRST_STEP_PER_PREDICT_TRACE = 5.0
+# The least scoring and export take, the fastest measured on this machine (export 1.2 s
+# at 32 px, 2.5 s at 64 px and 7.3 s at 256 px idle; scoring 0.4 s): a budget that cannot
+# pay even these after the first step fails the job; one that can takes the step.
+EXPORT_FLOOR_S = 1.5
+EXPORT_FLOOR_S_PER_MPARAM = 0.12
+SCORE_FLOOR_S = 0.5
 # The pose metric costs the backend three times per scored frame (ours, NN, real).
 POSE_S_PER_FRAME = 0.1
 
@@ -781,12 +787,8 @@ class _Fit:
 
     # -- estimates ------------------------------------------------------------------------
 
-    def reserve_s(self, *, next_step: bool = True) -> float:
-        """Seconds that must stay in the budget before starting another step.
-
-        ``next_step=False`` leaves out the step itself and what is only guessed from it
-        before it ran: what the job needs after any step (a checkpoint, scoring, export).
-        """
+    def reserve_s(self) -> float:
+        """Seconds that must stay in the budget before starting another step."""
         eval_s = self.eval_s or 1.0
         per_frame = eval_s / max(1, len(self.holdout))
         score_s = 2.0 + self.score_frames * (
@@ -794,29 +796,34 @@ class _Fit:
         )
         export_s = self.export_s
         first = self.first_step_s
-        if first is None and self.predict_trace_s is not None and next_step:
+        if first is None and self.predict_trace_s is not None:
             first = FIRST_STEP_PER_PREDICT_TRACE * self.predict_trace_s
         if first is not None:
             # Exporting traces the generator twice and converts it: graph work like the
             # first step's tracing, and slowed alike when other jobs share the cores.
             export_s = max(export_s, EXPORT_PER_TRACE * first)
             score_s = max(score_s, SCORE_PER_TRACE * first)
-        step_s = self.step_s if next_step else None
-        if step_s is None and self.first_step_s is None and first is not None and next_step:
+        step_s = self.step_s
+        if step_s is None and self.first_step_s is None and first is not None:
             step_s = first  # the first step is about to trace
         return (step_s or 0.0) + eval_s + self.save_s + score_s + export_s + MARGIN_S
+
+    def floor_s(self) -> float:
+        """The least a job needs after a step: a checkpoint, scoring and export at their
+        fastest. With less left, a budget cannot deliver anything."""
+        export_s = EXPORT_FLOOR_S + EXPORT_FLOOR_S_PER_MPARAM * self.model.params_m
+        return (self.eval_s or 0.0) + self.save_s + SCORE_FLOOR_S + export_s + MARGIN_S
 
     def too_short(self) -> str:
         """Why a budget that cannot pay for a single step fails the job, with a way out."""
         spent = self.budget.elapsed()
-        after = self.reserve_s(next_step=False)
         least = 5 * math.ceil((spent + self.reserve_s()) / 5)
         return (
             f"the training budget of {self.cfg.budget_s:g} s is too short to train at all: "
             f"{spent:.0f} s went to loading the take and building the model, and scoring "
-            f"and exporting the result alone need about {after:.0f} s more on this machine "
-            f"now; one training step needs a budget of about {least} s or more, a useful "
-            "model minutes (trainer.budget_s)"
+            f"and exporting the result alone need at least {self.floor_s():.0f} s more; one "
+            f"training step needs a budget of about {least} s or more on this machine now, "
+            "a useful model minutes (trainer.budget_s)"
         )
 
     # -- checkpoints -----------------------------------------------------------------------
@@ -924,9 +931,10 @@ class _Fit:
                 break
             if state.step == 0:
                 # The first step is what the job is for: it runs unless the budget cannot
-                # even pay for scoring and export. Exporting untrained (or untouched base)
-                # weights would hand the attendee a model that never saw them.
-                if self.budget.remaining() <= self.reserve_s(next_step=False):
+                # pay for scoring and export even at their best. Exporting untrained (or
+                # untouched base) weights would hand the attendee a model that never saw
+                # them.
+                if self.budget.remaining() <= self.floor_s():
                     raise TrainingFailed(self.too_short())
             elif self.budget.remaining() <= self.reserve_s():
                 stopped = "budget"

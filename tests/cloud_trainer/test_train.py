@@ -278,7 +278,7 @@ def test_budget_is_honoured_within_a_few_seconds_by_a_warm_started_job(
     assert result.elapsed_s <= cfg.budget_s + 5
 
 
-def test_tiny_budget_still_trains_a_few_steps_and_ends_within_a_few_seconds_of_it(
+def test_tiny_budget_still_trains_and_ends_within_a_few_seconds_of_it(
     take: TakeData, tmp_path: Path
 ) -> None:
     # 15 s pays for scoring and export with room to spare, but not for the pessimistic
