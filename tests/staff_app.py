@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import transport_helpers as th
+
 from cloud_trainer import links
 from cloud_trainer.config import BoothConfig, LocalStorage, SqliteDatabase, StaffUser
 from cloud_trainer.repository import Repository
@@ -67,15 +69,7 @@ def log_in(client: Any) -> str:
 
 def delivered_session(repo: Repository, store: Any) -> tuple[str, str]:
     """A delivered session with a video, a side-by-side and a poster: (session id, link token)."""
-    sid = repo.create_session(
-        booth_id="booth-1",
-        name="Bo",
-        email="bo@example.org",
-        consent=True,
-        reference_name="synthetic:warmup",
-        take_s=1,
-        cameras=["cam0"],
-    )
+    sid = th.new_session(repo, booth_id="booth-1")
     for state in ("capturing", "uploaded", "training", "rendering", "delivered"):
         repo.transition(sid, state)
     store.put(f"sessions/{sid}/video/final.mp4", VIDEO)

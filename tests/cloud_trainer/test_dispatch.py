@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import transport_helpers as th
+
 from cloud_trainer.config import SqliteDatabase, SqliteQueue
 from cloud_trainer.dispatch import enqueue_training, publish_pending
 from cloud_trainer.queue import create_job_queue
@@ -9,15 +11,7 @@ from cloud_trainer.repository import Repository
 
 
 def uploaded_session(repo: Repository) -> str:
-    sid = repo.create_session(
-        booth_id="booth-1",
-        name="A",
-        email="a@example.org",
-        consent=True,
-        reference_name="r",
-        take_s=1,
-        cameras=["cam0"],
-    )
+    sid = th.new_session(repo, booth_id="booth-1")
     repo.transition(sid, "capturing")
     repo.transition(sid, "uploaded")
     return sid

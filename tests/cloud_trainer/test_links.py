@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import pytest
+import transport_helpers as th
 
 from cloud_trainer import links
 from cloud_trainer.config import LocalStorage
@@ -25,15 +26,7 @@ def store(tmp_path):
 
 
 def _session(repo) -> str:
-    return repo.create_session(
-        booth_id="booth-1",
-        name="Ada",
-        email="ada@example.org",
-        consent=True,
-        reference_name="synthetic:1",
-        take_s=5,
-        cameras=["cam0"],
-    )
+    return th.new_session(repo, booth_id="booth-1")
 
 
 def test_tokens_carry_at_least_128_random_bits_and_only_their_hash_is_stored(repo):
