@@ -316,6 +316,12 @@ def _recording(env: Env, sid: str) -> Path:
     return d
 
 
+def _spool_whole_take(st: Streamer, sid: str, frames: int) -> None:
+    take = st.open_take(sid)
+    take.add_frames(th.frames(frames))
+    take.end()
+
+
 @pytest.mark.parametrize("keep", [False, True], ids=["default", "keep_uploaded_takes"])
 async def test_an_uploaded_take_leaves_no_recording_on_the_board_unless_asked(env, keep):
     sid = th.new_session(env.repo)
@@ -323,9 +329,7 @@ async def test_an_uploaded_take_leaves_no_recording_on_the_board_unless_asked(en
     archive = RecordingArchive(env.tmp / "takes", keep_uploaded=keep)
     async with th.running_server(env.cfg, repo=env.repo, store=env.store) as srv:
         st = env.streamer(f"127.0.0.1:{srv.port}", archive=archive)
-        take = st.open_take(sid)
-        take.add_frames(th.frames(20))
-        take.end()
+        _spool_whole_take(st, sid, 20)
         await st.start()
         try:
             await st.wait_uploaded(sid, timeout_s=60)
@@ -344,9 +348,7 @@ async def test_a_take_whose_session_was_deleted_while_the_board_was_offline_is_d
         proxy = th.CutProxy(th.dead_port())  # the board is offline
         await proxy.start()
         st = env.streamer(f"127.0.0.1:{proxy.port}", archive=archive)
-        take = st.open_take(sid)
-        take.add_frames(th.frames(20))
-        take.end()
+        _spool_whole_take(st, sid, 20)
         await st.start()
         try:
             env.repo.delete_session_rows(sid)  # the attendee deletes their data meanwhile
@@ -365,9 +367,7 @@ async def test_an_unknown_session_is_not_mistaken_for_a_deleted_one(env):
     recording = _recording(env, "never-created")
     async with th.running_server(env.cfg, repo=env.repo, store=env.store) as srv:
         st = env.streamer(f"127.0.0.1:{srv.port}", archive=archive)
-        take = st.open_take("never-created")
-        take.add_frames(th.frames(5))
-        take.end()
+        _spool_whole_take(st, "never-created", 5)
         await st.start()
         try:
             await _until(lambda: "NOT_FOUND" in st.status()["error"])
