@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import and_, exists, func, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 
+from cloud_trainer.repository.db import dialect_insert
 from cloud_trainer.repository.schema import agents, frames, poses, sessions, takes
 
 
@@ -53,13 +53,6 @@ def _insert_frames_sql(paramstyle: str) -> str | None:
     )
 
 
-def _insert(engine: Any, table: Any) -> Any:
-    """The dialect's INSERT, which knows ON CONFLICT (both backends spell it the same)."""
-    if engine.dialect.name == "postgresql":
-        return postgresql.insert(table)
-    return sqlite.insert(table)
-
-
 class IngestRepo:
     engine: Any
 
@@ -76,7 +69,7 @@ class IngestRepo:
     ) -> None:
         """Create the take row if this is the camera's first hello; keep it otherwise."""
         now = time.time()
-        stmt = _insert(self.engine, takes).values(
+        stmt = dialect_insert(self.engine, takes).values(
             session_id=session_id,
             camera_id=camera_id,
             state="capturing",
@@ -152,7 +145,7 @@ class IngestRepo:
                 self._insert_frame_rows(conn, session_id, camera_id, frame_rows)
             if pose_rows:
                 conn.execute(
-                    _insert(self.engine, poses).on_conflict_do_nothing(
+                    dialect_insert(self.engine, poses).on_conflict_do_nothing(
                         index_elements=["session_id", "camera_id", "seq"]
                     ),
                     [{**keys, **r} for r in pose_rows],
@@ -173,7 +166,7 @@ class IngestRepo:
         sql = _insert_frames_sql(self.engine.dialect.paramstyle)
         if sql is None:
             keys = {"session_id": session_id, "camera_id": camera_id}
-            stmt = _insert(self.engine, frames).on_conflict_do_nothing(
+            stmt = dialect_insert(self.engine, frames).on_conflict_do_nothing(
                 index_elements=["session_id", "camera_id", "seq"]
             )
             conn.execute(stmt, [{**keys, **r} for r in rows])
@@ -318,7 +311,7 @@ class IngestRepo:
             values["capabilities"] = capabilities
         if status is not None:
             values["status"] = status
-        stmt = _insert(self.engine, agents).values(
+        stmt = dialect_insert(self.engine, agents).values(
             booth_id=booth_id,
             camera_id=camera_id,
             software_version=software_version or "",
