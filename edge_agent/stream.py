@@ -246,13 +246,8 @@ class SpoolTake:
                 return True  # already spooled (a replay): idempotent
             if self.behind or frame.seq > self.next_seq:
                 return self._refuse(frame.seq, "a gap in the capture stream")
-            if not self.spool.reserve(_HEADER.size + len(frame.jpeg)):
-                return self._refuse(frame.seq, "the spool budget is reached")
-            try:
-                self._append(KIND_FRAME, frame.seq, frame.capture_ts_ns, frame.jpeg, reserved=True)
-            except OSError as e:  # the disk is full (or failing): as if the budget were reached
-                self.spool.release(_HEADER.size + len(frame.jpeg))
-                return self._refuse(frame.seq, f"the spool disk refused a write: {e.strerror}")
+            if why := self._append(KIND_FRAME, frame.seq, frame.capture_ts_ns, frame.jpeg):
+                return self._refuse(frame.seq, why)
             self.next_seq = frame.seq + 1
         self.spool.notify()
         self._sync_if_due()
@@ -276,17 +271,14 @@ class SpoolTake:
             if seq <= self.last_pose or self.poses_behind:
                 return
             payload = _pose_payload(keypoints, imputed, glitch)
-            self.spool.reserve(_HEADER.size + len(payload), force=True)
-            try:
-                self._append(KIND_POSE, seq, 0, payload, reserved=True)
-            except OSError as e:  # a full disk: read the poses back from the recording later
-                self.spool.release(_HEADER.size + len(payload))
+            if why := self._append(KIND_POSE, seq, 0, payload, force=True):
+                # A full disk: read the poses back from the recording later.
                 self.meta.poses_behind_from_seq = seq
                 log.warning(
                     "take %s/%s: poses from %d not spooled (%s); they are in the recording",
                     *self.key,
                     seq,
-                    e.strerror,
+                    why,
                 )
                 self.save_meta()
                 return
@@ -376,12 +368,8 @@ class SpoolTake:
         for seq, keypoints, imputed, glitch in archive.poses_from(*self.key, start):
             payload = _pose_payload(keypoints, imputed, glitch)
             with self._lock:
-                self.spool.reserve(_HEADER.size + len(payload), force=True)
-                try:
-                    self._append(KIND_POSE, seq, 0, payload, reserved=True)
-                except OSError:  # the disk is still full: try again later
-                    self.spool.release(_HEADER.size + len(payload))
-                    break
+                if self._append(KIND_POSE, seq, 0, payload, force=True):
+                    break  # the disk is still full: try again later
                 self.last_pose = seq
                 self.meta.poses_behind_from_seq = seq + 1
                 n += 1
@@ -413,15 +401,8 @@ class SpoolTake:
                         f"the recording of {self.key} skips from {self.meta.behind_from_seq} to "
                         f"{frame.seq}; those frames are lost"
                     )
-                if not self.spool.reserve(_HEADER.size + len(frame.jpeg)):
-                    break
-                try:
-                    self._append(
-                        KIND_FRAME, frame.seq, frame.capture_ts_ns, frame.jpeg, reserved=True
-                    )
-                except OSError:  # the disk is still full: try again later, like the budget
-                    self.spool.release(_HEADER.size + len(frame.jpeg))
-                    break
+                if self._append(KIND_FRAME, frame.seq, frame.capture_ts_ns, frame.jpeg):
+                    break  # no room yet (budget or disk): try again later
                 self.meta.behind_from_seq = frame.seq + 1
                 self.meta.not_spooled = max(0, self.meta.not_spooled - 1)
                 n += 1
@@ -437,7 +418,25 @@ class SpoolTake:
             self.spool.notify()
         return n
 
-    def _append(self, kind: int, seq: int, ts: int, payload: bytes, *, reserved: bool) -> None:
+    def _append(
+        self, kind: int, seq: int, ts: int, payload: bytes, *, force: bool = False
+    ) -> str | None:
+        """Reserve room and write one record; None if spooled, else why not (nothing written).
+
+        ``force`` takes room past the budget (poses are small); a disk that refuses the
+        write is treated like a reached budget.
+        """
+        size = _HEADER.size + len(payload)
+        if not self.spool.reserve(size, force=force):
+            return "the spool budget is reached"
+        try:
+            self._write(kind, seq, ts, payload)
+        except OSError as e:  # the disk is full (or failing)
+            self.spool.release(size)
+            return f"the spool disk refused a write: {e.strerror}"
+        return None
+
+    def _write(self, kind: int, seq: int, ts: int, payload: bytes) -> None:
         seg = self.segments[-1] if self.segments else None
         if seg is None or seg.size >= self.spool.segment_bytes or self._fd is None:
             seg = self._new_segment()
