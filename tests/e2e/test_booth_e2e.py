@@ -95,14 +95,14 @@ def shot(driver, name: str) -> None:
 
 
 def wait_for(predicate, timeout_s: float, what: str, poll_s: float = 0.5):
-    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
 
     deadline = time.monotonic() + timeout_s
     while True:
         try:
             value = predicate()
-        except StaleElementReferenceException:  # the page navigated between find and read
-            value = None
+        except (StaleElementReferenceException, NoSuchElementException):
+            value = None  # the page was navigating (reloading) while we looked
         if value:
             return value
         if time.monotonic() > deadline:
