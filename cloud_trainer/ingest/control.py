@@ -19,11 +19,13 @@ The last status of each agent is also written to the ``agents`` table.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 import secrets
 import time
 from collections.abc import Coroutine
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -90,6 +92,9 @@ class AgentRegistry:
         self._seen: dict[tuple[str, str], float] = {}
         self._registered: dict[tuple[str, str], booth_pb2.Register] = {}
         self._waiters: dict[tuple[str, str, str], asyncio.Future[booth_pb2.AgentStatus]] = {}
+        # One writer thread, so rows land in the order they were issued: with a pool, an
+        # agent's "capturing" could finish after its "offline" and stick.
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="agent-status")
 
     def bind_loop(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -154,7 +159,10 @@ class AgentRegistry:
             waiter = self._waiters.get((*key, status.last_command_id))
             if waiter is not None and not waiter.done():
                 waiter.set_result(status)
-        await self._persist(key, state=state_name(status.state))
+        # A report comes on its own RPC and can arrive after the agent's stream closed:
+        # the row must then say offline, not the state the agent last knew.
+        state = state_name(status.state) if key in self._links else "offline"
+        await self._persist(key, state=state)
 
     async def _persist(self, key: tuple[str, str], *, state: str) -> None:
         if self._repo is None:
@@ -162,7 +170,7 @@ class AgentRegistry:
         reg = self._registered.get(key)
         status = self._status.get(key)
         try:
-            await asyncio.to_thread(
+            write = functools.partial(
                 self._repo.upsert_agent,
                 key[0],
                 key[1],
@@ -172,6 +180,7 @@ class AgentRegistry:
                 capabilities=_as_dict(reg.capabilities) if reg else None,
                 status=_as_dict(status) if status else None,
             )
+            await asyncio.get_running_loop().run_in_executor(self._writer, write)
         except Exception as e:
             # Status is advisory; a database hiccup must not cut an agent's control stream.
             log.warning("could not record status of agent %s/%s: %s", *key, e)

@@ -225,3 +225,60 @@ async def test_a_status_with_nan_numbers_is_stored_and_shown_as_strict_json(tmp_
     json.dumps(view.status, allow_nan=False)
     (row,) = server.test_repo.list_agents(th.BOOTH)
     assert row["status"]["fps"] is None
+
+
+def _registry(tmp_path: Path, repo=None):
+    from cloud_trainer.ingest.control import AgentRegistry
+
+    real = Repository.from_config(th.booth_config(tmp_path).database)
+    return AgentRegistry(repo or real), real
+
+
+def _register(cam: str = "cam0") -> booth_pb2.Register:
+    return booth_pb2.Register(booth_id=th.BOOTH, camera_id=cam, software_version="t")
+
+
+def _status(state: int, cam: str = "cam0") -> booth_pb2.AgentStatus:
+    return booth_pb2.AgentStatus(booth_id=th.BOOTH, camera_id=cam, state=state)
+
+
+async def test_a_report_that_arrives_after_the_stream_closed_leaves_the_agent_offline(tmp_path):
+    # Report is its own RPC: the agent's last status can land after its Connect stream ended.
+    registry, repo = _registry(tmp_path)
+    link = registry.attach(_register())
+    await registry.record_connected(link)
+    await registry.detach(link)
+    await registry.report(_status(booth_pb2.IDLE))
+    (row,) = repo.list_agents(th.BOOTH)
+    assert row["state"] == "offline"
+    assert registry.agents(th.BOOTH)[0].state == "offline"
+
+
+async def test_an_older_status_write_that_finishes_last_does_not_overwrite_a_newer_one(tmp_path):
+    gate, entered = threading.Event(), threading.Event()
+    calls = []
+
+    class GatedRepo:
+        """The first write waits (like a slow thread) until the test releases it."""
+
+        def __init__(self, repo):
+            self.repo = repo
+
+        def upsert_agent(self, *args, **kwargs):
+            calls.append(kwargs["state"])
+            if len(calls) == 1:
+                entered.set()
+                assert gate.wait(30)
+            return self.repo.upsert_agent(*args, **kwargs)
+
+    _, real = _registry(tmp_path)
+    registry, _ = _registry(tmp_path, GatedRepo(real))
+    link = registry.attach(_register())
+    slow = asyncio.create_task(registry.report(_status(booth_pb2.CAPTURING)))
+    assert await asyncio.to_thread(entered.wait, 30)
+    detach = asyncio.create_task(registry.detach(link))
+    await asyncio.sleep(0)  # let detach issue its write while the older one is still running
+    gate.set()
+    await asyncio.gather(slow, detach)
+    (row,) = real.list_agents(th.BOOTH)
+    assert row["state"] == "offline", calls
