@@ -460,16 +460,7 @@ class Take:
     def _summary(self, poses: dict[str, np.ndarray] | None, poses_file: str | None) -> TakeSummary:
         rec = self.recorder
         n = self.frames
-        errors = list(self.errors)
-        if self.capture_error:
-            errors.append(self.capture_error)
-        if rec is not None and rec.error:
-            errors.append(rec.error)
-        if stalled := self.stalled():
-            errors.append(stalled)
-        warnings = list(getattr(self.source, "warnings", []))
-        if self.worker is not None and self.worker.error:
-            warnings.append(self.worker.error)
+        errors, warnings = self._problems()
         cu = self.catch_up_result
         if cu is not None and cu.error:
             warnings.append(cu.error)
@@ -553,22 +544,27 @@ class Take:
             f"{self.frames} frames (check the cable and the USB port)"
         )
 
+    def _problems(self) -> tuple[list[str], list[str]]:
+        """(errors, warnings) so far: what stopped recording, and what degraded it."""
+        errors = list(self.errors)
+        if self.capture_error:
+            errors.append(self.capture_error)
+        if self.recorder is not None and self.recorder.error:
+            errors.append(self.recorder.error)
+        if stalled := self.stalled():
+            errors.append(stalled)
+        warnings = list(getattr(self.source, "warnings", []))
+        if self.worker is not None and self.worker.error:
+            warnings.append(self.worker.error)
+        return errors, warnings
+
     def status(self) -> dict[str, Any]:
         """A JSON-able snapshot, cheap enough to call every second from another thread."""
         rec = self.recorder
         first, last, n = self.first_ts_ns, self.last_ts_ns, self.frames
         span_s = (last - first) / 1e9 if first is not None and last is not None else 0.0
         worker = self.worker
-        errors = list(self.errors)
-        if self.capture_error:
-            errors.append(self.capture_error)
-        if rec is not None and rec.error:
-            errors.append(rec.error)
-        if stalled := self.stalled():
-            errors.append(stalled)
-        warnings = list(getattr(self.source, "warnings", []))
-        if worker is not None and worker.error:
-            warnings.append(worker.error)
+        errors, warnings = self._problems()
         return {
             "session": self.session_id,
             "camera": self.camera_id,
