@@ -128,6 +128,8 @@ class TakeData:
         f = self.frames[i]
         if isinstance(f, np.ndarray):
             return f
+        if not f:
+            return None  # a lost frame: the camera delivered nothing usable
         bgr = cv2.imdecode(np.frombuffer(f, np.uint8), cv2.IMREAD_COLOR)
         return None if bgr is None else cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 

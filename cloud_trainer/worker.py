@@ -51,7 +51,7 @@ def take_from_ingest(repo: Repository, store: Any, session_id: str, camera_id: s
     """One camera's take, as ingest stored it: JPEG bytes from the shards, poses from the rows.
 
     Frames without a pose row count as "nobody detected" (all scores 0); the
-    corpus builder skips them.
+    corpus builder skips them. So do lost frames (empty bytes: corrupt at capture).
     """
     from cloud_trainer.corpus import TakeData, TrainingFailed
 
@@ -79,7 +79,9 @@ def take_from_ingest(repo: Repository, store: Any, session_id: str, camera_id: s
     poses = np.zeros((len(rows), sk.NUM_JOINTS, 3), np.float32)
     for p in repo.pose_rows(session_id, camera_id):
         i = seq_to_i.get(p["seq"])
-        if i is not None:
+        # A lost frame (corrupt at capture, stored empty) keeps no pose: an imputed one
+        # would make the corpus look for an image that is not there.
+        if i is not None and rows[i]["length"] > 0:
             poses[i] = np.frombuffer(p["keypoints"], dtype="<f4").reshape(sk.NUM_JOINTS, 3)
     return TakeData(
         name=f"{session_id}-{camera_id}", frames=frames, poses=poses, fps=fps, camera=camera_id

@@ -4,6 +4,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+JPEG_SOI = b"\xff\xd8"
+JPEG_EOI = b"\xff\xd9"
+JPEG_EOI_SLACK = 64  # some cameras pad a few bytes after EOI
+
+
+def jpeg_looks_complete(jpeg: bytes) -> bool:
+    """Cheap structural check (no decoding): SOI at the start, EOI near the end.
+
+    A camera can deliver a frame cut short (a USB transfer lost). The board records
+    it as delivered, but uploads it as a lost frame; ingest applies the same rule.
+    """
+    return (
+        jpeg.startswith(JPEG_SOI) and jpeg.rfind(JPEG_EOI, max(0, len(jpeg) - JPEG_EOI_SLACK)) >= 0
+    )
+
 
 @dataclass(frozen=True, slots=True)
 class CapturedFrame:

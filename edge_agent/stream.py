@@ -65,7 +65,7 @@ from typing import Any, Protocol
 import grpc
 
 from edge_agent.errors import SESSION_DELETED, SESSION_STATE_KEY, BadInput, BoothError
-from edge_agent.frames import CapturedFrame
+from edge_agent.frames import CapturedFrame, jpeg_looks_complete
 from edge_agent.retention import discard_recording
 from protos import booth_pb2, booth_pb2_grpc
 
@@ -197,6 +197,7 @@ class SpoolTake:
         self.pose_acked_seq = -1
         self.complete = False
         self.error = ""
+        self.lost_seqs: set[int] = set()  # frames sent as lost (corrupt at capture)
         self._meta_stale = False  # the last save_meta failed (said once, not per frame)
         self._lock = threading.RLock()
         self._fd: int | None = None
@@ -658,6 +659,7 @@ class SpoolTake:
             "missing": missing,
             "bytes": self.bytes,
             "complete": self.complete,
+            "lost_frames": len(self.lost_seqs),
             "error": self.error,
         }
 
@@ -1245,6 +1247,11 @@ class Streamer:
             batch = cursor.read()
             for rec in batch:
                 if rec.kind == KIND_FRAME:
+                    if not jpeg_looks_complete(rec.payload):
+                        await call.write(self._lost_frame(take, rec, ids))
+                        sent_at.append((rec.seq, time.monotonic()))
+                        progressed = True
+                        continue
                     if len(rec.payload) > max_jpeg:
                         # Let the server keep (and ack) what came before, then say why we stop.
                         await call.done_writing()
@@ -1289,6 +1296,25 @@ class Streamer:
                     "the local recording"
                 )
             await self._wait_change(1.0, mark)
+
+    @staticmethod
+    def _lost_frame(take: SpoolTake, rec: Any, ids: dict[str, str]) -> booth_pb2.IngestRequest:
+        """A frame the camera delivered corrupt: sent as lost, so the take can complete.
+
+        Ingest would refuse its bytes (not a whole JPEG), and every later frame with
+        them; the recording on the board keeps the bytes as the camera gave them.
+        """
+        if rec.seq not in take.lost_seqs:
+            take.lost_seqs.add(rec.seq)
+            log.warning(
+                "session %s camera %s: frame %d is not a whole JPEG (corrupt at capture); "
+                "uploading it as a lost frame",
+                take.meta.session_id,
+                take.meta.camera_id,
+                rec.seq,
+            )
+        frame = booth_pb2.Frame(seq=rec.seq, capture_ts_ns=rec.capture_ts_ns, lost=True, **ids)
+        return booth_pb2.IngestRequest(frame=frame)
 
     async def _read_acks(
         self, call: Any, take: SpoolTake, sent_at: deque[tuple[int, float]]

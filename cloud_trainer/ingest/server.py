@@ -51,6 +51,7 @@ from cloud_trainer.ingest.shards import FrameIn, PoseIn, ShardWriter, encode_sha
 from cloud_trainer.repository.sessions import SessionNotFound
 from cloud_trainer.session import InvalidTransition, State
 from edge_agent.errors import BadInput
+from edge_agent.frames import JPEG_SOI, jpeg_looks_complete
 from edge_agent.skeleton import JOINTS
 from protos import booth_pb2, booth_pb2_grpc
 
@@ -63,11 +64,11 @@ _ACCEPTING = {State.CREATED.value, State.CAPTURING.value}
 
 
 def check_jpeg(seq: int, data: bytes) -> None:
-    """A JPEG starts with SOI (FFD8) and ends with EOI (FFD9), allowing a little padding."""
-    if len(data) < 4 or data[:2] != b"\xff\xd8":
+    """A JPEG starts with SOI (FFD8) and ends with EOI (FFD9): the agent's rule, with reasons."""
+    if len(data) < 4 or not data.startswith(JPEG_SOI):
         head = data[:4].hex() or "empty"
         raise BadInput(f"frame {seq} is not a JPEG: no SOI marker (starts with {head})")
-    if data.rfind(b"\xff\xd9", max(0, len(data) - 64)) < 0:
+    if not jpeg_looks_complete(data):
         raise BadInput(f"frame {seq} is not a complete JPEG: no EOI marker at the end")
 
 
@@ -94,6 +95,7 @@ class IngestStream:
         self.complete = False
         self._pending: dict[int, bytes] = {}  # received, not yet durable: for resend checks
         self._stored_digests: dict[int, str] = {}
+        self._lost_logged = False
         self._write_lock = asyncio.Lock()
         self._complete_lock = asyncio.Lock()
         self._task = asyncio.current_task()
@@ -147,7 +149,22 @@ class IngestStream:
                 f"frame {seq} arrived but {self.next_seq} was expected next; frames must be "
                 f"contiguous: reconnect and resume after seq {self.durable_seq}"
             )
-        check_jpeg(seq, jpeg)
+        if f.lost:
+            # The camera delivered no usable image for this seq; the seq is kept (as an
+            # empty record) so the take stays contiguous and can complete.
+            if jpeg:
+                raise BadInput(f"frame {seq} is marked lost but carries {len(jpeg)} bytes")
+            self.service.lost_frames += 1
+            log.log(
+                logging.WARNING if not self._lost_logged else logging.DEBUG,
+                "camera %s, session %s: frame %d arrived marked lost (corrupt at capture)",
+                self.camera_id,
+                self.session_id,
+                seq,
+            )
+            self._lost_logged = True
+        else:
+            check_jpeg(seq, jpeg)
         if self.writer.full:
             await self.writer.room()
         self.writer.add_frame(FrameIn(seq, f.capture_ts_ns, jpeg))
@@ -307,6 +324,7 @@ class IngestService(booth_pb2_grpc.IngestServicer):
         self.settings, self.store, self.repo, self.tokens = settings, store, repo, tokens
         self.on_session_uploaded = on_session_uploaded
         self.resent_frames = 0
+        self.lost_frames = 0  # frames the cameras delivered corrupt, stored as empty records
         self._active: dict[tuple[str, str], IngestStream] = {}
 
     async def Stream(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> None:

@@ -105,8 +105,11 @@ def decode_shard(data: bytes) -> Iterator[FrameIn]:
 
 
 def read_frame(store: BlobStore, row: dict[str, Any], *, verify: bool = True) -> bytes:
-    """One frame's JPEG bytes from its index row (a ranged get)."""
-    data = store.get_range(row["shard_key"], row["offset"], row["offset"] + row["length"] - 1)
+    """One frame's JPEG bytes from its index row (a ranged get); b"" for a lost frame."""
+    if row["length"] == 0:
+        data = b""  # lost at capture: an empty record, nothing to fetch
+    else:
+        data = store.get_range(row["shard_key"], row["offset"], row["offset"] + row["length"] - 1)
     if verify and hashlib.sha256(data).hexdigest() != row["sha256"]:
         raise BadInput(f"frame {row['seq']} in {row['shard_key']} does not match its hash")
     return data

@@ -41,7 +41,7 @@ from typing import Any
 import av
 
 from edge_agent.capture.buffers import BoundedBuffer
-from edge_agent.frames import CapturedFrame
+from edge_agent.frames import CapturedFrame, jpeg_looks_complete
 
 log = logging.getLogger(__name__)
 
@@ -56,20 +56,9 @@ NEARLY_FULL_BYTES = 8 * 2**20
 SEGMENT_PREFIX = "seg_"
 PART_SUFFIX = ".part"
 
-# JPEG start/end-of-image markers. A frame without them is corrupt (truncated by
-# the USB transfer, typically). It is still stored as delivered.
-_SOI = b"\xff\xd8"
-_EOI = b"\xff\xd9"
-_EOI_SLACK = 32  # some cameras pad a few bytes after EOI
-
 
 def segment_name(index: int) -> str:
     return f"{SEGMENT_PREFIX}{index:05d}.mp4"
-
-
-def jpeg_looks_complete(jpeg: bytes) -> bool:
-    """Cheap structural check (no decoding): SOI at the start, EOI near the end."""
-    return jpeg.startswith(_SOI) and jpeg.rfind(_EOI, max(0, len(jpeg) - _EOI_SLACK)) >= 0
 
 
 @dataclass

@@ -230,6 +230,17 @@ def _bad_cases(
             grpc.StatusCode.INVALID_ARGUMENT,
             "EOI",
         ),
+        "lost frame that carries bytes": (
+            [
+                th.hello(sid),
+                booth_pb2.IngestRequest(
+                    frame=booth_pb2.Frame(seq=0, jpeg=th.make_jpeg(0), lost=True)
+                ),
+            ],
+            token,
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "marked lost but carries",
+        ),
         "pose with a wrong skeleton": (
             [
                 th.hello(sid),

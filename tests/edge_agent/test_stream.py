@@ -375,3 +375,36 @@ async def test_an_unknown_session_is_not_mistaken_for_a_deleted_one(env):
             await st.stop()
     # A typo'd booth address or a lost database must not cost an attendee their take.
     assert recording.exists() and st.takes_dropped == 0 and st.spool.pending()
+
+
+async def test_a_frame_corrupt_at_capture_is_uploaded_as_lost_and_the_take_completes(env):
+    import numpy as np
+
+    from cloud_trainer.worker import take_from_ingest
+
+    sid = th.new_session(env.repo)
+    sent = th.frames(30)
+    whole = sent[12].jpeg
+    sent[12] = CapturedFrame(12, sent[12].capture_ts_ns, whole[: len(whole) // 2])  # USB cut it
+    async with th.running_server(env.cfg, repo=env.repo, store=env.store) as srv:
+        st = env.streamer(f"127.0.0.1:{srv.port}")
+        take = st.open_take(sid)
+        take.add_frames(sent)
+        for f in sent:  # the smoother may have imputed a pose even where the image is bad
+            take.add_pose(f.seq, np.full((23, 3), 0.5, np.float32))
+        take.end()
+        await st.start()
+        try:
+            await st.wait_uploaded(sid, timeout_s=60)
+        finally:
+            await st.stop()
+        assert srv.ingest.lost_frames == 1
+    assert take.status()["lost_frames"] == 1
+    assert env.repo.get_session(sid)["state"] == "uploaded"
+    stored = th.stored_frames(env.repo, env.store, sid, "cam0")
+    assert sorted(stored) == list(range(30)) and stored[12] == b""
+    assert all(stored[f.seq] == f.jpeg for f in sent if f.seq != 12)
+    # The trainer finds no image there, and no pose that would make it look for one.
+    data = take_from_ingest(env.repo, env.store, sid, "cam0", 120.0)
+    assert data.rgb(12) is None and not data.poses[12].any()
+    assert data.rgb(11) is not None and data.poses[11].any()

@@ -31,9 +31,9 @@ from hypothesis import strategies as st
 
 from cloud_trainer.ingest.server import check_jpeg
 from edge_agent.capture.pose_worker import PoseCounters, _estimate
-from edge_agent.capture.segments import SegmentRecorder, jpeg_looks_complete, read_segment_frames
+from edge_agent.capture.segments import SegmentRecorder, read_segment_frames
 from edge_agent.errors import BadInput
-from edge_agent.frames import CapturedFrame
+from edge_agent.frames import CapturedFrame, jpeg_looks_complete
 from edge_agent.pose.base import (
     MAX_JPEG_PIXELS,
     MAX_SIDE_PX,
@@ -99,7 +99,7 @@ ANY_FRAME = damaged_jpegs() | st.binary(max_size=64) | st.just(JPEG)
 @fuzz_settings(share=3.0)
 @given(data=ANY_FRAME)
 def test_jpeg_looks_complete_says_exactly_soi_first_and_eoi_near_the_end(data: bytes) -> None:
-    expected = data.startswith(SOI) and EOI in data[-32:]
+    expected = data.startswith(SOI) and EOI in data[-64:]
     assert jpeg_looks_complete(data) is expected
 
 
