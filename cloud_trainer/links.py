@@ -9,13 +9,16 @@ existed (404), so an attendee with an old email learns the video was removed on
 purpose rather than mistyped.
 
 Serving: in ``gcs`` mode the app redirects to a short-lived signed URL from the
-blob store; in ``local`` mode it streams the object itself and honours HTTP
-Range requests (``parse_range`` + ``serve_range``) so browsers can seek.
+blob store (``signed_url``); in ``local`` mode it streams the object itself and
+honours HTTP Range requests (``parse_range`` + ``serve_range``) so browsers can seek.
+A signed URL cannot be revoked, so it lives a few minutes at most and never past
+the link's expiry: each visit goes through the link again, which checks revocation.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 import secrets
 import time
@@ -28,8 +31,9 @@ from edge_agent.errors import BoothError
 # Bytes of randomness per token: 32 bytes = 256 bits (token_urlsafe gives 43 characters).
 TOKEN_BYTES = 32
 _TOKEN_RE = re.compile(r"^[A-Za-z0-9_\-]{16,128}$")
-# GCS V4 signed URLs live at most 7 days; we sign much shorter and re-sign per visit.
-SIGNED_URL_MAX_S = 3600
+# A signed URL outlives a revocation for as long as it lives, so sign for a few minutes
+# (a booth video plays in well under that) and re-sign per visit through the link.
+SIGNED_URL_MAX_S = 300
 CHUNK_BYTES = 1 << 20
 
 
@@ -108,8 +112,21 @@ def lookup(repo: Any, token: str, now: float | None = None) -> Resolution:
     return Resolution("ok", row["session_id"], row["expires_at"])
 
 
+@dataclass(frozen=True)
+class Visit:
+    """A link that works: the session behind it and when the link stops working."""
+
+    session: dict[str, Any]
+    link_expires_at: float
+
+
 def resolve(repo: Any, token: str, now: float | None = None) -> dict[str, Any]:
     """The session behind a link, or LinkNotFound (404) / LinkGone (410)."""
+    return visit(repo, token, now).session
+
+
+def visit(repo: Any, token: str, now: float | None = None) -> Visit:
+    """``resolve`` plus the link's expiry (to cap signed URLs), or LinkNotFound / LinkGone."""
     r = lookup(repo, token, now)
     if r.state == "not_found":
         raise LinkNotFound("no such video link")
@@ -121,10 +138,11 @@ def resolve(repo: Any, token: str, now: float | None = None) -> dict[str, Any]:
             r.state,
         )
     try:
-        return repo.get_session(r.session_id)
+        session = repo.get_session(r.session_id)
     except BoothError:
         # The session was deleted (the attendee's right) after the link was made.
         raise LinkGone("this video was deleted", "deleted") from None
+    return Visit(session, r.expires_at)
 
 
 def revoke(repo: Any, token: str, now: float | None = None) -> None:
@@ -146,17 +164,27 @@ def poster_url(base_url: str, token: str) -> str:
 
 
 def signed_url(
-    store: Any, key: str, link_expires_at: float, now: float | None = None
+    store: Any,
+    key: str,
+    link_expires_at: float,
+    now: float | None = None,
+    *,
+    disposition: str | None = None,
+    content_type: str | None = None,
 ) -> str | None:
-    """A signed URL for ``key`` in gcs mode (never outliving the link), else None.
+    """A signed URL for ``key`` in gcs mode, else None (the app streams it, see ``serve_range``).
 
-    None means the app streams the object itself (local mode, see ``serve_range``).
+    It lives ``SIGNED_URL_MAX_S`` at most and never past ``link_expires_at``; a link
+    with under a second left is gone (LinkGone) rather than streamed by the app.
+    ``disposition`` and ``content_type`` are the headers the download should carry.
     """
     now = time.time() if now is None else now
-    expires_s = int(min(SIGNED_URL_MAX_S, link_expires_at - now))
-    if expires_s <= 0:
-        return None
-    return store.url(key, expires_s=expires_s)
+    # The URL's life starts at the whole second it is signed in, which is at most
+    # ceil(now) when signing takes under a second, so it ends by floor(link_expires_at).
+    expires_s = min(SIGNED_URL_MAX_S, math.floor(link_expires_at) - math.ceil(now))
+    if expires_s < 1:
+        raise LinkGone("this video link has expired", "expired")
+    return store.url(key, expires_s, disposition=disposition, content_type=content_type)
 
 
 # ---- HTTP Range (RFC 9110 section 14) ---------------------------------------------
@@ -278,8 +306,17 @@ class Links:
     def revoke_session(self, session_id: str, now: float | None = None) -> int:
         return self.repo.revoke_session_links(session_id, time.time() if now is None else now)
 
-    def signed_url(self, key: str, link_expires_at: float) -> str | None:
-        return signed_url(self.store, key, link_expires_at)
+    def signed_url(
+        self,
+        key: str,
+        link_expires_at: float,
+        *,
+        disposition: str | None = None,
+        content_type: str | None = None,
+    ) -> str | None:
+        return signed_url(
+            self.store, key, link_expires_at, disposition=disposition, content_type=content_type
+        )
 
     @staticmethod
     def parse_range(header: str | None, size: int) -> tuple[int, int] | str | None:

@@ -77,8 +77,19 @@ class BlobStore(Protocol):
     def delete_prefix(self, prefix: str) -> int:
         """Delete every key starting with ``prefix`` (non-empty); returns how many were deleted."""
 
-    def url(self, key: str, expires_s: int) -> str | None:
-        """A signed URL where the backend supports one (gcs), else None (serve through the app)."""
+    def url(
+        self,
+        key: str,
+        expires_s: int,
+        *,
+        disposition: str | None = None,
+        content_type: str | None = None,
+    ) -> str | None:
+        """A signed URL where the backend supports one (gcs), else None (serve through the app).
+
+        ``disposition`` and ``content_type`` are the Content-Disposition and Content-Type
+        the URL's response carries (e.g. ``attachment`` so a browser downloads it).
+        """
 
 
 _MODULES = {"local": "cloud_trainer.storage.local", "gcs": "cloud_trainer.storage.gcs"}

@@ -178,10 +178,19 @@ class GcsBlobStore:
 
     # ---- urls -------------------------------------------------------------------------
 
-    def url(self, key: str, expires_s: int) -> str | None:
+    def url(
+        self,
+        key: str,
+        expires_s: int,
+        *,
+        disposition: str | None = None,
+        content_type: str | None = None,
+    ) -> str | None:
         """A V4 signed GET URL, or None when the credentials cannot sign.
 
         Longer lifetimes than GCS allows (7 days) are shortened to 7 days.
+        ``disposition`` / ``content_type`` become the ``response-content-disposition`` /
+        ``response-content-type`` parameters, which GCS answers as response headers.
         """
         blob = self._bucket.blob(validate_key(key))
         expires_s = int(min(max(expires_s, 1), MAX_SIGNED_URL_S))
@@ -191,6 +200,13 @@ class GcsBlobStore:
             "method": "GET",
             "expiration": dt.timedelta(seconds=expires_s),
         }
+        for name, header in (("disposition", disposition), ("content_type", content_type)):
+            if header is not None and (not header or not header.isprintable()):
+                raise BadInput(f"invalid {name} {header!r}: give a printable header value")
+        if disposition is not None:
+            kwargs["response_disposition"] = disposition
+        if content_type is not None:
+            kwargs["response_type"] = content_type
         if self.endpoint:
             kwargs["api_access_endpoint"] = self.endpoint
         if callable(getattr(creds, "sign_bytes", None)):

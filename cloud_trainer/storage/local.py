@@ -190,7 +190,14 @@ class LocalBlobStore:
 
     # ---- urls -------------------------------------------------------------------------
 
-    def url(self, key: str, expires_s: int) -> str | None:
+    def url(
+        self,
+        key: str,
+        expires_s: int,
+        *,
+        disposition: str | None = None,
+        content_type: str | None = None,
+    ) -> str | None:
         validate_key(key)
         return None  # served by the web app: see sign_blob_token
 

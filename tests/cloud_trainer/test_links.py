@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import time
+import urllib.request
 
 import pytest
 import transport_helpers as th
+from gcs_signing import service_account_credentials, signed_params, signed_url_ends_at
 
 from cloud_trainer import links
 from cloud_trainer.config import LocalStorage
 from cloud_trainer.repository import Repository
 from cloud_trainer.storage import create_blob_store
+from edge_agent.errors import BadInput
 
 
 @pytest.fixture
@@ -79,6 +82,76 @@ def test_the_web_facade_reports_the_same_states(repo, store):
     # Local storage has no signed URLs: the app streams the file.
     store.put("sessions/x/video/final.mp4", b"x")
     assert facade.signed_url("sessions/x/video/final.mp4", time.time() + 60) is None
+
+
+@pytest.fixture
+def gcs_stores(gcs_emulator):
+    """(writer, signer) on one emulator bucket: the emulator cannot sign, a local key can."""
+    from cloud_trainer.storage.gcs import GcsBlobStore
+
+    bucket = gcs_emulator.new_bucket()
+    writer = GcsBlobStore(bucket, endpoint=gcs_emulator.endpoint)
+    signer = GcsBlobStore(
+        bucket, endpoint=gcs_emulator.endpoint, credentials=service_account_credentials()
+    )
+    return writer, signer
+
+
+def test_signed_urls_live_a_few_minutes_and_never_past_the_link(gcs_stores):
+    writer, signer = gcs_stores
+    key = "sessions/s1/video/final.mp4"
+    writer.put(key, b"movie", content_type="video/mp4")
+    assert 0 < links.SIGNED_URL_MAX_S <= 300  # minutes, not the hour it used to be
+
+    # A link with a month left: the cap decides.
+    now = time.time()
+    url = links.signed_url(signer, key, now + 30 * 86400)
+    assert int(signed_params(url)["X-Goog-Expires"]) == links.SIGNED_URL_MAX_S
+    assert signed_url_ends_at(url) <= time.time() + links.SIGNED_URL_MAX_S
+
+    # A link with 42.7 s left: the link decides, and the URL ends no later than it.
+    link_expires_at = time.time() + 42.7
+    url = links.signed_url(signer, key, link_expires_at)
+    assert 0 < int(signed_params(url)["X-Goog-Expires"]) <= 42
+    assert signed_url_ends_at(url) <= link_expires_at
+    with urllib.request.urlopen(url, timeout=10) as r:
+        assert r.read() == b"movie"
+
+    # Under a second left is gone, not a 1 s URL (or a fall back to streaming it).
+    with pytest.raises(links.LinkGone) as gone:
+        links.signed_url(signer, key, time.time() + 0.5)
+    assert gone.value.reason == "expired" and gone.value.status == 410
+    with pytest.raises(links.LinkGone):
+        links.signed_url(signer, key, time.time() - 60)
+
+
+def test_signed_url_carries_the_download_headers(gcs_stores):
+    writer, signer = gcs_stores
+    key = "sessions/s1/video/final.mp4"
+    writer.put(key, b"movie")  # stored as application/octet-stream
+    disposition = 'attachment; filename="dancebooth.mp4"'
+    url = links.signed_url(
+        signer, key, time.time() + 3600, disposition=disposition, content_type="video/mp4"
+    )
+    params = signed_params(url)
+    assert params["response-content-disposition"] == disposition
+    assert params["response-content-type"] == "video/mp4"
+    # The emulator answers the disposition as GCS does (it ignores the content type).
+    with urllib.request.urlopen(url, timeout=10) as r:
+        assert r.headers["Content-Disposition"] == disposition and r.read() == b"movie"
+    # Without them, the URL asks for nothing the object does not say itself.
+    plain = signed_params(links.signed_url(signer, key, time.time() + 3600))
+    assert "response-content-disposition" not in plain
+    assert "response-content-type" not in plain
+
+
+@pytest.mark.parametrize("bad", ['attachment; filename="x"\r\nSet-Cookie: a=b', "", "a\x00b"])
+def test_signed_url_refuses_header_values_that_are_not_one_printable_line(gcs_stores, bad):
+    _, signer = gcs_stores
+    with pytest.raises(BadInput, match="invalid disposition"):
+        signer.url("sessions/s1/video/final.mp4", 60, disposition=bad)
+    with pytest.raises(BadInput, match="invalid content_type"):
+        signer.url("sessions/s1/video/final.mp4", 60, content_type=bad)
 
 
 @pytest.mark.parametrize(

@@ -8,6 +8,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from gcs_signing import service_account_credentials
 
 from cloud_trainer.config import GcsStorage, LocalStorage
 from cloud_trainer.storage import BlobNotFound, create_blob_store, validate_key
@@ -260,30 +261,6 @@ def test_validate_key_accepts_the_pipeline_layout():
 # ---- gcs -------------------------------------------------------------------------------------
 
 
-def _service_account_credentials():
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import rsa
-    from google.oauth2 import service_account
-
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    pem = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    ).decode()
-    return service_account.Credentials.from_service_account_info(
-        {
-            "type": "service_account",
-            "project_id": "dancebooth-test",
-            "private_key_id": "test",
-            "private_key": pem,
-            "client_email": "booth@dancebooth-test.iam.gserviceaccount.com",
-            "client_id": "1",
-            "token_uri": "https://oauth2.googleapis.com/token",
-        }
-    )
-
-
 def test_gcs_signed_url_fetches_the_object(gcs_emulator):
     from cloud_trainer.storage.gcs import GcsBlobStore
 
@@ -292,7 +269,7 @@ def test_gcs_signed_url_fetches_the_object(gcs_emulator):
         "sessions/s1/video/out.mp4", b"movie", content_type="video/mp4"
     )
     signing = GcsBlobStore(
-        bucket, endpoint=gcs_emulator.endpoint, credentials=_service_account_credentials()
+        bucket, endpoint=gcs_emulator.endpoint, credentials=service_account_credentials()
     )
     url = signing.url("sessions/s1/video/out.mp4", 3600)
     assert url is not None
@@ -309,7 +286,7 @@ def test_gcs_signed_url_lifetime_is_capped_at_seven_days(gcs_emulator):
     store = GcsBlobStore(
         gcs_emulator.new_bucket(),
         endpoint=gcs_emulator.endpoint,
-        credentials=_service_account_credentials(),
+        credentials=service_account_credentials(),
     )
     url = store.url("k/obj", 30 * 24 * 3600)
     assert url is not None and "X-Goog-Expires=604800" in url

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import re
 import time
+import urllib.request
 from collections.abc import Iterator
 
 import pytest
 from fastapi.testclient import TestClient
+from gcs_signing import service_account_credentials, signed_params, signed_url_ends_at
 from staff_app import (
     PASSWORD,
     STAFF,
@@ -20,7 +22,7 @@ from staff_app import (
 )
 
 from cloud_trainer import links
-from cloud_trainer.config import BoothConfig
+from cloud_trainer.config import BoothConfig, GcsStorage
 from cloud_trainer.web import create_app
 from edge_agent.config import ConfigError
 
@@ -196,6 +198,79 @@ def test_tampered_and_revoked_links(client, booth):
     assert client.get(f"/v/{tampered}").status_code == 404
     links.revoke(repo, token)
     assert client.get(f"/v/{token}").status_code == 410
+
+
+@pytest.fixture
+def gcs_booth(tmp_path, gcs_emulator) -> Iterator[StaffApp]:
+    """The app on a GCS emulator bucket, with a store that can sign URLs (as on GCP).
+
+    ``store`` is the emulator's anonymous client (it writes; the signing one cannot
+    reach Google for a token), on the same bucket as the app's signing store.
+    """
+    from cloud_trainer.repository import Repository
+    from cloud_trainer.storage import create_blob_store
+    from cloud_trainer.storage.gcs import GcsBlobStore
+
+    settings = staff_settings(tmp_path)
+    settings.storage = GcsStorage(
+        bucket=gcs_emulator.new_bucket(),
+        project=gcs_emulator.project,
+        endpoint=gcs_emulator.endpoint,
+    )
+    signer = GcsBlobStore(
+        settings.storage.bucket,
+        project=settings.storage.project,
+        endpoint=settings.storage.endpoint,
+        credentials=service_account_credentials(),
+    )
+    repo = Repository.from_config(settings.database)
+    app = create_app(settings, repo=repo, store=signer, references=lambda: [], deliverer=None)
+    yield StaffApp(app=app, repo=repo, store=create_blob_store(settings.storage), settings=settings)
+    repo.close()
+
+
+def _redirect(client: TestClient, path: str) -> str:
+    r = client.get(path, follow_redirects=False)
+    assert r.status_code == 307, (r.status_code, r.text)
+    assert r.headers["cache-control"] == "no-store"  # the next visit asks the link again
+    return r.headers["location"]
+
+
+def test_download_on_gcs_redirects_to_a_url_that_downloads(gcs_booth):
+    _, token = delivered_session(gcs_booth.repo, gcs_booth.store)
+    with TestClient(gcs_booth.app) as client:
+        url = _redirect(client, f"/v/{token}/download")
+        params = signed_params(url)
+        assert params["response-content-disposition"] == 'attachment; filename="dancebooth.mp4"'
+        assert params["response-content-type"] == "video/mp4"
+        with urllib.request.urlopen(url, timeout=10) as r:
+            assert r.headers["Content-Disposition"].startswith("attachment;")
+            assert r.read() == VIDEO
+        # Watching plays inline: no attachment on the video or the poster.
+        for path, media_type in (("video.mp4", "video/mp4"), ("poster.jpg", "image/jpeg")):
+            params = signed_params(_redirect(client, f"/v/{token}/{path}"))
+            assert "response-content-disposition" not in params
+            assert params["response-content-type"] == media_type
+
+
+def test_gcs_redirects_live_minutes_and_never_outlive_the_link(gcs_booth):
+    repo = gcs_booth.repo
+    sid, month_token = delivered_session(repo, gcs_booth.store)
+    # A link made 30 days minus 90 s ago: 90 s of its 30 days are left.
+    ending = links.create_link(repo, sid, expiry_days=30, now=time.time() - 30 * 86400 + 90)
+    with TestClient(gcs_booth.app) as client:
+        for path in ("download", "video.mp4", "side-by-side.mp4", "poster.jpg"):
+            url = _redirect(client, f"/v/{month_token}/{path}")
+            assert int(signed_params(url)["X-Goog-Expires"]) == links.SIGNED_URL_MAX_S <= 300
+            url = _redirect(client, f"/v/{ending.token}/{path}")
+            assert 0 < int(signed_params(url)["X-Goog-Expires"]) <= 90
+            assert signed_url_ends_at(url) <= ending.expires_at
+        # Revoked or expired: no new URL, whichever route asks.
+        links.revoke(repo, ending.token)
+        expired = links.create_link(repo, sid, expiry_days=1, now=time.time() - 86400)
+        for token in (ending.token, expired.token):
+            r = client.get(f"/v/{token}/download", follow_redirects=False)
+            assert r.status_code == 410 and "location" not in r.headers
 
 
 def test_health_and_metrics_move(client, booth):

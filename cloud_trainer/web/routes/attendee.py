@@ -20,7 +20,7 @@ class Gone(Exception):
     """The link existed but is expired, revoked or its data deleted (HTTP 410)."""
 
 
-def _session_for(services: Services, token: str) -> dict:
+def _visit(services: Services, token: str) -> links.Visit:
     with services.repo.engine.connect() as conn:
         deleted = conn.execute(
             select(link_tombstones.c.token_sha256).where(
@@ -30,7 +30,7 @@ def _session_for(services: Services, token: str) -> dict:
     if deleted:
         raise Gone("this video and its data were deleted")
     try:
-        return links.resolve(services.repo, token)
+        return links.visit(services.repo, token)
     except links.LinkNotFound:
         raise HTTPException(404, "no such video") from None
     except links.LinkGone as e:
@@ -54,7 +54,7 @@ def _file_responses(media_type: str, *, ranges: bool) -> Responses:
     out: Responses = {
         200: {"description": "The whole file", "content": binary},
         307: {
-            "description": "Fetch it from a short-lived signed URL instead (gcs storage)",
+            "description": "Fetch it from a signed URL of a few minutes instead (gcs storage)",
             "headers": {"Location": {"required": True, "schema": {"type": "string"}}},
         },
     }
@@ -75,7 +75,7 @@ def _file_responses(media_type: str, *, ranges: bool) -> Responses:
     responses=page_errors(404, 410),
 )
 def page(token: str, request: Request, services: ServicesDep):
-    return _render_page(request, services, _session_for(services, token), token)
+    return _render_page(request, services, _visit(services, token).session, token)
 
 
 def _render_page(
@@ -95,18 +95,31 @@ def _render_page(
 
 def _serve(
     services: Services,
-    key: str,
+    visit: links.Visit,
+    which: str,
     media_type: str,
     range_header: str | None,
     download_name: str | None = None,
 ):
-    signed = services.store.url(key, links.SIGNED_URL_MAX_S)
+    key = _video_key(visit.session, which)
+    disposition = f'attachment; filename="{download_name}"' if download_name else None
+    try:
+        signed = links.signed_url(
+            services.store,
+            key,
+            visit.link_expires_at,
+            disposition=disposition,
+            content_type=media_type,
+        )
+    except links.LinkGone as e:  # expired since _visit checked it
+        raise Gone(str(e)) from None
     if signed:
-        return RedirectResponse(signed, status_code=307)
+        # Not cached: the next request comes back through the link, which checks it again.
+        return RedirectResponse(signed, status_code=307, headers={"Cache-Control": "no-store"})
     size = services.store.size(key)
     headers = {"Accept-Ranges": "bytes", "Cache-Control": "private, max-age=3600"}
-    if download_name:
-        headers["Content-Disposition"] = f'attachment; filename="{download_name}"'
+    if disposition:
+        headers["Content-Disposition"] = disposition
     try:
         rng = links.parse_range(range_header, size)
     except links.RangeNotSatisfiable:
@@ -134,7 +147,7 @@ def _serve(
     responses=_file_responses("video/mp4", ranges=True),
 )
 def video(token: str, services: ServicesDep, range: Annotated[str | None, Header()] = None):
-    return _serve(services, _video_key(_session_for(services, token), "video"), "video/mp4", range)
+    return _serve(services, _visit(services, token), "video", "video/mp4", range)
 
 
 @router.get(
@@ -144,7 +157,7 @@ def video(token: str, services: ServicesDep, range: Annotated[str | None, Header
     responses=_file_responses("video/mp4", ranges=True),
 )
 def side_by_side(token: str, services: ServicesDep, range: Annotated[str | None, Header()] = None):
-    return _serve(services, _video_key(_session_for(services, token), "side"), "video/mp4", range)
+    return _serve(services, _visit(services, token), "side", "video/mp4", range)
 
 
 @router.get(
@@ -154,10 +167,7 @@ def side_by_side(token: str, services: ServicesDep, range: Annotated[str | None,
     responses=_file_responses("video/mp4", ranges=True),
 )
 def download(token: str, services: ServicesDep, range: Annotated[str | None, Header()] = None):
-    s = _session_for(services, token)
-    return _serve(
-        services, _video_key(s, "video"), "video/mp4", range, download_name="dancebooth.mp4"
-    )
+    return _serve(services, _visit(services, token), "video", "video/mp4", range, "dancebooth.mp4")
 
 
 @router.get(
@@ -167,7 +177,7 @@ def download(token: str, services: ServicesDep, range: Annotated[str | None, Hea
     responses=_file_responses("image/jpeg", ranges=False),
 )
 def poster(token: str, services: ServicesDep):
-    return _serve(services, _video_key(_session_for(services, token), "poster"), "image/jpeg", None)
+    return _serve(services, _visit(services, token), "poster", "image/jpeg", None)
 
 
 @router.post(
@@ -179,7 +189,7 @@ def poster(token: str, services: ServicesDep):
 def delete_my_data(
     token: str, request: Request, services: ServicesDep, confirm: Annotated[str, Form()] = ""
 ):
-    s = _session_for(services, token)
+    s = _visit(services, token).session
     if confirm != "yes":
         error = "tick the box to confirm that everything should be deleted"
         return _render_page(request, services, s, token, error)
