@@ -51,6 +51,8 @@ class RegistryController:
                     "frames_acked": status.get("frames_acked"),
                     "upload_behind": status.get("upload_behind", False),
                     "error": status.get("error") or "",
+                    "warnings": list(status.get("warnings") or []),
+                    "live_pose": _keypoints(status.get("live_pose")),
                     "last_seen": a.last_seen,
                 }
             )
@@ -181,3 +183,11 @@ class Service:
             mail_thread.join(timeout=5)
             queue.close()
             repo.close()
+
+
+def _keypoints(skeleton: dict[str, Any] | None) -> list[list[float | None]] | None:
+    """A reported Skeleton as ``[[x, y, score], ...]`` (fractions of the frame), or None."""
+    points = (skeleton or {}).get("keypoints") or []
+    if not points:
+        return None
+    return [[k.get("x"), k.get("y"), k.get("score")] for k in points]

@@ -44,12 +44,22 @@ REMEMBERED_COMMANDS = 512
 REMEMBERED_SESSIONS = 256
 CLOCK_SAMPLES = 8
 CLOCK_STEP_NS = 500_000  # adopt a new offset when it moved by more than this
+MAX_WARNINGS = 8  # a status report carries at most this many (the board keeps them all)
 _STATES = {
     "idle": booth_pb2.IDLE,
     "capturing": booth_pb2.CAPTURING,
     "uploading": booth_pb2.UPLOADING,
     "error": booth_pb2.ERROR,
 }
+
+
+def _live_pose(live: dict[str, Any] | None) -> booth_pb2.Skeleton | None:
+    """The take's newest smoothed pose (x, y as fractions of the frame) for the tablet."""
+    if not live or not live.get("keypoints"):
+        return None
+    return booth_pb2.Skeleton(
+        keypoints=[booth_pb2.Keypoint(x=x, y=y, score=s) for x, y, s in live["keypoints"]]
+    )
 
 
 class TakeRunner(Protocol):
@@ -274,6 +284,8 @@ class ControlClient:
             error=str(error or ""),
             clock_offset_ns=self.clock_offset_ns,
             last_command_id=self.last_command_id,
+            warnings=[str(w) for w in run.get("warnings") or []][:MAX_WARNINGS],
+            live_pose=_live_pose(run.get("live_pose")),
         )
 
     async def report_now(self) -> None:
@@ -347,4 +359,6 @@ class AgentRunner:
             "pose_dropped": drops.get("pose", 0),
             "pose_fps": st.get("pose_fps", 0.0),
             "error": st.get("error") or "",
+            "warnings": list(st.get("warnings") or []),
+            "live_pose": st.get("live_pose") if state == "capturing" else None,
         }

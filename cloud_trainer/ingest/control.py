@@ -325,7 +325,10 @@ def _as_dict(message: Any) -> dict[str, Any]:
     for field_desc in message.DESCRIPTOR.fields:
         value = getattr(message, field_desc.name)
         if field_desc.is_repeated:
-            value = list(value)
+            if field_desc.message_type is not None:
+                value = [_as_dict(v) for v in value]
+            else:
+                value = list(value)
         elif field_desc.message_type is not None:
             value = _as_dict(value)
         elif field_desc.enum_type is not None:

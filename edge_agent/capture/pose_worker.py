@@ -30,6 +30,7 @@ from edge_agent.capture.segments import SegmentInfo, read_segment_frames
 from edge_agent.errors import BadInput
 from edge_agent.frames import CapturedFrame
 from edge_agent.pose.base import PoseBackend, decode_jpeg
+from edge_agent.smoothing import CausalSmoother
 
 log = logging.getLogger(__name__)
 
@@ -132,10 +133,16 @@ class PoseWorker:
         backend_factory: Callable[[], PoseBackend],
         store: PoseStore,
         name: str = "pose",
+        smoother: CausalSmoother | None = None,
     ) -> None:
         self.slot = slot
         self.store = store
         self.name = name
+        # Live poses also go through the causal smoother (imputed gaps, glitches
+        # rejected): ``live`` is what the booth shows now. The take's stored poses stay
+        # raw; after catch-up the two-sided smoother sees every frame.
+        self.smoother = smoother
+        self.live: tuple[int, np.ndarray] | None = None  # (seq, smoothed (23, 3))
         self.counters = PoseCounters()
         self.backend: PoseBackend | None = None
         self.backend_name: str | None = None
@@ -196,6 +203,9 @@ class PoseWorker:
             if pose is not None:
                 self.store.put(frame.seq, pose[0], pose[1], LIVE)
                 counters.posed += 1
+                if self.smoother is not None:
+                    smoothed = self.smoother.update(pose[0], frame.capture_ts_ns)
+                    self.live = (frame.seq, smoothed.skeleton)
 
 
 @dataclass

@@ -51,6 +51,7 @@ from edge_agent.config import CaptureConfig, SmoothingConfig
 from edge_agent.errors import BadInput, DeviceError
 from edge_agent.frames import CapturedFrame, Granted
 from edge_agent.pose.base import PoseBackend
+from edge_agent.smoothing import CausalSmoother
 
 log = logging.getLogger(__name__)
 
@@ -228,7 +229,11 @@ class Take:
         )
         if self._pose_factory is not None:
             self.worker = PoseWorker(
-                self.slot, self._pose_factory, self.store, name=f"pose-{self.camera_id}"
+                self.slot,
+                self._pose_factory,
+                self.store,
+                name=f"pose-{self.camera_id}",
+                smoother=CausalSmoother(self.smoothing_cfg, g.fps or 30.0),
             )
             # Load the model now: building an interpreter holds the GIL for a while,
             # which would stall the first frames if it overlapped capture.
@@ -544,6 +549,16 @@ class Take:
             f"{self.frames} frames (check the cable and the USB port)"
         )
 
+    def _live_pose(self) -> dict[str, Any] | None:
+        """The newest live pose, causally smoothed, with x and y as fractions of the frame."""
+        live = self.worker.live if self.worker is not None else None
+        g = self.granted
+        if live is None or g is None or not g.width or not g.height:
+            return None
+        seq, skel = live
+        pts = skel.astype(np.float64) / (g.width, g.height, 1.0)
+        return {"seq": seq, "keypoints": np.round(pts, 4).tolist()}
+
     def _problems(self) -> tuple[list[str], list[str]]:
         """(errors, warnings) so far: what stopped recording, and what degraded it."""
         errors = list(self.errors)
@@ -583,6 +598,7 @@ class Take:
                 "coverage": round(len(self.store) / n, 4) if n else 0.0,
                 "corrupt": worker.counters.corrupt if worker else 0,
                 "errors": worker.counters.errors if worker else 0,
+                "live": self._live_pose(),
             },
             "errors": errors,
             "warnings": warnings,

@@ -9,19 +9,13 @@ Screenshots land in ``test-artifacts/``.
 
 from __future__ import annotations
 
-import shutil
-import time
 from pathlib import Path
 
 import httpx
 import pytest
+from e2e_helpers import ARTIFACTS, wait_for
 
 from cloud_trainer.demo import DemoBooth, DemoPlan
-
-ROOT = Path(__file__).resolve().parents[2]
-ARTIFACTS = ROOT / "test-artifacts"
-CHROMIUM = shutil.which("chromium")
-CHROMEDRIVER = shutil.which("chromedriver")
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -55,59 +49,8 @@ def booth(tmp_path_factory):
     b.stop()
 
 
-@pytest.fixture(scope="module")
-def browser():
-    if not (CHROMIUM and CHROMEDRIVER):
-        pytest.skip(
-            "Debian's chromium and chromium-driver are not installed (make test installs them)"
-        )
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = CHROMIUM
-    for flag in (
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-background-networking",
-        "--disable-dev-shm-usage",
-        "--no-first-run",
-        "--disable-quic",
-        "--autoplay-policy=no-user-gesture-required",
-        "--window-size=1024,768",
-    ):
-        opts.add_argument(flag)
-    import tempfile
-
-    profile = tempfile.mkdtemp(prefix="booth-chromium-")
-    opts.add_argument(f"--user-data-dir={profile}")
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
-    driver.set_page_load_timeout(30)
-    ARTIFACTS.mkdir(exist_ok=True)
-    yield driver
-    driver.quit()
-    shutil.rmtree(profile, ignore_errors=True)
-
-
 def shot(driver, name: str) -> None:
     driver.save_screenshot(str(ARTIFACTS / f"{name}.png"))
-
-
-def wait_for(predicate, timeout_s: float, what: str, poll_s: float = 0.5):
-    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
-
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            value = predicate()
-        except (StaleElementReferenceException, NoSuchElementException):
-            value = None  # the page was navigating (reloading) while we looked
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(poll_s)
 
 
 def test_staff_and_attendee_flow_in_a_real_browser(booth, browser):

@@ -397,3 +397,20 @@ def test_camera_unplugged_mid_take_keeps_the_frames_and_reports_the_error(tmp_pa
     assert summary.errors == ["camera replay failed after 20 frames: [Errno 19] No such device"]
     assert summary.pose["coverage"] == 1.0, "what was captured is still posed"
     assert agent.state == "error" and "No such device" in agent.status()["error"]
+
+
+def test_while_capturing_the_runner_reports_the_live_pose_and_the_agent_warnings(tmp_path, jpegs):
+    from edge_agent.control import AgentRunner
+
+    agent = make_agent(tmp_path, jpegs).start()
+    runner = AgentRunner(agent)
+    try:
+        agent.start_take("sess-1", 30.0)
+        assert wait_for(lambda: runner.status()["live_pose"] is not None)
+        st = runner.status()
+        assert st["state"] == "capturing" and len(st["live_pose"]["keypoints"]) == 23
+        assert isinstance(st["warnings"], list)
+        agent.stop_take(wait=True)
+        assert runner.status()["live_pose"] is None  # idle: nothing live to draw
+    finally:
+        agent.close()

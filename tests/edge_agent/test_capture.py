@@ -573,3 +573,66 @@ def test_repeated_and_backward_timestamps_are_bumped_so_every_frame_is_stored(tm
     ]
     assert len(pts) == 30 and all(b > a for a, b in zip(pts, pts[1:], strict=False))
     assert segment_bytes(summary) == jpegs[:30]
+
+
+class _DropsAJoint:
+    """Sees every joint at (40, 30) but loses the left wrist on frame 5."""
+
+    name = "drops-a-joint"
+
+    def estimate(self, rgb: np.ndarray):
+        from edge_agent import skeleton as sk
+        from edge_agent.pose.base import PoseResult
+
+        skel = sk.empty()
+        skel[:, 0], skel[:, 1], skel[:, 2] = 40.0, 30.0, 0.9
+        if rgb[0, 0, 0] > 128:  # frame 5 is marked by a bright corner
+            skel[sk.INDEX["left_wrist"]] = 0.0
+        return PoseResult(skeleton=skel, detected=True)
+
+    def reset(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def test_live_poses_go_through_the_causal_smoother_which_fills_a_short_gap(jpegs):
+    from edge_agent import skeleton as sk
+    from edge_agent.capture.pose_worker import PoseStore, PoseWorker
+    from edge_agent.smoothing import CausalSmoother
+
+    frames = []
+    for k in range(6):
+        img = np.zeros((HEIGHT, WIDTH, 3), np.uint8)
+        img[:8, :8] = 255 if k == 5 else 0
+        frames.append(CapturedFrame(k, k * 1_000_000_000 // 120, cv2.imencode(".jpg", img)[1]))
+    slot: LatestSlot[CapturedFrame] = LatestSlot()
+    store = PoseStore()
+    worker = PoseWorker(slot, _DropsAJoint, store, smoother=CausalSmoother(fps=120.0))
+    worker.start()
+    for f in frames:  # one at a time, so that the worker sees every frame
+        slot.put(CapturedFrame(f.seq, f.capture_ts_ns, f.jpeg.tobytes()))
+        deadline = time.monotonic() + 30
+        while worker.counters.posed <= f.seq and time.monotonic() < deadline:
+            time.sleep(0.005)
+    slot.close()
+    assert worker.join(30)
+    wrist = sk.INDEX["left_wrist"]
+    raw = store.arrays(6)["raw"]
+    assert raw[5, wrist, 2] == 0.0  # the take keeps what the model saw
+    seq, live = worker.live
+    assert seq == 5 and live[wrist, 2] > 0  # the live view imputes the one-frame gap
+    assert abs(live[wrist, 0] - 40.0) < 1.0 and abs(live[wrist, 1] - 30.0) < 1.0
+
+
+def test_a_take_reports_its_newest_live_pose_as_fractions_of_the_frame(tmp_path, jpegs):
+    take = make_take(tmp_path, [jpegs[0]] * 60)  # the dancer holds still
+    run_take(take)
+    live = take.status()["pose"]["live"]
+    assert live is not None and len(live["keypoints"]) == 23
+    x, y, score = live["keypoints"][0]
+    raw = take.store.arrays(60)["raw"][live["seq"], 0]
+    assert score > 0
+    assert x == pytest.approx(raw[0] / WIDTH, abs=2e-3)
+    assert y == pytest.approx(raw[1] / HEIGHT, abs=2e-3)

@@ -282,3 +282,39 @@ async def test_an_older_status_write_that_finishes_last_does_not_overwrite_a_new
     await asyncio.gather(slow, detach)
     (row,) = real.list_agents(th.BOOTH)
     assert row["state"] == "offline", calls
+
+
+class WarnedCapture(FakeCapture):
+    """Capturing, with a warning and a live pose, as the agent's runner reports them."""
+
+    def status(self) -> dict:
+        st = super().status()
+        if self.session:
+            st["warnings"] = ["camera granted 60 fps; 120 were asked"]
+            st["live_pose"] = {"seq": 42, "keypoints": [[0.5, 0.25, 0.9]] * 23}
+        return st
+
+
+async def test_warnings_and_the_live_pose_reach_the_tablet(tmp_path, server):
+    from cloud_trainer.service import RegistryController
+
+    b = Booth(tmp_path, server, cameras=("cam0",))
+    b.captures["cam0"] = capture = WarnedCapture()
+    b.clients["cam0"].runner = capture
+    async with b:
+        await b.booth.start_take("s1", 15.0)
+        (agent,) = RegistryController(server.registry, 0.0, server.test_repo).online_agents(
+            th.BOOTH
+        )
+        assert agent["warnings"] == ["camera granted 60 fps; 120 were asked"]
+        assert agent["live_pose"] == [pytest.approx([0.5, 0.25, 0.9])] * 23
+        await b.booth.stop_take("s1")
+        (agent,) = RegistryController(server.registry, 0.0, server.test_repo).online_agents(
+            th.BOOTH
+        )
+        assert agent["warnings"] == [] and agent["live_pose"] is None
+    async with asyncio.timeout(30):  # the agent disconnected: its row says so (soon)
+        while {r["state"] for r in server.test_repo.list_agents(th.BOOTH)} != {"offline"}:
+            await asyncio.sleep(0.01)
+    (row,) = server.test_repo.list_agents(th.BOOTH)  # stored as plain JSON, the idle report last
+    assert row["status"]["live_pose"] == {"keypoints": []} and row["status"]["warnings"] == []

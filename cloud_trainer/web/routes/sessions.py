@@ -19,6 +19,7 @@ from cloud_trainer.repository.schema import outbox, takes
 from cloud_trainer.web.deps import Services, ServicesDep, StaffApi, StaffPage, check_form_csrf
 from cloud_trainer.web.errors import api_errors
 from edge_agent.errors import BadInput, BoothError
+from edge_agent.skeleton import LIMB_INDEX
 
 router = APIRouter(tags=["sessions"])
 
@@ -179,7 +180,7 @@ def session_page(session_id: str, request: Request, services: ServicesDep, staff
     return services.templates.TemplateResponse(
         request,
         "session.html",
-        {"staff": staff, "s": s, "agents": _agents(services), "error": None},
+        {"staff": staff, "s": s, "agents": _agents(services), "limbs": LIMB_INDEX, "error": None},
     )
 
 
@@ -197,7 +198,13 @@ async def _action(request, services, staff, session_id, csrf, fn):
         return services.templates.TemplateResponse(
             request,
             "session.html",
-            {"staff": staff, "s": s, "agents": _agents(services), "error": str(e)},
+            {
+                "staff": staff,
+                "s": s,
+                "agents": _agents(services),
+                "limbs": LIMB_INDEX,
+                "error": str(e),
+            },
             status_code=status,
         )
     return None
