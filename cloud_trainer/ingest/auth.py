@@ -9,12 +9,14 @@ one its token was issued to (``current_agent()``).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import contextvars
 import hashlib
 import hmac
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +41,7 @@ _current: contextvars.ContextVar[AgentIdentity | None] = contextvars.ContextVar(
 class AgentIdentity:
     booth_id: str
     camera_id: str
+    seconds_left: float | None = None  # until the token expires (None: it does not)
 
 
 def hash_token(token: str) -> str:
@@ -83,9 +86,10 @@ class TokenBook:
                 match = entry
         if match is None:
             raise Unauthenticated("unknown token")
-        if match.expires_at is not None and self._clock() >= match.expires_at:
+        left = None if match.expires_at is None else match.expires_at - self._clock()
+        if left is not None and left <= 0:
             raise Unauthenticated(f"token for camera {match.camera_id!r} has expired")
-        return AgentIdentity(self.booth_id, match.camera_id)
+        return AgentIdentity(self.booth_id, match.camera_id, left)
 
 
 def current_agent() -> AgentIdentity:
@@ -143,6 +147,28 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         return wrap_handler(handler, handler_call_details.method, _bind(agent))
 
 
+@contextlib.asynccontextmanager
+async def _until_expiry(
+    agent: AgentIdentity, context: grpc.aio.ServicerContext
+) -> AsyncIterator[None]:
+    """End a call when its token expires: a stream opened just before must not outlive it."""
+    if agent.seconds_left is None:
+        yield
+        return
+    async with asyncio.timeout(agent.seconds_left) as deadline:
+        try:
+            yield
+        except asyncio.CancelledError:
+            if not deadline.expired():
+                raise
+    if deadline.expired():
+        log.warning("camera %s: token expired during a call; ending it", agent.camera_id)
+        await context.abort(
+            grpc.StatusCode.UNAUTHENTICATED,
+            f"token for camera {agent.camera_id!r} has expired",
+        )
+
+
 def _bind(agent: AgentIdentity) -> Callable[[str, Callable], Callable]:
     import inspect
 
@@ -153,8 +179,9 @@ def _bind(agent: AgentIdentity) -> Callable[[str, Callable], Callable]:
                 if isinstance(request, Malformed):
                     request.refuse()
                 _current.set(agent)
-                async for response in inner(request, context):
-                    yield response
+                async with _until_expiry(agent, context):
+                    async for response in inner(request, context):
+                        yield response
 
             return stream
 
@@ -162,7 +189,8 @@ def _bind(agent: AgentIdentity) -> Callable[[str, Callable], Callable]:
             if isinstance(request, Malformed):
                 request.refuse()
             _current.set(agent)
-            return await inner(request, context)
+            async with _until_expiry(agent, context):
+                return await inner(request, context)
 
         return unary
 

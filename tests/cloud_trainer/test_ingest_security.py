@@ -124,3 +124,31 @@ async def test_tls_failures_are_unavailable(tls_env):
             assert await _report(srv.port, token, "cam0", channel) == grpc.StatusCode.UNAVAILABLE
         # A plaintext client cannot talk to a TLS server.
         assert await _report(srv.port, token, "cam0") == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_a_stream_opened_before_its_token_expires_ends_when_it_does(tmp_path: Path):
+    import asyncio
+    import time
+
+    expires_at = time.time() + 1.5
+    cfg = th.booth_config(tmp_path, agents=[th.agent_entry("cam0", expires_at=expires_at)])
+    repo = Repository.from_config(cfg.database)
+    sid = th.new_session(repo)
+    auth = (("authorization", f"Bearer {th.token_for('cam0')}"),)
+    async with th.running_server(cfg, repo=repo, store=create_blob_store(cfg.storage)) as srv:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{srv.port}") as channel:
+            control = booth_pb2_grpc.ControlStub(channel).Connect(
+                booth_pb2.Register(booth_id=th.BOOTH, camera_id="cam0"), metadata=auth
+            )
+            ingest = booth_pb2_grpc.IngestStub(channel).Stream(metadata=auth)
+            await ingest.write(th.hello(sid))
+            assert (await ingest.read()).WhichOneof("body") == "hello_ack"  # accepted, open
+            for call in (control, ingest):
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    async with asyncio.timeout(30):
+                        while (await call.read()) is not grpc.aio.EOF:
+                            pass
+                assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+                assert "expired" in err.value.details()
+                assert time.time() >= expires_at
+        assert srv.registry.booth(th.BOOTH).online() == []
