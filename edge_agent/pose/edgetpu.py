@@ -7,10 +7,15 @@ frames run at once as there are devices (callers on more threads wait their turn
 The model contract: input ``[1, H, W, 3]`` uint8 (the frame letterboxed to H x W),
 output ``[1, 1, 17, 3]`` float32 ``(y, x, score)`` normalised to the input.
 
+The model file is checked first, before any delegate loads: the EdgeTPU-compiled
+model does not ship with the image (``tools/fetch_models.py`` fetches only the
+MediaPipe models), so a board can have a working Coral and no model for it. A
+missing, unreadable or non-TFLite file is treated like a missing device.
+
 When a delegate cannot load, the real cause (the loader's OSError, the delegate's
-ValueError) is logged and the device is left out. With no device left, the backend
-falls back to ``cpu`` if ``fallback_to_cpu`` is set, else refuses to start with a
-DeviceError carrying that cause.
+ValueError) is logged and the device is left out. With no device left (or no usable
+model file), the backend falls back to ``cpu`` if ``fallback_to_cpu`` is set, else
+refuses to start with a DeviceError (ModelFileError for the file) carrying that cause.
 
 ``delegate_optional=True`` (an argument, not a config key: it exists for tests on
 machines without a Coral) runs the same model on the CPU interpreter after the
@@ -22,6 +27,7 @@ from __future__ import annotations
 import logging
 import queue
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import cv2
@@ -39,6 +45,38 @@ log = logging.getLogger(__name__)
 # above roughly this score.
 MIN_POSE_SCORE = 0.25
 BOX_MIN_SCORE = 0.3  # MoveNet scores run lower than BlazePose's
+# A TFLite flatbuffer carries this file identifier in bytes 4..8 (schema.fbs:
+# ``file_identifier "TFL3"``); an HTML error page or a Git LFS pointer does not.
+TFLITE_IDENTIFIER = b"TFL3"
+
+
+class ModelFileError(BadInput):
+    """The EdgeTPU model file is missing, unreadable or not a TFLite model."""
+
+
+def check_model_file(path: Path) -> None:
+    """Raise ModelFileError naming ``path`` and what to do, unless it looks like a TFLite model."""
+    todo = (
+        "put the EdgeTPU-compiled MoveNet model (edgetpu_compiler output) there "
+        "or point pose.model at it"
+    )
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except FileNotFoundError:
+        raise ModelFileError(f"EdgeTPU model file {path} not found; {todo}") from None
+    except IsADirectoryError:
+        raise ModelFileError(f"EdgeTPU model file {path} is a directory; {todo}") from None
+    except OSError as e:
+        raise ModelFileError(
+            f"EdgeTPU model file {path} cannot be read ({e.strerror}); {todo}"
+        ) from None
+    if head[4:8] != TFLITE_IDENTIFIER:
+        raise ModelFileError(
+            f"EdgeTPU model file {path} is not a TFLite model (no "
+            f"{TFLITE_IDENTIFIER.decode()} identifier: a partial copy or a Git LFS pointer?); "
+            f"{todo}"
+        )
 
 
 @dataclass
@@ -64,6 +102,9 @@ class EdgeTpuPoseBackend:
     ) -> None:
         self.cfg = cfg
         self.zone = zone
+        # Before the delegates: with no model, a loaded delegate is no use, and the
+        # message must be about the file.
+        check_model_file(cfg.model)
         self._pool: queue.Queue[_Device] = queue.Queue(maxsize=len(cfg.devices))
         self.devices: list[str] = []
         causes = []
@@ -165,16 +206,22 @@ class EdgeTpuPoseBackend:
 def create(
     cfg: EdgeTpuPose, *, zone: ZoneConfig | None = None, delegate_optional: bool = False
 ) -> PoseBackend:
-    """The EdgeTPU pool, or the cpu backend when no device loads and config allows it."""
+    """The EdgeTPU pool, or the cpu backend when config allows it and no device or model loads.
+
+    A cpu backend returned this way carries ``fallback_reason`` (why not edgetpu), so the
+    agent's status can say which backend runs and why.
+    """
     try:
         return EdgeTpuPoseBackend(cfg, zone=zone, delegate_optional=delegate_optional)
-    except DeviceError as e:
+    except (DeviceError, ModelFileError) as e:
         if not cfg.fallback_to_cpu:
             raise
         log.warning("edgetpu unavailable (%s); falling back to the cpu backend", e)
         from edge_agent.pose.cpu import CpuPoseBackend
 
-        return CpuPoseBackend(cfg.cpu, zone=zone)
+        backend = CpuPoseBackend(cfg.cpu, zone=zone)
+        backend.fallback_reason = f"edgetpu unavailable, running the cpu backend: {e}"
+        return backend
 
 
 def _one_line(err: BaseException) -> str:

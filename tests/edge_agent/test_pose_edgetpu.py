@@ -18,6 +18,7 @@ import pytest
 from edge_agent import skeleton as sk
 from edge_agent.config import CpuPose, EdgeTpuPose, ZoneConfig
 from edge_agent.errors import BadInput, DeviceError
+from edge_agent.pose import litert
 from edge_agent.pose.base import create_pose_backend
 
 MODELS = Path(__file__).resolve().parents[2] / "models"
@@ -164,9 +165,62 @@ def test_edgetpu_rejects_a_model_that_is_not_movenet_shaped():
         )
 
 
-def test_edgetpu_missing_model_file_is_a_clear_error(tmp_path):
-    with pytest.raises(BadInput, match="not found"):
-        create_pose_backend(_cfg(tmp_path / "nope.tflite"), delegate_optional=True)
+@pytest.fixture
+def coral_present(monkeypatch) -> list[str]:
+    """A board whose Coral loads: only the missing device is faked. Lists the devices loaded."""
+    loaded: list[str] = []
+
+    def load_delegate(library: str, options: dict[str, str]) -> object:
+        loaded.append(options["device"])
+        return object()
+
+    monkeypatch.setattr(litert, "load_delegate", load_delegate)
+    return loaded
+
+
+def _unusable_model(kind: str, tmp_path: Path) -> Path:
+    path = tmp_path / "movenet_thunder_edgetpu.tflite"
+    if kind == "directory":
+        path.mkdir()
+    elif kind == "lfs-pointer":
+        path.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:0\nsize 1\n")
+    elif kind == "empty":
+        path.write_bytes(b"")
+    return path
+
+
+@pytest.mark.parametrize(
+    ("kind", "why"),
+    [
+        ("missing", "not found"),
+        ("directory", "is a directory"),
+        ("lfs-pointer", "not a TFLite model"),
+        ("empty", "not a TFLite model"),
+    ],
+)
+def test_edgetpu_unusable_model_with_a_coral_falls_back_to_cpu_naming_the_file(
+    kind, why, tmp_path, coral_present, caplog
+):
+    model = _unusable_model(kind, tmp_path)
+    with caplog.at_level(logging.WARNING, logger="edge_agent.pose.edgetpu"):
+        backend = create_pose_backend(_cfg(model, fallback_to_cpu=True))
+    assert backend.name == "cpu"
+    assert coral_present == [], "the model is checked before any delegate loads"
+    (message,) = [r.getMessage() for r in caplog.records if "falling back" in r.getMessage()]
+    assert str(model) in message and why in message and "pose.model" in message
+    assert str(model) in backend.fallback_reason and "running the cpu backend" in (
+        backend.fallback_reason
+    )
+    assert backend.estimate(np.zeros((96, 128, 3), np.uint8)).frame_size == (128, 96)
+
+
+def test_edgetpu_missing_model_without_fallback_is_refused_naming_the_file(tmp_path, coral_present):
+    model = tmp_path / "movenet_thunder_edgetpu.tflite"
+    with pytest.raises(BadInput) as err:
+        create_pose_backend(_cfg(model, fallback_to_cpu=False))
+    text = str(err.value)
+    assert f"EdgeTPU model file {model} not found" in text and "\n" not in text
+    assert coral_present == []
 
 
 def test_edgetpu_gates_with_the_zone_it_is_given(movenet_model):
