@@ -21,8 +21,15 @@ Seams for the transport and control stages:
   frame, and ``take.add_done_callback(...)`` to send the poses and manifest.
 - ``Agent.start_take / stop_take / status``: what the control channel calls.
 
-Bad input never stops the agent: a missing or busy camera, a rate below the one
-asked, a corrupt JPEG or a full disk is logged, shown in ``status()``, and the
+The pose backend is built once at start-up (``check_pose``) and dropped: an agent
+that cannot pose (a missing model, an EdgeTPU that does not load with
+``fallback_to_cpu: false``) refuses to start with the cause, rather than
+registering and capturing takes without pose. ``status()["pose_backend"]`` says
+which backend runs, and a fallback from the EdgeTPU is a standing warning. Takes
+still build their own backend lazily.
+
+Otherwise bad input never stops the agent: a missing or busy camera, a rate below
+the one asked, a corrupt JPEG or a full disk is logged, shown in ``status()``, and the
 agent keeps running (it re-probes the camera and the disk until they are back).
 """
 
@@ -90,11 +97,17 @@ class Agent:
         self._wake = threading.Event()
         self._loop: threading.Thread | None = None
         self._server: StatusServer | None = None
+        self._pose_backend: str | None = None  # the backend check_pose built
+        self._pose_note: str | None = None  # why it is not the one configured
 
     # ---- lifecycle -----------------------------------------------------------------
 
     def start(self, *, status_port: int | None = None) -> Agent:
-        """Probe camera and disk, start the status log loop and (if a port is set) the endpoint."""
+        """Check pose, probe camera and disk, start the status loop and (with a port) the endpoint.
+
+        Raises BoothError when no pose backend can be built (see ``check_pose``).
+        """
+        self.check_pose()
         self.probe()
         port = self.cfg.status_port if status_port is None else status_port
         if port:
@@ -123,6 +136,29 @@ class Agent:
             self._loop.join(timeout)
 
     # ---- health ----------------------------------------------------------------------
+
+    def check_pose(self) -> str:
+        """Build the pose backend once and close it; return its name, or raise saying why not.
+
+        A missing device, model or runtime does not come back by itself, unlike a
+        camera, so it stops the start-up instead of every take running without pose.
+        """
+        try:
+            backend = self._pose_factory()
+        except BoothError as e:
+            raise type(e)(f"cannot start pose backend {self.cfg.pose.type}: {e}") from None
+        try:
+            name = getattr(backend, "name", type(backend).__name__)
+            note = getattr(backend, "fallback_reason", None)
+        finally:
+            backend.close()
+        with self._lock:
+            self._pose_backend, self._pose_note = name, note
+        if note:
+            log.warning("pose: %s", note)
+        else:
+            log.info("pose: %s backend ready", name)
+        return name
 
     def _disk_problem(self) -> str | None:
         out_dir = self.cfg.capture.out_dir
@@ -286,8 +322,11 @@ class Agent:
             warnings = list(self._warnings)
             granted = self._granted
             last = self._last_summary
+            pose_backend, pose_note = self._pose_backend, self._pose_note
             finishing = [t.session_id for t in self._finishing if not t.finished]
         state = self.state
+        if pose_note:
+            warnings.insert(0, pose_note)
         take_status = take.status() if take is not None else None
         if take_status:
             if take_status["errors"] and state in ("capturing", "finishing"):
@@ -307,10 +346,12 @@ class Agent:
                 "asked_fps": getattr(self.cfg.source, "fps", None),
                 "granted": asdict(granted) if granted else None,
             },
+            "pose_backend": pose_backend,
             "clock_offset_ns": self.clock.offset_ns,
             "fps": (take_status or {}).get("fps", 0.0),
             "frames": (take_status or {}).get("frames", 0),
             "pose_fps": pose.get("fps", 0.0),
+            "live_pose": pose.get("live"),
             "drops": {
                 "capture": (take_status or {}).get("capture_dropped", 0),
                 "segment": (rec.get("queue") or {}).get("dropped", 0),

@@ -99,8 +99,9 @@ def run(args: argparse.Namespace) -> int:
     # SIGTERM (docker stop) ends the take cleanly; handlers can only be set on the main thread.
     main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, on_signal) if main else None
-    agent.start(status_port=args.status_port)
     try:
+        # Raises (one line, exit 2) when the pose backend cannot be built: see Agent.check_pose.
+        agent.start(status_port=args.status_port)
         if args.take_seconds is not None:
             session = args.session or time.strftime("local-%Y%m%d-%H%M%S")
             take = agent.start_take(session, args.take_seconds)
