@@ -18,8 +18,11 @@ import logging
 import os
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import av
 import numpy as np
@@ -96,32 +99,55 @@ class PoseCounters:
     busy_s: float = 0.0
 
 
+def _attempt(backend: PoseBackend, jpeg: bytes) -> tuple[Any, str | None, BaseException | None]:
+    """Decode and pose one frame: ``((skeleton, detected), None, None)`` or the failure.
+
+    The failure is ``"corrupt"`` (the JPEG does not decode) or ``"error"`` (the backend
+    raised). Counting and logging are the caller's, on one thread.
+    """
+    try:
+        rgb = decode_jpeg(jpeg)
+    except BadInput as e:
+        return None, "corrupt", e
+    try:
+        result = backend.estimate(rgb)
+    except Exception as e:  # a model bug must cost one frame's pose, never the take
+        return None, "error", e
+    return (result.skeleton, result.detected), None, None
+
+
+def _count(
+    outcome: tuple[Any, str | None, BaseException | None],
+    seq: int,
+    counters: PoseCounters,
+    where: str,
+) -> tuple[np.ndarray, bool] | None:
+    """The pose of an attempt, counting (and logging the first of) each kind of failure."""
+    pose, failure, exc = outcome
+    if failure == "corrupt":
+        counters.corrupt += 1
+        if counters.corrupt == 1:
+            log.warning("%s: frame %d: %s; counted and skipped", where, seq, exc)
+    elif failure == "error":
+        counters.errors += 1
+        if counters.errors == 1:
+            if isinstance(exc, BadInput):
+                log.warning("%s: frame %d: %s", where, seq, exc)
+            else:
+                log.error(
+                    "%s: pose backend failed on frame %d; counting further failures",
+                    where,
+                    seq,
+                    exc_info=exc,
+                )
+    return pose
+
+
 def _estimate(
     backend: PoseBackend, jpeg: bytes, seq: int, counters: PoseCounters, where: str
 ) -> tuple[np.ndarray, bool] | None:
     """Decode and pose one frame; count (and log the first of) any failure. Never raises."""
-    try:
-        rgb = decode_jpeg(jpeg)
-    except BadInput as e:
-        counters.corrupt += 1
-        if counters.corrupt == 1:
-            log.warning("%s: frame %d: %s; counted and skipped", where, seq, e)
-        return None
-    try:
-        result = backend.estimate(rgb)
-    except BadInput as e:
-        counters.errors += 1
-        if counters.errors == 1:
-            log.warning("%s: frame %d: %s", where, seq, e)
-        return None
-    except Exception:  # a model bug must cost one frame's pose, never the take
-        counters.errors += 1
-        if counters.errors == 1:
-            log.exception(
-                "%s: pose backend failed on frame %d; counting further failures", where, seq
-            )
-        return None
-    return result.skeleton, result.detected
+    return _count(_attempt(backend, jpeg), seq, counters, where)
 
 
 class PoseWorker:
@@ -225,28 +251,45 @@ def catch_up(
     stop: threading.Event | None = None,
     name: str = "catch-up",
 ) -> CatchUpResult:
-    """Pose every recorded frame that has no pose yet, reading the finished segments in order."""
+    """Pose every recorded frame that has no pose yet, reading the finished segments in order.
+
+    A backend that poses frames independently on several devices at once (its
+    ``parallelism``, e.g. an EdgeTPU pool) gets that many frames in flight; poses are
+    still stored in frame order, by this thread.
+    """
     counters = PoseCounters()
     result = CatchUpResult()
     started = time.monotonic()
     # The live worker's tracking state belongs to another frame. Within the pass, a
     # tracking backend re-detects by itself when a skipped run made its ROI stale.
     backend.reset()
-    for info in segments:
-        try:
-            for seq, jpeg in read_segment_frames(info):
-                if stop is not None and stop.is_set():
-                    result.error = "catch-up interrupted"
-                    break
-                if seq in store:
-                    continue
-                pose = _estimate(backend, jpeg, seq, counters, name)
-                if pose is not None:
-                    store.put(seq, pose[0], pose[1], CATCH_UP)
-                    result.posed += 1
-        except (OSError, ValueError, av.FFmpegError) as e:
-            result.error = f"cannot read back {info.path.name}: {e}"
-            log.error("%s: %s", name, result.error)
+    workers = max(1, int(getattr(backend, "parallelism", 1)))
+    in_flight: deque[tuple[int, Future]] = deque()
+
+    def store_oldest() -> None:
+        seq, future = in_flight.popleft()
+        pose = _count(future.result(), seq, counters, name)
+        if pose is not None:
+            store.put(seq, pose[0], pose[1], CATCH_UP)
+            result.posed += 1
+
+    with ThreadPoolExecutor(workers, thread_name_prefix=name) as pool:
+        for info in segments:
+            try:
+                for seq, jpeg in read_segment_frames(info):
+                    if stop is not None and stop.is_set():
+                        result.error = "catch-up interrupted"
+                        break
+                    if seq in store:
+                        continue
+                    in_flight.append((seq, pool.submit(_attempt, backend, jpeg)))
+                    while len(in_flight) >= 2 * workers:  # bounded: a frame or two per device
+                        store_oldest()
+            except (OSError, ValueError, av.FFmpegError) as e:
+                result.error = f"cannot read back {info.path.name}: {e}"
+                log.error("%s: %s", name, result.error)
+        while in_flight:
+            store_oldest()
     result.corrupt, result.errors = counters.corrupt, counters.errors
     result.seconds = time.monotonic() - started
     return result

@@ -154,6 +154,11 @@ class EdgeTpuPoseBackend:
             width=int(shape_in[2]),
         )
 
+    @property
+    def parallelism(self) -> int:
+        """Frames this backend can pose at once: one per device (each frame stands alone)."""
+        return len(self.devices)
+
     def estimate(self, rgb: np.ndarray) -> PoseResult:
         rgb = check_frame(rgb)
         h, w = rgb.shape[:2]

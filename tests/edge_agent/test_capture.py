@@ -636,3 +636,51 @@ def test_a_take_reports_its_newest_live_pose_as_fractions_of_the_frame(tmp_path,
     assert score > 0
     assert x == pytest.approx(raw[0] / WIDTH, abs=2e-3)
     assert y == pytest.approx(raw[1] / HEIGHT, abs=2e-3)
+
+
+class _PoolOfThree:
+    """A backend that poses frames independently on three devices, like an EdgeTPU pool.
+
+    Its first three calls wait for each other: a catch-up pass that keeps one frame in
+    flight breaks the barrier (and fails the test) instead of hanging.
+    """
+
+    name = "pool-of-three"
+    parallelism = 3
+
+    def __init__(self) -> None:
+        from capture_fakes import SlowPose
+
+        self.finder = SlowPose(0.0)
+        self.first_three = threading.Barrier(3, timeout=20)
+        self.calls = 0
+        self.lock = threading.Lock()
+
+    def estimate(self, rgb: np.ndarray):
+        with self.lock:
+            self.calls += 1
+            early = self.calls <= 3
+        if early:
+            self.first_three.wait()  # raises BrokenBarrierError unless 3 are in flight
+        return self.finder.estimate(rgb)
+
+    def reset(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def test_catch_up_keeps_every_device_of_a_pool_busy_and_stores_poses_in_frame_order(
+    tmp_path, jpegs
+):
+    from edge_agent.capture.pose_worker import PoseStore, catch_up
+
+    take = make_take(tmp_path, jpegs, pose=False)
+    run_take(take)
+    store = PoseStore()
+    result = catch_up(take.recorder.finished_segments(), store, _PoolOfThree())
+    assert result.errors == 0 and result.posed == N == len(store)
+    raw = store.arrays(N)["raw"]
+    expected = np.array([square_centre(k) for k in range(N)])
+    assert np.abs(raw[:, 0, :2] - expected).max() < 1.0  # each pose on its own frame

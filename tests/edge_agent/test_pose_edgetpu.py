@@ -117,6 +117,7 @@ def test_edgetpu_pool_serves_concurrent_callers_one_interpreter_per_device(moven
         _cfg(movenet_model, devices=["usb:0", "usb:1", "pci:0"]), delegate_optional=True
     )
     assert backend.devices == ["usb:0", "usb:1", "pci:0"]
+    assert backend.parallelism == 3  # catch-up keeps one frame in flight per device
     frame = _red(96, 96)
     results: list[np.ndarray] = []
     lock = threading.Lock()
