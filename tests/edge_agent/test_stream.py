@@ -170,6 +170,15 @@ async def _until(predicate, timeout_s: float = 30.0) -> None:
             await asyncio.sleep(0.01)
 
 
+async def _upload_all(st: Streamer, sid: str) -> None:
+    """Run the uplink until the session's take is uploaded, then stop it."""
+    await st.start()
+    try:
+        await st.wait_uploaded(sid, timeout_s=60)
+    finally:
+        await st.stop()
+
+
 async def test_a_cut_connection_mid_take_reconnects_and_the_take_completes(env):
     sid = th.new_session(env.repo)
     sent = th.frames(120)
@@ -224,11 +233,7 @@ async def test_an_agent_killed_mid_take_resumes_from_its_spool_after_restart(env
         assert 40 <= stored_before < 90
 
         st = env.streamer(address)  # the restarted agent: same spool directory
-        await st.start()
-        try:
-            await st.wait_uploaded(sid, timeout_s=60)
-        finally:
-            await st.stop()
+        await _upload_all(st, sid)
     th.assert_exactly_once(env.repo, env.store, sid, "cam0", sent)
     assert not list((env.tmp / "spool").glob("*__*"))  # the spool is empty again
 
@@ -258,11 +263,7 @@ async def test_frames_over_the_budget_are_read_back_from_the_recording(env):
         status = st.status()
         assert status["upload_behind"] and status["stream_dropped"] == 60 - spooled
         take.end()
-        await st.start()
-        try:
-            await st.wait_uploaded(sid, timeout_s=60)
-        finally:
-            await st.stop()
+        await _upload_all(st, sid)
     assert archive.reads >= 1
     th.assert_exactly_once(env.repo, env.store, sid, "cam0", sent)
 
@@ -393,11 +394,7 @@ async def test_a_frame_corrupt_at_capture_is_uploaded_as_lost_and_the_take_compl
         for f in sent:  # the smoother may have imputed a pose even where the image is bad
             take.add_pose(f.seq, np.full((23, 3), 0.5, np.float32))
         take.end()
-        await st.start()
-        try:
-            await st.wait_uploaded(sid, timeout_s=60)
-        finally:
-            await st.stop()
+        await _upload_all(st, sid)
         assert srv.ingest.lost_frames == 1
     assert take.status()["lost_frames"] == 1
     assert env.repo.get_session(sid)["state"] == "uploaded"
