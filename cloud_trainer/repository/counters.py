@@ -29,6 +29,7 @@ from cloud_trainer.repository.db import dialect_insert
 from cloud_trainer.repository.schema import counters, jobs, takes
 
 FRAMES_INGESTED = "frames_ingested"  # label: camera id
+FRAMES_LOST = "frames_lost"  # label: camera id; corrupt at capture, stored as empty records
 JOB_STAGE_SECONDS = "job_stage_seconds"  # label: stage
 JOB_STAGE_RUNS = "job_stage_runs"  # label: stage
 EMAILS = "emails"  # label: final outbox state (sent | failed | bounced)

@@ -20,6 +20,7 @@ from typing import Any
 
 from sqlalchemy import and_, exists, func, select, update
 
+from cloud_trainer.repository.counters import FRAMES_LOST, add_counts
 from cloud_trainer.repository.db import dialect_insert
 from cloud_trainer.repository.schema import agents, frames, poses, sessions, takes
 
@@ -140,9 +141,12 @@ class IngestRepo:
         ``seq, keypoints, imputed, glitch`` (poses). Rows already present are left alone.
         """
         keys = {"session_id": session_id, "camera_id": camera_id}
+        lost = sum(1 for r in frame_rows if r["length"] == 0)
         with self.engine.begin() as conn:
             if frame_rows:
                 self._insert_frame_rows(conn, session_id, camera_id, frame_rows)
+            if lost:  # counted once: a shard's frames are new (resends never reach a shard)
+                add_counts(conn, [(FRAMES_LOST, camera_id, lost)])
             if pose_rows:
                 conn.execute(
                     dialect_insert(self.engine, poses).on_conflict_do_nothing(

@@ -21,6 +21,7 @@ from cloud_trainer.repository import Repository
 from cloud_trainer.repository.counters import (
     EMAILS,
     FRAMES_INGESTED,
+    FRAMES_LOST,
     JOB_STAGE_RUNS,
     JOB_STAGE_SECONDS,
 )
@@ -37,6 +38,11 @@ class BoothCollector:
     def collect(self):
         frames = CounterMetricFamily(
             "booth_frames_ingested", "Frames stored durably by ingest", labels=["camera"]
+        )
+        lost = CounterMetricFamily(
+            "booth_frames_lost",
+            "Frames a camera delivered corrupt, stored as empty records so takes complete",
+            labels=["camera"],
         )
         drops = GaugeMetricFamily(
             "booth_camera_drops",
@@ -65,6 +71,7 @@ class BoothCollector:
             counts = self.repo.counter_values()
             for family, name in (
                 (frames, FRAMES_INGESTED),
+                (lost, FRAMES_LOST),
                 (stage, JOB_STAGE_SECONDS),
                 (stage_n, JOB_STAGE_RUNS),
                 (emails, EMAILS),
@@ -74,7 +81,18 @@ class BoothCollector:
             self._gauges(drops, online, depth, emails_waiting, by_state)
         except SQLAlchemyError as e:
             log.warning("metrics: database unavailable: %s", e)
-        yield from (frames, drops, online, depth, stage, stage_n, emails, emails_waiting, by_state)
+        yield from (
+            frames,
+            lost,
+            drops,
+            online,
+            depth,
+            stage,
+            stage_n,
+            emails,
+            emails_waiting,
+            by_state,
+        )
 
     def _gauges(self, drops, online, depth, emails_waiting, by_state) -> None:
         """What is true now (live rows): deletions may and should lower these."""

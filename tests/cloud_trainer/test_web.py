@@ -319,6 +319,7 @@ def test_metrics_counters_do_not_drop_when_a_session_is_deleted(booth_on_each_db
         repo.open_take(sid, "cam0")
         frame = {"capture_ts_ns": 1, "shard_key": "k", "offset": 0, "length": 1, "sha256": "0" * 64}
         frames = [{**frame, "seq": s} for s in range(4)]
+        frames[2]["length"] = 0  # corrupt at capture: stored as an empty record
         repo.commit_shard(sid, "cam0", frames, [], durable_seq=3, pose_durable_seq=-1)
         repo.update_job_progress(repo.create_job(sid), stage_seconds={"training": 12.0})
         row = repo.enqueue_email(
@@ -335,6 +336,7 @@ def test_metrics_counters_do_not_drop_when_a_session_is_deleted(booth_on_each_db
         repo.mark_email_sent(row, time.time())
         before = _counter_samples(client.get("/metrics").text)
         assert before[("booth_frames_ingested_total", (("camera", "cam0"),))] == 4
+        assert before[("booth_frames_lost_total", (("camera", "cam0"),))] == 1
         assert before[("booth_job_stage_seconds_total", (("stage", "training"),))] == 12
         assert before[("booth_emails_total", (("state", "sent"),))] == 1
 

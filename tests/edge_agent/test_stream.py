@@ -397,6 +397,7 @@ async def test_a_frame_corrupt_at_capture_is_uploaded_as_lost_and_the_take_compl
         await _upload_all(st, sid)
         assert srv.ingest.lost_frames == 1
     assert take.status()["lost_frames"] == 1
+    assert env.repo.counter_values()["frames_lost"] == {"cam0": 1.0}  # booth_frames_lost
     assert env.repo.get_session(sid)["state"] == "uploaded"
     stored = th.stored_frames(env.repo, env.store, sid, "cam0")
     assert sorted(stored) == list(range(30)) and stored[12] == b""
