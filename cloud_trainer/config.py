@@ -204,6 +204,9 @@ class WebConfig(Strict):
     secret_key: str = "changethis"
     staff: list[StaffUser] = Field(default_factory=list)
     login_attempts_per_minute: int = Field(5, ge=1)
+    # The TLS proxy in front of the app, whose X-Forwarded-For/-Proto are believed (its
+    # address or a comma-separated list; "*" trusts anyone, only on a private network).
+    forwarded_allow_ips: str = "127.0.0.1"
 
 
 class BoothConfig(Strict):

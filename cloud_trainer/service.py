@@ -137,6 +137,8 @@ class Service:
                 port=cfg.web.port if self.http_port is None else self.http_port,
                 log_level="warning",
                 lifespan="off",
+                proxy_headers=True,
+                forwarded_allow_ips=cfg.web.forwarded_allow_ips,
             )
         )
         mail_stop = threading.Event()

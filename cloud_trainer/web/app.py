@@ -17,6 +17,7 @@ from cloud_trainer.front_desk import FrontDesk
 from cloud_trainer.repository import Repository
 from cloud_trainer.web import metrics
 from cloud_trainer.web.deps import LoginRequired, Services
+from cloud_trainer.web.headers import SecurityHeaders
 from cloud_trainer.web.routes import attendee, auth, health, sessions
 from cloud_trainer.web.security import CookieSigner, LoginThrottle
 
@@ -80,6 +81,7 @@ def create_app(
         version="0.1.0",
         description="Staff tablet, attendee pages and the booth's JSON API.",
     )
+    app.add_middleware(SecurityHeaders)
     app.state.services = services
     app.state.metrics_registry = metrics.make_registry(repo)
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import json
 import secrets
 import threading
 import time
-from collections import defaultdict, deque
+from collections import deque
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
@@ -23,6 +24,16 @@ _hasher = PasswordHasher()
 
 def hash_password(password: str) -> str:
     return _hasher.hash(password)
+
+
+MAX_USERNAME = 64
+MAX_PASSWORD = 1024
+
+
+@functools.cache
+def dummy_hash() -> str:
+    """Verified against when the username is unknown: the same work as a real check."""
+    return _hasher.hash(secrets.token_urlsafe(16))
 
 
 def verify_password(password_hash: str, password: str) -> bool:
@@ -66,31 +77,58 @@ def new_csrf_token() -> str:
 
 
 class LoginThrottle:
-    """At most ``per_minute`` failed logins per (client, username) in any 60 s window."""
+    """At most ``per_minute`` failed logins per (client, username) in any 60 s window;
+    ``per_minute`` x ``WIDE`` per username from all clients together (guessing from many
+    addresses) and per client over all usernames (guessing names). Only failures are
+    remembered, for a minute, in at most ``MAX_KEYS`` entries; when a flood fills the
+    table, logins that would need a new entry wait (fail closed) rather than go unlimited.
+    """
+
+    WIDE = 10
+    MAX_KEYS = 10_000
 
     def __init__(self, per_minute: int, clock=time.monotonic):
         self.per_minute = per_minute
         self._clock = clock
-        self._failures: dict[tuple[str, str], deque[float]] = defaultdict(deque)
+        self._failures: dict[tuple[str, str], deque[float]] = {}
         self._lock = threading.Lock()
 
     def _window(self, key: tuple[str, str]) -> deque[float]:
-        q = self._failures[key]
+        q = self._failures.get(key)
+        if q is None:
+            return deque()
         cutoff = self._clock() - 60.0
         while q and q[0] < cutoff:
             q.popleft()
+        if not q:
+            del self._failures[key]
         return q
+
+    def _wait(self, q: deque[float], limit: int) -> float:
+        return 0.0 if len(q) < limit else max(0.0, q[0] + 60.0 - self._clock())
+
+    def _keys(self, client: str, username: str) -> list[tuple[tuple[str, str], int]]:
+        name, wide = username.lower(), self.per_minute * self.WIDE
+        return [((client, name), self.per_minute), (("*", name), wide), ((client, "*"), wide)]
 
     def retry_after_s(self, client: str, username: str) -> float:
         with self._lock:
-            q = self._window((client, username.lower()))
-            if len(q) < self.per_minute:
-                return 0.0
-            return max(0.0, q[0] + 60.0 - self._clock())
+            keys = self._keys(client, username)
+            if len(self._failures) >= self.MAX_KEYS:
+                for key in list(self._failures):  # drop what the window already forgot
+                    self._window(key)
+                if len(self._failures) >= self.MAX_KEYS and any(
+                    key not in self._failures for key, _ in keys
+                ):
+                    return 60.0
+            return max(self._wait(self._window(key), limit) for key, limit in keys)
 
     def failed(self, client: str, username: str) -> None:
+        now = self._clock()
         with self._lock:
-            self._window((client, username.lower())).append(self._clock())
+            for key, _ in self._keys(client, username):
+                if key in self._failures or len(self._failures) < self.MAX_KEYS:
+                    self._failures.setdefault(key, deque()).append(now)
 
     def succeeded(self, client: str, username: str) -> None:
         with self._lock:

@@ -404,3 +404,79 @@ def test_every_error_the_api_answers_is_documented_in_the_openapi(client, booth)
     links.revoke(repo, token)
     check("get", "/v/{token}/poster.jpg", client.get(f"/v/{token}/poster.jpg"), 410)
     assert checked == {206, 400, 401, 403, 404, 409, 410, 416, 429}
+
+
+def test_the_cookie_is_secure_when_the_booth_is_published_over_https(settings):
+    # TLS ends at a proxy that talks plain http to the app: the cookie is Secure anyway.
+    settings.web.base_url = "https://booth.example.org"
+    built = build_app(settings)
+    try:
+        with TestClient(built.app) as c:
+            r = c.post("/api/login", json={"username": STAFF, "password": PASSWORD})
+            assert r.status_code == 200
+            assert "secure" in r.headers["set-cookie"].lower()
+    finally:
+        built.repo.close()
+    plain = build_app(staff_settings(settings.database.path.parent / "plain"))
+    try:
+        with TestClient(plain.app) as c:  # http base_url, http request: no Secure flag
+            r = c.post("/api/login", json={"username": STAFF, "password": PASSWORD})
+            assert "secure" not in r.headers["set-cookie"].lower()
+    finally:
+        plain.repo.close()
+
+
+def test_an_unknown_username_costs_a_password_check_too(client, monkeypatch):
+    from cloud_trainer.web.routes import auth
+
+    checked = []
+    real = auth.verify_password
+    monkeypatch.setattr(auth, "verify_password", lambda h, p: checked.append(h) or real(h, p))
+    assert (
+        client.post("/api/login", json={"username": "nobody", "password": "x"}).status_code == 401
+    )
+    assert len(checked) == 1  # the same argon2 work as a real user's wrong password
+
+
+def test_over_long_login_fields_are_refused_before_any_work(client):
+    r = client.post("/api/login", json={"username": "a" * 100_000, "password": "x"})
+    assert r.status_code == 422
+
+
+def test_the_login_throttle_limits_a_name_across_addresses_and_stays_bounded():
+    from cloud_trainer.web.security import LoginThrottle
+
+    now = [0.0]
+    t = LoginThrottle(2, clock=lambda: now[0])
+    # One name guessed from many addresses: the wide limit (2 x WIDE) stops it.
+    for i in range(2 * t.WIDE):
+        assert t.retry_after_s(f"10.0.0.{i}", "staff") == 0.0
+        t.failed(f"10.0.0.{i}", "staff")
+    assert t.retry_after_s("10.9.9.9", "staff") > 0
+    now[0] += 61
+    assert t.retry_after_s("10.9.9.9", "staff") == 0.0
+    # A flood of new names fills at most MAX_KEYS entries, then new keys wait (fail closed).
+    flood = LoginThrottle(2, clock=lambda: now[0])
+    flood.MAX_KEYS = 50
+    for i in range(200):
+        flood.failed(f"172.16.{i}.1", f"user{i}")
+    assert len(flood._failures) <= 50  # noqa: SLF001
+    assert flood.retry_after_s("192.168.1.1", "staff") == 60.0
+    now[0] += 61  # the window forgets the flood: room again
+    assert flood.retry_after_s("192.168.1.1", "staff") == 0.0
+
+
+def test_every_response_carries_the_security_headers(client):
+    csrf = log_in(client)
+    page = client.get("/")
+    assert page.headers["x-content-type-options"] == "nosniff"
+    assert page.headers["referrer-policy"] == "no-referrer"
+    assert page.headers["x-frame-options"] == "DENY"
+    assert "frame-ancestors 'none'" in page.headers["content-security-policy"]
+    assert page.headers["cache-control"] == "no-store"  # a shared tablet's back button
+    api = client.get("/api/sessions", headers={"X-CSRF-Token": csrf})
+    assert api.headers["x-content-type-options"] == "nosniff" and "no-store" not in api.headers.get(
+        "cache-control", ""
+    )
+    docs = client.get("/docs")  # Swagger's bundle comes from a CDN: no CSP there
+    assert docs.status_code == 200 and "content-security-policy" not in docs.headers

@@ -6,18 +6,25 @@ from typing import Annotated
 
 from fastapi import APIRouter, Form, HTTPException, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from cloud_trainer.web.deps import Services, ServicesDep
 from cloud_trainer.web.errors import api_errors
-from cloud_trainer.web.security import SESSION_COOKIE, new_csrf_token, verify_password
+from cloud_trainer.web.security import (
+    MAX_PASSWORD,
+    MAX_USERNAME,
+    SESSION_COOKIE,
+    dummy_hash,
+    new_csrf_token,
+    verify_password,
+)
 
 router = APIRouter(tags=["auth"])
 
 
 class LoginBody(BaseModel):
-    username: str
-    password: str
+    username: str = Field(max_length=MAX_USERNAME)
+    password: str = Field(max_length=MAX_PASSWORD)
 
 
 def _client(request: Request) -> str:
@@ -35,7 +42,8 @@ def _authenticate(services: Services, request: Request, username: str, password:
             {"Retry-After": str(int(wait) + 1)},
         )
     user = next((u for u in services.settings.web.staff if u.username == username), None)
-    if user is None or not verify_password(user.password_hash, password):
+    # An unknown name costs the same argon2 work, so timing does not say which names exist.
+    if not verify_password(user.password_hash if user else dummy_hash(), password) or user is None:
         services.throttle.failed(client, username)
         raise HTTPException(401, "wrong username or password")
     services.throttle.succeeded(client, username)
@@ -48,7 +56,10 @@ def _set_cookie(response, services: Services, username: str, csrf: str, request:
         services.signer.dumps({"user": username, "csrf": csrf}),
         httponly=True,
         samesite="strict",
-        secure=request.url.scheme == "https",
+        # Secure whenever the booth is published over https, even if the proxy in front
+        # of it talks plain http to us; a browser then never sends it in the clear.
+        secure=services.settings.web.base_url.startswith("https://")
+        or request.url.scheme == "https",
         max_age=services.signer.max_age_s,
     )
 
@@ -62,8 +73,8 @@ def login_page(request: Request, services: ServicesDep):
 def login_form(
     request: Request,
     services: ServicesDep,
-    username: Annotated[str, Form()],
-    password: Annotated[str, Form()],
+    username: Annotated[str, Form(max_length=MAX_USERNAME)],
+    password: Annotated[str, Form(max_length=MAX_PASSWORD)],
 ):
     try:
         csrf = _authenticate(services, request, username, password)
