@@ -13,9 +13,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from sqlalchemy import delete, insert, select
+from sqlalchemy import delete, select
 
 from cloud_trainer.repository import Repository
+from cloud_trainer.repository.db import dialect_insert
 from cloud_trainer.repository.schema import link_tombstones, links, outbox
 from cloud_trainer.session import InvalidTransition, State
 from edge_agent.errors import BadInput, BoothError
@@ -145,9 +146,11 @@ class FrontDesk:
                     select(links.c.token_sha256).where(links.c.session_id == session_id)
                 )
             ]
-            if hashes:
+            if hashes:  # a second delete racing this one finds them already there
                 conn.execute(
-                    insert(link_tombstones),
+                    dialect_insert(conn, link_tombstones).on_conflict_do_nothing(
+                        index_elements=["token_sha256"]
+                    ),
                     [{"token_sha256": h, "deleted_at": now} for h in hashes],
                 )
             conn.execute(delete(outbox).where(outbox.c.session_id == session_id))

@@ -480,3 +480,34 @@ def test_every_response_carries_the_security_headers(client):
     )
     docs = client.get("/docs")  # Swagger's bundle comes from a CDN: no CSP there
     assert docs.status_code == 200 and "content-security-policy" not in docs.headers
+
+
+def test_a_double_tap_on_delete_my_data_answers_deleted_twice(booth_on_each_db):
+    """Two deletes of one session overlap (a double tap): neither may end in a 500."""
+    repo, store = booth_on_each_db.repo, booth_on_each_db.store
+    sid, token = delivered_session(repo, store)
+    desk = booth_on_each_db.app.state.services.desk
+    remove_blobs = desk.delete_blobs
+    inner: list[Exception | None] = []
+    taps = []
+
+    def blobs_then_the_second_tap(session_id: str) -> None:
+        remove_blobs(session_id)
+        taps.append(session_id)
+        if len(taps) == 1:  # the second request runs while the first is between its steps
+            try:
+                desk.delete(session_id)
+                inner.append(None)
+            except Exception as e:  # noqa: BLE001 - reported by the assert below
+                inner.append(e)
+
+    desk.delete_blobs = blobs_then_the_second_tap
+    with TestClient(booth_on_each_db.app) as client:
+        r = client.post(f"/v/{token}/delete", data={"confirm": "yes"})
+        assert r.status_code == 200 and "were deleted" in r.text, r.text
+        assert inner == [None]
+        assert client.get(f"/v/{token}").status_code == 410
+        # A tap that arrives after both: the link is gone, said as a page, not an error.
+        again = client.post(f"/v/{token}/delete", data={"confirm": "yes"})
+        assert again.status_code == 410
+    assert list(store.list(f"sessions/{sid}/")) == []
