@@ -23,6 +23,26 @@ from edge_agent.errors import BoothError
 
 log = logging.getLogger(__name__)
 
+SWEEP_INTERVAL_S = 30.0
+
+
+async def sweep_overdue(
+    repo: Any, deadline_s: float, interval_s: float = SWEEP_INTERVAL_S, sweep: Any = None
+) -> None:
+    """Fail sessions whose cameras never finished uploading, every ``interval_s``, forever.
+
+    One failed round (a database hiccup, a delete racing the sweep) is logged and the
+    next round runs: a sweeper that died would leave sessions stuck in capturing.
+    """
+    if sweep is None:
+        from cloud_trainer.dispatch import fail_overdue_captures as sweep
+    while True:
+        try:
+            await asyncio.to_thread(sweep, repo, deadline_s)
+        except Exception:
+            log.exception("could not check for overdue captures; retrying in %g s", interval_s)
+        await asyncio.sleep(interval_s)
+
 
 class RegistryController:
     """The control plane as the front desk sees it (see ``front_desk.TakeController``)."""
@@ -165,14 +185,7 @@ class Service:
         )
         self.ready.set()
 
-        async def sweep_overdue() -> None:
-            from cloud_trainer.dispatch import fail_overdue_captures
-
-            while True:
-                await asyncio.to_thread(fail_overdue_captures, repo, cfg.booth.upload_deadline_s)
-                await asyncio.sleep(30.0)
-
-        sweeper = asyncio.create_task(sweep_overdue())
+        sweeper = asyncio.create_task(sweep_overdue(repo, cfg.booth.upload_deadline_s))
         try:
             stop_task = asyncio.create_task(self.stop.wait())
             await asyncio.wait({http_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
