@@ -6,6 +6,7 @@ tests drive the same code through the real HTTP API.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import time
@@ -13,11 +14,11 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, exists, func, select
 
-from cloud_trainer.repository import Repository
+from cloud_trainer.repository import Repository, SessionNotFound
 from cloud_trainer.repository.db import dialect_insert
-from cloud_trainer.repository.schema import link_tombstones, links, outbox
+from cloud_trainer.repository.schema import link_tombstones, links, outbox, sessions
 from cloud_trainer.session import InvalidTransition, State
 from edge_agent.errors import BadInput, BoothError
 
@@ -132,6 +133,36 @@ class FrontDesk:
             raise Conflict("email delivery is not configured on this server")
         # The deliverer stores a corrected address itself, after its own header checks.
         self.resend_email(session_id, clean_email(new_email) if new_email else None)
+
+    def expired(self, keep_s: float, now: float | None = None) -> list[str]:
+        """Sessions the booth may no longer keep: every link of theirs has expired, or
+        (never delivered, so no link) they were created more than ``keep_s`` ago."""
+        now = time.time() if now is None else now
+        with self.repo.engine.connect() as conn:
+            delivered = conn.execute(
+                select(links.c.session_id)
+                .group_by(links.c.session_id)
+                .having(func.max(links.c.expires_at) <= now)
+            ).scalars()
+            undelivered = conn.execute(
+                select(sessions.c.id).where(
+                    sessions.c.booth_id == self.booth_id,
+                    sessions.c.created_at <= now - keep_s,
+                    ~exists().where(links.c.session_id == sessions.c.id),
+                )
+            ).scalars()
+            return sorted({*delivered, *undelivered})
+
+    def delete_expired(self, keep_s: float, now: float | None = None) -> int:
+        """Delete what ``expired`` lists (as the attendee's own delete would); how many."""
+        n = 0
+        for session_id in self.expired(keep_s, now):
+            with contextlib.suppress(SessionNotFound):  # deleted meanwhile
+                self.delete(session_id)
+                n += 1
+        if n:
+            log.info("deleted %d sessions whose retention ended", n)
+        return n
 
     def delete(self, session_id: str) -> None:
         """Remove everything the booth holds about this attendee; their links then answer 410."""

@@ -15,6 +15,7 @@ import logging
 import math
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,23 +25,20 @@ from edge_agent.errors import BoothError
 log = logging.getLogger(__name__)
 
 SWEEP_INTERVAL_S = 30.0
+RETENTION_SWEEP_S = 3600.0
 
 
-async def sweep_overdue(
-    repo: Any, deadline_s: float, interval_s: float = SWEEP_INTERVAL_S, sweep: Any = None
-) -> None:
-    """Fail sessions whose cameras never finished uploading, every ``interval_s``, forever.
+async def every(interval_s: float, work: Callable[[], Any], what: str) -> None:
+    """Run ``work`` in a thread now and every ``interval_s``, forever.
 
-    One failed round (a database hiccup, a delete racing the sweep) is logged and the
-    next round runs: a sweeper that died would leave sessions stuck in capturing.
+    One failed round (a database hiccup, a delete racing it) is logged and the next
+    round runs: a sweeper that died would silently stop doing its job.
     """
-    if sweep is None:
-        from cloud_trainer.dispatch import fail_overdue_captures as sweep
     while True:
         try:
-            await asyncio.to_thread(sweep, repo, deadline_s)
+            await asyncio.to_thread(work)
         except Exception:
-            log.exception("could not check for overdue captures; retrying in %g s", interval_s)
+            log.exception("%s failed; trying again in %g s", what, interval_s)
         await asyncio.sleep(interval_s)
 
 
@@ -185,12 +183,31 @@ class Service:
         )
         self.ready.set()
 
-        sweeper = asyncio.create_task(sweep_overdue(repo, cfg.booth.upload_deadline_s))
+        from cloud_trainer.dispatch import fail_overdue_captures
+
+        desk = app.state.services.desk
+        keep_s = cfg.links.expiry_days * 86400.0
+        sweepers = [
+            asyncio.create_task(
+                every(
+                    SWEEP_INTERVAL_S,
+                    lambda: fail_overdue_captures(repo, cfg.booth.upload_deadline_s),
+                    "checking for overdue captures",
+                )
+            ),
+            # The consent says: kept until deleted or the link expires. Then it goes.
+            asyncio.create_task(
+                every(
+                    RETENTION_SWEEP_S, lambda: desk.delete_expired(keep_s), "deleting expired data"
+                )
+            ),
+        ]
         try:
             stop_task = asyncio.create_task(self.stop.wait())
             await asyncio.wait({http_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            sweeper.cancel()
+            for sweeper in sweepers:
+                sweeper.cancel()
             server.should_exit = True
             mail_stop.set()
             await ingest.stop(2.0)

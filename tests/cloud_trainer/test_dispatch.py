@@ -60,22 +60,22 @@ def test_a_capture_that_never_finishes_uploading_fails_with_the_missing_camera(t
     assert s["state"] == "failed" and "cam0, cam1" in s["failure_reason"]
 
 
-async def test_the_overdue_sweeper_survives_a_failed_round():
+async def test_a_periodic_sweeper_survives_a_failed_round():
     import asyncio
 
-    from cloud_trainer.service import sweep_overdue
+    from cloud_trainer.service import every
 
     rounds: list[str] = []
     third = asyncio.Event()
 
-    def sweep(repo, deadline_s):
+    def sweep():
         rounds.append("fail" if not rounds else "ok")
         if len(rounds) == 1:
             raise RuntimeError("database is locked")
         if len(rounds) == 3:
             third.set()
 
-    task = asyncio.create_task(sweep_overdue(None, 60.0, interval_s=0.001, sweep=sweep))
+    task = asyncio.create_task(every(0.001, sweep, "checking for overdue captures"))
     try:
         async with asyncio.timeout(30):
             await third.wait()  # it went on after the failure

@@ -511,3 +511,37 @@ def test_a_double_tap_on_delete_my_data_answers_deleted_twice(booth_on_each_db):
         again = client.post(f"/v/{token}/delete", data={"confirm": "yes"})
         assert again.status_code == 410
     assert list(store.list(f"sessions/{sid}/")) == []
+
+
+def test_data_goes_when_its_link_expires_or_an_undelivered_session_is_old(booth_on_each_db):
+    """The consent promises: kept until the attendee deletes it or the link expires."""
+    import transport_helpers as th
+    from sqlalchemy import update
+
+    from cloud_trainer.repository.schema import links as links_table
+    from cloud_trainer.repository.schema import sessions
+
+    repo, store = booth_on_each_db.repo, booth_on_each_db.store
+    desk = booth_on_each_db.app.state.services.desk
+    now = time.time()
+    expired, _ = delivered_session(repo, store)
+    kept, _ = delivered_session(repo, store)
+    old_failed = th.new_session(repo, booth_id=desk.booth_id)
+    recent = th.new_session(repo, booth_id=desk.booth_id)
+    with repo.engine.begin() as conn:
+        conn.execute(
+            update(links_table)
+            .where(links_table.c.session_id == expired)
+            .values(expires_at=now - 1)
+        )
+        conn.execute(
+            update(sessions).where(sessions.c.id == old_failed).values(created_at=now - 31 * 86400)
+        )
+    keep_s = 30 * 86400
+    assert desk.expired(keep_s, now) == sorted([expired, old_failed])
+    assert desk.delete_expired(keep_s, now) == 2
+    assert list(store.list(f"sessions/{expired}/")) == []
+    assert repo.session_deleted(expired) and repo.session_deleted(old_failed)
+    assert repo.get_session(kept)["state"] == "delivered" and repo.get_session(recent)
+    assert list(store.list(f"sessions/{kept}/"))
+    assert desk.delete_expired(keep_s, now) == 0  # nothing left to do
