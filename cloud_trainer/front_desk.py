@@ -101,7 +101,10 @@ class FrontDesk:
     async def start(self, session_id: str) -> list[dict[str, Any]]:
         """Send StartTake to every camera of the booth. Pressing it twice is refused, not repeated."""
         session = self.repo.get_session(session_id)
-        if session["state"] not in (State.CREATED.value, State.FAILED.value):
+        if session["state"] == State.FAILED.value:
+            # The boards remember this session's take and would not film it again.
+            raise Conflict("this take failed: use Start again, which makes a fresh session")
+        if session["state"] != State.CREATED.value:
             raise Conflict(
                 f"this session is already {session['state']}; start a new one for another take"
             )
@@ -123,6 +126,26 @@ class FrontDesk:
         except BoothError as e:
             self.repo.fail(session_id, f"could not start the cameras: {e}")
             raise
+
+    def again(self, session_id: str) -> str:
+        """A failed session's attendee dances again: a fresh session with their name, email,
+        consent and reference (the boards film a session once), and the failed one goes."""
+        old = self.repo.get_session(session_id)
+        if old["state"] != State.FAILED.value:
+            raise Conflict(f"only a failed take is started again; this one is {old['state']}")
+        new_id = self.repo.create_session(
+            booth_id=self.booth_id,
+            name=old["name"],
+            email=old["email"],
+            consent=True,  # given for this attendee's take, which this one replaces
+            reference_name=old["reference_name"],
+            take_s=self.take_s,
+            cameras=self.cameras(),
+        )
+        with contextlib.suppress(SessionNotFound):  # a racing delete already took it
+            self.delete(session_id)
+        log.info("session %s failed; its attendee dances again as %s", session_id, new_id)
+        return new_id
 
     def resend(self, session_id: str, new_email: str | None = None) -> None:
         """Queue the delivery email again, to a corrected address if staff typed one."""

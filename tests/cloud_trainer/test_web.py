@@ -545,3 +545,26 @@ def test_data_goes_when_its_link_expires_or_an_undelivered_session_is_old(booth_
     assert repo.get_session(kept)["state"] == "delivered" and repo.get_session(recent)
     assert list(store.list(f"sessions/{kept}/"))
     assert desk.delete_expired(keep_s, now) == 0  # nothing left to do
+
+
+def test_start_again_after_a_failed_take_makes_a_fresh_session_for_the_attendee(client, booth):
+    csrf = log_in(client)
+    headers = {"X-CSRF-Token": csrf}
+    old = new_session(client, csrf, name="Grace Hopper", email="grace@example.org").json()["id"]
+    booth.repo.transition(old, "capturing")
+    booth.repo.fail(old, "camera cam1 never finished uploading")
+    # The boards film a session once: starting the failed one again is refused, with why.
+    r = client.post(f"/api/sessions/{old}/start", headers=headers)
+    assert r.status_code == 409 and "Start again" in r.json()["detail"]
+    page = client.get(f"/sessions/{old}")
+    assert f'action="/sessions/{old}/again"' in page.text and "Start again" in page.text
+    r = client.post(f"/api/sessions/{old}/again", headers=headers)
+    assert r.status_code == 201, r.text
+    fresh = r.json()
+    assert fresh["id"] != old and fresh["state"] == "created"
+    assert (fresh["name"], fresh["email"]) == ("Grace Hopper", "grace@example.org")
+    assert fresh["reference"] == "synthetic:warmup"
+    assert client.get(f"/api/sessions/{old}").status_code == 404  # no second copy of them
+    # Only a failed take is started again.
+    r = client.post(f"/api/sessions/{fresh['id']}/again", headers=headers)
+    assert r.status_code == 409

@@ -224,6 +224,30 @@ async def start_form(
     return err or RedirectResponse(f"/sessions/{session_id}", status_code=303)
 
 
+@router.post("/sessions/{session_id}/again", include_in_schema=False)
+async def again_form(
+    session_id: str,
+    request: Request,
+    services: ServicesDep,
+    staff: StaffPage,
+    csrf: Annotated[str | None, Form()] = None,
+):
+    fresh: list[str] = []
+    err = await _action(
+        request,
+        services,
+        staff,
+        session_id,
+        csrf,
+        lambda: fresh.append(services.desk.again(session_id)),
+    )
+    if err:
+        return err
+    (new_id,) = fresh
+    err = await _action(request, services, staff, new_id, csrf, lambda: services.desk.start(new_id))
+    return err or RedirectResponse(f"/sessions/{new_id}", status_code=303)
+
+
 @router.post("/sessions/{session_id}/resend", include_in_schema=False)
 async def resend_form(
     session_id: str,
@@ -330,6 +354,19 @@ async def start(session_id: str, services: ServicesDep, staff: StaffApi):
         "session": session_view(services, services.repo.get_session(session_id)),
         "agents": acks,
     }
+
+
+@router.post(
+    "/api/sessions/{session_id}/again",
+    summary="A failed take's attendee dances again: a fresh session (not started yet)",
+    description="Copies the attendee, consent and reference into a new session and "
+    "deletes the failed one. Start the new session with /api/sessions/{id}/start.",
+    status_code=201,
+    responses=api_errors(401, 403, 404, 409),
+)
+async def again(session_id: str, services: ServicesDep, staff: StaffApi):
+    new_id = await _api_call(services, session_id, lambda: services.desk.again(session_id))
+    return session_view(services, services.repo.get_session(new_id))
 
 
 @router.post(
