@@ -107,7 +107,12 @@ def create_app(
             return templates.TemplateResponse(
                 request,
                 "error.html",
-                {"status": exc.status_code, "message": exc.detail},
+                {
+                    "status": exc.status_code,
+                    "message": exc.detail,
+                    # An attendee's link: the staff login is no way back for them.
+                    "attendee": request.url.path.startswith("/v/"),
+                },
                 status_code=exc.status_code,
                 headers=getattr(exc, "headers", None),
             )

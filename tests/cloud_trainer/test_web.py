@@ -196,6 +196,9 @@ def test_tampered_and_revoked_links(client, booth):
     _, token = delivered_session(repo, store)
     tampered = token[:-1] + ("A" if token[-1] != "A" else "B")
     assert client.get(f"/v/{tampered}").status_code == 404
+    page = client.get(f"/v/{tampered}", headers={"Accept": "text/html"})
+    # A page for the attendee, not a way to the staff login.
+    assert "whole link from your email" in page.text and 'href="/"' not in page.text
     links.revoke(repo, token)
     assert client.get(f"/v/{token}").status_code == 410
 
