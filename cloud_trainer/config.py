@@ -81,6 +81,18 @@ class SqliteQueue(Strict):
     heartbeat_s: float = Field(10.0, gt=0)
     max_attempts: int = Field(3, ge=1)
 
+    @model_validator(mode="after")
+    def _heartbeat_within_lease(self) -> SqliteQueue:
+        # A heartbeat that comes after the lease ran out hands every long job to a second
+        # worker while the first still trains it.
+        if self.heartbeat_s >= self.visibility_timeout_s:
+            raise ValueError(
+                f"heartbeat_s ({self.heartbeat_s:g}) must be shorter than visibility_timeout_s "
+                f"({self.visibility_timeout_s:g}), or every job's lease runs out while it "
+                "trains; a third of it is a good value"
+            )
+        return self
+
 
 class PubSubQueue(Strict):
     type: Literal["pubsub"] = "pubsub"

@@ -253,7 +253,7 @@ def test_sqlite_concurrent_consumers_never_share_a_job(tmp_path):
 
 
 def test_sqlite_heartbeat_reports_a_lease_taken_by_another_worker(tmp_path):
-    cfg = SqliteQueue(path=tmp_path / "q.db", visibility_timeout_s=0.5, heartbeat_s=5)
+    cfg = SqliteQueue(path=tmp_path / "q.db", visibility_timeout_s=0.5, heartbeat_s=0.1)
     a, b = create_job_queue(cfg), create_job_queue(cfg)
     a.publish("job-1", {})
     stale = a.receive(timeout_s=1)
