@@ -9,8 +9,16 @@ For each job the worker takes from the queue it
 It is safe to run many workers and to kill any of them. Delivery is at least
 once, so every step is idempotent: a job whose session is gone (deleted) or
 already ended is acknowledged and dropped; a restarted job resumes from its
-checkpoints (``train_job``), and rendering and delivery are redone only if the
-session has not reached ``delivered``.
+checkpoints (``train_job``, from the blob store's mirror), and rendering and
+delivery are redone only if the session has not reached ``delivered``.
+
+A session deleted while its job runs stops the job quietly, at the next
+progress report or check (after training, after rendering). The worker then
+deletes ``sessions/<sid>/`` itself, after its last write: the front desk's own
+deletion may have run before the worker wrote its checkpoints, plot or video.
+The job's work directory (``trainer.work_dir/<sid>``: the attendee's frames in
+the corpus, checkpoints, export) is removed whenever ``handle`` ends, except
+when the lease was lost: another worker holds the job then, maybe on this host.
 
 Failures the attendee's data explains (an empty take, nobody in the frame, a
 corrupt shard, a missing base checkpoint) fail the session with that reason and
@@ -22,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import socket
 import threading
 import time
@@ -33,6 +42,7 @@ import numpy as np
 
 from cloud_trainer.config import BoothConfig
 from cloud_trainer.repository import Repository, SessionNotFound
+from cloud_trainer.repository.jobs import JobNotFound
 from cloud_trainer.session import State
 from edge_agent import skeleton as sk
 from edge_agent.errors import BoothError
@@ -45,6 +55,17 @@ PLOT_EVERY_S = 10.0
 
 class JobGone(Exception):
     """The session was deleted while its job ran: stop quietly."""
+
+
+class LeaseLost(Exception):
+    """This worker's lease ran out and another worker now holds the job: stop, touch nothing.
+
+    Not a BoothError: the job did not fail, so it is neither failed nor acknowledged.
+    """
+
+
+# A deletion removes the session and its job row together; either lookup failing means gone.
+GONE = (JobGone, SessionNotFound, JobNotFound)
 
 
 def take_from_ingest(repo: Repository, store: Any, session_id: str, camera_id: str, fps: float):
@@ -131,7 +152,13 @@ class Worker:
     def run_forever(self, poll_s: float = 2.0) -> None:
         log.info("worker ready", extra={"worker": self.worker_id})
         while not self.stop.is_set():
-            self.run_once(timeout_s=poll_s)
+            try:
+                self.run_once(timeout_s=poll_s)
+            except Exception:  # one job's bug or outage must not end the worker
+                # The lease is left as it is: unacknowledged, it expires and the job comes
+                # back (or, on its last attempt, fails on the next delivery).
+                log.exception("job handling crashed; taking the next job")
+                self.stop.wait(poll_s)  # a broken database would otherwise spin
 
     def run_once(self, timeout_s: float = 2.0) -> bool:
         """Take at most one job and see it through. True if there was one."""
@@ -145,20 +172,30 @@ class Worker:
 
     def handle(self, lease) -> None:
         session_id = lease.payload.get("session_id", "")
+        keep_work_dir = False
+        try:
+            keep_work_dir = self._handle(session_id, lease)
+        finally:
+            if not keep_work_dir:
+                self._remove_work_dir(session_id)
+
+    def _handle(self, session_id: str, lease) -> bool:
+        """One job, acknowledged or not. True if its work directory must stay (lease lost)."""
         job_id = lease.job_id
         try:
             session = self.repo.get_session(session_id)
         except SessionNotFound:
             log.info("job for a deleted session dropped", extra={"job_id": job_id})
+            self._forget(session_id, job_id)  # what an earlier attempt's worker left behind
             lease.ack()
-            return
+            return False
         if session["state"] in (State.DELIVERED.value, State.FAILED.value):
             log.info(
                 "job already ended; acknowledged again",
                 extra={"job_id": job_id, "state": session["state"]},
             )
             lease.ack()
-            return
+            return False
         if lease.exhausted:
             self._fail(
                 session_id,
@@ -166,20 +203,31 @@ class Worker:
                 f"training was interrupted {lease.max_attempts} times (the worker died); giving up",
             )
             lease.ack()
-            return
+            return False
         try:
             self.repo.start_job(job_id, self.worker_id)
+        except JobNotFound:
+            self._forget(session_id, job_id)
+            lease.ack()
+            return False
         except BoothError as e:  # JobFinished: a redelivery of a job that already ended
             log.info("job already ended", extra={"job_id": job_id, "reason": str(e)})
             lease.ack()
-            return
+            return False
         try:
             with lease.keep_alive():
                 self._run(session, job_id, lease)
             lease.ack()
-        except JobGone:
-            log.info("session deleted while its job ran", extra={"session_id": session_id})
+        except GONE:
+            self._forget(session_id, job_id)
             lease.ack()
+        except LeaseLost:
+            # Another worker holds the job now: failing or acknowledging it would undo theirs.
+            log.warning(
+                "lease lost; leaving the job to the worker that holds it",
+                extra={"session_id": session_id, "job_id": job_id, "attempt": lease.attempt},
+            )
+            return True
         except BoothError as e:  # the take, the reference or the config explains it
             log.warning("job failed", extra={"session_id": session_id, "reason": str(e)})
             self._fail(session_id, job_id, str(e))
@@ -191,15 +239,45 @@ class Worker:
                 self._fail(session_id, job_id, reason)
                 lease.ack()
             else:
-                self.repo.requeue_job(job_id)
+                try:
+                    self.repo.requeue_job(job_id)
+                except JobNotFound:  # deleted meanwhile
+                    self._forget(session_id, job_id)
+                    lease.ack()
+                    return False
                 lease.nack(retry_after_s=5.0)
+        return False
 
     def _fail(self, session_id: str, job_id: str, reason: str) -> None:
         try:
             self.repo.fail_job(job_id, reason)
             self.repo.fail(session_id, reason)
-        except SessionNotFound:
-            pass  # deleted meanwhile: nothing left to mark
+        except (SessionNotFound, JobNotFound):  # deleted meanwhile: nothing left to mark
+            self._forget(session_id, job_id)
+
+    def _forget(self, session_id: str, job_id: str) -> None:
+        """The session was deleted: remove what this worker wrote under its prefix.
+
+        Called after the job's last write. The front desk deletes the blobs before
+        the rows, so a checkpoint, plot or video written in between would outlive it.
+        """
+        log.info("session deleted while its job ran", extra={"session_id": session_id})
+        if not session_id:
+            return
+        removed = self.store.delete_prefix(f"sessions/{session_id}/")
+        if removed:
+            log.info(
+                "removed blobs written after the deletion",
+                extra={"session_id": session_id, "job_id": job_id, "blobs": removed},
+            )
+
+    def _remove_work_dir(self, session_id: str) -> None:
+        """The job's local directory: a retry resumes from the blob store's mirror instead."""
+        if not session_id or session_id in (".", "..") or "/" in session_id:
+            return
+        work_dir = Path(self.settings.trainer.work_dir) / session_id
+        if work_dir.exists():
+            shutil.rmtree(work_dir, ignore_errors=True)
 
     def _run(self, session: dict[str, Any], job_id: str, lease) -> None:
         from cloud_trainer import render
@@ -218,7 +296,7 @@ class Worker:
 
         def progress(p: Progress) -> None:
             if lease.lost.is_set():
-                raise BoothError("this worker lost its lease; another worker has the job")
+                raise LeaseLost()
             clock.enter(p.stage)
             if p.loss is not None:
                 history.append({"step": p.step, "l1": p.loss, "t": p.elapsed_s})
@@ -234,7 +312,7 @@ class Worker:
                     job_id, stage=p.stage, step=p.step, total_steps=p.max_steps, eta_s=p.eta_s
                 )
                 self.repo.set_progress(sid, **fields, message=p.message)
-            except SessionNotFound:
+            except (SessionNotFound, JobNotFound):
                 raise JobGone() from None
             if history and time.monotonic() - last_plot[0] > PLOT_EVERY_S:
                 last_plot[0] = time.monotonic()
@@ -258,6 +336,7 @@ class Worker:
             self.store.put_file(
                 f"sessions/{sid}/job/progress.png", str(result.plot_path), "image/png"
             )
+        self._check_not_deleted(sid, lease)
         quality = {
             k: v
             for k, v in (result.score or {}).items()
@@ -285,6 +364,7 @@ class Worker:
             batch=cfg.render.batch,
             crf=cfg.render.crf,
         )
+        self._check_not_deleted(sid, lease)
 
         clock.enter("delivering")
         link = Deliverer(self.repo, self.store, cfg).deliver(
@@ -301,6 +381,13 @@ class Worker:
         self.repo.finish_job(
             job_id, metrics={"score": quality, "steps": result.steps}, model_key=result.model_prefix
         )
+
+    def _check_not_deleted(self, sid: str, lease) -> None:
+        """Stop before the next stage if the session was deleted or the lease lost."""
+        if lease.lost.is_set():
+            raise LeaseLost()
+        if self.repo.session_deleted(sid):
+            raise JobGone()
 
     def _plot(self, sid: str, history: list[dict[str, float]]) -> None:
         import io

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import signal
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -32,7 +35,13 @@ def run(args: argparse.Namespace) -> int:
     # Finish the current step cleanly on SIGTERM; the job's checkpoints let another worker resume.
     signal.signal(signal.SIGTERM, lambda *_: worker.stop.set())
     if args.once:
-        worker.run_once(timeout_s=30.0)
+        try:
+            worker.run_once(timeout_s=30.0)
+        except Exception:  # the traceback is for the log; the lease expires and the job returns
+            log.exception("job handling crashed")
+            return 1
+        finally:
+            worker.queue.close()
         return 0
     try:
         worker.run_forever()

@@ -1,0 +1,240 @@
+"""The worker around a job: a deletion mid-job, a lost lease, a crash in one job.
+
+Real pieces throughout: the repository (SQLite and PostgreSQL), a local blob store,
+the SQLite queue, the front desk's own delete, and ``train_job`` on a tiny synthetic
+take. The repository is subclassed only to do something at a chosen progress stage
+(delete the session, lose the lease, fail once), as a second process would.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import cv2  # noqa: E402
+import pytest  # noqa: E402
+import transport_helpers as th  # noqa: E402
+
+from cloud_trainer.config import (  # noqa: E402
+    BoothConfig,
+    LocalStorage,
+    SqliteQueue,
+    TrainerConfig,
+)
+from cloud_trainer.corpus import TakeData  # noqa: E402
+from cloud_trainer.front_desk import FrontDesk  # noqa: E402
+from cloud_trainer.pretrain import synth_frame_size  # noqa: E402
+from cloud_trainer.queue import create_job_queue  # noqa: E402
+from cloud_trainer.repository import Repository  # noqa: E402
+from cloud_trainer.session import State  # noqa: E402
+from cloud_trainer.storage.local import LocalBlobStore  # noqa: E402
+from cloud_trainer.worker import Worker  # noqa: E402
+from edge_agent.config import ConfigError  # noqa: E402
+
+SIZE_PX = 32
+
+
+class StagedRepository(Repository):
+    """The real repository, calling ``on_stage(session_id, stage)`` after each progress write."""
+
+    on_stage: Callable[[str, str], None] = staticmethod(lambda sid, stage: None)
+
+    def set_progress(self, session_id: str, **fields: Any) -> None:
+        super().set_progress(session_id, **fields)
+        self.on_stage(session_id, fields.get("stage") or "")
+
+
+@pytest.fixture
+def booth(db_config, tmp_path: Path):
+    """A worker with its repository, store, queue and front desk; tiny training settings."""
+    settings = BoothConfig(
+        models_dir=tmp_path / "no-models",  # no pose model: scoring stays quick
+        storage=LocalStorage(root=tmp_path / "blobs"),
+        database=db_config,
+        queue=SqliteQueue(path=tmp_path / "queue.db", visibility_timeout_s=30.0, heartbeat_s=5.0),
+        trainer=TrainerConfig(
+            size_px=SIZE_PX,
+            batch=2,
+            budget_s=600,
+            max_steps=2,
+            checkpoint_every_steps=1,
+            work_dir=tmp_path / "jobs",
+        ),
+    )
+    repo = StagedRepository.from_config(settings.database)
+    store = LocalBlobStore(settings.storage.root)
+    queue = create_job_queue(settings.queue)
+    desk = FrontDesk(
+        repo,
+        booth_id=th.BOOTH,
+        take_s=1.0,
+        cameras=lambda: ["cam0"],
+        delete_blobs=lambda sid: store.delete_prefix(f"sessions/{sid}/"),
+    )
+    worker = Worker(settings, repo, store, queue, worker_id="test-worker")
+    yield worker, desk
+    queue.close()
+    repo.close()
+
+
+def uploaded_session(worker: Worker, *, frames: bool = True) -> str:
+    """A session in ``uploaded`` whose take ingest stored (one shard, poses), with its job queued."""
+    repo, store = worker.repo, worker.store
+    sid = th.new_session(repo)
+    repo.transition(sid, State.CAPTURING)
+    repo.open_take(sid, "cam0", fps=8.0)
+    if frames:
+        take = TakeData.from_synth(2, 5, seconds=3, fps=8, size=synth_frame_size(SIZE_PX))
+        key = f"sessions/{sid}/frames/cam0/000000.shard"
+        rows, poses, blob, offset = [], [], b"", 0
+        for seq, rgb in enumerate(take.frames):
+            ok, buf = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+            assert ok
+            jpeg = buf.tobytes()
+            rows.append(
+                {
+                    "seq": seq,
+                    "capture_ts_ns": seq * 125_000_000,
+                    "shard_key": key,
+                    "offset": offset,
+                    "length": len(jpeg),
+                    "sha256": hashlib.sha256(jpeg).hexdigest(),
+                }
+            )
+            poses.append(
+                {
+                    "seq": seq,
+                    "keypoints": take.poses[seq].astype("<f4").tobytes(),
+                    "imputed": False,
+                    "glitch": False,
+                }
+            )
+            blob += jpeg
+            offset += len(jpeg)
+        store.put(key, blob)
+        repo.commit_shard(
+            sid, "cam0", rows, poses, durable_seq=len(rows) - 1, pose_durable_seq=len(rows) - 1
+        )
+        repo.end_take(sid, "cam0", len(rows))
+    repo.mark_take_uploaded(sid, "cam0")
+    repo.transition(sid, State.UPLOADED)
+    job_id = repo.create_job(sid)
+    worker.queue.publish(job_id, {"session_id": sid})
+    return sid
+
+
+def blobs_of(worker: Worker, sid: str) -> list[str]:
+    return list(worker.store.list(f"sessions/{sid}/"))
+
+
+def work_dir_of(worker: Worker, sid: str) -> Path:
+    return Path(worker.settings.trainer.work_dir) / sid
+
+
+def assert_next_job_runs(worker: Worker) -> None:
+    """The worker takes the next job (one with no frames: it fails with its reason)."""
+    sid = uploaded_session(worker, frames=False)
+    assert worker.run_once(timeout_s=5.0) is True
+    session = worker.repo.get_session(sid)
+    assert session["state"] == State.FAILED.value
+    assert "stored no frames" in (session["failure_reason"] or "")
+    assert worker.repo.job_for_session(sid)["state"] == "failed"
+    assert not work_dir_of(worker, sid).exists()
+
+
+@pytest.mark.parametrize("stage", ["training", "done"])
+def test_a_session_deleted_mid_job_stops_it_quietly_and_leaves_nothing_behind(booth, stage):
+    """Deleted while it trains (the next progress write finds no job row), or once training
+    ended (the worker still uploads its plot): acknowledged, no blob, no work directory."""
+    worker, desk = booth
+    sid = uploaded_session(worker)
+    deleted: list[str] = []
+
+    def delete_at(session_id: str, at: str) -> None:
+        if session_id == sid and at == stage and not deleted:
+            deleted.append(at)
+            desk.delete(sid)
+
+    worker.repo.on_stage = delete_at
+    lease = worker.queue.receive(timeout_s=5.0)
+    assert lease is not None
+    worker.handle(lease)  # returns normally
+
+    assert deleted == [stage]
+    assert lease.settled == "acked"
+    assert worker.repo.session_deleted(sid)
+    assert blobs_of(worker, sid) == []
+    assert not work_dir_of(worker, sid).exists()
+    assert worker.queue.receive(timeout_s=0.1) is None  # not handed out again
+    assert_next_job_runs(worker)
+
+
+def test_a_lost_lease_stops_training_without_failing_or_acknowledging_the_job(booth):
+    worker, _ = booth
+    sid = uploaded_session(worker)
+    lease = worker.queue.receive(timeout_s=5.0)
+    assert lease is not None
+
+    def lose_lease(session_id: str, at: str) -> None:
+        if at == "training":  # as a heartbeat would, on learning another worker holds it
+            lease.lost.set()
+
+    worker.repo.on_stage = lose_lease
+    worker.handle(lease)
+
+    assert lease.settled is None  # neither acked nor failed: the other worker's to finish
+    assert worker.repo.get_session(sid)["state"] == State.TRAINING.value
+    job = worker.repo.job_for_session(sid)
+    assert (job["state"], job["error"]) == ("running", None)
+    assert work_dir_of(worker, sid).exists()  # the holder may be on this machine
+
+
+def test_run_forever_survives_a_job_that_crashes_outside_its_own_handling(booth):
+    """An error the job handling does not expect (here: the database, on the first
+    lookup of a job) is logged and the worker goes on to the next job."""
+    worker, _ = booth
+    broken = uploaded_session(worker, frames=False)
+    nxt = uploaded_session(worker, frames=False)
+    real_get_session = worker.repo.get_session
+    calls: list[str] = []
+
+    def get_session(session_id: str) -> dict[str, Any]:
+        calls.append(session_id)
+        if session_id == broken and calls.count(broken) == 1:
+            raise RuntimeError("database connection reset")
+        return real_get_session(session_id)
+
+    def fail(session_id: str, reason: str) -> None:
+        Repository.fail(worker.repo, session_id, reason)
+        if session_id == nxt:
+            worker.stop.set()
+
+    worker.repo.get_session = get_session
+    worker.repo.fail = fail
+    guard = threading.Timer(120.0, worker.stop.set)  # a broken worker must not hang the suite
+    guard.start()
+    try:
+        worker.run_forever(poll_s=0.1)
+    finally:
+        guard.cancel()
+    assert calls[0] == broken
+    assert real_get_session(nxt)["state"] == State.FAILED.value
+
+
+def test_a_heartbeat_not_shorter_than_the_lease_is_refused_with_both_numbers(tmp_path):
+    with pytest.raises(ValueError, match=r"heartbeat_s \(60\) must be shorter than .*\(30\)"):
+        SqliteQueue(path=tmp_path / "q.db", visibility_timeout_s=30, heartbeat_s=60)
+    from cloud_trainer.config import parse_model
+
+    with pytest.raises(ConfigError, match="queue"):
+        parse_model(
+            {"queue": {"type": "sqlite", "visibility_timeout_s": 5, "heartbeat_s": 5}},
+            BoothConfig,
+            source="booth.yaml",
+        )
