@@ -209,4 +209,8 @@ class FrontDesk:
                 )
             conn.execute(delete(outbox).where(outbox.c.session_id == session_id))
         self.repo.delete_session_rows(session_id)
+        if self.delete_blobs is not None:
+            # Again, now the tombstone is written: a worker may have written a checkpoint or
+            # the video since the first pass. From here on it sees the tombstone and cleans up.
+            self.delete_blobs(session_id)
         log.info("session deleted", extra={"session_id": session_id})

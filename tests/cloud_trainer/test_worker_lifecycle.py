@@ -175,6 +175,26 @@ def test_a_session_deleted_mid_job_stops_it_quietly_and_leaves_nothing_behind(bo
     assert_next_job_runs(worker)
 
 
+def test_a_blob_a_worker_writes_while_the_front_desk_deletes_does_not_survive(booth):
+    """The desk deletes the blobs, then the rows: a worker's write in between (a checkpoint
+    mirror) lands before the tombstone, where the worker's own checks cannot see it."""
+    worker, desk = booth
+    sid = uploaded_session(worker, frames=False)
+    sweeps: list[int] = []
+
+    def delete_blobs(session_id: str) -> int:
+        n = worker.store.delete_prefix(f"sessions/{session_id}/")
+        if not sweeps:
+            worker.store.put(f"sessions/{session_id}/checkpoints/state.json", b"{}")
+        sweeps.append(n)
+        return n
+
+    desk.delete_blobs = delete_blobs
+    desk.delete(sid)
+    assert worker.repo.session_deleted(sid)
+    assert blobs_of(worker, sid) == []
+
+
 def test_a_lost_lease_stops_training_without_failing_or_acknowledging_the_job(booth):
     worker, _ = booth
     sid = uploaded_session(worker)
