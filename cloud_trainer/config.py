@@ -12,8 +12,9 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 from typing import Annotated, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from edge_agent.config import (
     PLACEHOLDER_SECRETS,
@@ -33,6 +34,17 @@ class BoothSection(Strict):
     # A take not fully uploaded this long after it started fails with the cameras that are
     # missing, so a board that never comes back cannot leave a session stuck in capturing.
     upload_deadline_s: float = Field(1800.0, gt=0)
+    # Where the booth stands (IANA name): the tablet's "today" and the times in emails.
+    timezone: str = "UTC"
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, v: str) -> str:
+        try:
+            ZoneInfo(v)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {v!r} (an IANA name like Europe/Berlin)") from None
+        return v
 
 
 # ---- storage ------------------------------------------------------------------
@@ -140,6 +152,15 @@ class IngestConfig(Strict):
 
 class TrainerConfig(Strict):
     size_px: int = Field(128, ge=32, le=512)
+
+    @field_validator("size_px")
+    @classmethod
+    def _power_of_two(cls, v: int) -> int:
+        # The U-Net halves the image down to 1 px: any other size fails every job later.
+        if v & (v - 1):
+            raise ValueError(f"must be a power of two (32, 64, 128, 256 or 512), not {v}")
+        return v
+
     label_map: Literal["skeleton", "parts"] = "skeleton"
     budget_s: float = Field(3600.0, gt=0)
     batch: int = Field(4, ge=1)

@@ -45,9 +45,10 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import jinja2
 
@@ -269,6 +270,12 @@ def _env() -> jinja2.Environment:
     )
 
 
+def _local(ts: float, tz: str) -> str:
+    """``26 December 2026, 18:30 (Europe/Berlin)``."""
+    when = datetime.fromtimestamp(ts, tz=ZoneInfo(tz))
+    return f"{when.day} {when:%B %Y, %H:%M} ({tz})"
+
+
 def compose(
     *,
     name: str,
@@ -279,6 +286,7 @@ def compose(
     expires_at: float,
     expiry_days: float,
     poster_width: int = 480,
+    tz: str = "UTC",
 ) -> dict[str, str]:
     """Subject, text and HTML of the delivery email (the link and the poster in both)."""
     env = _env()
@@ -290,7 +298,8 @@ def compose(
         "dance": dance,
         "watch_url": links_mod.watch_url(base_url, token),
         "poster_url": links_mod.poster_url(base_url, token),
-        "expires": datetime.fromtimestamp(expires_at, tz=timezone.utc).strftime("%d %B %Y"),
+        # The moment it stops, in the booth's zone: a date alone read as "all of that day".
+        "expires": _local(expires_at, tz),
         "expiry_days": f"{expiry_days:g}",
         "poster_width": poster_width,
     }
@@ -319,6 +328,7 @@ class Deliverer:
             token=link.token,
             expires_at=link.expires_at,
             expiry_days=s.links.expiry_days,
+            tz=s.booth.timezone,
         )
         # Refuse an address with CR/LF now, not in the sender: staff see it at once.
         mail.address(session["name"], session["email"])

@@ -271,3 +271,30 @@ def test_resend_is_refused_before_delivery(deliverer, repo):
     sid = rendered_session(repo)
     with pytest.raises(BoothError, match="nothing to resend"):
         deliverer.resend(sid)
+
+
+def test_the_email_says_when_the_link_stops_in_the_booths_time_zone():
+    from datetime import datetime
+    from zoneinfo import ZoneInfo
+
+    from cloud_trainer.deliver import compose
+
+    # 23:30 on 15 December in California is already the 16th in UTC.
+    ends = datetime(2026, 12, 15, 23, 30, tzinfo=ZoneInfo("America/Los_Angeles")).timestamp()
+    common = dict(name="Ada", booth="b", dance="d", base_url="http://x", token="t", expiry_days=30)
+    local = compose(**common, expires_at=ends, tz="America/Los_Angeles")["body_text"]
+    assert "15 December 2026, 23:30 (America/Los_Angeles)" in local
+    assert "16 December 2026, 07:30 (UTC)" in compose(**common, expires_at=ends)["body_text"]
+
+
+def test_config_refuses_an_unknown_time_zone_and_an_image_size_the_model_cannot_use():
+    import pytest
+
+    from cloud_trainer.config import BoothSection, TrainerConfig
+
+    assert BoothSection(timezone="Europe/Berlin").timezone == "Europe/Berlin"
+    with pytest.raises(ValueError, match="unknown time zone 'Mars/Olympus'"):
+        BoothSection(timezone="Mars/Olympus")
+    assert TrainerConfig(size_px=256).size_px == 256
+    with pytest.raises(ValueError, match="power of two"):
+        TrainerConfig(size_px=384)

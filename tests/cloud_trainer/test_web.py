@@ -571,3 +571,15 @@ def test_start_again_after_a_failed_take_makes_a_fresh_session_for_the_attendee(
     # Only a failed take is started again.
     r = client.post(f"/api/sessions/{fresh['id']}/again", headers=headers)
     assert r.status_code == 409
+
+
+def test_the_tablets_today_starts_at_midnight_where_the_booth_stands():
+    from datetime import datetime
+    from zoneinfo import ZoneInfo
+
+    from cloud_trainer.web.routes.sessions import _today_start
+
+    for tz in ("Pacific/Kiritimati", "UTC", "Pacific/Pago_Pago"):  # UTC+14 ... UTC-11
+        start = datetime.fromtimestamp(_today_start(tz), ZoneInfo(tz))
+        assert (start.hour, start.minute) == (0, 0)
+        assert start.date() == datetime.now(ZoneInfo(tz)).date()

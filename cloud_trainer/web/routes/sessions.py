@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import time
+from datetime import datetime
 from typing import Annotated, Any
+from zoneinfo import ZoneInfo
 
 from fastapi import APIRouter, Form, HTTPException, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response, StreamingResponse
@@ -106,9 +107,10 @@ def _get(services: Services, session_id: str) -> dict[str, Any]:
         raise HTTPException(404, "no such session (deleted?)") from None
 
 
-def _today_start() -> float:
-    t = time.localtime()
-    return time.mktime((t.tm_year, t.tm_mon, t.tm_mday, 0, 0, 0, 0, 0, -1))
+def _today_start(tz: str) -> float:
+    """Midnight at the booth (``booth.timezone``), not wherever the server runs."""
+    now = datetime.now(ZoneInfo(tz))
+    return now.replace(hour=0, minute=0, second=0, microsecond=0).timestamp()
 
 
 def _references(services: Services) -> list[dict[str, Any]]:
@@ -135,7 +137,10 @@ def _home(
             "error": message,
             "form": form or {},
             "sessions": [
-                session_view(services, s) for s in services.repo.list_sessions(since=_today_start())
+                session_view(services, s)
+                for s in services.repo.list_sessions(
+                    since=_today_start(services.settings.booth.timezone)
+                )
             ],
             "references": _references(services),
             "agents": _agents(services),
@@ -300,7 +305,7 @@ def plot(session_id: str, services: ServicesDep, staff: StaffPage):
 # without the CSRF header; each route adds what it refuses itself.
 @router.get("/api/sessions", summary="Today's sessions, newest first", responses=api_errors(401))
 def list_sessions(services: ServicesDep, staff: StaffApi, all_days: bool = False):
-    since = None if all_days else _today_start()
+    since = None if all_days else _today_start(services.settings.booth.timezone)
     return [session_view(services, s) for s in services.repo.list_sessions(since=since)]
 
 
