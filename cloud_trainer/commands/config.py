@@ -14,6 +14,7 @@ booth:
   take_s: 15            # seconds each take captures
   countdown_s: 3
   upload_deadline_s: 1800  # a take not uploaded by then fails, naming the missing cameras
+  timezone: UTC         # where the booth stands (IANA name): "today" and email times
 
 models_dir: models      # filled by `make models` from the mediapipe wheel
 
@@ -83,6 +84,8 @@ web:
   base_url: http://127.0.0.1:8000
   secret_key: changethis  # the app refuses to start until this is set
   staff: []             # [{username: staff, password_hash: <booth staff hash-password>}]
+  login_attempts_per_minute: 5
+  forwarded_allow_ips: 127.0.0.1  # the TLS proxy whose X-Forwarded-* headers are believed
 """
 
 
