@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+from datetime import datetime
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exception_handlers import http_exception_handler
@@ -63,6 +65,9 @@ def create_app(
         resend_email=deliverer.resend if deliverer is not None else None,
     )
     templates = Jinja2Templates(directory=str(HERE / "templates"))
+    zone = ZoneInfo(settings.booth.timezone)
+    # Times as the booth's clock shows them (server-side: the pages run no inline script).
+    templates.env.filters["clock"] = lambda ts: datetime.fromtimestamp(ts, zone).strftime("%H:%M")
     services = Services(
         settings=settings,
         repo=repo,

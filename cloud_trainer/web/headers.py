@@ -5,9 +5,10 @@
   path, which must not leave in a Referer header (the video redirects to storage);
 - ``frame-ancestors 'none'`` / ``X-Frame-Options``: no page can be framed
   (clickjacking the Start or Delete buttons);
-- a Content-Security-Policy that allows only this origin's scripts and styles
-  (plus storage over https for media), except on the API docs pages, whose
-  Swagger and ReDoc bundles come from a CDN;
+- a Content-Security-Policy that allows only this origin's script files (no
+  inline code, so injected markup cannot run) and styles (plus storage over https
+  for media), except on the API docs pages, whose Swagger and ReDoc bundles come
+  from a CDN;
 - HTML is ``no-store``: a shared tablet's back button does not show an attendee's
   name and email after logout.
 """
@@ -19,7 +20,7 @@ from typing import Any
 CSP = "; ".join(
     (
         "default-src 'self'",
-        "script-src 'self' 'unsafe-inline'",
+        "script-src 'self'",  # the pages' scripts are files in /static: no inline code
         "style-src 'self' 'unsafe-inline'",
         "img-src 'self' data: https:",
         "media-src 'self' https:",

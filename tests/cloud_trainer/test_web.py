@@ -481,6 +481,12 @@ def test_every_response_carries_the_security_headers(client):
     assert api.headers["x-content-type-options"] == "nosniff" and "no-store" not in api.headers.get(
         "cache-control", ""
     )
+    csp = page.headers["content-security-policy"]
+    assert "script-src 'self';" in csp + ";"  # no inline code runs, injected or not
+    sid = new_session(client, csrf).json()["id"]
+    for html in (page.text, client.get(f"/sessions/{sid}").text, client.get("/login").text):
+        assert re.findall(r"<script(?![^>]*\bsrc=)[^>]*>", html) == []  # every script is a file
+        assert not re.search(r"\son(submit|click|load|error)=", html)
     docs = client.get("/docs")  # Swagger's bundle comes from a CDN: no CSP there
     assert docs.status_code == 200 and "content-security-policy" not in docs.headers
 

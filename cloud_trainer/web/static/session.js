@@ -1,0 +1,83 @@
+// The session page: polls the session and the cameras, draws progress and live poses.
+const root = document.getElementById('session');
+const sid = root.dataset.sid;
+const stages = ['created','capturing','uploaded','training','rendering','delivered'];
+let countdownShown = false;
+function fmt(sec) { if (sec == null) return ''; sec = Math.max(0, Math.round(sec)); return sec >= 60 ? Math.floor(sec/60) + ' min ' + (sec%60) + ' s' : sec + ' s'; }
+function render(v) {
+  const st = document.getElementById('state'); st.textContent = v.state; st.className = 'pill ' + v.state;
+  document.querySelectorAll('#stages div').forEach(d => { const i = +d.dataset.stage; d.className = i < v.stage_index ? 'done' : (i === v.stage_index ? 'now' : ''); if (i === v.stage_index) d.setAttribute('aria-current', 'step'); else d.removeAttribute('aria-current'); });
+  const f = document.getElementById('failure'); f.hidden = v.state !== 'failed'; document.getElementById('failure-reason').textContent = v.failure_reason || '';
+  const p = v.progress || {};
+  if (v.state === 'capturing' && !countdownShown && p.capture_at) { countdownShown = true; runCountdown(p.capture_at); }
+  const cap = document.getElementById('capture-status');
+  if (v.takes && v.takes.length) cap.textContent = v.takes.map(t => `${t.camera_id}: ${t.frames_stored} frames uploaded` + (t.frame_count != null ? ` of ${t.frame_count}` : '') + (t.state === 'uploaded' ? ' ✓' : '')).join(' · ');
+  const ts = document.getElementById('train-status');
+  if (p.stage) {
+    ts.textContent = `${p.stage}` + (p.step != null ? ` · step ${p.step}${p.total_steps ? ' / ' + p.total_steps : ''}` : '') + (p.eta_s != null ? ` · about ${fmt(p.eta_s)} left` : '') + (p.loss != null ? ` · L1 ${(+p.loss).toFixed(3)}` : '');
+    if (p.total_steps) { const pct = Math.min(100, 100 * p.step / p.total_steps); document.getElementById('train-bar').style.width = pct + '%'; document.getElementById('train-progress').setAttribute('aria-valuenow', Math.round(pct)); }
+    const img = document.getElementById('plot'); img.style.display = 'block'; img.src = `/sessions/${sid}/plot.png?t=${Date.now()}`; img.onerror = () => img.style.display = 'none';
+  }
+  if (v.state === 'delivered') document.getElementById('train-bar').style.width = '100%';
+  if (v.link_url) { const a = document.createElement('a'); a.href = v.link_url; a.target = '_blank'; a.rel = 'noopener'; a.textContent = v.link_url; document.getElementById('link').replaceChildren(a); }
+  const e = v.email_delivery; document.getElementById('email-state').textContent = e ? `Email to ${e.to_addr}: ${e.state}` + (e.last_error ? ` (${e.last_error})` : '') : '';
+  if (v.state !== 'created' && v.state !== 'failed') { const sf = document.getElementById('start-form'); if (sf) sf.hidden = true; }
+}
+function runCountdown(atSec) {
+  const el = document.getElementById('countdown'); el.hidden = false;
+  const tick = () => { const left = Math.ceil(atSec - Date.now()/1000); if (left > 0) { el.textContent = left; setTimeout(tick, 200); } else { el.textContent = 'Dance!'; setTimeout(() => el.hidden = true, 2500); } };
+  tick();
+}
+const LIMBS = JSON.parse(root.dataset.limbs);
+const SVG = 'http://www.w3.org/2000/svg';
+// Text from agents goes in as text, never as HTML.
+function renderAgents(list) {
+  const box = document.getElementById('agents');
+  box.replaceChildren(...list.map(agentCard));
+  if (!list.length) { const d = document.createElement('div'); d.className = 'agent offline'; d.textContent = 'no camera online'; box.append(d); }
+}
+function agentCard(x) {
+  const d = document.createElement('div'); d.className = 'agent ' + (x.online ? 'online' : 'offline'); d.dataset.camera = x.camera_id;
+  const line = document.createElement('span');
+  line.textContent = [x.camera_id, x.state, x.fps ? Math.round(x.fps) + ' fps' : '', x.capture_dropped ? 'drops ' + x.capture_dropped : '', x.upload_behind ? 'upload behind' : '', x.error].filter(Boolean).join(' · ');
+  d.append(line);
+  for (const w of x.warnings || []) { const p = document.createElement('div'); p.className = 'warn'; p.textContent = w; d.append(p); }
+  if (x.live_pose) d.append(poseFigure(x.live_pose));
+  return d;
+}
+// The camera's newest pose, as the board tracks it: staff see at once whether the
+// dancer is in frame and followed.
+function poseFigure(kp) {
+  const svg = document.createElementNS(SVG, 'svg');
+  svg.setAttribute('viewBox', '0 0 160 120'); svg.setAttribute('class', 'pose'); svg.setAttribute('role', 'img'); svg.setAttribute('aria-label', 'live pose');
+  for (const [a, b] of LIMBS) {
+    const p = kp[a], q = kp[b];
+    if (!p || !q || !(p[2] > 0) || !(q[2] > 0)) continue;
+    const l = document.createElementNS(SVG, 'line');
+    l.setAttribute('x1', p[0] * 160); l.setAttribute('y1', p[1] * 120); l.setAttribute('x2', q[0] * 160); l.setAttribute('y2', q[1] * 120);
+    svg.append(l);
+  }
+  return svg;
+}
+let failures = 0;
+async function poll() {
+  let ok = false;
+  try {
+    const r = await fetch(`/api/sessions/${sid}`, {credentials: 'same-origin'});
+    if (r.status === 404) { location.href = '/?deleted=1'; return; }
+    if (r.status === 401) { location.href = '/login'; return; }  // the login expired
+    if (r.ok) { render(await r.json()); ok = true; }
+    const a = await fetch('/api/agents', {credentials: 'same-origin'});
+    if (a.ok) renderAgents(await a.json());
+  } catch (err) { /* a network blip: try again */ }
+  failures = ok ? 0 : failures + 1;
+  // Stale numbers must not pass for live ones: say so after a few misses.
+  document.getElementById('offline').hidden = failures < 3;
+  setTimeout(poll, 1000);
+}
+poll();
+
+// Deleting asks first; cancelling stops the submit before once.js disables the button.
+document.querySelector('form[data-confirm]')?.addEventListener('submit', (event) => {
+  if (!confirm(event.currentTarget.dataset.confirm)) event.preventDefault();
+});
