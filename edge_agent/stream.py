@@ -1248,11 +1248,8 @@ class Streamer:
             for rec in batch:
                 if rec.kind == KIND_FRAME:
                     if not jpeg_looks_complete(rec.payload):
-                        await call.write(self._lost_frame(take, rec, ids))
-                        sent_at.append((rec.seq, time.monotonic()))
-                        progressed = True
-                        continue
-                    if len(rec.payload) > max_jpeg:
+                        req = self._lost_frame(take, rec, ids)
+                    elif len(rec.payload) > max_jpeg:
                         # Let the server keep (and ack) what came before, then say why we stop.
                         await call.done_writing()
                         await reader
@@ -1261,11 +1258,15 @@ class Streamer:
                             f"uplink.max_message_mb ({self.cfg.max_message_mb}) allows; the take "
                             "cannot complete until that limit (and ingest.max_message_mb) is raised"
                         )
-                    req = booth_pb2.IngestRequest(
-                        frame=booth_pb2.Frame(
-                            seq=rec.seq, capture_ts_ns=rec.capture_ts_ns, jpeg=rec.payload, **ids
+                    else:
+                        req = booth_pb2.IngestRequest(
+                            frame=booth_pb2.Frame(
+                                seq=rec.seq,
+                                capture_ts_ns=rec.capture_ts_ns,
+                                jpeg=rec.payload,
+                                **ids,
+                            )
                         )
-                    )
                     await call.write(req)
                     sent_at.append((rec.seq, time.monotonic()))
                 else:
