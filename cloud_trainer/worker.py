@@ -43,6 +43,7 @@ import numpy as np
 from cloud_trainer.config import BoothConfig
 from cloud_trainer.repository import Repository, SessionNotFound
 from cloud_trainer.repository.jobs import JobNotFound
+from cloud_trainer.repository.sessions import known_id
 from cloud_trainer.session import State
 from edge_agent import skeleton as sk
 from edge_agent.errors import BoothError
@@ -273,8 +274,10 @@ class Worker:
 
     def _remove_work_dir(self, session_id: str) -> None:
         """The job's local directory: a retry resumes from the blob store's mirror instead."""
-        if not session_id or session_id in (".", "..") or "/" in session_id:
-            return
+        try:
+            known_id(session_id)
+        except SessionNotFound:
+            return  # not one of our ids: train_job made no directory for it
         work_dir = Path(self.settings.trainer.work_dir) / session_id
         if work_dir.exists():
             shutil.rmtree(work_dir, ignore_errors=True)
