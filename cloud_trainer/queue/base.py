@@ -14,6 +14,9 @@ Settling a lease:
   someone else) does not remove the other worker's job.
 - ``nack(retry_after_s)``: give it back for another attempt after a delay.
 - ``dead_letter(reason)``: park it where ops can see it; never delivered again.
+- ``release()``: hand it back at once *without* using up an attempt: the worker is
+  shutting down (SIGTERM), the job did not fail, and its checkpoint lets the next
+  worker resume it.
 
 Attempts. ``lease.final`` is True on attempt ``max_attempts``: the caller should
 treat a failure as permanent (record it, then ack). ``nack()`` on a final
@@ -78,7 +81,7 @@ class Lease(ABC):
 
     @property
     def settled(self) -> str | None:
-        """None while held; else "acked", "nacked" or "dead"."""
+        """None while held; else "acked", "nacked", "released" or "dead"."""
         return self._settled
 
     # ---- what a consumer calls -------------------------------------------------------
@@ -114,6 +117,19 @@ class Lease(ABC):
                 return
             self._nack(retry_after_s)
             self._settled = "nacked"
+
+    def release(self) -> None:
+        """Give the job back for immediate delivery, keeping its attempt count.
+
+        Unlike ``nack``, a final lease is not dead-lettered: stopping a worker is not
+        a failure of the job, so a rolling deploy must not use up its attempts.
+        """
+        with self._lock:
+            if self._settled is not None:
+                return
+            self._release()
+            self._settled = "released"
+        log.info("job handed back", extra={"job_id": self.job_id, "attempt": self.attempt})
 
     def dead_letter(self, reason: str) -> None:
         with self._lock:
@@ -167,6 +183,9 @@ class Lease(ABC):
 
     @abstractmethod
     def _dead_letter(self, reason: str) -> None: ...
+
+    @abstractmethod
+    def _release(self) -> None: ...
 
 
 class JobQueue(Protocol):

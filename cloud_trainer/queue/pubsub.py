@@ -23,6 +23,11 @@ Mapping onto Pub/Sub:
   subscriber rights on the subscription for that backstop to work.)
 - ``nack(retry_after_s)`` = ``modify_ack_deadline(retry_after_s)``: the message
   comes back after the delay (at most 600 s).
+- ``release()`` publishes a copy that carries the attempts used so far
+  (``prior_attempts``) and acks the original, since Pub/Sub counts every
+  delivery and a handed-back job must not lose an attempt. Should the worker
+  die between the two, the job is delivered twice; the repository's job state
+  makes that harmless.
 - ``dead_letter(reason)`` publishes a copy to ``<topic>-dead`` (kept by the
   ``<subscription>-dead`` subscription for ops) and acks the original.
 
@@ -184,8 +189,12 @@ class PubSubJobQueue:
 
     def _lease_from(self, received) -> PubSubLease | None:
         msg = received.message
-        attempt = received.delivery_attempt or 1
         job_id = msg.attributes.get("job_id", "")
+        try:
+            prior = max(0, int(msg.attributes.get("prior_attempts", "0") or 0))
+        except ValueError:
+            prior = 0
+        attempt = (received.delivery_attempt or 1) + prior
         try:
             payload = json.loads(msg.data.decode())
             if not job_id or not isinstance(payload, dict):
@@ -281,6 +290,13 @@ class PubSubLease(Lease):
 
     def _nack(self, retry_after_s: float) -> None:
         self._queue._modify(self._ack_id, int(min(math.ceil(retry_after_s), _MAX_DEADLINE_S)))
+
+    def _release(self) -> None:
+        q = self._queue
+        q._publisher.publish(
+            q.topic_path, self._data, job_id=self.job_id, prior_attempts=str(self.attempt - 1)
+        ).result(timeout=_PUBLISH_TIMEOUT_S)
+        self._ack()
 
     def _dead_letter(self, reason: str) -> None:
         q = self._queue

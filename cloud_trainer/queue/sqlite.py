@@ -221,6 +221,14 @@ class SqliteLease(Lease):
         ):
             self._queue._notify()
 
+    def _release(self) -> None:
+        # The next claim adds 1 again: the handed-back delivery does not count.
+        if self._update(
+            "UPDATE messages SET lease_token = NULL, visible_at = ?, attempt = attempt - 1",
+            (time.time(),),
+        ):
+            self._queue._notify()
+
     def _dead_letter(self, reason: str) -> None:
         self._update(
             "UPDATE messages SET state = 'dead', lease_token = NULL, reason = ?", (reason,)

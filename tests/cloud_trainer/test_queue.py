@@ -174,6 +174,25 @@ def test_job_whose_final_worker_died_comes_back_exhausted(consumers):
     back.ack()  # the caller recorded the failure
 
 
+def test_release_hands_the_job_back_at_once_without_using_an_attempt(consumers):
+    stopping, other = consumers(max_attempts=2), consumers(max_attempts=2)
+    stopping.publish("job-1", {"k": "v"})
+    first = stopping.receive(timeout_s=10)
+    assert first is not None and first.attempt == 1
+    first.nack(0)  # a real failure: counts
+    second = stopping.receive(timeout_s=REDELIVERY_WAIT_S)
+    assert second is not None and (second.attempt, second.final) == (2, True)
+    second.release()  # the worker is shutting down: does not count, and is not dead-lettered
+    assert second.settled == "released"
+    again = other.receive(timeout_s=REDELIVERY_WAIT_S)
+    assert again is not None
+    assert (again.job_id, again.payload, again.attempt) == ("job-1", {"k": "v"}, 2)
+    assert again.final and not again.exhausted
+    again.ack()
+    assert other.receive(timeout_s=1) is None
+    assert other.dead_letters() == []
+
+
 def test_explicit_dead_letter_keeps_the_reason(consumers):
     q = consumers()
     q.publish("job-1", {"k": 1})
