@@ -20,6 +20,12 @@ loaded machine slows several-fold, so its guess is the least reliable, and
 without it the job has no point; a tiny budget may therefore end a few seconds
 late.
 
+A worker that is asked to stop (SIGTERM on a deploy) passes ``should_stop``:
+training then ends after the current step with a checkpoint mirrored to the
+store, and ``train_job`` raises ``Interrupted`` so the worker hands the job back;
+the next attempt resumes from that step. The budget counts the time each attempt
+spent up to its last checkpoint.
+
 NaN losses roll the job back once to the last good checkpoint at half the
 learning rate; a second divergence fails the job with a readable reason.
 
@@ -93,6 +99,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "Budget",
+    "Interrupted",
     "JobResult",
     "JobSpec",
     "Pix2Pix",
@@ -653,6 +660,17 @@ class TrainHooks:
 ProgressFn = Callable[[Progress], None]
 
 
+class Interrupted(Exception):
+    """The worker asked the job to stop; its state is checkpointed for the next attempt.
+
+    Not a BoothError: nothing is wrong with the job, so it must not fail.
+    """
+
+    def __init__(self, step: int) -> None:
+        super().__init__(f"stopped at step {step} on request; the next attempt resumes there")
+        self.step = step
+
+
 def _write_json(path: Path, obj: Any) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=1, default=float))
@@ -761,8 +779,10 @@ class _Fit:
         hooks: TrainHooks | None,
         score_frames: int,
         pose_metric: bool,
+        should_stop: Callable[[], bool] | None = None,
     ) -> None:
         self.model, self.corpus, self.cfg = model, corpus, cfg
+        self.should_stop = should_stop
         self.root = ckpt_root
         self.budget, self.state = budget, state
         self.store, self.store_prefix = store, store_prefix
@@ -929,6 +949,9 @@ class _Fit:
             if cfg.max_steps is not None and state.step >= cfg.max_steps:
                 stopped = "max_steps"
                 break
+            if self.should_stop is not None and self.should_stop():
+                stopped = "interrupted"  # the checkpoint below keeps every step taken
+                break
             if state.step == 0:
                 # The first step is what the job is for: it runs unless the budget cannot
                 # pay for scoring and export even at their best. Exporting untrained (or
@@ -980,6 +1003,8 @@ class _Fit:
                 last_ckpt_step, last_ckpt_t = state.step, time.monotonic()
                 first = True
         self._push_history(window)
+        if stopped == "interrupted" and state.step == last_ckpt_step:
+            return stopped  # nothing new since the last checkpoint (or since the start)
         if state.step != last_ckpt_step or not self.manager.latest_checkpoint:
             try:
                 self.checkpoint()
@@ -1034,6 +1059,7 @@ def train_job(
     models_dir: Path | None = Path("models"),
     hooks: TrainHooks | None = None,
     runtime: Runtime | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> JobResult:
     """Train, score and export the generator of one session; resumable (see module docstring).
 
@@ -1067,6 +1093,8 @@ def train_job(
             done["plot_path"] = str(export_dir / "progress.png")
             return JobResult.from_dict(done)
     budget = Budget(cfg.budget_s, spent_s=state.elapsed_s)
+    if should_stop is not None and should_stop():
+        raise Interrupted(state.step)
     report(
         Progress(
             "loading",
@@ -1129,10 +1157,14 @@ def train_job(
         hooks=hooks,
         score_frames=score_frames,
         pose_metric=pose_available,
+        should_stop=should_stop,
     )
     report(Progress("training", state.step, cfg.max_steps, elapsed_s=budget.elapsed()))
     t_stage = time.monotonic()
     stopped = fit.run()
+    if stopped == "interrupted":
+        log.info("job interrupted", extra={"session": job.session_id, "step": state.step})
+        raise Interrupted(state.step)
     timings["train_s"] = round(time.monotonic() - t_stage, 2)
     timings["first_step_s"] = round(fit.first_step_s or 0.0, 2)
     timings["step_s"] = round(fit.step_s or 0.0, 4)

@@ -16,6 +16,9 @@ A session deleted while its job runs stops the job quietly, at the next
 progress report or check (after training, after rendering). The worker then
 deletes ``sessions/<sid>/`` itself, after its last write: the front desk's own
 deletion may have run before the worker wrote its checkpoints, plot or video.
+A worker asked to stop (``stop``, set on SIGTERM) ends training after the current
+step with a checkpoint in the store and hands the job back to the queue
+without using up an attempt (``Lease.release``); the next worker resumes it.
 The job's work directory (``trainer.work_dir/<sid>``: the attendee's frames in
 the corpus, checkpoints, export) is removed whenever ``handle`` ends, except
 when the lease was lost: another worker holds the job then, maybe on this host.
@@ -215,6 +218,8 @@ class Worker:
             log.info("job already ended", extra={"job_id": job_id, "reason": str(e)})
             lease.ack()
             return False
+        from cloud_trainer.train import Interrupted  # TensorFlow: only once a job runs
+
         try:
             with lease.keep_alive():
                 self._run(session, job_id, lease)
@@ -222,6 +227,25 @@ class Worker:
         except GONE:
             self._forget(session_id, job_id)
             lease.ack()
+        except Interrupted as e:
+            # This worker is stopping (SIGTERM): not a failure. The checkpoint is in the
+            # store; hand the job back at once so the next worker resumes it.
+            try:
+                self.repo.requeue_job(job_id)
+                self.repo.set_progress(
+                    session_id,
+                    message=f"training paused at step {e.step}: its worker stopped; "
+                    "the next worker resumes from there",
+                )
+            except (SessionNotFound, JobNotFound):
+                self._forget(session_id, job_id)
+                lease.ack()
+                return False
+            lease.release()
+            log.info(
+                "worker stopping; job handed back",
+                extra={"session_id": session_id, "job_id": job_id, "step": e.step},
+            )
         except LeaseLost:
             # Another worker holds the job now: failing or acknowledging it would undo theirs.
             log.warning(
@@ -334,6 +358,7 @@ class Worker:
             self.store,
             progress,
             models_dir=cfg.models_dir,
+            should_stop=self.stop.is_set,
         )
         if result.plot_path and Path(result.plot_path).exists():
             self.store.put_file(

@@ -16,6 +16,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--id", help="worker id shown on jobs (default: host:pid)")
 
 
+def _stop_on_signals(worker) -> None:
+    """SIGTERM or Ctrl-C: finish the current training step, checkpoint, hand the job back, exit.
+
+    A second Ctrl-C quits at once (the job then comes back when its lease expires).
+    """
+
+    def stop(signum, _frame) -> None:
+        if worker.stop.is_set() and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        log.warning(
+            "stopping: the current job is checkpointed and handed back to the queue"
+            + (" (Ctrl-C again to quit now)" if signum == signal.SIGINT else "")
+        )
+        worker.stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, stop)
+
+
 def run(args: argparse.Namespace) -> int:
     from cloud_trainer.config import load_config
     from cloud_trainer.queue import create_job_queue
@@ -32,8 +51,7 @@ def run(args: argparse.Namespace) -> int:
     )
     if args.id:
         worker.worker_id = args.id
-    # Finish the current step cleanly on SIGTERM; the job's checkpoints let another worker resume.
-    signal.signal(signal.SIGTERM, lambda *_: worker.stop.set())
+    _stop_on_signals(worker)
     if args.once:
         try:
             worker.run_once(timeout_s=30.0)

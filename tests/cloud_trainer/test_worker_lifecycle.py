@@ -9,8 +9,14 @@ take. The repository is subclassed only to do something at a chosen progress sta
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
 import os
+import signal
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -213,6 +219,96 @@ def test_a_lost_lease_stops_training_without_failing_or_acknowledging_the_job(bo
     job = worker.repo.job_for_session(sid)
     assert (job["state"], job["error"]) == ("running", None)
     assert work_dir_of(worker, sid).exists()  # the holder may be on this machine
+
+
+class StopAfterFirstStep(threading.Event):
+    """A SIGTERM that arrives while the first training step runs.
+
+    ``train_job`` asks ``should_stop`` once before building the corpus and then before
+    every step; the third question comes after step 1.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.asked = 0
+
+    def is_set(self) -> bool:
+        self.asked += 1
+        return self.asked >= 3 or super().is_set()
+
+
+def test_a_stopping_worker_checkpoints_and_hands_the_job_back_to_resume_from_there(booth, caplog):
+    worker, _ = booth
+    sid = uploaded_session(worker)
+    worker.stop = StopAfterFirstStep()
+    lease = worker.queue.receive(timeout_s=5.0)
+    assert lease is not None and lease.attempt == 1
+    worker.handle(lease)
+
+    assert lease.settled == "released"  # neither failed nor acknowledged
+    session = worker.repo.get_session(sid)
+    assert session["state"] == State.TRAINING.value
+    assert "paused at step 1" in session["progress"]["message"]
+    assert worker.repo.job_for_session(sid)["state"] == "queued"
+    state = json.loads(worker.store.get(f"sessions/{sid}/checkpoints/state.json"))
+    assert state["step"] == 1 and state["done"] is None
+    assert not work_dir_of(worker, sid).exists()
+
+    # The next worker (here another machine's) gets it at once, on the same attempt,
+    # and carries on from step 1.
+    other = Worker(worker.settings, worker.repo, worker.store, worker.queue, worker_id="next")
+    again = other.queue.receive(timeout_s=5.0)
+    assert again is not None and (again.job_id, again.attempt) == (lease.job_id, 1)
+    with caplog.at_level(logging.INFO, logger="cloud_trainer.train"):
+        other.handle(again)
+    assert again.settled == "acked"
+    # Training finished; the fixture's session names no real reference, so rendering stops it.
+    assert "no reference named 'ref'" in worker.repo.get_session(sid)["failure_reason"]
+    resumed = [r for r in caplog.records if r.getMessage() == "resuming job"]
+    assert [r.step for r in resumed] == [1]
+    done = json.loads(worker.store.get(f"sessions/{sid}/checkpoints/state.json"))["done"]
+    assert (done["resumed_from"], done["steps"]) == (1, 2)
+
+
+def test_booth_worker_on_sigterm_exits_cleanly_and_hands_its_job_back(booth, tmp_path):
+    """The real command and signal: SIGTERM mid-training ends ``booth worker`` with exit 0
+    within a step, the job back in the queue on the same attempt, its checkpoint stored."""
+    worker, _ = booth
+    trainer = worker.settings.trainer.model_copy(update={"max_steps": 100_000})
+    settings = worker.settings.model_copy(update={"trainer": trainer})
+    config = tmp_path / "booth.yaml"
+    config.write_text(json.dumps(settings.model_dump(mode="json")))  # JSON is YAML
+    sid = uploaded_session(worker)
+    log_path = tmp_path / "worker.log"
+    state_key = f"sessions/{sid}/checkpoints/state.json"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "cloud_trainer.cli", "worker", "--config", str(config)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=Path(__file__).resolve().parents[2],
+        )
+    try:
+        deadline = time.monotonic() + 240
+        while not (
+            worker.store.exists(state_key) and json.loads(worker.store.get(state_key))["step"] >= 1
+        ):
+            assert proc.poll() is None, log_path.read_text()[-3000:]
+            assert time.monotonic() < deadline, log_path.read_text()[-3000:]
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 0, log_path.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert "handed back" in log_path.read_text()
+    assert worker.repo.job_for_session(sid)["state"] == "queued"
+    step = json.loads(worker.store.get(state_key))["step"]
+    assert 1 <= step < 100_000
+    again = worker.queue.receive(timeout_s=5.0)
+    assert again is not None and again.attempt == 1
+    again.ack()
 
 
 def test_run_forever_survives_a_job_that_crashes_outside_its_own_handling(booth):
