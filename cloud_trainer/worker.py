@@ -22,6 +22,8 @@ without using up an attempt (``Lease.release``); the next worker resumes it.
 The job's work directory (``trainer.work_dir/<sid>``: the attendee's frames in
 the corpus, checkpoints, export) is removed whenever ``handle`` ends, except
 when the lease was lost: another worker holds the job then, maybe on this host.
+A worker that was killed leaves its directory; the next worker to start on that
+host removes it once no job will come back for it (``sweep_work_dirs``).
 
 Failures the attendee's data explains (an empty take, nobody in the frame, a
 corrupt shard, a missing base checkpoint) fail the session with that reason and
@@ -154,6 +156,7 @@ class Worker:
     stop: threading.Event = field(default_factory=threading.Event)
 
     def run_forever(self, poll_s: float = 2.0) -> None:
+        self.sweep_work_dirs()
         log.info("worker ready", extra={"worker": self.worker_id})
         while not self.stop.is_set():
             try:
@@ -295,6 +298,31 @@ class Worker:
                 "removed blobs written after the deletion",
                 extra={"session_id": session_id, "job_id": job_id, "blobs": removed},
             )
+
+    def sweep_work_dirs(self) -> int:
+        """Remove the work directories no job will come back for; how many.
+
+        A worker that was SIGKILLed never reached ``handle``'s clean-up, so its
+        directory (the attendee's frames among it) stays behind. One whose job is
+        still queued or running is kept: that job may resume here from it.
+        """
+        root = Path(self.settings.trainer.work_dir)
+        if not root.is_dir():
+            return 0
+        removed = 0
+        for path in root.iterdir():
+            try:
+                known_id(path.name)
+            except SessionNotFound:
+                continue  # not a job directory of ours
+            job = self.repo.job_for_session(path.name)
+            if job is not None and job["state"] in ("queued", "running"):
+                continue
+            shutil.rmtree(path, ignore_errors=True)
+            removed += 1
+        if removed:
+            log.info("removed work directories of ended jobs", extra={"directories": removed})
+        return removed
 
     def _remove_work_dir(self, session_id: str) -> None:
         """The job's local directory: a retry resumes from the blob store's mirror instead."""

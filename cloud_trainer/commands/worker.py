@@ -54,6 +54,7 @@ def run(args: argparse.Namespace) -> int:
     _stop_on_signals(worker)
     if args.once:
         try:
+            worker.sweep_work_dirs()
             worker.run_once(timeout_s=30.0)
         except Exception:  # the traceback is for the log; the lease expires and the job returns
             log.exception("job handling crashed")

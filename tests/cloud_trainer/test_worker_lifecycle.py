@@ -311,6 +311,27 @@ def test_booth_worker_on_sigterm_exits_cleanly_and_hands_its_job_back(booth, tmp
     again.ack()
 
 
+def test_a_starting_worker_removes_the_work_dirs_a_killed_worker_left_of_ended_jobs(booth):
+    worker, desk = booth
+    running = uploaded_session(worker, frames=False)
+    worker.repo.start_job(worker.repo.job_for_session(running)["id"], "killed-worker")
+    ended = uploaded_session(worker, frames=False)
+    worker.repo.fail_job(worker.repo.job_for_session(ended)["id"], "it ended")
+    deleted = uploaded_session(worker, frames=False)
+    desk.delete(deleted)
+    for sid in (running, ended, deleted):
+        (work_dir_of(worker, sid) / "corpus").mkdir(parents=True)
+        (work_dir_of(worker, sid) / "corpus" / "frame.jpg").write_bytes(b"attendee")
+    not_ours = Path(worker.settings.trainer.work_dir) / "notes"
+    not_ours.mkdir()
+
+    assert worker.sweep_work_dirs() == 2
+    assert work_dir_of(worker, running).exists()  # its job may resume here
+    assert not work_dir_of(worker, ended).exists()
+    assert not work_dir_of(worker, deleted).exists()
+    assert not_ours.exists()
+
+
 def test_run_forever_survives_a_job_that_crashes_outside_its_own_handling(booth):
     """An error the job handling does not expect (here: the database, on the first
     lookup of a job) is logged and the worker goes on to the next job."""
