@@ -178,7 +178,7 @@ class AgentRegistry:
                 last_seen=self._seen.get(key, self._clock()),
                 software_version=reg.software_version if reg else None,
                 capabilities=_as_dict(reg.capabilities) if reg else None,
-                status=_as_dict(status) if status else None,
+                status=_persisted(status) if status else None,
             )
             await asyncio.get_running_loop().run_in_executor(self._writer, write)
         except Exception as e:
@@ -316,6 +316,14 @@ def _offer(queue: asyncio.Queue, item: Any) -> bool:
     except asyncio.QueueFull:
         return False
     return True
+
+
+# Shown live from memory, stale a second later: not worth a row write per report.
+_NOT_PERSISTED = frozenset({"live_pose"})
+
+
+def _persisted(status: booth_pb2.AgentStatus) -> dict[str, Any]:
+    return {k: v for k, v in _as_dict(status).items() if k not in _NOT_PERSISTED}
 
 
 def _as_dict(message: Any) -> dict[str, Any]:

@@ -254,6 +254,21 @@ async def test_a_report_that_arrives_after_the_stream_closed_leaves_the_agent_of
     assert registry.agents(th.BOOTH)[0].state == "offline"
 
 
+async def test_the_live_pose_is_shown_from_memory_and_not_written_to_the_agents_table(tmp_path):
+    registry, repo = _registry(tmp_path)
+    link = registry.attach(_register())
+    status = _status(booth_pb2.CAPTURING)
+    status.warnings.append("camera granted 60 fps; 120 were asked")
+    for _ in range(23):
+        status.live_pose.keypoints.add(x=0.5, y=0.25, score=0.9)
+    await registry.report(status)
+    assert len(registry.agents(th.BOOTH)[0].status["live_pose"]["keypoints"]) == 23
+    (row,) = repo.list_agents(th.BOOTH)
+    assert row["status"]["warnings"] == ["camera granted 60 fps; 120 were asked"]
+    assert "live_pose" not in row["status"]
+    await registry.detach(link)
+
+
 async def test_an_older_status_write_that_finishes_last_does_not_overwrite_a_newer_one(tmp_path):
     gate, entered = threading.Event(), threading.Event()
     calls = []
@@ -317,4 +332,4 @@ async def test_warnings_and_the_live_pose_reach_the_tablet(tmp_path, server):
         while {r["state"] for r in server.test_repo.list_agents(th.BOOTH)} != {"offline"}:
             await asyncio.sleep(0.01)
     (row,) = server.test_repo.list_agents(th.BOOTH)  # stored as plain JSON, the idle report last
-    assert row["status"]["live_pose"] == {"keypoints": []} and row["status"]["warnings"] == []
+    assert "live_pose" not in row["status"] and row["status"]["warnings"] == []
