@@ -154,12 +154,14 @@ def assert_next_job_runs(worker: Worker) -> None:
     assert not work_dir_of(worker, sid).exists()
 
 
-@pytest.mark.parametrize("stage", ["training", "done"])
+@pytest.mark.parametrize("stage", ["training", "done", "rendering"])
 def test_a_session_deleted_mid_job_stops_it_quietly_and_leaves_nothing_behind(booth, stage):
-    """Deleted while it trains (the next progress write finds no job row), or once training
-    ended (the worker still uploads its plot): acknowledged, no blob, no work directory."""
+    """Deleted while it trains (the next progress write finds no job row), once training
+    ended (the worker still uploads its plot), or while it renders (the video is written
+    after the deletion): acknowledged, no blob, no email, no work directory."""
     worker, desk = booth
     sid = uploaded_session(worker)
+    worker.repo.update_session(sid, reference_name="synthetic:warmup")  # renders for real
     deleted: list[str] = []
 
     def delete_at(session_id: str, at: str) -> None:
@@ -174,6 +176,8 @@ def test_a_session_deleted_mid_job_stops_it_quietly_and_leaves_nothing_behind(bo
 
     assert deleted == [stage]
     assert lease.settled == "acked"
+    assert worker.repo.job_for_session(sid) is None
+    assert worker.repo.claim_emails(time.time() + 3600, lease_s=60) == []  # nobody is mailed
     assert worker.repo.session_deleted(sid)
     assert blobs_of(worker, sid) == []
     assert not work_dir_of(worker, sid).exists()
