@@ -68,22 +68,6 @@ def test_link_lifecycle_valid_then_expired_revoked_or_unknown(repo):
         links.revoke(repo, links.new_token())
 
 
-def test_the_web_facade_reports_the_same_states(repo, store):
-    from cloud_trainer.config import BoothConfig
-
-    sid = _session(repo)
-    facade = links.Links(repo, store, BoothConfig())
-    link = facade.create(sid, now=1000.0)
-    assert facade.resolve(link.token, now=1001.0).state == "ok"
-    assert facade.resolve(link.token, now=1000.0 + 31 * 86400).state == "expired"
-    assert facade.resolve(links.new_token()).state == "not_found"
-    assert facade.revoke_session(sid, now=1002.0) == 1
-    assert facade.resolve(link.token, now=1003.0).state == "revoked"
-    # Local storage has no signed URLs: the app streams the file.
-    store.put("sessions/x/video/final.mp4", b"x")
-    assert facade.signed_url("sessions/x/video/final.mp4", time.time() + 60) is None
-
-
 @pytest.fixture
 def gcs_stores(gcs_emulator):
     """(writer, signer) on one emulator bucket: the emulator cannot sign, a local key can."""

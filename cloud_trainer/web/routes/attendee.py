@@ -118,28 +118,11 @@ def _serve(
     if signed:
         # Not cached: the next request comes back through the link, which checks it again.
         return RedirectResponse(signed, status_code=307, headers={"Cache-Control": "no-store"})
-    size = services.store.size(key)
-    headers = {"Accept-Ranges": "bytes", "Cache-Control": "private, max-age=3600"}
-    if disposition:
+    planned = links.serve_range(services.store, key, range_header, media_type)
+    headers = {**planned.headers, "Cache-Control": "private, max-age=3600"}
+    if disposition and planned.status != 416:
         headers["Content-Disposition"] = disposition
-    try:
-        rng = links.parse_range(range_header, size)
-    except links.RangeNotSatisfiable:
-        return Response(status_code=416, headers={"Content-Range": f"bytes */{size}"})
-    if rng is None:
-        rng, status = links.ByteRange(0, size - 1), 200
-    else:
-        status = 206
-        headers["Content-Range"] = f"bytes {rng.start}-{rng.end}/{size}"
-    headers["Content-Length"] = str(rng.length if size else 0)
-    if size == 0:
-        return Response(b"", media_type=media_type, headers=headers)
-    return StreamingResponse(
-        links.read_range(services.store, key, rng),
-        status_code=status,
-        media_type=media_type,
-        headers=headers,
-    )
+    return StreamingResponse(planned.body, status_code=planned.status, headers=headers)
 
 
 @router.get(
