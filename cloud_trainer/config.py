@@ -240,6 +240,9 @@ class WebConfig(Strict):
     # The TLS proxy in front of the app, whose X-Forwarded-For/-Proto are believed (its
     # address or a comma-separated list; "*" trusts anyone, only on a private network).
     forwarded_allow_ips: str = "127.0.0.1"
+    # When set, /metrics answers only "Authorization: Bearer <metrics_token>" (Prometheus'
+    # `authorization` scrape setting); empty leaves it open, for a private network.
+    metrics_token: str = ""
 
 
 class BoothConfig(Strict):

@@ -86,6 +86,7 @@ web:
   staff: []             # [{username: staff, password_hash: <booth staff hash-password>}]
   login_attempts_per_minute: 5
   forwarded_allow_ips: 127.0.0.1  # the TLS proxy whose X-Forwarded-* headers are believed
+  metrics_token: ""  # when set, /metrics needs "Authorization: Bearer <token>"
 """
 
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request, Response
+import hmac
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Request, Response
 from fastapi.responses import PlainTextResponse
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
@@ -46,8 +49,24 @@ def readyz(services: ServicesDep, response: Response):
     return {"ready": ready, **checks}
 
 
-@router.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse)
-def metrics(request: Request):
+@router.get(
+    "/metrics",
+    summary="Prometheus metrics (a bearer token when web.metrics_token is set)",
+    response_class=PlainTextResponse,
+    responses={401: {"description": "web.metrics_token is set and this is not it"}},
+)
+def metrics(
+    request: Request, services: ServicesDep, authorization: Annotated[str | None, Header()] = None
+):
+    token = services.settings.web.metrics_token
+    if token and not hmac.compare_digest(
+        (authorization or "").encode(), f"Bearer {token}".encode()
+    ):
+        return PlainTextResponse(
+            "metrics need the bearer token set in web.metrics_token\n",
+            status_code=401,
+            headers={"WWW-Authenticate": 'Bearer realm="metrics"'},
+        )
     return Response(
         render(request.app.state.metrics_registry), media_type="text/plain; version=0.0.4"
     )
