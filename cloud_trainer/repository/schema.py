@@ -179,6 +179,18 @@ jobs = Table(
     Column("stage_seconds", JSON, nullable=False, default=dict),  # {stage: seconds}
 )
 
+# The worker running a job says so every few seconds. A second delivery of the job (Pub/Sub
+# may deliver twice; an ack deadline may lapse under a live worker) finds a fresh beat and
+# leaves the job alone; a stale one means the worker died. Its own table keeps the schema
+# additive (create_all adds tables, not columns).
+job_beats = Table(
+    "job_beats",
+    metadata,
+    Column("job_id", String(32), ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True),
+    Column("worker", String(128), nullable=False),
+    Column("beat_at", Float, nullable=False),
+)
+
 links = Table(
     "links",
     metadata,
