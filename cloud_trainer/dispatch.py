@@ -8,11 +8,14 @@ session's upload and the publish delays the job instead of leaving the session
 stuck in ``uploaded``. A crash
 between publish and mark publishes twice; workers ignore a job that has
 already ended and the queue keeps one message per job where it can (SQLite).
+``republish_stalled`` (run by ``booth serve`` every few minutes) does the same for a
+running job whose worker stopped beating and whose message is gone.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -52,6 +55,34 @@ def publish_pending(repo: Any, queue: Any) -> int:
     if pending:
         log.warning("re-published %d job(s) that never reached the queue", len(pending))
     return len(pending)
+
+
+def republish_stalled(repo: Any, queue: Any, quiet_s: float, now: float | None = None) -> int:
+    """Queue again the running jobs nobody has beaten for ``quiet_s`` (nor re-queued since).
+
+    Their worker died. Usually the queue delivers the job again by itself; this is for
+    when it cannot: the delivery was acknowledged as a duplicate while that worker still
+    lived, or the message was lost. A job published twice is harmless (the second
+    delivery finds it running or finished), and ``published_at`` keeps this to once per
+    ``quiet_s``.
+    """
+    now = time.time() if now is None else now
+    stalled = [
+        j
+        for j in repo.stalled_jobs(quiet_s, now)
+        if j["published_at"] is None or j["published_at"] < now - quiet_s
+    ]
+    for job in stalled:
+        log.warning(
+            "job %s of session %s has had no worker for %g s (last: %s); queueing it again",
+            job["id"],
+            job["session_id"],
+            quiet_s,
+            job["worker"] or "none",
+        )
+        queue.publish(job["id"], {"session_id": job["session_id"]})
+        repo.mark_job_published(job["id"], at=now)
+    return len(stalled)
 
 
 def fail_overdue_captures(repo: Any, take_s_grace: float, now: float | None = None) -> list[str]:

@@ -26,6 +26,18 @@ log = logging.getLogger(__name__)
 
 SWEEP_INTERVAL_S = 30.0
 RETENTION_SWEEP_S = 3600.0
+STALLED_SWEEP_S = 60.0
+
+
+def stalled_after_s(queue_cfg: Any) -> float:
+    """How long a running job may go unbeaten before it is queued again.
+
+    Several leases: the queue's own redelivery comes first, after one.
+    """
+    lease_s = (
+        queue_cfg.visibility_timeout_s if queue_cfg.type == "sqlite" else queue_cfg.ack_deadline_s
+    )
+    return max(300.0, 5 * float(lease_s))
 
 
 async def every(interval_s: float, work: Callable[[], Any], what: str) -> None:
@@ -183,7 +195,7 @@ class Service:
         )
         self.ready.set()
 
-        from cloud_trainer.dispatch import fail_overdue_captures
+        from cloud_trainer.dispatch import fail_overdue_captures, republish_stalled
 
         desk = app.state.services.desk
         keep_s = cfg.links.expiry_days * 86400.0
@@ -193,6 +205,13 @@ class Service:
                     SWEEP_INTERVAL_S,
                     lambda: fail_overdue_captures(repo, cfg.booth.upload_deadline_s),
                     "checking for overdue captures",
+                )
+            ),
+            asyncio.create_task(
+                every(
+                    STALLED_SWEEP_S,
+                    lambda: republish_stalled(repo, queue, stalled_after_s(cfg.queue)),
+                    "looking for jobs whose worker died",
                 )
             ),
             # The consent says: kept until deleted or the link expires. Then it goes.

@@ -33,12 +33,14 @@ attempt; the last attempt fails the session with the cause.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,7 +49,7 @@ import numpy as np
 
 from cloud_trainer.config import BoothConfig
 from cloud_trainer.repository import Repository, SessionNotFound
-from cloud_trainer.repository.jobs import JobNotFound
+from cloud_trainer.repository.jobs import JobBusy, JobNotFound
 from cloud_trainer.repository.sessions import known_id
 from cloud_trainer.session import State
 from edge_agent import skeleton as sk
@@ -212,7 +214,13 @@ class Worker:
             lease.ack()
             return False
         try:
-            self.repo.start_job(job_id, self.worker_id)
+            self.repo.start_job(job_id, self.worker_id, busy_within_s=self._busy_within_s(lease))
+        except JobBusy as e:
+            # A second delivery while the job's worker lives. That worker holds its own
+            # delivery; should it die, the stalled-job sweep puts the job back on the queue.
+            log.warning("duplicate delivery dropped", extra={"job_id": job_id, "reason": str(e)})
+            lease.ack()
+            return False
         except JobNotFound:
             self._forget(session_id, job_id)
             lease.ack()
@@ -224,7 +232,7 @@ class Worker:
         from cloud_trainer.train import Interrupted  # TensorFlow: only once a job runs
 
         try:
-            with lease.keep_alive():
+            with lease.keep_alive(), self._beating(job_id, lease):
                 self._run(session, job_id, lease)
             lease.ack()
         except GONE:
@@ -275,6 +283,50 @@ class Worker:
                     return False
                 lease.nack(retry_after_s=5.0)
         return False
+
+    def _busy_within_s(self, lease) -> float:
+        """A beat younger than this means the job's worker lives.
+
+        A live worker beats every ``heartbeat_s``, so 1.5 of those tolerates a late beat.
+        A dead worker's job is delivered again ``lease_s`` after its last queue heartbeat,
+        when its last beat is at least ``lease_s - heartbeat_s`` old: the bound stays
+        well below that, so such a redelivery is never mistaken for a duplicate.
+        """
+        q = self.settings.queue
+        lease_s = float(q.visibility_timeout_s if q.type == "sqlite" else q.ack_deadline_s)
+        return min(1.5 * lease.heartbeat_s, 0.75 * (lease_s - lease.heartbeat_s))
+
+    @contextlib.contextmanager
+    def _beating(self, job_id: str, lease) -> Iterator[None]:
+        """Beat the job's row while it runs; if another worker claimed it, treat it as a lost lease.
+
+        The queue's lease alone cannot say that: a Pub/Sub ack deadline that lapsed under
+        a live worker is extended again without complaint while a second worker runs it.
+        """
+        stop = threading.Event()
+
+        def beat() -> None:
+            while not stop.wait(lease.heartbeat_s):
+                try:
+                    if not self.repo.beat_job(job_id, self.worker_id):
+                        log.warning("another worker claimed the job", extra={"job_id": job_id})
+                        lease.lost.set()
+                        return
+                except JobNotFound:
+                    return  # deleted: the job's next progress write stops it (JobGone)
+                except Exception as e:  # a database hiccup: the next beat may get through
+                    log.warning(
+                        "job heartbeat failed",
+                        extra={"job_id": job_id, "error": f"{type(e).__name__}: {e}"},
+                    )
+
+        thread = threading.Thread(target=beat, name=f"job-beat-{job_id[:8]}", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
 
     def _fail(self, session_id: str, job_id: str, reason: str) -> None:
         try:

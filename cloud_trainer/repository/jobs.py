@@ -2,6 +2,10 @@
 
 A job moves ``queued -> running -> done | failed``; a worker that picks up a
 redelivered job calls ``start_job`` again (``running -> running``, attempts + 1).
+While it runs, its worker beats (``beat_job``, table ``job_beats``): ``start_job``
+refuses a job whose worker beat less than ``busy_within_s`` ago (``JobBusy``: a
+duplicate delivery while its worker lives), and ``stalled_jobs`` lists running
+jobs nobody beats any more (their worker died and their message may be gone).
 ``done`` and ``failed`` are final until staff ``requeue_job`` it. The queue
 carries only the job id; this table is the truth about what the job has done,
 which is what lets a worker skip a redelivered job that already finished.
@@ -17,9 +21,9 @@ import enum
 import time
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import delete, insert, select, update
 
-from cloud_trainer.repository.schema import jobs, sessions
+from cloud_trainer.repository.schema import job_beats, jobs, sessions
 from cloud_trainer.repository.sessions import SessionNotFound, new_id
 from edge_agent.errors import BoothError
 
@@ -40,6 +44,10 @@ class JobNotFound(BoothError):
 
 class JobFinished(BoothError):
     """The job already ended (a redelivery after done/failed): do not run it again."""
+
+
+class JobBusy(BoothError):
+    """Another worker runs the job and beat recently: this delivery is a duplicate."""
 
 
 class JobsRepo:
@@ -91,13 +99,35 @@ class JobsRepo:
         with self.engine.connect() as conn:
             return [dict(r._mapping) for r in conn.execute(q)]
 
-    def start_job(self, job_id: str, worker: str) -> dict[str, Any]:
-        """Claim the job for ``worker`` (attempts + 1). Raises JobFinished if it already ended."""
+    def start_job(
+        self, job_id: str, worker: str, *, busy_within_s: float | None = None
+    ) -> dict[str, Any]:
+        """Claim the job for ``worker`` (attempts + 1) and record its first beat.
+
+        Raises JobFinished if it already ended, and JobBusy if ``busy_within_s`` is given
+        and another worker runs it and beat less than that many seconds ago.
+        """
         now = time.time()
         with self.engine.begin() as conn:
-            row = self._locked(conn, job_id, jobs.c.state, jobs.c.started_at)
+            row = self._locked(conn, job_id, jobs.c.state, jobs.c.started_at, jobs.c.worker)
             if JobState(row.state) in FINISHED:
                 raise JobFinished(f"job {job_id} is already {row.state}")
+            beat = conn.execute(
+                select(job_beats.c.worker, job_beats.c.beat_at).where(job_beats.c.job_id == job_id)
+            ).first()
+            if (
+                busy_within_s is not None
+                and row.state == JobState.RUNNING.value
+                and beat is not None
+                and beat.worker != worker
+                and now - beat.beat_at < busy_within_s
+            ):
+                raise JobBusy(
+                    f"job {job_id} is running on {beat.worker} "
+                    f"(its last heartbeat {now - beat.beat_at:.0f} s ago)"
+                )
+            conn.execute(delete(job_beats).where(job_beats.c.job_id == job_id))
+            conn.execute(insert(job_beats).values(job_id=job_id, worker=worker, beat_at=now))
             conn.execute(
                 update(jobs)
                 .where(jobs.c.id == job_id)
@@ -110,6 +140,38 @@ class JobsRepo:
                 )
             )
         return self.get_job(job_id)
+
+    def beat_job(self, job_id: str, worker: str) -> bool:
+        """``worker`` still runs the job. False if another worker has claimed it since.
+
+        Raises JobNotFound if the job is gone (its session was deleted).
+        """
+        with self.engine.begin() as conn:
+            n = conn.execute(
+                update(job_beats)
+                .where(job_beats.c.job_id == job_id, job_beats.c.worker == worker)
+                .values(beat_at=time.time())
+            ).rowcount
+            if n == 0:
+                self._locked(conn, job_id, jobs.c.id)  # JobNotFound if the row went
+        return n == 1
+
+    def stalled_jobs(self, quiet_s: float, now: float | None = None) -> list[dict[str, Any]]:
+        """Running jobs whose worker has not beaten for ``quiet_s``.
+
+        Each as ``{id, session_id, worker, published_at}``.
+        """
+        now = time.time() if now is None else now
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(jobs.c.id, jobs.c.session_id, jobs.c.worker, jobs.c.published_at)
+                .outerjoin(job_beats, job_beats.c.job_id == jobs.c.id)
+                .where(
+                    jobs.c.state == JobState.RUNNING.value,
+                    (job_beats.c.beat_at.is_(None)) | (job_beats.c.beat_at < now - quiet_s),
+                )
+            )
+            return [dict(r._mapping) for r in rows]
 
     def update_job_progress(
         self,
@@ -152,9 +214,10 @@ class JobsRepo:
         """Mark the job failed with a reason a person can read."""
         self._end(job_id, JobState.FAILED, error=error or "unknown failure")
 
-    def mark_job_published(self, job_id: str) -> None:
+    def mark_job_published(self, job_id: str, at: float | None = None) -> None:
+        at = time.time() if at is None else at
         with self.engine.begin() as conn:
-            conn.execute(update(jobs).where(jobs.c.id == job_id).values(published_at=time.time()))
+            conn.execute(update(jobs).where(jobs.c.id == job_id).values(published_at=at))
 
     def unpublished_jobs(self) -> list[dict[str, Any]]:
         """Queued jobs that never reached the queue (their publisher died in between)."""

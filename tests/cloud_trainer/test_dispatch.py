@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import time
+
 import transport_helpers as th
+from sqlalchemy import update
 
 from cloud_trainer.config import SqliteDatabase, SqliteQueue
 from cloud_trainer.dispatch import enqueue_training, publish_pending
 from cloud_trainer.queue import create_job_queue
 from cloud_trainer.repository import Repository
+from cloud_trainer.repository.schema import job_beats, jobs
 
 
 def uploaded_session(repo: Repository) -> str:
@@ -82,3 +86,39 @@ async def test_a_periodic_sweeper_survives_a_failed_round():
     finally:
         task.cancel()
     assert rounds[:3] == ["fail", "ok", "ok"]
+
+
+def test_a_running_job_whose_worker_died_and_whose_message_is_gone_is_queued_again(tmp_path):
+    """Its one delivery was acknowledged (as a duplicate, while its worker still lived);
+    then that worker died. Without a beat for the quiet time, the job goes back on the
+    queue, once per quiet time, and a worker resumes it."""
+    from cloud_trainer.dispatch import republish_stalled
+
+    repo = Repository.from_config(SqliteDatabase(path=tmp_path / "b.db"))
+    queue = create_job_queue(SqliteQueue(path=tmp_path / "q.db"))
+    sid = uploaded_session(repo)
+    job_id = enqueue_training(repo, queue, sid)
+    queue.receive(timeout_s=1).ack()  # the delivery is gone
+    repo.start_job(job_id, "worker-a", busy_within_s=60)
+    assert republish_stalled(repo, queue, 300) == 0  # it beat just now: it may well live
+    assert queue.receive(timeout_s=0.1) is None
+
+    with repo.engine.begin() as conn:  # queued 500 s ago; worker-a died 400 s ago
+        conn.execute(update(jobs).values(published_at=time.time() - 500))
+        conn.execute(update(job_beats).values(beat_at=time.time() - 400))
+    assert republish_stalled(repo, queue, 300) == 1
+    assert republish_stalled(repo, queue, 300) == 0  # once per quiet time
+    lease = queue.receive(timeout_s=1)
+    assert lease is not None and (lease.job_id, lease.payload) == (job_id, {"session_id": sid})
+    job = repo.start_job(job_id, "worker-b", busy_within_s=60)
+    assert (job["worker"], job["attempts"]) == ("worker-b", 2)
+    assert republish_stalled(repo, queue, 300) == 0  # worker-b beats now
+
+
+def test_serve_waits_several_leases_before_requeueing_a_silent_job():
+    from cloud_trainer.config import PubSubQueue
+    from cloud_trainer.service import stalled_after_s
+
+    assert stalled_after_s(SqliteQueue(visibility_timeout_s=60, heartbeat_s=10)) == 300
+    assert stalled_after_s(SqliteQueue(visibility_timeout_s=600, heartbeat_s=10)) == 3000
+    assert stalled_after_s(PubSubQueue(ack_deadline_s=120)) == 600

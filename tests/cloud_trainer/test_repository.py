@@ -12,13 +12,14 @@ import threading
 import time
 
 import pytest
-from sqlalchemy import event, func, select
+from sqlalchemy import event, func, select, update
 
 from cloud_trainer.repository import Repository, SessionNotFound
-from cloud_trainer.repository.jobs import JobFinished, JobNotFound, JobState
+from cloud_trainer.repository.jobs import JobBusy, JobFinished, JobNotFound, JobState
 from cloud_trainer.repository.schema import (
     attendees,
     frames,
+    job_beats,
     jobs,
     links,
     outbox,
@@ -408,6 +409,31 @@ def test_a_redelivered_job_counts_attempts_and_keeps_its_progress(repo):
         "worker-b",
         40,
     )
+
+
+def test_a_job_whose_worker_beats_is_busy_for_a_second_worker_until_the_beats_stop(repo):
+    job_id = repo.create_job(_new_session(repo))
+    t0 = time.time()
+    repo.start_job(job_id, "worker-a", busy_within_s=60)
+    assert repo.beat_job(job_id, "worker-a")
+    with pytest.raises(JobBusy, match="running on worker-a"):
+        repo.start_job(job_id, "worker-b", busy_within_s=60)  # a duplicate delivery
+    assert repo.get_job(job_id)["attempts"] == 1
+    assert repo.stalled_jobs(60) == []
+    # worker-a stops beating (it died): after the quiet time the job is stalled, and
+    # a worker may claim it; worker-a's next beat then learns it lost the job.
+    assert [j["id"] for j in repo.stalled_jobs(60, now=t0 + 120)] == [job_id]
+    with repo.engine.begin() as conn:
+        conn.execute(update(job_beats).values(beat_at=t0 - 120))
+    job = repo.start_job(job_id, "worker-b", busy_within_s=60)
+    assert (job["worker"], job["attempts"]) == ("worker-b", 2)
+    assert not repo.beat_job(job_id, "worker-a")
+    assert repo.beat_job(job_id, "worker-b")
+    assert repo.stalled_jobs(60) == []
+    repo.finish_job(job_id)
+    assert repo.stalled_jobs(0, now=t0 + 1e6) == []  # only running jobs stall
+    with pytest.raises(JobNotFound):
+        repo.beat_job("0" * 32, "worker-b")
 
 
 def test_failed_job_keeps_its_error_and_cannot_be_started_until_requeued(repo):

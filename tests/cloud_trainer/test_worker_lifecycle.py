@@ -336,6 +336,48 @@ def test_a_starting_worker_removes_the_work_dirs_a_killed_worker_left_of_ended_j
     assert not_ours.exists()
 
 
+def test_a_second_delivery_while_the_jobs_worker_lives_is_dropped(booth):
+    """Pub/Sub may deliver a job twice (or again after an ack deadline lapsed under a live
+    worker): the worker that finds the job beaten recently leaves it to its worker."""
+    worker, _ = booth
+    sid = uploaded_session(worker)
+    job_id = worker.repo.job_for_session(sid)["id"]
+    worker.repo.start_job(job_id, "worker-a")  # running elsewhere, and beating
+    lease = worker.queue.receive(timeout_s=5.0)
+    assert lease is not None
+    worker.handle(lease)
+    assert lease.settled == "acked"
+    job = worker.repo.job_for_session(sid)
+    assert (job["state"], job["worker"], job["attempts"]) == ("running", "worker-a", 1)
+    assert worker.repo.get_session(sid)["state"] == State.UPLOADED.value  # untouched
+    assert not work_dir_of(worker, sid).exists()
+
+
+def test_a_worker_whose_job_another_worker_claimed_stops_without_settling_it(booth):
+    worker, _ = booth
+    sid = uploaded_session(worker)
+    job_id = worker.repo.job_for_session(sid)["id"]
+    # Beats every 50 ms, so the claim below is noticed within the job.
+    worker.queue = create_job_queue(worker.settings.queue.model_copy(update={"heartbeat_s": 0.05}))
+    lease = worker.queue.receive(timeout_s=5.0)
+    assert lease is not None
+    noticed: list[bool] = []
+
+    def claim_at_training(session_id: str, at: str) -> None:
+        if at == "training" and not noticed:
+            worker.repo.start_job(job_id, "worker-b")  # as if worker-b thought us dead
+            noticed.append(lease.lost.wait(30))
+
+    worker.repo.on_stage = claim_at_training
+    worker.handle(lease)
+    assert noticed == [True]
+    assert lease.settled is None  # worker-b's to finish; ours comes back and is dropped
+    job = worker.repo.job_for_session(sid)
+    assert (job["state"], job["worker"]) == ("running", "worker-b")
+    assert worker.repo.get_session(sid)["state"] == State.TRAINING.value
+    worker.queue.close()
+
+
 def test_run_forever_survives_a_job_that_crashes_outside_its_own_handling(booth):
     """An error the job handling does not expect (here: the database, on the first
     lookup of a job) is logged and the worker goes on to the next job."""
