@@ -8,7 +8,10 @@ For each job the worker takes from the queue it
 
 It is safe to run many workers and to kill any of them. Delivery is at least
 once, so every step is idempotent: a job whose session is gone (deleted) or
-already ended is acknowledged and dropped; a restarted job resumes from its
+already ended is acknowledged and dropped, and so is a second delivery of a job
+another worker runs and beats (``jobs.start_job(busy_within_s)``); a worker
+whose job was claimed from under it stops like one whose lease was lost; a
+restarted job resumes from its
 checkpoints (``train_job``, from the blob store's mirror), and rendering and
 delivery are redone only if the session has not reached ``delivered``.
 
