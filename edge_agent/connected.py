@@ -28,17 +28,24 @@ def check_token(cfg: AgentConfig) -> None:
         )
 
 
-def capabilities(cfg: AgentConfig) -> booth_pb2.Capabilities:
+def capabilities(cfg: AgentConfig, running: str | None = None) -> booth_pb2.Capabilities:
+    """What this board offers; ``running`` is the pose backend start-up actually built.
+
+    An EdgeTPU that failed to load is not offered: the board runs the CPU model then.
+    """
     w, h = getattr(cfg.source, "size", (0, 0))
-    backends = [cfg.pose.type] + (
-        ["cpu"] if cfg.pose.type == "edgetpu" and cfg.pose.fallback_to_cpu else []
-    )
+    if running:
+        backends = [running]
+    else:
+        backends = [cfg.pose.type] + (
+            ["cpu"] if cfg.pose.type == "edgetpu" and cfg.pose.fallback_to_cpu else []
+        )
     return booth_pb2.Capabilities(
         pose_backends=backends,
         max_width=w,
         max_height=h,
         max_fps=float(getattr(cfg.source, "fps", 0.0)),
-        edgetpu_count=len(cfg.pose.devices) if cfg.pose.type == "edgetpu" else 0,
+        edgetpu_count=len(cfg.pose.devices) if "edgetpu" in backends else 0,
     )
 
 
@@ -61,7 +68,7 @@ async def run_connected(agent, cfg: AgentConfig, stop: threading.Event) -> None:
         booth_id=cfg.booth_id,
         camera_id=cfg.camera_id,
         runner=AgentRunner(agent),
-        capabilities=capabilities(cfg),
+        capabilities=capabilities(cfg, running=agent.status().get("pose_backend")),
         software_version=__version__,
         streamer=streamer,
         clock=agent.clock,

@@ -181,3 +181,16 @@ def test_agent_start_refuses_with_the_delegate_cause_when_fallback_is_off(tmp_pa
     agent = Agent(_agent_config(tmp_path, pose))
     with pytest.raises(DeviceError, match="EdgeTPU usb:0: cannot load delegate libedgetpu.so.1"):
         agent.start()
+
+
+def test_a_board_registers_the_pose_backend_it_runs_not_the_one_it_was_told_to_try(tmp_path):
+    from edge_agent.connected import capabilities
+
+    cfg = _agent_config(tmp_path, EdgeTpuPose(devices=["usb:0", "usb:1"]))
+    fell_back = capabilities(cfg, running="cpu")
+    assert list(fell_back.pose_backends) == ["cpu"] and fell_back.edgetpu_count == 0
+    coral = capabilities(cfg, running="edgetpu")
+    assert list(coral.pose_backends) == ["edgetpu"] and coral.edgetpu_count == 2
+    unknown = capabilities(cfg)  # not started yet: what the config allows
+    assert list(unknown.pose_backends) == ["edgetpu", "cpu"]
+    assert (unknown.max_width, unknown.max_height, unknown.max_fps) == (160, 120, 30.0)
