@@ -14,7 +14,7 @@ function render(v) {
   if (v.takes && v.takes.length) cap.textContent = v.takes.map(t => `${t.camera_id}: ${t.frames_stored} frames uploaded` + (t.frame_count != null ? ` of ${t.frame_count}` : '') + (t.state === 'uploaded' ? ' ✓' : '')).join(' · ');
   const ts = document.getElementById('train-status');
   if (p.stage) {
-    ts.textContent = `${p.stage}` + (p.step != null ? ` · step ${p.step}${p.total_steps ? ' / ' + p.total_steps : ''}` : '') + (p.eta_s != null ? ` · about ${fmt(p.eta_s)} left` : '') + (p.loss != null ? ` · L1 ${(+p.loss).toFixed(3)}` : '');
+    ts.textContent = `${p.stage}` + (p.step != null ? ` · step ${p.step}${p.total_steps ? ' / ' + p.total_steps : ''}` : '') + (p.eta_s != null ? ` · about ${fmt(p.eta_s)} left` : '') + (p.loss != null ? ` · L1 ${(+p.loss).toFixed(3)}` : '') + (p.message ? ` · ${p.message}` : '');
     if (p.total_steps) { const pct = Math.min(100, 100 * p.step / p.total_steps); document.getElementById('train-bar').style.width = pct + '%'; document.getElementById('train-progress').setAttribute('aria-valuenow', Math.round(pct)); }
     const img = document.getElementById('plot'); img.style.display = 'block'; img.src = `/sessions/${sid}/plot.png?t=${Date.now()}`; img.onerror = () => img.style.display = 'none';
   }
