@@ -164,6 +164,8 @@ class FrontDesk:
         with self.repo.engine.connect() as conn:
             delivered = conn.execute(
                 select(links.c.session_id)
+                .join(sessions, sessions.c.id == links.c.session_id)
+                .where(sessions.c.booth_id == self.booth_id)  # another booth's blobs are elsewhere
                 .group_by(links.c.session_id)
                 .having(func.max(links.c.expires_at) <= now)
             ).scalars()
