@@ -403,13 +403,37 @@ class IngestService(booth_pb2_grpc.IngestServicer):
         log.info("camera %s streaming session %s, resuming after seq %d", cam, sid, pos.durable_seq)
         return stream
 
+    def _remove_orphan_shards(self, session_id: str, camera_id: str) -> None:
+        """Delete the take's shards no index row points at, now that no more can come.
+
+        A server killed between a shard's put and its index commit leaves that shard
+        behind; the agent resends those frames and they land in a shard of their own.
+        """
+        prefix = f"sessions/{session_id}/frames/{camera_id}/"
+        try:
+            keep = self.repo.shard_keys(session_id, camera_id)
+            orphans = [k for k in self.store.list(prefix) if k not in keep]
+            for key in orphans:
+                self.store.delete(key)
+        except Exception as e:  # tidying only: the take itself is complete
+            log.warning("could not tidy the shards of %s/%s: %s", session_id, camera_id, e)
+            return
+        if orphans:
+            log.info(
+                "removed %d shard(s) of %s/%s that a crash left unindexed",
+                len(orphans),
+                session_id,
+                camera_id,
+            )
+
     async def _start_capturing(self, session_id: str) -> None:
         # Another camera (or the API) may have moved it first.
         with contextlib.suppress(InvalidTransition):
             await asyncio.to_thread(self.repo.transition, session_id, State.CAPTURING)
 
     async def take_uploaded(self, session_id: str, camera_id: str) -> None:
-        await asyncio.to_thread(self.repo.mark_take_uploaded, session_id, camera_id)
+        if await asyncio.to_thread(self.repo.mark_take_uploaded, session_id, camera_id):
+            await asyncio.to_thread(self._remove_orphan_shards, session_id, camera_id)
         found = await asyncio.to_thread(self.repo.session_booth_and_cameras, session_id)
         if found is None:
             return  # deleted meanwhile

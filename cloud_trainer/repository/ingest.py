@@ -259,6 +259,16 @@ class IngestRepo:
         with self.engine.connect() as conn:
             return [dict(r._mapping) for r in conn.execute(q.order_by(frames.c.seq))]
 
+    def shard_keys(self, session_id: str, camera_id: str) -> set[str]:
+        """The shards the index points at for one take."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(frames.c.shard_key)
+                .where(frames.c.session_id == session_id, frames.c.camera_id == camera_id)
+                .distinct()
+            )
+            return {r.shard_key for r in rows}
+
     def frame_digests(
         self, session_id: str, camera_id: str, start: int, stop: int
     ) -> dict[int, str]:

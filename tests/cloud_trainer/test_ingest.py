@@ -153,6 +153,31 @@ async def test_a_storage_failure_is_unavailable_and_the_agent_retries_until_it_l
     th.assert_exactly_once(env.repo, env.store, sid, "cam0", frames)
 
 
+async def test_a_shard_a_crash_left_unindexed_is_removed_once_the_take_is_complete(env, server):
+    """Killed between a shard's put and its index commit, the server left a shard nothing
+    points at; the resent frames went to another one. The finished take keeps only those."""
+    sid = th.new_session(env.repo)
+    orphan = f"sessions/{sid}/frames/cam0/shard-00000000-deadbeefdeadbeef.bin"
+    env.store.put(orphan, b"DBSHARD1 half of a take")
+    other_camera = f"sessions/{sid}/frames/cam1/shard-00000000-0123456789abcdef.bin"
+    env.store.put(other_camera, b"DBSHARD1 still streaming")
+    st = env.streamer(server.port)
+    await st.start()
+    try:
+        take = st.open_take(sid)
+        frames = th.frames(20)
+        take.add_frames(frames)
+        take.end()
+        await st.wait_uploaded(sid, timeout_s=30)
+    finally:
+        await st.stop()
+    th.assert_exactly_once(env.repo, env.store, sid, "cam0", frames)
+    stored = set(env.store.list(f"sessions/{sid}/frames/cam0/"))
+    assert orphan not in stored
+    assert stored == env.repo.shard_keys(sid, "cam0") and stored
+    assert env.store.exists(other_camera)  # another camera's take is not this one's business
+
+
 # ---- bad input: each gets a status with a clear detail, and the server keeps serving ----------
 
 
