@@ -1,8 +1,10 @@
-"""The HMAC primitive behind the booth's signed tokens (the staff cookie, ``web.security``).
+"""The HMAC primitive behind the booth's signed tokens: staff cookies and local blob tokens.
 
-The part that is easy to get subtly wrong lives here once: HMAC-SHA256, URL-safe
-base64 without padding, and a constant-time check that answers False for a forged
-non-ASCII signature (``hmac.compare_digest`` raises on one; the fuzz found that).
+Each scheme keeps its own format, key and expiry rule (``web.security.CookieSigner``,
+``storage.local.sign_blob_token``). What they share is the part that is easy to get
+subtly wrong, so it lives here once: HMAC-SHA256, URL-safe base64 without padding,
+and a constant-time check that answers False for a forged non-ASCII signature
+(``hmac.compare_digest`` raises on one; the fuzz found that twice, once per scheme).
 """
 
 from __future__ import annotations

@@ -7,8 +7,9 @@ after this returns. Temporary names contain ``~``, a character no key may hold,
 so ``list()`` never shows a half-written object.
 
 Local blobs have no signed URLs (``url()`` returns None): the web app serves
-them itself, with range support, behind the attendee's link, which it checks on
-every request (so a revoked or deleted link stops at once).
+them itself, with range support, from ``local_path(key)``. For links that must
+work without a login, ``sign_blob_token`` / ``check_blob_token`` make and check
+an expiring HMAC token bound to one key.
 """
 
 from __future__ import annotations
@@ -18,9 +19,11 @@ import os
 import secrets
 import shutil
 import stat
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from cloud_trainer import signing
 from cloud_trainer.storage.base import BlobNotFound, register, validate_key, validate_prefix
 from edge_agent.errors import BadInput
 
@@ -196,7 +199,7 @@ class LocalBlobStore:
         content_type: str | None = None,
     ) -> str | None:
         validate_key(key)
-        return None  # served by the web app, behind the attendee's link
+        return None  # served by the web app: see sign_blob_token
 
 
 @register("local")
@@ -215,3 +218,35 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+# ---- tokenized URLs ------------------------------------------------------------------
+
+
+def sign_blob_token(secret: str, key: str, expires_s: float, now: float | None = None) -> str:
+    """An expiring token that grants GET on one key: ``<expires_at>.<hmac>``, URL-safe.
+
+    The app appends it as ``?token=...`` to its blob route; ``check_blob_token``
+    verifies it without any database lookup.
+    """
+    if not secret:
+        raise BadInput("a blob token needs a non-empty secret")
+    expires_at = int((time.time() if now is None else now) + expires_s)
+    return f"{expires_at}.{signing.sign(secret.encode(), _message(validate_key(key), expires_at))}"
+
+
+def check_blob_token(secret: str, key: str, token: str, now: float | None = None) -> bool:
+    """True if ``token`` was made by ``sign_blob_token`` for this key and has not expired."""
+    expires_text, _, mac = token.partition(".")
+    # isascii: str.isdigit() accepts '²'.
+    if not expires_text.isascii() or not expires_text.isdigit() or len(expires_text) > 18:
+        return False
+    expires_at = int(expires_text)
+    if expires_at < (time.time() if now is None else now):
+        return False
+    return signing.verify(secret.encode(), _message(key, expires_at), mac)
+
+
+def _message(key: str, expires_at: int) -> bytes:
+    # The "blob:" prefix keeps these MACs apart from any other use of the same secret.
+    return f"blob:{key}:{expires_at}".encode()

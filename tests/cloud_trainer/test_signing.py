@@ -1,4 +1,4 @@
-"""The shared HMAC primitive, and the cookie format built on it."""
+"""The shared HMAC primitive, and the two token formats built on it (unchanged by sharing it)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import hashlib
 import hmac
 
 from cloud_trainer import signing
+from cloud_trainer.storage.local import check_blob_token, sign_blob_token
 from cloud_trainer.web.security import CookieSigner
 
 
@@ -39,3 +40,11 @@ def test_cookies_signed_before_the_shared_primitive_still_log_in():
     assert sig == _reference_mac(key, payload.encode())
     assert signer.loads(f"{payload}.{sig}")["user"] == "staff"
     assert signer.loads(f"{payload}.{'é' * 43}") is None
+
+
+def test_blob_tokens_keep_their_format():
+    token = sign_blob_token("s3cret", "sessions/s1/video/out.mp4", 60, now=1000)
+    assert token == "1060." + _reference_mac(b"s3cret", b"blob:sessions/s1/video/out.mp4:1060")
+    assert check_blob_token("s3cret", "sessions/s1/video/out.mp4", token, now=1000)
+    assert not check_blob_token("s3cret", "sessions/s1/video/out.mp4", "1060.é", now=1000)
+    assert not check_blob_token("s3cret", "sessions/s1/video/out.mp4", "1²60." + token[5:], 0)

@@ -12,7 +12,7 @@ from gcs_signing import service_account_credentials
 
 from cloud_trainer.config import GcsStorage, LocalStorage
 from cloud_trainer.storage import BlobNotFound, create_blob_store, validate_key
-from cloud_trainer.storage.local import LocalBlobStore
+from cloud_trainer.storage.local import LocalBlobStore, check_blob_token, sign_blob_token
 from edge_agent.errors import BadInput
 
 BAD_KEYS = [
@@ -236,6 +236,17 @@ def test_local_directory_is_not_a_blob(tmp_path: Path):
     with pytest.raises(BlobNotFound):
         store.local_path("dir")
     assert store.local_path("dir/file").read_bytes() == b"x"
+
+
+def test_local_blob_token_grants_one_key_until_it_expires():
+    token = sign_blob_token("s3cret", "sessions/s1/video/out.mp4", 60, now=1000)
+    assert check_blob_token("s3cret", "sessions/s1/video/out.mp4", token, now=1059)
+    assert not check_blob_token("s3cret", "sessions/s1/video/out.mp4", token, now=1061)
+    assert not check_blob_token("s3cret", "sessions/s2/video/out.mp4", token, now=1001)
+    assert not check_blob_token("other", "sessions/s1/video/out.mp4", token, now=1001)
+    forged = f"9999999999.{token.split('.', 1)[1]}"
+    assert not check_blob_token("s3cret", "sessions/s1/video/out.mp4", forged, now=1001)
+    assert not check_blob_token("s3cret", "sessions/s1/video/out.mp4", "garbage", now=1001)
 
 
 def test_validate_key_accepts_the_pipeline_layout():

@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 
 from cloud_trainer.reference import ReferenceLibrary, storage_key
 from cloud_trainer.storage.base import BlobNotFound, validate_key, validate_prefix
-from cloud_trainer.storage.local import LocalBlobStore
+from cloud_trainer.storage.local import LocalBlobStore, check_blob_token, sign_blob_token
 from edge_agent.errors import BadInput
 
 pytestmark = fuzz_marks()
@@ -226,3 +226,16 @@ def test_a_trailing_newline_is_refused_as_a_key(check: str) -> None:
             validate_key("sessions/abc\n")
         else:
             storage_key("warmup\n")
+
+
+@pytest.mark.parametrize("token", ["1\u00b2.mac", "99999999999.\u00e9"])
+def test_a_forged_non_ascii_blob_token_is_refused(token: str) -> None:
+    assert check_blob_token("secret", "sessions/a/video.mp4", token) is False
+
+
+@fuzz_settings(share=1.0)
+@given(token=st.text(st.characters(max_codepoint=127), max_size=40))
+def test_a_forged_ascii_blob_token_is_refused_never_raises(token: str) -> None:
+    key = "sessions/a/video.mp4"
+    assert check_blob_token("secret", key, sign_blob_token("secret", key, 60)) is True
+    assert check_blob_token("secret", key, token) is False
