@@ -6,10 +6,13 @@ directory is fsynced too, because ingest acknowledges a frame as durable only
 after this returns. Temporary names contain ``~``, a character no key may hold,
 so ``list()`` never shows a half-written object.
 
-Local blobs have no signed URLs (``url()`` returns None): the web app serves
-them itself, with range support, from ``local_path(key)``. For links that must
-work without a login, ``sign_blob_token`` / ``check_blob_token`` make and check
-an expiring HMAC token bound to one key.
+Local blobs have no signed URLs (``url()`` returns None): the web app streams
+them itself, with range support, behind the attendee's link, which it checks on
+every request, so a revoked link or deleted data stops at once (a URL that
+outlived the check, as GCS needs, would not). The adapter's tokenized URLs are
+``sign_blob_token`` / ``check_blob_token``: an expiring HMAC token bound to one
+key, for a route that must hand out a blob without a login; the booth's own
+pages do not need one.
 """
 
 from __future__ import annotations
@@ -199,7 +202,7 @@ class LocalBlobStore:
         content_type: str | None = None,
     ) -> str | None:
         validate_key(key)
-        return None  # served by the web app: see sign_blob_token
+        return None  # streamed by the web app behind the attendee's link (module docstring)
 
 
 @register("local")
