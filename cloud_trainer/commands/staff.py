@@ -1,4 +1,13 @@
-"""``booth staff hash-password``: make a password hash for ``web.staff``."""
+"""``booth staff hash-password|logout``: staff passwords and logins.
+
+    booth staff hash-password [--stdin]                print an argon2 hash for ``web.staff``
+    booth staff logout USERNAME... [--config FILE]     end those users' logins at this booth now
+
+Staff users live in ``web.staff`` of the booth file. Removing a user there, or giving
+them a new hash, ends their logins once ``booth serve`` restarts with it (each login
+remembers the hash it was made with). ``logout`` ends them at once, through the
+database, for a lost tablet or before the restart.
+"""
 
 from __future__ import annotations
 
@@ -15,9 +24,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "hash-password", help="print an argon2 hash of a password (read from stdin or a prompt)"
     )
     h.add_argument("--stdin", action="store_true", help="read the password from standard input")
+    out = sub.add_parser("logout", help="end every login of these staff users at this booth")
+    out.add_argument("usernames", nargs="+", metavar="USERNAME")
+    out.add_argument("--config", help="the booth YAML file (default: embedded defaults)")
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.staff_command == "logout":
+        return _logout(args)
+    return _hash_password(args)
+
+
+def _hash_password(args: argparse.Namespace) -> int:
     from cloud_trainer.web.security import hash_password
 
     if args.stdin or not sys.stdin.isatty():
@@ -29,4 +47,21 @@ def run(args: argparse.Namespace) -> int:
     if len(password) < 8:
         raise BadInput("use at least 8 characters")
     print(hash_password(password))
+    return 0
+
+
+def _logout(args: argparse.Namespace) -> int:
+    import time
+
+    from cloud_trainer.config import BoothConfig, load_config
+    from cloud_trainer.repository import Repository
+
+    cfg = load_config(args.config) if args.config else BoothConfig()
+    repo = Repository.from_config(cfg.database)
+    try:
+        for username in args.usernames:
+            ended = repo.revoke_staff_logins(cfg.booth.id, username, time.time())
+            print(f"{username}: ended {ended} login{'' if ended == 1 else 's'}")
+    finally:
+        repo.close()
     return 0

@@ -2,7 +2,7 @@
 
 ``Repository`` is composed of one mixin per aggregate, each in its own module:
 sessions and attendees, ingest (takes, frame index, poses, agents), jobs,
-links, the email outbox, and the metrics' counters. All share ``self.engine``.
+links, staff logins, the email outbox, and the metrics' counters. All share ``self.engine``.
 """
 
 from __future__ import annotations
@@ -16,9 +16,12 @@ from cloud_trainer.repository.jobs import JobsRepo
 from cloud_trainer.repository.links import LinksRepo
 from cloud_trainer.repository.outbox import OutboxRepo
 from cloud_trainer.repository.sessions import SessionNotFound, SessionsRepo, new_id
+from cloud_trainer.repository.staff_logins import StaffLoginsRepo
 
 
-class Repository(SessionsRepo, IngestRepo, JobsRepo, LinksRepo, OutboxRepo, CountersRepo):
+class Repository(
+    SessionsRepo, IngestRepo, JobsRepo, LinksRepo, StaffLoginsRepo, OutboxRepo, CountersRepo
+):
     def __init__(self, engine: Engine):
         self.engine = engine
 

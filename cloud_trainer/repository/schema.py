@@ -265,3 +265,21 @@ counters = Table(
     Column("label", String(128), primary_key=True),
     Column("value", Float, nullable=False, default=0.0),
 )
+
+# One row per staff login (``cloud_trainer.repository.staff_logins``). The signed cookie
+# carries the login's random id; only its sha256 is stored, so a leaked database holds no
+# working logins. Every staff request reads its row by that key: a revoked (logout,
+# ``booth staff logout``) or missing row, or a user whose password hash in the config is
+# no longer the one they logged in with, is logged out.
+staff_logins = Table(
+    "staff_logins",
+    metadata,
+    Column("id_sha256", String(64), primary_key=True),
+    Column("booth_id", String(64), nullable=False),
+    Column("username", String(64), nullable=False),
+    # sha256 of the argon2 hash (web.staff[].password_hash) the login was made with.
+    Column("password_hash_sha256", String(64), nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("revoked_at", Float, nullable=True),
+)
+Index("ix_staff_logins_booth_user", staff_logins.c.booth_id, staff_logins.c.username)

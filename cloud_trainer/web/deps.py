@@ -8,10 +8,16 @@ from typing import Annotated, Any
 from fastapi import Depends, Header, HTTPException, Request
 from fastapi.templating import Jinja2Templates
 
-from cloud_trainer.config import BoothConfig
+from cloud_trainer.config import BoothConfig, StaffUser
 from cloud_trainer.front_desk import FrontDesk
 from cloud_trainer.repository import Repository
-from cloud_trainer.web.security import SESSION_COOKIE, CookieSigner, LoginThrottle
+from cloud_trainer.web.security import (
+    SESSION_COOKIE,
+    CookieSigner,
+    LoginThrottle,
+    hash_login_id,
+    password_hash_tag,
+)
 
 
 @dataclass
@@ -40,21 +46,43 @@ ServicesDep = Annotated[Services, Depends(get_services)]
 class Staff:
     username: str
     csrf: str
+    login_sha256: str  # the key of this login's row (what logout revokes)
 
 
 class LoginRequired(Exception):
     """Raised for pages; the app turns it into a redirect to /login."""
 
 
-def _staff_from_cookie(request: Request, services: Services) -> Staff | None:
+def staff_from_cookie(request: Request, services: Services) -> Staff | None:
+    """The staff member whose login the cookie names, or None (logged out).
+
+    The signature and age come from the cookie; whether the login still stands comes
+    from its row (one primary-key read), so logout and ``booth staff logout`` end every
+    copy of the cookie at once. A user no longer in ``web.staff``, or whose password
+    hash there changed since the login, is logged out too.
+    """
     data = services.signer.loads(request.cookies.get(SESSION_COOKIE))
-    if not data or "user" not in data or "csrf" not in data:
+    if not data or not isinstance(data.get("login"), str) or not isinstance(data.get("csrf"), str):
         return None
-    return Staff(username=data["user"], csrf=data["csrf"])
+    login = services.repo.get_staff_login(hash_login_id(data["login"]))
+    if (
+        login is None
+        or login["revoked_at"] is not None
+        or login["booth_id"] != services.settings.booth.id
+    ):
+        return None
+    user = staff_user(services.settings, login["username"])
+    if user is None or password_hash_tag(user.password_hash) != login["password_hash_sha256"]:
+        return None
+    return Staff(username=user.username, csrf=data["csrf"], login_sha256=login["id_sha256"])
+
+
+def staff_user(settings: BoothConfig, username: str) -> StaffUser | None:
+    return next((u for u in settings.web.staff if u.username == username), None)
 
 
 def require_staff_page(request: Request, services: ServicesDep) -> Staff:
-    staff = _staff_from_cookie(request, services)
+    staff = staff_from_cookie(request, services)
     if staff is None:
         raise LoginRequired()
     return staff
@@ -65,7 +93,7 @@ def require_staff_api(
     services: ServicesDep,
     x_csrf_token: Annotated[str | None, Header()] = None,
 ) -> Staff:
-    staff = _staff_from_cookie(request, services)
+    staff = staff_from_cookie(request, services)
     if staff is None:
         raise HTTPException(401, "log in first")
     if request.method not in ("GET", "HEAD", "OPTIONS") and x_csrf_token != staff.csrf:

@@ -76,6 +76,28 @@ def new_csrf_token() -> str:
     return secrets.token_urlsafe(24)
 
 
+# A login id is 256 random bits (well over the 128 a guess must face), like a link token.
+LOGIN_ID_BYTES = 32
+
+
+def new_login_id() -> str:
+    return secrets.token_urlsafe(LOGIN_ID_BYTES)
+
+
+def hash_login_id(login_id: str) -> str:
+    """The key a login is stored under: its id travels only in the cookie."""
+    return hashlib.sha256(login_id.encode("utf-8")).hexdigest()
+
+
+def password_hash_tag(password_hash: str) -> str:
+    """What a login remembers of the password hash it was made with.
+
+    A new hash in ``web.staff`` (a new password) no longer matches, so the user's
+    older logins end when the booth restarts with it.
+    """
+    return hashlib.sha256(password_hash.encode("utf-8")).hexdigest()
+
+
 class LoginThrottle:
     """At most ``per_minute`` failed logins per (client, username) in any 60 s window;
     ``per_minute`` x ``WIDE`` per username from all clients together (guessing from many

@@ -1,21 +1,37 @@
-"""Staff login and logout (pages and JSON)."""
+"""Staff login and logout (pages and JSON).
+
+A login is a row in the repository (``staff_logins``) and a signed cookie carrying
+its random id and the CSRF token; logout revokes the row, so a copy of the cookie
+stops working too (``deps.staff_from_cookie`` checks the row on every request).
+"""
 
 from __future__ import annotations
 
+import time
 from typing import Annotated
 
 from fastapi import APIRouter, Form, HTTPException, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
 from pydantic import BaseModel, Field
 
-from cloud_trainer.web.deps import Services, ServicesDep
+from cloud_trainer.config import StaffUser
+from cloud_trainer.web.deps import (
+    Services,
+    ServicesDep,
+    check_form_csrf,
+    staff_from_cookie,
+    staff_user,
+)
 from cloud_trainer.web.errors import api_errors
 from cloud_trainer.web.security import (
     MAX_PASSWORD,
     MAX_USERNAME,
     SESSION_COOKIE,
     dummy_hash,
+    hash_login_id,
     new_csrf_token,
+    new_login_id,
+    password_hash_tag,
     verify_password,
 )
 
@@ -31,8 +47,8 @@ def _client(request: Request) -> str:
     return request.client.host if request.client else "unknown"
 
 
-def _authenticate(services: Services, request: Request, username: str, password: str) -> str:
-    """Return a fresh CSRF token on success; raise 429 when throttled, 401 when wrong."""
+def _authenticate(services: Services, request: Request, username: str, password: str) -> StaffUser:
+    """Return the staff user on success; raise 429 when throttled, 401 when wrong."""
     client = _client(request)
     wait = services.throttle.retry_after_s(client, username)
     if wait > 0:
@@ -41,19 +57,33 @@ def _authenticate(services: Services, request: Request, username: str, password:
             f"too many failed logins; try again in {int(wait) + 1} s",
             {"Retry-After": str(int(wait) + 1)},
         )
-    user = next((u for u in services.settings.web.staff if u.username == username), None)
+    user = staff_user(services.settings, username)
     # An unknown name costs the same argon2 work, so timing does not say which names exist.
     if not verify_password(user.password_hash if user else dummy_hash(), password) or user is None:
         services.throttle.failed(client, username)
         raise HTTPException(401, "wrong username or password")
     services.throttle.succeeded(client, username)
-    return new_csrf_token()
+    return user
 
 
-def _set_cookie(response, services: Services, username: str, csrf: str, request: Request) -> None:
+def _open_login(services: Services, user: StaffUser) -> str:
+    """Record a new login for ``user``; returns its id (for the cookie only)."""
+    login_id, now = new_login_id(), time.time()
+    services.repo.insert_staff_login(
+        id_sha256=hash_login_id(login_id),
+        booth_id=services.settings.booth.id,
+        username=user.username,
+        password_hash_sha256=password_hash_tag(user.password_hash),
+        created_at=now,
+        forget_before=now - services.signer.max_age_s,
+    )
+    return login_id
+
+
+def _set_cookie(response, services: Services, login_id: str, csrf: str, request: Request) -> None:
     response.set_cookie(
         SESSION_COOKIE,
-        services.signer.dumps({"user": username, "csrf": csrf}),
+        services.signer.dumps({"login": login_id, "csrf": csrf}),
         httponly=True,
         samesite="strict",
         # Secure whenever the booth is published over https, even if the proxy in front
@@ -77,7 +107,7 @@ def login_form(
     password: Annotated[str, Form(max_length=MAX_PASSWORD)],
 ):
     try:
-        csrf = _authenticate(services, request, username, password)
+        user = _authenticate(services, request, username, password)
     except HTTPException as e:
         return services.templates.TemplateResponse(
             request,
@@ -86,12 +116,26 @@ def login_form(
             status_code=e.status_code,
         )
     response = RedirectResponse("/", status_code=303)
-    _set_cookie(response, services, username, csrf, request)
+    _set_cookie(response, services, _open_login(services, user), new_csrf_token(), request)
     return response
 
 
 @router.post("/logout", include_in_schema=False)
-def logout():
+def logout(
+    request: Request,
+    services: ServicesDep,
+    csrf: Annotated[str | None, Form()] = None,
+):
+    """End this login for good (every copy of its cookie), then drop the cookie.
+
+    The form carries the CSRF token like every staff form, so another page cannot log
+    the tablet out. Without a standing login there is nothing to end or to protect:
+    the cookie is dropped and the browser sent to /login.
+    """
+    staff = staff_from_cookie(request, services)
+    if staff is not None:
+        check_form_csrf(staff, csrf)
+        services.repo.revoke_staff_login(staff.login_sha256, time.time())
     response = RedirectResponse("/login", status_code=303)
     response.delete_cookie(SESSION_COOKIE)
     return response
@@ -103,7 +147,8 @@ def logout():
     responses=api_errors(400, 401, 429),
 )
 def login_api(body: LoginBody, request: Request, services: ServicesDep):
-    csrf = _authenticate(services, request, body.username, body.password)
-    response = JSONResponse({"username": body.username, "csrf_token": csrf})
-    _set_cookie(response, services, body.username, csrf, request)
+    user = _authenticate(services, request, body.username, body.password)
+    csrf = new_csrf_token()
+    response = JSONResponse({"username": user.username, "csrf_token": csrf})
+    _set_cookie(response, services, _open_login(services, user), csrf, request)
     return response
