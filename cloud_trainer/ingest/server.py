@@ -220,12 +220,15 @@ class IngestStream:
             raise BadInput(
                 f"end of take says {e.frame_count} frames; it said {self.frame_count} before"
             )
+        # Everything the agent sent before the end (the last frames' poses trail them) is
+        # durable before the end is recorded: a take whose frame count is known completes
+        # as soon as its last frame is durable, on this stream or after a reconnect.
+        await self.writer.flush()
         if self.frame_count is None:
-            self.frame_count = e.frame_count
             await asyncio.to_thread(
                 self.service.repo.end_take, self.session_id, self.camera_id, e.frame_count
             )
-        await self.writer.flush()
+            self.frame_count = e.frame_count
         await self._maybe_complete()
         await self._send_ack()  # take_complete says whether frames are still missing
 

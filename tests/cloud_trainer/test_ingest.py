@@ -178,6 +178,66 @@ async def test_a_shard_a_crash_left_unindexed_is_removed_once_the_take_is_comple
     assert env.store.exists(other_camera)  # another camera's take is not this one's business
 
 
+def _pose_req(seq: int, score: float = 0.9, x: float = 10.0, y: float = 5.0):
+    return booth_pb2.IngestRequest(
+        pose=booth_pb2.Pose(
+            seq=seq,
+            skeleton=booth_pb2.Skeleton(
+                keypoints=[booth_pb2.Keypoint(x=x + j, y=y, score=score) for j in range(23)]
+            ),
+        )
+    )
+
+
+async def test_a_take_completes_only_with_the_poses_sent_before_its_end(tmp_path):
+    """Poses trail their frames, so the last frames' poses come after the last frame. An end
+    of take whose final write failed must not leave the take 'complete at its last frame':
+    a resend of the frames alone would then complete it, and the agent would drop the rest
+    of its spool, trailing poses included."""
+
+    class FailOnce:
+        def __init__(self, inner):
+            self.inner, self.failed = inner, False
+
+        def put(self, key, data, content_type=None):
+            if not self.failed:
+                self.failed = True
+                raise OSError(5, "Input/output error")
+            self.inner.put(key, data, content_type)
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+    env = Env(tmp_path, shard_mb=64, flush_interval_s=60)  # one write, at the end
+    sid = th.new_session(env.repo)
+    poses_at_upload: list[list[int]] = []
+
+    async def hook(session_id: str) -> None:
+        poses_at_upload.append([p["seq"] for p in env.repo.pose_rows(session_id, "cam0")])
+
+    token = th.token_for("cam0")
+    frames = [th.frame_req(i) for i in range(10)]
+    async with th.running_server(
+        env.cfg, repo=env.repo, store=FailOnce(env.store), on_session_uploaded=hook
+    ) as srv:
+        first = await th.raw_ingest(
+            srv.port,
+            token,
+            [th.hello(sid), *frames, *(_pose_req(i) for i in range(10)), th.end_req(10)],
+        )
+        assert first.code == grpc.StatusCode.UNAVAILABLE, first.details
+        # The agent resends; this stream breaks off after the frames and some poses.
+        await th.raw_ingest(srv.port, token, [th.hello(sid), *frames, _pose_req(5)])
+        assert poses_at_upload == []  # its end never landed: not complete yet
+        last = await th.raw_ingest(
+            srv.port, token, [th.hello(sid), *(_pose_req(i) for i in range(6, 10)), th.end_req(10)]
+        )
+        assert last.code == grpc.StatusCode.OK, last.details
+        assert th.acks(last)[-1].take_complete
+    assert poses_at_upload == [[5, 6, 7, 8, 9]]
+    assert env.repo.get_session(sid)["state"] == "uploaded"
+
+
 # ---- bad input: each gets a status with a clear detail, and the server keeps serving ----------
 
 
