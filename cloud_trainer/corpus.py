@@ -304,7 +304,8 @@ def split_indices(n: int, holdout_fraction: float, fps: float) -> tuple[range, r
     if holdout_fraction <= 0 or n < 2:
         return range(n), range(n, n)
     n_hold = max(1, math.ceil(n * holdout_fraction))
-    gap = min(round(fps * HOLDOUT_GAP_S), max(0, (n - n_hold) // 4))
+    rate = fps if math.isfinite(fps) and fps > 0 else 30.0  # a take that never said its rate
+    gap = max(0, min(round(rate * HOLDOUT_GAP_S), (n - n_hold) // 4))
     return range(0, n - n_hold - gap), range(n - n_hold, n)
 
 

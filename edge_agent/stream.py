@@ -172,7 +172,11 @@ def _entry_start(entry: tuple[int, int, Record]) -> int:
 def _pose_payload(keypoints: Any, imputed: bool, glitch: bool) -> bytes:
     import numpy as np
 
-    kp = np.asarray(keypoints, dtype="<f4").reshape(-1, 3)
+    kp = np.array(keypoints, dtype="<f4").reshape(-1, 3)
+    # Ingest refuses a non-finite keypoint or a score outside 0..1 (the take would never
+    # upload); a backend's NaN means "missing", which the skeleton says with zeros.
+    kp[~np.isfinite(kp).all(axis=1)] = 0.0
+    np.clip(kp[:, 2], 0.0, 1.0, out=kp[:, 2])
     return _POSE_FLAGS.pack(int(imputed) | (int(glitch) << 1)) + kp.tobytes()
 
 

@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import math
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -57,6 +58,7 @@ from protos import booth_pb2, booth_pb2_grpc
 
 log = logging.getLogger(__name__)
 
+MAX_FPS = 1000.0
 MAX_SEQ = 2**31 - 1  # the index stores seq in a 32-bit column: ~200 days at 120 fps
 ACK_WRITE_TIMEOUT_S = 10.0
 SessionHook = Callable[[str], Awaitable[None] | None]
@@ -205,6 +207,10 @@ class IngestStream:
         if p.seq <= self.last_pose_seq:
             return  # a resend: poses arrive in seq order, so this one is stored or buffered
         kp = np.array([(k.x, k.y, k.score) for k in p.skeleton.keypoints], dtype="<f4")
+        if not np.isfinite(kp).all() or not ((kp[:, 2] >= 0) & (kp[:, 2] <= 1)).all():
+            raise BadInput(
+                f"pose {p.seq} has a keypoint that is not finite or a score outside 0..1"
+            )
         self.writer.add_pose(PoseIn(p.seq, kp.tobytes(), p.imputed, p.glitch))
         self.last_pose_seq = p.seq
 
@@ -360,6 +366,10 @@ class IngestService(booth_pb2_grpc.IngestServicer):
         sid, cam = hello.session_id, hello.camera_id
         if not sid or not cam:
             raise BadInput("hello needs a session_id and a camera_id")
+        # 0 means "not said"; anything else must be a rate a camera can have (the
+        # trainer's time split and the render both run on it).
+        if hello.fps and not (math.isfinite(hello.fps) and 0 < hello.fps <= MAX_FPS):
+            raise BadInput(f"hello fps {hello.fps!r} is not a frame rate (0 < fps <= {MAX_FPS})")
         check_caller(hello.booth_id, cam)
         found = await asyncio.to_thread(self.repo.session_booth_and_cameras, sid)
         if found is None:

@@ -54,6 +54,13 @@ def test_split_holds_out_the_last_fraction_in_time_without_overlap(n: int, fract
     assert train.start == 0 and (not train or train.stop <= hold.start)
 
 
+@pytest.mark.parametrize("fps", [-30.0, 0.0, float("nan"), float("inf")])
+def test_split_with_a_frame_rate_no_camera_has_still_never_overlaps(fps: float) -> None:
+    train, hold = split_indices(40, 0.1, fps=fps)
+    assert hold == range(36, 40)
+    assert train.start == 0 and 0 < train.stop <= hold.start
+
+
 def test_split_without_holdout_trains_on_everything() -> None:
     train, hold = split_indices(10, 0.0, fps=30)
     assert list(train) == list(range(10)) and len(hold) == 0

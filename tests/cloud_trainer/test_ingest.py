@@ -339,6 +339,40 @@ def _bad_cases(
             grpc.StatusCode.INVALID_ARGUMENT,
             "keypoints",
         ),
+        "pose with a NaN keypoint": (
+            [
+                th.hello(sid),
+                booth_pb2.IngestRequest(
+                    pose=booth_pb2.Pose(
+                        seq=0,
+                        skeleton=booth_pb2.Skeleton(
+                            keypoints=[booth_pb2.Keypoint(x=float("nan"), score=0.9)] * 23
+                        ),
+                    )
+                ),
+            ],
+            token,
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "not finite",
+        ),
+        "pose with a score over 1": (
+            [th.hello(sid), _pose_req(0, score=7.0)],
+            token,
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "score outside 0..1",
+        ),
+        "hello with a negative frame rate": (
+            [
+                booth_pb2.IngestRequest(
+                    hello=booth_pb2.Hello(
+                        session_id=sid, camera_id="cam0", booth_id=th.BOOTH, fps=-30
+                    )
+                )
+            ],
+            token,
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "not a frame rate",
+        ),
         "frames past the end": (
             [th.hello(sid), th.frame_req(0), th.end_req(1), th.frame_req(1)],
             token,

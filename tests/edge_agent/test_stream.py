@@ -406,3 +406,27 @@ async def test_a_frame_corrupt_at_capture_is_uploaded_as_lost_and_the_take_compl
     data = take_from_ingest(env.repo, env.store, sid, "cam0", 120.0)
     assert data.rgb(12) is None and not data.poses[12].any()
     assert data.rgb(11) is not None and data.poses[11].any()
+
+
+async def test_a_backend_nan_pose_is_uploaded_as_missing_points_not_refused(env):
+    """Ingest refuses non-finite keypoints and scores outside 0..1; the agent says
+    "missing" the skeleton's way (zeros), so such a pose cannot stall its take."""
+    import numpy as np
+
+    sid = th.new_session(env.repo)
+    sent = th.frames(4)
+    odd = np.full((23, 3), 0.5, np.float32)
+    odd[3] = np.nan  # a backend that lost the joint
+    odd[4, 2] = 1.0000001  # a score a hair over 1 after float rounding
+    async with th.running_server(env.cfg, repo=env.repo, store=env.store) as srv:
+        st = env.streamer(f"127.0.0.1:{srv.port}")
+        take = st.open_take(sid)
+        take.add_frames(sent)
+        for f in sent:
+            take.add_pose(f.seq, odd)
+        take.end()
+        await _upload_all(st, sid)
+    (row, *_) = env.repo.pose_rows(sid, "cam0")
+    kp = np.frombuffer(row["keypoints"], "<f4").reshape(23, 3)
+    assert (kp[3] == 0).all() and kp[4, 2] == 1.0 and np.isfinite(kp).all()
+    assert env.repo.get_session(sid)["state"] == "uploaded"
