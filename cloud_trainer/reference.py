@@ -183,8 +183,23 @@ def _mask_shape(w: int, h: int) -> tuple[int, int]:
 @dataclass
 class _VideoInfo:
     fps: float
-    width: int
+    width: int  # as a player shows it (after the rotation a phone records)
     height: int
+
+
+def _quarter_turns(frame: Any) -> int:
+    """Counter-clockwise quarter turns that show ``frame`` upright, as players do.
+
+    Phones store the sensor's landscape buffer and a display rotation (PyAV's
+    ``frame.rotation``, in degrees); ignored, a portrait dance lies on its side.
+    """
+    return round((getattr(frame, "rotation", 0) or 0) / 90) % 4
+
+
+def _upright(frame: Any) -> np.ndarray:
+    rgb = frame.to_ndarray(format="rgb24")
+    turns = _quarter_turns(frame)
+    return np.ascontiguousarray(np.rot90(rgb, turns)) if turns else rgb
 
 
 def _open_video(path: Path) -> tuple[Any, _VideoInfo]:
@@ -202,7 +217,16 @@ def _open_video(path: Path) -> tuple[Any, _VideoInfo]:
     v = container.streams.video[0]
     rate = v.average_rate or v.guessed_rate
     fps = float(rate) if rate else 30.0
-    return container, _VideoInfo(fps, v.codec_context.width, v.codec_context.height)
+    width, height = v.codec_context.width, v.codec_context.height
+    try:
+        first = next(container.decode(video=0), None)
+    except av.error.FFmpegError:
+        first = None  # _decode reports a damaged file with its error
+    finally:
+        container.close()
+    if first is not None and _quarter_turns(first) % 2:
+        width, height = height, width
+    return av.open(str(path)), _VideoInfo(fps, width, height)
 
 
 def _decode(path: Path) -> Iterator[np.ndarray]:
@@ -211,7 +235,7 @@ def _decode(path: Path) -> Iterator[np.ndarray]:
     container, _ = _open_video(path)
     try:
         for frame in container.decode(video=0):
-            yield frame.to_ndarray(format="rgb24")
+            yield _upright(frame)
     except av.error.FFmpegError as e:
         raise BadInput(f"{path} is damaged: decoding stopped at an error ({e})") from None
     finally:

@@ -136,6 +136,37 @@ def test_a_file_that_is_not_a_video_is_refused(videos, tmp_path):
     assert lib.names() == []
 
 
+def test_a_phone_video_with_a_display_rotation_is_read_upright(tmp_path):
+    """Phones store the sensor's landscape buffer and a rotation players apply: the
+    reference must see the dancer upright, at the size a player shows (the buffer here is
+    what ffmpeg shows upright with ``rotate=270``)."""
+    import shutil
+    import subprocess
+
+    if shutil.which("ffmpeg") is None:
+        pytest.skip("ffmpeg (apt) is missing; `make setup` installs it")
+    portrait = (240, 320)
+    sensor = tmp_path / "sensor.mp4"
+    dancer = Attendee.from_seed(3)
+    with H264Writer(sensor, FPS, (portrait[1], portrait[0])) as w:
+        for i, pose in enumerate(Dance.parse("wave+squat").poses(FPS, 1.2)):
+            rgb = render(dancer, pose, portrait, 0, i).rgb
+            w.write(cv2.rotate(rgb, cv2.ROTATE_90_COUNTERCLOCKWISE))
+    phone = tmp_path / "phone.mp4"
+    subprocess.run(
+        ["ffmpeg", "-loglevel", "error", "-i", str(sensor), "-c", "copy"]
+        + ["-metadata:s:v:0", "rotate=270", str(phone)],
+        check=True,
+    )
+    ref = _library(tmp_path / "blobs").add(phone, "phone")
+    assert (ref.meta["width"], ref.meta["height"]) == portrait
+    p = ref.poses
+    seen = (p[:, 0, 2] > 0.3) & (p[:, 15, 2] > 0.3) & (p[:, 16, 2] > 0.3)
+    assert seen.mean() > 0.8
+    nose_above_ankles = p[seen, 0, 1] - (p[seen, 15, 1] + p[seen, 16, 1]) / 2
+    assert np.median(nose_above_ankles) < -100  # upright: the head far above the feet
+
+
 def test_a_video_without_a_person_is_refused(videos, tmp_path):
     lib = _library(tmp_path)
     with pytest.raises(BadInput, match="no person found"):
