@@ -13,7 +13,7 @@ Frame numbers always refer to the version the file is applied to (what
 the order of items does not matter: overrides are applied first, then
 interpolations (anchored on the corrected neighbours), then drops. Items that
 contradict each other (an override inside an interpolated or dropped range,
-the same keypoint twice) are errors rather than silently resolved, because
+the same keypoint twice, interpolations that overlap or touch) are errors rather than silently resolved, because
 either reading could be the one staff meant. Every error names its line.
 """
 
@@ -286,6 +286,18 @@ def _check_conflicts(c: Corrections, n_frames: int, p: _Problems) -> None:
                     f"on line {s.line}",
                     o.line,
                 )
+    # Interpolations anchor on the frames around them, so two that overlap or touch would
+    # depend on which runs first: one range says what is meant.
+    spans = sorted(c.interpolations, key=lambda s: (s.first, s.last))
+    for a, b in zip(spans, spans[1:], strict=False):
+        if b.first <= a.last + 1:
+            p.add(
+                None,
+                f"interpolate [{b.first}, {b.last}] overlaps or touches interpolate "
+                f"[{a.first}, {a.last}] on line {a.line}; write them as one range "
+                f"[{a.first}, {max(a.last, b.last)}]",
+                b.line,
+            )
     dropped = np.zeros(n_frames, dtype=bool)
     for s in c.drops:
         dropped[s.first : s.last + 1] = True

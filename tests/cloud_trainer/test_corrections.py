@@ -74,6 +74,12 @@ def test_conflicts_and_malformed_files_are_refused_with_their_line():
         corrections.parse(
             "- {frame: 1, joint: nose, x: 1, y: 1}\n- {frame: 1, joint: nose, x: 2, y: 2}\n", N
         )
+    # Overlapping or touching interpolations: the result would depend on their order.
+    with pytest.raises(BadInput, match=r"line 1: interpolate \[4, 6\] overlaps or touches"):
+        corrections.parse("- interpolate: [4, 6]\n- interpolate: [2, 4]\n", N)
+    with pytest.raises(BadInput, match=r"line 2: .*write them as one range \[5, 8\]"):
+        corrections.parse("- interpolate: [5, 5]\n- interpolate: [6, 8]\n", N)
+    assert corrections.parse("- interpolate: [2, 4]\n- interpolate: [6, 8]\n", N)  # apart
     with pytest.raises(BadInput, match=r"line 1: the drops remove every frame"):
         corrections.parse(f"- drop: [0, {N - 1}]\n", N)
     with pytest.raises(BadInput, match=r"line 2: malformed YAML"):
