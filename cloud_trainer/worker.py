@@ -391,6 +391,7 @@ class Worker:
 
     def _run(self, session: dict[str, Any], job_id: str, lease) -> None:
         from cloud_trainer import render
+        from cloud_trainer.corpus import TrainingFailed
         from cloud_trainer.deliver import Deliverer
         from cloud_trainer.links import watch_url
         from cloud_trainer.reference import ReferenceLibrary
@@ -428,13 +429,21 @@ class Worker:
                 last_plot[0] = time.monotonic()
                 self._plot(sid, history)
 
-        takes = []
+        takes, unusable = [], []
         for take in self.repo.list_takes(sid):
-            takes.append(
-                take_from_ingest(self.repo, self.store, sid, take["camera_id"], take["fps"] or 30.0)
-            )
+            try:
+                takes.append(
+                    take_from_ingest(
+                        self.repo, self.store, sid, take["camera_id"], take["fps"] or 30.0
+                    )
+                )
+            except TrainingFailed as e:  # one camera's bad take: the others may carry the job
+                log.warning("take not used", extra={"session_id": sid, "reason": str(e)})
+                unusable.append(str(e))
         if not takes:
-            raise BoothError("no camera uploaded a take for this session")
+            raise BoothError(
+                "; ".join(unusable) if unusable else "no camera uploaded a take for this session"
+            )
         result = train_job(
             JobSpec(session_id=sid, takes=takes, job_id=job_id),
             cfg.trainer,

@@ -378,6 +378,18 @@ def test_a_worker_whose_job_another_worker_claimed_stops_without_settling_it(boo
     worker.queue.close()
 
 
+def test_a_camera_that_stored_no_frames_does_not_fail_a_session_another_camera_carries(booth):
+    worker, _ = booth
+    sid = uploaded_session(worker)
+    worker.repo.update_session(sid, reference_name="synthetic:warmup")
+    worker.repo.open_take(sid, "cam1", fps=8.0)  # its agent died before its first frame
+    worker.repo.end_take(sid, "cam1", 0)
+    worker.repo.mark_take_uploaded(sid, "cam1")
+    assert worker.run_once(timeout_s=5.0) is True
+    session = worker.repo.get_session(sid)
+    assert session["state"] == State.DELIVERED.value, session["failure_reason"]
+
+
 def test_run_forever_survives_a_job_that_crashes_outside_its_own_handling(booth):
     """An error the job handling does not expect (here: the database, on the first
     lookup of a job) is logged and the worker goes on to the next job."""
