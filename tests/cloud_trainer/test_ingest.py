@@ -140,17 +140,22 @@ async def test_a_storage_failure_is_unavailable_and_the_agent_retries_until_it_l
         )
         assert bad.code == grpc.StatusCode.UNAVAILABLE
         assert "storage unavailable" in bad.details
-        st = env.streamer(srv.port)
-        await st.start()
-        try:
-            take = st.open_take(sid)
-            frames = th.frames(12)
-            take.add_frames(frames)
-            take.end()
-            await st.wait_uploaded(sid, timeout_s=30)
-        finally:
-            await st.stop()
+        frames = th.frames(12)
+        await _upload(env, srv.port, sid, frames)
     th.assert_exactly_once(env.repo, env.store, sid, "cam0", frames)
+
+
+async def _upload(env: Env, port: int, sid: str, frames: list) -> None:
+    """One agent streams ``frames`` as cam0's whole take until ingest confirms it."""
+    st = env.streamer(port)
+    await st.start()
+    try:
+        take = st.open_take(sid)
+        take.add_frames(frames)
+        take.end()
+        await st.wait_uploaded(sid, timeout_s=30)
+    finally:
+        await st.stop()
 
 
 async def test_a_shard_a_crash_left_unindexed_is_removed_once_the_take_is_complete(env, server):
@@ -161,16 +166,8 @@ async def test_a_shard_a_crash_left_unindexed_is_removed_once_the_take_is_comple
     env.store.put(orphan, b"DBSHARD1 half of a take")
     other_camera = f"sessions/{sid}/frames/cam1/shard-00000000-0123456789abcdef.bin"
     env.store.put(other_camera, b"DBSHARD1 still streaming")
-    st = env.streamer(server.port)
-    await st.start()
-    try:
-        take = st.open_take(sid)
-        frames = th.frames(20)
-        take.add_frames(frames)
-        take.end()
-        await st.wait_uploaded(sid, timeout_s=30)
-    finally:
-        await st.stop()
+    frames = th.frames(20)
+    await _upload(env, server.port, sid, frames)
     th.assert_exactly_once(env.repo, env.store, sid, "cam0", frames)
     stored = set(env.store.list(f"sessions/{sid}/frames/cam0/"))
     assert orphan not in stored
