@@ -213,11 +213,17 @@ class Agent:
         """``fn(take)`` for every new take, called before the take's first frame."""
         self._listeners.append(fn)
 
-    def start_take(self, session_id: str, duration_s: float | None = None) -> Take:
+    def start_take(
+        self, session_id: str, duration_s: float | None = None, *, start_at_monotonic_ns: int = 0
+    ) -> Take:
         """Start capturing a take; returns once frames flow. Raises DeviceError or BadInput.
 
         Opening the camera (or pre-rendering a synthetic one) happens outside the
-        agent's lock, so ``status()`` keeps answering meanwhile.
+        agent's lock, so ``status()`` keeps answering meanwhile. With
+        ``start_at_monotonic_ns`` (the booth's shared start instant on this board's
+        clock) capture begins then: the camera is opened and the pose model loaded
+        *before* the wait, so every board's first frame is at that instant, not at
+        that instant plus its own start-up time.
         """
         with self._lock:
             current = self._take
@@ -268,6 +274,9 @@ class Agent:
                 if current is not None and not current.finished:
                     self._finishing.append(current)
                 self._take = take
+            wait_s = (start_at_monotonic_ns - time.monotonic_ns()) / 1e9
+            if start_at_monotonic_ns and wait_s > 0 and self._closing.wait(wait_s):
+                take.stop(catch_up=False)  # the agent is shutting down
             take.start()
         finally:
             with self._lock:

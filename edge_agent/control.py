@@ -337,10 +337,9 @@ class AgentRunner:
         self.agent = agent
 
     def start_take(self, session_id: str, duration_s: float, start_at_monotonic_ns: int) -> None:
-        wait_ns = start_at_monotonic_ns - time.monotonic_ns() if start_at_monotonic_ns else 0
-        if wait_ns > 0:  # every camera of the booth starts on the same booth-clock instant
-            time.sleep(wait_ns / 1e9)
-        self.agent.start_take(session_id, duration_s)
+        # Every camera of the booth starts on the same booth-clock instant; the agent
+        # opens its camera first and waits for that instant itself.
+        self.agent.start_take(session_id, duration_s, start_at_monotonic_ns=start_at_monotonic_ns)
 
     def stop_take(self, session_id: str) -> None:
         self.agent.stop_take(wait=False)

@@ -414,3 +414,37 @@ def test_while_capturing_the_runner_reports_the_live_pose_and_the_agent_warnings
         assert runner.status()["live_pose"] is None  # idle: nothing live to draw
     finally:
         agent.close()
+
+
+def test_a_booth_start_opens_the_camera_before_the_shared_instant_and_films_from_it(
+    tmp_path, jpegs
+):
+    """Each board's camera takes its own time to open (and its pose model to load): that
+    must happen before the booth's start instant, or boards start out of step by it."""
+    from edge_agent.control import AgentRunner
+
+    seen: dict[str, int] = {}
+
+    class SlowToOpen(ReplayCamera):
+        def open(self) -> Granted:
+            time.sleep(0.2)  # a V4L2 device probing its formats
+            granted = super().open()
+            seen["opened"] = time.monotonic_ns()
+            return granted
+
+        def frames(self):
+            for frame in super().frames():
+                seen.setdefault("first_frame", time.monotonic_ns())
+                yield frame
+
+    def factory(cfg, *, clock, seconds):
+        return SlowToOpen(jpegs, width=WIDTH, height=HEIGHT, fps=FPS, clock=clock)
+
+    agent = make_agent(tmp_path, jpegs, source_factory=factory).start()
+    try:
+        start_at = time.monotonic_ns() + 2_000_000_000
+        AgentRunner(agent).start_take("sess-1", 0.1, start_at)
+        agent.current_take.wait(60)
+    finally:
+        agent.close()
+    assert seen["opened"] < start_at <= seen["first_frame"]
