@@ -257,6 +257,7 @@ class Take:
         self.recorder.start()
         self.last_arrival_ns = self._monotonic_ns()
         self.state = "capturing"
+        self.clock.hold()
         self._thread.start()
         log.info(
             "take %s/%s started: %s, %dx%d at %g fps%s",
@@ -290,6 +291,7 @@ class Take:
         try:
             self._capture()
         finally:
+            self.clock.release()  # held by start(): the take's timestamps are on one offset
             self._finish()
 
     def _capture(self) -> None:

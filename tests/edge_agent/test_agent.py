@@ -448,3 +448,23 @@ def test_a_booth_start_opens_the_camera_before_the_shared_instant_and_films_from
     finally:
         agent.close()
     assert seen["opened"] < start_at <= seen["first_frame"]
+
+
+def test_a_clock_offset_measured_mid_take_waits_for_the_take_to_end(tmp_path, jpegs):
+    """A new offset can arrive with any report (1 s); stepped mid-take, the timestamps
+    jumped backwards, or forwards past the take's end and cut it short."""
+    clock = BoothClock()
+    agent = make_agent(tmp_path, jpegs, clock=clock)
+    bufs = []
+    agent.add_take_listener(lambda take: bufs.append(take.subscribe_stream()))
+    take = agent.start_take("sess-1", 0.5)  # 120 frames at 240 fps
+    assert bufs[0].get(timeout=10) is not None  # capturing
+    clock.set_offset(300_000_000)  # +300 ms
+    assert clock.offset_ns == 0
+    summary = take.wait(60)
+    agent.close()
+    rows = (Path(summary.directory) / "frames.csv").read_text().splitlines()[1:]
+    ts = np.array([int(r.split(",")[1]) for r in rows])
+    assert summary.frames == 120 and len(ts) == 120
+    assert (np.diff(ts) > 0).all() and np.diff(ts).max() < 50_000_000
+    assert clock.offset_ns == 300_000_000  # adopted once the capture ended
