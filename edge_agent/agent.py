@@ -97,6 +97,7 @@ class Agent:
         self._wake = threading.Event()
         self._loop: threading.Thread | None = None
         self._server: StatusServer | None = None
+        self._device_lock = threading.Lock()  # one opener of the camera at a time
         self._pose_backend: str | None = None  # the backend check_pose built
         self._pose_note: str | None = None  # why it is not the one configured
 
@@ -180,7 +181,8 @@ class Agent:
         """Check the camera and the disk now; update state and status. True if both are fine."""
         source = self._source_factory(self.cfg.source, clock=self.clock, seconds=None)
         try:
-            granted = source.probe()
+            with self._device_lock:  # a V4L2 probe opens the device: not while a take does
+                granted = source.probe()
         except DeviceError as e:
             self._set_error(str(e))
             return False
@@ -256,7 +258,8 @@ class Agent:
                 booth_id=self.cfg.booth_id,
             )
             try:
-                granted = take.prepare()
+                with self._device_lock:  # a re-probe holding the device would make it busy
+                    granted = take.prepare()
             except DeviceError as e:
                 self._set_error(str(e))
                 raise

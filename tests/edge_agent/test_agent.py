@@ -468,3 +468,35 @@ def test_a_clock_offset_measured_mid_take_waits_for_the_take_to_end(tmp_path, jp
     assert summary.frames == 120 and len(ts) == 120
     assert (np.diff(ts) > 0).all() and np.diff(ts).max() < 50_000_000
     assert clock.offset_ns == 300_000_000  # adopted once the capture ended
+
+
+def test_a_start_waits_for_a_reprobe_that_holds_the_camera(tmp_path, jpegs):
+    """While in error the agent re-probes the camera (a V4L2 probe opens the device); a
+    Start arriving meanwhile must not open it at the same time ("device busy")."""
+    events: list[str] = []
+    opened = threading.Event()
+
+    class Probed(ReplayCamera):
+        def probe(self) -> Granted:
+            events.append("probe")
+            opened.wait(2.0)  # holds the device until a concurrent open shows up (or 2 s)
+            events.append("probe done")
+            return super().probe()
+
+        def open(self) -> Granted:
+            events.append("open")
+            opened.set()
+            return super().open()
+
+    def factory(cfg, *, clock, seconds):
+        return Probed(jpegs, width=WIDTH, height=HEIGHT, fps=FPS, clock=clock)
+
+    agent = make_agent(tmp_path, jpegs, source_factory=factory)
+    prober = threading.Thread(target=agent.probe)
+    prober.start()
+    assert wait_for(lambda: events == ["probe"])
+    take = agent.start_take("sess-1", 0.05)
+    prober.join(30)
+    take.wait(60)
+    agent.close()
+    assert events == ["probe", "probe done", "open"]
