@@ -473,16 +473,25 @@ class SpoolTake:
             self._sync_due = True  # done by _sync_if_due, outside the lock
 
     def _new_segment(self) -> _Segment:
+        """Close the segment being appended to and start the next one.
+
+        If opening the next one fails (a full disk, too many open files), no segment is
+        open: ``_fd`` must not keep the closed number, which the process may already have
+        given to another file. The next append tries to open one again.
+        """
         if self._fd is not None:
-            self._sync()
-            os.close(self._fd)
+            try:
+                self._sync()
+            finally:
+                os.close(self._fd)
+                self._fd = None
         number = self._next_segment
         self._next_segment += 1
         path = self.dir / f"seg-{number:06d}.log"
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        _fsync_dir(self.dir)
         seg = _Segment(number, path, start=self._end)
-        self.segments.append(seg)
+        self.segments.append(seg)  # before anything else can fail: its records go to _fd
+        _fsync_dir(self.dir)
         return seg
 
     # ---- the in-memory tail (appends under _lock; the uplink reads) -------------------------

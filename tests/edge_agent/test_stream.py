@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import errno
+import os
 import random
 import sys
 from pathlib import Path
@@ -69,6 +71,47 @@ def test_a_gap_in_the_capture_stream_puts_the_take_behind(tmp_path: Path):
     take.add_frames(frames[:5] + frames[6:])  # the stream buffer dropped frame 5
     assert take.meta.behind_from_seq == 5
     assert take.status()["not_spooled"] == 4
+
+
+def test_a_segment_that_cannot_be_opened_leaves_no_stale_descriptor_behind(
+    tmp_path: Path, monkeypatch
+):
+    spool = Spool(tmp_path / "spool", budget_bytes=10 << 20, booth_id=th.BOOTH)
+    spool.segment_bytes = 4096
+    take = spool.open_take("s1", "cam0")
+    frames = th.frames(40)
+    seq = 0
+    while not take.segments or take.segments[-1].size < spool.segment_bytes:
+        assert take.add_frame(frames[seq])
+        seq += 1
+    real_open = os.open
+
+    def disk_full(path, flags, mode=0o777, **kwargs):
+        if str(path).endswith(".log"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_open(path, flags, mode, **kwargs)
+
+    monkeypatch.setattr(os, "open", disk_full)
+    take.add_pose(0, [[1.0, 2.0, 0.5]] * 23)  # needs the next segment, which cannot be opened
+    assert take.poses_behind and take._fd is None  # the old segment is closed, and forgotten
+    monkeypatch.setattr(os, "open", real_open)
+    # Another part of the agent opens a file: it may get the number the segment had.
+    other = tmp_path / "other.mp4"
+    other_fd = os.open(other, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        assert take.add_frame(frames[seq])  # the disk has room again: a new segment
+        os.write(other_fd, b"mp4")
+    finally:
+        os.close(other_fd)
+    assert other.read_bytes() == b"mp4"  # nobody else's file was written to, or closed
+    spool.close()
+    again = Spool(tmp_path / "spool", budget_bytes=10 << 20, booth_id=th.BOOTH)
+    (recovered,) = again.takes.values()
+    assert [r.payload for r in _records(recovered)] == [f.jpeg for f in frames[: seq + 1]]
+
+
+def _records(take) -> list:
+    return [r for path, _n, _s, size in take.snapshot() for r in _scan(path, size)]
 
 
 def _read_all(cursor: _SendCursor) -> list[tuple[int, int, bytes]]:
