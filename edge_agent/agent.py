@@ -98,6 +98,9 @@ class Agent:
         self._loop: threading.Thread | None = None
         self._server: StatusServer | None = None
         self._device_lock = threading.Lock()  # one opener of the camera at a time
+        # Set when only a restart of the process can help (a camera stuck mid-read).
+        self.needs_restart = threading.Event()
+        self.restart_reason: str | None = None
         self._pose_backend: str | None = None  # the backend check_pose built
         self._pose_note: str | None = None  # why it is not the one configured
 
@@ -195,6 +198,27 @@ class Agent:
             return False
         self._clear_error()
         return True
+
+    def _check_stall(self) -> None:
+        """Ask for a restart when the camera has been silent mid-take past the limit.
+
+        The capture thread is blocked inside the camera's read, holding the device:
+        StopTake cannot reach it and every later Start finds the agent busy. Only a
+        new process frees the device; the spool makes that lose nothing uploaded.
+        """
+        limit = self.cfg.capture.stall_restart_s
+        take = self._take
+        if not limit or take is None or self.needs_restart.is_set():
+            return
+        silent = take.silent_s()
+        if silent < limit:
+            return
+        self.restart_reason = (
+            f"camera silent for {silent:.0f} s mid-take (capture.stall_restart_s = {limit:g}); "
+            "restarting the agent to free the device"
+        )
+        self._set_error(self.restart_reason)
+        self.needs_restart.set()
 
     def _set_error(self, message: str) -> None:
         with self._lock:
@@ -405,6 +429,7 @@ class Agent:
             if now >= next_log:
                 log.info("status: %s", status_line(self.status()))
                 next_log = now + self.status_interval_s
+            self._check_stall()
             if self.state != "error":
                 retry_s = self.retry_initial_s
                 next_probe = now + retry_s

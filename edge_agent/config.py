@@ -133,6 +133,10 @@ class CaptureConfig(Strict):
     min_free_disk_mb: int = Field(200, ge=0)
     # Keep a take's recording after ingest confirmed it complete (see edge_agent.retention).
     keep_uploaded_takes: bool = False
+    # A camera silent this long mid-take (USB brownout, a cable half out) is stuck in a read
+    # only a restart frees: `booth agent` exits (code 3) for its supervisor to restart it;
+    # the spool resumes the upload. 0 never restarts (the tablet still shows the stall).
+    stall_restart_s: float = Field(20.0, ge=0)
 
 
 class SmoothingConfig(Strict):

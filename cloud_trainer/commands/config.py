@@ -35,6 +35,7 @@ agent:                  # one edge agent (a board may carry only this section)
   capture:
     out_dir: var/takes
     segment_s: 2
+    stall_restart_s: 20  # a camera silent this long mid-take: exit 3 to be restarted
   uplink:
     address: 127.0.0.1:50051
     token: changethis   # the agent refuses to start until this is set

@@ -531,6 +531,13 @@ class Take:
 
     # ---- status ----------------------------------------------------------------------
 
+    def silent_s(self) -> float:
+        """Seconds since the camera's last frame while capturing (0 otherwise)."""
+        since = self.last_arrival_ns
+        if self.state != "capturing" or since is None:
+            return 0.0
+        return (self._monotonic_ns() - since) / 1e9
+
     def stalled(self) -> str | None:
         """Why the camera looks stalled while capturing, or None.
 
@@ -539,11 +546,8 @@ class Take:
         when the camera comes back or is unplugged; the cloud fails the session
         if it never does (``booth.upload_deadline_s``).
         """
-        since = self.last_arrival_ns
-        if self.state != "capturing" or since is None:
-            return None
+        silent_s = self.silent_s()
         fps = self.granted.fps if self.granted and self.granted.fps else 30.0
-        silent_s = (self._monotonic_ns() - since) / 1e9
         if silent_s < max(STALL_AFTER_S, 10.0 / fps):
             return None
         return (

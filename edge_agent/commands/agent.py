@@ -4,7 +4,9 @@ With ``--take-seconds S`` it runs one take locally, prints a summary and exits
 (0 if the take is complete, 1 if it finished with errors, 2 if it could not
 start). Without it, the agent runs until interrupted: it probes the camera,
 logs its status periodically, serves it over HTTP when ``status_port`` is set,
-and waits for the control channel to start takes.
+and waits for the control channel to start takes. A camera silent mid-take for
+``capture.stall_restart_s`` ends the process with exit code 3, for its
+supervisor to restart it (the stuck read holds the device until then).
 """
 
 from __future__ import annotations
@@ -13,12 +15,16 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import signal
 import threading
 import time
 from pathlib import Path
 
 log = logging.getLogger(__name__)
+
+EXIT_RESTART = 3  # a camera stuck mid-read: restart me
+STUCK_EXIT_S = 15.0  # the longest a stuck shutdown may take before the process just exits
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -96,6 +102,20 @@ def run(args: argparse.Namespace) -> int:
         if take is not None:
             take.stop()
 
+    # The stuck read may also block the shutdown; the spool is durable, so then just go.
+    hard_exit = threading.Timer(STUCK_EXIT_S, lambda: os._exit(EXIT_RESTART))
+    hard_exit.daemon = True
+
+    def restart_when_stuck() -> None:
+        # A camera stuck mid-read: stop like on SIGTERM, exit 3 for the supervisor
+        # (compose: restart: always) to start a fresh process that can open the device.
+        agent.needs_restart.wait()
+        log.critical("%s", agent.restart_reason)
+        stop.set()
+        hard_exit.start()
+
+    threading.Thread(target=restart_when_stuck, name="stall-watch", daemon=True).start()
+
     # SIGTERM (docker stop) ends the take cleanly; handlers can only be set on the main thread.
     main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, on_signal) if main else None
@@ -105,7 +125,9 @@ def run(args: argparse.Namespace) -> int:
         if args.take_seconds is not None:
             session = args.session or time.strftime("local-%Y%m%d-%H%M%S")
             take = agent.start_take(session, args.take_seconds)
-            summary = take.wait()
+            while (summary := take.wait(1.0)) is None:
+                if stop.is_set():
+                    return EXIT_RESTART if agent.needs_restart.is_set() else 1
             _print_summary(summary, args.json)
             return 0 if summary.ok else 1
         if args.offline:
@@ -116,7 +138,7 @@ def run(args: argparse.Namespace) -> int:
             )
             while not stop.wait(1.0):
                 pass
-            return 0
+            return EXIT_RESTART if agent.needs_restart.is_set() else 0
         if args.prerender_seconds and cfg.source.type == "synthetic":
             # A synthetic camera renders its take up front; do it now, not when Start is pressed.
             threading.Thread(
@@ -127,8 +149,9 @@ def run(args: argparse.Namespace) -> int:
                 daemon=True,
             ).start()
         asyncio.run(run_connected(agent, cfg, stop))
-        return 0
+        return EXIT_RESTART if agent.needs_restart.is_set() else 0
     finally:
-        agent.close()
+        agent.close(timeout=STUCK_EXIT_S / 2 if agent.needs_restart.is_set() else 30.0)
+        hard_exit.cancel()  # shut down in time: the return code says the rest
         if main:
             signal.signal(signal.SIGTERM, previous)

@@ -500,3 +500,79 @@ def test_a_start_waits_for_a_reprobe_that_holds_the_camera(tmp_path, jpegs):
     take.wait(60)
     agent.close()
     assert events == ["probe", "probe done", "open"]
+
+
+class GoesSilent(ReplayCamera):
+    """A camera that delivers a few frames, then blocks in its read until ``resume``."""
+
+    resume = threading.Event()
+
+    def frames(self):
+        for frame in super().frames():
+            if frame.seq == 5:
+                self.resume.wait(60)
+            yield frame
+
+
+def _silent_factory(jpegs):
+    def factory(cfg, *, clock, seconds):
+        return GoesSilent(jpegs, width=WIDTH, height=HEIGHT, fps=FPS, clock=clock)
+
+    return factory
+
+
+def test_a_camera_silent_mid_take_past_the_limit_asks_for_a_restart(tmp_path, jpegs):
+    """StopTake cannot reach a capture blocked in the camera's read; only a new process
+    frees the device, so the agent says it needs one (booth agent then exits 3)."""
+    GoesSilent.resume.clear()
+    agent = make_agent(tmp_path, jpegs, source_factory=_silent_factory(jpegs), retry_initial_s=0.05)
+    agent.cfg.capture.stall_restart_s = 0.5
+    agent.start()
+    try:
+        agent.start_take("sess-1", 5.0)
+        assert agent.needs_restart.wait(30)
+        assert "camera silent for" in agent.restart_reason
+        assert agent.status()["error"] == agent.restart_reason
+    finally:
+        GoesSilent.resume.set()
+        agent.close()
+
+
+def test_booth_agent_exits_3_for_its_supervisor_when_the_camera_sticks(
+    tmp_path, jpegs, monkeypatch
+):
+    import argparse
+
+    import edge_agent.agent as agent_module
+    from edge_agent.commands import agent as command
+
+    GoesSilent.resume.clear()
+    cfg_path = tmp_path / "agent.yaml"
+    cfg_path.write_text(
+        "agent:\n"
+        "  camera_id: cam0\n"
+        f"  capture: {{out_dir: {tmp_path / 'takes'}, min_free_disk_mb: 0, stall_restart_s: 0.5}}\n"
+    )
+    real = agent_module.Agent
+
+    def stuck_agent(cfg, **kw):
+        kw.update(source_factory=_silent_factory(jpegs), pose_factory=slow_pose_factory(0))
+        kw.setdefault("retry_initial_s", 0.05)
+        return real(cfg, **kw)
+
+    monkeypatch.setattr(agent_module, "Agent", stuck_agent)
+    args = argparse.Namespace(
+        config=cfg_path,
+        camera_id=None,
+        take_seconds=5.0,
+        session="s1",
+        out_dir=None,
+        status_port=0,
+        json=False,
+        offline=False,
+        prerender_seconds=0.0,
+    )
+    try:
+        assert command.run(args) == command.EXIT_RESTART
+    finally:
+        GoesSilent.resume.set()
