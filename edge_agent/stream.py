@@ -25,8 +25,12 @@ refused frame is counted in ``stream_dropped``. A gap in the capture's stream
 buffer (it drops the newest frame when the uplink is slow) has the same effect.
 Nothing is discarded silently: once the take has ended, the missing frames are
 re-read from the take's recording through ``TakeArchive`` (the capture's
-``segments.read_segment_frames``) as the spool drains. Without an archive the
-take stays incomplete, the server never marks it uploaded, and the status says
+``segments.read_segment_frames``) as the spool drains. A frame the recording does
+not have either (never recorded: a full disk, a dropped or failed segment) can
+never be had: it is spooled as an empty record and uploaded as lost
+(``Frame.lost``, as a frame corrupt at capture is), so the take completes; the
+log and the status (``frames_lost``, ``lost_why``) say how many. Without an archive
+the take stays incomplete, the server never marks it uploaded, and the status says
 how many frames are missing and that they are in the local recording. Poses
 ignore the budget, but a full disk can refuse them too: from the first refused
 one on, they are read back from the recording's ``poses.npz`` the same way, and
@@ -115,7 +119,11 @@ class TakeArchive(Protocol):
     """Where a take's frames can be read again after they were not spooled (its MP4 segments)."""
 
     def frames_from(self, session_id: str, camera_id: str, seq: int) -> Iterator[CapturedFrame]:
-        """Frames of the take with ``seq >= seq``, in seq order."""
+        """Frames of the take with ``seq >= seq``, in seq order.
+
+        A frame it skips, or past the last it yields, is not in the recording: the
+        spool uploads it as lost.
+        """
 
     def poses_from(
         self, session_id: str, camera_id: str, seq: int
@@ -201,7 +209,9 @@ class SpoolTake:
         self.pose_acked_seq = -1
         self.complete = False
         self.error = ""
-        self.lost_seqs: set[int] = set()  # frames sent as lost (corrupt at capture)
+        self.lost_seqs: set[int] = set()  # frames sent as lost (corrupt, or not recorded)
+        self.unrecoverable = 0  # frames spooled as lost: the recording lacks them too
+        self.lost_why = ""  # what status says about them
         self._meta_stale = False  # the last save_meta failed (said once, not per frame)
         self._lock = threading.RLock()
         self._fd: int | None = None
@@ -397,15 +407,17 @@ class SpoolTake:
                 return 0
             end = self.meta.frame_count
             frames = archive.frames_from(self.meta.session_id, self.meta.camera_id, start)
-        for frame in frames:
-            if frame.seq >= end:
-                break
+        # None: the recording has nothing more, so what is left up to the end is lost.
+        for frame in itertools.chain(frames, [None]):
+            upto = end if frame is None else min(frame.seq, end)
             with self._lock:
-                if frame.seq != self.meta.behind_from_seq:
-                    raise BadInput(
-                        f"the recording of {self.key} skips from {self.meta.behind_from_seq} to "
-                        f"{frame.seq}; those frames are lost"
-                    )
+                n += self._spool_lost(upto)
+                if self.meta.behind_from_seq < upto:
+                    break  # no room yet (the disk): try again later
+                if frame is None or frame.seq >= end:
+                    break
+                if frame.seq < self.meta.behind_from_seq:
+                    continue
                 if self._append(KIND_FRAME, frame.seq, frame.capture_ts_ns, frame.jpeg):
                     break  # no room yet (budget or disk): try again later
                 self.meta.behind_from_seq = frame.seq + 1
@@ -421,6 +433,37 @@ class SpoolTake:
             self.save_meta()
         if n:
             self.spool.notify()
+        return n
+
+    def _spool_lost(self, upto: int) -> int:
+        """Spool the missing frames before ``upto`` as lost; how many (fewer: no room).
+
+        The recording does not have them either (never recorded: a full disk, a dropped
+        or failed segment; or its index is gone), so nothing on the board ever will. A
+        lost frame is an empty record, sent with ``lost=True`` like a frame corrupt at
+        capture: the take stays contiguous and can complete. Tiny, so past the budget.
+        """
+        first = self.meta.behind_from_seq
+        assert first is not None
+        for seq in range(first, upto):
+            if self._append(KIND_FRAME, seq, 0, b"", force=True):
+                break
+            self.meta.behind_from_seq = seq + 1
+            self.meta.not_spooled = max(0, self.meta.not_spooled - 1)
+        n = self.meta.behind_from_seq - first
+        if n:
+            self.unrecoverable += n
+            self.lost_why = (
+                f"{self.unrecoverable} frames are in neither the spool nor the local recording "
+                "(not recorded, or the recording is incomplete); they are uploaded as lost"
+            )
+            log.warning(
+                "take %s/%s: frames %d..%d are in neither the spool nor the recording; "
+                "uploading them as lost",
+                *self.key,
+                first,
+                first + n - 1,
+            )
         return n
 
     def _append(
@@ -673,6 +716,7 @@ class SpoolTake:
             "bytes": self.bytes,
             "complete": self.complete,
             "lost_frames": len(self.lost_seqs),
+            "lost_why": self.lost_why,
             "error": self.error,
         }
 
@@ -1023,6 +1067,8 @@ class Streamer:
         self.archive = archive
         self.spool = Spool(uplink.spool_dir, uplink.spool_budget_mb * 1024 * 1024, booth_id)
         self.frames_acked = 0
+        self.frames_lost = 0  # sent as lost: corrupt at capture, or missing everywhere
+        self.lost_why = ""  # about the last uploaded take that lost frames not recorded
         self.ack_latencies_s: deque[float] = deque(maxlen=LATENCY_SAMPLES)
         self.reconnects = 0
         self.takes_dropped = 0  # takes whose session was deleted before they were uploaded
@@ -1261,7 +1307,7 @@ class Streamer:
             for rec in batch:
                 if rec.kind == KIND_FRAME:
                     if not jpeg_looks_complete(rec.payload):
-                        req = self._lost_frame(take, rec, ids)
+                        req = self._lost_frame(take, rec, ids)  # or missing everywhere
                     elif len(rec.payload) > max_jpeg:
                         # Let the server keep (and ack) what came before, then say why we stop.
                         await call.done_writing()
@@ -1311,22 +1357,27 @@ class Streamer:
                 )
             await self._wait_change(1.0, mark)
 
-    @staticmethod
-    def _lost_frame(take: SpoolTake, rec: Any, ids: dict[str, str]) -> booth_pb2.IngestRequest:
-        """A frame the camera delivered corrupt: sent as lost, so the take can complete.
+    def _lost_frame(
+        self, take: SpoolTake, rec: Any, ids: dict[str, str]
+    ) -> booth_pb2.IngestRequest:
+        """A frame with no usable image: sent as lost, so the take can complete.
 
-        Ingest would refuse its bytes (not a whole JPEG), and every later frame with
-        them; the recording on the board keeps the bytes as the camera gave them.
+        Either the camera delivered it corrupt (ingest would refuse its bytes, and every
+        later frame with them; the recording on the board keeps the bytes as the camera
+        gave them), or it is an empty record: neither the spool nor the recording has
+        it (``SpoolTake._spool_lost`` said so when it spooled it).
         """
         if rec.seq not in take.lost_seqs:
             take.lost_seqs.add(rec.seq)
-            log.warning(
-                "session %s camera %s: frame %d is not a whole JPEG (corrupt at capture); "
-                "uploading it as a lost frame",
-                take.meta.session_id,
-                take.meta.camera_id,
-                rec.seq,
-            )
+            self.frames_lost += 1
+            if rec.payload:
+                log.warning(
+                    "session %s camera %s: frame %d is not a whole JPEG (corrupt at capture); "
+                    "uploading it as a lost frame",
+                    take.meta.session_id,
+                    take.meta.camera_id,
+                    rec.seq,
+                )
         frame = booth_pb2.Frame(seq=rec.seq, capture_ts_ns=rec.capture_ts_ns, lost=True, **ids)
         return booth_pb2.IngestRequest(frame=frame)
 
@@ -1340,7 +1391,9 @@ class Streamer:
             self._on_ack(take, ack.durable_seq, ack.pose_durable_seq, sent_at)
             if ack.take_complete:
                 take.finish()
-                log.info("take %s/%s uploaded", *take.key)
+                log.info("take %s/%s uploaded (%d frames as lost)", *take.key, len(take.lost_seqs))
+                if take.lost_why:  # the take leaves the status: its loss stays in it
+                    self.lost_why = f"session {take.meta.session_id}: {take.lost_why}"
                 self._bump()
                 if self.archive is not None:
                     await asyncio.to_thread(self.archive.uploaded, *take.key)
@@ -1387,6 +1440,8 @@ class Streamer:
                 for t in takes
             ),
             "stream_dropped": sum(t["not_spooled"] for t in takes),
+            "frames_lost": self.frames_lost,
+            "lost_why": next((t["lost_why"] for t in takes if t["lost_why"]), self.lost_why),
             "error": next((t["error"] for t in takes if t["error"]), ""),
             "takes": takes,
         }
@@ -1493,7 +1548,7 @@ class RecordingArchive:
                 )
         unrecorded = [s for s, _ in segments.pop(-1, []) if s >= seq]
         if unrecorded:
-            # The spool reports the gap when it reaches it; say here why it exists.
+            # The spool uploads them as lost when it reaches them; say here why.
             log.warning(
                 "take %s/%s: %d frames from seq %d were never recorded (disk full?)",
                 session_id,

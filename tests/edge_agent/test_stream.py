@@ -311,6 +311,41 @@ async def test_frames_over_the_budget_are_read_back_from_the_recording(env):
     th.assert_exactly_once(env.repo, env.store, sid, "cam0", sent)
 
 
+# Not recorded either (frames.csv segment -1: a full disk, a dropped segment).
+GAP, END = {15, 16, 17}, {25, 26, 27, 28, 29}
+
+
+@pytest.mark.parametrize("unrecorded", [GAP, END, GAP | END], ids=["gap", "end", "both"])
+async def test_frames_the_recording_lacks_too_are_uploaded_as_lost_and_the_take_completes(
+    env, caplog, unrecorded
+):
+    sid = th.new_session(env.repo)
+    sent = th.frames(30)
+    archive = ListArchive([f for f in sent if f.seq not in unrecorded])
+    async with th.running_server(env.cfg, repo=env.repo, store=env.store) as srv:
+        st = env.streamer(f"127.0.0.1:{srv.port}", archive=archive)
+        st.spool.budget_bytes = 12 * (max(len(f.jpeg) for f in sent) + 32)
+        take = st.open_take(sid)
+        assert take.add_frames(sent) < 15  # the rest only in the recording
+        take.end()
+        await st.start()
+        try:
+            await st.wait_uploaded(sid, timeout_s=30)
+        finally:
+            await st.stop()
+    assert env.repo.get_session(sid)["state"] == "uploaded"
+    stored = th.stored_frames(env.repo, env.store, sid, "cam0")
+    assert sorted(stored) == list(range(30))
+    assert all(stored[f.seq] == (b"" if f.seq in unrecorded else f.jpeg) for f in sent)
+    status = st.status()
+    n = len(unrecorded)
+    assert status["frames_lost"] == n and take.status()["lost_frames"] == n
+    assert f"{n} frames are in neither the spool nor the local recording" in status["lost_why"]
+    for run in (r for r in (GAP, END) if r <= unrecorded):
+        said = f"frames {min(run)}..{max(run)} are in neither the spool nor the recording"
+        assert said in caplog.text
+
+
 async def test_without_a_recording_to_read_from_the_take_waits_and_says_why(env):
     sid = th.new_session(env.repo)
     sent = th.frames(30)
