@@ -6,8 +6,9 @@ Data flow for one take (one camera, one session)::
                                                         ^ deleted once acked
 
 **The spool** (``uplink.spool_dir``) holds one directory per take: append-only
-segment files (``seg-000000.log``...) of records, and ``take.json`` (the take's
-metadata: ids, size, frame count once ended, the "behind" state). A record is a
+segment files (``seg-000000.log``...) of records, ``take.json`` (the take's
+metadata: ids, size, frame count once ended, the "behind" state) and ``captured``
+(how many frames the capture offered, for a take that is behind). A record is a
 25-byte header ``kind u8 | crc32 u32 | seq u64 | capture_ts_ns i64 | length u32``
 (the CRC covers the other header fields and the payload)
 and its payload (JPEG bytes or a pose). A take has ended once ``take.json``
@@ -85,6 +86,8 @@ def _crc(kind: int, seq: int, ts: int, payload: bytes) -> int:
 
 KIND_FRAME, KIND_POSE = 1, 2
 _POSE_FLAGS = struct.Struct("<B")
+_COUNT = struct.Struct("<Q")
+CAPTURED_FILE = "captured"  # _COUNT: frames the capture offered (see SpoolTake._note_captured)
 _SEGMENT_RE = re.compile(r"^seg-(\d{6})\.log$")
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -213,6 +216,8 @@ class SpoolTake:
         self.unrecoverable = 0  # frames spooled as lost: the recording lacks them too
         self.lost_why = ""  # what status says about them
         self._meta_stale = False  # the last save_meta failed (said once, not per frame)
+        self.captured = 0  # frames the capture offered, as far as CAPTURED_FILE says
+        self._captured_stale = False
         self._lock = threading.RLock()
         self._fd: int | None = None
         self._next_segment = 0  # never reused: readers track their place by number
@@ -350,7 +355,39 @@ class SpoolTake:
             self.save_meta()
 
     def _captured_hint(self) -> int:
-        return (self.meta.behind_from_seq or 0) + self.meta.not_spooled
+        return max((self.meta.behind_from_seq or 0) + self.meta.not_spooled, self.captured)
+
+    def _note_captured(self, count: int) -> None:
+        """Keep on disk how many frames the capture offered: a take sealed on recovery ends there.
+
+        take.json holds ``not_spooled`` only now and then (rewriting it per frame costs an
+        fsync per frame on the disk the recording needs, and a full disk refuses it), and
+        frames the stream buffer dropped never reach ``_refuse``. So every refused frame
+        rewrites the same 8 bytes of ``CAPTURED_FILE`` in place: one pwrite, no fsync
+        (exact when the agent is killed; the kernel has it), no new disk blocks (a full
+        disk takes it). ``Spool.open_take`` writes it first, while there is room.
+        """
+        if count < self.captured:
+            return
+        self.captured = count
+        try:
+            fd = os.open(self.dir / CAPTURED_FILE, os.O_WRONLY | os.O_CREAT, 0o600)
+            try:
+                os.pwrite(fd, _COUNT.pack(count), 0)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            if not self._captured_stale:
+                log.warning(
+                    "take %s/%s: %s not updated (%s); a crash would lose count of the "
+                    "frames not spooled",
+                    *self.key,
+                    CAPTURED_FILE,
+                    e.strerror,
+                )
+            self._captured_stale = True
+        else:
+            self._captured_stale = False
 
     def _refuse(self, seq: int, why: str) -> bool:
         if not self.behind:
@@ -363,7 +400,8 @@ class SpoolTake:
             )
             self.save_meta()
         self.meta.not_spooled += 1
-        if self.meta.not_spooled % 64 == 0:  # so a crash still knows roughly how many
+        self._note_captured(seq + 1)  # exact, for a crash (take.json's count is the status's)
+        if self.meta.not_spooled % 64 == 0:
             self.save_meta()
         return False
 
@@ -406,7 +444,9 @@ class SpoolTake:
             if start is None or self.meta.frame_count is None:
                 return 0
             end = self.meta.frame_count
-            frames = archive.frames_from(self.meta.session_id, self.meta.camera_id, start)
+            # Sealed on recovery with nothing missing: no need for the recording (which,
+            # after a crash, may have no index to read it by).
+            frames = archive.frames_from(*self.key, start) if start < end else ()
         # None: the recording has nothing more, so what is left up to the end is lost.
         for frame in itertools.chain(frames, [None]):
             upto = end if frame is None else min(frame.seq, end)
@@ -779,6 +819,7 @@ class Spool:
             meta = TakeMeta(session_id, camera_id, self.booth_id, width, height, fps)
             take = SpoolTake(self, directory, meta)
             take.save_meta()
+            take._note_captured(0)  # its blocks exist before the disk can fill up
             _fsync_dir(self.dir)
             self.takes[take.key] = take
         self.notify()
@@ -859,6 +900,8 @@ class Spool:
         take._next_segment = numbers[-1] + 1 if numbers else 0
         if meta.behind_from_seq is not None:
             take.next_seq = max(take.next_seq, meta.behind_from_seq)
+        with contextlib.suppress(FileNotFoundError, struct.error):  # torn by a power cut
+            (take.captured,) = _COUNT.unpack((directory / CAPTURED_FILE).read_bytes())
         if segs := take.segments:
             take._fd = os.open(segs[-1].path, os.O_WRONLY | os.O_APPEND)
         if not take.ended:
@@ -1541,11 +1584,25 @@ class RecordingArchive:
         directory = self.out_dir / session_id / camera_id
         # Each segment's packets are its frames in seq order.
         segments: dict[int, list[tuple[int, int]]] = {}
-        with open(directory / "frames.csv", newline="") as f:
-            for row in csv.DictReader(f):
-                segments.setdefault(int(row["segment"]), []).append(
-                    (int(row["seq"]), int(row["capture_ts_ns"]))
-                )
+        try:
+            with open(directory / "frames.csv", newline="") as f:
+                for row in csv.DictReader(f):
+                    segments.setdefault(int(row["segment"]), []).append(
+                        (int(row["seq"]), int(row["capture_ts_ns"]))
+                    )
+        except FileNotFoundError:
+            # Written when the take finishes: it never did (the agent stopped mid-take, or
+            # the disk was full), and nothing says which packet is which frame. For good:
+            # the spool uploads the frames as lost.
+            log.warning(
+                "take %s/%s: %s has no frames.csv (its capture never finished); frames "
+                "from seq %d cannot be read back from the recording",
+                session_id,
+                camera_id,
+                directory,
+                seq,
+            )
+            return
         unrecorded = [s for s, _ in segments.pop(-1, []) if s >= seq]
         if unrecorded:
             # The spool uploads them as lost when it reaches them; say here why.

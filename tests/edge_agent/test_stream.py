@@ -73,6 +73,42 @@ def test_a_gap_in_the_capture_stream_puts_the_take_behind(tmp_path: Path):
     assert take.status()["not_spooled"] == 4
 
 
+def test_a_take_killed_while_behind_is_sealed_at_every_frame_the_capture_offered(
+    tmp_path: Path,
+):
+    frames = th.frames(40)
+    per_frame = max(len(f.jpeg) for f in frames) + 32
+    spool = Spool(tmp_path, budget_bytes=per_frame * 10, booth_id=th.BOOTH)
+    take = spool.open_take("s1", "cam0")
+    spooled = take.add_frames(frames[:30] + frames[33:])  # the stream buffer dropped 30..32
+    assert spooled < 30
+    spool.close()  # the agent is killed: the take never ends
+
+    again = Spool(tmp_path, budget_bytes=per_frame * 10, booth_id=th.BOOTH)
+    (recovered,) = again.takes.values()
+    assert recovered.meta.frame_count == 40 and recovered.meta.behind_from_seq == spooled
+    assert recovered.status()["missing"] == 40 - spooled
+
+
+class NoRecording:
+    """An archive that must not be asked: after a crash the recording may have no index."""
+
+    def frames_from(self, session_id: str, camera_id: str, seq: int):
+        raise AssertionError(f"the recording was read from frame {seq}")
+
+
+def test_a_take_sealed_with_nothing_missing_does_not_read_the_recording(tmp_path: Path):
+    frames = th.frames(40)
+    per_frame = max(len(f.jpeg) for f in frames) + 32
+    spool = Spool(tmp_path, budget_bytes=per_frame * 10, booth_id=th.BOOTH)
+    take = spool.open_take("s1", "cam0")
+    spooled = take.add_frames(frames)
+    take.end(spooled)  # sealed at what was spooled (the count of the rest was lost)
+    assert take.behind
+    assert take.backfill(NoRecording()) == 0
+    assert not take.behind and take.status()["missing"] == 0
+
+
 def test_a_segment_that_cannot_be_opened_leaves_no_stale_descriptor_behind(
     tmp_path: Path, monkeypatch
 ):
@@ -344,6 +380,32 @@ async def test_frames_the_recording_lacks_too_are_uploaded_as_lost_and_the_take_
     for run in (r for r in (GAP, END) if r <= unrecorded):
         said = f"frames {min(run)}..{max(run)} are in neither the spool nor the recording"
         assert said in caplog.text
+
+
+async def test_a_take_killed_while_behind_completes_with_what_it_cannot_get_as_lost(env, caplog):
+    sid = th.new_session(env.repo)
+    sent = th.frames(30)
+    _recording(env, sid)  # its segments, but no frames.csv: written when a take finishes
+    killed = env.streamer(f"127.0.0.1:{th.dead_port()}")
+    killed.spool.budget_bytes = 12 * (max(len(f.jpeg) for f in sent) + 32)
+    spooled = killed.open_take(sid).add_frames(sent)
+    assert spooled < 30
+    killed.spool.close()  # the agent is killed mid-take, before it uploaded anything
+    async with th.running_server(env.cfg, repo=env.repo, store=env.store) as srv:
+        archive = RecordingArchive(env.tmp / "takes")
+        st = env.streamer(f"127.0.0.1:{srv.port}", archive=archive)  # the restarted agent
+        await st.start()
+        try:
+            await st.wait_uploaded(sid, timeout_s=30)
+        finally:
+            await st.stop()
+    assert env.repo.get_session(sid)["state"] == "uploaded"
+    stored = th.stored_frames(env.repo, env.store, sid, "cam0")
+    assert sorted(stored) == list(range(30))  # every frame captured, none forgotten
+    assert all(stored[f.seq] == (f.jpeg if f.seq < spooled else b"") for f in sent)
+    assert st.status()["frames_lost"] == 30 - spooled
+    assert "has no frames.csv (its capture never finished)" in caplog.text
+    assert f"frames {spooled}..29 are in neither the spool nor the recording" in caplog.text
 
 
 async def test_without_a_recording_to_read_from_the_take_waits_and_says_why(env):
