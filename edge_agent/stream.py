@@ -1617,7 +1617,17 @@ class RecordingArchive:
             frames = segments[index]
             if frames[-1][0] < seq:
                 continue
-            packets = read_segment_packets(directory / segment_name(index))
+            path = directory / segment_name(index)
+            if not path.exists():  # removed by hand, or by a clean-up: it is not coming back
+                log.warning(
+                    "take %s/%s: %s is missing; its %d frames cannot be read back",
+                    session_id,
+                    camera_id,
+                    path,
+                    len(frames),
+                )
+                continue
+            packets = read_segment_packets(path)
             for (s, ts), (_pts, jpeg) in zip(frames, packets, strict=False):
                 if s >= seq:
                     yield CapturedFrame(s, ts, jpeg)

@@ -408,6 +408,20 @@ async def test_a_take_killed_while_behind_completes_with_what_it_cannot_get_as_l
     assert f"frames {spooled}..29 are in neither the spool nor the recording" in caplog.text
 
 
+def test_a_recording_without_its_index_or_a_segment_gives_back_no_frames(tmp_path: Path, caplog):
+    archive = RecordingArchive(tmp_path)
+    directory = tmp_path / "s1" / "cam0"
+    directory.mkdir(parents=True)
+    (directory / "seg_00000.mp4.part").write_bytes(b"\0" * 64)  # killed mid-take
+    assert list(archive.frames_from("s1", "cam0", 0)) == []
+    assert "has no frames.csv (its capture never finished)" in caplog.text
+    # Finished, but its segment is gone: no frame of it is coming back.
+    rows = "".join(f"{i},{i * 1000},0,100,0\n" for i in range(5))
+    (directory / "frames.csv").write_text("seq,capture_ts_ns,segment,bytes,corrupt\n" + rows)
+    assert list(archive.frames_from("s1", "cam0", 2)) == []
+    assert "seg_00000.mp4 is missing; its 5 frames cannot be read back" in caplog.text
+
+
 async def test_without_a_recording_to_read_from_the_take_waits_and_says_why(env):
     sid = th.new_session(env.repo)
     sent = th.frames(30)
