@@ -944,7 +944,9 @@ class _SendCursor:
 
     Its place is a take-wide position (see ``SpoolTake``). Records still in the take's
     in-memory tail come from there; older ones (after a reconnect or a restart, or when
-    the uplink fell behind the tail) are read from the segment files.
+    the uplink fell behind the tail) are read from the segment files. A file is held
+    open only while there is more to read in it: a deleted (acked) segment's blocks stay
+    taken as long as anyone has it open, and on a full disk the backfill needs them.
     """
 
     def __init__(self, take: SpoolTake, resume_after: int, pose_resume_after: int):
@@ -955,6 +957,7 @@ class _SendCursor:
         self._file: Any = None
         self._segment = -1  # number of the segment self._file reads
         self._offset = 0  # where self._file stands in it
+        self.files_opened = 0  # an uplink that keeps up opens none
 
     def read(self, max_bytes: int = READ_BATCH_BYTES) -> list[Record]:
         """The next records (possibly none, if the uplink has caught up with the spool)."""
@@ -962,9 +965,12 @@ class _SendCursor:
         budget = max_bytes
         while budget > 0:
             batch = self.take.tail_from(self.position, budget)
-            if not batch:
+            if batch:
+                self.close()  # past the files (see the class doc)
+            else:
                 batch = self._read_files(budget)
                 if not batch:
+                    self.close()  # nothing more in the files for now
                     break
             for rec, end in batch:
                 budget -= end - self.position
@@ -1009,6 +1015,7 @@ class _SendCursor:
         except FileNotFoundError:
             return False
         self._segment, self._offset = number, 0
+        self.files_opened += 1
         return True
 
     def _read_segment(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import os
 import random
@@ -177,13 +178,40 @@ def test_the_uplink_sends_what_it_keeps_up_with_from_memory_not_the_files(tmp_pa
         take.add_pose(frames[-1].seq, [[1.0, 2.0, 0.5]] * 23)
         sent += _read_all(cursor)
     assert sent == _spooled(take)  # the same records, bytes and order as on disk
-    assert len(take.segments) > 2 and cursor._file is None  # no segment was read back
+    assert len(take.segments) > 2 and cursor.files_opened == 0  # no segment was read back
     # Acked records leave memory with their segments; what is left is still sendable.
     take.ack(19, -1)
     assert spool._tail_used == sum(end - start for start, end, _ in take._tail) > 0
     assert min(r.seq for _, _, r in take._tail if r.kind == KIND_FRAME) <= 20
     take.finish()  # the server confirmed the whole take: nothing is held, on disk or in memory
     assert spool.used_bytes == 0 and spool._tail_used == 0 and not take._tail
+
+
+def _deleted_files_held_open(directory: Path) -> list[str]:
+    held = []
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/self/fd/{fd}")
+            if target.startswith(str(directory)) and target.endswith("(deleted)"):
+                held.append(target)
+    return held
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc")
+def test_a_reconnected_uplink_holds_no_acked_segment_open_once_it_read_past_it(tmp_path: Path):
+    spool = Spool(tmp_path, budget_bytes=10 << 20, booth_id=th.BOOTH)
+    spool.segment_bytes = 8_000
+    take = spool.open_take("s1", "cam0")
+    take.add_frames(th.frames(20))
+    take.ack(2, -1)  # the server holds 0..2: they leave memory, their segment stays
+    cursor = _SendCursor(take, 2, -1)  # a new stream resumes from the segment files
+    assert [r.seq for r in cursor.read()] == list(range(3, 20))
+    assert cursor.files_opened == 1  # what memory no longer had came from the file
+    take.ack(19, -1)  # all acked: every segment is deleted...
+    assert not take.segments
+    # ...and its blocks are free: on a full disk, the backfill needs them.
+    assert _deleted_files_held_open(tmp_path) == []
+    cursor.close()
 
 
 @pytest.mark.parametrize("tail_bytes", [0, 5_000, 60_000])
