@@ -284,7 +284,7 @@ class ControlClient:
             error=str(error or ""),
             clock_offset_ns=self.clock_offset_ns,
             last_command_id=self.last_command_id,
-            warnings=[str(w) for w in run.get("warnings") or []][:MAX_WARNINGS],
+            warnings=_warnings(run, up),
             live_pose=_live_pose(run.get("live_pose")),
         )
 
@@ -318,6 +318,14 @@ class ControlClient:
         tmp = self._state_path.with_name(self._state_path.name + ".tmp")
         tmp.write_text(json.dumps({"sessions": self._sessions}))
         os.replace(tmp, self._state_path)
+
+
+def _warnings(run: dict[str, Any], up: dict[str, Any]) -> list[str]:
+    """The camera's warnings, and the uplink's frames that could not be had (uploaded as lost)."""
+    out = [str(w) for w in run.get("warnings") or []]
+    if up.get("frames_lost") and up.get("lost_why"):
+        out.append(str(up["lost_why"]))
+    return out[:MAX_WARNINGS]
 
 
 async def _call(fn: Any, *args: Any) -> None:

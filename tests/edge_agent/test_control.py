@@ -333,3 +333,23 @@ async def test_warnings_and_the_live_pose_reach_the_tablet(tmp_path, server):
             await asyncio.sleep(0.01)
     (row,) = server.test_repo.list_agents(th.BOOTH)  # stored as plain JSON, the idle report last
     assert "live_pose" not in row["status"] and row["status"]["warnings"] == []
+
+
+def test_frames_the_board_could_not_upload_are_a_warning_on_the_tablet(tmp_path):
+    class LosingStreamer:
+        def status(self) -> dict:
+            return {
+                "frames_lost": 5,
+                "lost_why": "5 frames are in neither the spool nor the local recording",
+            }
+
+    client = ControlClient(
+        th.uplink_config("127.0.0.1:1", tmp_path / "spool", "cam0"),
+        booth_id=th.BOOTH,
+        camera_id="cam0",
+        runner=FakeCapture(),
+        streamer=LosingStreamer(),
+    )
+    assert list(client.build_status().warnings) == [
+        "5 frames are in neither the spool nor the local recording"
+    ]
