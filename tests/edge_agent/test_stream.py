@@ -392,11 +392,7 @@ async def test_frames_the_recording_lacks_too_are_uploaded_as_lost_and_the_take_
         take = st.open_take(sid)
         assert take.add_frames(sent) < 15  # the rest only in the recording
         take.end()
-        await st.start()
-        try:
-            await st.wait_uploaded(sid, timeout_s=30)
-        finally:
-            await st.stop()
+        await _upload_all(st, sid)
     assert env.repo.get_session(sid)["state"] == "uploaded"
     stored = th.stored_frames(env.repo, env.store, sid, "cam0")
     assert sorted(stored) == list(range(30))
@@ -422,11 +418,7 @@ async def test_a_take_killed_while_behind_completes_with_what_it_cannot_get_as_l
     async with th.running_server(env.cfg, repo=env.repo, store=env.store) as srv:
         archive = RecordingArchive(env.tmp / "takes")
         st = env.streamer(f"127.0.0.1:{srv.port}", archive=archive)  # the restarted agent
-        await st.start()
-        try:
-            await st.wait_uploaded(sid, timeout_s=30)
-        finally:
-            await st.stop()
+        await _upload_all(st, sid)
     assert env.repo.get_session(sid)["state"] == "uploaded"
     stored = th.stored_frames(env.repo, env.store, sid, "cam0")
     assert sorted(stored) == list(range(30))  # every frame captured, none forgotten
