@@ -93,6 +93,11 @@ class SqliteQueue(Strict):
     heartbeat_s: float = Field(10.0, gt=0)
     max_attempts: int = Field(3, ge=1)
 
+    @property
+    def lease_s(self) -> float:
+        """How long a delivered job stays leased without a heartbeat."""
+        return float(self.visibility_timeout_s)
+
     @model_validator(mode="after")
     def _heartbeat_within_lease(self) -> SqliteQueue:
         # A heartbeat that comes after the lease ran out hands every long job to a second
@@ -115,6 +120,11 @@ class PubSubQueue(Strict):
     # with at least 10 s (a Pub/Sub minimum); shorter leases use modify_ack_deadline (tests).
     ack_deadline_s: int = Field(60, ge=1, le=600)
     max_attempts: int = Field(3, ge=1)
+
+    @property
+    def lease_s(self) -> float:
+        """How long a delivered job stays leased without a heartbeat."""
+        return float(self.ack_deadline_s)
 
 
 QueueConfig = Annotated[SqliteQueue | PubSubQueue, Field(discriminator="type")]

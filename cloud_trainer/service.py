@@ -34,10 +34,7 @@ def stalled_after_s(queue_cfg: Any) -> float:
 
     Several leases: the queue's own redelivery comes first, after one.
     """
-    lease_s = (
-        queue_cfg.visibility_timeout_s if queue_cfg.type == "sqlite" else queue_cfg.ack_deadline_s
-    )
-    return max(300.0, 5 * float(lease_s))
+    return max(300.0, 5 * queue_cfg.lease_s)
 
 
 async def every(interval_s: float, work: Callable[[], Any], what: str) -> None:

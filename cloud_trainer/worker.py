@@ -295,8 +295,7 @@ class Worker:
         when its last beat is at least ``lease_s - heartbeat_s`` old: the bound stays
         well below that, so such a redelivery is never mistaken for a duplicate.
         """
-        q = self.settings.queue
-        lease_s = float(q.visibility_timeout_s if q.type == "sqlite" else q.ack_deadline_s)
+        lease_s = self.settings.queue.lease_s
         return min(1.5 * lease.heartbeat_s, 0.75 * (lease_s - lease.heartbeat_s))
 
     @contextlib.contextmanager
