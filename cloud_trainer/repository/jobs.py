@@ -21,8 +21,9 @@ import enum
 import time
 from typing import Any
 
-from sqlalchemy import delete, insert, select, update
+from sqlalchemy import select, update
 
+from cloud_trainer.repository.db import dialect_insert
 from cloud_trainer.repository.schema import job_beats, jobs, sessions
 from cloud_trainer.repository.sessions import SessionNotFound, new_id
 from edge_agent.errors import BoothError
@@ -109,7 +110,7 @@ class JobsRepo:
         """
         now = time.time()
         with self.engine.begin() as conn:
-            row = self._locked(conn, job_id, jobs.c.state, jobs.c.started_at, jobs.c.worker)
+            row = self._locked(conn, job_id, jobs.c.state, jobs.c.started_at)
             if JobState(row.state) in FINISHED:
                 raise JobFinished(f"job {job_id} is already {row.state}")
             beat = conn.execute(
@@ -126,8 +127,12 @@ class JobsRepo:
                     f"job {job_id} is running on {beat.worker} "
                     f"(its last heartbeat {now - beat.beat_at:.0f} s ago)"
                 )
-            conn.execute(delete(job_beats).where(job_beats.c.job_id == job_id))
-            conn.execute(insert(job_beats).values(job_id=job_id, worker=worker, beat_at=now))
+            claim = {"worker": worker, "beat_at": now}
+            conn.execute(
+                dialect_insert(conn, job_beats)
+                .values(job_id=job_id, **claim)
+                .on_conflict_do_update(index_elements=["job_id"], set_=claim)
+            )
             conn.execute(
                 update(jobs)
                 .where(jobs.c.id == job_id)
