@@ -36,14 +36,12 @@ attempt; the last attempt fails the session with the cause.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import shutil
 import socket
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -235,7 +233,7 @@ class Worker:
         from cloud_trainer.train import Interrupted  # TensorFlow: only once a job runs
 
         try:
-            with lease.keep_alive(), self._beating(job_id, lease):
+            with lease.keep_alive(also=lambda: self._still_ours(job_id)):
                 self._run(session, job_id, lease)
             lease.ack()
         except GONE:
@@ -298,37 +296,19 @@ class Worker:
         lease_s = self.settings.queue.lease_s
         return min(1.5 * lease.heartbeat_s, 0.75 * (lease_s - lease.heartbeat_s))
 
-    @contextlib.contextmanager
-    def _beating(self, job_id: str, lease) -> Iterator[None]:
-        """Beat the job's row while it runs; if another worker claimed it, treat it as a lost lease.
+    def _still_ours(self, job_id: str) -> bool:
+        """Beat the job's row; False once another worker claimed it (a lost lease, then).
 
         The queue's lease alone cannot say that: a Pub/Sub ack deadline that lapsed under
         a live worker is extended again without complaint while a second worker runs it.
         """
-        stop = threading.Event()
-
-        def beat() -> None:
-            while not stop.wait(lease.heartbeat_s):
-                try:
-                    if not self.repo.beat_job(job_id, self.worker_id):
-                        log.warning("another worker claimed the job", extra={"job_id": job_id})
-                        lease.lost.set()
-                        return
-                except JobNotFound:
-                    return  # deleted: the job's next progress write stops it (JobGone)
-                except Exception as e:  # a database hiccup: the next beat may get through
-                    log.warning(
-                        "job heartbeat failed",
-                        extra={"job_id": job_id, "error": f"{type(e).__name__}: {e}"},
-                    )
-
-        thread = threading.Thread(target=beat, name=f"job-beat-{job_id[:8]}", daemon=True)
-        thread.start()
         try:
-            yield
-        finally:
-            stop.set()
-            thread.join()
+            if self.repo.beat_job(job_id, self.worker_id):
+                return True
+        except JobNotFound:
+            return True  # deleted: the job's next progress write stops it (JobGone)
+        log.warning("another worker claimed the job", extra={"job_id": job_id})
+        return False
 
     def _fail(self, session_id: str, job_id: str, reason: str) -> None:
         try:

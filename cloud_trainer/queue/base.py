@@ -143,24 +143,32 @@ class Lease(ABC):
         )
 
     @contextlib.contextmanager
-    def keep_alive(self, interval_s: float | None = None) -> Iterator[Lease]:
+    def keep_alive(
+        self, interval_s: float | None = None, *, also: Callable[[], bool] | None = None
+    ) -> Iterator[Lease]:
         """Heartbeat from a background thread while the block runs.
 
-        Check ``lease.lost`` at safe points: once set, another worker may hold the job.
+        ``also`` beats with it (the worker's own claim on the job, in its database);
+        when it answers False the lease counts as lost too. Check ``lease.lost`` at
+        safe points: once set, another worker may hold the job.
         """
         interval = self.heartbeat_s if interval_s is None else interval_s
         stop = threading.Event()
 
         def beat() -> None:
             while not stop.wait(interval):
-                try:
-                    if not self.heartbeat():
-                        return
-                except Exception as e:  # a transient outage: keep trying until the lease expires
-                    log.warning(
-                        "heartbeat failed",
-                        extra={"job_id": self.job_id, "error": f"{type(e).__name__}: {e}"},
-                    )
+                for what, fn in (("heartbeat", self.heartbeat), ("claim", also)):
+                    if fn is None:
+                        continue
+                    try:
+                        if not fn():
+                            self.lost.set()  # heartbeat() has set it already; a lost claim here
+                            return
+                    except Exception as e:  # a transient outage: keep trying until it expires
+                        log.warning(
+                            f"{what} failed",
+                            extra={"job_id": self.job_id, "error": f"{type(e).__name__}: {e}"},
+                        )
 
         thread = threading.Thread(target=beat, name=f"lease-{self.job_id[:8]}", daemon=True)
         thread.start()
