@@ -202,7 +202,8 @@ def _upright(frame: Any) -> np.ndarray:
     return np.ascontiguousarray(np.rot90(rgb, turns)) if turns else rgb
 
 
-def _open_video(path: Path) -> tuple[Any, _VideoInfo]:
+def _open_video(path: Path) -> Any:
+    """The PyAV container of a video file, or BadInput saying why it is not one."""
     import av
 
     if not path.is_file():
@@ -214,25 +215,34 @@ def _open_video(path: Path) -> tuple[Any, _VideoInfo]:
     if not container.streams.video:
         container.close()
         raise BadInput(f"{path} has no video stream")
-    v = container.streams.video[0]
-    rate = v.average_rate or v.guessed_rate
-    fps = float(rate) if rate else 30.0
-    width, height = v.codec_context.width, v.codec_context.height
+    return container
+
+
+def _video_info(path: Path) -> _VideoInfo:
+    """Frame rate and the size a player shows (the first frame says the rotation)."""
+    import av
+
+    container = _open_video(path)
     try:
-        first = next(container.decode(video=0), None)
-    except av.error.FFmpegError:
-        first = None  # _decode reports a damaged file with its error
+        v = container.streams.video[0]
+        rate = v.average_rate or v.guessed_rate
+        fps = float(rate) if rate else 30.0
+        width, height = v.codec_context.width, v.codec_context.height
+        try:
+            first = next(container.decode(video=0), None)
+        except av.error.FFmpegError:
+            first = None  # _decode reports a damaged file with its error
     finally:
         container.close()
     if first is not None and _quarter_turns(first) % 2:
         width, height = height, width
-    return av.open(str(path)), _VideoInfo(fps, width, height)
+    return _VideoInfo(fps, width, height)
 
 
 def _decode(path: Path) -> Iterator[np.ndarray]:
     import av
 
-    container, _ = _open_video(path)
+    container = _open_video(path)
     try:
         for frame in container.decode(video=0):
             yield _upright(frame)
@@ -628,8 +638,7 @@ class ReferenceLibrary:
             raise BadInput(f"{name!r} is a built-in name; pick another name for a video reference")
         storage_key(name)
         path = Path(video)
-        container, info = _open_video(path)  # a file that is not a video fails here, early
-        container.close()
+        info = _video_info(path)  # a file that is not a video fails here, early
         cfg = self.pose_cfg or CpuPose(mode="tracking", segmentation=True)
         backend = create_pose_backend(cfg)
         mshape = _mask_shape(info.width, info.height)
