@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import transport_helpers as th
 import yaml
 from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, event, inspect, select
@@ -88,11 +89,56 @@ def test_a_login_is_a_row_under_the_hash_of_its_id_and_opens_pages_and_api(clien
     rows = _login_rows(booth)
     assert len(rows) == 2
     assert {r["username"] for r in rows} == {STAFF}
-    assert all(r["revoked_at"] is None and r["booth_id"] == "booth-1" for r in rows)
+    assert all(r["booth_id"] == "booth-1" for r in rows)
+    # The second login replaced the first in this browser, so the first ended.
+    assert sorted(r["revoked_at"] is None for r in rows) == [False, True]
     login_id = CookieSigner(SECRET_KEY).loads(client.cookies[SESSION_COOKIE])["login"]
     assert len(login_id) >= 22  # at least 128 random bits, base64
     stored = repr(rows)
     assert login_id not in stored  # only its sha256 is kept
+
+
+@pytest.mark.parametrize("how", ["form", "api"])
+def test_logging_in_again_ends_the_login_the_browser_held(client, booth, how):
+    log_in(client)
+    copied = client.cookies[SESSION_COOKIE]
+    with TestClient(booth.app) as other_tablet:
+        log_in(other_tablet)
+        if how == "form":
+            client.post("/login", data={"username": STAFF, "password": PASSWORD})
+        else:
+            log_in(client)
+        assert client.cookies[SESSION_COOKIE] != copied
+        assert client.get("/api/sessions").status_code == 200
+        assert _logged_out(booth.app, copied)
+        # Another browser's login is its own.
+        assert other_tablet.get("/api/sessions").status_code == 200
+
+
+def test_a_failed_login_leaves_the_standing_one(client, booth):
+    log_in(client)
+    r = client.post("/api/login", json={"username": STAFF, "password": "wrong"})
+    assert r.status_code == 401
+    assert client.get("/api/sessions").status_code == 200
+
+
+def test_the_event_stream_ends_when_its_login_does(client, booth):
+    log_in(client)
+    sid = th.new_session(booth.repo, booth_id="booth-1")
+    login_sha256 = _login_rows(booth)[0]["id_sha256"]
+    with client.stream("GET", f"/api/sessions/{sid}/events") as r:
+        assert r.status_code == 200
+        lines = r.iter_lines()
+        first = next(line for line in lines if line)
+        assert first.startswith("data: ") and sid in first
+        # As `booth staff logout` or a logout elsewhere would: the row is revoked. The
+        # session changes too, so a stream that ignored the logout would send it on.
+        booth.repo.revoke_staff_login(login_sha256, time.time())
+        booth.repo.transition(sid, "capturing")
+        events = (line for line in lines if line)
+        assert next(events) == "event: logged-out"
+        assert next(events) == "data: {}"
+        assert next(events, None) is None  # and the stream ended
 
 
 def test_logout_ends_the_login_for_every_copy_of_its_cookie(client, booth):

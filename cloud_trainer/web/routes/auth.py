@@ -66,9 +66,16 @@ def _authenticate(services: Services, request: Request, username: str, password:
     return user
 
 
-def _open_login(services: Services, user: StaffUser) -> str:
-    """Record a new login for ``user``; returns its id (for the cookie only)."""
+def _open_login(services: Services, user: StaffUser, request: Request) -> str:
+    """Record a new login for ``user``; returns its id (for the cookie only).
+
+    A login this browser already holds ends here: its cookie is about to be replaced,
+    and a copy of the old one taken off the tablet must not outlive it.
+    """
     login_id, now = new_login_id(), time.time()
+    replaced = staff_from_cookie(request, services)
+    if replaced is not None:
+        services.repo.revoke_staff_login(replaced.login_sha256, now)
     services.repo.insert_staff_login(
         id_sha256=hash_login_id(login_id),
         booth_id=services.settings.booth.id,
@@ -116,7 +123,7 @@ def login_form(
             status_code=e.status_code,
         )
     response = RedirectResponse("/", status_code=303)
-    _set_cookie(response, services, _open_login(services, user), new_csrf_token(), request)
+    _set_cookie(response, services, _open_login(services, user, request), new_csrf_token(), request)
     return response
 
 
@@ -150,5 +157,5 @@ def login_api(body: LoginBody, request: Request, services: ServicesDep):
     user = _authenticate(services, request, body.username, body.password)
     csrf = new_csrf_token()
     response = JSONResponse({"username": user.username, "csrf_token": csrf})
-    _set_cookie(response, services, _open_login(services, user), csrf, request)
+    _set_cookie(response, services, _open_login(services, user, request), csrf, request)
     return response

@@ -17,7 +17,15 @@ from sqlalchemy import select
 from cloud_trainer.front_desk import Conflict
 from cloud_trainer.repository import SessionNotFound
 from cloud_trainer.repository.schema import outbox, takes
-from cloud_trainer.web.deps import Services, ServicesDep, StaffApi, StaffPage, check_form_csrf
+from cloud_trainer.web.deps import (
+    LoginRequired,
+    Services,
+    ServicesDep,
+    StaffApi,
+    StaffPage,
+    check_form_csrf,
+    staff_from_cookie,
+)
 from cloud_trainer.web.errors import api_errors
 from edge_agent.errors import BadInput, BoothError
 from edge_agent.skeleton import LIMB_INDEX
@@ -405,20 +413,31 @@ def delete_session(session_id: str, services: ServicesDep, staff: StaffApi):
     responses={
         200: {
             "description": "One `data:` event with the session view per change, "
-            "`event: deleted` when it is deleted",
+            "`event: deleted` when it is deleted, `event: logged-out` when the login ends",
             "content": {"text/event-stream": {"schema": {"type": "string"}}},
         },
         **api_errors(401, 404),
     },
 )
 async def events(session_id: str, request: Request, services: ServicesDep, staff: StaffApi):
+    """The stream re-checks the login every round, as each request would: a logout, a
+    removed user or ``booth staff logout`` ends it with ``event: logged-out``. Database
+    reads run in a worker thread, so a slow database does not stall the event loop."""
     _get(services, session_id)
+
+    def read() -> dict:
+        if staff_from_cookie(request, services) is None:
+            raise LoginRequired()
+        return session_view(services, services.repo.get_session(session_id))
 
     async def stream():
         last = None
         while not await request.is_disconnected():
             try:
-                view = session_view(services, services.repo.get_session(session_id))
+                view = await asyncio.to_thread(read)
+            except LoginRequired:
+                yield "event: logged-out\ndata: {}\n\n"
+                return
             except SessionNotFound:
                 yield "event: deleted\ndata: {}\n\n"
                 return
