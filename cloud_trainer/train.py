@@ -94,6 +94,7 @@ from cloud_trainer.model import (
     generator_loss,
 )
 from cloud_trainer.score import box_metrics, person_box, plot_progress, score_generator
+from edge_agent.errors import BoothError
 
 log = logging.getLogger(__name__)
 
@@ -157,11 +158,12 @@ class Budget:
         *,
         spent_s: float = 0.0,
         clock: Callable[[], float] = time.monotonic,
+        started_at: float | None = None,
     ) -> None:
         self.budget_s = float(budget_s)
         self.spent_s = float(spent_s)
         self._clock = clock
-        self._start = clock()
+        self._start = clock() if started_at is None else min(started_at, clock())
 
     def elapsed(self) -> float:
         return self.spent_s + (self._clock() - self._start)
@@ -446,7 +448,8 @@ def resolve_base(uri: str, store, cache_dir: Path) -> Path:
             raise TrainingFailed(f"base checkpoint {uri} not found in the blob store")
         return local
     path = Path(uri)
-    if not path.exists():
+    # A directory, or a checkpoint prefix (``.../ckpt-4000``) whose files sit beside it.
+    if not path.exists() and not Path(f"{uri}.index").exists():
         raise TrainingFailed(f"base checkpoint {uri} not found")
     return path
 
@@ -467,8 +470,13 @@ def restore_base(model: Pix2Pix, base_dir: Path, *, label_map: str) -> dict[str,
     meta: dict[str, Any] = {}
     meta_file = base_dir / BASE_META if base_dir.is_dir() else None
     if meta_file is not None and meta_file.exists():
-        meta = json.loads(meta_file.read_text())
-        spec = ModelSpec.from_dict(meta["spec"])
+        try:
+            meta = json.loads(meta_file.read_text())
+            spec = ModelSpec.from_dict(meta["spec"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise TrainingFailed(
+                f"base checkpoint {base_dir}: {BASE_META} is unreadable ({_short(e)})"
+            ) from e
         if spec != model.spec:
             raise TrainingFailed(
                 f"base checkpoint {base_dir} is for {spec.size_px} px models "
@@ -742,6 +750,53 @@ def prepare_corpus(
     return corpus
 
 
+def _load_state(path: Path) -> _State | None:
+    try:
+        return _State.load(path)
+    except (ValueError, TypeError) as e:  # TypeError: a field of the wrong kind
+        raise TrainingFailed(f"the job's training state {path.name} is unreadable ({e})") from e
+
+
+def _state_step(path: Path) -> int:
+    """The step a checkpoint tree's state file records; -1 when there is none."""
+    try:
+        return int(json.loads(path.read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return -1
+
+
+def _fetch_newer_checkpoints(store, prefix: str, ckpt_root: Path) -> None:
+    """Replace the local checkpoint tree with the store's when the store's is newer.
+
+    The store is where every attempt mirrors its checkpoints; a local tree is only a
+    cache of one machine's last attempt. Resuming from a stale one would retrain steps
+    another worker already took, understate the budget spent, and its next mirror would
+    delete the newer checkpoint files from the store.
+    """
+    if not store.exists(f"{prefix}/ckpt/checkpoint"):
+        return
+    local_has = (ckpt_root / "ckpt" / "checkpoint").exists()
+    if local_has:
+        remote_state = ckpt_root.parent / (STATE + ".store")
+        try:
+            store.download(f"{prefix}/{STATE}", str(remote_state))
+            remote_step = _state_step(remote_state)
+        except BoothError:
+            remote_step = -1
+        finally:
+            remote_state.unlink(missing_ok=True)
+        local_step = _state_step(ckpt_root / STATE)
+        if remote_step <= local_step:
+            return
+        log.info(
+            "the store holds newer checkpoints than this machine",
+            extra={"local_step": local_step, "store_step": remote_step},
+        )
+    shutil.rmtree(ckpt_root, ignore_errors=True)
+    ckpt_root.mkdir(parents=True)
+    mirror_from_store(store, prefix, ckpt_root)
+
+
 @dataclass
 class _State:
     step: int = 0
@@ -915,6 +970,12 @@ class _Fit:
         self.state.learning_rate /= 2
         self.model.set_learning_rate(self.state.learning_rate)
         self.state.step = int(self.model.step.numpy())
+        # Recorded at once: a worker killed before the next checkpoint must not resume
+        # with a second rollback in hand.
+        self.state.elapsed_s = self.budget.elapsed()
+        _write_json(self.root / STATE, asdict(self.state))
+        if self.store is not None and self.store_prefix:
+            mirror_to_store(self.root, self.store, self.store_prefix, only=[STATE])
         log.warning(
             "NaN loss: rolled back",
             extra={"bad_step": bad_step, "to": where, "learning_rate": self.state.learning_rate},
@@ -1060,8 +1121,12 @@ def train_job(
     hooks: TrainHooks | None = None,
     runtime: Runtime | None = None,
     should_stop: Callable[[], bool] | None = None,
+    started_at: float | None = None,
 ) -> JobResult:
     """Train, score and export the generator of one session; resumable (see module docstring).
+
+    ``started_at`` (``time.monotonic()``) is when this attempt began, if before the call:
+    the worker reads the take from ingest first, and that loading counts in the budget.
 
     Raises TrainingFailed (a BoothError) with a readable reason on bad input: an empty or
     tiny take, no person, a corrupt shard, a missing or mismatched base checkpoint, a
@@ -1074,14 +1139,12 @@ def train_job(
     prefix = _checkpoint_prefix(job) if store is not None else None
     model_prefix = f"sessions/{job.session_id}/model" if store is not None else None
 
-    # A restarted job picks up its checkpoints from the store when this machine has none.
-    if (
-        store is not None
-        and not (ckpt_root / "ckpt" / "checkpoint").exists()
-        and store.exists(f"{prefix}/ckpt/checkpoint")
-    ):
-        mirror_from_store(store, prefix, ckpt_root)
-    state = _State.load(ckpt_root / STATE) or _State(learning_rate=cfg.learning_rate)
+    # A restarted job picks up its checkpoints from the store unless this machine holds
+    # ones as new: a work directory left by an earlier attempt here may be older than
+    # what another machine trained since.
+    if store is not None:
+        _fetch_newer_checkpoints(store, prefix, ckpt_root)
+    state = _load_state(ckpt_root / STATE) or _State(learning_rate=cfg.learning_rate)
     if state.done is not None:
         export_dir = job_dir / "export"
         if not (export_dir / "generator.json").exists() and store is not None:
@@ -1092,7 +1155,7 @@ def train_job(
             done = {**state.done, "stopped": "done-before", "export_dir": str(export_dir)}
             done["plot_path"] = str(export_dir / "progress.png")
             return JobResult.from_dict(done)
-    budget = Budget(cfg.budget_s, spent_s=state.elapsed_s)
+    budget = Budget(cfg.budget_s, spent_s=state.elapsed_s, started_at=started_at)
     if should_stop is not None and should_stop():
         raise Interrupted(state.step)
     report(

@@ -73,6 +73,43 @@ class LeaseLost(Exception):
     """
 
 
+class HeldStore:
+    """The blob store as a job's worker writes it: only while the worker holds the job.
+
+    A worker whose lease or claim was lost may still be inside a training step; its
+    next checkpoint mirror would delete the files the job's new holder wrote (mirroring
+    removes keys it has no local file for). Every write checks ``lost`` first and raises
+    LeaseLost instead. Reads pass through.
+    """
+
+    def __init__(self, store: Any, lost: threading.Event) -> None:
+        self._store = store
+        self._lost = lost
+
+    def _check(self) -> None:
+        if self._lost.is_set():
+            raise LeaseLost()
+
+    def put(self, *args: Any, **kwargs: Any) -> Any:
+        self._check()
+        return self._store.put(*args, **kwargs)
+
+    def put_file(self, *args: Any, **kwargs: Any) -> Any:
+        self._check()
+        return self._store.put_file(*args, **kwargs)
+
+    def delete(self, *args: Any, **kwargs: Any) -> Any:
+        self._check()
+        return self._store.delete(*args, **kwargs)
+
+    def delete_prefix(self, *args: Any, **kwargs: Any) -> Any:
+        self._check()
+        return self._store.delete_prefix(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+
 # A deletion removes the session and its job row together; either lookup failing means gone.
 GONE = (JobGone, SessionNotFound, JobNotFound)
 
@@ -112,7 +149,13 @@ def take_from_ingest(repo: Repository, store: Any, session_id: str, camera_id: s
         # A lost frame (corrupt at capture, stored empty) keeps no pose: an imputed one
         # would make the corpus look for an image that is not there.
         if i is not None and rows[i]["length"] > 0:
-            poses[i] = np.frombuffer(p["keypoints"], dtype="<f4").reshape(sk.NUM_JOINTS, 3)
+            keypoints = np.frombuffer(p["keypoints"], dtype="<f4")
+            if keypoints.size != sk.NUM_JOINTS * 3:
+                raise TrainingFailed(
+                    f"camera {camera_id}: the pose of frame {p['seq']} has {keypoints.size} "
+                    f"values, not {sk.NUM_JOINTS} joints x 3"
+                )
+            poses[i] = keypoints.reshape(sk.NUM_JOINTS, 3)
     return TakeData(
         name=f"{session_id}-{camera_id}", frames=frames, poses=poses, fps=fps, camera=camera_id
     )
@@ -381,6 +424,7 @@ class Worker:
         if session["state"] == State.UPLOADED.value:
             self.repo.transition(sid, State.TRAINING, detail=f"worker {self.worker_id}")
         clock = StageClock()
+        started_at = time.monotonic()  # reading the take counts in the training budget
         last_plot = [0.0]
         history: list[dict[str, float]] = []
 
@@ -426,10 +470,11 @@ class Worker:
         result = train_job(
             JobSpec(session_id=sid, takes=takes, job_id=job_id),
             cfg.trainer,
-            self.store,
+            HeldStore(self.store, lease.lost),
             progress,
             models_dir=cfg.models_dir,
             should_stop=self.stop.is_set,
+            started_at=started_at,
         )
         if result.plot_path and Path(result.plot_path).exists():
             self.store.put_file(

@@ -373,12 +373,127 @@ def test_empty_take_and_no_person_fail_the_job(take: TakeData, tmp_path: Path) -
         train_job(JobSpec("sess-e2", [nobody]), config(tmp_path), models_dir=None)
 
 
+def test_a_stale_local_checkpoint_gives_way_to_the_newer_one_in_the_store(
+    take: TakeData, tmp_path: Path
+) -> None:
+    """Machine A dies at step 3 (checkpoint 2), B takes over and dies at 7 (checkpoint 6),
+    then A gets the job back with its old work directory still on disk."""
+    store = LocalBlobStore(tmp_path / "blobs")
+    job = JobSpec("sess-s", [take])
+    a, b = tmp_path / "machine-a", tmp_path / "machine-b"
+    with pytest.raises(Killed):
+        train_job(job, config(a, max_steps=10), store, hooks=KillAt(3), models_dir=None)
+    with pytest.raises(Killed):
+        train_job(job, config(b, max_steps=10), store, hooks=KillAt(7), models_dir=None)
+    assert json.loads(store.get("sessions/sess-s/checkpoints/state.json"))["step"] == 6
+
+    result = train_job(job, config(a, max_steps=8), store, models_dir=None)
+    assert result.resumed_from == 6  # not 2, from A's own stale tree
+    assert result.steps == 8
+    state = json.loads(store.get("sessions/sess-s/checkpoints/state.json"))
+    assert state["step"] == 8 and state["done"] is not None
+
+
+class PoisonThenKill(TrainHooks):
+    """NaN weights after the first step 3; killed when step 3 comes round again."""
+
+    def __init__(self) -> None:
+        self.seen = 0
+
+    def after_step(self, step: int, model: Pix2Pix) -> None:
+        if step != 3:
+            return
+        self.seen += 1
+        if self.seen == 1:
+            v = model.generator.trainable_variables[0]
+            v.assign(tf.fill(v.shape, float("nan")))
+        else:
+            raise Killed()
+
+
+def test_a_rollback_is_remembered_by_a_job_killed_before_its_next_checkpoint(
+    take: TakeData, tmp_path: Path
+) -> None:
+    store = LocalBlobStore(tmp_path / "blobs")
+    job = JobSpec("sess-r", [take])
+    cfg = config(tmp_path / "machine-a", max_steps=6)
+    with pytest.raises(Killed):
+        train_job(job, cfg, store, hooks=PoisonThenKill(), models_dir=None)
+    result = train_job(job, config(tmp_path / "machine-b", max_steps=6), store, models_dir=None)
+    assert result.resumed_from == 2
+    # The resumed run keeps the halved rate and has no second rollback in hand.
+    assert result.nan_rollbacks == 1
+    assert result.learning_rate == pytest.approx(cfg.learning_rate / 2)
+
+
+class LoseLeaseAt(TrainHooks):
+    def __init__(self, step: int, lost) -> None:
+        self.at, self.lost = step, lost
+
+    def after_step(self, step: int, model: Pix2Pix) -> None:
+        if step == self.at:
+            self.lost.set()
+
+
+def test_a_worker_that_lost_its_lease_writes_nothing_more_to_the_store(
+    take: TakeData, tmp_path: Path
+) -> None:
+    import threading
+
+    from cloud_trainer.worker import HeldStore, LeaseLost
+
+    store = LocalBlobStore(tmp_path / "blobs")
+    lost = threading.Event()
+    with pytest.raises(LeaseLost):
+        train_job(
+            JobSpec("sess-l", [take]),
+            config(tmp_path, max_steps=6),
+            HeldStore(store, lost),
+            hooks=LoseLeaseAt(3, lost),
+            models_dir=None,
+        )
+    # The step-4 checkpoint stayed on this machine; the store still says step 2.
+    assert json.loads(store.get("sessions/sess-l/checkpoints/state.json"))["step"] == 2
+    assert not any("ckpt-4" in k for k in store.list("sessions/sess-l/"))
+    assert (tmp_path / "sess-l" / "checkpoints" / "ckpt").exists()
+
+
+def test_a_base_given_as_a_checkpoint_prefix_warm_starts_the_job(
+    take: TakeData, base: Path, tmp_path: Path
+) -> None:
+    prefix = tf.train.latest_checkpoint(str(base))
+    job = JobSpec("sess-x", [take], base_checkpoint=prefix)
+    result = train_job(job, config(tmp_path, max_steps=1), models_dir=None)
+    assert result.warm_start and result.steps == 1
+
+
+def test_a_base_with_an_unreadable_description_fails_the_job(
+    take: TakeData, base: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    broken = tmp_path / "broken-base"
+    shutil.copytree(base, broken)
+    (broken / "base.json").write_text('{"label_map": "skeleton"}')  # no "spec"
+    job = JobSpec("sess-y", [take], base_checkpoint=str(broken))
+    with pytest.raises(TrainingFailed, match="base.json is unreadable"):
+        train_job(job, config(tmp_path), models_dir=None)
+
+
 def test_budget_counts_time_spent_by_earlier_attempts() -> None:
     now = [100.0]
     b = Budget(60, spent_s=20, clock=lambda: now[0])
     assert b.remaining() == 40
     now[0] += 15
     assert b.elapsed() == 35 and b.remaining() == 25
+
+
+def test_budget_counts_from_when_the_attempt_began() -> None:
+    # The worker reads the take from ingest before training: that time is in the budget.
+    now = [100.0]
+    b = Budget(60, spent_s=20, clock=lambda: now[0], started_at=90.0)
+    assert b.elapsed() == 30 and b.remaining() == 30
+    assert Budget(60, clock=lambda: now[0], started_at=130.0).elapsed() == 0  # not the future
 
 
 def test_train_step_runs_under_mirrored_strategy_with_float16_loss_scaling() -> None:
