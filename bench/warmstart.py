@@ -75,7 +75,12 @@ sys.path.insert(0, str(ROOT))
 from cloud_trainer.config import TrainerConfig  # noqa: E402
 from cloud_trainer.corpus import Corpus, build_corpus  # noqa: E402
 from cloud_trainer.model import ModelSpec  # noqa: E402
-from cloud_trainer.pretrain import DANCE_OFFSET, pretrain, synthetic_takes  # noqa: E402
+from cloud_trainer.pretrain import (  # noqa: E402
+    DANCE_OFFSET,
+    pretrain,
+    synthetic_take_loaders,
+    synthetic_takes,
+)
 from cloud_trainer.train import Pix2Pix, evaluate, restore_base, select_runtime  # noqa: E402
 
 log = logging.getLogger("bench.warmstart")
@@ -141,10 +146,8 @@ def base_checkpoint(args, cfg: TrainerConfig) -> tuple[Path, float, str]:
         return out, 0.0, key
     say(f"base: pretraining {args.pretrain_steps} steps on attendees 1..{args.attendees} ({key})")
     t0 = time.monotonic()
-    takes = list(
-        synthetic_takes(
-            range(1, args.attendees + 1), size_px=cfg.size_px, seconds=TAKE_S, fps=TAKE_FPS
-        )
+    takes = synthetic_take_loaders(
+        range(1, args.attendees + 1), size_px=cfg.size_px, seconds=TAKE_S, fps=TAKE_FPS
     )
     last = [0.0]
 

@@ -187,6 +187,13 @@ class TrainerConfig(Strict):
     jit_compile: Literal["auto", "off", "on"] = "auto"
     work_dir: Path = Path("var/jobs")
     holdout_fraction: float = Field(0.1, ge=0.0, lt=0.9)
+    worker_max_rss_mb: int | None = Field(
+        None,
+        ge=0,
+        description="a `booth worker` whose memory has grown past this after a job exits, "
+        "for its supervisor to start a fresh one (TensorFlow keeps some memory from every "
+        "job); default: 60% of the memory it may use; 0: never",
+    )
 
 
 class RenderConfig(Strict):

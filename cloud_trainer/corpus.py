@@ -31,7 +31,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence, Sized
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -390,8 +390,13 @@ def build_corpus(
     holdout_fraction: float,
     segmenter: Callable[[], Segmenter] | None = None,
     progress: Callable[[int, int], None] | None = None,
+    total: int | None = None,
 ) -> Corpus:
     """Write the corpus of ``takes`` to ``out_dir``; raise TrainingFailed on unusable input.
+
+    ``takes`` is consumed one take at a time, so an iterator that loads each take when
+    asked keeps one take's frames in memory, not all of them; ``total`` is how many it
+    will yield (for ``progress``) when it has no length.
 
     ``segmenter`` is a factory, called only if some take lacks masks, of the person
     segmenter the ``parts`` label map needs. A take that cannot be used (empty, too
@@ -408,12 +413,15 @@ def build_corpus(
     manifest_takes: list[dict[str, Any]] = []
     skipped: list[dict[str, str]] = []
     seg: Segmenter | None = None
-    takes = list(takes)
-    if not takes:
-        raise TrainingFailed("the job has no takes")
+    if total is None and isinstance(takes, Sized):
+        total = len(takes)
+    seen = 0
     t0 = time.monotonic()
     try:
-        for t_idx, take in enumerate(takes):
+        # Not enumerate(): its reused result tuple would keep the previous take alive
+        # while the next one loads.
+        for take in takes:
+            t_idx, seen = seen, seen + 1
             needs_mask = label_map == "parts" and take.masks is None
             if needs_mask and seg is None:
                 if segmenter is None:
@@ -433,10 +441,13 @@ def build_corpus(
             else:
                 manifest_takes.append(info)
             if progress:
-                progress(t_idx + 1, len(takes))
+                progress(t_idx + 1, max(total or 0, t_idx + 1))
+            del take  # before the next is loaded: one take's frames in memory at a time
     finally:
         for w in writers.values():
             w.close()
+    if not seen:
+        raise TrainingFailed("the job has no takes")
     if not manifest_takes:
         raise TrainingFailed("; ".join(s["reason"] for s in skipped))
     manifest = {

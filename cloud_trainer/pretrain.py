@@ -12,6 +12,7 @@ start restores, see ``train.restore_base``), plus
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 from collections.abc import Callable, Iterator, Sequence
@@ -28,6 +29,7 @@ from cloud_trainer.train import (
     JobSpec,
     Pix2Pix,
     ProgressFn,
+    TakeRef,
     save_base,
     select_runtime,
     train_job,
@@ -62,16 +64,23 @@ def synth_frame_size(size_px: int) -> tuple[int, int]:
     return size_px * 2, size_px * 3 // 2
 
 
-def synthetic_takes(
+def synthetic_take_loaders(
     attendees: Sequence[int],
     *,
     size_px: int,
     seconds: float = 15.0,
     fps: float = 15.0,
     viewpoint: int = 0,
-) -> Iterator[TakeData]:
-    for a in attendees:
-        yield TakeData.from_synth(
+) -> list[Callable[[], TakeData]]:
+    """One function per attendee that renders their take when called.
+
+    A job given these renders each take when its corpus reaches it and drops it once
+    written, so pretraining holds one attendee's frames at a time (8 attendees of
+    15 s at 256 px, rendered up front, took about 1.4 GB).
+    """
+    return [
+        functools.partial(
+            TakeData.from_synth,
             a,
             DANCE_OFFSET + a,
             seconds=seconds,
@@ -79,16 +88,23 @@ def synthetic_takes(
             size=synth_frame_size(size_px),
             viewpoint=viewpoint,
         )
+        for a in attendees
+    ]
+
+
+def synthetic_takes(attendees: Sequence[int], **kw: Any) -> Iterator[TakeData]:
+    """The takes of ``synthetic_take_loaders``, rendered as they are iterated."""
+    for load in synthetic_take_loaders(attendees, **kw):
+        yield load()
 
 
 def pretrain(
-    takes: Sequence[TakeData | str | Path],
+    takes: Sequence[TakeRef],
     cfg: TrainerConfig,
     out_dir: Path,
     *,
     progress: ProgressFn | None = None,
     models_dir: Path | None = None,
-    on_takes: Callable[[int, int], None] | None = None,
 ) -> tuple[Path, JobResult]:
     """Train a base on ``takes`` and write it to ``out_dir``; resumable like any job.
 

@@ -603,12 +603,16 @@ def require_label_map(export_meta: dict[str, Any], label_map: str) -> None:
 # ---- jobs -------------------------------------------------------------------------------
 
 
+# TakeData, a take directory, a ``blob:`` prefix, or a function that loads the take.
+TakeRef = TakeData | str | Path | Callable[[], TakeData]
+
+
 @dataclass
 class JobSpec:
-    """One training job: a session's takes (TakeData, take directories or ``blob:`` prefixes)."""
+    """One training job: a session's takes (see ``TakeRef``)."""
 
     session_id: str
-    takes: Sequence[TakeData | str | Path]
+    takes: Sequence[TakeRef]
     base_checkpoint: str | None = None  # overrides trainer.base_checkpoint
     job_id: str | None = None
 
@@ -690,14 +694,18 @@ def _short(e: BaseException) -> str:
     return msg.strip().splitlines()[0][:200] if msg.strip() else type(e).__name__
 
 
-def open_take(ref: TakeData | str | Path, store, cache_dir: Path) -> TakeData:
+def open_take(ref: TakeRef, store, cache_dir: Path) -> TakeData:
     """A job's take reference -> TakeData.
 
     ``blob:<prefix>`` mirrors a take directory from the blob store first (the seam where
-    ingest's frame shards and the repository's frame index plug in).
+    ingest's frame shards and the repository's frame index plug in). A callable is a
+    take loaded only when the corpus reaches it (``booth pretrain`` renders its
+    synthetic attendees that way, one at a time).
     """
     if isinstance(ref, TakeData):
         return ref
+    if callable(ref):
+        return ref()
     ref = str(ref)
     if ref.startswith("blob:"):
         if store is None:
@@ -732,7 +740,7 @@ def prepare_corpus(
         if fits(corpus):
             corpus.verify()
             return corpus
-    takes = [open_take(t, store, job_dir / "takes") for t in job.takes]
+    takes = (open_take(t, store, job_dir / "takes") for t in job.takes)
     segmenter = None
     if cfg.label_map == "parts":
         segmenter = lambda: default_segmenter(models_dir or Path("models"))  # noqa: E731
@@ -743,6 +751,7 @@ def prepare_corpus(
         label_map=cfg.label_map,
         holdout_fraction=cfg.holdout_fraction,
         segmenter=segmenter,
+        total=len(job.takes),
     )
     corpus.verify()
     if store is not None:

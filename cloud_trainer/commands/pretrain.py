@@ -89,19 +89,36 @@ def run(args: argparse.Namespace) -> int:
     # Imported here: TensorFlow is not needed for `booth --help`.
     from tqdm import tqdm
 
-    from cloud_trainer.pretrain import pretrain, synthetic_takes
+    from cloud_trainer.pretrain import pretrain, synthetic_take_loaders
 
+    render_bar = None
     if takes is None:
-        takes = list(
-            tqdm(
-                synthetic_takes(seeds, size_px=cfg.size_px, seconds=args.seconds, fps=args.fps),
-                total=len(seeds),
-                desc="rendering takes",
-                unit="take",
-                disable=args.no_progress,
-                file=sys.stderr,
-            )
+        # Each attendee is rendered when the corpus reaches them, then dropped: one
+        # attendee's frames in memory at a time, whatever --attendees and --size are.
+        render_bar = tqdm(
+            total=len(seeds),
+            desc="rendering takes",
+            unit="take",
+            disable=args.no_progress,
+            file=sys.stderr,
         )
+
+        def counted(load):
+            def render():
+                take = load()
+                render_bar.update(1)
+                if render_bar.n >= render_bar.total:
+                    render_bar.close()
+                return take
+
+            return render
+
+        takes = [
+            counted(load)
+            for load in synthetic_take_loaders(
+                seeds, size_px=cfg.size_px, seconds=args.seconds, fps=args.fps
+            )
+        ]
     total = cfg.max_steps
     bar = tqdm(
         total=total if total else round(cfg.budget_s),
@@ -121,6 +138,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         out, result = pretrain(takes, cfg, args.out, progress=progress, models_dir=booth.models_dir)
     finally:
+        if render_bar is not None:
+            render_bar.close()
         bar.close()
     summary = {
         "base": str(out),

@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
             worker.queue.close()
         return 0
     try:
-        worker.run_forever()
+        worker.run_forever()  # "recycle" exits 0 too: the supervisor starts a fresh worker
     finally:
         worker.queue.close()
     return 0

@@ -480,6 +480,31 @@ def test_a_base_with_an_unreadable_description_fails_the_job(
         train_job(job, config(tmp_path), models_dir=None)
 
 
+def test_a_job_loads_its_takes_one_at_a_time(take: TakeData, tmp_path: Path) -> None:
+    """Takes given as loaders (what `booth pretrain` passes) are each loaded when the corpus
+    reaches them and dropped once written, so memory holds one take, not all."""
+    import dataclasses
+    import gc
+    import weakref
+
+    refs: list[weakref.ref] = []
+    most = [0]
+
+    def load() -> TakeData:
+        gc.collect()
+        loaded = dataclasses.replace(take, name=f"take-{len(refs)}")
+        refs.append(weakref.ref(loaded))
+        most[0] = max(most[0], sum(r() is not None for r in refs))
+        return loaded
+
+    result = train_job(
+        JobSpec("sess-lazy", [load, load, load]), config(tmp_path, max_steps=1), models_dir=None
+    )
+    assert len(refs) == 3  # every take was loaded
+    assert most[0] == 1
+    assert result.steps == 1
+
+
 def test_budget_counts_time_spent_by_earlier_attempts() -> None:
     now = [100.0]
     b = Budget(60, spent_s=20, clock=lambda: now[0])

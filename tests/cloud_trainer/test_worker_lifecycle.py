@@ -422,6 +422,36 @@ def test_run_forever_survives_a_job_that_crashes_outside_its_own_handling(booth)
     assert real_get_session(nxt)["state"] == State.FAILED.value
 
 
+def test_a_worker_grown_past_its_memory_limit_exits_between_jobs(booth):
+    """The first job ends, the worker sees its memory past the limit and returns for its
+    supervisor to start a fresh one; the second job waits in the queue for that one."""
+    worker, _ = booth
+    first = uploaded_session(worker, frames=False)
+    second = uploaded_session(worker, frames=False)
+    worker.settings.trainer.worker_max_rss_mb = 1  # any real process is past 1 MB
+    guard = threading.Timer(120.0, worker.stop.set)
+    guard.start()
+    try:
+        assert worker.run_forever(poll_s=0.1) == "recycle"
+    finally:
+        guard.cancel()
+    assert worker.repo.get_session(first)["state"] == State.FAILED.value  # it had no frames
+    assert worker.repo.get_session(second)["state"] == State.UPLOADED.value
+    # A fresh worker takes the job that was left.
+    worker.settings.trainer.worker_max_rss_mb = 0  # never
+    assert worker.run_once(timeout_s=5.0) is True
+    assert worker.repo.get_session(second)["state"] == State.FAILED.value
+
+
+def test_the_default_memory_limit_is_a_share_of_what_the_process_may_use():
+    from cloud_trainer.worker import max_rss_mb, rss_mb
+
+    total_mb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2**20
+    assert 0 < max_rss_mb(None) <= 0.6 * total_mb + 1
+    assert max_rss_mb(0) == 0 and max_rss_mb(5000) == 5000
+    assert 0 < rss_mb() < total_mb
+
+
 def test_a_heartbeat_not_shorter_than_the_lease_is_refused_with_both_numbers(tmp_path):
     with pytest.raises(ValueError, match=r"heartbeat_s \(60\) must be shorter than .*\(30\)"):
         SqliteQueue(path=tmp_path / "q.db", visibility_timeout_s=30, heartbeat_s=60)
