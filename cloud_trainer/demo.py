@@ -129,7 +129,14 @@ class Processes:
         return self.start(name, *self.args[name], env=env)
 
     def check(self) -> None:
-        for name, proc in self.children.items():
+        from cloud_trainer.commands.worker import RECYCLE_EXIT
+
+        for name, proc in list(self.children.items()):
+            if proc.poll() == RECYCLE_EXIT and self.args[name][:1] == ("worker",):
+                # A worker that grew past its memory limit asks to be replaced, as
+                # compose's restart policy would.
+                self.start(name, *self.args[name])
+                continue
             if proc.poll() is not None:
                 tail = (
                     (self.logs / f"{name}.log")

@@ -9,6 +9,9 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
+# EX_TEMPFAIL: the worker exited to be replaced by a fresh process, not because it failed.
+RECYCLE_EXIT = 75
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, type=Path, help="the booth YAML file")
@@ -63,7 +66,9 @@ def run(args: argparse.Namespace) -> int:
             worker.queue.close()
         return 0
     try:
-        worker.run_forever()  # "recycle" exits 0 too: the supervisor starts a fresh worker
+        ended = worker.run_forever()
     finally:
         worker.queue.close()
-    return 0
+    # Its memory grew past the limit: a supervisor (compose's restart policy, systemd's
+    # Restart=on-failure, `booth demo`) starts a fresh worker on this code.
+    return RECYCLE_EXIT if ended == "recycle" else 0

@@ -32,6 +32,7 @@ from cloud_trainer.config import (  # noqa: E402
     LocalStorage,
     SqliteQueue,
     TrainerConfig,
+    load_config,
 )
 from cloud_trainer.corpus import TakeData  # noqa: E402
 from cloud_trainer.front_desk import FrontDesk  # noqa: E402
@@ -463,3 +464,39 @@ def test_a_heartbeat_not_shorter_than_the_lease_is_refused_with_both_numbers(tmp
             BoothConfig,
             source="booth.yaml",
         )
+
+
+def test_booth_worker_past_its_memory_limit_exits_75_and_the_demo_starts_a_fresh_one(tmp_path):
+    """The real `booth worker` process: one job (for a deleted session, dropped at once),
+    then past its 1 MB limit it exits with RECYCLE_EXIT; `booth demo`'s supervisor starts
+    the worker again instead of failing, as compose's restart policy would."""
+    import yaml
+
+    from cloud_trainer.commands.worker import RECYCLE_EXIT
+    from cloud_trainer.demo import DemoPlan, Processes
+    from cloud_trainer.queue import create_job_queue
+
+    cfg = {
+        "database": {"type": "sqlite", "path": str(tmp_path / "booth.db")},
+        "queue": {"type": "sqlite", "path": str(tmp_path / "queue.db")},
+        "storage": {"type": "local", "root": str(tmp_path / "blobs")},
+        "trainer": {"work_dir": str(tmp_path / "jobs"), "worker_max_rss_mb": 1},
+    }
+    path = tmp_path / "booth.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    queue = create_job_queue(load_config(path).queue)
+    queue.publish("job-1", {"session_id": "no-such-session"})
+    procs = Processes(tmp_path / "logs", DemoPlan(workdir=tmp_path))
+    first = procs.start("worker", "worker", "--config", str(path))
+    try:
+        assert first.wait(timeout=120) == RECYCLE_EXIT, (
+            tmp_path / "logs" / "worker.log"
+        ).read_text()
+        log = (tmp_path / "logs" / "worker.log").read_text()
+        assert "worker memory is past its limit" in log
+        procs.check()  # restarts it rather than raising DemoFailed
+        assert procs.children["worker"] is not first
+        assert procs.children["worker"].poll() is None
+    finally:
+        procs.stop()
+    queue.close()
