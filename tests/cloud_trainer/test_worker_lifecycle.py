@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -389,6 +390,47 @@ def test_a_camera_that_stored_no_frames_does_not_fail_a_session_another_camera_c
     assert worker.run_once(timeout_s=5.0) is True
     session = worker.repo.get_session(sid)
     assert session["state"] == State.DELIVERED.value, session["failure_reason"]
+
+
+def _cut_shard(worker: Worker, sid: str) -> None:
+    key = f"sessions/{sid}/frames/cam0/000000.shard"
+    worker.store.put(key, worker.store.get(key)[:1000])
+
+
+def _bad_pose(worker: Worker, sid: str) -> None:
+    from sqlalchemy import update
+
+    from cloud_trainer.repository.schema import poses
+
+    with worker.repo.engine.begin() as conn:
+        conn.execute(update(poses).where(poses.c.session_id == sid).values(keypoints=b"\0" * 12))
+
+
+def _no_base(worker: Worker, sid: str) -> None:
+    worker.settings.trainer.base_checkpoint = str(Path(worker.settings.trainer.work_dir) / "nope")
+
+
+@pytest.mark.parametrize(
+    ("spoil", "reason"),
+    [
+        (_cut_shard, "frame shard .* is cut short"),
+        (_bad_pose, "the pose of frame 0 has 3 values"),
+        (_no_base, "base checkpoint .*nope not found"),
+    ],
+    ids=["shard-cut-short", "pose-of-wrong-size", "missing-base"],
+)
+def test_bad_input_fails_the_job_with_its_reason_and_the_worker_goes_on(booth, spoil, reason):
+    worker, _ = booth
+    sid = uploaded_session(worker)
+    spoil(worker, sid)
+    assert worker.run_once(timeout_s=5.0) is True
+    session = worker.repo.get_session(sid)
+    assert session["state"] == State.FAILED.value
+    assert re.search(reason, session["failure_reason"] or ""), session["failure_reason"]
+    assert "internal error" not in session["failure_reason"]  # failed once, not retried
+    assert worker.repo.job_for_session(sid)["state"] == "failed"
+    worker.settings.trainer.base_checkpoint = None
+    assert_next_job_runs(worker)
 
 
 def test_run_forever_survives_a_job_that_crashes_outside_its_own_handling(booth):
