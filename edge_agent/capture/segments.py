@@ -436,7 +436,9 @@ class SegmentRecorder:
         return st.f_bavail * st.f_frsize < max(self.min_free_bytes, NEARLY_FULL_BYTES)
 
     def _stop(self, state: str, message: str, seq: int) -> None:
-        if self.state != "recording":
+        # "stopped": the writer is done, but the finalizer may still fail the last
+        # segment (a short write shows only when the file is closed); say so.
+        if self.state not in ("recording", "stopped"):
             return
         self.state = state
         self.error = message

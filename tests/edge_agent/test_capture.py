@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -388,6 +389,27 @@ def test_full_disk_stops_recording_cleanly_and_keeps_finished_segments(tmp_path,
         assert stored == jpegs[seg["first_seq"] : seg["last_seq"] + 1]
         written += seg["frames"]
     assert written == summary.frames_written
+
+
+def test_a_last_segment_that_fails_to_finalize_is_an_error_not_a_clean_take(
+    tmp_path, jpegs, monkeypatch
+):
+    """A short write often shows only when the last segment is closed, after the writer
+    stopped: its frames must count as not recorded, with the reason in errors."""
+    import edge_agent.capture.segments as segments
+
+    def short_write(path, frames, payload):
+        raise segments.IncompleteSegment(errno.EIO, f"{path.name}: short write")
+
+    monkeypatch.setattr(segments, "verify_segment", short_write)
+    take = make_take(tmp_path, jpegs[:30], segment_s=60.0, realtime=False, pose=False)
+    summary = run_take(take)
+    assert summary.frames == 30
+    assert summary.frames_written == 0 and summary.counters["not_recorded"] == 30
+    assert not summary.ok
+    assert any("short write" in e for e in summary.errors), summary.errors
+    assert take.recorder.state == "error"
+    assert not list(take.directory.glob("*.part"))
 
 
 @pytest.fixture
