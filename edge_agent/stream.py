@@ -1657,11 +1657,16 @@ def stream_agent_takes(agent: Any, streamer: Streamer) -> None:
     """
 
     def on_take(take: Any) -> None:
-        source = agent.cfg.source
-        width, height = getattr(source, "size", (0, 0))
-        spooled = streamer.open_take(
-            take.session_id, width=width, height=height, fps=float(getattr(source, "fps", 0.0))
-        )
+        # What the camera granted (a V4L2 camera may grant 60 fps when asked for 120; a
+        # video file has its own rate): the cloud splits and renders the take by it.
+        granted = take.granted
+        if granted is not None:
+            width, height, fps = granted.width, granted.height, float(granted.fps)
+        else:
+            source = agent.cfg.source
+            width, height = getattr(source, "size", (0, 0))
+            fps = float(getattr(source, "fps", 0.0))
+        spooled = streamer.open_take(take.session_id, width=width, height=height, fps=fps)
         buffer = take.subscribe_stream()
         feeder = threading.Thread(
             target=spooled.add_frames, args=(buffer,), name=f"spool-{take.session_id}", daemon=True

@@ -37,7 +37,8 @@ def make_agent(tmp_path: Path) -> Agent:
     cfg = AgentConfig(
         booth_id=th.BOOTH,
         camera_id="cam0",
-        source=SyntheticSource(size=(WIDTH, HEIGHT), fps=FPS),
+        # Asked for 640x480 at 120 fps; the camera grants its own size and rate.
+        source=SyntheticSource(size=(640, 480), fps=120.0),
         capture=CaptureConfig(out_dir=tmp_path / "takes", segment_s=0.1, min_free_disk_mb=0),
     )
     return Agent(cfg, source_factory=source, pose_factory=slow_pose_factory(0.0))
@@ -110,3 +111,6 @@ async def test_start_on_the_tablet_puts_every_recorded_frame_in_the_cloud_once(
     th.assert_exactly_once(repo, store, sid, "cam0", recorded)
     assert len(repo.pose_rows(sid, "cam0")) == len(recorded)
     assert repo.get_session(sid)["state"] == "uploaded"
+    # The cloud knows the take by what the camera granted, not by what the config asked.
+    (take,) = repo.list_takes(sid)
+    assert (take["width"], take["height"], take["fps"]) == (WIDTH, HEIGHT, FPS)
