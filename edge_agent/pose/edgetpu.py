@@ -119,7 +119,13 @@ class EdgeTpuPoseBackend:
                 if not delegate_optional:
                     continue
                 log.warning("EdgeTPU %s: running %s without the delegate", dev, cfg.model)
-            self._pool.put(self._open(dev, delegates))
+            try:
+                device = self._open(dev, delegates)
+            except DeviceError as e:  # this device cannot run the model; others may
+                log.error(str(e))
+                causes.append(str(e))
+                continue
+            self._pool.put(device)
             self.devices.append(dev)
         if not self.devices:
             raise DeviceError("; ".join(causes))
@@ -128,7 +134,16 @@ class EdgeTpuPoseBackend:
     def _open(self, dev: str, delegates: list[Any] | None) -> _Device:
         # One thread per interpreter: the work is on the accelerator, and the pool
         # already runs one interpreter per device in parallel.
-        interp = litert.load_interpreter(self.cfg.model, threads=1, delegates=delegates)
+        try:
+            interp = litert.load_interpreter(self.cfg.model, threads=1, delegates=delegates)
+        except BadInput as e:
+            if delegates is None:
+                raise  # the model itself: no device would do better
+            # The delegate loaded, the interpreter did not: e.g. a model compiled for a
+            # newer EdgeTPU runtime than this board's libedgetpu.
+            raise DeviceError(
+                f"EdgeTPU {dev}: the delegate loaded but cannot run the model: {e}"
+            ) from None
         inp, outs = interp.get_input_details(), interp.get_output_details()
         shape_in = tuple(inp[0]["shape"]) if len(inp) == 1 else ()
         shape_out = tuple(outs[0]["shape"]) if len(outs) == 1 else ()

@@ -231,3 +231,43 @@ def test_edgetpu_gates_with_the_zone_it_is_given(movenet_model):
     assert plain.estimate(_red(128, 96)).detected
     result = gated.estimate(_red(128, 96))
     assert not result.detected and (result.skeleton == 0).all()
+
+
+@pytest.fixture
+def coral_refuses_the_model(monkeypatch, coral_present) -> list[str]:
+    """The Coral's delegate loads, but the interpreter cannot run the model on it (as with
+    a model compiled for a newer EdgeTPU runtime) on the devices listed in the result."""
+    refusing: list[str] = []
+    real = litert.load_interpreter
+
+    def load_interpreter(path, *, threads, delegates=None):
+        if delegates is not None and coral_present[-1] in refusing:
+            raise BadInput(f"model file {path} cannot be loaded: Failed to prepare for TPU")
+        return real(path, threads=threads)  # the device's work, done without it here
+
+    monkeypatch.setattr(litert, "load_interpreter", load_interpreter)
+    return refusing
+
+
+def test_edgetpu_a_model_the_coral_cannot_run_falls_back_to_cpu_with_the_cause(
+    movenet_model, coral_refuses_the_model, caplog
+):
+    coral_refuses_the_model.append("usb:0")
+    with caplog.at_level(logging.WARNING, logger="edge_agent.pose.edgetpu"):
+        backend = create_pose_backend(_cfg(movenet_model, fallback_to_cpu=True))
+    assert backend.name == "cpu"
+    assert "the delegate loaded but cannot run the model" in backend.fallback_reason
+    assert "Failed to prepare for TPU" in backend.fallback_reason
+    with pytest.raises(DeviceError, match="usb:0: the delegate loaded but cannot run"):
+        create_pose_backend(_cfg(movenet_model, fallback_to_cpu=False))
+
+
+def test_edgetpu_one_device_that_cannot_run_the_model_leaves_the_others_in_the_pool(
+    movenet_model, coral_refuses_the_model
+):
+    coral_refuses_the_model.append("usb:0")
+    backend = create_pose_backend(
+        _cfg(movenet_model, devices=["usb:0", "usb:1"], fallback_to_cpu=False)
+    )
+    assert backend.name == "edgetpu" and backend.devices == ["usb:1"]
+    assert backend.estimate(_red(64, 48)).frame_size == (64, 48)
