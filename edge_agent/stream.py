@@ -1385,7 +1385,16 @@ class Streamer:
                 continue
             count = take.meta.frame_count
             waiting = take.behind or take.poses_behind
-            if count is not None and not waiting and cursor.frames_after >= count - 1:
+            # Poses too: the agent spools them just before it ends the take, and both may
+            # land between the empty read above and this check. The server completes the
+            # take on its end, and the board then drops the spool with them in it.
+            poses_sent = cursor.poses_after >= take.last_pose
+            if (
+                count is not None
+                and not waiting
+                and poses_sent
+                and cursor.frames_after >= count - 1
+            ):
                 # Everything is sent (the end goes last, after any backfilled frames).
                 end = booth_pb2.EndOfTake(frame_count=count, **ids)
                 await call.write(booth_pb2.IngestRequest(end=end))

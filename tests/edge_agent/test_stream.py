@@ -604,3 +604,41 @@ async def test_a_backend_nan_pose_is_uploaded_as_missing_points_not_refused(env)
     kp = np.frombuffer(row["keypoints"], "<f4").reshape(23, 3)
     assert (kp[3] == 0).all() and kp[4, 2] == 1.0 and np.isfinite(kp).all()
     assert env.repo.get_session(sid)["state"] == "uploaded"
+
+
+async def test_poses_spooled_as_the_take_ends_go_up_before_its_end(env, monkeypatch):
+    """The agent spools a take's poses and then ends it, from its own thread. If both land
+    between the uplink's last empty read and its "everything sent?" check, the end must
+    still wait for the poses: the server completes the take on its end, and the board
+    then drops the spool with the poses in it."""
+    import numpy as np
+
+    from edge_agent import stream
+
+    sid = th.new_session(env.repo)
+    sent = th.frames(6)
+    pose = np.full((23, 3), 0.5, np.float32)
+    armed: dict[str, object] = {}
+    real_read = stream._SendCursor.read
+
+    def read(self, *args, **kwargs):
+        batch = real_read(self, *args, **kwargs)
+        take = armed.pop("take", None) if not batch else None
+        if take is not None:
+            if self.frames_after < len(sent) - 1:
+                armed["take"] = take  # not there yet
+            else:  # the agent's thread, in the window
+                for f in sent:
+                    take.add_pose(f.seq, pose)
+                take.end()
+        return batch
+
+    monkeypatch.setattr(stream._SendCursor, "read", read)
+    async with th.running_server(env.cfg, repo=env.repo, store=env.store) as srv:
+        st = env.streamer(f"127.0.0.1:{srv.port}")
+        take = st.open_take(sid)
+        take.add_frames(sent)
+        armed["take"] = take
+        await _upload_all(st, sid)
+    assert "take" not in armed  # the window was hit
+    assert len(env.repo.pose_rows(sid, "cam0")) == len(sent)
