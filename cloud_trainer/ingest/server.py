@@ -393,12 +393,14 @@ class IngestService(booth_pb2_grpc.IngestServicer):
             if old._task is not None:
                 old._task.cancel()
             await old.close()
+        pos = await asyncio.to_thread(self.repo.take_position, sid, cam)
+        if state not in _ACCEPTING and pos.state != "uploaded":
+            # Before open_take: a refused camera must not leave a take row behind, which
+            # the worker would then count as a camera that uploaded nothing.
+            raise NotAccepting(f"session {sid} is {state}; it no longer accepts frames")
         await asyncio.to_thread(
             self.repo.open_take, sid, cam, width=hello.width, height=hello.height, fps=hello.fps
         )
-        pos = await asyncio.to_thread(self.repo.take_position, sid, cam)
-        if state not in _ACCEPTING and pos.state != "uploaded":
-            raise NotAccepting(f"session {sid} is {state}; it no longer accepts frames")
         if state == State.CREATED.value:
             await self._start_capturing(sid)
         await context.write(

@@ -440,3 +440,12 @@ async def test_a_duplicate_seq_with_the_same_bytes_is_harmless(env, server):
     rows = env.repo.frame_index(sid, "cam0")
     assert [r["seq"] for r in rows] == [0, 1, 2]
     assert rows[1]["sha256"] == hashlib.sha256(th.make_jpeg(1)).hexdigest()
+
+
+async def test_a_camera_refused_by_an_ended_session_leaves_no_take_behind(env, server):
+    sid = th.new_session(env.repo)
+    env.repo.transition(sid, "failed", detail="staff gave up")
+    result = await th.raw_ingest(server.port, th.token_for("cam0"), [th.hello(sid)])
+    assert result.code == grpc.StatusCode.FAILED_PRECONDITION, result.details
+    assert "no longer accepts frames" in result.details
+    assert env.repo.list_takes(sid) == []
