@@ -577,6 +577,13 @@ class Take:
         warnings = list(getattr(self.source, "warnings", []))
         if self.worker is not None and self.worker.error:
             warnings.append(self.worker.error)
+        if self.recorder is not None and self.recorder.corrupt_frames:
+            rec = self.recorder
+            warnings.append(
+                f"{rec.corrupt_frames} corrupt JPEG{'s' if rec.corrupt_frames > 1 else ''} from "
+                f"the camera (first at frame {rec.first_corrupt_seq}); they are uploaded as "
+                "lost frames (check the cable and the USB port)"
+            )
         return errors, warnings
 
     def status(self) -> dict[str, Any]:

@@ -344,6 +344,10 @@ def test_corrupt_jpegs_are_counted_stored_untouched_and_crash_nothing(tmp_path, 
     assert summary.pose["corrupt"] >= 1
     assert summary.pose["coverage"] >= 57 / 60
     assert summary.state == "done"
+    # Said in status, where staff look, not only counted.
+    assert any(
+        "3 corrupt JPEGs from the camera (first at frame 10)" in w for w in summary.warnings
+    ), summary.warnings
 
 
 def _statvfs_with(free_mb: dict):
