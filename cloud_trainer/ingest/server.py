@@ -47,16 +47,29 @@ from cloud_trainer.ingest.errors import (
     OutOfOrder,
     PermissionDenied,
     SessionDeleted,
+    StorageUnavailable,
 )
 from cloud_trainer.ingest.shards import FrameIn, PoseIn, ShardWriter, encode_shard
 from cloud_trainer.repository.sessions import SessionNotFound
 from cloud_trainer.session import InvalidTransition, State
-from edge_agent.errors import BadInput
+from edge_agent.errors import BadInput, BoothError
 from edge_agent.frames import JPEG_SOI, jpeg_looks_complete
 from edge_agent.skeleton import JOINTS
 from protos import booth_pb2, booth_pb2_grpc
 
 log = logging.getLogger(__name__)
+
+
+def _store_refusals() -> tuple[type[BaseException], ...]:
+    """What a blob store raises when it refuses a write (not a bug, not a local disk)."""
+    try:
+        from google.api_core.exceptions import GoogleAPIError
+    except ModuleNotFoundError:  # the local store only
+        return (BoothError,)
+    return (BoothError, GoogleAPIError)
+
+
+_STORE_REFUSALS = _store_refusals()
 
 MAX_FPS = 1000.0
 MAX_SEQ = 2**31 - 1  # the index stores seq in a 32-bit column: ~200 days at 120 fps
@@ -246,7 +259,16 @@ class IngestStream:
         frame_rows: list[dict[str, Any]] = []
         if frames:
             key, data, frame_rows = encode_shard(self.session_id, self.camera_id, frames)
-            self.service.store.put(key, data, "application/octet-stream")
+            try:
+                self.service.store.put(key, data, "application/octet-stream")
+            except _STORE_REFUSALS as e:
+                # A store's own refusal (GCS: access denied, quota, a 5xx): the agent keeps
+                # the frames and retries, and its status says why in one line. A local
+                # disk's OSError is mapped as it is (UNAVAILABLE, with its strerror).
+                detail = " ".join(str(e).split())[:300] or type(e).__name__
+                raise StorageUnavailable(
+                    f"the blob store did not take shard {key}: {detail}"
+                ) from e
             durable = frames[-1].seq
         pose_durable = poses[-1].seq if poses else self.pose_durable_seq
         pose_rows = [

@@ -13,6 +13,7 @@ import transport_helpers as th
 from cloud_trainer.ingest.shards import decode_shard
 from cloud_trainer.repository import Repository
 from cloud_trainer.storage import create_blob_store
+from edge_agent.errors import BoothError
 from edge_agent.stream import Streamer
 from protos import booth_pb2
 
@@ -114,9 +115,26 @@ async def test_resent_frames_are_skipped_and_hello_says_where_to_resume(env, ser
     assert server.ingest.resent_frames == 10
 
 
-async def test_a_storage_failure_is_unavailable_and_the_agent_retries_until_it_lands(env):
+def _gcs_forbidden() -> Exception:
+    from google.api_core.exceptions import Forbidden
+
+    return Forbidden("caller does not have storage.objects.create access")
+
+
+@pytest.mark.parametrize(
+    ("failure", "detail"),
+    [
+        (lambda: OSError(5, "Input/output error"), "storage unavailable: Input/output error"),
+        (_gcs_forbidden, "did not take shard"),
+        (lambda: BoothError("GCS refused access to 'x': quota"), "did not take shard"),
+    ],
+    ids=["disk", "gcs-api-error", "store-refusal"],
+)
+async def test_a_storage_failure_is_unavailable_and_the_agent_retries_until_it_lands(
+    env, failure, detail
+):
     class FlakyStore:
-        """The real store, but the first puts fail as a full or unreachable disk would."""
+        """The real store, but the first puts fail as a failing disk or bucket would."""
 
         def __init__(self, inner, failures: int):
             self.inner, self.failures = inner, failures
@@ -124,7 +142,7 @@ async def test_a_storage_failure_is_unavailable_and_the_agent_retries_until_it_l
         def put(self, key, data, content_type=None):
             if self.failures > 0:
                 self.failures -= 1
-                raise OSError(5, "Input/output error")
+                raise failure()
             self.inner.put(key, data, content_type)
 
         def __getattr__(self, name):
@@ -139,7 +157,8 @@ async def test_a_storage_failure_is_unavailable_and_the_agent_retries_until_it_l
             [th.hello(th.new_session(env.repo)), th.frame_req(0), th.end_req(1)],
         )
         assert bad.code == grpc.StatusCode.UNAVAILABLE
-        assert "storage unavailable" in bad.details
+        assert detail in bad.details, bad.details
+        assert "internal error" not in bad.details
         frames = th.frames(12)
         await _upload(env, srv.port, sid, frames)
     th.assert_exactly_once(env.repo, env.store, sid, "cam0", frames)
