@@ -90,21 +90,19 @@ class HeldStore:
         if self._lost.is_set():
             raise LeaseLost()
 
-    def put(self, *args: Any, **kwargs: Any) -> Any:
-        self._check()
-        return self._store.put(*args, **kwargs)
+    def _checked(name: str) -> Any:  # noqa: N805 (builds methods in the class body)
+        def write(self: HeldStore, *args: Any, **kwargs: Any) -> Any:
+            self._check()
+            return getattr(self._store, name)(*args, **kwargs)
 
-    def put_file(self, *args: Any, **kwargs: Any) -> Any:
-        self._check()
-        return self._store.put_file(*args, **kwargs)
+        write.__name__ = name
+        return write
 
-    def delete(self, *args: Any, **kwargs: Any) -> Any:
-        self._check()
-        return self._store.delete(*args, **kwargs)
-
-    def delete_prefix(self, *args: Any, **kwargs: Any) -> Any:
-        self._check()
-        return self._store.delete_prefix(*args, **kwargs)
+    put = _checked("put")
+    put_file = _checked("put_file")
+    delete = _checked("delete")
+    delete_prefix = _checked("delete_prefix")
+    del _checked
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._store, name)
