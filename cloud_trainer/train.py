@@ -766,11 +766,11 @@ def _load_state(path: Path) -> _State | None:
         raise TrainingFailed(f"the job's training state {path.name} is unreadable ({e})") from e
 
 
-def _state_step(path: Path) -> int:
-    """The step a checkpoint tree's state file records; -1 when there is none."""
+def _state_step(read: Callable[[], bytes | str]) -> int:
+    """The step a checkpoint tree's state file records; -1 when it is missing or unreadable."""
     try:
-        return int(json.loads(path.read_text())["step"])
-    except (OSError, ValueError, KeyError, TypeError):
+        return _State.from_json(read()).step
+    except (OSError, BoothError, ValueError, TypeError):
         return -1
 
 
@@ -784,17 +784,9 @@ def _fetch_newer_checkpoints(store, prefix: str, ckpt_root: Path) -> None:
     """
     if not store.exists(f"{prefix}/ckpt/checkpoint"):
         return
-    local_has = (ckpt_root / "ckpt" / "checkpoint").exists()
-    if local_has:
-        remote_state = ckpt_root.parent / (STATE + ".store")
-        try:
-            store.download(f"{prefix}/{STATE}", str(remote_state))
-            remote_step = _state_step(remote_state)
-        except BoothError:
-            remote_step = -1
-        finally:
-            remote_state.unlink(missing_ok=True)
-        local_step = _state_step(ckpt_root / STATE)
+    if (ckpt_root / "ckpt" / "checkpoint").exists():
+        remote_step = _state_step(lambda: store.get(f"{prefix}/{STATE}"))
+        local_step = _state_step((ckpt_root / STATE).read_bytes)
         if remote_step <= local_step:
             return
         log.info(
@@ -821,7 +813,11 @@ class _State:
     def load(cls, path: Path) -> _State | None:
         if not path.exists():
             return None
-        d = json.loads(path.read_text())
+        return cls.from_json(path.read_bytes())
+
+    @classmethod
+    def from_json(cls, data: bytes | str) -> _State:
+        d = json.loads(data)
         return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
 
 
@@ -928,6 +924,10 @@ class _Fit:
         b = self.state.best
         return b is None or (e["ssim"], -e["l1"]) > (b["ssim"], -b["l1"])
 
+    def _write_state(self) -> None:
+        self.state.elapsed_s = self.budget.elapsed()
+        _write_json(self.root / STATE, asdict(self.state))
+
     def checkpoint(self) -> None:
         """Evaluate, keep the best generator, save the full state, mirror to the store."""
         if not self.model.weights_finite():
@@ -940,8 +940,7 @@ class _Fit:
             self.best_manager.save(checkpoint_number=self.state.step)
             changed += [str(p.relative_to(self.root)) for p in (self.root / "best").iterdir()]
         self.manager.save(checkpoint_number=self.state.step)
-        self.state.elapsed_s = self.budget.elapsed()
-        _write_json(self.root / STATE, asdict(self.state))
+        self._write_state()
         if self.store is not None and self.store_prefix:
             latest = Path(self.manager.latest_checkpoint).name
             changed += [
@@ -981,8 +980,7 @@ class _Fit:
         self.state.step = int(self.model.step.numpy())
         # Recorded at once: a worker killed before the next checkpoint must not resume
         # with a second rollback in hand.
-        self.state.elapsed_s = self.budget.elapsed()
-        _write_json(self.root / STATE, asdict(self.state))
+        self._write_state()
         if self.store is not None and self.store_prefix:
             mirror_to_store(self.root, self.store, self.store_prefix, only=[STATE])
         log.warning(

@@ -90,7 +90,7 @@ class HeldStore:
         if self._lost.is_set():
             raise LeaseLost()
 
-    def _checked(name: str) -> Any:  # noqa: N805 (builds methods in the class body)
+    def _checked(name: str) -> Any:  # builds the write methods below, in the class body
         def write(self: HeldStore, *args: Any, **kwargs: Any) -> Any:
             self._check()
             return getattr(self._store, name)(*args, **kwargs)
