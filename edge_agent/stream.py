@@ -17,7 +17,10 @@ written with one ``write()`` each, so a crashed agent process loses nothing it
 spooled; ``fsync`` runs in batches (every ``FSYNC_INTERVAL_S`` or
 ``FSYNC_BYTES``) against power loss. On start, a torn last record (power loss
 mid-write) is cut off by its length/CRC, and a take that has no end record
-(the agent died mid-capture) is sealed with the frames it has.
+(the agent died mid-capture) is sealed with the frames it has; once the uplink
+starts, also with those its recording holds past them (``extend_to_recorded``:
+frames that were still in the stream buffer, or over the budget), and with those
+the server holds (``reconcile_with_server``).
 
 **The budget** (``uplink.spool_budget_mb``). When spooling a frame would pass
 it, the take goes *behind*: from that seq on, no frame of the take is spooled
@@ -133,6 +136,9 @@ class TakeArchive(Protocol):
     ) -> Iterator[tuple[int, Any, bool, bool]]:
         """``(seq, keypoints, imputed, glitch)`` of the take's poses with ``seq >= seq``."""
 
+    def recorded_count(self, session_id: str, camera_id: str) -> int:
+        """How many frames the capture took, as far as the recording knows (0: none)."""
+
     def uploaded(self, session_id: str, camera_id: str) -> None:
         """Ingest confirmed the take complete (retention may remove the recording)."""
 
@@ -172,6 +178,8 @@ class TakeMeta:
     created_at: float = field(default_factory=time.time)
     # Ended by spool recovery (the agent died mid-capture), not by the capture.
     sealed_on_recovery: bool = False
+    # A take sealed on recovery was counted against its recording (``extend_to_recorded``).
+    recording_checked: bool = False
     # First pose a full disk refused; it and the later ones come from the recording.
     poses_behind_from_seq: int | None = None
 
@@ -341,7 +349,15 @@ class SpoolTake:
         """
         with self._lock:
             count = self.meta.frame_count
-            if not self.meta.sealed_on_recovery or count is None or server_seq < count:
+            if not self.meta.sealed_on_recovery or count is None:
+                return
+            behind_from = self.meta.behind_from_seq
+            if behind_from is not None and behind_from <= server_seq < count:
+                # Frames the spool lacks but the server holds need no reading back.
+                self.meta.behind_from_seq = server_seq + 1
+                self.next_seq = max(self.next_seq, server_seq + 1)
+                self.save_meta()
+            if server_seq < count:
                 return
             log.warning(
                 "take %s/%s: the server holds frames up to %d; sealed at %d, not %d",
@@ -353,6 +369,33 @@ class SpoolTake:
             self.meta.frame_count = server_seq + 1
             self.next_seq = max(self.next_seq, server_seq + 1)
             self.save_meta()
+
+    def extend_to_recorded(self, recorded: int) -> None:
+        """A take sealed on recovery also counts the frames its recording holds past the spool.
+
+        Sealed at what was spooled, it would leave out frames the agent captured and
+        recorded but had not spooled when it died (its budget was reached, or they
+        were still in the stream buffer). Those are read back from the recording
+        like any frames the spool refused. Checked once per take.
+        """
+        with self._lock:
+            count = self.meta.frame_count
+            if not self.meta.sealed_on_recovery or self.meta.recording_checked or count is None:
+                return
+            self.meta.recording_checked = True
+            if recorded > count:
+                log.warning(
+                    "take %s/%s: its recording holds frames up to %d; sealed at %d frames now, was %d",
+                    *self.key,
+                    recorded - 1,
+                    recorded,
+                    count,
+                )
+                if self.meta.behind_from_seq is None:
+                    self.meta.behind_from_seq = count
+                self.meta.frame_count = recorded
+            self.save_meta()
+        self.spool.notify()
 
     def _captured_hint(self) -> int:
         return max((self.meta.behind_from_seq or 0) + self.meta.not_spooled, self.captured)
@@ -1143,8 +1186,21 @@ class Streamer:
         self._loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
         self.spool.add_listener(self._notify)
+        if self.archive is not None:
+            await asyncio.to_thread(self._count_recovered_takes, self.archive)
         self._channel = make_channel(self.cfg)
         self._supervisor = asyncio.create_task(self._supervise(), name="uplink")
+
+    def _count_recovered_takes(self, archive: TakeArchive) -> None:
+        for take in self.spool.pending():
+            if not take.meta.sealed_on_recovery or take.meta.recording_checked:
+                continue
+            try:
+                recorded = archive.recorded_count(*take.key)
+            except (OSError, ValueError) as e:
+                log.warning("take %s/%s: its recording could not be counted: %s", *take.key, e)
+                continue
+            take.extend_to_recorded(recorded)
 
     async def stop(self) -> None:
         """Stop uploading (what is spooled stays for the next start)."""
@@ -1595,7 +1651,11 @@ class RecordingArchive:
     def frames_from(self, session_id: str, camera_id: str, seq: int) -> Iterator[CapturedFrame]:
         import csv
 
-        from edge_agent.capture.segments import read_segment_packets, segment_name
+        from edge_agent.capture.segments import (
+            read_recorded_frames,
+            read_segment_packets,
+            segment_name,
+        )
 
         directory = self.out_dir / session_id / camera_id
         # Each segment's packets are its frames in seq order.
@@ -1607,17 +1667,17 @@ class RecordingArchive:
                         (int(row["seq"]), int(row["capture_ts_ns"]))
                     )
         except FileNotFoundError:
-            # Written when the take finishes: it never did (the agent stopped mid-take, or
-            # the disk was full), and nothing says which packet is which frame. For good:
-            # the spool uploads the frames as lost.
+            # Written when the take finishes: it never did (the agent died mid-take). Each
+            # segment's own index says which packet is which frame.
             log.warning(
-                "take %s/%s: %s has no frames.csv (its capture never finished); frames "
-                "from seq %d cannot be read back from the recording",
+                "take %s/%s: %s has no frames.csv (its capture never finished); reading "
+                "frames from seq %d by the segments' own indexes",
                 session_id,
                 camera_id,
                 directory,
                 seq,
             )
+            yield from read_recorded_frames(directory, seq)
             return
         unrecorded = [s for s, _ in segments.pop(-1, []) if s >= seq]
         if unrecorded:
@@ -1647,6 +1707,24 @@ class RecordingArchive:
             for (s, ts), (_pts, jpeg) in zip(frames, packets, strict=False):
                 if s >= seq:
                     yield CapturedFrame(s, ts, jpeg)
+
+    def recorded_count(self, session_id: str, camera_id: str) -> int:
+        """Frames the capture took: ``frames.csv``'s rows, else the last frame the segments hold."""
+        import csv
+
+        from edge_agent.capture.segments import read_recorded_frames
+
+        directory = self.out_dir / session_id / camera_id
+        try:
+            with open(directory / "frames.csv", newline="") as f:
+                return max((int(row["seq"]) + 1 for row in csv.DictReader(f)), default=0)
+        except FileNotFoundError:
+            pass
+        last = -1
+        if directory.is_dir():
+            for frame in read_recorded_frames(directory):
+                last = frame.seq
+        return last + 1
 
     def poses_from(
         self, session_id: str, camera_id: str, seq: int

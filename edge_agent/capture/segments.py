@@ -17,6 +17,14 @@ Two threads per take: the *writer* muxes frames as they arrive; the
 *finalizer* closes, fsyncs and renames each finished ``.part`` file. Closing
 inline delayed the next segment's first frames by ~200 ms.
 
+Each segment has a frame index beside it, ``seg_NNNNN.seqs``: 16 bytes per muxed
+frame (seq u64, capture_ts_ns i64), appended as the frame is muxed and fsynced
+before the segment's rename. ``frames.csv`` says the same for the whole take, but
+it is written when the take finishes; an agent killed mid-take leaves only the
+segments and their indexes, and those are enough to read every frame back (the
+spool's fallback, ``read_recorded_frames``): the finished segments whole, and the
+one in progress up to its last complete fragment.
+
 A full disk stops recording, never corrupts what is finished: free space is
 checked against ``min_free_disk_mb`` at every segment start and about once a
 second, and ENOSPC (or any other write error) aborts only the segment being
@@ -30,6 +38,8 @@ import errno
 import logging
 import os
 import queue
+import re
+import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -55,10 +65,19 @@ MP4_OPTIONS = {
 NEARLY_FULL_BYTES = 8 * 2**20
 SEGMENT_PREFIX = "seg_"
 PART_SUFFIX = ".part"
+INDEX_SUFFIX = ".seqs"
+_INDEX_ENTRY = struct.Struct("<Qq")  # seq, capture_ts_ns
 
 
 def segment_name(index: int) -> str:
     return f"{SEGMENT_PREFIX}{index:05d}.mp4"
+
+
+def index_name(index: int) -> str:
+    return f"{SEGMENT_PREFIX}{index:05d}{INDEX_SUFFIX}"
+
+
+_INDEX_RE = re.compile(rf"{SEGMENT_PREFIX}(\d+){re.escape(INDEX_SUFFIX)}$")
 
 
 @dataclass
@@ -109,6 +128,8 @@ class _OpenSegment:
     ) -> None:
         self.info = info
         self.part = part
+        self.index_path = info.path.with_name(index_name(info.index))
+        self._index_fd: int | None = None
         self.container = av.open(str(part), "w", format="mp4", options=MP4_OPTIONS)
         for key, value in metadata.items():
             self.container.metadata[key] = value
@@ -118,6 +139,13 @@ class _OpenSegment:
         self.stream.pix_fmt = "yuvj420p"
         self.stream.time_base = TIME_BASE
         self.payload_bytes = 0
+        try:
+            self._index_fd = os.open(
+                self.index_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644
+            )
+        except OSError:
+            self.container.close()
+            raise
 
     def mux(self, jpeg: bytes, pts_us: int) -> None:
         packet = av.Packet(jpeg)
@@ -127,6 +155,36 @@ class _OpenSegment:
         packet.stream = self.stream
         self.container.mux(packet)
         self.payload_bytes += len(jpeg)
+
+    def note(self, seq: int, capture_ts_ns: int) -> None:
+        """Index a muxed frame (one small write; the kernel keeps it if the agent dies)."""
+        assert self._index_fd is not None
+        os.write(self._index_fd, _INDEX_ENTRY.pack(seq, capture_ts_ns))
+
+    def sync_index(self) -> None:
+        """Make the index durable and close it: before the segment is renamed final."""
+        if self._index_fd is None:
+            return
+        fd, self._index_fd = self._index_fd, None
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def discard(self) -> None:
+        """A failed segment: close what is open and remove its files."""
+        if self._index_fd is not None:
+            os.close(self._index_fd)
+            self._index_fd = None
+        try:
+            self.container.close()
+        except (OSError, av.FFmpegError) as e:
+            log.debug("closing the failed segment %s: %s", self.part, e)
+        for path in (self.part, self.index_path):
+            try:
+                path.unlink(missing_ok=True)
+            except OSError as e:
+                log.warning("could not remove the failed segment's %s: %s", path, e.strerror)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -344,6 +402,7 @@ class SegmentRecorder:
                 if seg is None:
                     seg = self._open_segment(index, frame)
                 seg.mux(jpeg, pts)
+                seg.note(frame.seq, ts)
             except (OSError, av.FFmpegError) as e:
                 self._abort(seg, frame.seq, e)
                 seg = None
@@ -375,6 +434,7 @@ class SegmentRecorder:
             return _OpenSegment(info, part, self.width, self.height, self.fps, meta)
         except (OSError, av.FFmpegError):
             part.unlink(missing_ok=True)  # never leave an empty .part behind
+            final.with_name(index_name(index)).unlink(missing_ok=True)
             raise
 
     def _disk_has_room(self, seq: int) -> bool:
@@ -408,14 +468,7 @@ class SegmentRecorder:
         )
         if seg is None:
             return
-        try:
-            seg.container.close()
-        except (OSError, av.FFmpegError) as e:
-            log.debug("closing the failed segment %s: %s", seg.part, e)
-        try:
-            seg.part.unlink(missing_ok=True)
-        except OSError as e:
-            log.warning("could not remove the failed segment %s: %s", seg.part, e.strerror)
+        seg.discard()
         # Its frames were never finalized, so they are not recorded after all.
         lost = set(seg.info.seqs)
         for rec in self.records:
@@ -464,6 +517,7 @@ class SegmentRecorder:
     def _finalize_loop(self) -> None:
         while (seg := self._finalize_q.get()) is not None:
             try:
+                seg.sync_index()
                 seg.info.size_bytes = finalize_segment(
                     seg.container,
                     seg.part,
@@ -499,3 +553,47 @@ def read_segment_frames(info: SegmentInfo) -> Iterator[tuple[int, bytes]]:
         yield seqs[n - 1], jpeg
     if n != len(seqs):
         raise ValueError(f"{info.path.name}: {n} frames, its index says {len(seqs)}")
+
+
+def _index_entries(path: Path) -> list[tuple[int, int]]:
+    """``(seq, capture_ts_ns)`` of a segment index; a torn last entry is left out."""
+    data = path.read_bytes()
+    usable = len(data) - len(data) % _INDEX_ENTRY.size
+    return list(_INDEX_ENTRY.iter_unpack(data[:usable]))
+
+
+def _readable_packets(path: Path) -> Iterator[tuple[int, bytes]]:
+    """A segment's packets up to where it stops being readable (a ``.part`` cut by a crash)."""
+    try:
+        yield from read_segment_packets(path)
+    except (OSError, av.FFmpegError) as e:
+        log.info("%s is readable up to here: %s", path.name, e)
+
+
+def read_recorded_frames(directory: str | Path, seq: int = 0) -> Iterator[CapturedFrame]:
+    """Frames from ``seq`` on of a recording that has no ``frames.csv``, by its segment indexes.
+
+    That is a take whose agent died mid-capture: each finished segment gives back
+    all of its frames, the one in progress (``.part``) those in its complete
+    fragments. In seq order, each frame once.
+    """
+    directory = Path(directory)
+    numbered = sorted(
+        (int(m.group(1)), p)
+        for p in directory.glob(f"*{INDEX_SUFFIX}")
+        if (m := _INDEX_RE.match(p.name))
+    )
+    after = seq - 1
+    for index, index_path in numbered:
+        entries = _index_entries(index_path)
+        if not entries or entries[-1][0] <= after:
+            continue
+        final = directory / segment_name(index)
+        path = final if final.exists() else final.with_name(final.name + PART_SUFFIX)
+        if not path.exists():
+            log.warning("%s is missing; its %d frames cannot be read back", final, len(entries))
+            continue
+        for (s, ts), (_pts, jpeg) in zip(entries, _readable_packets(path), strict=False):
+            if s > after:
+                after = s
+                yield CapturedFrame(s, ts, jpeg)

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import cv2
 import numpy as np
 
 from edge_agent import skeleton as sk
+from edge_agent.frames import CapturedFrame
 from edge_agent.pose.base import PoseResult, create_pose_backend, register
 
 WIDTH, HEIGHT = 128, 96
@@ -80,3 +82,40 @@ def slow_pose_factory(delay_s: float = 0.03):
     """A zero-argument factory, as Take and Agent take it, going through the real registry."""
     cfg = SimpleNamespace(type=SLOW_TYPE, delay_s=delay_s)
     return lambda: create_pose_backend(cfg)
+
+
+def crashed_recording(directory: Path, frames: list[CapturedFrame], segment_s: float) -> None:
+    """What a real recording of ``frames`` leaves in ``directory`` when the agent dies then.
+
+    A real :class:`SegmentRecorder` records them (its segments, their indexes, the
+    segment in progress as a ``.part``; no ``frames.csv``, which the take writes at
+    its end). Once every frame is muxed and every rolled segment finalized, the
+    directory is copied as it stands: the process being killed at that moment.
+    """
+    import shutil
+    import tempfile
+
+    from edge_agent.capture.segments import PART_SUFFIX, SegmentRecorder
+
+    with tempfile.TemporaryDirectory(prefix="live-") as live:
+        rec = SegmentRecorder(
+            Path(live),
+            width=WIDTH,
+            height=HEIGHT,
+            fps=120.0,
+            segment_s=segment_s,
+            min_free_disk_mb=0,
+        )
+        rec.start()
+        for frame in frames:
+            assert rec.queue.offer(frame)
+        deadline = time.monotonic() + 30
+        # Every frame muxed, and only the segment in progress still a .part.
+        while (
+            rec.frames_written < len(frames) or len(list(Path(live).glob(f"*{PART_SUFFIX}"))) != 1
+        ):
+            assert time.monotonic() < deadline, "the recorder did not catch up"
+            time.sleep(0.01)
+        shutil.copytree(live, directory)
+        rec.close()
+        rec.wait(30)

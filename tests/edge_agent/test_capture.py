@@ -17,12 +17,23 @@ import av
 import cv2
 import numpy as np
 import pytest
-from capture_fakes import HEIGHT, WIDTH, make_jpegs, slow_pose_factory, square_centre
+from capture_fakes import (
+    HEIGHT,
+    WIDTH,
+    crashed_recording,
+    make_jpegs,
+    slow_pose_factory,
+    square_centre,
+)
 
 from edge_agent.capture.buffers import BoundedBuffer, LatestSlot
 from edge_agent.capture.clock import BoothClock
 from edge_agent.capture.pose_worker import CATCH_UP, LIVE
-from edge_agent.capture.segments import read_segment_frames, read_segment_packets
+from edge_agent.capture.segments import (
+    read_recorded_frames,
+    read_segment_frames,
+    read_segment_packets,
+)
 from edge_agent.capture.sources import ReplayCamera
 from edge_agent.capture.take import Take
 from edge_agent.config import CaptureConfig
@@ -710,3 +721,20 @@ def test_catch_up_keeps_every_device_of_a_pool_busy_and_stores_poses_in_frame_or
     raw = store.arrays(N)["raw"]
     expected = np.array([square_centre(k) for k in range(N)])
     assert np.abs(raw[:, 0, :2] - expected).max() < 1.0  # each pose on its own frame
+
+
+def test_a_recording_cut_off_mid_take_gives_back_its_frames_by_the_segment_indexes(tmp_path, jpegs):
+    frames = [CapturedFrame(i, 10**9 + i * 8_333_333, jpegs[i % len(jpegs)]) for i in range(192)]
+    crashed = tmp_path / "take"
+    crashed_recording(crashed, frames, segment_s=1.0)  # killed 1.6 s into the take
+    assert not (crashed / "frames.csv").exists()
+    finished = [f.name for f in crashed.glob("seg_*.mp4")]
+    assert finished == ["seg_00000.mp4"] and (crashed / "seg_00001.mp4.part").exists()
+
+    got = list(read_recorded_frames(crashed))
+    # The finished segment (1 s: 121 frames) and the .part's complete 250 ms fragments;
+    # its last, unfinished fragment never reached the disk.
+    assert 121 + 30 <= len(got) < len(frames)
+    assert [f.seq for f in got] == list(range(len(got)))
+    assert all(f == frames[f.seq] for f in got)  # same bytes, same timestamps
+    assert [f.seq for f in read_recorded_frames(crashed, 150)] == list(range(150, len(got)))

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import transport_helpers as th
+from capture_fakes import crashed_recording
 
 from cloud_trainer.repository import Repository
 from cloud_trainer.storage import create_blob_store
@@ -406,14 +407,16 @@ async def test_frames_the_recording_lacks_too_are_uploaded_as_lost_and_the_take_
         assert said in caplog.text
 
 
-async def test_a_take_killed_while_behind_completes_with_what_it_cannot_get_as_lost(env, caplog):
+async def test_a_take_killed_while_behind_gets_its_frames_from_the_recording_it_left(env, caplog):
     sid = th.new_session(env.repo)
     sent = th.frames(30)
-    _recording(env, sid)  # its segments, but no frames.csv: written when a take finishes
+    # The capture recorded all 30 frames in 0.1 s segments when the agent died: two
+    # finished (0..25), the third a .part with no complete fragment yet (26..29).
+    crashed_recording(_take_dir(env, sid), sent, segment_s=0.1)
     killed = env.streamer(f"127.0.0.1:{th.dead_port()}")
     killed.spool.budget_bytes = 12 * (max(len(f.jpeg) for f in sent) + 32)
     spooled = killed.open_take(sid).add_frames(sent)
-    assert spooled < 30
+    assert spooled < 26
     killed.spool.close()  # the agent is killed mid-take, before it uploaded anything
     async with th.running_server(env.cfg, repo=env.repo, store=env.store) as srv:
         archive = RecordingArchive(env.tmp / "takes")
@@ -422,10 +425,60 @@ async def test_a_take_killed_while_behind_completes_with_what_it_cannot_get_as_l
     assert env.repo.get_session(sid)["state"] == "uploaded"
     stored = th.stored_frames(env.repo, env.store, sid, "cam0")
     assert sorted(stored) == list(range(30))  # every frame captured, none forgotten
-    assert all(stored[f.seq] == (f.jpeg if f.seq < spooled else b"") for f in sent)
-    assert st.status()["frames_lost"] == 30 - spooled
-    assert "has no frames.csv (its capture never finished)" in caplog.text
-    assert f"frames {spooled}..29 are in neither the spool nor the recording" in caplog.text
+    assert all(stored[f.seq] == (f.jpeg if f.seq < 26 else b"") for f in sent)
+    assert st.status()["frames_lost"] == 4
+    assert "has no frames.csv (its capture never finished); reading frames" in caplog.text
+    assert "frames 26..29 are in neither the spool nor the recording" in caplog.text
+
+
+async def test_frames_recorded_but_not_yet_spooled_when_the_agent_died_are_uploaded(env, caplog):
+    sid = th.new_session(env.repo)
+    sent = th.frames(40)
+    # Recorded up to 39 (38 readable: 39 is in the .part's unfinished fragment), but
+    # only 0..19 had left the stream buffer for the spool.
+    crashed_recording(_take_dir(env, sid), sent, segment_s=0.1)
+    killed = env.streamer(f"127.0.0.1:{th.dead_port()}")
+    assert killed.open_take(sid).add_frames(sent[:20]) == 20
+    killed.spool.close()
+    async with th.running_server(env.cfg, repo=env.repo, store=env.store) as srv:
+        st = env.streamer(f"127.0.0.1:{srv.port}", archive=RecordingArchive(env.tmp / "takes"))
+        await _upload_all(st, sid)
+    stored = th.stored_frames(env.repo, env.store, sid, "cam0")
+    assert sorted(stored) == list(range(39))
+    assert all(stored[f.seq] == f.jpeg for f in sent[:39])
+    assert st.status()["frames_lost"] == 0
+    assert "its recording holds frames up to 38; sealed at 39 frames now, was 20" in caplog.text
+
+
+async def test_a_recovered_take_reads_back_only_what_the_server_does_not_hold(env):
+    sid = th.new_session(env.repo)
+    sent = th.frames(60)
+    crashed_recording(_take_dir(env, sid), sent, segment_s=0.1)
+    async with th.running_server(env.cfg, repo=env.repo, store=env.store) as srv:
+        address = f"127.0.0.1:{srv.port}"
+        first = env.streamer(address)
+        await first.start()
+        try:
+            first.open_take(sid).add_frames(sent[:30])
+            await _until(lambda: first.frames_acked == 30)
+            # Acked segments are deleted: the spool keeps nothing of the take's frames.
+            await _until(lambda: not list((env.tmp / "spool").glob("*/seg-*.log")))
+        finally:
+            await first.stop()  # then the agent dies: the take never ends
+
+        class Reads(RecordingArchive):
+            starts: list[int] = []
+
+            def frames_from(self, session_id, camera_id, seq):
+                self.starts.append(seq)
+                return super().frames_from(session_id, camera_id, seq)
+
+        archive = Reads(env.tmp / "takes")
+        st = env.streamer(address, archive=archive)
+        await _upload_all(st, sid)
+    # Recorded: 0..51 readable (52..59 are in the .part's unfinished fragment).
+    th.assert_exactly_once(env.repo, env.store, sid, "cam0", sent[:52])
+    assert archive.starts and min(archive.starts) >= 30  # not from what the server had
 
 
 def test_a_recording_without_its_index_or_a_segment_gives_back_no_frames(tmp_path: Path, caplog):
@@ -433,7 +486,7 @@ def test_a_recording_without_its_index_or_a_segment_gives_back_no_frames(tmp_pat
     directory = tmp_path / "s1" / "cam0"
     directory.mkdir(parents=True)
     (directory / "seg_00000.mp4.part").write_bytes(b"\0" * 64)  # killed mid-take
-    assert list(archive.frames_from("s1", "cam0", 0)) == []
+    assert list(archive.frames_from("s1", "cam0", 0)) == []  # and no index to read it by
     assert "has no frames.csv (its capture never finished)" in caplog.text
     # Finished, but its segment is gone: no frame of it is coming back.
     rows = "".join(f"{i},{i * 1000},0,100,0\n" for i in range(5))
@@ -481,6 +534,10 @@ async def test_a_frame_too_big_to_send_stops_the_take_with_a_reason(env):
 
 
 # ---- what the board keeps ---------------------------------------------------------------
+
+
+def _take_dir(env: Env, sid: str) -> Path:
+    return env.tmp / "takes" / sid / "cam0"
 
 
 def _recording(env: Env, sid: str) -> Path:
