@@ -121,6 +121,11 @@ class Agent:
         return self
 
     @property
+    def pose_factory(self) -> Callable[[], PoseBackend]:
+        """Builds the pose backend takes use (for posing a recording after a crash, too)."""
+        return self._pose_factory
+
+    @property
     def status_port(self) -> int | None:
         return self._server.port if self._server else None
 

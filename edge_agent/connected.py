@@ -59,7 +59,10 @@ async def run_connected(agent, cfg: AgentConfig, stop: threading.Event) -> None:
         camera_id=cfg.camera_id,
         software_version=__version__,
         archive=RecordingArchive(
-            cfg.capture.out_dir, keep_uploaded=cfg.capture.keep_uploaded_takes
+            cfg.capture.out_dir,
+            keep_uploaded=cfg.capture.keep_uploaded_takes,
+            pose_factory=agent.pose_factory,
+            smoothing=cfg.smoothing,
         ),
     )
     stream_agent_takes(agent, streamer)

@@ -376,7 +376,8 @@ class SpoolTake:
         Sealed at what was spooled, it would leave out frames the agent captured and
         recorded but had not spooled when it died (its budget was reached, or they
         were still in the stream buffer). Those are read back from the recording
-        like any frames the spool refused. Checked once per take.
+        like any frames the spool refused, and so are the take's poses, which a take
+        spools only when it finishes. Checked once per take.
         """
         with self._lock:
             count = self.meta.frame_count
@@ -394,6 +395,10 @@ class SpoolTake:
                 if self.meta.behind_from_seq is None:
                     self.meta.behind_from_seq = count
                 self.meta.frame_count = recorded
+            if recorded > self.last_pose + 1 and self.meta.poses_behind_from_seq is None:
+                # A take spools its poses when it finishes, which this one never did:
+                # they come from the recording (posed there, if need be).
+                self.meta.poses_behind_from_seq = self.last_pose + 1
             self.save_meta()
         self.spool.notify()
 
@@ -1635,9 +1640,19 @@ class RecordingArchive:
     files, whose packets are the camera's JPEG bytes unchanged.
     """
 
-    def __init__(self, out_dir: str | os.PathLike[str], *, keep_uploaded: bool = False):
+    def __init__(
+        self,
+        out_dir: str | os.PathLike[str],
+        *,
+        keep_uploaded: bool = False,
+        pose_factory: Callable[[], Any] | None = None,
+        smoothing: Any = None,  # edge_agent.config.SmoothingConfig
+    ):
         self.out_dir = Path(out_dir)
         self.keep_uploaded = keep_uploaded
+        # For a take whose agent died before it wrote poses.npz: pose the recording.
+        self.pose_factory = pose_factory
+        self.smoothing = smoothing
 
     def uploaded(self, session_id: str, camera_id: str) -> None:
         """Ingest holds the whole take: the recording goes, unless configured to stay."""
@@ -1729,7 +1744,27 @@ class RecordingArchive:
     def poses_from(
         self, session_id: str, camera_id: str, seq: int
     ) -> Iterator[tuple[int, Any, bool, bool]]:
-        for pose in _read_poses(self.out_dir / session_id / camera_id / "poses.npz"):
+        from edge_agent.capture.take import POSES, recover_poses
+        from edge_agent.config import SmoothingConfig
+
+        directory = self.out_dir / session_id / camera_id
+        path = directory / POSES
+        if not path.exists() and self.pose_factory is not None and directory.is_dir():
+            recover_poses(
+                directory,
+                self.frames_from(session_id, camera_id, 0),
+                self.pose_factory,
+                self.smoothing or SmoothingConfig(),
+            )
+        if not path.exists():
+            log.warning(
+                "take %s/%s: %s has no poses; the take uploads without them",
+                session_id,
+                camera_id,
+                directory,
+            )
+            return
+        for pose in _read_poses(path):
             if pose[0] >= seq:
                 yield pose
 

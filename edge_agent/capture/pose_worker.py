@@ -143,7 +143,7 @@ def _count(
     return pose
 
 
-def _estimate(
+def estimate_pose(
     backend: PoseBackend, jpeg: bytes, seq: int, counters: PoseCounters, where: str
 ) -> tuple[np.ndarray, bool] | None:
     """Decode and pose one frame; count (and log the first of) any failure. Never raises."""
@@ -222,7 +222,7 @@ class PoseWorker:
             t0 = time.monotonic_ns()
             if self._first_ns is None:
                 self._first_ns = t0
-            pose = _estimate(backend, frame.jpeg, frame.seq, counters, self.name)
+            pose = estimate_pose(backend, frame.jpeg, frame.seq, counters, self.name)
             t1 = time.monotonic_ns()
             counters.busy_s += (t1 - t0) / 1e9
             self._last_ns = t1

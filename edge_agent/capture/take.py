@@ -26,7 +26,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,9 +40,11 @@ from edge_agent.capture.pose_worker import (
     CATCH_UP,
     LIVE,
     CatchUpResult,
+    PoseCounters,
     PoseStore,
     PoseWorker,
     catch_up,
+    estimate_pose,
     lower_thread_priority,
 )
 from edge_agent.capture.segments import SegmentRecorder
@@ -431,12 +433,7 @@ class Take:
         os.replace(tmp, self.directory / TIMESTAMPS)
 
         poses = self._smoothed_poses(ts)
-        poses_file = None
-        if poses is not None:
-            tmp = self.directory / (POSES + ".tmp.npz")
-            np.savez_compressed(tmp, **poses)
-            os.replace(tmp, self.directory / POSES)
-            poses_file = POSES
+        poses_file = write_poses(self.directory, poses) if poses is not None else None
         summary = self._summary(poses, poses_file)
         tmp = self.directory / (MANIFEST + ".tmp")
         tmp.write_text(json.dumps(summary.to_dict(), indent=2) + "\n")
@@ -446,23 +443,8 @@ class Take:
     def _smoothed_poses(self, ts: np.ndarray) -> dict[str, np.ndarray] | None:
         if self.worker is None or self.worker.backend is None:
             return None
-        n = self.frames
-        arrays = self.store.arrays(n)
-        out = {"seq": np.arange(n, dtype=np.int64), "capture_ts_ns": ts, **arrays}
         fps = (self.granted.fps if self.granted else 0) or 30.0
-        if n == 0:
-            out["skeleton"] = arrays["raw"].copy()
-            out["imputed"] = np.zeros((0, arrays["raw"].shape[1]), dtype=bool)
-            out["glitch"] = np.zeros(0, dtype=bool)
-            return out
-        # Imported here: the smoother is only needed once per take, after capture.
-        from edge_agent.smoothing import smooth_offline
-
-        smoothed = smooth_offline(arrays["raw"], fps, self.smoothing_cfg, ts_ns=ts)
-        out["skeleton"] = smoothed.skeletons
-        out["imputed"] = smoothed.imputed
-        out["glitch"] = smoothed.glitch
-        return out
+        return smoothed_poses(self.store, ts, fps, self.smoothing_cfg)
 
     def _summary(self, poses: dict[str, np.ndarray] | None, poses_file: str | None) -> TakeSummary:
         rec = self.recorder
@@ -616,3 +598,98 @@ class Take:
             "errors": errors,
             "warnings": warnings,
         }
+
+
+# ---- a take's poses file ---------------------------------------------------------------
+
+
+def smoothed_poses(
+    store: PoseStore, ts: np.ndarray, fps: float, smoothing: SmoothingConfig
+) -> dict[str, np.ndarray]:
+    """What ``poses.npz`` holds for frames ``0..len(ts)-1``: raw, smoothed, flags."""
+    n = len(ts)
+    arrays = store.arrays(n)
+    out = {"seq": np.arange(n, dtype=np.int64), "capture_ts_ns": ts, **arrays}
+    if n == 0:
+        out["skeleton"] = arrays["raw"].copy()
+        out["imputed"] = np.zeros((0, arrays["raw"].shape[1]), dtype=bool)
+        out["glitch"] = np.zeros(0, dtype=bool)
+        return out
+    # Imported here: the smoother is only needed once per take, after capture.
+    from edge_agent.smoothing import smooth_offline
+
+    smoothed = smooth_offline(arrays["raw"], fps, smoothing, ts_ns=ts)
+    out["skeleton"] = smoothed.skeletons
+    out["imputed"] = smoothed.imputed
+    out["glitch"] = smoothed.glitch
+    return out
+
+
+def write_poses(directory: Path, poses: dict[str, np.ndarray]) -> str:
+    """Write ``poses.npz`` atomically; returns its name."""
+    tmp = directory / (POSES + ".tmp.npz")
+    np.savez_compressed(tmp, **poses)
+    os.replace(tmp, directory / POSES)
+    return POSES
+
+
+def recover_poses(
+    directory: Path,
+    frames: Iterable[CapturedFrame],
+    pose_factory: Callable[[], PoseBackend],
+    smoothing: SmoothingConfig,
+) -> bool:
+    """Pose a recording whose agent died before the take wrote ``poses.npz``; True if written.
+
+    The same pass the take would have run (every recorded frame through the pose
+    backend, then the offline smoother), on a thread that yields the CPU to a take
+    capturing meanwhile. Frames the recording lacks get no pose. The rate comes from
+    the frames' own timestamps.
+    """
+    result: list[bool] = []
+
+    def run() -> None:
+        lower_thread_priority()
+        name = f"recover-poses-{directory.name}"
+        backend = pose_factory()
+        store, stamps = PoseStore(), {}
+        counters = PoseCounters()
+        try:
+            backend.reset()
+            for frame in frames:
+                stamps[frame.seq] = frame.capture_ts_ns
+                pose = estimate_pose(backend, frame.jpeg, frame.seq, counters, name)
+                if pose is not None:
+                    store.put(frame.seq, pose[0], pose[1], CATCH_UP)
+        finally:
+            backend.close()
+        if not stamps:
+            result.append(False)
+            return
+        seqs = np.fromiter(stamps, dtype=np.int64)
+        known = np.fromiter(stamps.values(), dtype=np.int64)
+        step = float(np.median(np.diff(known))) if len(known) > 1 else 0.0
+        fps = 1e9 / step if step > 0 else 30.0
+        # Frames the recording lacks: their time from their neighbours'.
+        ts = np.interp(np.arange(seqs.max() + 1), seqs, known).astype(np.int64)
+        write_poses(directory, smoothed_poses(store, ts, fps, smoothing))
+        log.warning(
+            "%s: posed %d recorded frames of a take its agent did not finish (%d failed)",
+            directory,
+            len(store),
+            counters.corrupt + counters.errors,
+        )
+        result.append(True)
+
+    def guarded() -> None:
+        try:
+            run()
+        except Exception:  # the frames still upload; the take just has no poses
+            log.exception(
+                "%s: posing the recording failed; its take uploads without poses", directory
+            )
+
+    thread = threading.Thread(target=guarded, name="recover-poses", daemon=True)
+    thread.start()
+    thread.join()
+    return bool(result and result[0])

@@ -10,9 +10,10 @@ import random
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import transport_helpers as th
-from capture_fakes import crashed_recording
+from capture_fakes import crashed_recording, make_jpegs, slow_pose_factory, square_centre
 
 from cloud_trainer.repository import Repository
 from cloud_trainer.storage import create_blob_store
@@ -450,6 +451,29 @@ async def test_frames_recorded_but_not_yet_spooled_when_the_agent_died_are_uploa
     assert "its recording holds frames up to 38; sealed at 39 frames now, was 20" in caplog.text
 
 
+async def test_a_take_whose_agent_died_before_posing_it_gets_poses_from_its_recording(env, caplog):
+    sid = th.new_session(env.repo)
+    jpegs = make_jpegs(40)  # frame k shows a square at square_centre(k)
+    sent = [CapturedFrame(k, 10**9 + k * 8_333_333, jpegs[k]) for k in range(40)]
+    crashed_recording(_take_dir(env, sid), sent, segment_s=0.1)  # 0..38 readable
+    killed = env.streamer(f"127.0.0.1:{th.dead_port()}")
+    killed.open_take(sid).add_frames(sent[:20])
+    killed.spool.close()  # died mid-take: no poses were spooled, no poses.npz written
+    archive = RecordingArchive(env.tmp / "takes", pose_factory=slow_pose_factory(0.0))
+    async with th.running_server(env.cfg, repo=env.repo, store=env.store) as srv:
+        await _upload_all(env.streamer(f"127.0.0.1:{srv.port}", archive=archive), sid)
+    rows = env.repo.pose_rows(sid, "cam0")
+    assert [r["seq"] for r in rows] == list(range(39))
+    errors = [
+        np.hypot(
+            *(np.frombuffer(r["keypoints"], "<f4").reshape(-1, 3)[0, :2] - square_centre(r["seq"]))
+        )
+        for r in rows
+    ]
+    assert np.median(errors) < 1.0  # each pose is its own frame's (smoothed)
+    assert "posed 39 recorded frames of a take its agent did not finish" in caplog.text
+
+
 async def test_a_recovered_take_reads_back_only_what_the_server_does_not_hold(env):
     sid = th.new_session(env.repo)
     sent = th.frames(60)
@@ -610,7 +634,6 @@ async def test_an_unknown_session_is_not_mistaken_for_a_deleted_one(env):
 
 
 async def test_a_frame_corrupt_at_capture_is_uploaded_as_lost_and_the_take_completes(env):
-    import numpy as np
 
     from cloud_trainer.worker import take_from_ingest
 
@@ -642,7 +665,6 @@ async def test_a_frame_corrupt_at_capture_is_uploaded_as_lost_and_the_take_compl
 async def test_a_backend_nan_pose_is_uploaded_as_missing_points_not_refused(env):
     """Ingest refuses non-finite keypoints and scores outside 0..1; the agent says
     "missing" the skeleton's way (zeros), so such a pose cannot stall its take."""
-    import numpy as np
 
     sid = th.new_session(env.repo)
     sent = th.frames(4)
@@ -668,7 +690,6 @@ async def test_poses_spooled_as_the_take_ends_go_up_before_its_end(env, monkeypa
     between the uplink's last empty read and its "everything sent?" check, the end must
     still wait for the poses: the server completes the take on its end, and the board
     then drops the spool with the poses in it."""
-    import numpy as np
 
     from edge_agent import stream
 
