@@ -19,6 +19,7 @@ from sqlalchemy import delete, exists, func, select
 from cloud_trainer.repository import Repository, SessionNotFound
 from cloud_trainer.repository.db import dialect_insert
 from cloud_trainer.repository.schema import link_tombstones, links, outbox, sessions
+from cloud_trainer.repository.sessions import delete_session_rows, lock_session
 from cloud_trainer.session import InvalidTransition, State
 from edge_agent.errors import BadInput, BoothError
 
@@ -195,7 +196,10 @@ class FrontDesk:
         if self.delete_blobs is not None:
             self.delete_blobs(session_id)
         now = time.time()
+        # One transaction, the session locked first: a delivery committing meanwhile has
+        # its link tombstoned and its email deleted with the rest, or finds no session.
         with self.repo.engine.begin() as conn:
+            lock_session(conn, session_id)
             hashes = [
                 r.token_sha256
                 for r in conn.execute(
@@ -210,7 +214,7 @@ class FrontDesk:
                     [{"token_sha256": h, "deleted_at": now} for h in hashes],
                 )
             conn.execute(delete(outbox).where(outbox.c.session_id == session_id))
-        self.repo.delete_session_rows(session_id)
+            delete_session_rows(conn, session_id)
         if self.delete_blobs is not None:
             # Again, now the tombstone is written: a worker may have written a checkpoint or
             # the video since the first pass. From here on it sees the tombstone and cleans up.

@@ -217,16 +217,8 @@ class SessionsRepo:
         The takes and the job go first, explicitly, so what they counted stays in the
         metrics' counters (``retire_session_counts``).
         """
-        s = self.get_session(session_id)
         with self.engine.begin() as conn:
-            retire_session_counts(conn, session_id)
-            conn.execute(sessions.delete().where(sessions.c.id == session_id))
-            conn.execute(attendees.delete().where(attendees.c.id == s["attendee_id"]))
-            conn.execute(
-                session_tombstones.insert().values(
-                    session_id=session_id, booth_id=s["booth_id"], deleted_at=time.time()
-                )
-            )
+            delete_session_rows(conn, session_id)
 
     def session_deleted(self, session_id: str) -> bool:
         """Whether ``session_id`` existed and was deleted (its boards must drop their copies)."""
@@ -237,3 +229,33 @@ class SessionsRepo:
                 )
             ).first()
         return row is not None
+
+
+def lock_session(conn: Any, session_id: str) -> Any:
+    """In ``conn``'s transaction: the session's row, locked (``FOR UPDATE``; SQLite's write lock).
+
+    A writer that references the session (a delivery adding a link or an email) then
+    either committed before, or waits and finds the session as this transaction left it.
+    """
+    known_id(session_id)
+    row = conn.execute(
+        select(sessions.c.attendee_id, sessions.c.booth_id)
+        .where(sessions.c.id == session_id)
+        .with_for_update()
+    ).first()
+    if row is None:
+        raise SessionNotFound(f"unknown session {session_id}")
+    return row
+
+
+def delete_session_rows(conn: Any, session_id: str) -> None:
+    """In ``conn``'s transaction: ``Repository.delete_session_rows``."""
+    row = lock_session(conn, session_id)
+    retire_session_counts(conn, session_id)
+    conn.execute(sessions.delete().where(sessions.c.id == session_id))
+    conn.execute(attendees.delete().where(attendees.c.id == row.attendee_id))
+    conn.execute(
+        session_tombstones.insert().values(
+            session_id=session_id, booth_id=row.booth_id, deleted_at=time.time()
+        )
+    )

@@ -522,6 +522,49 @@ def test_a_double_tap_on_delete_my_data_answers_deleted_twice(booth_on_each_db):
     assert list(store.list(f"sessions/{sid}/")) == []
 
 
+def test_a_delete_that_fails_midway_changes_nothing_so_the_attendee_can_retry(
+    booth_on_each_db, monkeypatch
+):
+    """The links' tombstones, the emails and the session go in one transaction."""
+    import cloud_trainer.repository.sessions as session_rows
+    from cloud_trainer.repository.schema import outbox
+
+    repo, store = booth_on_each_db.repo, booth_on_each_db.store
+    desk = booth_on_each_db.app.state.services.desk
+    sid, token = delivered_session(repo, store)
+    with repo.engine.begin() as conn:
+        conn.execute(
+            outbox.insert().values(
+                message_id="<mail-1@booth>",
+                session_id=sid,
+                to_addr="ada@example.com",
+                subject="Your dance",
+                body_text="...",
+                body_html="...",
+                state="pending",
+                attempts=0,
+                next_attempt_at=time.time(),
+                created_at=time.time(),
+            )
+        )
+
+    def database_gone(conn, session_id):
+        raise RuntimeError("the database connection dropped")
+
+    monkeypatch.setattr(session_rows, "retire_session_counts", database_gone)
+    with pytest.raises(RuntimeError):
+        desk.delete(sid)
+    monkeypatch.undo()
+    assert repo.get_session(sid)["email"] == "ada@example.com"  # still all there
+    with TestClient(booth_on_each_db.app) as client:
+        assert client.get(f"/v/{token}").status_code == 200  # not "deleted": retry works
+        r = client.post(f"/v/{token}/delete", data={"confirm": "yes"})
+        assert r.status_code == 200 and "were deleted" in r.text
+        assert client.get(f"/v/{token}").status_code == 410
+    with repo.engine.connect() as conn:
+        assert conn.execute(outbox.select()).all() == []
+
+
 def test_data_goes_when_its_link_expires_or_an_undelivered_session_is_old(booth_on_each_db):
     """The consent promises: kept until the attendee deletes it or the link expires."""
     import transport_helpers as th
