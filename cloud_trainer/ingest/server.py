@@ -275,14 +275,30 @@ class IngestStream:
             {"seq": p.seq, "keypoints": p.keypoints, "imputed": p.imputed, "glitch": p.glitch}
             for p in poses
         ]
-        self.service.repo.commit_shard(
-            self.session_id,
-            self.camera_id,
-            frame_rows,
-            pose_rows,
-            durable_seq=durable,
-            pose_durable_seq=pose_durable,
-        )
+        try:
+            self.service.repo.commit_shard(
+                self.session_id,
+                self.camera_id,
+                frame_rows,
+                pose_rows,
+                durable_seq=durable,
+                pose_durable_seq=pose_durable,
+            )
+        except Exception:
+            if not self.service.repo.session_deleted(self.session_id):
+                raise  # the unindexed shard goes once the take completes
+            # Deleted between the put and the index: the delete's own blob passes have
+            # run, and no later clean-up looks at a session that is gone. This shard
+            # is the attendee's data too.
+            if frames:
+                try:
+                    self.service.store.delete(key)
+                except (*_STORE_REFUSALS, OSError) as e:
+                    log.error("shard %s of a deleted session could not be removed: %s", key, e)
+            raise SessionDeleted(
+                f"session {self.session_id} was deleted by its attendee; drop this take "
+                "and its recording"
+            ) from None
         return durable, pose_durable
 
     async def _on_durable(self, durable_seq: int, pose_durable_seq: int) -> None:

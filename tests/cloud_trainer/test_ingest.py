@@ -177,6 +177,33 @@ async def _upload(env: Env, port: int, sid: str, frames: list) -> None:
         await st.stop()
 
 
+async def test_a_shard_written_while_its_session_is_deleted_does_not_outlive_it(env):
+    """The attendee deletes mid-upload: the delete's blob passes run before the shard's put
+    lands, its rows go before the shard's index does. Nothing would ever remove that shard."""
+    sid = th.new_session(env.repo)
+
+    class DeletedMeanwhile:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def put(self, key, data, content_type=None):
+            self.inner.put(key, data, content_type)
+            env.repo.delete_session_rows(sid)
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+    store = DeletedMeanwhile(env.store)
+    async with th.running_server(env.cfg, repo=env.repo, store=store) as srv:
+        result = await th.raw_ingest(
+            srv.port,
+            th.token_for("cam0"),
+            [th.hello(sid), *(th.frame_req(i) for i in range(5)), th.end_req(5)],
+        )
+    assert "was deleted by its attendee" in result.details, result.details
+    assert list(env.store.list(f"sessions/{sid}/")) == []
+
+
 async def test_a_shard_a_crash_left_unindexed_is_removed_once_the_take_is_complete(env, server):
     """Killed between a shard's put and its index commit, the server left a shard nothing
     points at; the resent frames went to another one. The finished take keeps only those."""
