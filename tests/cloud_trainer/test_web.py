@@ -191,6 +191,15 @@ def test_attendee_page_range_requests_and_delete_my_data(client, booth):
     assert client.post(f"/v/{token}/delete", data={"confirm": "yes"}).status_code == 410
 
 
+def test_a_video_file_missing_from_storage_is_a_page_not_a_server_error(client, booth):
+    repo, store = booth.repo, booth.store
+    sid, token = delivered_session(repo, store)
+    store.delete(f"sessions/{sid}/video/final.mp4")  # lost, or a delete under way
+    r = client.get(f"/v/{token}/video.mp4", headers={"Accept": "text/html"})
+    assert r.status_code == 404 and "missing" in r.text and "render it again" in r.text
+    assert client.get(f"/v/{token}/download").status_code == 404
+
+
 def test_tampered_and_revoked_links(client, booth):
     repo, store = booth.repo, booth.store
     _, token = delivered_session(repo, store)

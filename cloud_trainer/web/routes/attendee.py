@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 from typing import Annotated
 
 from fastapi import APIRouter, Form, Header, HTTPException, Request
@@ -12,9 +13,11 @@ from sqlalchemy import select
 from cloud_trainer import links
 from cloud_trainer.repository import SessionNotFound
 from cloud_trainer.repository.schema import link_tombstones
+from cloud_trainer.storage.base import BlobNotFound
 from cloud_trainer.web.deps import Services, ServicesDep
 from cloud_trainer.web.errors import Responses, page_errors
 
+log = logging.getLogger(__name__)
 router = APIRouter(tags=["attendee"])
 
 
@@ -118,7 +121,16 @@ def _serve(
     if signed:
         # Not cached: the next request comes back through the link, which checks it again.
         return RedirectResponse(signed, status_code=307, headers={"Cache-Control": "no-store"})
-    planned = links.serve_range(services.store, key, range_header, media_type)
+    try:
+        planned = links.serve_range(services.store, key, range_header, media_type)
+    except BlobNotFound:
+        # Deleted a moment ago (a delete removes the files before the rows), or lost.
+        if services.repo.session_deleted(visit.session["id"]):
+            raise Gone("this video and its data were deleted") from None
+        log.error("session %s: %s is missing from the blob store", visit.session["id"], key)
+        raise HTTPException(
+            404, "this video's file is missing; the booth staff can render it again"
+        ) from None
     headers = {**planned.headers, "Cache-Control": "private, max-age=3600"}
     if disposition and planned.status != 416:
         headers["Content-Disposition"] = disposition
