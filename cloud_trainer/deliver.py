@@ -196,7 +196,11 @@ class OutboxSender:
 
     def _send_row(self, row: dict[str, Any], now: float, report: SendReport) -> None:
         mid, row_id = row["message_id"], row["id"]
-        where = {"message_id": mid, "session_id": row["session_id"], "to": row["to_addr"]}
+        where = {
+            "message_id": mid,
+            "session_id": row["session_id"],
+            "to": mail.redact(row["to_addr"]),
+        }
         if mid in self.sent_log:  # accepted before, but the row update never happened
             self.repo.mark_email_sent(row_id, now)
             report.sent += 1
@@ -216,13 +220,13 @@ class OutboxSender:
             self.repo.mark_email_failed(row_id, str(e), bounced=True)
             report.bounced += 1
             report.errors.append(str(e))
-            log.warning("email refused before sending: %s", e, extra=where)
+            log.warning("email refused before sending: %s", mail.redact(e), extra=where)
             return
         except mail.PermanentFailure as e:
             self.repo.mark_email_failed(row_id, str(e), bounced=True)
             report.bounced += 1
             report.errors.append(str(e))
-            log.warning("email bounced: %s", e, extra=where)
+            log.warning("email bounced: %s", mail.redact(e), extra=where)
             return
         except Exception as e:  # a bug or an unexpected library error: keep the row alive
             if not isinstance(e, mail.TemporaryFailure):
@@ -234,12 +238,12 @@ class OutboxSender:
                     row_id, f"gave up after {row['attempts']} attempts: {e}"
                 )
                 report.failed += 1
-                log.error("email failed for good: %s", e, extra=where)
+                log.error("email failed for good: %s", mail.redact(e), extra=where)
             else:
                 delay = self.backoff_s(row["attempts"])
                 self.repo.mark_email_retry(row_id, str(e), now + delay)
                 report.retried += 1
-                log.info("email deferred %.0fs: %s", delay, e, extra=where)
+                log.info("email deferred %.0fs: %s", delay, mail.redact(e), extra=where)
             return
         _crash_point("after_accept")
         self.sent_log.record(mid)
@@ -385,7 +389,10 @@ class Deliverer:
         link = links_mod.new_link(session_id, self.settings.links.expiry_days)
         email = self._email(session, link)
         self.repo.enqueue_email(session_id, email=email, link=self._link_row(link))
-        log.info("email queued again", extra={"session_id": session_id, "to": email["to_addr"]})
+        log.info(
+            "email queued again",
+            extra={"session_id": session_id, "to": mail.redact(email["to_addr"])},
+        )
         return email["message_id"]
 
 
