@@ -262,6 +262,29 @@ class WebConfig(Strict):
     metrics_token: str = ""
 
 
+def blob_uri(uri: str, storage: LocalStorage | GcsStorage) -> str:
+    """A base checkpoint's name as the trainer reads it: a local path or ``blob:<prefix>``.
+
+    ``gs://<bucket>/<prefix>`` is accepted for the configured bucket (what an operator
+    copying a base into the bucket would write) and means ``blob:<prefix>``; any other
+    URL scheme is refused, since the workers reach only the configured store.
+    """
+    scheme, sep, rest = uri.partition("://")
+    if not sep:
+        return uri
+    bucket, _, prefix = rest.partition("/")
+    gcs = isinstance(storage, GcsStorage)
+    if scheme == "gs" and gcs and bucket == storage.bucket:
+        if not prefix.strip("/"):
+            raise ValueError(f"{uri} names a whole bucket, not a base checkpoint in it")
+        return f"blob:{prefix.strip('/')}"
+    where = f"the gcs bucket {storage.bucket!r}" if gcs else "the local blob store"
+    raise ValueError(
+        f"base checkpoint {uri}: the workers read bases only from {where}; name it "
+        "blob:<prefix> (an object prefix in that store) or give a local path"
+    )
+
+
 class BoothConfig(Strict):
     """The whole booth file. Every section has embedded defaults."""
 
@@ -277,6 +300,12 @@ class BoothConfig(Strict):
     links: LinksConfig = Field(default_factory=LinksConfig)
     mail: MailConfig = Field(default_factory=OutboxMail)
     web: WebConfig = Field(default_factory=WebConfig)
+
+    @model_validator(mode="after")
+    def _base_in_store(self) -> BoothConfig:
+        if self.trainer.base_checkpoint:
+            self.trainer.base_checkpoint = blob_uri(self.trainer.base_checkpoint, self.storage)
+        return self
 
     @model_validator(mode="after")
     def _agent_in_booth(self) -> BoothConfig:

@@ -45,6 +45,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--config", type=Path, default=None, metavar="FILE", help="booth config (trainer section)"
     )
+    p.add_argument(
+        "--publish",
+        metavar="blob:PREFIX",
+        help="also upload the base to the blob store of --config, where "
+        "trainer.base_checkpoint names it (e.g. blob:base/booth-1)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
 
 
@@ -68,6 +74,16 @@ def run(args: argparse.Namespace) -> int:
         cfg = booth.trainer.model_validate({**booth.trainer.model_dump(), **update})
     except ValueError as e:
         raise BadInput(f"bad training setting: {str(e).splitlines()[-1].strip()}") from None
+    publish = None
+    if args.publish:
+        from cloud_trainer.config import blob_uri
+
+        try:
+            publish = blob_uri(args.publish, booth.storage)
+        except ValueError as e:
+            raise BadInput(f"--publish: {e}") from None
+        if not publish.startswith("blob:") or not publish[len("blob:") :].strip("/"):
+            raise BadInput(f"--publish needs blob:<prefix>, got {args.publish!r}")
     if cfg.size_px & (cfg.size_px - 1):
         raise BadInput(f"--size must be a power of two (32, 64, 128, 256, 512), got {cfg.size_px}")
     if not (math.isfinite(args.seconds) and 1 <= args.seconds <= 600):
@@ -150,5 +166,23 @@ def run(args: argparse.Namespace) -> int:
         "nn_ssim": result.score.get("nn_ssim"),
         "export": str(result.export_dir),
     }
+    if publish:
+        summary["published"] = _publish(out, publish, booth)
     print(json.dumps(summary))
     return 0
+
+
+def _publish(base: Path, uri: str, booth) -> str:
+    """Upload the base (not its ``work/`` tree) under the store prefix ``uri`` names."""
+    from cloud_trainer.corpus import mirror_to_store
+    from cloud_trainer.storage import create_blob_store
+
+    prefix = uri[len("blob:") :].strip("/")
+    files = [
+        str(p.relative_to(base))
+        for p in base.rglob("*")
+        if p.is_file() and p.relative_to(base).parts[0] != "work"
+    ]
+    mirror_to_store(base, create_blob_store(booth.storage), prefix, only=files)
+    print(f"published the base as {uri} ({len(files)} files)", file=sys.stderr)
+    return uri

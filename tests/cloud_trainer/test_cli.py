@@ -35,3 +35,23 @@ def test_bad_files_give_one_line_errors(cmd):
     r = run_cli(*cmd)
     assert r.returncode == 2
     assert "no such file" in r.stderr and "Traceback" not in r.stderr
+
+
+def _validate(tmp_path, yaml_text: str) -> subprocess.CompletedProcess:
+    path = tmp_path / "booth.yaml"
+    path.write_text(yaml_text)
+    return run_cli("config", "validate", str(path))
+
+
+def test_a_base_checkpoint_in_the_configured_bucket_may_be_named_by_its_gs_url(tmp_path):
+    from cloud_trainer.config import load_config
+
+    gcs = "storage:\n  type: gcs\n  bucket: booth-bucket\n"
+    path = tmp_path / "booth.yaml"
+    path.write_text(gcs + "trainer:\n  base_checkpoint: gs://booth-bucket/base/booth-1/\n")
+    assert load_config(path).trainer.base_checkpoint == "blob:base/booth-1"
+    # Another bucket (or scheme) is nowhere a worker reads from: said at start-up.
+    r = _validate(tmp_path, gcs + "trainer:\n  base_checkpoint: gs://elsewhere/base/booth-1\n")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "read bases only from the gcs bucket 'booth-bucket'" in r.stderr
+    assert "blob:<prefix>" in r.stderr

@@ -31,6 +31,7 @@ from cloud_trainer.train import (
     TrainHooks,
     read_export,
     require_label_map,
+    resolve_base,
     restore_base,
     select_runtime,
     train_job,
@@ -179,10 +180,17 @@ def test_finished_job_delivered_again_returns_its_result_without_training(
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("base") / "base"
+    top = tmp_path_factory.mktemp("base")
+    out = top / "base"
+    # Published to the blob store a booth config names, as a deployment would.
+    (top / "booth.yaml").write_text(f"storage:\n  type: local\n  root: {top / 'blobs'}\n")
     code = booth(
         [
             "pretrain",
+            "--config",
+            str(top / "booth.yaml"),
+            "--publish",
+            "blob:base/booth-1",
             "--out",
             str(out),
             "--attendees",
@@ -210,6 +218,20 @@ def test_booth_pretrain_writes_a_base_checkpoint(base: Path) -> None:
     assert ModelSpec.from_dict(meta["spec"]) == ModelSpec.for_size(SIZE)
     assert tf.train.latest_checkpoint(str(base)) is not None
     assert (base / "export" / "generator.tflite").exists() or Path(meta["export"]).exists()
+
+
+def test_a_published_base_is_what_a_worker_resolves_from_the_blob_store(
+    base: Path, tmp_path: Path
+) -> None:
+    store = LocalBlobStore(base.parent / "blobs")
+    keys = list(store.list("base/booth-1/"))
+    assert "base/booth-1/base.json" in keys
+    assert not [k for k in keys if k.startswith("base/booth-1/work/")]  # not the job's files
+    local = resolve_base("blob:base/booth-1", store, tmp_path)
+    assert json.loads((local / "base.json").read_text()) == json.loads(
+        (base / "base.json").read_text()
+    )
+    assert tf.train.latest_checkpoint(str(local)) is not None
 
 
 def _fresh_model(lr: float = 1e-4) -> Pix2Pix:
