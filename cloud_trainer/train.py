@@ -59,6 +59,7 @@ directory holding a TF checkpoint with ``generator`` and its Adam state ``g_opt`
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -225,6 +226,10 @@ def select_runtime(cfg: TrainerConfig) -> Runtime:
     on GPU/TPU. bfloat16 on a CPU with native bf16 (AVX512-BF16/AMX) runs the step
     ~1.8x faster at 256 px, so ``auto`` uses it there; float16 on GPU (with loss scaling).
     """
+    for gpu in tf.config.list_physical_devices("GPU"):
+        # As it needs it, not all of it up front: workers sharing a GPU both fit.
+        with contextlib.suppress(RuntimeError):  # already initialised in this process
+            tf.config.experimental.set_memory_growth(gpu, True)
     gpus = tf.config.list_logical_devices("GPU")
     tpus = tf.config.list_logical_devices("TPU")
     kind = cfg.strategy

@@ -1,5 +1,6 @@
 # syntax=docker/dockerfile:1.7
 # The cloud app (web API, ingest, control, mail sender). Slim: no CUDA.
+# gcp-storage-emulator is here for `--profile local` (deploy/README.md), nothing else.
 ARG PYTHON_VERSION=3.11.10
 
 FROM python:${PYTHON_VERSION}-slim-bookworm AS build
@@ -12,7 +13,7 @@ COPY protos ./protos
 COPY tools ./tools
 RUN python -m venv /opt/venv \
  && /opt/venv/bin/pip install --upgrade pip==24.3.1 \
- && /opt/venv/bin/pip install ".[cloud]" "grpcio-tools==1.85.1" \
+ && /opt/venv/bin/pip install ".[cloud]" "grpcio-tools==1.85.1" "gcp-storage-emulator>=2024.8" \
  && /opt/venv/bin/python -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. protos/booth.proto \
  && /opt/venv/bin/pip install --no-deps . \
  && /opt/venv/bin/python tools/fetch_models.py --dest /opt/models
@@ -21,7 +22,8 @@ FROM python:${PYTHON_VERSION}-slim-bookworm
 RUN apt-get update \
  && apt-get install -y --no-install-recommends ffmpeg=7:5.1.* curl \
  && rm -rf /var/lib/apt/lists/* \
- && useradd --system --uid 10001 --home /var/lib/booth --create-home booth
+ && useradd --system --uid 10001 --home /var/lib/booth --create-home booth \
+ && install -d -o booth -g booth /var/lib/booth/var
 COPY --from=build /opt/venv /opt/venv
 COPY --from=build /opt/models /opt/models
 ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1

@@ -32,7 +32,10 @@ RUN apt-get update \
  && apt-get update \
  && apt-get install -y --no-install-recommends libedgetpu1-std=16.0 ffmpeg \
  && rm -rf /var/lib/apt/lists/* \
- && useradd --system --uid 10001 --groups video,plugdev --home /var/lib/booth --create-home booth
+ && useradd --system --uid 10001 --groups video,plugdev --home /var/lib/booth --create-home booth \
+ && install -d -o booth -g booth /var/lib/booth/var
+# /var/lib/booth/var exists, owned by booth, so the named volume mounted there starts
+# out writable by the agent (Docker copies a path's ownership into a new volume).
 COPY --from=build /opt/venv /opt/venv
 COPY --from=build /opt/models /opt/models
 ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1

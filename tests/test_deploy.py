@@ -303,3 +303,69 @@ def test_dockerfiles_are_multistage_nonroot_and_pinned(dockerfile):
         assert image in stages or (":" in image and not image.endswith(":latest")), (
             f"unpinned base image {image}"
         )
+
+
+def _images_built_by(doc: dict) -> dict[str, Path]:
+    """image name -> the Dockerfile its service builds it from."""
+    out = {}
+    for svc in doc["services"].values():
+        if svc.get("build") and svc.get("image"):
+            out[svc["image"]] = ROOT / svc["build"]["dockerfile"]
+    return out
+
+
+@pytest.mark.parametrize("compose_file", COMPOSE_FILES, ids=lambda p: p.name)
+def test_named_volumes_mount_on_directories_the_image_makes_for_its_user(compose_file):
+    """A new named volume takes the ownership of the path it is mounted on; a path the
+    image lacks is made by Docker as root, and the non-root process cannot write there."""
+    doc = yaml.safe_load(compose_file.read_text())
+    named = set(doc.get("volumes") or {})
+    images = _images_built_by(doc)
+    checked = 0
+    for name, svc in doc["services"].items():
+        dockerfile = images.get(svc.get("image"))
+        if dockerfile is None:
+            continue  # a third-party image (postgres) owns its own paths
+        text = dockerfile.read_text()
+        for volume in svc.get("volumes", []):
+            source, _, target = volume.partition(":")
+            if source not in named:
+                continue
+            target = target.split(":")[0]
+            assert re.search(rf"install -d -o booth -g booth {re.escape(target)}\b", text), (
+                f"{name}: {dockerfile.name} does not make {target} for its user"
+            )
+            checked += 1
+    assert checked
+
+
+@pytest.mark.parametrize("compose_file", COMPOSE_FILES, ids=lambda p: p.name)
+def test_an_entrypoint_a_service_names_is_installed_in_its_image(compose_file):
+    doc = yaml.safe_load(compose_file.read_text())
+    images = _images_built_by(doc)
+    for name, svc in doc["services"].items():
+        entry = svc.get("entrypoint")
+        dockerfile = images.get(svc.get("image"))
+        if entry and dockerfile is not None:
+            program = entry[0] if isinstance(entry, list) else entry.split()[0]
+            assert program in dockerfile.read_text(), f"{name}: {program} not in {dockerfile.name}"
+
+
+def test_the_gpu_image_installs_what_pyproject_requires_but_tensorflow():
+    import sys
+
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        from requirements import requirement_name, requirements
+    finally:
+        sys.path.pop(0)
+    text = (ROOT / "docker" / "worker-gpu.Dockerfile").read_text()
+    assert 'tools/requirements.py --extra cloud --without "tensorflow*"' in text
+    assert "pip check" in text
+    names = {requirement_name(r) for r in requirements(ROOT / "pyproject.toml", ["cloud"], [])}
+    kept = {
+        requirement_name(r)
+        for r in requirements(ROOT / "pyproject.toml", ["cloud"], ["tensorflow*"])
+    }
+    assert {"pyyaml", "opencv-python-headless", "av", "psycopg"} <= kept
+    assert names - kept == {"tensorflow", "tensorflow-cpu"}
