@@ -308,6 +308,35 @@ def expand_env(text: str, environ: Mapping[str, str], source: str = "config") ->
     return _ENV_RE.sub(sub, text)
 
 
+def expand_env_values(
+    data: Any, environ: Mapping[str, str], source: str = "config", where: str = ""
+) -> Any:
+    """``expand_env`` on each string value of parsed YAML: what the environment holds stays text.
+
+    Substituting into the file's text first let a value's characters be read as YAML:
+    a password with `` #`` lost its end to a comment, one starting with ``@`` or ``*``
+    or holding ``: `` broke the file, ``12345678`` became a number. A value that is
+    all digits still reaches a numeric setting, which converts it.
+    """
+    if isinstance(data, dict):
+        return {
+            k: expand_env_values(v, environ, source, f"{where}.{k}" if where else str(k))
+            for k, v in data.items()
+        }
+    if isinstance(data, list):
+        return [expand_env_values(v, environ, source, f"{where}[{i}]") for i, v in enumerate(data)]
+    if isinstance(data, str) and "${" in data:
+        try:
+            return expand_env(data, environ, source)
+        except ConfigError:
+            name = _ENV_RE.search(data)
+            raise ConfigError(
+                f"{source}: {where}: environment variable "
+                f"{name.group(1) if name else '?'} is not set"
+            ) from None
+    return data
+
+
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0][:200] if text else type(e).__name__
@@ -323,7 +352,6 @@ def read_yaml(path: str | Path, environ: Mapping[str, str] | None = None) -> Any
         raise ConfigError(f"{p}: cannot read: {e.strerror}") from None
     except UnicodeDecodeError as e:
         raise ConfigError(f"{p}: not UTF-8 text (byte {e.start}); save it as UTF-8") from None
-    text = expand_env(text, os.environ if environ is None else environ, str(p))
     try:
         data = yaml.safe_load(text)
     except (ValueError, IndexError, TypeError, RecursionError) as e:
@@ -335,6 +363,7 @@ def read_yaml(path: str | Path, environ: Mapping[str, str] | None = None) -> Any
         where = f" line {mark.line + 1} column {mark.column + 1}" if mark else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise ConfigError(f"{p}:{where}: malformed YAML: {problem}") from None
+    data = expand_env_values(data, os.environ if environ is None else environ, str(p))
     return {} if data is None else data
 
 

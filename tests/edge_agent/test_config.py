@@ -85,3 +85,38 @@ def test_cli_validate_exits_nonzero_with_one_line_per_problem(tmp_path):
     assert r.returncode == 2
     assert "trainer.label_map" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize(
+    "secret",
+    ["abc #def", "@leading-at", "%percent", "*star", '"quoted', "a: b", "12345678", "yes", "&x"],
+)
+def test_a_secret_from_the_environment_arrives_exactly_as_set(tmp_path, monkeypatch, secret):
+    """Not read as YAML: no comment cuts it, no character breaks the file, no type changes."""
+    from cloud_trainer.config import load_config
+
+    monkeypatch.setenv("BOOTH_SMTP_PASSWORD", secret)
+    path = tmp_path / "booth.yaml"
+    path.write_text(
+        "mail:\n  type: smtp\n  host: smtp.example.org\n"
+        "  password: ${BOOTH_SMTP_PASSWORD:-changethis}  # from cloud.env\n"
+        "web:\n  port: ${BOOTH_PORT:-8001}\n"
+    )
+    cfg = load_config(path)
+    assert cfg.mail.password == secret
+    assert cfg.web.port == 8001  # a number setting still takes its digits
+
+
+def test_an_unset_variable_names_the_key_that_needs_it(tmp_path, monkeypatch):
+    from cloud_trainer.config import load_config
+
+    monkeypatch.delenv("BOOTH_NOT_SET", raising=False)
+    path = tmp_path / "booth.yaml"
+    path.write_text(
+        "# ${BOOTH_NOT_SET} in a comment is no value\nmail:\n  type: smtp\n"
+        "  host: smtp.example.org\n  password: ${BOOTH_NOT_SET}\n"
+    )
+    with pytest.raises(
+        ConfigError, match=r"mail\.password: environment variable BOOTH_NOT_SET is not set"
+    ):
+        load_config(path)
