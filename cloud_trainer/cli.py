@@ -76,6 +76,25 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"booth {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        reason = database_unreachable(e)
+        if reason is None:
+            raise
+        # Exit 1, not 2: the database may come back, and a supervisor restarts us.
+        print(f"booth {args.command}: {reason}", file=sys.stderr)
+        return 1
+
+
+def database_unreachable(e: BaseException) -> str | None:
+    """One line for a database that cannot be reached or refuses the login, else None."""
+    exc = sys.modules.get("sqlalchemy.exc")  # not on an edge board
+    if exc is None or not isinstance(e, exc.OperationalError | exc.InterfaceError):
+        return None
+    detail = " ".join(str(getattr(e, "orig", None) or e).split())[:300]
+    return (
+        f"the database cannot be reached or refused the login ({detail}); check database.url, "
+        "and that the database is up"
+    )
 
 
 if __name__ == "__main__":

@@ -55,3 +55,16 @@ def test_a_base_checkpoint_in_the_configured_bucket_may_be_named_by_its_gs_url(t
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "read bases only from the gcs bucket 'booth-bucket'" in r.stderr
     assert "blob:<prefix>" in r.stderr
+
+
+def test_a_database_that_cannot_be_reached_is_one_line_not_a_traceback(tmp_path):
+    from smtp_capture import free_port
+
+    path = tmp_path / "booth.yaml"
+    url = f"postgresql+psycopg://booth:wrong@127.0.0.1:{free_port()}/booth?connect_timeout=5"
+    path.write_text(f"database:\n  type: postgres\n  url: {url}\n")
+    r = run_cli("staff", "logout", "ada", "--config", str(path))
+    assert r.returncode == 1, r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert "the database cannot be reached or refused the login" in r.stderr
+    assert "wrong" not in r.stderr  # the password in the URL
