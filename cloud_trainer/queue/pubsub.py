@@ -100,9 +100,13 @@ class PubSubJobQueue:
             self._ensure_topic(self.topic_path)
             self._ensure_topic(self.dead_topic_path)
             self._ensure_subscription(self.dead_subscription_path, self.dead_topic_path, None)
-            self._ensure_subscription(
+            existing = self._ensure_subscription(
                 self.subscription_path, self.topic_path, self._dead_letter_policy()
             )
+            if existing:
+                # Made by someone else (gcloud's default is 10 s): its deadline is the one
+                # Pub/Sub applies, so each lease must be stretched from that to ours.
+                self._subscription_deadline_s = existing
         except (gexc.PermissionDenied, gexc.Unauthenticated) as e:
             self.close()
             raise BoothError(f"Pub/Sub refused to set up the job queue: {e.message}") from e
@@ -127,7 +131,8 @@ class PubSubJobQueue:
             except self._gexc.AlreadyExists:
                 log.debug("another worker created the topic first", extra={"topic": path})
 
-    def _ensure_subscription(self, path: str, topic: str, dead_letter: dict | None) -> None:
+    def _ensure_subscription(self, path: str, topic: str, dead_letter: dict | None) -> int | None:
+        """Create the subscription unless it exists; an existing one's ack deadline (s)."""
         try:
             existing = self._subscriber.get_subscription(subscription=path)
         except self._gexc.NotFound:
@@ -143,13 +148,14 @@ class PubSubJobQueue:
                 log.info("created Pub/Sub subscription", extra={"subscription": path})
             except self._gexc.AlreadyExists:
                 log.debug("another worker created it first", extra={"subscription": path})
-            return
+            return None
         if dead_letter and not existing.dead_letter_policy.dead_letter_topic:
             log.warning(
                 "subscription has no dead-letter policy: Pub/Sub will not count delivery "
                 "attempts, so max_attempts cannot be enforced",
                 extra={"subscription": path},
             )
+        return existing.ack_deadline_seconds or None
 
     # ---- the interface ----------------------------------------------------------------
 

@@ -322,3 +322,36 @@ def test_pubsub_creates_topic_and_subscription_once_for_many_workers(pubsub_emul
     finally:
         first.close()
         second.close()
+
+
+def test_pubsub_a_subscription_made_beforehand_still_holds_a_lease_for_its_full_length(
+    pubsub_emulator,
+):
+    """Made with gcloud's defaults (ack deadline 10 s, no dead-letter topic), as an operator
+    following a how-to would; the queue's own leases are 20 s."""
+    from google.cloud import pubsub_v1
+
+    cfg = pubsub_emulator.queue_config(ack_deadline_s=20)
+    publisher, subscriber = pubsub_v1.PublisherClient(), pubsub_v1.SubscriberClient()
+    topic = publisher.topic_path(cfg.project, cfg.topic)
+    publisher.create_topic(name=topic)
+    subscriber.create_subscription(
+        request={
+            "name": subscriber.subscription_path(cfg.project, cfg.subscription),
+            "topic": topic,
+            "ack_deadline_seconds": 10,
+        }
+    )
+    holder, other = create_job_queue(cfg), create_job_queue(cfg)
+    try:
+        holder.publish("job-1", {})
+        lease = holder.receive(timeout_s=10)
+        assert lease is not None
+        # Past the subscription's 10 s, within the lease's 20 s: still the holder's.
+        assert other.receive(timeout_s=14) is None
+        lease.ack()
+    finally:
+        holder.close()
+        other.close()
+        subscriber.close()
+        publisher.stop()
