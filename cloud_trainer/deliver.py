@@ -377,18 +377,23 @@ class Deliverer:
     def resend(self, session_id: str, new_email: str | None = None) -> str:
         """Queue a NEW message (new Message-ID, fresh link), to a corrected address if given.
 
-        Returns the new Message-ID. The old links stay valid until they expire.
+        Returns the new Message-ID. A plain resend leaves the old links valid until they
+        expire. A corrected address revokes them and cancels unsent emails: they went
+        (or would go) to a mailbox that is not the attendee's, and each link can delete
+        the attendee's data.
         """
         session = self.repo.get_session(session_id)
         if session["state"] != State.DELIVERED.value:
             raise BoothError(f"there is nothing to resend yet: the session is {session['state']}")
-        if new_email:
-            mail.address(session["name"], new_email)  # refuse before changing anything
-            self.repo.update_attendee_email(session_id, new_email.strip())
-            session = self.repo.get_session(session_id)
         link = links_mod.new_link(session_id, self.settings.links.expiry_days)
-        email = self._email(session, link)
-        self.repo.enqueue_email(session_id, email=email, link=self._link_row(link))
+        corrected = (new_email or "").strip()
+        if corrected and corrected.lower() != (session["email"] or "").strip().lower():
+            mail.address(session["name"], corrected)  # refuse before changing anything
+            email = self._email({**session, "email": corrected}, link)
+            self.repo.readdress_email(session_id, corrected, email=email, link=self._link_row(link))
+        else:
+            email = self._email(session, link)
+            self.repo.enqueue_email(session_id, email=email, link=self._link_row(link))
         log.info(
             "email queued again",
             extra={"session_id": session_id, "to": mail.redact(email["to_addr"])},

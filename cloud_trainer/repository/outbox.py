@@ -20,7 +20,7 @@ from typing import Any
 from sqlalchemy import Connection, and_, select, update
 
 from cloud_trainer.repository.counters import EMAILS, add_counts
-from cloud_trainer.repository.schema import attendees, outbox, sessions
+from cloud_trainer.repository.schema import attendees, links, outbox, sessions
 from cloud_trainer.session import State
 
 PENDING, SENDING, SENT, FAILED, BOUNCED = "pending", "sending", "sent", "failed", "bounced"
@@ -76,6 +76,41 @@ class OutboxRepo:
         with self.engine.begin() as conn:
             if link is not None:
                 self._insert_link(conn, session_id=session_id, **link)
+            return self._insert_email(conn, session_id=session_id, email=email)
+
+    def readdress_email(
+        self,
+        session_id: str,
+        new_address: str,
+        *,
+        email: dict[str, Any],
+        link: dict[str, Any],
+        now: float | None = None,
+    ) -> int:
+        """A corrected address, in one transaction: the attendee's email becomes
+        ``new_address``, the session's older links are revoked and its unsent emails
+        cancelled (they went, or would go, to the wrong mailbox), and ``email`` is queued
+        with its new ``link``. Returns the outbox row id.
+        """
+        now = time.time() if now is None else now
+        with self.engine.begin() as conn:
+            attendee = conn.execute(
+                select(sessions.c.attendee_id).where(sessions.c.id == session_id)
+            ).scalar_one()
+            conn.execute(
+                update(attendees).where(attendees.c.id == attendee).values(email=new_address)
+            )
+            conn.execute(
+                update(links)
+                .where(links.c.session_id == session_id, links.c.revoked_at.is_(None))
+                .values(revoked_at=now)
+            )
+            conn.execute(
+                update(outbox)
+                .where(outbox.c.session_id == session_id, outbox.c.state == PENDING)
+                .values(state=FAILED, last_error="replaced by an email to a corrected address")
+            )
+            self._insert_link(conn, session_id=session_id, **link)
             return self._insert_email(conn, session_id=session_id, email=email)
 
     def claim_emails(self, now: float, lease_s: float, limit: int = 20) -> list[dict[str, Any]]:

@@ -273,9 +273,37 @@ def test_rejected_address_shows_the_reason_and_staff_can_fix_and_resend(
         assert repo.get_session(sid)["email"] == "ada@example.org"
         token = token_in(msg.get_body(("plain",)).get_content())
         assert token != first_link.token and links.resolve(repo, token)["id"] == sid
+        # The first link went to a stranger's mailbox: it no longer opens (or deletes) anything.
+        with pytest.raises(links.LinkGone, match="revoked"):
+            links.resolve(repo, first_link.token)
         assert [e["state"] for e in repo.emails(sid)] == ["bounced", "sent"]
     finally:
         server.stop()
+
+
+def test_a_corrected_address_cancels_the_email_still_waiting_for_the_old_one(
+    deliverer, repo, tmp_path
+):
+    port = free_port()
+    server = SmtpServer(port)  # not started: the relay is down, the email waits to retry
+    sid, first_link = deliver_one(deliverer, repo, email="ada@exmaple.org")
+    sender = deliver.OutboxSender(repo, smtp_cfg(tmp_path, port))
+    t0 = time.time()
+    assert sender.run_once(now=t0).retried == 1
+    deliverer.resend(sid, "ada@example.org")  # staff spot the typo meanwhile
+    server.start()
+    try:
+        assert sender.run_once(now=t0 + sender.backoff_max_s * 2).sent == 1
+        [msg] = server.messages
+        assert msg["To"].addresses[0].addr_spec == "ada@example.org"
+    finally:
+        server.stop()
+    assert [e["state"] for e in repo.emails(sid)] == ["failed", "sent"]
+    assert links.lookup(repo, first_link.token).state == "revoked"
+    # A plain resend (same address) leaves the links it sent before working.
+    second = token_in(msg.get_body(("plain",)).get_content())
+    deliverer.resend(sid)
+    assert links.lookup(repo, second).state == "ok"
 
 
 def test_resend_is_refused_before_delivery(deliverer, repo):
