@@ -378,10 +378,27 @@ def parse_model(data: Any, model: type[M], *, source: str = "config", prefix: st
         ) from None
 
 
+# The top-level sections of a booth file (cloud_trainer.config.BoothConfig's fields); a
+# board reads only ``agent`` but refuses a key no section has.
+BOOTH_SECTIONS = frozenset(
+    {"booth", "models_dir", "agent", "ingest", "storage", "database", "queue", "trainer"}
+    | {"render", "links", "mail", "web"}
+)
+
+
 def load_agent_config(path: str | Path) -> AgentConfig:
     """Load the ``agent:`` section of a booth YAML file (a board's file may hold only that)."""
     data = read_yaml(path)
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of keys")
+    unknown = sorted(str(k) for k in data if k not in BOOTH_SECTIONS)
+    if unknown:
+        # A misspelt "agent:" would leave the board on defaults (and a placeholder token).
+        agent_keys = [k for k in unknown if k in AgentConfig.model_fields]
+        hint = f"; put {', '.join(agent_keys)} under agent:" if agent_keys else ""
+        raise ConfigError(
+            f"{path}: unknown top-level key(s) {', '.join(unknown)} (a booth file has "
+            f"{', '.join(sorted(BOOTH_SECTIONS))}){hint}"
+        )
     section = data.get("agent", {})
     return parse_model(section or {}, AgentConfig, source=str(path), prefix="agent.")

@@ -120,3 +120,16 @@ def test_an_unset_variable_names_the_key_that_needs_it(tmp_path, monkeypatch):
         ConfigError, match=r"mail\.password: environment variable BOOTH_NOT_SET is not set"
     ):
         load_config(path)
+
+
+def test_a_misspelt_section_on_a_board_is_refused_not_ignored(tmp_path):
+    from edge_agent.config import BOOTH_SECTIONS
+
+    assert set(BoothConfig.model_fields) == BOOTH_SECTIONS
+    path = tmp_path / "agent.yaml"
+    path.write_text("agnet:\n  camera_id: cam1\n")
+    with pytest.raises(ConfigError, match="unknown top-level key.*agnet"):
+        load_agent_config(path)
+    path.write_text("camera_id: cam1\nbooth_id: booth-1\n")  # the agent's keys, unindented
+    with pytest.raises(ConfigError, match="put booth_id, camera_id under agent:"):
+        load_agent_config(path)
