@@ -584,8 +584,13 @@ def render_session(
     side_by_side: bool = True,
     batch: int = 16,
     crf: int = 20,
+    scratch_dir: str | Path | None = None,
 ) -> dict[str, str | None]:
     """Render the reference dance with the attendee's generator; store MP4s and poster.
+
+    The videos are made in a temporary directory under ``scratch_dir`` (the job's work
+    directory, which the worker sweeps, so a render killed midway leaves no attendee
+    video behind in /tmp); default: the system's temporary directory.
 
     ``take_poses`` are the attendee's poses (full-frame pixels of the camera the
     generator was trained on) and ``framing`` that camera's training crop (default:
@@ -617,7 +622,9 @@ def render_session(
         ref_framing = reference.framing()
         panels = (ref_framing.crop(rgb, size) for rgb in library.source_frames(reference))
     prefix = f"sessions/{session_id}/video"
-    with tempfile.TemporaryDirectory(prefix="booth-render-") as tmp:
+    if scratch_dir is not None:
+        Path(scratch_dir).mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="booth-render-", dir=scratch_dir) as tmp:
         result = render_video(
             generator,
             crop,

@@ -550,6 +550,7 @@ class Worker:
             side_by_side=cfg.render.side_by_side,
             batch=cfg.render.batch,
             crf=cfg.render.crf,
+            scratch_dir=Path(cfg.trainer.work_dir) / sid,
         )
         self._check_not_deleted(sid, lease)
 

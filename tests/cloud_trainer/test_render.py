@@ -130,13 +130,26 @@ def _take(seed: int = 5) -> np.ndarray:
     )
 
 
-def test_render_session_stores_video_poster_and_side_by_side(generator, library):
+def test_render_session_stores_video_poster_and_side_by_side(
+    generator, library, tmp_path, monkeypatch
+):
     ref = library.get("synthetic:warmup")
     take = _take()
     framing = labelmap.Framing.from_poses(take, *TAKE_SIZE)
+    made_in = []
+    real_render_video = render.render_video
+
+    def spy(generator, crop, fps, out_dir, **kw):
+        made_in.append(Path(out_dir))
+        return real_render_video(generator, crop, fps, out_dir, **kw)
+
+    monkeypatch.setattr(render, "render_video", spy)
+    scratch = tmp_path / "job-s1"
     keys = render.render_session(
-        library.store, "s1", generator, ref, take, framing, library=library
+        library.store, "s1", generator, ref, take, framing, library=library, scratch_dir=scratch
     )
+    # Made in the job's directory (which the worker sweeps), and cleaned up after.
+    assert made_in and made_in[0].parent == scratch and list(scratch.iterdir()) == []
     assert keys == {
         "video_key": "sessions/s1/video/final.mp4",
         "poster_key": "sessions/s1/video/poster.jpg",
