@@ -108,7 +108,11 @@ class OutboxRepo:
             conn.execute(
                 update(outbox)
                 .where(outbox.c.session_id == session_id, outbox.c.state == PENDING)
-                .values(state=FAILED, last_error="replaced by an email to a corrected address")
+                .values(
+                    state=FAILED,
+                    last_error="replaced by an email to a corrected address",
+                    **self._SPENT,
+                )
             )
             self._insert_link(conn, session_id=session_id, **link)
             return self._insert_email(conn, session_id=session_id, email=email)
@@ -185,8 +189,12 @@ class OutboxRepo:
                 add_counts(conn, [(EMAILS, values["state"], 1)])
             return changed
 
+    # A finished email keeps its address and state (the tablet shows them) but not its
+    # body: that holds a working link, which a copy of the database should not give away.
+    _SPENT = {"body_text": "", "body_html": ""}
+
     def mark_email_sent(self, row_id: int, at: float) -> bool:
-        return self._finish(row_id, SENDING, state=SENT, sent_at=at, last_error=None)
+        return self._finish(row_id, SENDING, state=SENT, sent_at=at, last_error=None, **self._SPENT)
 
     def mark_email_retry(self, row_id: int, error: str, next_attempt_at: float) -> bool:
         return self._finish(
@@ -194,7 +202,9 @@ class OutboxRepo:
         )
 
     def mark_email_failed(self, row_id: int, error: str, *, bounced: bool = False) -> bool:
-        return self._finish(row_id, SENDING, state=BOUNCED if bounced else FAILED, last_error=error)
+        return self._finish(
+            row_id, SENDING, state=BOUNCED if bounced else FAILED, last_error=error, **self._SPENT
+        )
 
     def release_email(self, row_id: int, now: float, note: str) -> bool:
         """Put a recovered ``sending`` row back to ``pending`` without counting a new attempt."""

@@ -155,6 +155,9 @@ def test_smtp_outage_then_recovery_sends_exactly_one_email(deliverer, repo, tmp_
         assert len(server.messages) == 1
         assert server.messages[0]["Message-ID"] == row["message_id"]
         assert repo.email_status(sid)["state"] == "sent"
+        # Sent: its body (with a working link) is no longer kept.
+        [sent] = repo.emails(sid)
+        assert token_in(row["body_text"]) and sent["body_text"] == sent["body_html"] == ""
     finally:
         server.stop()
 
