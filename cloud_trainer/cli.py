@@ -11,7 +11,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
+from pathlib import Path
 
 from edge_agent.config import ConfigError
 from edge_agent.errors import BoothError
@@ -58,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# The booth file a command without --config reads (compose sets it in the containers).
+CONFIG_ENV = "BOOTH_CONFIG"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -68,6 +74,10 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2
+    if getattr(args, "config", "unset") is None and os.environ.get(CONFIG_ENV):
+        # In a container `booth staff logout ...` then acts on the booth's own database,
+        # not on the embedded defaults.
+        args.config = Path(os.environ[CONFIG_ENV])
     try:
         return int(args._run(args) or 0)
     except (BoothError, ConfigError) as e:

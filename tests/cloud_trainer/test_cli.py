@@ -1,3 +1,4 @@
+import os
 import subprocess
 import sys
 
@@ -57,13 +58,23 @@ def test_a_base_checkpoint_in_the_configured_bucket_may_be_named_by_its_gs_url(t
     assert "blob:<prefix>" in r.stderr
 
 
-def test_a_database_that_cannot_be_reached_is_one_line_not_a_traceback(tmp_path):
+@pytest.mark.parametrize("given", ["flag", "env"])
+def test_a_database_that_cannot_be_reached_is_one_line_not_a_traceback(tmp_path, given):
     from smtp_capture import free_port
 
     path = tmp_path / "booth.yaml"
     url = f"postgresql+psycopg://booth:wrong@127.0.0.1:{free_port()}/booth?connect_timeout=5"
     path.write_text(f"database:\n  type: postgres\n  url: {url}\n")
-    r = run_cli("staff", "logout", "ada", "--config", str(path))
+    if given == "flag":
+        r = run_cli("staff", "logout", "ada", "--config", str(path))
+    else:  # in a container: BOOTH_CONFIG names the booth's file, not the embedded defaults
+        env = {**os.environ, "BOOTH_CONFIG": str(path)}
+        r = subprocess.run(
+            [sys.executable, "-m", "cloud_trainer.cli", "staff", "logout", "ada"],
+            capture_output=True,
+            text=True,
+            env=env,
+        )
     assert r.returncode == 1, r.stderr
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert "the database cannot be reached or refused the login" in r.stderr
