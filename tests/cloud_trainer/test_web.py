@@ -541,21 +541,8 @@ def test_a_delete_that_fails_midway_changes_nothing_so_the_attendee_can_retry(
     repo, store = booth_on_each_db.repo, booth_on_each_db.store
     desk = booth_on_each_db.app.state.services.desk
     sid, token = delivered_session(repo, store)
-    with repo.engine.begin() as conn:
-        conn.execute(
-            outbox.insert().values(
-                message_id="<mail-1@booth>",
-                session_id=sid,
-                to_addr="ada@example.com",
-                subject="Your dance",
-                body_text="...",
-                body_html="...",
-                state="pending",
-                attempts=0,
-                next_attempt_at=time.time(),
-                created_at=time.time(),
-            )
-        )
+    email = {"message_id": "<mail-1@booth>", "to_addr": "ada@example.com"}
+    repo.enqueue_email(sid, email={**email, "subject": "s", "body_text": "t", "body_html": "h"})
 
     def database_gone(conn, session_id):
         raise RuntimeError("the database connection dropped")
