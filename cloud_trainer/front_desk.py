@@ -109,24 +109,64 @@ class FrontDesk:
             raise Conflict(
                 f"this session is already {session['state']}; start a new one for another take"
             )
-        online = self.control.online_agents(self.booth_id) if self.control else []
-        if not online:
-            raise NoCameras(
-                f"no cameras of booth {self.booth_id} are online; check the boards and their network"
-            )
-        cameras = sorted(a["camera_id"] for a in online)
+        agents = self.control.online_agents(self.booth_id) if self.control else []
+        offline = sorted(a["camera_id"] for a in agents if not a["online"])
+        # Still filming another session: it would refuse this take.
+        busy = sorted(
+            a["camera_id"]
+            for a in agents
+            if a["online"] and a["state"] == "capturing" and a["session_id"] != session_id
+        )
+        cameras = sorted(
+            a["camera_id"] for a in agents if a["online"] and a["camera_id"] not in busy
+        )
+        left_out = [f"{c} is offline" for c in offline] + [
+            f"{c} is still filming another session" for c in busy
+        ]
+        if not cameras:
+            why = "; ".join(left_out) or f"no camera of booth {self.booth_id} has connected"
+            raise NoCameras(f"no cameras can film this take ({why}); check the boards")
+        # The takes ingest waits for are these cameras' only: one left out would hold the
+        # session in "capturing" until its upload deadline.
+        detail = f"cameras {', '.join(cameras)}"
+        if left_out:
+            detail += f" (not filming: {'; '.join(left_out)})"
         # The transition is the lock: of two tablets pressing Start, one wins here.
         try:
-            self.repo.transition(
-                session_id, State.CAPTURING, detail=f"cameras {', '.join(cameras)}", cameras=cameras
-            )
+            self.repo.transition(session_id, State.CAPTURING, detail=detail, cameras=cameras)
         except InvalidTransition:
             raise Conflict("this session was started already (by another tablet?)") from None
         try:
-            return await self.control.start_take(self.booth_id, session_id, session["take_s"])
+            answers = await self.control.start_take(self.booth_id, session_id, session["take_s"])
         except BoothError as e:
             self.repo.fail(session_id, f"could not start the cameras: {e}")
             raise
+        self._drop_refusing(session_id, cameras, answers, left_out)
+        return answers
+
+    def _drop_refusing(
+        self,
+        session_id: str,
+        cameras: list[str],
+        answers: list[dict[str, Any]],
+        left_out: list[str],
+    ) -> None:
+        """Cameras that answered the start with another session (or none) are not in the take."""
+        refused = {
+            a["camera_id"]: a.get("error") or "it did not start"
+            for a in answers
+            if a["camera_id"] in cameras and a["acked"] and a.get("session_id") != session_id
+        }
+        notes = left_out + [f"{c} refused the start: {why}" for c, why in sorted(refused.items())]
+        kept = [c for c in cameras if c not in refused]
+        if not kept:
+            self.repo.fail(session_id, "no camera started: " + "; ".join(notes))
+            raise NoCameras("no camera started this take: " + "; ".join(notes))
+        if refused:
+            self.repo.update_session(session_id, cameras=kept)
+            log.warning("session %s: %s", session_id, "; ".join(notes))
+        if notes:
+            self.repo.set_progress(session_id, message="not filming: " + "; ".join(notes))
 
     def again(self, session_id: str) -> str:
         """A failed session's attendee dances again: a fresh session with their name, email,

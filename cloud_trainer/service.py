@@ -101,6 +101,7 @@ class RegistryController:
                 "delivered": r.delivered,
                 "acked": r.acked,
                 "state": r.state,
+                "session_id": r.session_id,
                 "error": r.error,
             }
             for r in results.values()
