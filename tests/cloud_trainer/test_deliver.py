@@ -303,6 +303,10 @@ def test_a_corrected_address_cancels_the_email_still_waiting_for_the_old_one(
         server.stop()
     assert [e["state"] for e in repo.emails(sid)] == ["failed", "sent"]
     assert links.lookup(repo, first_link.token).state == "revoked"
+    # The tablet shows the link that works, not the revoked one.
+    assert token_in(repo.get_session(sid)["progress"]["link_url"]) == token_in(
+        msg.get_body(("plain",)).get_content()
+    )
     # A plain resend (same address) leaves the links it sent before working.
     second = token_in(msg.get_body(("plain",)).get_content())
     deliverer.resend(sid)

@@ -94,3 +94,29 @@ def test_the_camera_panel_draws_the_live_pose_and_shows_agent_text_as_text(table
     assert HOSTILE in panel  # shown as the text it is ...
     assert not d.find_elements(By.CSS_SELECTOR, "#agents img")  # ... never as markup
     assert d.execute_script("return window.pwned === undefined")
+
+
+def test_a_take_that_fails_while_its_page_is_open_offers_start_again(tablet, browser):
+    from selenium.webdriver.common.by import By
+
+    repo = tablet.repo
+    sid = th.new_session(repo, booth_id=tablet.settings.booth.id)
+    d = browser
+    d.get(f"{tablet.base_url}/login")
+    d.find_element(By.ID, "username").send_keys(staff_app.STAFF)
+    d.find_element(By.ID, "password").send_keys(staff_app.PASSWORD)
+    d.find_element(By.ID, "login").click()
+    wait_for(lambda: d.find_elements(By.ID, "new-session"), 15, "the tablet home page")
+    d.get(f"{tablet.base_url}/sessions/{sid}")
+    start = wait_for(lambda: d.find_elements(By.ID, "start"), 15, "the session page")[0]
+    assert start.is_displayed() and start.text == "Start"
+    assert not d.find_element(By.ID, "resend").is_displayed()  # nothing to resend yet
+    repo.transition(sid, "capturing")
+    wait_for(lambda: not start.is_displayed(), 15, "Start to go once the take runs")
+    repo.fail(sid, "cam0 stopped sending frames")  # while the page is open
+    wait_for(
+        lambda: start.is_displayed() and start.text == "Start again", 15, "Start again to appear"
+    )
+    form = d.find_element(By.ID, "start-form")
+    assert form.get_attribute("action").endswith(f"/sessions/{sid}/again")
+    assert "cam0 stopped sending frames" in d.find_element(By.ID, "failure").text

@@ -3,6 +3,7 @@ const root = document.getElementById('session');
 const sid = root.dataset.sid;
 const stages = ['created','capturing','uploaded','training','rendering','delivered'];
 let countdownShown = false;
+let plotStep = null;
 function fmt(sec) { if (sec == null) return ''; sec = Math.max(0, Math.round(sec)); return sec >= 60 ? Math.floor(sec/60) + ' min ' + (sec%60) + ' s' : sec + ' s'; }
 function render(v) {
   const st = document.getElementById('state'); st.textContent = v.state; st.className = 'pill ' + v.state;
@@ -16,12 +17,26 @@ function render(v) {
   if (p.stage) {
     ts.textContent = `${p.stage}` + (p.step != null ? ` · step ${p.step}${p.total_steps ? ' / ' + p.total_steps : ''}` : '') + (p.eta_s != null ? ` · about ${fmt(p.eta_s)} left` : '') + (p.loss != null ? ` · L1 ${(+p.loss).toFixed(3)}` : '') + (p.message ? ` · ${p.message}` : '');
     if (p.total_steps) { const pct = Math.min(100, 100 * p.step / p.total_steps); document.getElementById('train-bar').style.width = pct + '%'; document.getElementById('train-progress').setAttribute('aria-valuenow', Math.round(pct)); }
-    const img = document.getElementById('plot'); img.style.display = 'block'; img.src = `/sessions/${sid}/plot.png?t=${Date.now()}`; img.onerror = () => img.style.display = 'none';
+    // A new plot per reported step, not per poll: no refetch (or flicker) while it is the same.
+    if (p.step != null && p.step !== plotStep) {
+      plotStep = p.step;
+      const img = document.getElementById('plot');
+      img.onload = () => img.style.display = 'block'; img.onerror = () => img.style.display = 'none';
+      img.src = `/sessions/${sid}/plot.png?step=${p.step}`;
+    }
   }
   if (v.state === 'delivered') document.getElementById('train-bar').style.width = '100%';
   if (v.link_url) { const a = document.createElement('a'); a.href = v.link_url; a.target = '_blank'; a.rel = 'noopener'; a.textContent = v.link_url; document.getElementById('link').replaceChildren(a); }
   const e = v.email_delivery; document.getElementById('email-state').textContent = e ? `Email to ${e.to_addr}: ${e.state}` + (e.last_error ? ` (${e.last_error})` : '') : '';
-  if (v.state !== 'created' && v.state !== 'failed') { const sf = document.getElementById('start-form'); if (sf) sf.hidden = true; }
+  // Start while created, Start again once failed (also when it fails while this page is open).
+  const sf = document.getElementById('start-form');
+  if (sf && !sf.dataset.sent) {
+    const again = v.state === 'failed';
+    sf.hidden = v.state !== 'created' && !again;
+    sf.action = `/sessions/${sid}/${again ? 'again' : 'start'}`;
+    document.getElementById('start').textContent = again ? 'Start again' : 'Start';
+  }
+  const rf = document.getElementById('resend-form'); if (rf) rf.hidden = v.state !== 'delivered';
 }
 function runCountdown(atSec) {
   const el = document.getElementById('countdown'); el.hidden = false;
