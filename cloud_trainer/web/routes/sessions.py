@@ -200,7 +200,10 @@ def session_page(session_id: str, request: Request, services: ServicesDep, staff
 async def _action(request, services, staff, session_id, csrf, fn):
     check_form_csrf(staff, csrf)
     try:
-        result = fn()
+        # Off the event loop: it serves the boards' uploads and every tablet, and a delete
+        # (blob by blob on GCS) or a resend would stall them all. An async action (start)
+        # comes back as a coroutine and runs on the loop, where the control plane lives.
+        result = await asyncio.to_thread(fn)
         if asyncio.iscoroutine(result):
             await result
     except SessionNotFound:
@@ -291,7 +294,7 @@ async def delete_form(
 ):
     check_form_csrf(staff, csrf)
     with contextlib.suppress(SessionNotFound):  # pressed twice: it is gone either way
-        services.desk.delete(session_id)
+        await asyncio.to_thread(services.desk.delete, session_id)
     return RedirectResponse("/?deleted=1", status_code=303)
 
 
@@ -344,7 +347,7 @@ def get_session(session_id: str, services: ServicesDep, staff: StaffApi):
 
 async def _api_call(services: Services, session_id: str, fn):
     try:
-        result = fn()
+        result = await asyncio.to_thread(fn)  # off the loop, as in _action
         if asyncio.iscoroutine(result):
             result = await result
         return result
