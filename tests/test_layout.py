@@ -58,3 +58,29 @@ def test_ruff_check_is_clean():
         [sys.executable, "-m", "ruff", "check", "."], capture_output=True, text=True, cwd=ROOT
     )
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_every_data_file_the_packages_use_is_installed_with_them():
+    """A non-editable install (the Docker images) ships only what package-data names: the
+    tablet's scripts were left out once, and with them its polling and double-tap guard."""
+    import fnmatch
+
+    import tomllib
+
+    globs = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "package-data"
+    ]["*"]
+    missing = []
+    for top in ("edge_agent", "cloud_trainer", "protos"):
+        for path in (ROOT / top).rglob("*"):
+            if not path.is_file() or path.suffix in (".py", ".pyc", ".pyi"):
+                continue
+            if "__pycache__" in path.parts:
+                continue
+            package = path.parent
+            while not (package / "__init__.py").exists() and package != ROOT / top:
+                package = package.parent
+            rel = str(path.relative_to(package))
+            if not any(fnmatch.fnmatch(rel, g) for g in globs):
+                missing.append(str(path.relative_to(ROOT)))
+    assert missing == []

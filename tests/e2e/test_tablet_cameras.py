@@ -107,6 +107,10 @@ def test_a_take_that_fails_while_its_page_is_open_offers_start_again(tablet, bro
     d.find_element(By.ID, "password").send_keys(staff_app.PASSWORD)
     d.find_element(By.ID, "login").click()
     wait_for(lambda: d.find_elements(By.ID, "new-session"), 15, "the tablet home page")
+    # The home page stays live: a session another tablet starts is announced.
+    assert not d.find_element(By.ID, "home-new").is_displayed()
+    th.new_session(repo, booth_id=tablet.settings.booth.id)
+    wait_for(lambda: d.find_element(By.ID, "home-new").is_displayed(), 15, "the new-session note")
     d.get(f"{tablet.base_url}/sessions/{sid}")
     start = wait_for(lambda: d.find_elements(By.ID, "start"), 15, "the session page")[0]
     assert start.is_displayed() and start.text == "Start"

@@ -1,0 +1,35 @@
+// The tablet's home page stays live: which cameras are online (staff decide on Continue
+// by it) and how today's sessions are doing. Text from agents goes in as text.
+function agentLine(x) {
+  const d = document.createElement('div'); d.className = 'agent ' + (x.online ? 'online' : 'offline');
+  d.textContent = [x.camera_id, x.state, x.fps ? Math.round(x.fps) + ' fps' : '', x.upload_behind ? 'upload behind' : '', x.error].filter(Boolean).join(' · ');
+  for (const w of x.warnings || []) { const p = document.createElement('div'); p.className = 'warn'; p.textContent = w; d.append(p); }
+  return d;
+}
+async function refresh() {
+  try {
+    const a = await fetch('/api/agents', {credentials: 'same-origin'});
+    if (a.status === 401) { location.href = '/login'; return; }
+    if (a.ok) {
+      const list = await a.json();
+      const box = document.getElementById('home-agents');
+      if (list.length) box.replaceChildren(...list.map(agentLine));
+      document.getElementById('online-count').textContent = list.filter(x => x.online).length + ' online';
+    }
+    const r = await fetch('/api/sessions', {credentials: 'same-origin'});
+    if (r.ok) {
+      const shown = new Map([...document.querySelectorAll('tr[data-sid]')].map(tr => [tr.dataset.sid, tr]));
+      let unseen = false;
+      for (const s of await r.json()) {
+        const tr = shown.get(s.id);
+        if (!tr) { unseen = true; continue; }
+        const pill = tr.querySelector('.pill'); pill.textContent = s.state; pill.className = 'pill ' + s.state;
+      }
+      // New rows need the booth's clock format: offered as a reload, never forced on a
+      // half-typed form.
+      document.getElementById('home-new').hidden = !unseen;
+    }
+  } catch (err) { /* a network blip: the next round tries again */ }
+  setTimeout(refresh, 3000);
+}
+setTimeout(refresh, 3000);
