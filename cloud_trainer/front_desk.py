@@ -6,12 +6,13 @@ tests drive the same code through the real HTTP API.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import re
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from sqlalchemy import delete, exists, func, select
@@ -82,6 +83,7 @@ class FrontDesk:
     control: TakeController | None = None
     delete_blobs: Callable[[str], Awaitable[int] | int] | None = None
     resend_email: Callable[[str, str | None], Any] | None = None
+    _starting: set[asyncio.Task] = field(default_factory=set, init=False, repr=False)
 
     def create_session(self, *, name: str, email: str, consent: bool, reference: str) -> str:
         if not consent:
@@ -99,8 +101,14 @@ class FrontDesk:
             cameras=self.cameras(),
         )
 
-    async def start(self, session_id: str) -> list[dict[str, Any]]:
-        """Send StartTake to every camera of the booth. Pressing it twice is refused, not repeated."""
+    async def start(self, session_id: str, *, wait: bool = True) -> list[dict[str, Any]]:
+        """Send StartTake to every camera of the booth. Pressing it twice is refused, not repeated.
+
+        Returns the cameras' answers. ``wait=False`` (the tablet's Start button) returns
+        once the session is capturing and leaves the answers to a background task: they
+        come after the countdown (a camera reports once it films), and the tablet must
+        show that countdown, not load after it.
+        """
         session = self.repo.get_session(session_id)
         if session["state"] == State.FAILED.value:
             # The boards remember this session's take and would not film it again.
@@ -136,13 +144,35 @@ class FrontDesk:
             self.repo.transition(session_id, State.CAPTURING, detail=detail, cameras=cameras)
         except InvalidTransition:
             raise Conflict("this session was started already (by another tablet?)") from None
+        run = self._start_cameras(session_id, session["take_s"], cameras, left_out)
+        if wait:
+            return await run
+        task = asyncio.create_task(self._quietly(run, session_id))
+        self._starting.add(task)  # held until done: the loop keeps only a weak reference
+        task.add_done_callback(self._starting.discard)
+        return []
+
+    async def _start_cameras(
+        self, session_id: str, take_s: float, cameras: list[str], left_out: list[str]
+    ) -> list[dict[str, Any]]:
+        assert self.control is not None
         try:
-            answers = await self.control.start_take(self.booth_id, session_id, session["take_s"])
+            answers = await self.control.start_take(self.booth_id, session_id, take_s)
         except BoothError as e:
             self.repo.fail(session_id, f"could not start the cameras: {e}")
             raise
         self._drop_refusing(session_id, cameras, answers, left_out)
         return answers
+
+    @staticmethod
+    async def _quietly(run: Awaitable[Any], session_id: str) -> None:
+        """A background start: its failure is on the session already (the tablet shows it)."""
+        try:
+            await run
+        except SessionNotFound:
+            pass  # deleted meanwhile
+        except BoothError as e:
+            log.warning("session %s: the cameras did not start: %s", session_id, e)
 
     def _drop_refusing(
         self,

@@ -6,6 +6,7 @@ upload deadline (30 minutes by default), with nothing on the tablet to say why.
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
@@ -106,3 +107,38 @@ async def test_start_with_every_camera_offline_is_refused_and_says_which(repo):
     with pytest.raises(NoCameras, match="cam0 is offline"):
         await desk(repo, booth).start(sid)
     assert repo.get_session(sid)["state"] == "created"  # Start can be pressed again
+
+
+class SlowBooth(Booth):
+    """Cameras answer a start once they film, after the countdown: here, when released."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.release = asyncio.Event()
+
+    async def start_take(self, booth_id: str, session_id: str, duration_s: float) -> list[dict]:
+        await self.release.wait()
+        return await super().start_take(booth_id, session_id, duration_s)
+
+
+async def test_the_tablets_start_returns_before_the_cameras_answer(repo):
+    """The tablet must load in time to show the countdown, which the answers come after."""
+    booth = SlowBooth([agent("cam0"), agent("cam1")], refuse={"cam1": "no camera"})
+    front = desk(repo, booth)
+    sid = th.new_session(repo, cameras=("cam0", "cam1"))
+    assert await asyncio.wait_for(front.start(sid, wait=False), 5) == []
+    assert repo.get_session(sid)["state"] == "capturing"
+    booth.release.set()
+    await asyncio.wait_for(asyncio.gather(*front._starting), 5)
+    assert repo.get_session(sid)["cameras"] == ["cam0"]  # the refusal still counts
+
+
+async def test_a_background_start_that_fails_fails_the_session_and_nothing_else(repo):
+    booth = SlowBooth([agent("cam0")], refuse={"cam0": "no camera"})
+    front = desk(repo, booth)
+    sid = th.new_session(repo, cameras=("cam0",))
+    await front.start(sid, wait=False)
+    booth.release.set()
+    await asyncio.wait_for(asyncio.gather(*front._starting), 5)  # raises nothing
+    s = repo.get_session(sid)
+    assert s["state"] == "failed" and "cam0 refused the start: no camera" in s["failure_reason"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
 from datetime import datetime
 from typing import Annotated, Any
 from zoneinfo import ZoneInfo
@@ -105,6 +106,8 @@ def session_view(services: Services, s: dict[str, Any]) -> dict[str, Any]:
             for e in services.repo.session_events(s["id"])
         ],
         "stage_index": STAGES.index(s["state"]) if s["state"] in STAGES else -1,
+        # The countdown runs on the server's clock: the tablet's may be off.
+        "server_time": time.time(),
     }
 
 
@@ -235,7 +238,12 @@ async def start_form(
     csrf: Annotated[str | None, Form()] = None,
 ):
     err = await _action(
-        request, services, staff, session_id, csrf, lambda: services.desk.start(session_id)
+        request,
+        services,
+        staff,
+        session_id,
+        csrf,
+        lambda: services.desk.start(session_id, wait=False),
     )
     return err or RedirectResponse(f"/sessions/{session_id}", status_code=303)
 
@@ -260,7 +268,9 @@ async def again_form(
     if err:
         return err
     (new_id,) = fresh
-    err = await _action(request, services, staff, new_id, csrf, lambda: services.desk.start(new_id))
+    err = await _action(
+        request, services, staff, new_id, csrf, lambda: services.desk.start(new_id, wait=False)
+    )
     return err or RedirectResponse(f"/sessions/{new_id}", status_code=303)
 
 

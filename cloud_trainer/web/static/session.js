@@ -4,12 +4,14 @@ const sid = root.dataset.sid;
 const stages = ['created','capturing','uploaded','training','rendering','delivered'];
 let countdownShown = false;
 let plotStep = null;
+let clockOffset = 0;  // server clock minus this tablet's, from the last poll
 function fmt(sec) { if (sec == null) return ''; sec = Math.max(0, Math.round(sec)); return sec >= 60 ? Math.floor(sec/60) + ' min ' + (sec%60) + ' s' : sec + ' s'; }
 function render(v) {
   const st = document.getElementById('state'); st.textContent = v.state; st.className = 'pill ' + v.state;
   document.querySelectorAll('#stages div').forEach(d => { const i = +d.dataset.stage; d.className = i < v.stage_index ? 'done' : (i === v.stage_index ? 'now' : ''); if (i === v.stage_index) d.setAttribute('aria-current', 'step'); else d.removeAttribute('aria-current'); });
   const f = document.getElementById('failure'); f.hidden = v.state !== 'failed'; document.getElementById('failure-reason').textContent = v.failure_reason || '';
   const p = v.progress || {};
+  if (v.server_time) clockOffset = v.server_time - Date.now() / 1000;
   if (v.state === 'capturing' && !countdownShown && p.capture_at) { countdownShown = true; runCountdown(p.capture_at); }
   const cap = document.getElementById('capture-status');
   if (v.takes && v.takes.length) cap.textContent = v.takes.map(t => `${t.camera_id}: ${t.frames_stored} frames uploaded` + (t.frame_count != null ? ` of ${t.frame_count}` : '') + (t.state === 'uploaded' ? ' ✓' : '')).join(' · ');
@@ -40,7 +42,7 @@ function render(v) {
 }
 function runCountdown(atSec) {
   const el = document.getElementById('countdown'); el.hidden = false;
-  const tick = () => { const left = Math.ceil(atSec - Date.now()/1000); if (left > 0) { el.textContent = left; setTimeout(tick, 200); } else { el.textContent = 'Dance!'; setTimeout(() => el.hidden = true, 2500); } };
+  const tick = () => { const left = Math.ceil(atSec - (Date.now()/1000 + clockOffset)); if (left > 0) { el.textContent = left; setTimeout(tick, 200); } else { el.textContent = 'Dance!'; setTimeout(() => el.hidden = true, 2500); } };
   tick();
 }
 const LIMBS = JSON.parse(root.dataset.limbs);
