@@ -156,6 +156,24 @@ def test_start_with_no_agents_online_is_refused_and_state_stays(client):
     assert client.get(f"/api/sessions/{sid}").json()["state"] == "created"
 
 
+def test_staff_see_and_touch_only_their_own_booths_sessions(client, booth):
+    """Booths may share one database; an attendee of another booth is not this staff's."""
+    import transport_helpers as th
+
+    csrf = log_in(client)
+    ours = new_session(client, csrf).json()["id"]
+    theirs = th.new_session(booth.repo, booth_id="another-booth")
+    listed = {s["id"] for s in client.get("/api/sessions").json()}
+    assert ours in listed and theirs not in listed
+    assert theirs not in client.get("/").text
+    assert client.get(f"/api/sessions/{theirs}").status_code == 404
+    assert client.get(f"/sessions/{theirs}").status_code == 404
+    h = {"X-CSRF-Token": csrf}
+    assert client.post(f"/api/sessions/{theirs}/start", headers=h).status_code == 404
+    assert client.delete(f"/api/sessions/{theirs}", headers=h).status_code == 404
+    assert booth.repo.get_session(theirs)["state"] == "created"  # untouched
+
+
 def test_delete_twice_and_unknown_sessions(client, booth):
     csrf = log_in(client)
     sid = new_session(client, csrf).json()["id"]

@@ -112,10 +112,14 @@ def session_view(services: Services, s: dict[str, Any]) -> dict[str, Any]:
 
 
 def _get(services: Services, session_id: str) -> dict[str, Any]:
+    """The session, for this booth's staff: another booth's (a shared database) is not theirs."""
     try:
-        return services.repo.get_session(session_id)
+        s = services.repo.get_session(session_id)
     except SessionNotFound:
         raise HTTPException(404, "no such session (deleted?)") from None
+    if s["booth_id"] != services.settings.booth.id:
+        raise HTTPException(404, "no such session (deleted?)")
+    return s
 
 
 def _today_start(tz: str) -> float:
@@ -150,7 +154,8 @@ def _home(
             "sessions": [
                 session_view(services, s)
                 for s in services.repo.list_sessions(
-                    since=_today_start(services.settings.booth.timezone)
+                    services.settings.booth.id,
+                    since=_today_start(services.settings.booth.timezone),
                 )
             ],
             "references": _references(services),
@@ -202,6 +207,7 @@ def session_page(session_id: str, request: Request, services: ServicesDep, staff
 
 async def _action(request, services, staff, session_id, csrf, fn):
     check_form_csrf(staff, csrf)
+    await asyncio.to_thread(_get, services, session_id)  # this booth's, or 404
     try:
         # Off the event loop: it serves the boards' uploads and every tablet, and a delete
         # (blob by blob on GCS) or a resend would stall them all. An async action (start)
@@ -303,7 +309,8 @@ async def delete_form(
     csrf: Annotated[str | None, Form()] = None,
 ):
     check_form_csrf(staff, csrf)
-    with contextlib.suppress(SessionNotFound):  # pressed twice: it is gone either way
+    with contextlib.suppress(SessionNotFound, HTTPException):  # pressed twice: gone either way
+        await asyncio.to_thread(_get, services, session_id)  # this booth's only
         await asyncio.to_thread(services.desk.delete, session_id)
     return RedirectResponse("/?deleted=1", status_code=303)
 
@@ -327,7 +334,8 @@ def plot(session_id: str, services: ServicesDep, staff: StaffPage):
 @router.get("/api/sessions", summary="Today's sessions, newest first", responses=api_errors(401))
 def list_sessions(services: ServicesDep, staff: StaffApi, all_days: bool = False):
     since = None if all_days else _today_start(services.settings.booth.timezone)
-    return [session_view(services, s) for s in services.repo.list_sessions(since=since)]
+    booth = services.settings.booth.id
+    return [session_view(services, s) for s in services.repo.list_sessions(booth, since=since)]
 
 
 @router.post(
@@ -356,6 +364,7 @@ def get_session(session_id: str, services: ServicesDep, staff: StaffApi):
 
 
 async def _api_call(services: Services, session_id: str, fn):
+    await asyncio.to_thread(_get, services, session_id)  # this booth's, or 404
     try:
         result = await asyncio.to_thread(fn)  # off the loop, as in _action
         if asyncio.iscoroutine(result):
@@ -412,6 +421,7 @@ async def resend(session_id: str, body: Resend, services: ServicesDep, staff: St
     responses=api_errors(401, 403, 404),
 )
 def delete_session(session_id: str, services: ServicesDep, staff: StaffApi):
+    _get(services, session_id)  # this booth's, or 404
     try:
         services.desk.delete(session_id)
     except SessionNotFound:
@@ -454,10 +464,11 @@ async def events(session_id: str, request: Request, services: ServicesDep, staff
             except SessionNotFound:
                 yield "event: deleted\ndata: {}\n\n"
                 return
-            payload = json.dumps(view, default=str)
-            if payload != last:
-                last = payload
-                yield f"data: {payload}\n\n"
+            # A change is a change of the session, not of the clock it is sent with.
+            seen = json.dumps({k: v for k, v in view.items() if k != "server_time"}, default=str)
+            if seen != last:
+                last = seen
+                yield f"data: {json.dumps(view, default=str)}\n\n"
             if (
                 view["state"] in ("delivered", "failed")
                 and view["email_delivery"]
