@@ -471,6 +471,10 @@ def test_an_unknown_username_costs_a_password_check_too(client, monkeypatch):
 def test_over_long_login_fields_are_refused_before_any_work(client):
     r = client.post("/api/login", json={"username": "a" * 100_000, "password": "x"})
     assert r.status_code == 422
+    # The tablet's form: a page that says so, not the framework's JSON.
+    page = client.post("/login", data={"username": "a" * 100, "password": "x"})
+    assert page.status_code == 400 and "wrong username or password" in page.text
+    assert "<form" in page.text and "a" * 65 not in page.text
 
 
 def test_the_login_throttle_limits_a_name_across_addresses_and_stays_bounded():
