@@ -81,7 +81,8 @@ async function poll() {
   let ok = false;
   try {
     const r = await fetch(`/api/sessions/${sid}`, {credentials: 'same-origin'});
-    if (r.status === 404) { location.href = '/?deleted=1'; return; }
+    // Gone from under this page: deleted (maybe on another tablet), or started again.
+    if (r.status === 404) { location.href = '/?gone=1'; return; }
     if (r.status === 401) { location.href = '/login'; return; }  // the login expired
     if (r.ok) { render(await r.json()); ok = true; }
     const a = await fetch('/api/agents', {credentials: 'same-origin'});
