@@ -11,6 +11,9 @@ from sqlalchemy.dialects import postgresql, sqlite
 from cloud_trainer.repository.schema import metadata
 
 _SCHEMA_RE = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+# pg_advisory_xact_lock key for creating the schema: any constant the booth uses for
+# nothing else ("dnce" in ASCII).
+_SCHEMA_LOCK_KEY = 0x646E6365
 
 
 def create_db_engine(cfg) -> Engine:  # cfg: SqliteDatabase | PostgresDatabase
@@ -31,27 +34,32 @@ def create_db_engine(cfg) -> Engine:  # cfg: SqliteDatabase | PostgresDatabase
             dbapi_conn.isolation_level = None
 
         _sqlite_write_locks(engine)
+        metadata.create_all(engine)  # SQLite's write lock serialises concurrent starts
+        return engine
 
-    else:
-        engine = create_engine(cfg.url, pool_pre_ping=True)
+    engine = create_engine(cfg.url, pool_pre_ping=True)
+    if cfg.db_schema:
+        if not _SCHEMA_RE.match(cfg.db_schema):
+            raise ValueError(f"database.db_schema {cfg.db_schema!r} is not a plain identifier")
+        schema = cfg.db_schema
+
+        # Registered before the first connection: a pooled connection opened
+        # without it would keep the default search_path (public) for good.
+        @event.listens_for(engine, "connect")
+        def _search_path(dbapi_conn, _record) -> None:
+            cur = dbapi_conn.cursor()
+            cur.execute(f'SET search_path TO "{schema}"')
+            cur.close()
+            dbapi_conn.commit()
+
+    # The app and the workers start together on a fresh database: concurrent CREATEs of
+    # one table collide in PostgreSQL's catalog (a unique violation, and a restart). One
+    # transaction-scoped advisory lock makes them take turns; the later ones find it all.
+    with engine.begin() as conn:
+        conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _SCHEMA_LOCK_KEY})
         if cfg.db_schema:
-            if not _SCHEMA_RE.match(cfg.db_schema):
-                raise ValueError(f"database.db_schema {cfg.db_schema!r} is not a plain identifier")
-            schema = cfg.db_schema
-
-            # Registered before the first connection: a pooled connection opened
-            # without it would keep the default search_path (public) for good.
-            @event.listens_for(engine, "connect")
-            def _search_path(dbapi_conn, _record) -> None:
-                cur = dbapi_conn.cursor()
-                cur.execute(f'SET search_path TO "{schema}"')
-                cur.close()
-                dbapi_conn.commit()
-
-            with engine.begin() as conn:
-                conn.execute(text(f'CREATE SCHEMA IF NOT EXISTS "{schema}"'))
-
-    metadata.create_all(engine)
+            conn.execute(text(f'CREATE SCHEMA IF NOT EXISTS "{cfg.db_schema}"'))
+        metadata.create_all(conn)
     return engine
 
 

@@ -586,3 +586,37 @@ def test_a_deleted_session_leaves_a_tombstone_that_tells_deleted_from_unknown(re
     assert repo.session_deleted(sid)
     assert not repo.session_deleted(other) and not repo.session_deleted("never-existed")
     assert repo.session_booth_and_cameras(sid) is None  # gone, as before
+
+
+def test_services_starting_together_on_a_fresh_postgres_all_get_the_schema(pg_database_config):
+    """The app and the workers start at once on a new database: concurrent CREATE TABLEs
+    collided in the catalog (a unique violation), and a service crashed into a restart."""
+    barrier, errors, repos = threading.Barrier(6), [], []
+
+    def start() -> None:
+        barrier.wait()
+        try:
+            repos.append(Repository.from_config(pg_database_config))
+        except Exception as e:  # noqa: BLE001 - reported by the assert below
+            errors.append(f"{type(e).__name__}: {e}")
+
+    threads = [threading.Thread(target=start) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    try:
+        assert errors == []
+        sid = repos[0].create_session(
+            booth_id="b",
+            name="Ada",
+            email="ada@example.org",
+            consent=True,
+            reference_name="r",
+            take_s=1.0,
+            cameras=["cam0"],
+        )
+        assert repos[-1].get_session(sid)["name"] == "Ada"
+    finally:
+        for r in repos:
+            r.close()
