@@ -54,6 +54,8 @@ class TakeController(Protocol):
         self, booth_id: str, session_id: str, duration_s: float
     ) -> list[dict[str, Any]]: ...
 
+    async def stop_take(self, booth_id: str, session_id: str) -> list[str]: ...
+
 
 def clean_name(name: str) -> str:
     # Line breaks in a name are a header-injection attempt, not a typo: refuse them.
@@ -197,6 +199,20 @@ class FrontDesk:
             log.warning("session %s: %s", session_id, "; ".join(notes))
         if notes:
             self.repo.set_progress(session_id, message="not filming: " + "; ".join(notes))
+
+    async def stop(self, session_id: str) -> list[str]:
+        """End the take early on every camera (the attendee had enough): what was filmed
+        until now is uploaded and trained on as the take. Returns the cameras told."""
+        session = self.repo.get_session(session_id)
+        if session["state"] != State.CAPTURING.value:
+            raise Conflict(f"there is no take to stop: the session is {session['state']}")
+        if self.control is None:
+            raise NoCameras("no control plane: the cameras cannot be reached from here")
+        told = await self.control.stop_take(self.booth_id, session_id)
+        if not told:
+            raise NoCameras("no camera received the stop; each ends at its take length anyway")
+        log.info("session %s: take stopped early on %s", session_id, ", ".join(told))
+        return told
 
     def again(self, session_id: str) -> str:
         """A failed session's attendee dances again: a fresh session with their name, email,

@@ -112,6 +112,11 @@ class RegistryController:
             )
         return answers
 
+    async def stop_take(self, booth_id: str, session_id: str) -> list[str]:
+        """StopTake to the booth's cameras; the cameras that received it."""
+        results = await self.registry.booth(booth_id).stop_take(session_id)
+        return sorted(r.camera_id for r in results.values() if r.delivered)
+
 
 @dataclass
 class Service:

@@ -13,7 +13,7 @@ import pytest
 import transport_helpers as th
 
 from cloud_trainer.config import SqliteDatabase
-from cloud_trainer.front_desk import FrontDesk, NoCameras
+from cloud_trainer.front_desk import Conflict, FrontDesk, NoCameras
 from cloud_trainer.repository import Repository
 
 
@@ -50,6 +50,10 @@ class Booth:
                 }
             )
         return answers
+
+    async def stop_take(self, booth_id: str, session_id: str) -> list[str]:
+        self.stopped = session_id
+        return sorted(a["camera_id"] for a in self.agents if a["online"])
 
 
 @pytest.fixture
@@ -142,3 +146,13 @@ async def test_a_background_start_that_fails_fails_the_session_and_nothing_else(
     await asyncio.wait_for(asyncio.gather(*front._starting), 5)  # raises nothing
     s = repo.get_session(sid)
     assert s["state"] == "failed" and "cam0 refused the start: no camera" in s["failure_reason"]
+
+
+async def test_staff_can_end_a_running_take_early_and_only_a_running_one(repo):
+    booth = Booth([agent("cam0"), agent("cam1", online=False, state="offline")])
+    front = desk(repo, booth)
+    sid = th.new_session(repo, cameras=("cam0",))
+    with pytest.raises(Conflict, match="no take to stop: the session is created"):
+        await front.stop(sid)
+    await front.start(sid)
+    assert await front.stop(sid) == ["cam0"] and booth.stopped == sid

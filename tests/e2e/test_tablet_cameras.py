@@ -115,12 +115,15 @@ def test_a_take_that_fails_while_its_page_is_open_offers_start_again(tablet, bro
     start = wait_for(lambda: d.find_elements(By.ID, "start"), 15, "the session page")[0]
     assert start.is_displayed() and start.text == "Start"
     assert not d.find_element(By.ID, "resend").is_displayed()  # nothing to resend yet
+    assert not d.find_element(By.ID, "stop").is_displayed()
     repo.transition(sid, "capturing")
     wait_for(lambda: not start.is_displayed(), 15, "Start to go once the take runs")
+    assert d.find_element(By.ID, "stop").is_displayed()  # the take can be ended early
     repo.fail(sid, "cam0 stopped sending frames")  # while the page is open
     wait_for(
         lambda: start.is_displayed() and start.text == "Start again", 15, "Start again to appear"
     )
+    assert not d.find_element(By.ID, "stop").is_displayed()
     form = d.find_element(By.ID, "start-form")
     assert form.get_attribute("action").endswith(f"/sessions/{sid}/again")
     assert "cam0 stopped sending frames" in d.find_element(By.ID, "failure").text

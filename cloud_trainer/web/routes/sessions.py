@@ -254,6 +254,20 @@ async def start_form(
     return err or RedirectResponse(f"/sessions/{session_id}", status_code=303)
 
 
+@router.post("/sessions/{session_id}/stop", include_in_schema=False)
+async def stop_form(
+    session_id: str,
+    request: Request,
+    services: ServicesDep,
+    staff: StaffPage,
+    csrf: Annotated[str | None, Form()] = None,
+):
+    err = await _action(
+        request, services, staff, session_id, csrf, lambda: services.desk.stop(session_id)
+    )
+    return err or RedirectResponse(f"/sessions/{session_id}", status_code=303)
+
+
 @router.post("/sessions/{session_id}/again", include_in_schema=False)
 async def again_form(
     session_id: str,
@@ -388,6 +402,19 @@ async def start(session_id: str, services: ServicesDep, staff: StaffApi):
     return {
         "session": session_view(services, services.repo.get_session(session_id)),
         "agents": acks,
+    }
+
+
+@router.post(
+    "/api/sessions/{session_id}/stop",
+    summary="End the take early on every camera; what was filmed is the take",
+    responses=api_errors(401, 403, 404, 409),
+)
+async def stop(session_id: str, services: ServicesDep, staff: StaffApi):
+    told = await _api_call(services, session_id, lambda: services.desk.stop(session_id))
+    return {
+        "session": session_view(services, services.repo.get_session(session_id)),
+        "cameras": told,
     }
 
 

@@ -39,6 +39,7 @@ function render(v) {
     document.getElementById('start').textContent = again ? 'Start again' : 'Start';
   }
   const rf = document.getElementById('resend-form'); if (rf) rf.hidden = v.state !== 'delivered';
+  const stf = document.getElementById('stop-form'); if (stf && !stf.dataset.sent) stf.hidden = v.state !== 'capturing';
 }
 function runCountdown(atSec) {
   const el = document.getElementById('countdown'); el.hidden = false;
