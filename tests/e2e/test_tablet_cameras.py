@@ -71,16 +71,22 @@ def tablet(tmp_path: Path, get_free_port):
     made.repo.close()
 
 
-def test_the_camera_panel_draws_the_live_pose_and_shows_agent_text_as_text(tablet, browser):
+def log_in(d, tablet) -> None:
     from selenium.webdriver.common.by import By
 
-    sid = th.new_session(tablet.repo, booth_id=tablet.settings.booth.id)
-    d = browser
     d.get(f"{tablet.base_url}/login")
     d.find_element(By.ID, "username").send_keys(staff_app.STAFF)
     d.find_element(By.ID, "password").send_keys(staff_app.PASSWORD)
     d.find_element(By.ID, "login").click()
     wait_for(lambda: d.find_elements(By.ID, "new-session"), 15, "the tablet home page")
+
+
+def test_the_camera_panel_draws_the_live_pose_and_shows_agent_text_as_text(tablet, browser):
+    from selenium.webdriver.common.by import By
+
+    sid = th.new_session(tablet.repo, booth_id=tablet.settings.booth.id)
+    d = browser
+    log_in(d, tablet)
     d.get(f"{tablet.base_url}/sessions/{sid}")
     lines = wait_for(
         lambda: d.find_elements(By.CSS_SELECTOR, "#agents svg.pose line"), 15, "the live pose"
@@ -102,11 +108,7 @@ def test_a_take_that_fails_while_its_page_is_open_offers_start_again(tablet, bro
     repo = tablet.repo
     sid = th.new_session(repo, booth_id=tablet.settings.booth.id)
     d = browser
-    d.get(f"{tablet.base_url}/login")
-    d.find_element(By.ID, "username").send_keys(staff_app.STAFF)
-    d.find_element(By.ID, "password").send_keys(staff_app.PASSWORD)
-    d.find_element(By.ID, "login").click()
-    wait_for(lambda: d.find_elements(By.ID, "new-session"), 15, "the tablet home page")
+    log_in(d, tablet)
     # The home page stays live: a session another tablet starts is announced.
     assert not d.find_element(By.ID, "home-new").is_displayed()
     th.new_session(repo, booth_id=tablet.settings.booth.id)

@@ -7,6 +7,7 @@ import contextlib
 import json
 import time
 from datetime import datetime
+from functools import partial
 from typing import Annotated, Any
 from zoneinfo import ZoneInfo
 
@@ -235,6 +236,12 @@ async def _action(request, services, staff, session_id, csrf, fn):
     return None
 
 
+async def _then_page(request, services, staff, session_id, csrf, fn):
+    """A tablet form's action, then back to the session's page (or the page with why not)."""
+    err = await _action(request, services, staff, session_id, csrf, fn)
+    return err or RedirectResponse(f"/sessions/{session_id}", status_code=303)
+
+
 @router.post("/sessions/{session_id}/start", include_in_schema=False)
 async def start_form(
     session_id: str,
@@ -243,15 +250,8 @@ async def start_form(
     staff: StaffPage,
     csrf: Annotated[str | None, Form()] = None,
 ):
-    err = await _action(
-        request,
-        services,
-        staff,
-        session_id,
-        csrf,
-        lambda: services.desk.start(session_id, wait=False),
-    )
-    return err or RedirectResponse(f"/sessions/{session_id}", status_code=303)
+    start = partial(services.desk.start, session_id, wait=False)
+    return await _then_page(request, services, staff, session_id, csrf, start)
 
 
 @router.post("/sessions/{session_id}/stop", include_in_schema=False)
@@ -262,10 +262,8 @@ async def stop_form(
     staff: StaffPage,
     csrf: Annotated[str | None, Form()] = None,
 ):
-    err = await _action(
-        request, services, staff, session_id, csrf, lambda: services.desk.stop(session_id)
-    )
-    return err or RedirectResponse(f"/sessions/{session_id}", status_code=303)
+    stop = partial(services.desk.stop, session_id)
+    return await _then_page(request, services, staff, session_id, csrf, stop)
 
 
 @router.post("/sessions/{session_id}/again", include_in_schema=False)
@@ -303,15 +301,8 @@ async def resend_form(
     csrf: Annotated[str | None, Form()] = None,
     email: Annotated[str, Form()] = "",
 ):
-    err = await _action(
-        request,
-        services,
-        staff,
-        session_id,
-        csrf,
-        lambda: services.desk.resend(session_id, email or None),
-    )
-    return err or RedirectResponse(f"/sessions/{session_id}", status_code=303)
+    resend = partial(services.desk.resend, session_id, email or None)
+    return await _then_page(request, services, staff, session_id, csrf, resend)
 
 
 @router.post("/sessions/{session_id}/delete", include_in_schema=False)
@@ -392,6 +383,11 @@ async def _api_call(services: Services, session_id: str, fn):
         raise HTTPException(409, str(e)) from None
 
 
+def _with_session(services: Services, session_id: str, **answer: Any) -> dict[str, Any]:
+    """A command's answer, with the session as it is now."""
+    return {"session": session_view(services, services.repo.get_session(session_id)), **answer}
+
+
 @router.post(
     "/api/sessions/{session_id}/start",
     summary="Start the take on every camera of the booth",
@@ -399,10 +395,7 @@ async def _api_call(services: Services, session_id: str, fn):
 )
 async def start(session_id: str, services: ServicesDep, staff: StaffApi):
     acks = await _api_call(services, session_id, lambda: services.desk.start(session_id))
-    return {
-        "session": session_view(services, services.repo.get_session(session_id)),
-        "agents": acks,
-    }
+    return _with_session(services, session_id, agents=acks)
 
 
 @router.post(
@@ -412,10 +405,7 @@ async def start(session_id: str, services: ServicesDep, staff: StaffApi):
 )
 async def stop(session_id: str, services: ServicesDep, staff: StaffApi):
     told = await _api_call(services, session_id, lambda: services.desk.stop(session_id))
-    return {
-        "session": session_view(services, services.repo.get_session(session_id)),
-        "cameras": told,
-    }
+    return _with_session(services, session_id, cameras=told)
 
 
 @router.post(
