@@ -21,6 +21,7 @@ from sqlalchemy import Connection, and_, select, update
 
 from cloud_trainer.repository.counters import EMAILS, add_counts
 from cloud_trainer.repository.schema import attendees, links, outbox, sessions
+from cloud_trainer.repository.sessions import set_attendee_email
 from cloud_trainer.session import State
 
 PENDING, SENDING, SENT, FAILED, BOUNCED = "pending", "sending", "sent", "failed", "bounced"
@@ -94,12 +95,7 @@ class OutboxRepo:
         """
         now = time.time() if now is None else now
         with self.engine.begin() as conn:
-            attendee = conn.execute(
-                select(sessions.c.attendee_id).where(sessions.c.id == session_id)
-            ).scalar_one()
-            conn.execute(
-                update(attendees).where(attendees.c.id == attendee).values(email=new_address)
-            )
+            set_attendee_email(conn, session_id, new_address)
             conn.execute(
                 update(links)
                 .where(links.c.session_id == session_id, links.c.revoked_at.is_(None))

@@ -196,11 +196,8 @@ class SessionsRepo:
             raise SessionNotFound(f"unknown session {session_id}")
 
     def update_attendee_email(self, session_id: str, email: str) -> None:
-        s = self.get_session(session_id)
         with self.engine.begin() as conn:
-            conn.execute(
-                update(attendees).where(attendees.c.id == s["attendee_id"]).values(email=email)
-            )
+            set_attendee_email(conn, session_id, email)
 
     def session_events(self, session_id: str) -> list[dict[str, Any]]:
         with self.engine.connect() as conn:
@@ -246,6 +243,15 @@ def lock_session(conn: Any, session_id: str) -> Any:
     if row is None:
         raise SessionNotFound(f"unknown session {session_id}")
     return row
+
+
+def set_attendee_email(conn: Any, session_id: str, email: str) -> None:
+    """In ``conn``'s transaction: the address of the session's attendee becomes ``email``."""
+    known_id(session_id)
+    attendee = select(sessions.c.attendee_id).where(sessions.c.id == session_id).scalar_subquery()
+    n = conn.execute(update(attendees).where(attendees.c.id == attendee).values(email=email))
+    if n.rowcount == 0:
+        raise SessionNotFound(f"unknown session {session_id}")
 
 
 def delete_session_rows(conn: Any, session_id: str) -> None:
