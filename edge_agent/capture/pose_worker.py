@@ -19,7 +19,7 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -143,7 +143,7 @@ def _count(
     return pose
 
 
-def estimate_pose(
+def _estimate(
     backend: PoseBackend, jpeg: bytes, seq: int, counters: PoseCounters, where: str
 ) -> tuple[np.ndarray, bool] | None:
     """Decode and pose one frame; count (and log the first of) any failure. Never raises."""
@@ -222,7 +222,7 @@ class PoseWorker:
             t0 = time.monotonic_ns()
             if self._first_ns is None:
                 self._first_ns = t0
-            pose = estimate_pose(backend, frame.jpeg, frame.seq, counters, self.name)
+            pose = _estimate(backend, frame.jpeg, frame.seq, counters, self.name)
             t1 = time.monotonic_ns()
             counters.busy_s += (t1 - t0) / 1e9
             self._last_ns = t1
@@ -253,12 +253,38 @@ def catch_up(
 ) -> CatchUpResult:
     """Pose every recorded frame that has no pose yet, reading the finished segments in order.
 
+    A segment that cannot be read back is reported in the result and skipped.
+    """
+    result = CatchUpResult()
+
+    def frames() -> Iterator[tuple[int, bytes]]:
+        for info in segments:
+            try:
+                yield from read_segment_frames(info)
+            except (OSError, ValueError, av.FFmpegError) as e:
+                result.error = f"cannot read back {info.path.name}: {e}"
+                log.error("%s: %s", name, result.error)
+
+    return pose_frames(frames(), store, backend, stop=stop, name=name, result=result)
+
+
+def pose_frames(
+    frames: Iterable[tuple[int, bytes]],
+    store: PoseStore,
+    backend: PoseBackend,
+    *,
+    stop: threading.Event | None = None,
+    name: str = "catch-up",
+    result: CatchUpResult | None = None,
+) -> CatchUpResult:
+    """Pose each ``(seq, jpeg)`` that has no pose in ``store`` yet; store the poses (CATCH_UP).
+
     A backend that poses frames independently on several devices at once (its
     ``parallelism``, e.g. an EdgeTPU pool) gets that many frames in flight; poses are
     still stored in frame order, by this thread.
     """
     counters = PoseCounters()
-    result = CatchUpResult()
+    result = result if result is not None else CatchUpResult()
     started = time.monotonic()
     # The live worker's tracking state belongs to another frame. Within the pass, a
     # tracking backend re-detects by itself when a skipped run made its ROI stale.
@@ -274,20 +300,15 @@ def catch_up(
             result.posed += 1
 
     with ThreadPoolExecutor(workers, thread_name_prefix=name) as pool:
-        for info in segments:
-            try:
-                for seq, jpeg in read_segment_frames(info):
-                    if stop is not None and stop.is_set():
-                        result.error = "catch-up interrupted"
-                        break
-                    if seq in store:
-                        continue
-                    in_flight.append((seq, pool.submit(_attempt, backend, jpeg)))
-                    while len(in_flight) >= 2 * workers:  # bounded: a frame or two per device
-                        store_oldest()
-            except (OSError, ValueError, av.FFmpegError) as e:
-                result.error = f"cannot read back {info.path.name}: {e}"
-                log.error("%s: %s", name, result.error)
+        for seq, jpeg in frames:
+            if stop is not None and stop.is_set():
+                result.error = "catch-up interrupted"
+                break
+            if seq in store:
+                continue
+            in_flight.append((seq, pool.submit(_attempt, backend, jpeg)))
+            while len(in_flight) >= 2 * workers:  # bounded: a frame or two per device
+                store_oldest()
         while in_flight:
             store_oldest()
     result.corrupt, result.errors = counters.corrupt, counters.errors

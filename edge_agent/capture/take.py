@@ -26,7 +26,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,12 +40,11 @@ from edge_agent.capture.pose_worker import (
     CATCH_UP,
     LIVE,
     CatchUpResult,
-    PoseCounters,
     PoseStore,
     PoseWorker,
     catch_up,
-    estimate_pose,
     lower_thread_priority,
+    pose_frames,
 )
 from edge_agent.capture.segments import SegmentRecorder
 from edge_agent.capture.sources import CameraSource
@@ -649,18 +648,17 @@ def recover_poses(
     result: list[bool] = []
 
     def run() -> None:
-        lower_thread_priority()
-        name = f"recover-poses-{directory.name}"
-        backend = pose_factory()
+        lower_thread_priority()  # and the pose threads it starts
         store, stamps = PoseStore(), {}
-        counters = PoseCounters()
-        try:
-            backend.reset()
+
+        def seen() -> Iterator[tuple[int, bytes]]:
             for frame in frames:
                 stamps[frame.seq] = frame.capture_ts_ns
-                pose = estimate_pose(backend, frame.jpeg, frame.seq, counters, name)
-                if pose is not None:
-                    store.put(frame.seq, pose[0], pose[1], CATCH_UP)
+                yield frame.seq, frame.jpeg
+
+        backend = pose_factory()
+        try:
+            posed = pose_frames(seen(), store, backend, name=f"recover-poses-{directory.name}")
         finally:
             backend.close()
         if not stamps:
@@ -677,7 +675,7 @@ def recover_poses(
             "%s: posed %d recorded frames of a take its agent did not finish (%d failed)",
             directory,
             len(store),
-            counters.corrupt + counters.errors,
+            posed.corrupt + posed.errors,
         )
         result.append(True)
 

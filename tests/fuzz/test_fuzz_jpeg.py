@@ -30,7 +30,7 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from cloud_trainer.ingest.server import check_jpeg
-from edge_agent.capture.pose_worker import PoseCounters, estimate_pose
+from edge_agent.capture.pose_worker import PoseCounters, _estimate
 from edge_agent.capture.segments import SegmentRecorder, read_segment_frames
 from edge_agent.errors import BadInput
 from edge_agent.frames import CapturedFrame, jpeg_looks_complete
@@ -177,7 +177,7 @@ class _RecordingBackend:
 def test_the_pose_worker_counts_corrupt_frames_and_never_raises(frames: list[bytes]) -> None:
     assume(all(not MAX_DECLARED_PX < declared_pixels(f) <= MAX_JPEG_PIXELS for f in frames))
     backend, counters = _RecordingBackend(), PoseCounters()
-    results = [estimate_pose(backend, f, seq, counters, "fuzz") for seq, f in enumerate(frames)]
+    results = [_estimate(backend, f, seq, counters, "fuzz") for seq, f in enumerate(frames)]
     assert counters.corrupt + backend.frames == len(frames)
     assert sum(r is None for r in results) == counters.corrupt + counters.errors
 
@@ -200,7 +200,7 @@ def test_the_cpu_backend_poses_garbage_body_frames_without_raising() -> None:
         counters = PoseCounters()
         for seq in range(6):
             body = rng.integers(0, 256, int(rng.integers(0, 3000)), dtype=np.uint8).tobytes()
-            out = estimate_pose(backend, header + body + EOI, seq, counters, "fuzz")
+            out = _estimate(backend, header + body + EOI, seq, counters, "fuzz")
             if out is not None:
                 skeleton, _detected = out
                 assert skeleton.shape == (23, 3) and np.isfinite(skeleton).all()
