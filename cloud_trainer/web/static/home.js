@@ -1,11 +1,5 @@
 // The tablet's home page stays live: which cameras are online (staff decide on Continue
-// by it) and how today's sessions are doing. Text from agents goes in as text.
-function agentLine(x) {
-  const d = document.createElement('div'); d.className = 'agent ' + (x.online ? 'online' : 'offline');
-  d.textContent = [x.camera_id, x.state, x.fps ? Math.round(x.fps) + ' fps' : '', x.upload_behind ? 'upload behind' : '', x.error].filter(Boolean).join(' · ');
-  for (const w of x.warnings || []) { const p = document.createElement('div'); p.className = 'warn'; p.textContent = w; d.append(p); }
-  return d;
-}
+// by it) and how today's sessions are doing. The cameras are drawn by agents.js.
 async function refresh() {
   try {
     const a = await fetch('/api/agents', {credentials: 'same-origin'});
@@ -13,7 +7,7 @@ async function refresh() {
     if (a.ok) {
       const list = await a.json();
       const box = document.getElementById('home-agents');
-      if (list.length) box.replaceChildren(...list.map(agentLine));
+      if (list.length) box.replaceChildren(...list.map(x => agentCard(x)));
       document.getElementById('online-count').textContent = list.filter(x => x.online).length + ' online';
     }
     const r = await fetch('/api/sessions', {credentials: 'same-origin'});

@@ -47,35 +47,11 @@ function runCountdown(atSec) {
   tick();
 }
 const LIMBS = JSON.parse(root.dataset.limbs);
-const SVG = 'http://www.w3.org/2000/svg';
-// Text from agents goes in as text, never as HTML.
+// Text from agents goes in as text, never as HTML (agents.js).
 function renderAgents(list) {
   const box = document.getElementById('agents');
-  box.replaceChildren(...list.map(agentCard));
+  box.replaceChildren(...list.map(x => agentCard(x, LIMBS)));
   if (!list.length) { const d = document.createElement('div'); d.className = 'agent offline'; d.textContent = 'no camera online'; box.append(d); }
-}
-function agentCard(x) {
-  const d = document.createElement('div'); d.className = 'agent ' + (x.online ? 'online' : 'offline'); d.dataset.camera = x.camera_id;
-  const line = document.createElement('span');
-  line.textContent = [x.camera_id, x.state, x.fps ? Math.round(x.fps) + ' fps' : '', x.capture_dropped ? 'drops ' + x.capture_dropped : '', x.upload_behind ? 'upload behind' : '', x.error].filter(Boolean).join(' · ');
-  d.append(line);
-  for (const w of x.warnings || []) { const p = document.createElement('div'); p.className = 'warn'; p.textContent = w; d.append(p); }
-  if (x.live_pose) d.append(poseFigure(x.live_pose));
-  return d;
-}
-// The camera's newest pose, as the board tracks it: staff see at once whether the
-// dancer is in frame and followed.
-function poseFigure(kp) {
-  const svg = document.createElementNS(SVG, 'svg');
-  svg.setAttribute('viewBox', '0 0 160 120'); svg.setAttribute('class', 'pose'); svg.setAttribute('role', 'img'); svg.setAttribute('aria-label', 'live pose');
-  for (const [a, b] of LIMBS) {
-    const p = kp[a], q = kp[b];
-    if (!p || !q || !(p[2] > 0) || !(q[2] > 0)) continue;
-    const l = document.createElementNS(SVG, 'line');
-    l.setAttribute('x1', p[0] * 160); l.setAttribute('y1', p[1] * 120); l.setAttribute('x2', q[0] * 160); l.setAttribute('y2', q[1] * 120);
-    svg.append(l);
-  }
-  return svg;
 }
 let failures = 0;
 async function poll() {

@@ -1,0 +1,27 @@
+// One camera as the tablet shows it (the home page and the session page): its state,
+// rate, drops, upload and error as text (never as HTML: agents' text is theirs), its
+// warnings, and with ``limbs`` (the skeleton's bones) its newest pose.
+const SVG = 'http://www.w3.org/2000/svg';
+function agentCard(x, limbs) {
+  const d = document.createElement('div'); d.className = 'agent ' + (x.online ? 'online' : 'offline'); d.dataset.camera = x.camera_id;
+  const line = document.createElement('span');
+  line.textContent = [x.camera_id, x.state, x.fps ? Math.round(x.fps) + ' fps' : '', x.capture_dropped ? 'drops ' + x.capture_dropped : '', x.upload_behind ? 'upload behind' : '', x.error].filter(Boolean).join(' · ');
+  d.append(line);
+  for (const w of x.warnings || []) { const p = document.createElement('div'); p.className = 'warn'; p.textContent = w; d.append(p); }
+  if (x.live_pose && limbs) d.append(poseFigure(x.live_pose, limbs));
+  return d;
+}
+// The camera's newest pose, as the board tracks it: staff see at once whether the
+// dancer is in frame and followed.
+function poseFigure(kp, limbs) {
+  const svg = document.createElementNS(SVG, 'svg');
+  svg.setAttribute('viewBox', '0 0 160 120'); svg.setAttribute('class', 'pose'); svg.setAttribute('role', 'img'); svg.setAttribute('aria-label', 'live pose');
+  for (const [a, b] of limbs) {
+    const p = kp[a], q = kp[b];
+    if (!p || !q || !(p[2] > 0) || !(q[2] > 0)) continue;
+    const l = document.createElementNS(SVG, 'line');
+    l.setAttribute('x1', p[0] * 160); l.setAttribute('y1', p[1] * 120); l.setAttribute('x2', q[0] * 160); l.setAttribute('y2', q[1] * 120);
+    svg.append(l);
+  }
+  return svg;
+}
