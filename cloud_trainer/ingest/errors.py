@@ -57,6 +57,12 @@ class NotAccepting(BoothError):
 class SessionDeleted(SessionNotFound):
     """A session its attendee deleted: the board must drop its copy, not offer it again."""
 
+    @classmethod
+    def of(cls, session_id: str) -> SessionDeleted:
+        return cls(
+            f"session {session_id} was deleted by its attendee; drop this take and its recording"
+        )
+
 
 class StorageUnavailable(BoothError):
     """The blob store or the database failed; the agent should retry later."""

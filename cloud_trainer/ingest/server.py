@@ -295,10 +295,7 @@ class IngestStream:
                     self.service.store.delete(key)
                 except (*_STORE_REFUSALS, OSError) as e:
                     log.error("shard %s of a deleted session could not be removed: %s", key, e)
-            raise SessionDeleted(
-                f"session {self.session_id} was deleted by its attendee; drop this take "
-                "and its recording"
-            ) from None
+            raise SessionDeleted.of(self.session_id) from None
         return durable, pose_durable
 
     async def _on_durable(self, durable_seq: int, pose_durable_seq: int) -> None:
@@ -412,9 +409,7 @@ class IngestService(booth_pb2_grpc.IngestServicer):
         found = await asyncio.to_thread(self.repo.session_booth_and_cameras, sid)
         if found is None:
             if await asyncio.to_thread(self.repo.session_deleted, sid):
-                raise SessionDeleted(
-                    f"session {sid} was deleted by its attendee; drop this take and its recording"
-                )
+                raise SessionDeleted.of(sid)
             raise SessionNotFound(f"unknown session {sid!r}; sessions are created by the booth API")
         booth_id, state, cameras = found
         if booth_id != hello.booth_id:
