@@ -286,10 +286,8 @@ async def again_form(
     if err:
         return err
     (new_id,) = fresh
-    err = await _action(
-        request, services, staff, new_id, csrf, lambda: services.desk.start(new_id, wait=False)
-    )
-    return err or RedirectResponse(f"/sessions/{new_id}", status_code=303)
+    start = partial(services.desk.start, new_id, wait=False)
+    return await _then_page(request, services, staff, new_id, csrf, start)
 
 
 @router.post("/sessions/{session_id}/resend", include_in_schema=False)
