@@ -187,21 +187,6 @@ class _VideoInfo:
     height: int
 
 
-def _quarter_turns(frame: Any) -> int:
-    """Counter-clockwise quarter turns that show ``frame`` upright, as players do.
-
-    Phones store the sensor's landscape buffer and a display rotation (PyAV's
-    ``frame.rotation``, in degrees); ignored, a portrait dance lies on its side.
-    """
-    return round((getattr(frame, "rotation", 0) or 0) / 90) % 4
-
-
-def _upright(frame: Any) -> np.ndarray:
-    rgb = frame.to_ndarray(format="rgb24")
-    turns = _quarter_turns(frame)
-    return np.ascontiguousarray(np.rot90(rgb, turns)) if turns else rgb
-
-
 def _open_video(path: Path) -> Any:
     """The PyAV container of a video file, or BadInput saying why it is not one."""
     import av
@@ -222,6 +207,8 @@ def _video_info(path: Path) -> _VideoInfo:
     """Frame rate and the size a player shows (the first frame says the rotation)."""
     import av
 
+    from cloud_trainer.render import quarter_turns
+
     container = _open_video(path)
     try:
         v = container.streams.video[0]
@@ -234,7 +221,7 @@ def _video_info(path: Path) -> _VideoInfo:
             first = None  # _decode reports a damaged file with its error
     finally:
         container.close()
-    if first is not None and _quarter_turns(first) % 2:
+    if first is not None and quarter_turns(first) % 2:
         width, height = height, width
     return _VideoInfo(fps, width, height)
 
@@ -242,10 +229,12 @@ def _video_info(path: Path) -> _VideoInfo:
 def _decode(path: Path) -> Iterator[np.ndarray]:
     import av
 
+    from cloud_trainer.render import upright_rgb
+
     container = _open_video(path)
     try:
         for frame in container.decode(video=0):
-            yield _upright(frame)
+            yield upright_rgb(frame)
     except av.error.FFmpegError as e:
         raise BadInput(f"{path} is damaged: decoding stopped at an error ({e})") from None
     finally:

@@ -523,8 +523,28 @@ def probe(path: str | Path) -> dict[str, Any]:
         raise BadInput(f"{path} is not a readable video: {e}") from None
 
 
+def quarter_turns(frame: Any) -> int:
+    """Counter-clockwise quarter turns that show ``frame`` upright, as players do.
+
+    Phones store the sensor's landscape buffer and a display rotation (PyAV's
+    ``frame.rotation``, in degrees); ignored, a portrait dance lies on its side.
+    """
+    return round((getattr(frame, "rotation", 0) or 0) / 90) % 4
+
+
+def upright_rgb(frame: Any) -> np.ndarray:
+    """A decoded frame as RGB, turned the way a player shows it."""
+    rgb = frame.to_ndarray(format="rgb24")
+    turns = quarter_turns(frame)
+    return np.ascontiguousarray(np.rot90(rgb, turns)) if turns else rgb
+
+
 def iter_decoded(path: str | Path, indices: Iterable[int] | None = None) -> Iterator[np.ndarray]:
-    """RGB frames of a video, optionally only those at increasing ``indices``."""
+    """RGB frames of a video, upright, optionally only those at increasing ``indices``.
+
+    Upright as ``reference add`` read them: a phone's portrait dance keeps the size its
+    poses and framing were measured at.
+    """
     wanted = None if indices is None else iter(indices)
     target = next(wanted, None) if wanted is not None else None
     if wanted is not None and target is None:
@@ -532,11 +552,11 @@ def iter_decoded(path: str | Path, indices: Iterable[int] | None = None) -> Iter
     with av.open(str(path)) as c:
         for i, frame in enumerate(c.decode(video=0)):
             if wanted is None:
-                yield frame.to_ndarray(format="rgb24")
+                yield upright_rgb(frame)
                 continue
             if i < target:
                 continue
-            rgb = frame.to_ndarray(format="rgb24")
+            rgb = upright_rgb(frame)
             while target is not None and target == i:
                 yield rgb
                 target = next(wanted, None)

@@ -165,6 +165,10 @@ def test_a_phone_video_with_a_display_rotation_is_read_upright(tmp_path):
     assert seen.mean() > 0.8
     nose_above_ankles = p[seen, 0, 1] - (p[seen, 15, 1] + p[seen, 16, 1]) / 2
     assert np.median(nose_above_ankles) < -100  # upright: the head far above the feet
+    # The side-by-side reads the dancer's frames again: upright too, at the size the
+    # poses and framing were measured at (they came out sideways, and the render failed).
+    frames = list(_library(tmp_path / "blobs").source_frames(ref))
+    assert len(frames) == len(ref) and frames[0].shape == (portrait[1], portrait[0], 3)
 
 
 def test_a_video_without_a_person_is_refused(videos, tmp_path):
