@@ -50,7 +50,7 @@ import numpy as np
 
 from cloud_trainer.config import BoothConfig
 from cloud_trainer.repository import Repository, SessionNotFound
-from cloud_trainer.repository.jobs import JobBusy, JobNotFound
+from cloud_trainer.repository.jobs import FINISHED, JobBusy, JobNotFound, JobState
 from cloud_trainer.repository.sessions import known_id
 from cloud_trainer.session import State
 from edge_agent import skeleton as sk
@@ -290,6 +290,7 @@ class Worker:
                 "job already ended; acknowledged again",
                 extra={"job_id": job_id, "state": session["state"]},
             )
+            self._settle_job(session, job_id)
             lease.ack()
             return False
         if lease.exhausted:
@@ -314,6 +315,7 @@ class Worker:
             return False
         except BoothError as e:  # JobFinished: a redelivery of a job that already ended
             log.info("job already ended", extra={"job_id": job_id, "reason": str(e)})
+            self._settle_session(session, job_id)
             lease.ack()
             return False
         from cloud_trainer.train import Interrupted  # TensorFlow: only once a job runs
@@ -397,11 +399,47 @@ class Worker:
         return False
 
     def _fail(self, session_id: str, job_id: str, reason: str) -> None:
+        # The job first: should the session's write not happen (the worker dies, the
+        # database blips), the redelivery finds the job failed and _settle_session
+        # carries its reason over, instead of training again.
         try:
             self.repo.fail_job(job_id, reason)
             self.repo.fail(session_id, reason)
         except (SessionNotFound, JobNotFound):  # deleted meanwhile: nothing left to mark
             self._forget(session_id, job_id)
+
+    # A job's row and its session's state are written one after the other, not in one
+    # transaction; a worker that died (or a write that failed) between the two leaves
+    # one of them behind. A redelivery of that job settles the one left behind, so the
+    # attendee's page never waits on a job that ended and the stalled-job sweep does not
+    # publish a finished job again and again.
+
+    def _settle_job(self, session: dict[str, Any], job_id: str) -> None:
+        """The session ended (delivered or failed): end its job's row as well if still open."""
+        try:
+            job = self.repo.get_job(job_id)
+            if JobState(job["state"]) in FINISHED:
+                return
+            if session["state"] == State.DELIVERED.value:
+                self.repo.finish_job(job_id)
+            else:
+                self.repo.fail_job(job_id, session.get("failure_reason") or "the session failed")
+        except (SessionNotFound, JobNotFound):
+            return
+        log.warning(
+            "job row settled after its session ended",
+            extra={"job_id": job_id, "state": session["state"]},
+        )
+
+    def _settle_session(self, session: dict[str, Any], job_id: str) -> None:
+        """The job ended: a session still waiting on it fails with the job's own reason."""
+        try:
+            job = self.repo.get_job(job_id)
+            if job["state"] != JobState.FAILED.value:
+                return  # done: its session was delivered before the job row was ended
+            self.repo.fail(session["id"], job["error"] or "the job failed")
+        except (SessionNotFound, JobNotFound):
+            return
 
     def _forget(self, session_id: str, job_id: str) -> None:
         """The session was deleted: remove what this worker wrote under its prefix.

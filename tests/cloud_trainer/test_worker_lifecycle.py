@@ -355,6 +355,62 @@ def test_a_second_delivery_while_the_jobs_worker_lives_is_dropped(booth):
     assert not work_dir_of(worker, sid).exists()
 
 
+def test_a_session_whose_failure_was_not_written_fails_with_the_jobs_reason_next_delivery(
+    booth,
+):
+    """Failing a job writes the job, then the session. A worker that dies, or a database
+    that blips, between the two left the session waiting on a failed job for good (each
+    delivery found the job ended and acknowledged it)."""
+    worker, _ = booth
+    sid = uploaded_session(worker, frames=False)
+    real_fail = worker.repo.fail
+
+    def fail_once(session_id: str, reason: str) -> None:
+        worker.repo.fail = real_fail
+        raise RuntimeError("database connection reset")
+
+    worker.repo.fail = fail_once
+    lease = worker.queue.receive(timeout_s=5.0)
+    with pytest.raises(RuntimeError, match="connection reset"):
+        worker.handle(lease)
+    assert worker.repo.job_for_session(sid)["state"] == "failed"
+    assert worker.repo.get_session(sid)["state"] == State.TRAINING.value  # left waiting
+    lease.release()  # unacknowledged: as its lease expiring would, the job comes back
+
+    assert worker.run_once(timeout_s=5.0) is True
+    session = worker.repo.get_session(sid)
+    assert session["state"] == State.FAILED.value
+    assert "stored no frames" in session["failure_reason"]
+    assert worker.queue.receive(timeout_s=0.2) is None
+
+
+def test_a_job_whose_worker_died_after_the_delivery_is_ended_not_queued_forever(booth):
+    """The delivery commits, then the job's row is ended: a worker killed in between left
+    the job 'running', and the stalled-job sweep published it again every round."""
+    from cloud_trainer.deliver import Deliverer
+    from cloud_trainer.dispatch import republish_stalled
+
+    worker, _ = booth
+    sid = uploaded_session(worker, frames=False)
+    job_id = worker.repo.job_for_session(sid)["id"]
+    worker.repo.start_job(job_id, "killed-worker")
+    worker.repo.transition(sid, State.TRAINING)
+    worker.repo.transition(sid, State.RENDERING)
+    Deliverer(worker.repo, worker.store, worker.settings).deliver(
+        sid, video_key=f"sessions/{sid}/video/final.mp4", poster_key=f"sessions/{sid}/p.jpg"
+    )
+    later = time.time() + 3600
+    assert republish_stalled(worker.repo, worker.queue, quiet_s=60.0, now=later) == 1
+
+    assert worker.run_once(timeout_s=5.0) is True
+    job = worker.repo.job_for_session(sid)
+    assert job["state"] == "done" and job["attempts"] == 1  # ended, not run again
+    assert worker.repo.get_session(sid)["state"] == State.DELIVERED.value
+    assert len(worker.repo.emails(sid)) == 1  # the attendee's one email, not sent again
+    assert republish_stalled(worker.repo, worker.queue, quiet_s=60.0, now=later + 3600) == 0
+    assert worker.queue.receive(timeout_s=0.2) is None
+
+
 def test_a_worker_whose_job_another_worker_claimed_stops_without_settling_it(booth):
     worker, _ = booth
     sid = uploaded_session(worker)
