@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -118,6 +119,31 @@ class RegistryController:
         return sorted(r.camera_id for r in results.values() if r.delivered)
 
 
+def listen_socket(host: str, port: int, what: str) -> socket.socket:
+    """A TCP socket bound to ``host:port`` and listening, or BoothError saying why not."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family, kind, proto, _, address = infos[0]
+        sock = socket.socket(family, kind, proto)
+    except (OSError, OverflowError) as e:
+        raise BoothError(f"{what} cannot listen on {host}:{port}: {_reason(e)}") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as e:
+        sock.close()
+        raise BoothError(
+            f"{what} cannot listen on {host}:{port}: {_reason(e)} (is another booth running?)"
+        ) from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def _reason(e: BaseException) -> str:
+    return getattr(e, "strerror", None) or str(e) or type(e).__name__
+
+
 @dataclass
 class Service:
     settings: BoothConfig
@@ -140,7 +166,16 @@ class Service:
         from cloud_trainer.web import create_app
 
         cfg = self.settings
-        refuse_placeholders(cfg, ("web",))
+        refuse_placeholders(cfg, ("web", "mail"))  # this process sends the outbox too
+        if not cfg.web.staff:
+            log.warning(
+                "web.staff is empty: nobody can log in to start a session "
+                "(add one with `booth staff hash-password`)"
+            )
+        http_port = cfg.web.port if self.http_port is None else self.http_port
+        # Bound here, first, not by uvicorn: a port in use is one line (exit 2) before
+        # anything started, where uvicorn logs a traceback and exits the process itself.
+        http_socket = listen_socket(cfg.web.host, http_port, "the web server")
         repo = Repository.from_config(cfg.database)
         store = create_blob_store(cfg.storage)
         queue = create_job_queue(cfg.queue)
@@ -167,7 +202,7 @@ class Service:
             uvicorn.Config(
                 app,
                 host=cfg.web.host,
-                port=cfg.web.port if self.http_port is None else self.http_port,
+                port=http_port,
                 log_level="warning",
                 lifespan="off",
                 proxy_headers=True,
@@ -180,7 +215,7 @@ class Service:
             target=sender.run_forever, args=(mail_stop,), name="outbox", daemon=True
         )
         mail_thread.start()
-        http_task = asyncio.create_task(server.serve())
+        http_task = asyncio.create_task(server.serve(sockets=[http_socket]))
         while not server.started and not http_task.done():
             await asyncio.sleep(0.05)
         if http_task.done():

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 
 class BoothError(Exception):
     """Base for every error whose message is meant for staff, attendees or ops."""
@@ -13,6 +16,24 @@ class BadInput(BoothError):
 
 class DeviceError(BoothError):
     """A camera, accelerator or disk that is missing or misbehaving."""
+
+
+def make_dirs(path: str | os.PathLike[str], what: str) -> Path:
+    """``mkdir -p`` for a directory the config names: DeviceError saying which and why.
+
+    ``what`` names the setting (``storage.root``), so the one line says what to change.
+    """
+    p = Path(path)
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        reason = e.strerror or type(e).__name__
+        if isinstance(e, FileExistsError | NotADirectoryError):
+            reason = "a file is in the way (a directory is needed)"
+        raise DeviceError(f"{what} {p} cannot be used: {reason}") from None
+    if not os.access(p, os.W_OK | os.X_OK):
+        raise DeviceError(f"{what} {p} cannot be used: not writable by this user")
+    return p
 
 
 # Ingest's trailing metadata on NOT_FOUND for a session its attendee deleted: the board

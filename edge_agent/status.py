@@ -15,6 +15,8 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from edge_agent.errors import BoothError
+
 log = logging.getLogger(__name__)
 
 
@@ -79,7 +81,14 @@ class StatusServer:
             def log_message(self, fmt: str, *args: Any) -> None:
                 log.debug("status http: " + fmt, *args)
 
-        self._server = ThreadingHTTPServer((host, port), Handler)
+        try:
+            self._server = ThreadingHTTPServer((host, port), Handler)
+        except (OSError, OverflowError) as e:  # in use, not an address here, out of range
+            reason = getattr(e, "strerror", None) or str(e)
+            raise BoothError(
+                f"the status endpoint cannot listen on {host}:{port}: {reason} "
+                "(set status_port to a free port, or 0 for none)"
+            ) from None
         self._server.daemon_threads = True
         self._thread = threading.Thread(
             target=self._server.serve_forever, name="status-http", daemon=True

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from cloud_trainer.queue.base import Lease, register
+from edge_agent.errors import make_dirs
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ class SqliteJobQueue:
         max_attempts: int = 3,
     ):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        make_dirs(self.path.parent, "the folder of queue.path")
         self.visibility_timeout_s = visibility_timeout_s
         self.heartbeat_s = heartbeat_s
         self.max_attempts = max_attempts

@@ -9,6 +9,7 @@ from sqlalchemy import Connection, Engine, Table, create_engine, event, text
 from sqlalchemy.dialects import postgresql, sqlite
 
 from cloud_trainer.repository.schema import metadata
+from edge_agent.errors import make_dirs
 
 _SCHEMA_RE = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 # pg_advisory_xact_lock key for creating the schema: any constant the booth uses for
@@ -18,7 +19,7 @@ _SCHEMA_LOCK_KEY = 0x646E6365
 
 def create_db_engine(cfg) -> Engine:  # cfg: SqliteDatabase | PostgresDatabase
     if cfg.type == "sqlite":
-        cfg.path.parent.mkdir(parents=True, exist_ok=True)
+        make_dirs(cfg.path.parent, "the folder of database.path")
         engine = create_engine(f"sqlite:///{cfg.path}", connect_args={"timeout": 30})
 
         @event.listens_for(engine, "connect")

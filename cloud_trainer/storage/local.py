@@ -28,7 +28,7 @@ from pathlib import Path
 
 from cloud_trainer import signing
 from cloud_trainer.storage.base import BlobNotFound, register, validate_key, validate_prefix
-from edge_agent.errors import BadInput
+from edge_agent.errors import BadInput, make_dirs
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +40,7 @@ _CREATE_RETRIES = 5
 
 class LocalBlobStore:
     def __init__(self, root: str | os.PathLike[str]):
-        self.root = Path(root).absolute()
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.root = make_dirs(Path(root).absolute(), "storage.root")
 
     def __repr__(self) -> str:
         return f"LocalBlobStore({str(self.root)!r})"
