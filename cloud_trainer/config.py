@@ -10,6 +10,7 @@ This module imports nothing heavy: the CLI validates configs on a board too.
 from __future__ import annotations
 
 import hashlib
+import re
 from pathlib import Path
 from typing import Annotated, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -241,10 +242,27 @@ MailConfig = Annotated[OutboxMail | SmtpMail, Field(discriminator="type")]
 # ---- web ---------------------------------------------------------------------------
 
 
+_ARGON2_HASH = re.compile(
+    r"^\$argon2(id|i|d)\$v=\d+\$m=\d+,t=\d+,p=\d+\$[A-Za-z0-9+/]+\$[A-Za-z0-9+/]+$"
+)
+
+
 class StaffUser(Strict):
     username: str
     # An argon2 hash (`booth staff hash-password`); never the password itself.
     password_hash: str
+
+    @field_validator("password_hash")
+    @classmethod
+    def _argon2(cls, v: str) -> str:
+        # A pasted password, or a hash whose $ compose expanded, would pass every check
+        # and then let nobody log in. A placeholder is refused when the app starts.
+        if v.strip().lower() in PLACEHOLDER_SECRETS or _ARGON2_HASH.match(v):
+            return v
+        raise ValueError(
+            "is not an argon2 hash: make one with `booth staff hash-password`"
+            " (in a compose file or .env, write each $ as $$)"
+        )
 
 
 class WebConfig(Strict):
@@ -325,6 +343,12 @@ def placeholder_secrets(cfg: BoothConfig, *, services: tuple[str, ...] = ("web",
     bad = []
     if "web" in services and cfg.web.secret_key.strip().lower() in PLACEHOLDER_SECRETS:
         bad.append("web.secret_key")
+    if "web" in services:
+        bad += [
+            f"web.staff.{i}.password_hash"
+            for i, u in enumerate(cfg.web.staff)
+            if u.password_hash.strip().lower() in PLACEHOLDER_SECRETS
+        ]
     if "agent" in services and cfg.agent.uplink.token.strip().lower() in PLACEHOLDER_SECRETS:
         bad.append("agent.uplink.token")
     if "ingest" in services:

@@ -57,11 +57,22 @@ def _logout(args: argparse.Namespace) -> int:
     from cloud_trainer.repository import Repository
 
     cfg = load_config(args.config) if args.config else BoothConfig()
+    source = args.config or "the embedded defaults"
+    if cfg.database.type == "sqlite" and not cfg.database.path.exists():
+        # Ending no login in a database made just now would pass for success, while the
+        # lost tablet stays logged in to the booth's real one.
+        raise BadInput(
+            f"no booth database at {cfg.database.path} (from {source}): give the booth's "
+            "file with --config FILE or BOOTH_CONFIG"
+        )
+    known = {u.username for u in cfg.web.staff}
     repo = Repository.from_config(cfg.database)
     try:
         for username in args.usernames:
             ended = repo.revoke_staff_logins(cfg.booth.id, username, time.time())
             print(f"{username}: ended {ended} login{'' if ended == 1 else 's'}")
+            if username not in known:
+                print(f"note: {username} is not in web.staff of {source}", file=sys.stderr)
     finally:
         repo.close()
     return 0
