@@ -274,7 +274,34 @@ def _is_union_tag(node: dict, step: str) -> bool:
     return node.get("type") == step
 
 
-def format_validation_error(err: ValidationError, prefix: str = "", data: Any = None) -> str:
+def _union_tags(model: Any, loc: tuple) -> list[str]:
+    """The ``type`` values the union at ``loc`` of ``model`` accepts ([] if not found)."""
+    import typing
+
+    ann: Any = model
+    for step in loc:
+        while typing.get_origin(ann) is Annotated:
+            ann = typing.get_args(ann)[0]
+        if isinstance(step, int):
+            args = typing.get_args(ann)  # list[X] / tuple[X, ...]
+            ann = args[0] if args else None
+        elif isinstance(ann, type) and issubclass(ann, BaseModel) and step in ann.model_fields:
+            ann = ann.model_fields[step].annotation
+        else:
+            return []
+    while typing.get_origin(ann) is Annotated:
+        ann = typing.get_args(ann)[0]
+    tags = []
+    for member in typing.get_args(ann):
+        field = getattr(member, "model_fields", {}).get("type")
+        if field is not None and isinstance(field.default, str):
+            tags.append(field.default)
+    return tags
+
+
+def format_validation_error(
+    err: ValidationError, prefix: str = "", data: Any = None, model: Any = None
+) -> str:
     lines = []
     for e in err.errors():
         loc = _key_path(e["loc"], data)
@@ -286,6 +313,12 @@ def format_validation_error(err: ValidationError, prefix: str = "", data: Any = 
         elif e["type"] == "union_tag_invalid":
             key = f"{key}.type"
             msg = f"unknown type {e['input'].get('type')!r}; expected one of {e['ctx']['expected_tags']}"
+        elif e["type"] == "union_tag_not_found":
+            # `storage: {root: ...}` without `type: local`: say which key, and its choices.
+            key = f"{key}.type"
+            tags = _union_tags(model, tuple(e["loc"])) if model is not None else []
+            choices = ", ".join(repr(t) for t in tags) or "see `booth config example`"
+            msg = f"missing: this section needs its type ({choices})"
         lines.append(f"{key}: {msg}")
     return "\n".join(lines)
 
@@ -374,7 +407,7 @@ def parse_model(data: Any, model: type[M], *, source: str = "config", prefix: st
         return model.model_validate(data)
     except ValidationError as e:
         raise ConfigError(
-            f"{source}: invalid:\n{format_validation_error(e, prefix, data)}"
+            f"{source}: invalid:\n{format_validation_error(e, prefix, data, model)}"
         ) from None
 
 

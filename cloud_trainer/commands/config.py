@@ -7,7 +7,9 @@ import sys
 
 EXAMPLE = """\
 # dancebooth config. Every key is optional; these are the embedded defaults,
-# which run a whole booth on one machine (SQLite, local blobs, maildir).
+# which run a whole booth on one machine (SQLite, local blobs, maildir). A section
+# you do write that picks a backend (source, pose, storage, database, queue, mail)
+# needs its `type:` line.
 booth:
   id: booth-1
   name: dancebooth

@@ -199,11 +199,37 @@ def _bind(agent: AgentIdentity) -> Callable[[str, Callable], Callable]:
 
 def server_credentials(tls: Any) -> grpc.ServerCredentials:
     """TLS credentials from ``ingest.tls`` (cert and key as PEM files)."""
+    from edge_agent.errors import BadInput
+
     try:
         cert = tls.cert.read_bytes()
         key = tls.key.read_bytes()
     except OSError as e:
-        from edge_agent.errors import BadInput
-
         raise BadInput(f"ingest.tls: cannot read {e.filename}: {e.strerror}") from None
+    problem = tls_pair_problem(cert, key)
+    if problem:
+        # gRPC would only say it failed to bind, and ops would look for a port conflict.
+        raise BadInput(f"ingest.tls: {problem} (cert {tls.cert}, key {tls.key})")
     return grpc.ssl_server_credentials([(key, cert)])
+
+
+def tls_pair_problem(cert_pem: bytes, key_pem: bytes) -> str | None:
+    """Why a PEM certificate and private key cannot serve TLS together, or None."""
+    try:
+        from cryptography import x509
+        from cryptography.hazmat.primitives import serialization
+    except ModuleNotFoundError:  # cannot check here: gRPC will say what it can
+        return None
+    try:
+        cert = x509.load_pem_x509_certificate(cert_pem)
+    except ValueError:
+        return "the cert file holds no PEM certificate (are cert and key swapped?)"
+    try:
+        key = serialization.load_pem_private_key(key_pem, password=None)
+    except (ValueError, TypeError):
+        return "the key file holds no unencrypted PEM private key (are cert and key swapped?)"
+    raw = serialization.PublicFormat.SubjectPublicKeyInfo
+    der = serialization.Encoding.DER
+    if key.public_key().public_bytes(der, raw) != cert.public_key().public_bytes(der, raw):
+        return "the key does not belong to the certificate (a renewal with the old key?)"
+    return None
