@@ -60,6 +60,7 @@ log = logging.getLogger(__name__)
 
 # How often the tablet's training plot is redrawn while a job trains.
 PLOT_EVERY_S = 10.0
+BASE_WARN_EVERY_S = 300.0  # the "base checkpoint missing" warning, while it stays missing
 
 
 class JobGone(Exception):
@@ -225,6 +226,7 @@ class Worker:
     queue: Any
     worker_id: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
     stop: threading.Event = field(default_factory=threading.Event)
+    base_poll_s: float = 15.0  # while the base checkpoint is missing
 
     def run_forever(self, poll_s: float = 2.0) -> str:
         """Take jobs until stopped; returns why it ended: "stopped" or "recycle".
@@ -237,6 +239,7 @@ class Worker:
         ``restart: unless-stopped``) starts a new one.
         """
         self.sweep_work_dirs()
+        self._wait_for_base_checkpoint()
         limit_mb = max_rss_mb(self.settings.trainer.worker_max_rss_mb)
         log.info("worker ready", extra={"worker": self.worker_id, "max_rss_mb": limit_mb})
         while not self.stop.is_set():
@@ -255,6 +258,37 @@ class Worker:
                 )
                 return "recycle"
         return "stopped"
+
+    def base_checkpoint_missing(self) -> str | None:
+        """Why the configured base checkpoint cannot be read (None: it can, or none is set)."""
+        uri = self.settings.trainer.base_checkpoint
+        if not uri:
+            return None
+        if uri.startswith("blob:"):
+            prefix = uri[len("blob:") :].strip("/") + "/"
+            try:
+                if next(iter(self.store.list(prefix)), None) is not None:
+                    return None
+            except Exception:  # the store is unreachable: each job says so with its reason
+                log.warning("base checkpoint %s not checked: the store failed", uri, exc_info=True)
+                return None
+            how = f"`booth pretrain --out DIR --publish {uri}` puts it there"
+        elif Path(uri).exists() or Path(f"{uri}.index").exists():
+            return None
+        else:
+            how = "`booth pretrain --out DIR` makes one"
+        return f"trainer.base_checkpoint {uri} is not there ({how})"
+
+    def _wait_for_base_checkpoint(self) -> None:
+        """Take no job before the base exists: each would train its whole budget in vain,
+        or fail after the attendee danced. Sessions queue meanwhile and run once it is
+        published (deploys start the workers before `booth pretrain --publish`)."""
+        warned_at = None
+        while (missing := self.base_checkpoint_missing()) and not self.stop.is_set():
+            if warned_at is None or time.monotonic() - warned_at >= BASE_WARN_EVERY_S:
+                log.warning("%s; waiting for it before taking jobs", missing)
+                warned_at = time.monotonic()
+            self.stop.wait(self.base_poll_s)
 
     def run_once(self, timeout_s: float = 2.0) -> bool:
         """Take at most one job and see it through. True if there was one."""

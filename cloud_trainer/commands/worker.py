@@ -7,6 +7,8 @@ import logging
 import signal
 from pathlib import Path
 
+from edge_agent.errors import BadInput
+
 log = logging.getLogger(__name__)
 
 # EX_TEMPFAIL: the worker exited to be replaced by a fresh process, not because it failed.
@@ -56,6 +58,9 @@ def run(args: argparse.Namespace) -> int:
         worker.worker_id = args.id
     _stop_on_signals(worker)
     if args.once:
+        missing = worker.base_checkpoint_missing()
+        if missing:
+            raise BadInput(missing)
         try:
             worker.sweep_work_dirs()
             worker.run_once(timeout_s=30.0)

@@ -411,6 +411,51 @@ def test_a_job_whose_worker_died_after_the_delivery_is_ended_not_queued_forever(
     assert worker.queue.receive(timeout_s=0.2) is None
 
 
+def test_a_worker_waits_for_a_missing_base_checkpoint_instead_of_failing_the_sessions(
+    booth, caplog
+):
+    """Deploys start the workers before `booth pretrain --publish`: a job taken then would
+    fail after the attendee danced. The worker waits, saying what is missing; the job stays
+    queued; once the base is in the store the worker goes on."""
+    worker, _ = booth
+    worker.settings.trainer.base_checkpoint = "blob:base/booth-1"
+    worker.base_poll_s = 0.05
+    sid = uploaded_session(worker, frames=False)
+    warned = threading.Event()
+
+    class Seen(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "waiting for it before taking jobs" in record.getMessage():
+                warned.set()
+
+    seen = Seen()
+    logging.getLogger("cloud_trainer.worker").addHandler(seen)
+    ended: list[str] = []
+    runner = threading.Thread(target=lambda: ended.append(worker.run_forever(poll_s=0.05)))
+    runner.start()
+    try:
+        assert warned.wait(30.0)
+        assert worker.repo.get_session(sid)["state"] == State.UPLOADED.value
+        assert worker.repo.job_for_session(sid)["state"] == "queued"
+        # Published: the next check finds it and the queued job runs (and, having no
+        # frames, fails with its own reason, not the base's).
+        worker.store.put("base/booth-1/checkpoint", b"published")
+        deadline = time.monotonic() + 60.0
+        while worker.repo.get_session(sid)["state"] != State.FAILED.value:
+            assert time.monotonic() < deadline, "the job never ran once the base appeared"
+            worker.stop.wait(0.05)
+    finally:
+        worker.stop.set()
+        runner.join(60.0)
+        logging.getLogger("cloud_trainer.worker").removeHandler(seen)
+    assert ended == ["stopped"]
+    assert "stored no frames" in worker.repo.get_session(sid)["failure_reason"]
+    msgs = [r.getMessage() for r in caplog.records if "waiting for it" in r.getMessage()]
+    assert msgs[0].startswith("trainer.base_checkpoint blob:base/booth-1 is not there")
+    assert "booth pretrain --out DIR --publish blob:base/booth-1" in msgs[0]
+    assert len(msgs) == 1  # said once, not every poll
+
+
 def test_a_worker_whose_job_another_worker_claimed_stops_without_settling_it(booth):
     worker, _ = booth
     sid = uploaded_session(worker)
