@@ -165,7 +165,18 @@ class GlobalNormalization:
         return p
 
 
-def fit(reference: np.ndarray, take: np.ndarray, min_score: float = 0.3) -> GlobalNormalization:
+FIT_MIN_SCORE = 0.3  # the keypoint score ``fit`` trusts
+
+
+def shows_whole_body(poses: np.ndarray, min_score: float = FIT_MIN_SCORE) -> bool:
+    """True if some frame shows the ankles and the head: what ``fit`` needs of a take."""
+    height = body_heights(poses, min_score)
+    return bool(np.any(np.isfinite(height) & (height > 0)))
+
+
+def fit(
+    reference: np.ndarray, take: np.ndarray, min_score: float = FIT_MIN_SCORE
+) -> GlobalNormalization:
     """Fit the normalization from reference poses to the attendee's take poses."""
     try:
         source = measure(reference, min_score)

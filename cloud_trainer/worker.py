@@ -161,15 +161,22 @@ def take_from_ingest(repo: Repository, store: Any, session_id: str, camera_id: s
 
 
 def render_source(takes: list[Any], generator: Any) -> tuple[Any, Any]:
-    """The take to render from, and its framing: the first the generator has a framing for.
+    """The take to render from, and its framing: the first the generator has a framing for,
+    among those that show the attendee whole if any does.
 
     The corpus skips a camera's take it cannot use (too short, nobody in it, no poses
     because its agent was killed mid-take); the generator has no framing for that camera.
+    The dance is scaled to the attendee from a frame with their head and feet in it; a
+    camera that cuts off the feet cannot give one, where another camera may.
     """
-    for take in takes:
-        framing = generator.framing(take.camera)
-        if framing is not None:
+    from cloud_trainer.normalize import shows_whole_body
+
+    framed = [(t, f) for t in takes if (f := generator.framing(t.camera)) is not None]
+    for take, framing in framed:
+        if shows_whole_body(take.poses):
             return take, framing
+    if framed:
+        return framed[0]  # render says why it cannot scale the dance
     cameras = ", ".join(t.camera for t in takes)
     raise BoothError(f"the exported generator has no framing for any camera ({cameras})")
 
@@ -531,6 +538,7 @@ class Worker:
         from cloud_trainer.corpus import TrainingFailed
         from cloud_trainer.deliver import Deliverer
         from cloud_trainer.links import watch_url
+        from cloud_trainer.normalize import shows_whole_body
         from cloud_trainer.reference import ReferenceLibrary
         from cloud_trainer.train import JobSpec, Progress, train_job
 
@@ -581,6 +589,13 @@ class Worker:
         if not takes:
             raise BoothError(
                 "; ".join(unusable) if unusable else "no camera uploaded a take for this session"
+            )
+        # What rendering will need, checked before the training budget is spent on it.
+        if not any(shows_whole_body(t.poses) for t in takes):
+            raise BoothError(
+                "no camera saw the attendee whole: the dance is scaled to them from a frame "
+                "with their head and both feet in it, and no take has one (check that the "
+                "cameras frame the booth from head height to the floor)"
             )
         result = train_job(
             JobSpec(session_id=sid, takes=takes, job_id=job_id),

@@ -507,6 +507,28 @@ def _bad_pose(worker: Worker, sid: str) -> None:
         conn.execute(update(poses).where(poses.c.session_id == sid).values(keypoints=b"\0" * 12))
 
 
+def _no_head(worker: Worker, sid: str) -> None:
+    """A camera that never framed the head (a tall attendee): every head score 0."""
+    import numpy as np
+    from sqlalchemy import select, update
+
+    from cloud_trainer.repository.schema import poses
+    from edge_agent import skeleton as sk
+
+    with worker.repo.engine.begin() as conn:
+        rows = conn.execute(
+            select(poses.c.seq, poses.c.keypoints).where(poses.c.session_id == sid)
+        ).all()
+        for seq, blob in rows:
+            kp = np.frombuffer(blob, dtype="<f4").reshape(sk.NUM_JOINTS, 3).copy()
+            kp[: sk.INDEX["right_ear"] + 1, 2] = 0.0  # nose, eyes, ears
+            conn.execute(
+                update(poses)
+                .where(poses.c.session_id == sid, poses.c.seq == seq)
+                .values(keypoints=kp.astype("<f4").tobytes())
+            )
+
+
 def _no_base(worker: Worker, sid: str) -> None:
     worker.settings.trainer.base_checkpoint = str(Path(worker.settings.trainer.work_dir) / "nope")
 
@@ -517,8 +539,9 @@ def _no_base(worker: Worker, sid: str) -> None:
         (_cut_shard, "frame shard .* is cut short"),
         (_bad_pose, "the pose of frame 0 has 3 values"),
         (_no_base, "base checkpoint .*nope not found"),
+        (_no_head, "no camera saw the attendee whole"),
     ],
-    ids=["shard-cut-short", "pose-of-wrong-size", "missing-base"],
+    ids=["shard-cut-short", "pose-of-wrong-size", "missing-base", "head-never-framed"],
 )
 def test_bad_input_fails_the_job_with_its_reason_and_the_worker_goes_on(booth, spoil, reason):
     worker, _ = booth
@@ -643,3 +666,22 @@ def test_booth_worker_past_its_memory_limit_exits_75_and_the_demo_starts_a_fresh
     finally:
         procs.stop()
     queue.close()
+
+
+def test_the_dance_is_rendered_from_a_camera_that_saw_the_attendee_whole():
+    """cam0 cut off the head, cam1 framed everyone: render from cam1 (it took cam0, and
+    the render failed on the scaling after the whole training budget)."""
+    from types import SimpleNamespace
+
+    from cloud_trainer.worker import render_source
+
+    take = TakeData.from_synth(2, 5, seconds=1, fps=8, size=synth_frame_size(SIZE_PX))
+    headless = take.poses.copy()
+    headless[:, :5, 2] = 0.0  # nose, eyes, ears
+    cam0 = SimpleNamespace(camera="cam0", poses=headless)
+    cam1 = SimpleNamespace(camera="cam1", poses=take.poses)
+    framings = {"cam0": "framing-0", "cam1": "framing-1"}
+    generator = SimpleNamespace(framing=framings.get)
+    assert render_source([cam0, cam1], generator) == (cam1, "framing-1")
+    # None whole: the first framed one, and render says why it cannot scale the dance.
+    assert render_source([cam0], generator) == (cam0, "framing-0")
