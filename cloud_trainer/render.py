@@ -255,6 +255,11 @@ def fps_fraction(fps: float) -> Fraction:
     return Fraction(fps).limit_denominator(1001)
 
 
+_SMPTE170M = 6  # AVCOL_SPC / AVCOL_PRI / AVCOL_TRC_SMPTE170M: BT.601 (525-line)
+_TV_RANGE = 1  # AVCOL_RANGE_MPEG: limited (16-235)
+_COLORSPACES = {1: "bt709", 2: "unspecified", 5: "bt470bg", _SMPTE170M: "smpte170m"}
+
+
 class H264Writer:
     """RGB frames -> H.264 MP4 (libx264, yuv420p, +faststart) at a constant frame rate."""
 
@@ -273,6 +278,12 @@ class H264Writer:
         )
         self._stream.width, self._stream.height = w, h
         self._stream.pix_fmt = "yuv420p"
+        # Say which colours these are. The RGB frames become YUV by swscale's default,
+        # BT.601 at TV range; an untagged stream leaves players to guess, and those that
+        # guess BT.709 shift skin tones. The tags go into the H.264 stream and the MP4.
+        cc = self._stream.codec_context
+        cc.colorspace = cc.color_primaries = cc.color_trc = _SMPTE170M
+        cc.color_range = _TV_RANGE
 
     def write(self, rgb: np.ndarray) -> None:
         if rgb.shape[:2] != (self.size[1], self.size[0]):
@@ -518,6 +529,7 @@ def probe(path: str | Path) -> dict[str, Any]:
                 "width": v.codec_context.width,
                 "height": v.codec_context.height,
                 "format": c.format.name,
+                "colorspace": _COLORSPACES.get(v.codec_context.colorspace, "other"),
             }
     except av.error.FFmpegError as e:
         raise BadInput(f"{path} is not a readable video: {e}") from None

@@ -68,6 +68,7 @@ def test_render_writes_playable_h264_with_the_right_frames_and_fps(generator, tm
     assert info["codec"] == "h264" and info["pix_fmt"] == "yuv420p"
     assert info["frames"] == 20 and info["fps"] == 12.5
     assert (info["width"], info["height"]) == (SIZE, SIZE)
+    assert info["colorspace"] == "smpte170m"  # tagged as converted: no player guesses
     head = result.video_path.read_bytes()
     assert 0 <= head.find(b"moov") < head.find(b"mdat")  # +faststart: index first
     sbs = render.probe(result.side_by_side_path)
