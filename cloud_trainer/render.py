@@ -252,6 +252,9 @@ def load_generator(
 
 def fps_fraction(fps: float) -> Fraction:
     """29.97 -> 30000/1001: NTSC-style rates stay exact instead of drifting."""
+    whole = round(fps * 1.001)
+    if abs(fps - whole) > 0.005 and abs(fps - whole / 1.001) < 0.005:
+        return Fraction(whole * 1000, 1001)  # 23.976, 29.97, 59.94, 119.88
     return Fraction(fps).limit_denominator(1001)
 
 

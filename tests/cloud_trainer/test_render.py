@@ -175,3 +175,13 @@ def test_parts_masks_move_with_the_normalized_pose(library):
         xy = np.clip(np.round(crop[torso, :2]).astype(int), 0, SIZE - 1)
         inside.extend(mask[xy[:, 1], xy[:, 0]])
     assert np.mean(inside) > 0.9
+
+
+@pytest.mark.parametrize(
+    ("fps", "exact"),
+    [(29.97, (30000, 1001)), (59.94, (60000, 1001)), (23.976, (24000, 1001)), (12.5, (25, 2))]
+    + [(30.0, (30, 1)), (120.0, (120, 1))],
+)
+def test_frame_rates_become_the_exact_fraction_they_stand_for(fps, exact):
+    f = render.fps_fraction(fps)
+    assert (f.numerator, f.denominator) == exact
