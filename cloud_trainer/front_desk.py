@@ -230,6 +230,8 @@ class FrontDesk:
             cameras=self.cameras(),
         )
         with contextlib.suppress(SessionNotFound):  # a racing delete already took it
+            # A tablet still showing the failed session follows to this one.
+            self.repo.record_successor(session_id, new_id)
             self.delete(session_id)
         log.info("session %s failed; its attendee dances again as %s", session_id, new_id)
         return new_id

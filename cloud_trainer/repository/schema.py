@@ -228,6 +228,17 @@ session_tombstones = Table(
     Column("deleted_at", Float, nullable=False),
 )
 
+# A failed session started again (``FrontDesk.again``) is deleted; its row here sends a
+# tablet still showing it to the session that replaced it. No attendee data: two ids.
+session_successors = Table(
+    "session_successors",
+    metadata,
+    Column("session_id", String(32), primary_key=True),
+    Column("successor_id", String(32), nullable=False, index=True),
+    Column("booth_id", String(64), nullable=False),
+    Column("created_at", Float, nullable=False),
+)
+
 outbox = Table(
     "outbox",
     metadata,

@@ -10,7 +10,13 @@ from typing import Any
 from sqlalchemy import select, update
 
 from cloud_trainer.repository.counters import retire_session_counts
-from cloud_trainer.repository.schema import attendees, session_events, session_tombstones, sessions
+from cloud_trainer.repository.schema import (
+    attendees,
+    session_events,
+    session_successors,
+    session_tombstones,
+    sessions,
+)
 from cloud_trainer.session import State, check_transition
 from edge_agent.errors import BadInput, BoothError
 
@@ -217,6 +223,34 @@ class SessionsRepo:
         with self.engine.begin() as conn:
             delete_session_rows(conn, session_id)
 
+    def record_successor(self, session_id: str, successor_id: str) -> None:
+        """``successor_id`` replaces ``session_id`` (and whatever that one replaced)."""
+        with self.engine.begin() as conn:
+            booth_id = lock_session(conn, session_id).booth_id
+            conn.execute(
+                update(session_successors)
+                .where(session_successors.c.successor_id == session_id)
+                .values(successor_id=successor_id)
+            )
+            conn.execute(
+                session_successors.insert().values(
+                    session_id=session_id,
+                    successor_id=successor_id,
+                    booth_id=booth_id,
+                    created_at=time.time(),
+                )
+            )
+
+    def successor_of(self, session_id: str, booth_id: str) -> str | None:
+        """The session of ``booth_id`` that replaced ``session_id``, if one did."""
+        with self.engine.connect() as conn:
+            return conn.execute(
+                select(session_successors.c.successor_id).where(
+                    session_successors.c.session_id == session_id,
+                    session_successors.c.booth_id == booth_id,
+                )
+            ).scalar()
+
     def session_deleted(self, session_id: str) -> bool:
         """Whether ``session_id`` existed and was deleted (its boards must drop their copies)."""
         with self.engine.connect() as conn:
@@ -260,6 +294,8 @@ def delete_session_rows(conn: Any, session_id: str) -> None:
     retire_session_counts(conn, session_id)
     conn.execute(sessions.delete().where(sessions.c.id == session_id))
     conn.execute(attendees.delete().where(attendees.c.id == row.attendee_id))
+    # Nothing points at a session that is gone (its own pointer, if it was replaced, stays).
+    conn.execute(session_successors.delete().where(session_successors.c.successor_id == session_id))
     conn.execute(
         session_tombstones.insert().values(
             session_id=session_id, booth_id=row.booth_id, deleted_at=time.time()

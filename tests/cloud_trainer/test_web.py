@@ -635,9 +635,27 @@ def test_start_again_after_a_failed_take_makes_a_fresh_session_for_the_attendee(
     assert (fresh["name"], fresh["email"]) == ("Grace Hopper", "grace@example.org")
     assert fresh["reference"] == "synthetic:warmup"
     assert client.get(f"/api/sessions/{old}").status_code == 404  # no second copy of them
+    # A second tablet still on the old session's page is led to the new one (its poll
+    # of the API sees 404 and reloads the page's own URL).
+    r = client.get(f"/sessions/{old}", follow_redirects=False)
+    assert r.status_code == 303 and r.headers["location"] == f"/sessions/{fresh['id']}"
+    assert "/sessions/${sid}" in client.get("/static/session.js").text
     # Only a failed take is started again.
     r = client.post(f"/api/sessions/{fresh['id']}/again", headers=headers)
     assert r.status_code == 409
+    # Started again twice: the first failed session leads to the newest one.
+    booth.repo.transition(fresh["id"], "capturing")
+    booth.repo.fail(fresh["id"], "camera cam1 never finished uploading")
+    third = client.post(f"/api/sessions/{fresh['id']}/again", headers=headers).json()["id"]
+    for gone in (old, fresh["id"]):
+        r = client.get(f"/sessions/{gone}", follow_redirects=False)
+        assert r.headers["location"] == f"/sessions/{third}"
+    # Deleted, the pointers go with it: the old pages lead home, which says why.
+    assert client.delete(f"/api/sessions/{third}", headers=headers).status_code in (200, 204)
+    for gone in (old, fresh["id"], third):
+        r = client.get(f"/sessions/{gone}", follow_redirects=False)
+        assert r.status_code == 303 and r.headers["location"] == "/?gone=1"
+    assert client.get("/sessions/" + "0" * 32, follow_redirects=False).status_code == 404
 
 
 def test_the_tablets_today_starts_at_midnight_where_the_booth_stands():

@@ -19,6 +19,7 @@ from sqlalchemy import select
 from cloud_trainer.front_desk import Conflict
 from cloud_trainer.repository import SessionNotFound
 from cloud_trainer.repository.schema import outbox, takes
+from cloud_trainer.repository.sessions import known_id
 from cloud_trainer.web.deps import (
     LoginRequired,
     Services,
@@ -112,6 +113,14 @@ def session_view(services: Services, s: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _is_id(session_id: str) -> bool:
+    try:
+        known_id(session_id)
+    except SessionNotFound:
+        return False
+    return True
+
+
 def _get(services: Services, session_id: str) -> dict[str, Any]:
     """The session, for this booth's staff: another booth's (a shared database) is not theirs."""
     try:
@@ -198,7 +207,19 @@ def create_session_form(
 
 @router.get("/sessions/{session_id}", response_class=HTMLResponse, include_in_schema=False)
 def session_page(session_id: str, request: Request, services: ServicesDep, staff: StaffPage):
-    s = session_view(services, _get(services, session_id))
+    try:
+        found = _get(services, session_id)
+    except HTTPException:
+        # Gone: started again (maybe on another tablet), then on to the new session;
+        # deleted, then home, which says so. An unknown id stays a 404.
+        booth_id = services.settings.booth.id
+        successor = services.repo.successor_of(session_id, booth_id) if _is_id(session_id) else None
+        if successor is not None:
+            return RedirectResponse(f"/sessions/{successor}", status_code=303)
+        if _is_id(session_id) and services.repo.session_deleted(session_id):
+            return RedirectResponse("/?gone=1", status_code=303)
+        raise
+    s = session_view(services, found)
     return services.templates.TemplateResponse(
         request,
         "session.html",

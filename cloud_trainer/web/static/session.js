@@ -59,7 +59,8 @@ async function poll() {
   try {
     const r = await fetch(`/api/sessions/${sid}`, {credentials: 'same-origin'});
     // Gone from under this page: deleted (maybe on another tablet), or started again.
-    if (r.status === 404) { location.href = '/?gone=1'; return; }
+    // The page's own URL knows which: it leads on to the new session, or home.
+    if (r.status === 404) { location.href = `/sessions/${sid}`; return; }
     if (r.status === 401) { location.href = '/login'; return; }  // the login expired
     if (r.ok) { render(await r.json()); ok = true; }
     const a = await fetch('/api/agents', {credentials: 'same-origin'});
