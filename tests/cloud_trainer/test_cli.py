@@ -79,3 +79,191 @@ def test_a_database_that_cannot_be_reached_is_one_line_not_a_traceback(tmp_path,
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert "the database cannot be reached or refused the login" in r.stderr
     assert "wrong" not in r.stderr  # the password in the URL
+
+
+# ---- booth demo: arguments first, and only its own workdir deleted --------------------
+
+
+@pytest.fixture
+def demo_runs(monkeypatch):
+    """The plans `booth demo` would have run (the real demo takes minutes)."""
+    import cloud_trainer.demo
+
+    plans = []
+    monkeypatch.setattr(cloud_trainer.demo, "run_demo", lambda plan, **kw: plans.append(plan) or {})
+    return plans
+
+
+def test_demo_refuses_to_delete_a_directory_it_did_not_make(tmp_path, demo_runs, capsys):
+    precious = tmp_path / "thesis"
+    precious.mkdir()
+    (precious / "chapter1.tex").write_text("years of work")
+    assert main(["demo", "--workdir", str(precious)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "not made by booth demo" in err
+    assert (precious / "chapter1.tex").read_text() == "years of work"
+    assert demo_runs == []
+
+
+@pytest.mark.parametrize("state", ["missing", "empty", "made by the demo"])
+def test_demo_starts_afresh_in_a_directory_it_may_use(tmp_path, demo_runs, state):
+    workdir = tmp_path / "demo"
+    if state != "missing":
+        workdir.mkdir()
+    if state == "made by the demo":
+        assert main(["demo", "--workdir", str(workdir)]) == 0  # marks it as the demo's
+        (workdir / "booth.db").write_text("the last run's state")
+    assert main(["demo", "--workdir", str(workdir)]) == 0
+    assert demo_runs[-1].workdir == workdir
+    assert not (workdir / "booth.db").exists()  # a fresh booth each run
+    # ... and the next run may delete it again.
+    assert main(["demo", "--workdir", str(workdir)]) == 0
+
+
+@pytest.mark.parametrize(
+    "flags, says",
+    [
+        (["--train-size", "100"], "--train-size: must be a power of two"),
+        (["--train-size", "1024"], "--train-size: Input should be less than or equal to 512"),
+        (["--budget-s", "0"], "--budget-s: Input should be greater than 0"),
+        (["--seconds", "0"], "--seconds: Input should be greater than 0"),
+        (["--seconds", "nan"], "--seconds must be a finite number, got nan"),
+        (["--budget-s", "inf"], "--budget-s must be a finite number, got inf"),
+        (["--fps", "5000"], "--fps: Input should be less than or equal to 1000"),
+        (["--cameras", "0"], "--cameras"),
+        (["--size", "641x480"], "size must be even"),
+        (["--reference", "salsa"], "only synthetic references"),
+        (["--reference", "synthetic:moonwalk"], "unknown dance move 'moonwalk'"),
+        (["--reference", "synthetic:Warm Up"], "invalid synthetic dance"),
+    ],
+)
+def test_demo_checks_every_argument_before_touching_its_workdir(
+    tmp_path, demo_runs, capsys, flags, says
+):
+    workdir = tmp_path / "demo"
+    assert main(["demo", "--workdir", str(workdir)]) == 0  # made by the demo: deletable
+    (workdir / "booth.db").write_text("the last run's state")
+    capsys.readouterr()
+    assert main(["demo", "--workdir", str(workdir), *flags]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and says in err, err
+    assert (workdir / "booth.db").exists()  # nothing deleted for a run that cannot start
+    assert len(demo_runs) == 1
+
+
+# ---- booth pretrain: settings errors name the flag ------------------------------------
+
+
+@pytest.mark.parametrize(
+    "flag, value, says",
+    [
+        ("--size", "100", "--size: must be a power of two (32, 64, 128, 256 or 512), not 100"),
+        ("--size", "16", "--size: Input should be greater than or equal to 32"),
+        ("--batch", "0", "--batch: Input should be greater than or equal to 1"),
+        ("--steps", "0", "--steps: Input should be greater than or equal to 1"),
+        ("--budget-s", "-5", "--budget-s: Input should be greater than 0"),
+    ],
+)
+def test_pretrain_bad_settings_name_the_flag_and_the_reason(tmp_path, capsys, flag, value, says):
+    assert main(["pretrain", "--out", str(tmp_path / "pt"), flag, value]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == f"booth pretrain: bad training setting: {says}"
+    assert not (tmp_path / "pt").exists()
+
+
+# ---- port flags are range-checked by argparse -----------------------------------------
+
+
+@pytest.mark.parametrize(
+    "argv, flag",
+    [
+        (["serve", "--config", "booth.yaml", "--grpc-port", "70000"], "--grpc-port"),
+        (["serve", "--config", "booth.yaml", "--http-port", "70000"], "--http-port"),
+        (["serve", "--config", "booth.yaml", "--http-port", "-1"], "--http-port"),
+        (["ingest", "--config", "booth.yaml", "--port", "65536"], "--port"),
+    ],
+)
+def test_a_port_out_of_range_is_refused_by_argparse(capsys, argv, flag):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"booth {argv[0]}: error: argument {flag}: must be 0..65535"), err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_port_zero_still_means_any_free_port():
+    from cloud_trainer.cli import build_parser
+
+    args = build_parser().parse_args(["serve", "--config", "x", "--grpc-port", "0"])
+    assert args.grpc_port == 0 and args.http_port is None
+    assert build_parser().parse_args(["ingest", "--port", "65535"]).port == 65535
+
+
+# ---- -v and -vv -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "flags, booth_debug, library_debug",
+    [([], False, False), (["-v"], True, False), (["-vv"], True, True)],
+)
+def test_verbose_flags_turn_on_debug_logging(flags, booth_debug, library_debug):
+    code = (
+        "import logging, sys\n"
+        "from cloud_trainer.cli import main\n"
+        "main(sys.argv[1:])\n"
+        "on = lambda name: logging.getLogger(name).isEnabledFor(logging.DEBUG)\n"
+        "print(on('cloud_trainer.worker'), on('edge_agent.uplink'), on('urllib3'))\n"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code, *flags, "config", "example"],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split()[-3:] == [str(booth_debug), str(booth_debug), str(library_debug)]
+    assert logging_help_is_truthful(run_cli("--help").stdout)
+
+
+def logging_help_is_truthful(help_text: str) -> bool:
+    return "-v: debug logging from the booth" in " ".join(help_text.split())
+
+
+# ---- booth reference: --config before or after the action -----------------------------
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_reference_takes_config_before_or_after_the_action(tmp_path, capsys, where):
+    path = tmp_path / "booth.yaml"
+    path.write_text(f"storage:\n  type: local\n  root: {tmp_path / 'blobs'}\n")
+    flag = ["--config", str(path)]
+    argv = ["reference", *flag, "list"] if where == "before" else ["reference", "list", *flag]
+    assert main(argv) == 0
+    assert "synthetic:warmup" in capsys.readouterr().out
+    assert (tmp_path / "blobs").is_dir()  # the booth file's store, not the embedded default
+
+
+def test_reference_config_after_the_action_is_read(tmp_path, capsys):
+    missing = tmp_path / "nope.yaml"
+    assert main(["reference", "show", "synthetic:warmup", "--config", str(missing)]) == 2
+    err = capsys.readouterr().err
+    assert "no such file" in err and str(missing) in err
+
+
+def test_demo_still_starts_afresh_in_the_default_dir_an_older_demo_left(
+    tmp_path, monkeypatch, demo_runs
+):
+    """Demos before the marker left var/demo without it: the next `make demo` must not
+    refuse it. Only the default dir with the demo's own config and logs counts."""
+    monkeypatch.chdir(tmp_path)
+    old = tmp_path / "var" / "demo"
+    (old / "logs").mkdir(parents=True)
+    (old / "booth.yaml").write_text("booth: {id: demo}\n")
+    assert main(["demo", "--no-progress"]) == 0
+    assert (old / ".booth-demo").is_file() and not (old / "logs").exists()
+    # The same layout anywhere else is someone's booth: refused.
+    mine = tmp_path / "mine"
+    (mine / "logs").mkdir(parents=True)
+    (mine / "booth.yaml").write_text("booth: {id: real}\n")
+    assert main(["demo", "--no-progress", "--workdir", str(mine)]) == 2
+    assert (mine / "booth.yaml").exists()
