@@ -54,10 +54,37 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
 
 
-def run(args: argparse.Namespace) -> int:
-    from cloud_trainer.config import BoothConfig, load_config
-    from cloud_trainer.pretrain import parse_seeds
+# The trainer settings the flags override, so an error names what the person typed.
+TRAINER_FLAGS = {
+    "size_px": "--size",
+    "label_map": "--label-map",
+    "max_steps": "--steps",
+    "budget_s": "--budget-s",
+    "batch": "--batch",
+}
 
+
+def settings_error(err, flags: dict[str, str], prefix: str = "") -> str:
+    """A pydantic ValidationError as one line: each refused flag (or setting) and why."""
+    from edge_agent.config import format_validation_error
+
+    out = []
+    for line in format_validation_error(err).splitlines():
+        key, _, reason = line.partition(": ")
+        out.append(f"{flags[key]}: {reason}" if key in flags else f"{prefix}{line}")
+    return "; ".join(out)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from cloud_trainer.config import BoothConfig, load_config
+
+    # Every flag is checked before anything heavy is imported or done.
+    if not (math.isfinite(args.seconds) and 1 <= args.seconds <= 600):
+        raise BadInput(f"--seconds must be 1..600, got {args.seconds:g}")
+    if not (math.isfinite(args.fps) and 1 <= args.fps <= 120):
+        raise BadInput(f"--fps must be 1..120, got {args.fps:g}")
     booth = load_config(args.config) if args.config else BoothConfig()
     update = {
         k: v
@@ -71,9 +98,12 @@ def run(args: argparse.Namespace) -> int:
         if v is not None
     }
     try:
+        # TrainerConfig's own rules (32..512, a power of two, ...) are the ones a job meets.
         cfg = booth.trainer.model_validate({**booth.trainer.model_dump(), **update})
-    except ValueError as e:
-        raise BadInput(f"bad training setting: {str(e).splitlines()[-1].strip()}") from None
+    except ValidationError as e:
+        raise BadInput(
+            f"bad training setting: {settings_error(e, TRAINER_FLAGS, 'trainer.')}"
+        ) from None
     publish = None
     if args.publish:
         from cloud_trainer.config import blob_uri
@@ -84,18 +114,14 @@ def run(args: argparse.Namespace) -> int:
             raise BadInput(f"--publish: {e}") from None
         if not publish.startswith("blob:") or not publish[len("blob:") :].strip("/"):
             raise BadInput(f"--publish needs blob:<prefix>, got {args.publish!r}")
-    if cfg.size_px & (cfg.size_px - 1):
-        raise BadInput(f"--size must be a power of two (32, 64, 128, 256, 512), got {cfg.size_px}")
-    if not (math.isfinite(args.seconds) and 1 <= args.seconds <= 600):
-        raise BadInput(f"--seconds must be 1..600, got {args.seconds:g}")
-    if not (math.isfinite(args.fps) and 1 <= args.fps <= 120):
-        raise BadInput(f"--fps must be 1..120, got {args.fps:g}")
     if args.takes:
         missing = [str(t) for t in args.takes if not t.is_dir()]
         if missing:
             raise BadInput(f"take directory not found: {', '.join(missing)}")
         takes: list = list(args.takes)
     else:
+        from cloud_trainer.pretrain import parse_seeds  # imports TensorFlow
+
         try:
             seeds = parse_seeds(args.attendees)
         except ValueError as e:
