@@ -13,12 +13,14 @@ import logging
 import secrets
 import signal
 
+from cloud_trainer.commands.serve import port
+
 log = logging.getLogger(__name__)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="the booth YAML file")
-    p.add_argument("--port", type=int, help="override ingest.port (0: any free port)")
+    p.add_argument("--port", type=port, help="override ingest.port (0: any free port)")
     p.add_argument(
         "--new-token", metavar="CAMERA", help="print a new agent token for CAMERA and exit"
     )

@@ -10,10 +10,25 @@ import sys
 from pathlib import Path
 
 
+def port(text: str) -> int:
+    """An argparse type: a TCP port, or 0 for any free one (as web.port and ingest.port allow).
+
+    Checked here because the servers do not: gRPC wraps 70000 round to 4464 and binds
+    that, uvicorn fails with an OverflowError traceback.
+    """
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
+    if not 0 <= n <= 65535:
+        raise argparse.ArgumentTypeError(f"must be 0..65535 (0: any free port), got {n}")
+    return n
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, type=Path, help="the booth YAML file")
-    p.add_argument("--http-port", type=int, help="override web.port (0: any free port)")
-    p.add_argument("--grpc-port", type=int, help="override ingest.port (0: any free port)")
+    p.add_argument("--http-port", type=port, help="override web.port (0: any free port)")
+    p.add_argument("--grpc-port", type=port, help="override ingest.port (0: any free port)")
     p.add_argument(
         "--ready-file", type=Path, help="write the bound ports here as JSON once serving"
     )
