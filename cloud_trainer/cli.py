@@ -44,7 +44,11 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="booth", description="dancebooth: do-as-I-do motion transfer booth")
     parser.add_argument(
-        "-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)"
+        "-v",
+        "--verbose",
+        action="count",
+        default=0,
+        help="-v: debug logging from the booth; -vv: from the libraries it uses too",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name, (module_name, help_text) in COMMANDS.items():
@@ -67,10 +71,7 @@ CONFIG_ENV = "BOOTH_CONFIG"
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.WARNING - 10 * min(args.verbose, 2) if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(args.verbose)
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2
@@ -93,6 +94,21 @@ def main(argv: list[str] | None = None) -> int:
         # Exit 1, not 2: the database may come back, and a supervisor restarts us.
         print(f"booth {args.command}: {reason}", file=sys.stderr)
         return 1
+
+
+# The booth's own loggers: -v turns on their debug lines without gRPC's, urllib3's, ...
+OWN_LOGGERS = ("cloud_trainer", "edge_agent")
+
+
+def configure_logging(verbose: int) -> None:
+    """INFO by default; -v: DEBUG from the booth's own loggers; -vv: DEBUG from every logger."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose >= 2 else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    if verbose:
+        for name in OWN_LOGGERS:
+            logging.getLogger(name).setLevel(logging.DEBUG)
 
 
 def database_unreachable(e: BaseException) -> str | None:

@@ -5,8 +5,8 @@
     booth reference correct NAME FILE [--qa DIR]       validate + apply a correction file
     booth reference list                               every stored and built-in reference
 
-Without ``--config`` the embedded defaults are used (blobs under ``var/blobs``,
-models under ``models/``).
+``--config FILE`` goes before or after the action. Without it the embedded defaults
+are used (blobs under ``var/blobs``, models under ``models/``).
 """
 
 from __future__ import annotations
@@ -15,9 +15,11 @@ import argparse
 import sys
 from pathlib import Path
 
+CONFIG_HELP = "the booth YAML file (default: embedded defaults)"
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="the booth YAML file (default: embedded defaults)")
+    p.add_argument("--config", help=CONFIG_HELP)
     sub = p.add_subparsers(dest="reference_command", metavar="ACTION", required=True)
     a = sub.add_parser("add", help="process a video into a reference (a new version)")
     a.add_argument("video", help="the reference dancer's video (any format FFmpeg reads)")
@@ -37,7 +39,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("name")
     s.add_argument("--version", type=int, help="a specific version (default: latest)")
     s.add_argument("--qa", metavar="DIR", help="copy the QA report into DIR")
-    sub.add_parser("list", help="list stored and built-in references")
+    lst = sub.add_parser("list", help="list stored and built-in references")
+    for action in (a, c, s, lst):
+        # After the action too, as `booth staff logout`. SUPPRESS: an action without it
+        # keeps the one given before the action (a default would overwrite it).
+        action.add_argument("--config", default=argparse.SUPPRESS, help=CONFIG_HELP)
 
 
 def _library(args: argparse.Namespace):
