@@ -135,23 +135,52 @@ class LoginThrottle:
 
     def retry_after_s(self, client: str, username: str) -> float:
         with self._lock:
-            keys = self._keys(client, username)
-            if len(self._failures) >= self.MAX_KEYS:
-                for key in list(self._failures):  # drop what the window already forgot
-                    self._window(key)
-                if len(self._failures) >= self.MAX_KEYS and any(
-                    key not in self._failures for key, _ in keys
-                ):
-                    return 60.0
-            return max(self._wait(self._window(key), limit) for key, limit in keys)
+            return self._retry_after_s(client, username)
+
+    def _retry_after_s(self, client: str, username: str) -> float:
+        keys = self._keys(client, username)
+        if len(self._failures) >= self.MAX_KEYS:
+            for key in list(self._failures):  # drop what the window already forgot
+                self._window(key)
+            if len(self._failures) >= self.MAX_KEYS and any(
+                key not in self._failures for key, _ in keys
+            ):
+                return 60.0
+        return max(self._wait(self._window(key), limit) for key, limit in keys)
+
+    def attempt(self, client: str, username: str) -> tuple[float, float | None]:
+        """Start a login: ``(seconds to wait, None)`` if throttled, else ``(0, stamp)``.
+
+        The attempt counts as a failure from here on, in the same lock as the check:
+        logins checked at once (a burst in the thread pool) would otherwise all pass
+        the check before any of them failed. ``succeeded`` takes it back.
+        """
+        with self._lock:
+            wait = self._retry_after_s(client, username)
+            if wait > 0:
+                return wait, None
+            stamp = self._clock()
+            self._record(client, username, stamp)
+            return 0.0, stamp
 
     def failed(self, client: str, username: str) -> None:
-        now = self._clock()
         with self._lock:
-            for key, _ in self._keys(client, username):
-                if key in self._failures or len(self._failures) < self.MAX_KEYS:
-                    self._failures.setdefault(key, deque()).append(now)
+            self._record(client, username, self._clock())
 
-    def succeeded(self, client: str, username: str) -> None:
+    def _record(self, client: str, username: str, stamp: float) -> None:
+        for key, _ in self._keys(client, username):
+            if key in self._failures or len(self._failures) < self.MAX_KEYS:
+                self._failures.setdefault(key, deque()).append(stamp)
+
+    def succeeded(self, client: str, username: str, stamp: float | None = None) -> None:
+        """Forget this client's failures for the name, and the attempt ``stamp`` counted."""
         with self._lock:
             self._failures.pop((client, username.lower()), None)
+            if stamp is None:
+                return
+            for key, _ in self._keys(client, username)[1:]:
+                q = self._failures.get(key)
+                if q is not None and stamp in q:
+                    q.remove(stamp)
+                    if not q:
+                        del self._failures[key]

@@ -500,6 +500,25 @@ def test_the_login_throttle_limits_a_name_across_addresses_and_stays_bounded():
     assert flood.retry_after_s("192.168.1.1", "staff") == 0.0
 
 
+def test_logins_checked_at_the_same_time_cannot_get_past_the_throttle_together():
+    """Each attempt counts from its start: a burst of logins in the thread pool all saw
+    the counter before any had failed, and 20 guesses got through a limit of 3."""
+    from cloud_trainer.web.security import LoginThrottle
+
+    now = [0.0]
+    t = LoginThrottle(3, clock=lambda: now[0])
+    started = [t.attempt("10.0.0.1", "staff") for _ in range(20)]  # none finished yet
+    assert sum(1 for wait, _ in started if wait == 0) == 3
+    assert all(wait > 0 for wait, _ in started[3:])
+    # A success takes its own attempt back, in the name-wide count too.
+    ok = LoginThrottle(3, clock=lambda: now[0])
+    for _ in range(5):
+        wait, stamp = ok.attempt("10.0.0.2", "staff")
+        assert wait == 0
+        ok.succeeded("10.0.0.2", "staff", stamp)
+    assert ok._failures == {}  # noqa: SLF001
+
+
 def test_every_response_carries_the_security_headers(client):
     csrf = log_in(client)
     page = client.get("/")

@@ -50,7 +50,7 @@ def _client(request: Request) -> str:
 def _authenticate(services: Services, request: Request, username: str, password: str) -> StaffUser:
     """Return the staff user on success; raise 429 when throttled, 401 when wrong."""
     client = _client(request)
-    wait = services.throttle.retry_after_s(client, username)
+    wait, attempt = services.throttle.attempt(client, username)  # counted until it succeeds
     if wait > 0:
         raise HTTPException(
             429,
@@ -60,9 +60,8 @@ def _authenticate(services: Services, request: Request, username: str, password:
     user = staff_user(services.settings, username)
     # An unknown name costs the same argon2 work, so timing does not say which names exist.
     if not verify_password(user.password_hash if user else dummy_hash(), password) or user is None:
-        services.throttle.failed(client, username)
         raise HTTPException(401, "wrong username or password")
-    services.throttle.succeeded(client, username)
+    services.throttle.succeeded(client, username, attempt)
     return user
 
 
