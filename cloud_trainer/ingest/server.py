@@ -73,6 +73,7 @@ _STORE_REFUSALS = _store_refusals()
 
 MAX_FPS = 1000.0
 MAX_SEQ = 2**31 - 1  # the index stores seq in a 32-bit column: ~200 days at 120 fps
+MAX_POSE_LEAD = 1 << 16  # how far a pose's seq may run ahead of the frames (9 min at 120 fps)
 ACK_WRITE_TIMEOUT_S = 10.0
 SessionHook = Callable[[str], Awaitable[None] | None]
 _ACCEPTING = {State.CREATED.value, State.CAPTURING.value}
@@ -130,7 +131,7 @@ class IngestStream:
         if kind == "frame":
             await self._frame(req.frame)
         elif kind == "pose":
-            self._pose(req.pose)
+            await self._pose(req.pose)
         elif kind == "end":
             await self._end(req.end)
         elif kind == "hello":
@@ -210,10 +211,20 @@ class IngestStream:
         self.service.resent_frames += 1
         log.debug("skipped resent frame %s/%s/%d", self.session_id, self.camera_id, seq)
 
-    def _pose(self, p: booth_pb2.Pose) -> None:
+    async def _pose(self, p: booth_pb2.Pose) -> None:
         self._check_ids("pose", p.seq, p.session_id, p.camera_id)
         if p.seq > MAX_SEQ:
             raise BadInput(f"pose seq {p.seq} is out of range (max {MAX_SEQ})")
+        # A pose belongs to a frame of the take: one past its end, or far ahead of the
+        # frames, would only fill the database (and a huge seq would hide every real pose
+        # after it as a resend).
+        if self.frame_count is not None and p.seq >= self.frame_count:
+            raise BadInput(f"pose {p.seq} is past the end of the take ({self.frame_count} frames)")
+        if p.seq > self.next_seq + MAX_POSE_LEAD:
+            raise BadInput(
+                f"pose {p.seq} is for a frame far ahead of the frames sent (next is "
+                f"{self.next_seq}); poses follow their frames"
+            )
         n = len(p.skeleton.keypoints)
         if n != len(JOINTS):
             raise BadInput(f"pose {p.seq} has {n} keypoints; the skeleton has {len(JOINTS)}")
@@ -224,6 +235,8 @@ class IngestStream:
             raise BadInput(
                 f"pose {p.seq} has a keypoint that is not finite or a score outside 0..1"
             )
+        if self.writer.full:
+            await self.writer.room()  # as frames do: memory stays near two shards
         self.writer.add_pose(PoseIn(p.seq, kp.tobytes(), p.imputed, p.glitch))
         self.last_pose_seq = p.seq
 

@@ -404,6 +404,19 @@ def _bad_cases(
             grpc.StatusCode.INVALID_ARGUMENT,
             "score outside 0..1",
         ),
+        "pose past the end of the take": (
+            [th.hello(sid), th.frame_req(0), th.end_req(1), _pose_req(1)],
+            token,
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "pose 1 is past the end of the take",
+        ),
+        "pose far ahead of the frames": (
+            # It would have stored a row, and hidden every real pose after it as a resend.
+            [th.hello(sid), th.frame_req(0), _pose_req(2**31 - 1)],
+            token,
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "far ahead of the frames",
+        ),
         "hello with a negative frame rate": (
             [
                 booth_pb2.IngestRequest(
