@@ -394,10 +394,6 @@ class Deliverer:
         else:
             email = self._email(session, link)
             self.repo.enqueue_email(session_id, email=email, link=self._link_row(link))
-        # The tablet shows the newest link (a corrected address revoked the older ones).
-        self.repo.set_progress(
-            session_id, link_url=links_mod.watch_url(self.settings.web.base_url, link.token)
-        )
         log.info(
             "email queued again",
             extra={"session_id": session_id, "to": mail.redact(email["to_addr"])},

@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import contextlib
 import email
+import email.utils
 import json
 import logging
 import mailbox
 import os
+import re
 import secrets
 import signal
 import subprocess
@@ -490,8 +492,32 @@ class DemoBooth:
                 bars["email"].update(1)
 
     def received_emails(self, to_addr: str) -> list[email.message.Message]:
-        box = mailbox.Maildir(str(self.dir / "maildir"), create=False)
+        try:
+            box = mailbox.Maildir(str(self.dir / "maildir"), create=False)
+        except mailbox.NoSuchMailboxError:  # nothing sent yet
+            return []
         return [m for m in box if to_addr in (m["To"] or "")]
+
+    def emailed_link(self, to_addr: str) -> str | None:
+        """The watch link in the newest email to ``to_addr``: where the attendee finds it
+        (the booth keeps only its hash)."""
+        found = None
+        for msg in sorted(self.received_emails(to_addr), key=_sent_at):
+            for part in msg.walk():
+                if part.get_content_type() != "text/plain":
+                    continue
+                body = part.get_payload(decode=True).decode(part.get_content_charset() or "utf-8")
+                match = re.search(r"https?://\S+/v/[A-Za-z0-9_-]+", body)
+                if match:
+                    found = match.group(0)
+        return found
+
+
+def _sent_at(msg: email.message.Message) -> float:
+    try:
+        return email.utils.parsedate_to_datetime(msg["Date"]).timestamp()
+    except (TypeError, ValueError):
+        return 0.0
 
 
 def run_demo(
@@ -525,7 +551,7 @@ def run_demo(
         result.update(
             seconds_with_setup=time.time() - t0,
             emails_received=len(mails),
-            link=s.get("link_url"),
+            link=booth.emailed_link("dancer@example.org"),
             video_path=str(video_path),
             quality=s.get("quality") or {},
         )

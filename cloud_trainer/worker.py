@@ -537,7 +537,6 @@ class Worker:
         from cloud_trainer import render
         from cloud_trainer.corpus import TrainingFailed
         from cloud_trainer.deliver import Deliverer
-        from cloud_trainer.links import watch_url
         from cloud_trainer.normalize import shows_whole_body
         from cloud_trainer.reference import ReferenceLibrary
         from cloud_trainer.train import JobSpec, Progress, train_job
@@ -642,15 +641,14 @@ class Worker:
         self._check_not_deleted(sid, lease)
 
         clock.enter("delivering")
-        link = Deliverer(self.repo, self.store, cfg).deliver(
+        Deliverer(self.repo, self.store, cfg).deliver(
             sid,
             video_key=keys["video_key"],
             poster_key=keys["poster_key"],
             side_by_side_key=keys["side_by_side_key"],
         )
-        self.repo.set_progress(
-            sid, stage="delivered", link_url=watch_url(cfg.web.base_url, link.token), eta_s=0
-        )
+        # The link itself is not kept (only its hash is): it went to the attendee by email.
+        self.repo.set_progress(sid, stage="delivered", eta_s=0)
         clock.enter(None)
         self.repo.update_job_progress(job_id, stage="done", stage_seconds=clock.seconds)
         self.repo.finish_job(

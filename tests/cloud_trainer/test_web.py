@@ -191,6 +191,9 @@ def test_attendee_page_range_requests_and_delete_my_data(client, booth):
     assert page.status_code == 200 and "<video" in page.text and "Delete my data" in page.text
     whole = client.get(f"/v/{token}/video.mp4")
     assert whole.status_code == 200 and whole.content == VIDEO
+    # Not cached: after "delete my data" or the link's end, a shared device must not
+    # keep playing it from its cache.
+    assert whole.headers["cache-control"] == "no-store"
     part = client.get(f"/v/{token}/video.mp4", headers={"Range": "bytes=100-199"})
     assert part.status_code == 206 and part.content == whole.content[100:200]
     assert part.headers["content-range"] == "bytes 100-199/10240"
@@ -207,6 +210,25 @@ def test_attendee_page_range_requests_and_delete_my_data(client, booth):
     assert client.get(f"/v/{token}/video.mp4").status_code == 410
     assert list(store.list(f"sessions/{sid}/")) == []
     assert client.post(f"/v/{token}/delete", data={"confirm": "yes"}).status_code == 410
+
+
+def test_staff_watch_the_video_behind_their_login_and_the_link_is_not_kept(client, booth):
+    """The tablet showed the attendee's own link, kept in plain text in the database (a
+    leaked backup held every working link) and one tap from its "delete my data"."""
+    import transport_helpers as th
+
+    repo, store = booth.repo, booth.store
+    sid, _ = delivered_session(repo, store)
+    assert client.get(f"/sessions/{sid}/video.mp4", follow_redirects=False).status_code == 303
+    csrf = log_in(client)
+    view = client.get(f"/api/sessions/{sid}", headers={"X-CSRF-Token": csrf}).json()
+    assert view["video_url"] == f"/sessions/{sid}/video.mp4" and "link_url" not in view
+    page = client.get(f"/sessions/{sid}")
+    assert f'href="/sessions/{sid}/video.mp4"' in page.text and "/v/" not in page.text
+    r = client.get(view["video_url"], headers={"Range": "bytes=0-99"})
+    assert r.status_code == 206 and r.content == VIDEO[:100]
+    other = th.new_session(repo, booth_id="booth-2")
+    assert client.get(f"/sessions/{other}/video.mp4").status_code == 404
 
 
 def test_a_video_file_missing_from_storage_is_a_page_not_a_server_error(client, booth):

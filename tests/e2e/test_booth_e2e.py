@@ -102,9 +102,14 @@ def test_staff_and_attendee_flow_in_a_real_browser(booth, browser):
     ).text
     assert len(seen & {"capturing", "uploaded", "training", "rendering", "delivered"}) >= 3, seen
 
-    link = wait_for(
-        lambda: d.find_elements(By.CSS_SELECTOR, "#link a"), 10, "the link on the tablet"
-    )[0].text
+    # Staff watch it behind their login; the attendee's link is only in their email.
+    watch = wait_for(
+        lambda: d.find_elements(By.CSS_SELECTOR, "#link a"), 10, "the video on the tablet"
+    )[0].get_attribute("href")
+    assert watch.endswith("/video.mp4") and "/v/" not in watch
+    assert booth.staff.http.get(watch).status_code == 200
+    assert httpx.get(watch, follow_redirects=False).status_code in (303, 401)  # not public
+    link = wait_for(lambda: booth.emailed_link("grace@example.org"), 60, "the email")
     assert "/v/" in link
 
     # The attendee's page plays the H.264 video.

@@ -106,13 +106,37 @@ def _serve(
     range_header: str | None,
     download_name: str | None = None,
 ):
-    key = _video_key(visit.session, which)
+    return serve_file(
+        services,
+        visit.session,
+        which,
+        media_type,
+        range_header,
+        expires_at=visit.link_expires_at,
+        download_name=download_name,
+    )
+
+
+def serve_file(
+    services: Services,
+    session: dict,
+    which: str,
+    media_type: str,
+    range_header: str | None,
+    *,
+    expires_at: float,
+    download_name: str | None = None,
+):
+    """One of a session's files (``video``, ``side``, ``poster``): a signed URL on gcs,
+    else the bytes (a Range of them). Never cached: a deleted or expired video must
+    not keep playing from a shared device's cache."""
+    key = _video_key(session, which)
     disposition = f'attachment; filename="{download_name}"' if download_name else None
     try:
         signed = links.signed_url(
             services.store,
             key,
-            visit.link_expires_at,
+            expires_at,
             disposition=disposition,
             content_type=media_type,
         )
@@ -125,13 +149,13 @@ def _serve(
         planned = links.serve_range(services.store, key, range_header, media_type)
     except BlobNotFound:
         # Deleted a moment ago (a delete removes the files before the rows), or lost.
-        if services.repo.session_deleted(visit.session["id"]):
+        if services.repo.session_deleted(session["id"]):
             raise Gone("this video and its data were deleted") from None
-        log.error("session %s: %s is missing from the blob store", visit.session["id"], key)
+        log.error("session %s: %s is missing from the blob store", session["id"], key)
         raise HTTPException(
             404, "this video's file is missing; the booth staff can render it again"
         ) from None
-    headers = {**planned.headers, "Cache-Control": "private, max-age=3600"}
+    headers = {**planned.headers, "Cache-Control": "no-store"}
     if disposition and planned.status != 416:
         headers["Content-Disposition"] = disposition
     return StreamingResponse(planned.body, status_code=planned.status, headers=headers)

@@ -11,7 +11,7 @@ from functools import partial
 from typing import Annotated, Any
 from zoneinfo import ZoneInfo
 
-from fastapi import APIRouter, Form, HTTPException, Request
+from fastapi import APIRouter, Form, Header, HTTPException, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field
 from sqlalchemy import select
@@ -97,9 +97,11 @@ def session_view(services: Services, s: dict[str, Any]) -> dict[str, Any]:
         "take_s": s["take_s"],
         "cameras": s["cameras"],
         "failure_reason": s["failure_reason"],
-        "progress": progress,
+        "progress": {k: v for k, v in progress.items() if k != "link_url"},  # older rows
         "quality": s.get("quality"),
-        "link_url": progress.get("link_url"),
+        # Staff watch the video here, behind their login. The attendee's own link went to
+        # them by email and is not kept: the database holds only its hash.
+        "video_url": f"/sessions/{s['id']}/video.mp4" if s.get("video_key") else None,
         "email_delivery": email_state(services, s["id"]),
         "takes": take_rows,
         "frames_uploaded": sum(t["frames_stored"] for t in take_rows),
@@ -225,6 +227,20 @@ def session_page(session_id: str, request: Request, services: ServicesDep, staff
         "session.html",
         {"staff": staff, "s": s, "agents": _agents(services), "limbs": LIMB_INDEX, "error": None},
     )
+
+
+@router.get("/sessions/{session_id}/video.mp4", include_in_schema=False)
+def session_video(
+    session_id: str,
+    services: ServicesDep,
+    staff: StaffPage,
+    range: Annotated[str | None, Header()] = None,
+):
+    """The delivered video, for staff to show the attendee at the booth."""
+    from cloud_trainer.web.routes.attendee import serve_file
+
+    s = _get(services, session_id)
+    return serve_file(services, s, "video", "video/mp4", range, expires_at=time.time() + 300)
 
 
 async def _action(request, services, staff, session_id, csrf, fn):

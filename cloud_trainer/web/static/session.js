@@ -28,7 +28,11 @@ function render(v) {
     }
   }
   if (v.state === 'delivered') document.getElementById('train-bar').style.width = '100%';
-  if (v.link_url) { const a = document.createElement('a'); a.href = v.link_url; a.target = '_blank'; a.rel = 'noopener'; a.textContent = v.link_url; document.getElementById('link').replaceChildren(a); }
+  if (v.video_url && !document.querySelector('#link a')) {
+    const a = document.createElement('a'); a.href = v.video_url; a.target = '_blank'; a.rel = 'noopener'; a.textContent = 'Watch the video';
+    const note = document.createElement('span'); note.className = 'muted'; note.textContent = " (the attendee's own link is in their email)";
+    document.getElementById('link').replaceChildren(a, ' ', note);
+  }
   const e = v.email_delivery; document.getElementById('email-state').textContent = e ? `Email to ${e.to_addr}: ${e.state}` + (e.last_error ? ` (${e.last_error})` : '') : '';
   // Start while created, Start again once failed (also when it fails while this page is open).
   const sf = document.getElementById('start-form');
