@@ -86,7 +86,7 @@ def create_app(
         version="0.1.0",
         description="Staff tablet, attendee pages and the booth's JSON API.",
     )
-    app.add_middleware(SecurityHeaders)
+    app.add_middleware(SecurityHeaders, https=settings.web.base_url.startswith("https://"))
     app.state.services = services
     app.state.metrics_registry = metrics.make_registry(repo)
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")

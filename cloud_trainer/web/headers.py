@@ -10,7 +10,9 @@
   for media), except on the API docs pages, whose Swagger and ReDoc bundles come
   from a CDN;
 - HTML is ``no-store``: a shared tablet's back button does not show an attendee's
-  name and email after logout.
+  name and email after logout;
+- HSTS when the booth's public URL is https: a browser that saw the booth once never
+  sends an attendee's link over plain http again.
 """
 
 from __future__ import annotations
@@ -39,9 +41,13 @@ _ALWAYS = (
 )
 
 
+HSTS = (b"strict-transport-security", b"max-age=31536000")
+
+
 class SecurityHeaders:
-    def __init__(self, app: Any) -> None:
+    def __init__(self, app: Any, *, https: bool = False) -> None:
         self.app = app
+        self.always = (*_ALWAYS, HSTS) if https else _ALWAYS
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -53,7 +59,7 @@ class SecurityHeaders:
             if message["type"] == "http.response.start":
                 headers = list(message.get("headers", []))
                 present = {k.lower() for k, _ in headers}
-                extra = list(_ALWAYS)
+                extra = list(self.always)
                 if not docs:
                     extra.append((b"content-security-policy", CSP.encode()))
                 content_type = dict(headers).get(b"content-type", b"")

@@ -26,6 +26,8 @@ from cloud_trainer.config import BoothConfig, GcsStorage
 from cloud_trainer.web import create_app
 from edge_agent.config import ConfigError
 
+LOCAL = ("127.0.0.1", 50000)  # the tablet's client address (metrics: a private one)
+
 
 @pytest.fixture
 def settings(tmp_path) -> BoothConfig:
@@ -49,7 +51,7 @@ def booth_on_each_db(tmp_path, db_config) -> Iterator[StaffApp]:
 
 @pytest.fixture
 def client(booth):
-    with TestClient(booth.app) as c:
+    with TestClient(booth.app, client=LOCAL) as c:
         yield c
 
 
@@ -365,7 +367,7 @@ def _counter_samples(text: str) -> dict[tuple[str, tuple], float]:
 
 def test_metrics_counters_do_not_drop_when_a_session_is_deleted(booth_on_each_db):
     repo = booth_on_each_db.repo
-    with TestClient(booth_on_each_db.app) as client:
+    with TestClient(booth_on_each_db.app, client=LOCAL) as client:
         csrf = log_in(client)
         sid = new_session(client, csrf).json()["id"]
         repo.open_take(sid, "cam0")
@@ -430,7 +432,7 @@ def test_every_error_the_api_answers_is_documented_in_the_openapi(client, booth)
         r = client.post("/api/login", json={"username": STAFF, "password": "nope"})
         check("post", "/api/login", r, status)
     # Staff would wait a minute for the throttle; the test forgets the failures instead.
-    client.app.state.services.throttle.succeeded("testclient", STAFF)
+    client.app.state.services.throttle.succeeded(LOCAL[0], STAFF)
     csrf = log_in(client)
     body = {"name": "A", "email": "a@example.org", "consent": True, "reference": "r"}
     check("post", "/api/sessions", client.post("/api/sessions", json=body), 403)
@@ -583,7 +585,7 @@ def test_a_double_tap_on_delete_my_data_answers_deleted_twice(booth_on_each_db):
                 inner.append(e)
 
     desk.delete_blobs = blobs_then_the_second_tap
-    with TestClient(booth_on_each_db.app) as client:
+    with TestClient(booth_on_each_db.app, client=LOCAL) as client:
         r = client.post(f"/v/{token}/delete", data={"confirm": "yes"})
         assert r.status_code == 200 and "were deleted" in r.text, r.text
         assert inner == [None]
@@ -615,7 +617,7 @@ def test_a_delete_that_fails_midway_changes_nothing_so_the_attendee_can_retry(
         desk.delete(sid)
     monkeypatch.undo()
     assert repo.get_session(sid)["email"] == "ada@example.com"  # still all there
-    with TestClient(booth_on_each_db.app) as client:
+    with TestClient(booth_on_each_db.app, client=LOCAL) as client:
         assert client.get(f"/v/{token}").status_code == 200  # not "deleted": retry works
         r = client.post(f"/v/{token}/delete", data={"confirm": "yes"})
         assert r.status_code == 200 and "were deleted" in r.text

@@ -30,10 +30,35 @@ def test_metrics_need_the_bearer_token_when_one_is_set(app_with_token):
         assert client.get("/healthz").status_code == 200  # probes need no token
 
 
-def test_metrics_stay_open_without_a_token(tmp_path):
+@pytest.mark.parametrize(
+    ("client", "served"),
+    [("127.0.0.1", True), ("10.1.2.3", True), ("::1", True), ("93.184.216.34", False)],
+)
+def test_metrics_without_a_token_are_for_private_addresses_only(tmp_path, client, served):
+    """The deployed config leaves the token empty unless ops set one: the internet (the
+    forwarded client behind the TLS proxy) must not read the booth's counters then."""
     booth = build_app(staff_settings(tmp_path))
     try:
-        with TestClient(booth.app) as client:
-            assert client.get("/metrics").status_code == 200
+        with TestClient(booth.app, client=(client, 50000)) as c:
+            r = c.get("/metrics")
+            assert r.status_code == (200 if served else 401)
+            assert ("booth_" in r.text) == served
+            if not served:
+                assert "web.metrics_token" in r.text
     finally:
         booth.repo.close()
+
+
+def test_hsts_is_sent_when_the_booth_is_served_over_https(tmp_path):
+    settings = staff_settings(tmp_path)
+    plain = build_app(settings)
+    settings.web.base_url = "https://booth.example.org"
+    secure = build_app(settings)
+    try:
+        with TestClient(plain.app) as c:
+            assert "strict-transport-security" not in c.get("/healthz").headers
+        with TestClient(secure.app) as c:
+            assert c.get("/healthz").headers["strict-transport-security"] == "max-age=31536000"
+    finally:
+        plain.repo.close()
+        secure.repo.close()

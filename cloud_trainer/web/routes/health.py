@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+import ipaddress
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Request, Response
@@ -49,21 +50,39 @@ def readyz(services: ServicesDep, response: Response):
     return {"ready": ready, **checks}
 
 
+def _private_client(request: Request) -> bool:
+    host = request.client.host if request.client else ""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return address.is_loopback or address.is_private
+
+
 @router.get(
     "/metrics",
-    summary="Prometheus metrics (a bearer token when web.metrics_token is set)",
+    summary="Prometheus metrics (a bearer token when web.metrics_token is set, else private "
+    "addresses only)",
     response_class=PlainTextResponse,
-    responses={401: {"description": "web.metrics_token is set and this is not it"}},
+    responses={
+        401: {"description": "not the web.metrics_token, or none is set and the client is public"}
+    },
 )
 def metrics(
     request: Request, services: ServicesDep, authorization: Annotated[str | None, Header()] = None
 ):
     token = services.settings.web.metrics_token
-    if token and not hmac.compare_digest(
-        (authorization or "").encode(), f"Bearer {token}".encode()
-    ):
+    if token:
+        allowed = hmac.compare_digest((authorization or "").encode(), f"Bearer {token}".encode())
+    else:
+        # No token set: a scraper on this machine or the private network only. Behind the
+        # TLS proxy the client is the forwarded one, so the internet is not let in.
+        allowed = _private_client(request)
+    if not allowed:
         return PlainTextResponse(
-            "metrics need the bearer token set in web.metrics_token\n",
+            "metrics need the bearer token set in web.metrics_token\n"
+            if token
+            else "metrics are served to private addresses only until web.metrics_token is set\n",
             status_code=401,
             headers={"WWW-Authenticate": 'Bearer realm="metrics"'},
         )
