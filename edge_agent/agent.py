@@ -35,6 +35,7 @@ agent keeps running (it re-probes the camera and the disk until they are back).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -176,9 +177,23 @@ class Agent:
             st = self._statvfs(str(out_dir))
         except OSError as e:
             return f"cannot use the take directory {out_dir}: {e.strerror}"
+        # Written, not just looked at: an SD card that went read-only still lists and
+        # stats fine, and every take would fail while status said healthy.
+        probe = out_dir / f".write-probe-{os.getpid()}"
+        try:
+            fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                os.write(fd, b"probe")
+            finally:
+                os.close(fd)
+            probe.unlink()
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                probe.unlink()
+            return f"cannot write in the take directory {out_dir}: {e.strerror}; not recording"
         free = st.f_bavail * st.f_frsize
         need = self.cfg.capture.min_free_disk_mb * 2**20
-        if free < need:
+        if free < need or free == 0:
             return (
                 f"disk almost full: {free / 2**20:.0f} MB free in {out_dir}, below "
                 f"capture.min_free_disk_mb={self.cfg.capture.min_free_disk_mb}; not recording"

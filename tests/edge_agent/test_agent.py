@@ -249,6 +249,65 @@ def test_full_disk_refuses_a_take_with_a_clear_message_and_the_agent_keeps_runni
         agent.close()
 
 
+@pytest.fixture
+def card(tmp_path):
+    """A small real filesystem the test can turn read-only, as an SD card does when it fails."""
+    import subprocess
+
+    mnt = tmp_path / "card"
+    mnt.mkdir()
+
+    def mount(*opts: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", ",".join(("size=4m", *opts)), "tmpfs", str(mnt)],
+            capture_output=True,
+            text=True,
+        )
+
+    r = mount()
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {r.stderr.strip()}")
+    (mnt / "takes").mkdir()
+
+    def remount(mode: str) -> None:
+        subprocess.run(["mount", "-o", f"remount,{mode}", str(mnt)], check=True)
+
+    try:
+        yield mnt / "takes", remount
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_a_take_directory_that_went_read_only_stays_an_error_until_it_is_writable(
+    tmp_path, jpegs, card
+):
+    """It stats and lists fine: the agent said idle (and /healthz 200) while every take
+    failed. Only writing tells."""
+    takes, remount = card
+    cfg = config(tmp_path)
+    cfg.capture.out_dir = takes
+    remount("ro")
+    agent = Agent(
+        cfg,
+        source_factory=replay_factory(jpegs),
+        pose_factory=slow_pose_factory(0),
+        retry_initial_s=0.02,
+    ).start()
+    try:
+        assert agent.state == "error"
+        assert "cannot write in the take directory" in agent.status()["error"]
+        assert "Read-only file system" in agent.status()["error"]
+        assert agent.probe() is False and agent.state == "error"  # a re-probe keeps it
+        with pytest.raises(DeviceError):
+            agent.start_take("sess-1", 0.1)
+        remount("rw")
+        assert wait_for(lambda: agent.state == "idle"), "writable again: the agent recovers"
+        assert agent.start_take("sess-1", 0.1).wait(60).ok
+        assert not list(takes.glob(".write-probe-*"))
+    finally:
+        agent.close()
+
+
 def test_status_endpoint_serves_live_counters_during_a_take(tmp_path, jpegs, get_free_port):
     agent = make_agent(tmp_path, jpegs)
     agent.start(status_port=get_free_port())
