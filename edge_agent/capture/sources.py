@@ -362,6 +362,7 @@ class VideoFileCamera:
     """
 
     JPEG_QUALITY = 90
+    ends_by_itself = True  # a file shorter than the take: a warning, not a failed camera
 
     def __init__(self, cfg: FileSource, clock: BoothClock) -> None:
         self.name = f"file:{cfg.path}"

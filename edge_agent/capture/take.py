@@ -158,6 +158,7 @@ class Take:
         # Local arrival time of the newest frame (or of the start), for stall detection.
         self.last_arrival_ns: int | None = None
         self.capture_error: str | None = None
+        self.capture_warning: str | None = None  # degraded, not failed (a short file)
         self.errors: list[str] = []
         self.summary: TakeSummary | None = None
         self.recorder: SegmentRecorder | None = None
@@ -331,6 +332,21 @@ class Take:
                 self.frames = n
                 self.last_ts_ns = frame.capture_ts_ns
                 self.last_arrival_ns = arrival_ns()
+            else:
+                # The source ran out by itself: a video file shorter than the take, a
+                # stream that ended. A short take must not pass for a whole one.
+                # (A take without a duration lasts as long as its source.)
+                if not stop.is_set() and max_frames is not None and n < max_frames:
+                    short = f"camera {self.source.name} ended after {n} of {max_frames} frames"
+                    if getattr(self.source, "ends_by_itself", False):
+                        # A video file: it ends where it ends; the take is what it holds.
+                        self.capture_warning = f"{short}: the file is shorter than the take"
+                        log.warning("take %s/%s: %s", self.session_id, self.camera_id, short)
+                    else:
+                        self.capture_error = f"{short}, before the take did (the stream stopped)"
+                        log.error(
+                            "take %s/%s: %s", self.session_id, self.camera_id, self.capture_error
+                        )
         except (OSError, av.FFmpegError, DeviceError) as e:  # unplugged, USB error, ...
             self.capture_error = f"camera {self.source.name} failed after {n} frames: {e}"
             log.error("take %s/%s: %s", self.session_id, self.camera_id, self.capture_error)
@@ -556,6 +572,8 @@ class Take:
         if stalled := self.stalled():
             errors.append(stalled)
         warnings = list(getattr(self.source, "warnings", []))
+        if self.capture_warning:
+            warnings.append(self.capture_warning)
         if self.worker is not None and self.worker.error:
             warnings.append(self.worker.error)
         if self.recorder is not None and self.recorder.corrupt_frames:

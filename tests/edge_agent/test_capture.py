@@ -163,6 +163,30 @@ def test_slow_pose_backend_never_costs_a_captured_frame(tmp_path, jpegs):
     assert summary.ok
 
 
+def test_a_camera_that_stops_delivering_mid_take_fails_the_take_and_keeps_its_frames(
+    tmp_path, jpegs
+):
+    """A 1 s take whose stream ends after 40 frames: it passed for a whole take before."""
+    summary = run_take(make_take(tmp_path, jpegs[:40], duration_s=N / FPS))
+    assert summary.frames == summary.frames_written == 40
+    assert not summary.ok
+    assert summary.errors == [
+        f"camera replay ended after 40 of {N} frames, before the take did (the stream stopped)"
+    ]
+
+
+def test_a_video_file_shorter_than_the_take_is_a_warning_not_a_failed_camera(tmp_path, jpegs):
+    class ShortFile(ReplayCamera):
+        ends_by_itself = True
+
+    source = ShortFile(jpegs[:40], width=WIDTH, height=HEIGHT, fps=FPS, clock=BoothClock())
+    summary = run_take(make_take(tmp_path, jpegs, duration_s=N / FPS, source=source))
+    assert summary.ok and summary.frames == 40
+    assert summary.warnings == [
+        f"camera replay ended after 40 of {N} frames: the file is shorter than the take"
+    ]
+
+
 @needs_ffprobe
 def test_segments_play_in_ffprobe_and_hold_exactly_the_offered_jpegs(tmp_path, jpegs):
     summary = run_take(make_take(tmp_path, jpegs, pose=False))
