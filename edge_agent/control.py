@@ -44,6 +44,7 @@ REMEMBERED_COMMANDS = 512
 REMEMBERED_SESSIONS = 256
 CLOCK_SAMPLES = 8
 CLOCK_STEP_NS = 500_000  # adopt a new offset when it moved by more than this
+MAX_START_AHEAD_S = 60.0  # the longest countdown is 30 s (booth.countdown_s)
 MAX_WARNINGS = 8  # a status report carries at most this many (the board keeps them all)
 _STATES = {
     "idle": booth_pb2.IDLE,
@@ -122,7 +123,20 @@ class ControlClient:
 
     def _clock_sample(self, sent_ns: int, received_ns: int, server_ns: int) -> None:
         rtt = received_ns - sent_ns
-        self._clock.append((rtt, server_ns - (sent_ns + received_ns) // 2))
+        offset = server_ns - (sent_ns + received_ns) // 2
+        if self._clock:
+            best_rtt, best = min(self._clock)
+            # Each sample says the offset is within its round trip of its midpoint. A new
+            # one that cannot agree with the best one means the server's clock stepped (or
+            # this board's did): the older samples describe a clock that is gone. Keeping
+            # them, the step was ignored until they aged out of the window.
+            if abs(offset - best) > (rtt + best_rtt) // 2 + CLOCK_STEP_NS:
+                log.warning(
+                    "control: the booth clock stepped by %+.3f s; measuring it afresh",
+                    (offset - best) / 1e9,
+                )
+                self._clock.clear()
+        self._clock.append((rtt, offset))
         self.clock_offset_ns = min(self._clock)[1]
         # The capture stamps frames with it; small wobbles are noise, not news.
         if (
@@ -159,6 +173,8 @@ class ControlClient:
         )
         while True:
             call = stub.Connect(register, metadata=auth_metadata(self.cfg.token))
+            # After an outage the old samples may describe a clock that has moved since.
+            self._clock.clear()
             try:
                 # The stream carries nothing until a command comes; a report that goes through
                 # says the server is there (and measures the clock at once).
@@ -226,6 +242,16 @@ class ControlClient:
                 "control: StartTake for %s arrived after its take would end", start.session_id
             )
             self._note = f"start of {start.session_id} arrived too late"
+            return
+        ahead_s = (start.start_at_ns - self.booth_time_ns()) / 1e9 if start.start_at_ns else 0.0
+        if ahead_s > MAX_START_AHEAD_S:
+            # The tablet's countdown is seconds; this far ahead, the clocks disagree, and
+            # the take would wait (holding the commands, Stop too) for that long.
+            self._note = (
+                f"start of {start.session_id} is {ahead_s:.0f} s ahead of this board's booth "
+                "clock; not waiting for it (the clocks disagree: check the server's time)"
+            )
+            log.warning("control: %s", self._note)
             return
         current = self.runner.status()
         if current.get("state") == "capturing":

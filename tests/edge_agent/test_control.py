@@ -142,6 +142,40 @@ async def test_the_agent_measures_its_clock_offset_from_report_acks(tmp_path, se
         assert client.build_status().clock_offset_ns == client.clock_offset_ns != 0
 
 
+async def test_a_server_clock_step_is_followed_at_the_next_sample(tmp_path, server):
+    """The offset was the lowest-latency sample of the last 8, however old: after the
+    server's clock stepped an hour, the board kept the old offset for 6 more reports."""
+    async with Booth(tmp_path, server, cameras=("cam0",)) as b:
+        client = b.clients["cam0"]
+        hour = 3600 * 10**9
+        t = 10**12
+        for rtt in (2_000_000, 1_000_000, 3_000_000):  # steady, the middle one the best
+            client._clock_sample(t, t + rtt, t + rtt // 2 + 5_000)  # noqa: SLF001
+            t += 10**9
+        assert abs(client.clock_offset_ns - 5_000) < 1_000
+        client._clock_sample(t, t + 4_000_000, t + 2_000_000 + hour)  # noqa: SLF001
+        assert abs(client.clock_offset_ns - hour) < 3_000_000  # at once, not 6 reports later
+        # Ordinary jitter within the round trips is not a step.
+        t += 10**9
+        client._clock_sample(t, t + 2_000_000, t + 1_000_000 + hour + 400_000)  # noqa: SLF001
+        assert abs(client.clock_offset_ns - hour) < 3_000_000
+
+
+async def test_a_start_far_ahead_of_the_booth_clock_is_refused_not_waited_for(tmp_path, server):
+    """An hour ahead (a clock step the board had not seen yet): the board would sit in
+    'starting' for an hour, with Stop unable to reach it."""
+    async with Booth(tmp_path, server, cameras=("cam0",)) as b:
+        client, capture = b.clients["cam0"], b.captures["cam0"]
+        await client.report_now()
+        far = client.booth_time_ns() + 3600 * 10**9
+        r = await b.booth.start_take("s1", 5.0, start_at_ns=far, command_id="c-far")
+        assert r["cam0"].acked and capture.started == []
+        assert "ahead of this board's booth clock" in r["cam0"].error
+        soon = client.booth_time_ns() + 10**8
+        r = await b.booth.start_take("s2", 5.0, start_at_ns=soon, command_id="c-soon")
+        assert [s[0] for s in capture.started] == ["s2"]
+
+
 async def test_an_agent_that_is_gone_is_offline_and_commands_skip_it(tmp_path, server):
     async with Booth(tmp_path, server) as b:
         await b.clients["cam1"].stop()
