@@ -21,7 +21,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import av
@@ -97,6 +97,8 @@ class PoseCounters:
     corrupt: int = 0  # frames that would not decode
     errors: int = 0  # frames on which the backend raised
     busy_s: float = 0.0
+    # Which frames would not decode: the live pass and the catch-up may both meet one.
+    corrupt_seqs: set[int] = field(default_factory=set)
 
 
 def _attempt(backend: PoseBackend, jpeg: bytes) -> tuple[Any, str | None, BaseException | None]:
@@ -126,6 +128,7 @@ def _count(
     pose, failure, exc = outcome
     if failure == "corrupt":
         counters.corrupt += 1
+        counters.corrupt_seqs.add(seq)
         if counters.corrupt == 1:
             log.warning("%s: frame %d: %s; counted and skipped", where, seq, exc)
     elif failure == "error":
@@ -239,6 +242,7 @@ class CatchUpResult:
     posed: int = 0
     corrupt: int = 0
     errors: int = 0
+    corrupt_seqs: set[int] = field(default_factory=set)
     seconds: float = 0.0
     error: str | None = None
 
@@ -312,5 +316,6 @@ def pose_frames(
         while in_flight:
             store_oldest()
     result.corrupt, result.errors = counters.corrupt, counters.errors
+    result.corrupt_seqs = set(counters.corrupt_seqs)
     result.seconds = time.monotonic() - started
     return result

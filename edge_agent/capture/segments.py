@@ -283,6 +283,7 @@ class SegmentRecorder:
         self._not_recorded = 0
         self.corrupt_frames = 0
         self.first_corrupt_seq: int | None = None
+        self.corrupt_seqs: set[int] = set()
         self.start_ts_ns: int | None = None
         self.first_write_ns: int | None = None
         self.last_write_ns: int | None = None
@@ -499,6 +500,7 @@ class SegmentRecorder:
 
     def _note_corrupt(self, seq: int, size: int) -> None:
         self.corrupt_frames += 1
+        self.corrupt_seqs.add(seq)
         if self.first_corrupt_seq is None:
             self.first_corrupt_seq = seq
             # Once per take; the count is in status and the manifest.

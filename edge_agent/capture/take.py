@@ -482,8 +482,7 @@ class Take:
             "live_dropped": self.slot.replaced,
             "live_fps": round(self.worker.fps, 2) if self.worker else 0.0,
             "catch_up_s": round(cu.seconds, 3) if cu else None,
-            "corrupt": (self.worker.counters.corrupt if self.worker else 0)
-            + (cu.corrupt if cu else 0),
+            "corrupt": len(self._undecodable()),  # frames, each counted once
             "errors": (self.worker.counters.errors if self.worker else 0)
             + (cu.errors if cu else 0),
             "coverage": round(with_pose / n, 6) if n else 0.0,
@@ -562,6 +561,13 @@ class Take:
         pts = skel.astype(np.float64) / (g.width, g.height, 1.0)
         return {"seq": seq, "keypoints": np.round(pts, 4).tolist()}
 
+    def _undecodable(self) -> set[int]:
+        """Frames whose JPEG would not decode, by the live pass or the catch-up."""
+        seqs = set(self.worker.counters.corrupt_seqs) if self.worker is not None else set()
+        if self.catch_up_result is not None:
+            seqs |= self.catch_up_result.corrupt_seqs
+        return seqs
+
     def _problems(self) -> tuple[list[str], list[str]]:
         """(errors, warnings) so far: what stopped recording, and what degraded it."""
         errors = list(self.errors)
@@ -582,6 +588,15 @@ class Take:
                 f"{rec.corrupt_frames} corrupt JPEG{'s' if rec.corrupt_frames > 1 else ''} from "
                 f"the camera (first at frame {rec.first_corrupt_seq}); they are uploaded as "
                 "lost frames (check the cable and the USB port)"
+            )
+        flagged = self.recorder.corrupt_seqs if self.recorder is not None else set()
+        if bad := self._undecodable() - flagged:
+            # Whole to the eye of the recorder (start and end markers in place) but damaged
+            # inside: recorded and uploaded as they came, with no pose.
+            warnings.append(
+                f"{len(bad)} JPEG{'s' if len(bad) > 1 else ''} from the camera would not decode "
+                f"(first at frame {min(bad)}); they have no pose (check the cable and the USB "
+                "port)"
             )
         return errors, warnings
 

@@ -385,6 +385,22 @@ def test_corrupt_jpegs_are_counted_stored_untouched_and_crash_nothing(tmp_path, 
     ), summary.warnings
 
 
+def test_a_jpeg_damaged_inside_its_markers_is_said_in_status_once(tmp_path, jpegs):
+    """Start and end markers in place, noise between: the recorder cannot tell, and only
+    the pose worker's log knew (counted twice, by the live pass and the catch-up)."""
+    frames = list(jpegs[:60])
+    for i in (10, 20, 30):
+        frames[i] = b"\xff\xd8" + bytes(range(256)) * 12 + b"\xff\xd9"
+    summary = run_take(make_take(tmp_path, frames, delay_s=0.005))
+    assert summary.counters["corrupt_frames"] == 0  # the recorder saw whole JPEGs
+    assert summary.pose["corrupt"] == 3  # frames, each once
+    assert (
+        "3 JPEGs from the camera would not decode (first at frame 10); they have no pose "
+        "(check the cable and the USB port)"
+    ) in summary.warnings
+    assert summary.ok and summary.frames_written == 60
+
+
 def _statvfs_with(free_mb: dict):
     def statvfs(path: str):
         return SimpleNamespace(f_bavail=int(free_mb["mb"] * 2**20) // 4096, f_frsize=4096)
