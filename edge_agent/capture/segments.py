@@ -461,11 +461,13 @@ class SegmentRecorder:
         full = getattr(err, "errno", None) == errno.ENOSPC or self._nearly_full()
         detail = getattr(err, "strerror", None) or str(err)
         what = f"disk full ({detail})" if full else f"write error ({detail})"
+        # The segment in progress goes too: the recording ends before its first frame.
+        first_lost = min([seq, *seg.info.seqs]) if seg is not None else seq
         self._stop(
             "disk_full" if full else "error",
-            f"{what} in {self.out_dir}; recording stopped at frame {seq}; "
+            f"{what} in {self.out_dir}; recording stopped at frame {first_lost}; "
             f"finished segments are intact",
-            seq,
+            first_lost,
         )
         if seg is None:
             return

@@ -446,6 +446,36 @@ def test_full_disk_stops_recording_cleanly_and_keeps_finished_segments(tmp_path,
     assert written == summary.frames_written
 
 
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 640 KB filesystem: the disk fills mid-take, with ENOSPC from the kernel."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    r = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=640k", "tmpfs", str(mnt)],
+        capture_output=True,
+        text=True,
+    )
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {r.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_a_disk_that_fills_mid_take_names_the_first_frame_not_recorded(small_disk, jpegs):
+    """The segment in progress is dropped with the failed write: the message named the
+    frame whose write failed, 8 to 14 frames after the last one recorded."""
+    summary = run_take(make_take(small_disk, jpegs, pose=False, segment_s=0.05))
+    assert 0 < summary.frames_written < N
+    recorded = {q for g in summary.segments for q in range(g["first_seq"], g["last_seq"] + 1)}
+    first_lost = min(set(range(N)) - recorded)
+    [error] = [e for e in summary.errors if "disk full" in e]
+    assert f"recording stopped at frame {first_lost};" in error
+    assert summary.frames_written + summary.counters["not_recorded"] == N
+
+
 def test_a_last_segment_that_fails_to_finalize_is_an_error_not_a_clean_take(
     tmp_path, jpegs, monkeypatch
 ):
