@@ -404,9 +404,11 @@ class Agent:
             },
             "pose_backend": pose_backend,
             "clock_offset_ns": self.clock.offset_ns,
-            "fps": (take_status or {}).get("fps", 0.0),
+            # Rates are now's: an idle camera delivers 0 fps, whatever the last take did
+            # (its numbers are in last_take).
+            "fps": (take_status or {}).get("fps", 0.0) if state == "capturing" else 0.0,
             "frames": (take_status or {}).get("frames", 0),
-            "pose_fps": pose.get("fps", 0.0),
+            "pose_fps": pose.get("fps", 0.0) if state == "capturing" else 0.0,
             "live_pose": pose.get("live"),
             "drops": {
                 "capture": (take_status or {}).get("capture_dropped", 0),

@@ -111,6 +111,8 @@ def test_agent_runs_a_take_into_session_and_camera_dirs_and_reports_it(tmp_path,
         assert status["frames"] == 60 and status["drops"]["capture"] == 0
         assert status["last_take"]["coverage"] == 1.0 and status["takes_done"] == 1
         assert set(status) >= {"fps", "pose_fps", "drops", "queues", "take", "clock_offset_ns"}
+        # Idle, the camera delivers nothing: the last take's rates are not today's news.
+        assert status["fps"] == 0.0 and status["pose_fps"] == 0.0
     finally:
         release.set()
         agent.close()
