@@ -276,6 +276,7 @@ class SegmentRecorder:
 
         self.state = "idle"  # idle | recording | stopped | disk_full | error
         self.error: str | None = None
+        self._stopped_at: int | None = None  # the first frame not recorded, once stopped
         # Each counter has one writing thread: the writer counts muxed frames, the
         # finalizer counts frames lost with a segment that failed to finalize.
         self._muxed = 0
@@ -495,9 +496,20 @@ class SegmentRecorder:
         # "stopped": the writer is done, but the finalizer may still fail the last
         # segment (a short write shows only when the file is closed); say so.
         if self.state not in ("recording", "stopped"):
+            # Already stopped. A segment the finalizer drops afterwards may hold earlier
+            # frames than the write that stopped us: the recording ends before them.
+            stopped_at = self._stopped_at
+            if self.error and stopped_at is not None and 0 <= seq < stopped_at:
+                self.error = self.error.replace(
+                    f"recording stopped at frame {stopped_at};",
+                    f"recording stopped at frame {seq};",
+                )
+                self._stopped_at = seq
+                log.error("recording lost frames from %d on as well", seq)
             return
         self.state = state
         self.error = message
+        self._stopped_at = seq
         log.error("%s (frame %d)", message, seq)
 
     def _note_corrupt(self, seq: int, size: int) -> None:
