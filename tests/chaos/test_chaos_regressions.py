@@ -6,11 +6,11 @@ import asyncio
 import contextlib
 import os
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 import transport_helpers as th
+from tmpfs import mounted_tmpfs
 
 from cloud_trainer.repository import Repository
 from cloud_trainer.storage import create_blob_store
@@ -102,22 +102,6 @@ class ListArchive:
         return iter([p for p in self.poses if p[0] >= seq])
 
 
-@contextlib.contextmanager
-def tiny_tmpfs(path: Path, size_kb: int):
-    path.mkdir(parents=True, exist_ok=True)
-    r = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={size_kb}k", "tmpfs", str(path)],
-        capture_output=True,
-        text=True,
-    )
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs: {r.stderr.strip()}")
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=False)
-
-
 @pytest.mark.skipif(
     os.geteuid() != 0 or shutil.which("mount") is None, reason="mounting a tmpfs needs root"
 )
@@ -136,7 +120,8 @@ async def test_a_full_spool_disk_puts_the_take_behind_and_the_recording_fills_th
     sid = th.new_session(repo)
     sent = th.frames(60)
     poses = [(f.seq, [[1.0, 2.0, 0.9]] * 23, False, False) for f in sent]
-    with tiny_tmpfs(tmp_path / "spool", 256) as spool_dir:
+    with mounted_tmpfs(tmp_path / "spool", 256):
+        spool_dir = tmp_path / "spool"
         filler = spool_dir / "filler.bin"
         with open(filler, "wb") as f, contextlib.suppress(OSError):
             f.write(b"\0" * (256 * 1024))  # fills the disk up to what the kernel allows

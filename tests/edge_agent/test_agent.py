@@ -13,6 +13,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 from capture_fakes import HEIGHT, WIDTH, make_jpegs, slow_pose_factory
+from tmpfs import mounted_tmpfs
 
 from edge_agent.agent import Agent, BoothClock
 from edge_agent.capture.sources import ReplayCamera, rate_warning
@@ -254,30 +255,9 @@ def test_full_disk_refuses_a_take_with_a_clear_message_and_the_agent_keeps_runni
 @pytest.fixture
 def card(tmp_path):
     """A small real filesystem the test can turn read-only, as an SD card does when it fails."""
-    import subprocess
-
-    mnt = tmp_path / "card"
-    mnt.mkdir()
-
-    def mount(*opts: str) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", ",".join(("size=4m", *opts)), "tmpfs", str(mnt)],
-            capture_output=True,
-            text=True,
-        )
-
-    r = mount()
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root): {r.stderr.strip()}")
-    (mnt / "takes").mkdir()
-
-    def remount(mode: str) -> None:
-        subprocess.run(["mount", "-o", f"remount,{mode}", str(mnt)], check=True)
-
-    try:
-        yield mnt / "takes", remount
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
+    with mounted_tmpfs(tmp_path / "card", 4096) as remount:
+        (tmp_path / "card" / "takes").mkdir()
+        yield tmp_path / "card" / "takes", remount
 
 
 def test_a_take_directory_that_went_read_only_stays_an_error_until_it_is_writable(
