@@ -61,7 +61,12 @@ def _templates() -> list[dict[str, Any]]:
     t["agent"]["pose"] = {"type": "edgetpu", "devices": ["usb:0"], "cpu": {"threads": 1}}
     t["agent"]["source"] = {"type": "file", "path": "take.mp4", "rate": "max"}
     t["ingest"]["agents"] = [{"camera_id": "cam0", "token_sha256": "0" * 64}]
-    t["web"]["staff"] = [{"username": "staff", "password_hash": "$argon2id$v=19$m=65536,t=3,p=4$c2FsdHNhbHQ$aGFzaGhhc2hoYXNo"}]
+    t["web"]["staff"] = [
+        {
+            "username": "staff",
+            "password_hash": "$argon2id$v=19$m=65536,t=3,p=4$c2FsdHNhbHQ$aGFzaGhhc2hoYXNo",
+        }
+    ]
     out.append(t)
     return out
 
