@@ -163,10 +163,6 @@ class LoginThrottle:
             self._record(client, username, stamp)
             return 0.0, stamp
 
-    def failed(self, client: str, username: str) -> None:
-        with self._lock:
-            self._record(client, username, self._clock())
-
     def _record(self, client: str, username: str, stamp: float) -> None:
         for key, _ in self._keys(client, username):
             if key in self._failures or len(self._failures) < self.MAX_KEYS:
