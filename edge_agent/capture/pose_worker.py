@@ -94,11 +94,14 @@ class PoseStore:
 @dataclass
 class PoseCounters:
     posed: int = 0
-    corrupt: int = 0  # frames that would not decode
     errors: int = 0  # frames on which the backend raised
     busy_s: float = 0.0
-    # Which frames would not decode: the live pass and the catch-up may both meet one.
+    # Frames that would not decode (a take's live pass and catch-up may both meet one).
     corrupt_seqs: set[int] = field(default_factory=set)
+
+    @property
+    def corrupt(self) -> int:
+        return len(self.corrupt_seqs)
 
 
 def _attempt(backend: PoseBackend, jpeg: bytes) -> tuple[Any, str | None, BaseException | None]:
@@ -127,7 +130,6 @@ def _count(
     """The pose of an attempt, counting (and logging the first of) each kind of failure."""
     pose, failure, exc = outcome
     if failure == "corrupt":
-        counters.corrupt += 1
         counters.corrupt_seqs.add(seq)
         if counters.corrupt == 1:
             log.warning("%s: frame %d: %s; counted and skipped", where, seq, exc)
@@ -240,11 +242,14 @@ class PoseWorker:
 @dataclass
 class CatchUpResult:
     posed: int = 0
-    corrupt: int = 0
     errors: int = 0
     corrupt_seqs: set[int] = field(default_factory=set)
     seconds: float = 0.0
     error: str | None = None
+
+    @property
+    def corrupt(self) -> int:
+        return len(self.corrupt_seqs)
 
 
 def catch_up(
@@ -315,7 +320,6 @@ def pose_frames(
                 store_oldest()
         while in_flight:
             store_oldest()
-    result.corrupt, result.errors = counters.corrupt, counters.errors
-    result.corrupt_seqs = set(counters.corrupt_seqs)
+    result.errors, result.corrupt_seqs = counters.errors, counters.corrupt_seqs
     result.seconds = time.monotonic() - started
     return result

@@ -282,7 +282,6 @@ class SegmentRecorder:
         self._muxed = 0
         self._lost_in_failed = 0
         self._not_recorded = 0
-        self.corrupt_frames = 0
         self.first_corrupt_seq: int | None = None
         self.corrupt_seqs: set[int] = set()
         self.start_ts_ns: int | None = None
@@ -512,8 +511,11 @@ class SegmentRecorder:
         self._stopped_at = seq
         log.error("%s (frame %d)", message, seq)
 
+    @property
+    def corrupt_frames(self) -> int:
+        return len(self.corrupt_seqs)
+
     def _note_corrupt(self, seq: int, size: int) -> None:
-        self.corrupt_frames += 1
         self.corrupt_seqs.add(seq)
         if self.first_corrupt_seq is None:
             self.first_corrupt_seq = seq
