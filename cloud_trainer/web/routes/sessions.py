@@ -214,12 +214,12 @@ def session_page(session_id: str, request: Request, services: ServicesDep, staff
     except HTTPException:
         # Gone: started again (maybe on another tablet), then on to the new session;
         # deleted, then home, which says so. An unknown id stays a 404.
-        booth_id = services.settings.booth.id
-        successor = services.repo.successor_of(session_id, booth_id) if _is_id(session_id) else None
-        if successor is not None:
-            return RedirectResponse(f"/sessions/{successor}", status_code=303)
-        if _is_id(session_id) and services.repo.session_deleted(session_id):
-            return RedirectResponse("/?gone=1", status_code=303)
+        if _is_id(session_id):
+            successor = services.repo.successor_of(session_id, services.settings.booth.id)
+            if successor is not None:
+                return RedirectResponse(f"/sessions/{successor}", status_code=303)
+            if services.repo.session_deleted(session_id):
+                return RedirectResponse("/?gone=1", status_code=303)
         raise
     s = session_view(services, found)
     return services.templates.TemplateResponse(
