@@ -280,6 +280,17 @@ class WebConfig(Strict):
     metrics_token: str = ""
 
 
+def blob_prefix(uri: str) -> str | None:
+    """The store prefix ``blob:<prefix>`` names (None: not a blob-store name)."""
+    return uri[len("blob:") :].strip("/") if uri.startswith("blob:") else None
+
+
+def local_checkpoint_exists(path: str) -> bool:
+    """A checkpoint on local disk: a directory, or a prefix (``.../ckpt-4000``) whose
+    files sit beside it."""
+    return Path(path).exists() or Path(f"{path}.index").exists()
+
+
 def blob_uri(uri: str, storage: LocalStorage | GcsStorage) -> str:
     """A base checkpoint's name as the trainer reads it: a local path or ``blob:<prefix>``.
 

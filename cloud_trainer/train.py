@@ -74,7 +74,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from cloud_trainer.config import TrainerConfig
+from cloud_trainer.config import TrainerConfig, blob_prefix, local_checkpoint_exists
 from cloud_trainer.corpus import (
     Corpus,
     Examples,
@@ -440,8 +440,8 @@ def save_base(model: Pix2Pix, out_dir: Path, *, label_map: str, meta: dict[str, 
 
 def resolve_base(uri: str, store, cache_dir: Path) -> Path:
     """A base checkpoint directory on local disk, downloading ``blob:<prefix>`` first."""
-    if uri.startswith("blob:"):
-        prefix = uri[len("blob:") :].lstrip("/")
+    prefix = blob_prefix(uri)
+    if prefix is not None:
         if store is None:
             raise TrainingFailed(
                 f"base checkpoint {uri} is in the blob store, but none is configured"
@@ -452,11 +452,9 @@ def resolve_base(uri: str, store, cache_dir: Path) -> Path:
         if mirror_from_store(store, prefix, local) == 0:
             raise TrainingFailed(f"base checkpoint {uri} not found in the blob store")
         return local
-    path = Path(uri)
-    # A directory, or a checkpoint prefix (``.../ckpt-4000``) whose files sit beside it.
-    if not path.exists() and not Path(f"{uri}.index").exists():
+    if not local_checkpoint_exists(uri):
         raise TrainingFailed(f"base checkpoint {uri} not found")
-    return path
+    return Path(uri)
 
 
 def restore_base(model: Pix2Pix, base_dir: Path, *, label_map: str) -> dict[str, Any]:
@@ -712,11 +710,11 @@ def open_take(ref: TakeRef, store, cache_dir: Path) -> TakeData:
     if callable(ref):
         return ref()
     ref = str(ref)
-    if ref.startswith("blob:"):
+    prefix = blob_prefix(ref)
+    if prefix is not None:
         if store is None:
             raise TrainingFailed(f"take {ref} is in the blob store, but none is configured")
-        prefix = ref[len("blob:") :].lstrip("/")
-        local = cache_dir / prefix.strip("/").replace("/", "_")
+        local = cache_dir / prefix.replace("/", "_")
         if mirror_from_store(store, prefix, local) == 0:
             raise TrainingFailed(f"take {ref} not found in the blob store")
         return load_take_dir(local)

@@ -48,7 +48,7 @@ from typing import Any
 
 import numpy as np
 
-from cloud_trainer.config import BoothConfig
+from cloud_trainer.config import BoothConfig, blob_prefix, local_checkpoint_exists
 from cloud_trainer.repository import Repository, SessionNotFound
 from cloud_trainer.repository.jobs import FINISHED, JobBusy, JobNotFound, JobState
 from cloud_trainer.repository.sessions import known_id
@@ -271,16 +271,16 @@ class Worker:
         uri = self.settings.trainer.base_checkpoint
         if not uri:
             return None
-        if uri.startswith("blob:"):
-            prefix = uri[len("blob:") :].strip("/") + "/"
+        prefix = blob_prefix(uri)
+        if prefix is not None:
             try:
-                if next(iter(self.store.list(prefix)), None) is not None:
+                if next(iter(self.store.list(prefix + "/")), None) is not None:
                     return None
             except Exception:  # the store is unreachable: each job says so with its reason
                 log.warning("base checkpoint %s not checked: the store failed", uri, exc_info=True)
                 return None
             how = f"`booth pretrain --out DIR --publish {uri}` puts it there"
-        elif Path(uri).exists() or Path(f"{uri}.index").exists():
+        elif local_checkpoint_exists(uri):
             return None
         else:
             how = "`booth pretrain --out DIR` makes one"
