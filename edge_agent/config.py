@@ -323,6 +323,16 @@ def format_validation_error(
     return "\n".join(lines)
 
 
+def flags_error(err: ValidationError, flags: dict[str, str], prefix: str = "") -> str:
+    """``err`` as one line for a command's flags: each refused flag (named as typed,
+    ``flags`` maps setting to flag) or other setting (``prefix`` + key), and why."""
+    out = []
+    for line in format_validation_error(err).splitlines():
+        key, _, reason = line.partition(": ")
+        out.append(f"{flags[key]}: {reason}" if key in flags else f"{prefix}{line}")
+    return "; ".join(out)
+
+
 _ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 

@@ -60,9 +60,8 @@ def _checked(args: argparse.Namespace) -> tuple[tuple[int, int], str]:
     """
     from pydantic import ValidationError
 
-    from cloud_trainer.commands.pretrain import settings_error
     from cloud_trainer.config import BoothSection, TrainerConfig
-    from edge_agent.config import SyntheticSource, _parse_size
+    from edge_agent.config import SyntheticSource, _parse_size, flags_error
 
     try:
         size = _parse_size(args.size)
@@ -92,7 +91,7 @@ def _checked(args: argparse.Namespace) -> tuple[tuple[int, int], str]:
             model(**{key: value for key, (_, value) in flags.items()})
         except ValidationError as e:
             names = {key: flag for key, (flag, _) in flags.items()}
-            raise BadInput(settings_error(e, names)) from None
+            raise BadInput(flags_error(e, names)) from None
     return size, _checked_reference(args.reference)
 
 

@@ -64,21 +64,11 @@ TRAINER_FLAGS = {
 }
 
 
-def settings_error(err, flags: dict[str, str], prefix: str = "") -> str:
-    """A pydantic ValidationError as one line: each refused flag (or setting) and why."""
-    from edge_agent.config import format_validation_error
-
-    out = []
-    for line in format_validation_error(err).splitlines():
-        key, _, reason = line.partition(": ")
-        out.append(f"{flags[key]}: {reason}" if key in flags else f"{prefix}{line}")
-    return "; ".join(out)
-
-
 def run(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from cloud_trainer.config import BoothConfig, load_config
+    from edge_agent.config import flags_error
 
     # Every flag is checked before anything heavy is imported or done.
     if not (math.isfinite(args.seconds) and 1 <= args.seconds <= 600):
@@ -102,17 +92,17 @@ def run(args: argparse.Namespace) -> int:
         cfg = booth.trainer.model_validate({**booth.trainer.model_dump(), **update})
     except ValidationError as e:
         raise BadInput(
-            f"bad training setting: {settings_error(e, TRAINER_FLAGS, 'trainer.')}"
+            f"bad training setting: {flags_error(e, TRAINER_FLAGS, 'trainer.')}"
         ) from None
     publish = None
     if args.publish:
-        from cloud_trainer.config import blob_uri
+        from cloud_trainer.config import blob_prefix, blob_uri
 
         try:
             publish = blob_uri(args.publish, booth.storage)
         except ValueError as e:
             raise BadInput(f"--publish: {e}") from None
-        if not publish.startswith("blob:") or not publish[len("blob:") :].strip("/"):
+        if not blob_prefix(publish):
             raise BadInput(f"--publish needs blob:<prefix>, got {args.publish!r}")
     if args.takes:
         missing = [str(t) for t in args.takes if not t.is_dir()]
@@ -200,10 +190,11 @@ def run(args: argparse.Namespace) -> int:
 
 def _publish(base: Path, uri: str, booth) -> str:
     """Upload the base (not its ``work/`` tree) under the store prefix ``uri`` names."""
+    from cloud_trainer.config import blob_prefix
     from cloud_trainer.corpus import mirror_to_store
     from cloud_trainer.storage import create_blob_store
 
-    prefix = uri[len("blob:") :].strip("/")
+    prefix = blob_prefix(uri)
     files = [
         str(p.relative_to(base))
         for p in base.rglob("*")
