@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import re
+import sqlite3
+import time
 from typing import Any
 
-from sqlalchemy import Connection, Engine, Table, create_engine, event, text
+from sqlalchemy import Connection, Engine, Table, create_engine, event, inspect, text
 from sqlalchemy.dialects import postgresql, sqlite
 
 from cloud_trainer.repository.schema import metadata
-from edge_agent.errors import make_dirs
+from edge_agent.errors import BoothError, make_dirs
 
 _SCHEMA_RE = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 # pg_advisory_xact_lock key for creating the schema: any constant the booth uses for
@@ -26,7 +28,7 @@ def create_db_engine(cfg) -> Engine:  # cfg: SqliteDatabase | PostgresDatabase
         def _sqlite_pragmas(dbapi_conn, _record) -> None:
             cur = dbapi_conn.cursor()
             # WAL: readers never block the writer; the API reads while ingest writes.
-            cur.execute("PRAGMA journal_mode=WAL")
+            _journal_mode_wal(cur)
             cur.execute("PRAGMA synchronous=FULL")
             cur.execute("PRAGMA foreign_keys=ON")
             cur.execute("PRAGMA busy_timeout=30000")
@@ -35,7 +37,13 @@ def create_db_engine(cfg) -> Engine:  # cfg: SqliteDatabase | PostgresDatabase
             dbapi_conn.isolation_level = None
 
         _sqlite_write_locks(engine)
-        metadata.create_all(engine)  # SQLite's write lock serialises concurrent starts
+        # Under the write lock from before the first look at the catalog: processes
+        # starting together (serve and its workers, on a new or upgraded database) would
+        # otherwise all see a table missing, and all but one fail to create it.
+        with engine.begin() as conn:
+            _take_sqlite_write_lock(conn)
+            metadata.create_all(conn)
+            _check_columns(conn, cfg.path)
         return engine
 
     engine = create_engine(cfg.url, pool_pre_ping=True)
@@ -61,7 +69,30 @@ def create_db_engine(cfg) -> Engine:  # cfg: SqliteDatabase | PostgresDatabase
         if cfg.db_schema:
             conn.execute(text(f'CREATE SCHEMA IF NOT EXISTS "{cfg.db_schema}"'))
         metadata.create_all(conn)
+        _check_columns(conn, cfg.db_schema or "the database")
     return engine
+
+
+def _check_columns(conn: Connection, where: Any) -> None:
+    """Refuse a database whose tables lack columns this version uses, naming them.
+
+    ``create_all`` adds missing tables, never missing columns: a database an older
+    version made would otherwise fail at the first query that needs one (mid-upload,
+    or at start-up), with the database's own error.
+    """
+    inspector = inspect(conn)
+    missing = []
+    for table in metadata.sorted_tables:
+        have = {c["name"] for c in inspector.get_columns(table.name)}
+        missing += [f"{table.name}.{c.name}" for c in table.columns if c.name not in have]
+    if missing:
+        shown = ", ".join(missing[:6]) + (
+            f" and {len(missing) - 6} more" if len(missing) > 6 else ""
+        )
+        raise BoothError(
+            f"{where} was made by an older version of dancebooth and lacks {shown}; "
+            "point database.path (or database.db_schema) at a new one, or add the columns"
+        )
 
 
 def dialect_insert(bind: Connection | Engine, table: Table) -> Any:
@@ -100,3 +131,34 @@ def _sqlite_write_locks(engine: Engine) -> None:
             return
         cursor.execute("BEGIN IMMEDIATE")
         conn.info["sqlite_write_locked"] = True
+
+
+def _take_sqlite_write_lock(conn: Connection) -> None:
+    """``BEGIN IMMEDIATE`` now, in ``conn``'s transaction, as ``_lock_before_write`` does."""
+    if not conn.info.get("sqlite_write_locked"):
+        cursor = conn.connection.cursor()
+        try:
+            cursor.execute("BEGIN IMMEDIATE")
+        finally:
+            cursor.close()
+        conn.info["sqlite_write_locked"] = True
+
+
+def _journal_mode_wal(cursor: Any, within_s: float = 30.0) -> None:
+    """``PRAGMA journal_mode=WAL``, waiting out the processes that switch it at the same time.
+
+    The switch (once, on a new database file; WAL then stays) needs the file to itself
+    and answers "database is locked" at once, without the busy timeout, while another
+    connection holds it: processes that open a new database together retry a moment later.
+    """
+    deadline = time.monotonic() + within_s
+    delay = 0.005
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or time.monotonic() >= deadline:
+                raise
+        time.sleep(delay)
+        delay = min(2 * delay, 0.25)
