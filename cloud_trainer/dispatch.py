@@ -1,14 +1,17 @@
 """Putting training jobs on the queue, without losing one when a process dies.
 
 A job row is created (idempotently, one per session) before it is published,
-and marked ``published_at`` after. ``publish_pending`` (run when ``booth serve``
-starts) creates the job of an ``uploaded`` session that has none and
-re-publishes rows that never got the mark, so a crash anywhere between the
-session's upload and the publish delays the job instead of leaving the session
-stuck in ``uploaded``. A crash
-between publish and mark publishes twice; workers ignore a job that has
-already ended and the queue keeps one message per job where it can (SQLite).
-``republish_stalled`` (run by ``booth serve`` every few minutes) does the same for a
+and marked ``published_at`` after. ``publish_pending`` creates the job of an
+``uploaded`` session that has none and re-publishes queued rows without the
+mark. ``booth serve`` runs it when it starts and then every minute, so neither
+a crash anywhere between the session's upload and the publish nor a queue that
+refused the publish (an outage) leaves the session stuck in ``uploaded``. A
+worker that hands a job back (``requeue_job``) clears the mark: if its own
+message is gone (its lease had lapsed), the next sweep publishes the job again.
+A crash between publish and mark publishes twice; workers ignore a job that is
+running elsewhere or has ended, and the queue keeps one message per job where it
+can (SQLite).
+``republish_stalled`` (run by ``booth serve`` every minute) does the same for a
 running job whose worker stopped beating and whose message is gone.
 """
 
@@ -29,32 +32,45 @@ def enqueue_training(repo: Any, queue: Any, session_id: str) -> str:
     return job_id
 
 
-def publish_pending(repo: Any, queue: Any) -> int:
-    """Queue what a crash left unqueued: uploaded sessions without a job, and unpublished jobs."""
+def publish_pending(repo: Any, queue: Any, settle_s: float = 0.0, now: float | None = None) -> int:
+    """Queue what a crash or a queue outage left unqueued; returns how many were published.
+
+    That is: uploaded sessions without a job, and queued jobs not marked published.
+    ``settle_s`` leaves alone what changed less than that long ago (the upload hook of
+    this very process may be publishing it right now); 0 at start-up, when nothing is.
+    """
     from sqlalchemy import select
 
     from cloud_trainer.repository.schema import jobs, sessions
     from cloud_trainer.session import State
 
+    now = time.time() if now is None else now
+    before = now - settle_s
     with repo.engine.connect() as conn:
         orphans = [
             r.id
             for r in conn.execute(
                 select(sessions.c.id)
                 .outerjoin(jobs, jobs.c.session_id == sessions.c.id)
-                .where(sessions.c.state == State.UPLOADED.value, jobs.c.id.is_(None))
+                .where(
+                    sessions.c.state == State.UPLOADED.value,
+                    jobs.c.id.is_(None),
+                    sessions.c.updated_at <= before,
+                )
             )
         ]
     for session_id in orphans:
         log.warning("session %s was uploaded but never queued; queueing it now", session_id)
-        repo.create_job(session_id)
-    pending = repo.unpublished_jobs()
+        job_id = repo.create_job(session_id)
+        queue.publish(job_id, {"session_id": session_id})
+        repo.mark_job_published(job_id)
+    pending = repo.unpublished_jobs(quiet_since=before)
     for job in pending:
         queue.publish(job["id"], {"session_id": job["session_id"]})
         repo.mark_job_published(job["id"])
     if pending:
-        log.warning("re-published %d job(s) that never reached the queue", len(pending))
-    return len(pending)
+        log.warning("published %d job(s) that had not reached the queue", len(pending))
+    return len(orphans) + len(pending)
 
 
 def republish_stalled(repo: Any, queue: Any, quiet_s: float, now: float | None = None) -> int:
@@ -114,7 +130,8 @@ def fail_overdue_captures(repo: Any, take_s_grace: float, now: float | None = No
             f"the take never finished uploading from {', '.join(missing)} "
             f"within {take_s_grace:.0f} s; check those boards, then start again"
         )
-        repo.fail(r.id, reason)
-        log.warning("session %s failed: %s", r.id, reason)
-        failed.append(r.id)
+        # Only if still capturing: the upload may have completed since the read above.
+        if repo.fail(r.id, reason, only_from=frozenset({State.CAPTURING})):
+            log.warning("session %s failed: %s", r.id, reason)
+            failed.append(r.id)
     return failed

@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 SWEEP_INTERVAL_S = 30.0
 RETENTION_SWEEP_S = 3600.0
 STALLED_SWEEP_S = 60.0
+# A job younger than this may be in the middle of its own publish (the upload hook's).
+PUBLISH_SETTLE_S = 30.0
 
 
 def stalled_after_s(queue_cfg: Any) -> float:
@@ -179,7 +181,10 @@ class Service:
         repo = Repository.from_config(cfg.database)
         store = create_blob_store(cfg.storage)
         queue = create_job_queue(cfg.queue)
-        publish_pending(repo, queue)
+        try:
+            publish_pending(repo, queue)
+        except Exception as e:  # the queue is down: the sweep below retries every minute
+            log.warning("could not queue pending training jobs yet (%s); retrying", e)
         registry = AgentRegistry(repo=repo)
         registry.bind_loop(asyncio.get_running_loop())
 
@@ -250,6 +255,14 @@ class Service:
                     STALLED_SWEEP_S,
                     lambda: republish_stalled(repo, queue, stalled_after_s(cfg.queue)),
                     "looking for jobs whose worker died",
+                )
+            ),
+            # A publish the queue refused, or a job handed back after its message was gone.
+            asyncio.create_task(
+                every(
+                    STALLED_SWEEP_S,
+                    lambda: publish_pending(repo, queue, settle_s=PUBLISH_SETTLE_S),
+                    "queueing training jobs that are not on the queue",
                 )
             ),
             # The consent says: kept until deleted or the link expires. Then it goes.

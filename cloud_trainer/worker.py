@@ -320,6 +320,17 @@ class Worker:
         """One job, acknowledged or not. True if its work directory must stay (lease lost)."""
         job_id = lease.job_id
         try:
+            known_id(session_id)
+        except SessionNotFound:
+            # Not a message we publish: no attempt will ever run it, so it leaves the
+            # queue now (redelivered, it would come back forever).
+            log.error(
+                "job message dropped: it names no session of ours",
+                extra={"job_id": job_id, "payload": repr(lease.payload)[:200]},
+            )
+            lease.ack()
+            return False
+        try:
             session = self.repo.get_session(session_id)
         except SessionNotFound:
             log.info("job for a deleted session dropped", extra={"job_id": job_id})
@@ -372,12 +383,12 @@ class Worker:
             # This worker is stopping (SIGTERM): not a failure. The checkpoint is in the
             # store; hand the job back at once so the next worker resumes it.
             try:
-                self.repo.requeue_job(job_id)
-                self.repo.set_progress(
-                    session_id,
-                    message=f"training paused at step {e.step}: its worker stopped; "
-                    "the next worker resumes from there",
-                )
+                if self.repo.requeue_job(job_id, worker=self.worker_id):
+                    self.repo.set_progress(
+                        session_id,
+                        message=f"training paused at step {e.step}: its worker stopped; "
+                        "the next worker resumes from there",
+                    )
             except (SessionNotFound, JobNotFound):
                 self._forget(session_id, job_id)
                 lease.ack()
@@ -396,17 +407,18 @@ class Worker:
             return True
         except BoothError as e:  # the take, the reference or the config explains it
             log.warning("job failed", extra={"session_id": session_id, "reason": str(e)})
-            self._fail(session_id, job_id, str(e))
+            self._fail(session_id, job_id, str(e), owner=self.worker_id)
             lease.ack()
         except Exception as e:  # a bug or a passing outage: another attempt may succeed
             log.exception("job crashed", extra={"session_id": session_id, "attempt": lease.attempt})
             reason = f"internal error on attempt {lease.attempt}: {type(e).__name__}: {e}"
             if lease.final:
-                self._fail(session_id, job_id, reason)
+                self._fail(session_id, job_id, reason, owner=self.worker_id)
                 lease.ack()
             else:
                 try:
-                    self.repo.requeue_job(job_id)
+                    # Not ours any more (another worker claimed it): its row is left alone.
+                    self.repo.requeue_job(job_id, worker=self.worker_id)
                 except JobNotFound:  # deleted meanwhile
                     self._forget(session_id, job_id)
                     lease.ack()
@@ -439,12 +451,20 @@ class Worker:
         log.warning("another worker claimed the job", extra={"job_id": job_id})
         return False
 
-    def _fail(self, session_id: str, job_id: str, reason: str) -> None:
+    def _fail(self, session_id: str, job_id: str, reason: str, owner: str | None = None) -> None:
         # The job first: should the session's write not happen (the worker dies, the
         # database blips), the redelivery finds the job failed and _settle_session
-        # carries its reason over, instead of training again.
+        # carries its reason over, instead of training again. ``owner``: fail only a
+        # job this worker still holds; one another worker claimed meanwhile is theirs.
         try:
-            self.repo.fail_job(job_id, reason)
+            if not self.repo.fail_job(job_id, reason, worker=owner) and owner is not None:
+                job = self.repo.get_job(job_id)
+                if job["worker"] != owner and job["state"] == JobState.RUNNING.value:
+                    log.warning(
+                        "job failed here but another worker runs it now; leaving it to them",
+                        extra={"job_id": job_id, "worker": job["worker"], "reason": reason},
+                    )
+                    return
             self.repo.fail(session_id, reason)
         except (SessionNotFound, JobNotFound):  # deleted meanwhile: nothing left to mark
             self._forget(session_id, job_id)

@@ -6,7 +6,8 @@ While it runs, its worker beats (``beat_job``, table ``job_beats``): ``start_job
 refuses a job whose worker beat less than ``busy_within_s`` ago (``JobBusy``: a
 duplicate delivery while its worker lives), and ``stalled_jobs`` lists running
 jobs nobody beats any more (their worker died and their message may be gone).
-``done`` and ``failed`` are final until staff ``requeue_job`` it. The queue
+``done`` and ``failed`` are final (a later finish or failure leaves them as they
+are) until ``requeue_job`` puts the job back. The queue
 carries only the job id; this table is the truth about what the job has done,
 which is what lets a worker skip a redelivered job that already finished.
 
@@ -55,7 +56,11 @@ class JobsRepo:
     engine: Any
 
     def create_job(self, session_id: str) -> str:
-        """The session's job id, creating the job (queued) if it has none. Idempotent."""
+        """The session's job id, creating the job (queued) if it has none. Idempotent.
+
+        Two callers at once (two ``booth serve`` sweeping one database) both get the one
+        job: the insert does nothing on the session's unique key, and the id is read after.
+        """
         now = time.time()
         with self.engine.begin() as conn:
             if (
@@ -63,13 +68,10 @@ class JobsRepo:
                 is None
             ):
                 raise SessionNotFound(f"unknown session {session_id}")
-            row = conn.execute(select(jobs.c.id).where(jobs.c.session_id == session_id)).first()
-            if row is not None:
-                return row.id
-            job_id = new_id()
             conn.execute(
-                jobs.insert().values(
-                    id=job_id,
+                dialect_insert(conn, jobs)
+                .values(
+                    id=new_id(),
                     session_id=session_id,
                     state=JobState.QUEUED.value,
                     attempts=0,
@@ -78,8 +80,11 @@ class JobsRepo:
                     stage_seconds={},
                     created_at=now,
                 )
+                .on_conflict_do_nothing(index_elements=["session_id"])
             )
-        return job_id
+            return conn.execute(
+                select(jobs.c.id).where(jobs.c.session_id == session_id)
+            ).scalar_one()
 
     def get_job(self, job_id: str) -> dict[str, Any]:
         with self.engine.connect() as conn:
@@ -211,38 +216,65 @@ class JobsRepo:
 
     def finish_job(
         self, job_id: str, *, model_key: str | None = None, metrics: dict[str, Any] | None = None
-    ) -> None:
+    ) -> bool:
         """Mark the job done (its model exported), merging final metrics (scores)."""
-        self._end(job_id, JobState.DONE, model_key=model_key, metrics=metrics, error=None)
+        return self._end(job_id, JobState.DONE, model_key=model_key, metrics=metrics, error=None)
 
-    def fail_job(self, job_id: str, error: str) -> None:
-        """Mark the job failed with a reason a person can read."""
-        self._end(job_id, JobState.FAILED, error=error or "unknown failure")
+    def fail_job(self, job_id: str, error: str, worker: str | None = None) -> bool:
+        """Mark the job failed with a reason a person can read. True if this call did.
+
+        ``worker``: only while the job is that worker's (a worker that lost the job to
+        another must not fail the run that other worker is doing).
+        """
+        return self._end(job_id, JobState.FAILED, error=error or "unknown failure", worker=worker)
 
     def mark_job_published(self, job_id: str, at: float | None = None) -> None:
         at = time.time() if at is None else at
         with self.engine.begin() as conn:
             conn.execute(update(jobs).where(jobs.c.id == job_id).values(published_at=at))
 
-    def unpublished_jobs(self) -> list[dict[str, Any]]:
-        """Queued jobs that never reached the queue (their publisher died in between)."""
-        with self.engine.connect() as conn:
-            rows = conn.execute(
-                select(jobs.c.id, jobs.c.session_id).where(
-                    jobs.c.state == JobState.QUEUED.value, jobs.c.published_at.is_(None)
-                )
-            )
-            return [dict(r._mapping) for r in rows]
+    def unpublished_jobs(self, quiet_since: float | None = None) -> list[dict[str, Any]]:
+        """Queued jobs not on the queue: their publisher died, the queue refused the
+        publish, or a worker handed the job back (``requeue_job``).
 
-    def requeue_job(self, job_id: str) -> None:
-        """Staff retry: back to queued. Attempts and the last step are kept (it resumes)."""
+        ``quiet_since``: only those created, and last beaten, no later than that time.
+        """
+        q = select(jobs.c.id, jobs.c.session_id).where(
+            jobs.c.state == JobState.QUEUED.value, jobs.c.published_at.is_(None)
+        )
+        if quiet_since is not None:
+            q = q.outerjoin(job_beats, job_beats.c.job_id == jobs.c.id).where(
+                jobs.c.created_at <= quiet_since,
+                job_beats.c.beat_at.is_(None) | (job_beats.c.beat_at <= quiet_since),
+            )
+        with self.engine.connect() as conn:
+            return [dict(r._mapping) for r in conn.execute(q)]
+
+    def requeue_job(self, job_id: str, worker: str | None = None) -> bool:
+        """Back to queued; attempts and the last step are kept (it resumes). True if done.
+
+        ``worker``: a worker handing back a job it ran, which happens only while the job
+        is still running as that worker's (another may have claimed it since: then the
+        row is theirs, and False). The job is left unpublished: the worker puts its own
+        message back, and should that message be gone (its lease had lapsed), the
+        pending-job sweep publishes the job again.
+        """
         with self.engine.begin() as conn:
-            self._locked(conn, job_id, jobs.c.state)
+            row = self._locked(conn, job_id, jobs.c.state, jobs.c.worker)
+            if worker is not None and (row.state, row.worker) != (JobState.RUNNING.value, worker):
+                return False
             conn.execute(
                 update(jobs)
                 .where(jobs.c.id == job_id)
-                .values(state=JobState.QUEUED.value, error=None, finished_at=None, worker=None)
+                .values(
+                    state=JobState.QUEUED.value,
+                    error=None,
+                    finished_at=None,
+                    worker=None,
+                    published_at=None,
+                )
             )
+        return True
 
     # ---- helpers ----------------------------------------------------------------------
 
@@ -260,9 +292,14 @@ class JobsRepo:
         error: str | None,
         model_key: str | None = None,
         metrics: dict[str, Any] | None = None,
-    ) -> None:
+        worker: str | None = None,
+    ) -> bool:
         with self.engine.begin() as conn:
-            row = self._locked(conn, job_id, jobs.c.metrics)
+            row = self._locked(conn, job_id, jobs.c.metrics, jobs.c.state, jobs.c.worker)
+            if JobState(row.state) in FINISHED:
+                return False  # final: a late (or stale) report does not undo the outcome
+            if worker is not None and row.worker != worker:
+                return False
             values: dict[str, Any] = {
                 "state": state.value,
                 "error": error,
@@ -273,3 +310,4 @@ class JobsRepo:
             if metrics:
                 values["metrics"] = {**(row.metrics or {}), **metrics}
             conn.execute(update(jobs).where(jobs.c.id == job_id).values(**values))
+        return True

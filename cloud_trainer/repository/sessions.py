@@ -168,12 +168,28 @@ class SessionsRepo:
             )
         )
 
-    def fail(self, session_id: str, reason: str) -> None:
-        """Fail a session unless it already ended (a late failure must not undo a delivery)."""
-        current = State(self.get_session(session_id)["state"])
-        if current in (State.DELIVERED, State.FAILED):
-            return
-        self.transition(session_id, State.FAILED, detail=reason)
+    def fail(
+        self, session_id: str, reason: str, *, only_from: frozenset[State] | None = None
+    ) -> bool:
+        """Fail a session unless it already ended (a late failure must not undo a delivery).
+
+        ``only_from``: fail it only while it is still in one of these states, checked
+        under the row's lock (a sweep that read "capturing" must not fail a session
+        whose upload completed since). True if the session was failed by this call.
+        """
+        with self.engine.begin() as conn:
+            row = conn.execute(
+                select(sessions.c.state).where(sessions.c.id == session_id).with_for_update()
+            ).first()
+            if row is None:
+                raise SessionNotFound(f"unknown session {session_id}")
+            current = State(row.state)
+            if current in (State.DELIVERED, State.FAILED):
+                return False
+            if only_from is not None and current not in only_from:
+                return False
+            self._transition_in(conn, session_id, State.FAILED, detail=reason)
+        return True
 
     def set_progress(self, session_id: str, **progress: Any) -> None:
         with self.engine.begin() as conn:

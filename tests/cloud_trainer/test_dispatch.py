@@ -122,3 +122,75 @@ def test_serve_waits_several_leases_before_requeueing_a_silent_job():
     assert stalled_after_s(SqliteQueue(visibility_timeout_s=60, heartbeat_s=10)) == 300
     assert stalled_after_s(SqliteQueue(visibility_timeout_s=600, heartbeat_s=10)) == 3000
     assert stalled_after_s(PubSubQueue(ack_deadline_s=120)) == 600
+
+
+class RefusingQueue:
+    """The real SQLite queue, refusing publishes while ``down`` (a Pub/Sub outage)."""
+
+    def __init__(self, queue):
+        self.queue, self.down = queue, True
+
+    def publish(self, job_id, payload):
+        if self.down:
+            raise TimeoutError("publish timed out")
+        self.queue.publish(job_id, payload)
+
+
+def test_a_publish_the_queue_refused_is_published_by_the_sweep(tmp_path):
+    import pytest
+
+    repo = Repository.from_config(SqliteDatabase(path=tmp_path / "b.db"))
+    real = create_job_queue(SqliteQueue(path=tmp_path / "q.db"))
+    queue = RefusingQueue(real)
+    sid = uploaded_session(repo)
+    with pytest.raises(TimeoutError):
+        enqueue_training(repo, queue, sid)
+    job_id = repo.job_for_session(sid)["id"]
+    queue.down = False
+    now = time.time()
+    assert publish_pending(repo, queue, settle_s=30, now=now) == 0  # it may be publishing now
+    assert publish_pending(repo, queue, settle_s=30, now=now + 60) == 1
+    assert publish_pending(repo, queue, settle_s=30, now=now + 120) == 0
+    lease = real.receive(timeout_s=1)
+    assert lease is not None and (lease.job_id, lease.payload) == (job_id, {"session_id": sid})
+
+
+def test_a_job_handed_back_after_its_message_was_lost_is_published_again(tmp_path):
+    """Worker A's lease lapsed while it lived; B's duplicate delivery was acked (A beat).
+    A then hands the job back: its nack reaches no message, so the sweep publishes one."""
+    repo = Repository.from_config(SqliteDatabase(path=tmp_path / "b.db"))
+    queue = create_job_queue(SqliteQueue(path=tmp_path / "q.db"))
+    sid = uploaded_session(repo)
+    job_id = enqueue_training(repo, queue, sid)
+    queue.receive(timeout_s=1).ack()  # the only message is gone
+    repo.start_job(job_id, "worker-a")
+    assert repo.requeue_job(job_id, worker="worker-a")
+    assert queue.receive(timeout_s=0.1) is None
+    assert publish_pending(repo, queue, settle_s=30, now=time.time() + 60) == 1
+    lease = queue.receive(timeout_s=1)
+    assert lease is not None and lease.job_id == job_id
+
+
+def test_the_overdue_sweep_leaves_a_session_whose_upload_completed_meanwhile(tmp_path):
+    from cloud_trainer.dispatch import fail_overdue_captures
+
+    class UploadLandsDuringTheSweep(Repository):
+        def uploaded_cameras(self, session_id):
+            # The last camera's take completes after the sweep read "capturing".
+            self.transition(session_id, "uploaded")
+            return {"cam0", "cam1"}
+
+    repo = UploadLandsDuringTheSweep.from_config(SqliteDatabase(path=tmp_path / "b.db"))
+    sid = repo.create_session(
+        booth_id="booth-1",
+        name="A",
+        email="a@example.org",
+        consent=True,
+        reference_name="r",
+        take_s=15,
+        cameras=["cam0", "cam1"],
+    )
+    repo.transition(sid, "capturing")
+    started = repo.get_session(sid)["capture_started_at"]
+    assert fail_overdue_captures(repo, 600, now=started + 700) == []
+    assert repo.get_session(sid)["state"] == "uploaded"

@@ -29,7 +29,7 @@ from cloud_trainer.repository.schema import (
     takes,
 )
 from cloud_trainer.session import InvalidTransition, State
-from edge_agent.errors import BadInput
+from edge_agent.errors import BadInput, BoothError
 
 
 @pytest.fixture
@@ -613,3 +613,133 @@ def test_services_starting_together_on_a_fresh_postgres_all_get_the_schema(pg_da
     finally:
         for r in repos:
             r.close()
+
+
+def _create_jobs_at_once(repo: Repository, sid: str) -> tuple[list[str], list[BaseException]]:
+    both = threading.Barrier(2)
+    ids: list[str] = []
+    errors: list[BaseException] = []
+
+    def create() -> None:
+        both.wait()
+        try:
+            ids.append(repo.create_job(sid))
+        except Exception as e:  # noqa: BLE001 - the test asserts on it
+            errors.append(e)
+
+    threads = [threading.Thread(target=create) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return ids, errors
+
+
+def test_two_callers_creating_one_sessions_job_get_the_same_job(repo):
+    """Two ``booth serve`` sweeping one database: neither dies on the unique key."""
+    sid = _new_session(repo)
+    for _ in range(10):
+        with repo.engine.begin() as conn:
+            conn.execute(jobs.delete())
+        ids, errors = _create_jobs_at_once(repo, sid)
+        assert errors == []
+        assert len(ids) == 2 and ids[0] == ids[1]
+        assert _count(repo, jobs, session_id=sid) == 1
+
+
+def test_a_finished_job_keeps_its_outcome(repo):
+    """A stale worker's late failure must not turn a delivered job into a failed one."""
+    job_id = repo.create_job(_new_session(repo))
+    repo.start_job(job_id, "worker-a")
+    assert repo.finish_job(job_id)
+    assert not repo.fail_job(job_id, "worker-b gave up")
+    job = repo.get_job(job_id)
+    assert (job["state"], job["error"]) == ("done", None)
+
+
+def test_only_the_worker_holding_a_job_can_hand_it_back_or_fail_it(repo):
+    job_id = repo.create_job(_new_session(repo))
+    repo.mark_job_published(job_id)
+    repo.start_job(job_id, "worker-a")
+    repo.start_job(job_id, "worker-b")  # worker-a's lease lapsed; worker-b took the job
+    assert not repo.requeue_job(job_id, worker="worker-a")
+    assert not repo.fail_job(job_id, "worker-a crashed", worker="worker-a")
+    job = repo.get_job(job_id)
+    assert (job["state"], job["worker"]) == ("running", "worker-b")
+
+    assert repo.requeue_job(job_id, worker="worker-b")
+    job = repo.get_job(job_id)
+    # Handed back and unpublished: if worker-b's own message is gone, the sweep sends one.
+    assert (job["state"], job["worker"], job["published_at"]) == ("queued", None, None)
+    assert [j["id"] for j in repo.unpublished_jobs()] == [job_id]
+
+
+def test_unpublished_jobs_leaves_alone_those_that_changed_lately(repo):
+    job_id = repo.create_job(_new_session(repo))
+    created = repo.get_job(job_id)["created_at"]
+    assert repo.unpublished_jobs(quiet_since=created - 1) == []  # its publisher may be at it
+    assert [j["id"] for j in repo.unpublished_jobs(quiet_since=created + 1)] == [job_id]
+    repo.start_job(job_id, "worker-a")
+    assert repo.requeue_job(job_id, worker="worker-a")
+    beat = time.time()
+    assert repo.unpublished_jobs(quiet_since=beat - 30) == []  # its worker beat just now
+    assert [j["id"] for j in repo.unpublished_jobs(quiet_since=beat + 1)] == [job_id]
+
+
+def test_failing_only_from_a_state_leaves_a_session_that_moved_on(repo):
+    sid = _new_session(repo)
+    repo.transition(sid, State.CAPTURING)
+    repo.transition(sid, State.UPLOADED)
+    assert not repo.fail(sid, "overdue", only_from=frozenset({State.CAPTURING}))
+    assert repo.get_session(sid)["state"] == "uploaded"
+    assert repo.fail(sid, "the worker gave up")
+    assert not repo.fail(sid, "again")
+    s = repo.get_session(sid)
+    assert (s["state"], s["failure_reason"]) == ("failed", "the worker gave up")
+
+
+def _open_sqlite(path: str, barrier, results) -> None:
+    from pathlib import Path
+
+    from cloud_trainer.config import SqliteDatabase
+
+    barrier.wait()
+    try:
+        Repository.from_config(SqliteDatabase(path=Path(path))).close()
+        results.put("ok")
+    except Exception as e:  # noqa: BLE001 - the parent asserts on it
+        results.put(f"{type(e).__name__}: {e}")
+
+
+def test_processes_opening_a_new_sqlite_database_together_all_start(tmp_path):
+    """``booth serve`` and its workers start at once on a new database (or one that a new
+    version adds a table to): none may die on "table already exists" or "locked"."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    for trial in range(3):
+        barrier, results = ctx.Barrier(4), ctx.Queue()
+        path = str(tmp_path / f"booth-{trial}.db")
+        procs = [ctx.Process(target=_open_sqlite, args=(path, barrier, results)) for _ in range(4)]
+        for p in procs:
+            p.start()
+        outcomes = [results.get(timeout=120) for _ in procs]
+        for p in procs:
+            p.join(timeout=30)
+        assert outcomes == ["ok"] * 4, outcomes
+
+
+def test_a_database_an_older_version_made_is_refused_naming_what_it_lacks(db_config):
+    """``create_all`` adds tables, not columns: say so at start-up, not mid-upload."""
+    from cloud_trainer.repository.schema import metadata
+
+    Repository.from_config(db_config).close()
+    engine = Repository.from_config(db_config).engine
+    with engine.begin() as conn:
+        conn.exec_driver_sql("ALTER TABLE jobs DROP COLUMN published_at")
+    engine.dispose()
+    assert "jobs" in metadata.tables
+    with pytest.raises(
+        BoothError, match=r"older version of dancebooth and lacks jobs\.published_at"
+    ):
+        Repository.from_config(db_config)

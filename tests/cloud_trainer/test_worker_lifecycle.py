@@ -685,3 +685,36 @@ def test_the_dance_is_rendered_from_a_camera_that_saw_the_attendee_whole():
     assert render_source([cam0, cam1], generator) == (cam1, "framing-1")
     # None whole: the first framed one, and render says why it cannot scale the dance.
     assert render_source([cam0], generator) == (cam0, "framing-0")
+
+
+def test_a_job_message_naming_no_session_of_ours_leaves_the_queue_at_once(booth, caplog):
+    """Someone else's message on the topic: redelivered, it would come back forever."""
+    worker, _ = booth
+    worker.queue.publish("job-x", {"session_id": "Session 42"})
+    lease = worker.queue.receive(timeout_s=5.0)
+    assert lease is not None
+    with caplog.at_level("ERROR", logger="cloud_trainer.worker"):
+        worker.handle(lease)
+    assert lease.settled == "acked"
+    assert "names no session of ours" in caplog.text
+    assert worker.queue.receive(timeout_s=0.2) is None
+
+
+def test_a_worker_that_lost_its_job_neither_hands_it_back_nor_fails_it(booth):
+    """Its lease lapsed and worker-b runs the job now: a crash here is not worker-b's."""
+    worker, _ = booth
+    sid = uploaded_session(worker)
+    job_id = worker.repo.job_for_session(sid)["id"]
+    lease = worker.queue.receive(timeout_s=5.0)
+    assert lease is not None
+
+    def crash_after_worker_b_claims(session_id: str, at: str) -> None:
+        if at == "training":
+            worker.repo.start_job(job_id, "worker-b")
+            raise RuntimeError("a passing outage")
+
+    worker.repo.on_stage = crash_after_worker_b_claims
+    worker.handle(lease)
+    job = worker.repo.job_for_session(sid)
+    assert (job["state"], job["worker"]) == ("running", "worker-b")
+    assert worker.repo.get_session(sid)["state"] == State.TRAINING.value
