@@ -21,6 +21,7 @@ from edge_agent.config import (
     PLACEHOLDER_SECRETS,
     AgentConfig,
     ConfigError,
+    Ident,
     Strict,
     parse_model,
     read_yaml,
@@ -28,7 +29,7 @@ from edge_agent.config import (
 
 
 class BoothSection(Strict):
-    id: str = "booth-1"
+    id: Ident = "booth-1"
     name: str = "dancebooth"
     take_s: float = Field(15.0, gt=0, le=600, description="seconds each take captures")
     countdown_s: int = Field(3, ge=0, le=30)
@@ -135,7 +136,7 @@ QueueConfig = Annotated[SqliteQueue | PubSubQueue, Field(discriminator="type")]
 
 
 class AgentToken(Strict):
-    camera_id: str
+    camera_id: Ident
     # sha256 hex of the bearer token; the token itself is never stored.
     token_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     expires_at: float | None = Field(None, description="unix time after which the token is refused")

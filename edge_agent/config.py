@@ -51,6 +51,11 @@ def _parse_size(value: Any) -> tuple[int, int]:
 
 
 Size = Annotated[tuple[int, int], Field(description="WIDTHxHEIGHT in pixels")]
+# A booth's or a camera's id: it names spool folders and blob keys, and the database
+# keeps it in 64 characters (PostgreSQL refuses a longer one; SQLite would not).
+IDENT_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+IDENT_RULE = "up to 64 letters, digits, '.', '_' or '-', starting with a letter or digit"
+Ident = Annotated[str, Field(pattern=IDENT_PATTERN, description=IDENT_RULE)]
 
 
 # ---- camera sources ---------------------------------------------------------
@@ -220,8 +225,8 @@ class UplinkConfig(Strict):
 
 
 class AgentConfig(Strict):
-    booth_id: str = "booth-1"
-    camera_id: str = "cam0"
+    booth_id: Ident = "booth-1"
+    camera_id: Ident = "cam0"
     source: SourceConfig = Field(default_factory=SyntheticSource)
     pose: PoseConfig = Field(default_factory=CpuPose)
     capture: CaptureConfig = Field(default_factory=CaptureConfig)
@@ -310,6 +315,8 @@ def format_validation_error(
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
+        elif e["type"] == "string_pattern_mismatch" and e["ctx"]["pattern"] == IDENT_PATTERN:
+            msg = f"{e['input']!r} cannot be an id: use {IDENT_RULE}"
         elif e["type"] == "union_tag_invalid":
             key = f"{key}.type"
             msg = f"unknown type {e['input'].get('type')!r}; expected one of {e['ctx']['expected_tags']}"

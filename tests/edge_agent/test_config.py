@@ -41,6 +41,13 @@ def test_empty_file_gives_embedded_defaults(tmp_path):
         ("agent:\n  source:\n    type: synthetic\n    fps: -1\n", "agent.source.fps:"),
         ("web:\n  staff:\n    - username: a\n", "web.staff.0.password_hash: Field required"),
         ("nonsense: 1\n", "nonsense: unknown key"),
+        # Ids name folders and keys, and PostgreSQL keeps 64 characters of them.
+        ("booth:\n  id: booth one\n", "booth.id: 'booth one' cannot be an id: use up to 64"),
+        (f"agent:\n  camera_id: {'c' * 65}\n", "agent.camera_id: 'ccc"),
+        (
+            "ingest:\n  agents:\n    - camera_id: ../cam\n      token_sha256: " + "0" * 64 + "\n",
+            "ingest.agents.0.camera_id: '../cam' cannot be an id",
+        ),
     ],
 )
 def test_config_errors_name_the_key(tmp_path, yaml_text, expected):
