@@ -68,6 +68,10 @@ class StorageUnavailable(BoothError):
     """The blob store or the database failed; the agent should retry later."""
 
 
+class Superseded(BoothError):
+    """A newer stream of the same camera and session took over (the agent reconnected)."""
+
+
 def _status_table() -> list[tuple[type[BaseException], grpc.StatusCode]]:
     # Most specific first: OutOfOrder and Conflict are BadInputs too.
     table: list[tuple[type[BaseException], grpc.StatusCode]] = [
@@ -80,6 +84,7 @@ def _status_table() -> list[tuple[type[BaseException], grpc.StatusCode]]:
         (InvalidTransition, grpc.StatusCode.FAILED_PRECONDITION),
         (NotAccepting, grpc.StatusCode.FAILED_PRECONDITION),
         (StorageUnavailable, grpc.StatusCode.UNAVAILABLE),
+        (Superseded, grpc.StatusCode.ABORTED),
         (DecodeError, grpc.StatusCode.INVALID_ARGUMENT),
         (BadInput, grpc.StatusCode.INVALID_ARGUMENT),
         (OSError, grpc.StatusCode.UNAVAILABLE),

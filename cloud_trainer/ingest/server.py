@@ -26,6 +26,7 @@ import contextlib
 import hashlib
 import logging
 import math
+import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -48,6 +49,7 @@ from cloud_trainer.ingest.errors import (
     PermissionDenied,
     SessionDeleted,
     StorageUnavailable,
+    Superseded,
 )
 from cloud_trainer.ingest.shards import FrameIn, PoseIn, ShardWriter, encode_shard
 from cloud_trainer.repository.sessions import SessionNotFound
@@ -112,6 +114,8 @@ class IngestStream:
         self._pending: dict[int, bytes] = {}  # received, not yet durable: for resend checks
         self._stored_digests: dict[int, str] = {}
         self._lost_logged = False
+        self.superseded = False  # a newer stream of this camera took over
+        self.finishing = False  # the RPC is ending: nothing may cancel it any more
         self._write_lock = asyncio.Lock()
         self._complete_lock = asyncio.Lock()
         self._task = asyncio.current_task()
@@ -321,8 +325,29 @@ class IngestStream:
 
     def _on_writer_error(self, exc: BaseException) -> None:
         # The reader may be parked in a read; wake it so the RPC ends with the writer's status.
-        if self._task is not None and not self._task.done():
+        self._interrupt()
+
+    def supersede(self) -> None:
+        """A newer stream of this camera took over: end this RPC with ABORTED, saying so."""
+        self.superseded = True
+        self._interrupt()
+
+    def _interrupt(self) -> None:
+        # Only while the RPC still reads: once it is ending (a refusal on its way to the
+        # agent, or the close), a cancel would swallow its status and its clean-up.
+        if not self.finishing and self._task is not None and not self._task.done():
             self._task.cancel()
+
+    def interrupted_by(self) -> BaseException | None:
+        """Why this stream's RPC task was cancelled by the server itself (None: the agent left)."""
+        if self.writer.error is not None:
+            return self.writer.error
+        if self.superseded:
+            return Superseded(
+                f"a newer stream of camera {self.camera_id} for session {self.session_id} took "
+                "over; this one ends"
+            )
+        return None
 
     async def _send_ack(self) -> None:
         ack = booth_pb2.Ack(
@@ -383,6 +408,10 @@ class IngestService(booth_pb2_grpc.IngestServicer):
         self.resent_frames = 0
         self.lost_frames = 0  # frames the cameras delivered corrupt, stored as empty records
         self._active: dict[tuple[str, str], IngestStream] = {}
+        # Held while a camera's hello takes over; weak, so a lock goes with its last user.
+        self._opening: weakref.WeakValueDictionary[tuple[str, str], asyncio.Lock] = (
+            weakref.WeakValueDictionary()
+        )
 
     async def Stream(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
         first = None
@@ -400,13 +429,21 @@ class IngestService(booth_pb2_grpc.IngestServicer):
             # The agent closed its side without ending the take: keep what arrived.
             await stream.writer.flush()
         except asyncio.CancelledError:
-            if stream.writer.error is not None:
-                raise stream.writer.error from None
+            # Cancelled by the server (a failed write, a newer stream): end with that
+            # status. Else the agent went away (or the server is stopping).
+            if (why := stream.interrupted_by()) is not None:
+                raise why from None
+            log.info(
+                "camera %s, session %s: the stream ended without a goodbye (durable up to "
+                "seq %d; the agent resends the rest)",
+                stream.camera_id,
+                stream.session_id,
+                stream.durable_seq,
+            )
             raise
         finally:
+            stream.finishing = True
             await stream.close()
-            if self._active.get((stream.session_id, stream.camera_id)) is stream:
-                del self._active[(stream.session_id, stream.camera_id)]
 
     async def _open(
         self, hello: booth_pb2.Hello, context: grpc.aio.ServicerContext
@@ -433,11 +470,23 @@ class IngestService(booth_pb2_grpc.IngestServicer):
             raise PermissionDenied(
                 f"camera {cam!r} is not part of session {sid} (cameras: {', '.join(cameras)})"
             )
-        old = self._active.pop((sid, cam), None)
+        # One hello of a camera at a time, from the older stream's end to the newer one's
+        # start: the position read below must include every write the older one made.
+        lock = self._opening.get((sid, cam))
+        if lock is None:
+            lock = self._opening[(sid, cam)] = asyncio.Lock()
+        async with lock:
+            return await self._take_over(hello, context, state)
+
+    async def _take_over(
+        self, hello: booth_pb2.Hello, context: grpc.aio.ServicerContext, state: str
+    ) -> IngestStream:
+        sid, cam = hello.session_id, hello.camera_id
+        old = self._active.get((sid, cam))
         if old is not None:
+            # Also when it is already ending: its last shard may still be being written.
             log.info("camera %s reconnected to session %s; the older stream ends", cam, sid)
-            if old._task is not None:
-                old._task.cancel()
+            old.supersede()
             await old.close()
         pos = await asyncio.to_thread(self.repo.take_position, sid, cam)
         if state not in _ACCEPTING and pos.state != "uploaded":
@@ -460,9 +509,20 @@ class IngestService(booth_pb2_grpc.IngestServicer):
         stream = IngestStream(
             self, context, sid, cam, pos.durable_seq, pos.pose_durable_seq, pos.frame_count
         )
-        self._active[(sid, cam)] = stream
+        self._register(stream)
         log.info("camera %s streaming session %s, resuming after seq %d", cam, sid, pos.durable_seq)
         return stream
+
+    def _register(self, stream: IngestStream) -> None:
+        """Active until its shard writer is done (not merely until its RPC ends)."""
+        key = (stream.session_id, stream.camera_id)
+        self._active[key] = stream
+
+        def forget(_task: asyncio.Task) -> None:
+            if self._active.get(key) is stream:
+                del self._active[key]
+
+        stream.writer.when_done(forget)
 
     def _remove_orphan_shards(self, session_id: str, camera_id: str) -> None:
         """Delete the take's shards no index row points at, now that no more can come.
@@ -509,9 +569,20 @@ class IngestService(booth_pb2_grpc.IngestServicer):
             return  # a racing camera won; it runs the hook
         log.info("session %s uploaded (cameras: %s)", session_id, ", ".join(sorted(expected)))
         if self.on_session_uploaded is not None:
-            result = self.on_session_uploaded(session_id)
-            if asyncio.iscoroutine(result):
-                await result
+            try:
+                result = self.on_session_uploaded(session_id)
+                if asyncio.iscoroutine(result):
+                    await result
+            except Exception as e:
+                # The take is in and stays acked: the agent has nothing to resend. The
+                # pending-job sweep queues the session's job (see dispatch).
+                log.warning(
+                    "session %s is uploaded, but queueing its training failed (%s: %s); "
+                    "the pending-job sweep queues it",
+                    session_id,
+                    type(e).__name__,
+                    e,
+                )
 
 
 class IngestServer:

@@ -194,11 +194,20 @@ class ShardWriter:
         self._raise_if_failed()
 
     async def close(self) -> None:
-        """Stop without writing what is buffered (the agent resends it); let a write finish."""
+        """Stop without writing what is buffered (the agent resends it); let a write finish.
+
+        A closer that is cancelled meanwhile leaves the write to finish all the same
+        (shielded): cancelled, its thread would still commit, after the stream that
+        took over read the take's position.
+        """
         self._closing = True
         self._frames, self._poses, self._bytes = [], [], 0
         self._kick.set()
-        await asyncio.gather(self._task, return_exceptions=True)
+        await asyncio.shield(asyncio.gather(self._task, return_exceptions=True))
+
+    def when_done(self, fn: Callable[[asyncio.Task], None]) -> None:
+        """Call ``fn`` once the writer has stopped (closed, or failed) and wrote its last."""
+        self._task.add_done_callback(fn)
 
     def _raise_if_failed(self) -> None:
         if self.error is not None:
