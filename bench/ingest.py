@@ -347,6 +347,7 @@ async def run_ingest(
             },
             "storage": {"type": "local", "root": str(work / "blobs")},
             "database": {"type": "sqlite", "path": str(work / "booth.db")},
+            "queue": {"type": "sqlite", "path": str(work / "queue.db")},
         }
     )
     config = work / "booth.yaml"

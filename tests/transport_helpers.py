@@ -53,7 +53,7 @@ def booth_config(
     tls: Any = None,
     agents: list[AgentToken] | None = None,
 ) -> BoothConfig:
-    from cloud_trainer.config import SqliteDatabase
+    from cloud_trainer.config import SqliteDatabase, SqliteQueue
 
     return BoothConfig(
         booth={"id": BOOTH},
@@ -69,6 +69,7 @@ def booth_config(
         ),
         storage=LocalStorage(root=tmp / "blobs"),
         database=SqliteDatabase(path=tmp / "booth.db"),
+        queue=SqliteQueue(path=tmp / "queue.db"),
     )
 
 

@@ -48,15 +48,39 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def _serve(cfg, port: int | None) -> None:
+    from cloud_trainer.dispatch import enqueue_training, publish_pending
     from cloud_trainer.ingest.server import serve
+    from cloud_trainer.queue import create_job_queue
+    from cloud_trainer.repository import Repository
+    from cloud_trainer.service import PUBLISH_SETTLE_S, STALLED_SWEEP_S, every
 
-    server = serve(cfg, port=port)
+    # Alone, ingest still hands each uploaded session to the workers, as `booth serve` does.
+    repo = Repository.from_config(cfg.database)
+    queue = create_job_queue(cfg.queue)
+
+    async def on_uploaded(session_id: str) -> None:
+        await asyncio.to_thread(enqueue_training, repo, queue, session_id)
+
+    server = serve(cfg, repo=repo, on_session_uploaded=on_uploaded, port=port)
     await server.start()
     log.info("ingest listening on %s:%d (booth %s)", cfg.ingest.host, server.port, cfg.booth.id)
+    # What a refused publish (or a crash before one) left unqueued.
+    sweep = asyncio.create_task(
+        every(
+            STALLED_SWEEP_S,
+            lambda: publish_pending(repo, queue, settle_s=PUBLISH_SETTLE_S),
+            "queueing training jobs that are not on the queue",
+        )
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    log.info("ingest stopping")
-    await server.stop(2.0)
+    try:
+        await stop.wait()
+        log.info("ingest stopping")
+    finally:
+        sweep.cancel()
+        await server.stop(2.0)
+        queue.close()
+        repo.close()

@@ -14,6 +14,7 @@ import grpc
 import pytest
 import transport_helpers as th
 
+from cloud_trainer.queue import create_job_queue
 from cloud_trainer.repository import Repository
 from cloud_trainer.storage import create_blob_store
 from edge_agent.stream import Streamer
@@ -104,3 +105,10 @@ async def test_server_killed_mid_take_and_restarted_stores_every_frame_exactly_o
     assert streamer.reconnects >= 1
     th.assert_exactly_once(repo, store, sid, "cam0", sent)
     assert repo.get_session(sid)["state"] == "uploaded"
+    # `booth ingest` alone hands the session to the workers, as `booth serve` does.
+    job = repo.job_for_session(sid)
+    assert job is not None and job["published_at"] is not None
+    queue = create_job_queue(cfg.queue)
+    lease = queue.receive(timeout_s=1)
+    assert lease is not None and lease.payload == {"session_id": sid}
+    queue.close()
