@@ -93,6 +93,9 @@ class Agent:
         self._granted: Granted | None = None
         self._takes_done = 0
         self._starting = False
+        self._starting_session = ""  # the session of the take being started
+        self._start_abort: threading.Event | None = None  # set: stop it before its first frame
+        self._stopped_before_start = ""  # a Stop for a session whose start has not come in yet
         self._last_summary: TakeSummary | None = None
         self._closing = threading.Event()
         self._wake = threading.Event()
@@ -135,6 +138,8 @@ class Agent:
         self._closing.set()
         self._wake.set()
         with self._lock:
+            if self._start_abort is not None:
+                self._start_abort.set()
             takes = [t for t in (self._take, *self._finishing) if t is not None]
         for take in takes:
             take.stop(catch_up=False)
@@ -260,7 +265,12 @@ class Agent:
         self._listeners.append(fn)
 
     def start_take(
-        self, session_id: str, duration_s: float | None = None, *, start_at_monotonic_ns: int = 0
+        self,
+        session_id: str,
+        duration_s: float | None = None,
+        *,
+        start_at_monotonic_ns: int = 0,
+        on_ready: Callable[[], None] | None = None,
     ) -> Take:
         """Start capturing a take; returns once frames flow. Raises DeviceError or BadInput.
 
@@ -269,7 +279,9 @@ class Agent:
         ``start_at_monotonic_ns`` (the booth's shared start instant on this board's
         clock) capture begins then: the camera is opened and the pose model loaded
         *before* the wait, so every board's first frame is at that instant, not at
-        that instant plus its own start-up time.
+        that instant plus its own start-up time. ``on_ready`` is called then, when the
+        camera is open and only that wait is left (a Stop meanwhile ends the take at
+        once).
         """
         with self._lock:
             current = self._take
@@ -287,6 +299,10 @@ class Agent:
                 self._set_error(problem)
                 raise DeviceError(problem)
             self._starting = True
+            self._starting_session = session_id
+            abort = self._start_abort = threading.Event()
+            if self._closing.is_set() or session_id == self._stopped_before_start:
+                abort.set()
         try:
             source = self._source_factory(self.cfg.source, clock=self.clock, seconds=duration_s)
             take = Take(
@@ -321,20 +337,39 @@ class Agent:
                 if current is not None and not current.finished:
                     self._finishing.append(current)
                 self._take = take
+            if on_ready is not None:
+                on_ready()
             wait_s = (start_at_monotonic_ns - time.monotonic_ns()) / 1e9
-            if start_at_monotonic_ns and wait_s > 0 and self._closing.wait(wait_s):
-                take.stop(catch_up=False)  # the agent is shutting down
+            if abort.is_set() or (start_at_monotonic_ns and wait_s > 0 and abort.wait(wait_s)):
+                # Stopped during the countdown (or the agent is shutting down): the take
+                # ends at once, with the one frame of that instant.
+                log.info("take %s stopped during its countdown", session_id)
+                take.stop(catch_up=False)
             take.start()
         finally:
             with self._lock:
                 self._starting = False
+                self._starting_session = ""
+                self._start_abort = None
         self._wake.set()
         return take
 
-    def stop_take(self, *, wait: bool = True, timeout: float | None = None) -> TakeSummary | None:
-        """Stop the capturing take. With ``wait``, return its summary once it is finished."""
+    def stop_take(
+        self, *, wait: bool = True, timeout: float | None = None, session_id: str = ""
+    ) -> TakeSummary | None:
+        """Stop the capturing take. With ``wait``, return its summary once it is finished.
+
+        ``session_id``: the take to stop, even if its start is still on its way here (a
+        Stop right behind its Start): that take then ends as soon as it starts.
+        """
         with self._lock:
             take = self._take
+            if session_id:
+                self._stopped_before_start = session_id
+            if self._start_abort is not None:
+                # Still opening the camera or counting down: that take ends as it starts.
+                self._start_abort.set()
+                return None
         if take is None:
             return None
         take.stop()
@@ -380,6 +415,7 @@ class Agent:
             last = self._last_summary
             pose_backend, pose_note = self._pose_backend, self._pose_note
             finishing = [t.session_id for t in self._finishing if not t.finished]
+            starting = self._starting_session
         state = self.state
         if pose_note:
             warnings.insert(0, pose_note)
@@ -421,6 +457,8 @@ class Agent:
                 "stream": [s["depth"] for s in streams],
             },
             "take": take_status,
+            # While starting, "take" may still be the previous one: this is the new one's.
+            "starting_session": starting,
             "takes_done": self._takes_done,
             "finishing": finishing,
             "last_take": {

@@ -29,7 +29,7 @@ import os
 import random
 import time
 from collections import OrderedDict, deque
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -69,7 +69,12 @@ class TakeRunner(Protocol):
     def start_take(
         self, session_id: str, duration_s: float, start_at_monotonic_ns: int
     ) -> Awaitable[None] | None:
-        """Begin capturing ``session_id`` at that monotonic time (0: now)."""
+        """Begin capturing ``session_id`` at that monotonic time (0: now).
+
+        A runner whose start also takes ``on_ready`` calls it (from any thread) once its
+        camera is open and only the wait for the start instant is left; the start is
+        acknowledged then, instead of after the whole countdown.
+        """
 
     def stop_take(self, session_id: str) -> Awaitable[None] | None:
         """Stop the running take of ``session_id`` early."""
@@ -114,7 +119,8 @@ class ControlClient:
         self._rng = random.Random(seed)
         self._channel: grpc.aio.Channel | None = None
         self._tasks: list[asyncio.Task] = []
-        self._lock = asyncio.Lock()
+        # Starts run beside the command stream (see execute): by session, while they run.
+        self._starting: dict[str, asyncio.Task] = {}
 
     # ---- the booth clock -------------------------------------------------------------------
 
@@ -155,9 +161,10 @@ class ControlClient:
         ]
 
     async def stop(self) -> None:
-        for t in self._tasks:
+        tasks = [*self._tasks, *self._starting.values()]
+        for t in tasks:
             t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         if self._channel is not None:
             await self._channel.close()
 
@@ -207,30 +214,54 @@ class ControlClient:
     # ---- commands ------------------------------------------------------------------------------
 
     async def execute(self, cmd: booth_pb2.Command) -> None:
-        """Run one command at most once, then report (which acknowledges it)."""
+        """Run one command at most once, then report (which acknowledges it).
+
+        A start runs beside the command stream: opening the camera and waiting for the
+        booth's start instant take seconds, during which a Stop (or a repeat of the
+        start) must still be read, acknowledged and acted on.
+        """
         kind = cmd.WhichOneof("body")
         if kind not in ("start", "stop"):
             log.warning("control: ignoring an empty or unknown command")
             return
         body = getattr(cmd, kind)
-        async with self._lock:
-            if body.command_id and body.command_id in self._seen:
-                log.info("control: command %s already handled", body.command_id)
+        # Before the work: a start that ends early reports (acknowledges) from its task.
+        self.last_command_id = body.command_id
+        if body.command_id and body.command_id in self._seen:
+            log.info("control: command %s already handled", body.command_id)
+        elif kind == "start" and body.session_id in self._starting:
+            log.info("control: session %s is already starting here", body.session_id)
+            self._remember(body.command_id)
+        else:
+            self._remember(body.command_id)
+            if kind == "start":
+                ready = asyncio.Event()
+                task = asyncio.create_task(self._run_start(body, ready), name="control-start")
+                self._starting[body.session_id] = task
+                task.add_done_callback(lambda _t, sid=body.session_id: self._starting.pop(sid))
+                # Answered once the camera is open (or failed to open: the answer says
+                # why), not after the countdown, which the task then waits out alone.
+                waiter = asyncio.create_task(ready.wait())
+                await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+                waiter.cancel()
             else:
-                self._remember(body.command_id)
-                try:
-                    if kind == "start":
-                        await self._start(body)
-                    else:
-                        await self._stop(body)
-                except Exception as e:  # a failed capture start is reported to staff, not fatal
-                    log.error("control: %s %s failed: %s", kind, body.session_id, e)
-                    self._note = f"{kind} take {body.session_id} failed: {e}"
-            self.last_command_id = body.command_id
+                await self._guarded("stop", body, self._stop(body))
         with contextlib.suppress(grpc.aio.AioRpcError):
             await self.report_now()
 
-    async def _start(self, start: booth_pb2.StartTake) -> None:
+    async def _run_start(self, body: booth_pb2.StartTake, ready: asyncio.Event) -> None:
+        await self._guarded("start", body, self._start(body, ready))
+        with contextlib.suppress(grpc.aio.AioRpcError):
+            await self.report_now()  # capturing now (or why not)
+
+    async def _guarded(self, kind: str, body: Any, work: Any) -> None:
+        try:
+            await work
+        except Exception as e:  # a failed capture start is reported to staff, not fatal
+            log.error("control: %s %s failed: %s", kind, body.session_id, e)
+            self._note = f"{kind} take {body.session_id} failed: {e}"
+
+    async def _start(self, start: booth_pb2.StartTake, ready: asyncio.Event) -> None:
         if start.session_id in self._sessions:
             log.info("control: session %s was already captured here; ignoring", start.session_id)
             return
@@ -262,7 +293,12 @@ class ControlClient:
             return
         start_local = start.start_at_ns - self.clock_offset_ns if start.start_at_ns else 0
         log.info("control: start take %s (%g s)", start.session_id, start.duration_s)
-        await _call(self.runner.start_take, start.session_id, start.duration_s, start_local)
+        args: tuple[Any, ...] = (start.session_id, start.duration_s, start_local)
+        if "on_ready" in inspect.signature(self.runner.start_take).parameters:
+            loop = asyncio.get_running_loop()
+            await _call(self.runner.start_take, *args, lambda: loop.call_soon_threadsafe(ready.set))
+        else:
+            await _call(self.runner.start_take, *args)
         # Remembered once started: a failed start may be retried with a new command.
         self._sessions.append(start.session_id)
         del self._sessions[:-REMEMBERED_SESSIONS]
@@ -271,6 +307,12 @@ class ControlClient:
 
     async def _stop(self, stop: booth_pb2.StopTake) -> None:
         current = self.runner.status()
+        if stop.session_id in self._starting:
+            # Opening the camera or counting down (or about to): it ends before filming.
+            log.info("control: stop take %s before it starts", stop.session_id)
+            await _call(self.runner.stop_take, stop.session_id)
+            self.commands_run += 1
+            return
         if current.get("state") != "capturing" or current.get("session_id") != stop.session_id:
             log.info("control: no take of %s is running; stop is a no-op", stop.session_id)
             return
@@ -370,13 +412,21 @@ class AgentRunner:
     def __init__(self, agent: Any):
         self.agent = agent
 
-    def start_take(self, session_id: str, duration_s: float, start_at_monotonic_ns: int) -> None:
+    def start_take(
+        self,
+        session_id: str,
+        duration_s: float,
+        start_at_monotonic_ns: int,
+        on_ready: Callable[[], None] | None = None,
+    ) -> None:
         # Every camera of the booth starts on the same booth-clock instant; the agent
         # opens its camera first and waits for that instant itself.
-        self.agent.start_take(session_id, duration_s, start_at_monotonic_ns=start_at_monotonic_ns)
+        self.agent.start_take(
+            session_id, duration_s, start_at_monotonic_ns=start_at_monotonic_ns, on_ready=on_ready
+        )
 
     def stop_take(self, session_id: str) -> None:
-        self.agent.stop_take(wait=False)
+        self.agent.stop_take(wait=False, session_id=session_id)
 
     def status(self) -> dict[str, Any]:
         st = self.agent.status()
@@ -385,7 +435,9 @@ class AgentRunner:
         state = st.get("state", "idle")
         return {
             "state": {"starting": "capturing", "finishing": "uploading"}.get(state, state),
-            "session_id": take.get("session", "") if state != "idle" else "",
+            "session_id": st.get("starting_session") or take.get("session", "")
+            if state != "idle"
+            else "",
             "fps": st.get("fps", 0.0),
             "frames_captured": st.get("frames", 0),
             "capture_dropped": drops.get("capture", 0),

@@ -114,3 +114,44 @@ async def test_start_on_the_tablet_puts_every_recorded_frame_in_the_cloud_once(
     # The cloud knows the take by what the camera granted, not by what the config asked.
     (take,) = repo.list_takes(sid)
     assert (take["width"], take["height"], take["fps"]) == (WIDTH, HEIGHT, FPS)
+
+
+async def test_a_stop_during_the_countdown_is_answered_and_ends_the_take_at_once(tmp_path, cloud):
+    """The start is answered when the camera is open; the board keeps reading commands
+    while it counts down, so Stop is acted on: the take ends then, not after filming."""
+    cfg, repo, store = cloud
+    sid = th.new_session(repo)
+    agent = make_agent(tmp_path).start()
+    async with th.running_server(cfg, repo=repo, store=store) as srv:
+        control = ControlClient(
+            th.uplink_config(f"127.0.0.1:{srv.port}", tmp_path / "spool"),
+            booth_id=th.BOOTH,
+            camera_id="cam0",
+            runner=AgentRunner(agent),
+            clock=agent.clock,
+            report_interval_s=0.2,
+        )
+        await control.start()
+        try:
+            booth = srv.registry.booth(th.BOOTH)
+            async with asyncio.timeout(30):
+                while booth.online() != ["cam0"]:
+                    await asyncio.sleep(0.01)
+            countdown_s = 30.0
+            start_at = control.booth_time_ns() + int(countdown_s * 1e9)
+            loop = asyncio.get_running_loop()
+            t0 = loop.time()
+            started = await booth.start_take(sid, 5.0, start_at_ns=start_at)
+            assert started["cam0"].acked
+            assert (started["cam0"].state, started["cam0"].session_id) == ("capturing", sid)
+            stopped = await booth.stop_take(sid)
+            assert stopped["cam0"].acked
+            async with asyncio.timeout(30):
+                while agent.current_take is None or not agent.current_take.finished:
+                    await asyncio.sleep(0.01)
+            assert loop.time() - t0 < countdown_s  # it did not wait the countdown out
+        finally:
+            await control.stop()
+            agent.close()
+    summary = agent.status()["last_take"]
+    assert summary["session"] == sid and summary["frames"] <= 1  # the instant of the stop
