@@ -225,8 +225,6 @@ class ControlClient:
             log.warning("control: ignoring an empty or unknown command")
             return
         body = getattr(cmd, kind)
-        # Before the work: a start that ends early reports (acknowledges) from its task.
-        self.last_command_id = body.command_id
         if body.command_id and body.command_id in self._seen:
             log.info("control: command %s already handled", body.command_id)
         elif kind == "start" and body.session_id in self._starting:
@@ -246,13 +244,17 @@ class ControlClient:
                 waiter.cancel()
             else:
                 await self._guarded("stop", body, self._stop(body))
+        # Only now: a report carrying the id acknowledges the command with the state it
+        # left (the periodic reports carry it too, and must not answer before that).
+        self.last_command_id = body.command_id
         with contextlib.suppress(grpc.aio.AioRpcError):
             await self.report_now()
 
     async def _run_start(self, body: booth_pb2.StartTake, ready: asyncio.Event) -> None:
         await self._guarded("start", body, self._start(body, ready))
-        with contextlib.suppress(grpc.aio.AioRpcError):
-            await self.report_now()  # capturing now (or why not)
+        if ready.is_set():  # answered already (execute answers a start that ended early)
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                await self.report_now()  # capturing now (or why not)
 
     async def _guarded(self, kind: str, body: Any, work: Any) -> None:
         try:
