@@ -15,7 +15,7 @@ from cloud_trainer.repository import Repository
 from cloud_trainer.storage import create_blob_store
 from edge_agent.errors import BoothError
 from edge_agent.stream import Streamer
-from protos import booth_pb2
+from protos import booth_pb2, booth_pb2_grpc
 
 
 class Env:
@@ -508,3 +508,86 @@ async def test_a_camera_refused_by_an_ended_session_leaves_no_take_behind(env, s
     assert result.code == grpc.StatusCode.FAILED_PRECONDITION, result.details
     assert "no longer accepts frames" in result.details
     assert env.repo.list_takes(sid) == []
+
+
+async def test_an_end_counting_frames_that_never_came_leaves_the_take_open(env, server):
+    """Frames 0..9 stored, the end says 20: the take is not complete (training would start
+    on half a take) until the other ten arrive, on a later stream."""
+    sid = th.new_session(env.repo)
+    token = th.token_for("cam0")
+    short = await th.raw_ingest(
+        server.port, token, [th.hello(sid), *(th.frame_req(i) for i in range(10)), th.end_req(20)]
+    )
+    assert short.code == grpc.StatusCode.OK, short.details
+    assert not any(a.take_complete for a in th.acks(short))
+    assert env.repo.get_session(sid)["state"] == "capturing"
+    assert env.uploaded == []
+
+    rest = await th.raw_ingest(
+        server.port, token, [th.hello(sid), *(th.frame_req(i) for i in range(10, 20))]
+    )
+    assert rest.code == grpc.StatusCode.OK, rest.details
+    assert rest.responses[0].hello_ack.resume_after_seq == 9
+    assert th.acks(rest)[-1].take_complete  # the end was known: its last frame completes it
+    assert env.repo.get_session(sid)["state"] == "uploaded"
+    assert env.uploaded == [sid]
+
+
+async def test_a_resent_frame_with_other_bytes_is_refused_after_a_reconnect_too(
+    tmp_path, db_config
+):
+    """The stored frame's hash decides once the stream that sent it is gone (the index's
+    digests, on either database), not only the bytes still in memory."""
+    env = Env(tmp_path)
+    env.cfg = env.cfg.model_copy(update={"database": db_config})
+    env.repo = Repository.from_config(db_config)
+    sid = th.new_session(env.repo)
+    token = th.token_for("cam0")
+    async with th.running_server(env.cfg, repo=env.repo, store=env.store) as srv:
+        first = await th.raw_ingest(
+            srv.port, token, [th.hello(sid), *(th.frame_req(i) for i in range(10))]
+        )
+        assert th.acks(first)[-1].durable_seq == 9
+        same = await th.raw_ingest(srv.port, token, [th.hello(sid), th.frame_req(3)])
+        assert same.code == grpc.StatusCode.OK, same.details
+        other = await th.raw_ingest(
+            srv.port, token, [th.hello(sid), th.frame_req(3, jpeg=th.make_jpeg(3, salt=1))]
+        )
+    assert other.code == grpc.StatusCode.ALREADY_EXISTS
+    assert "frame 3" in other.details and "different content" in other.details
+    assert th.stored_frames(env.repo, env.store, sid, "cam0")[3] == th.make_jpeg(3)
+    env.repo.close()
+
+
+async def test_no_ack_covers_a_frame_before_its_shard_and_index_are_stored(tmp_path):
+    """Each ack is checked as it arrives: every frame it covers is in the index and reads
+    back from its shard (the agent deletes its copy on that ack)."""
+    env = Env(tmp_path, shard_mb=0.005, flush_interval_s=0.01)  # a shard every few frames
+    sid = th.new_session(env.repo)
+    async with th.running_server(env.cfg, repo=env.repo, store=env.store) as srv:
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{srv.port}")
+        call = booth_pb2_grpc.IngestStub(channel).Stream(
+            metadata=(("authorization", f"Bearer {th.token_for('cam0')}"),)
+        )
+        checked = []
+
+        async def check_acks() -> None:
+            while (resp := await call.read()) is not grpc.aio.EOF:
+                if resp.WhichOneof("body") != "ack" or resp.ack.durable_seq < 0:
+                    continue
+                stored = await asyncio.to_thread(th.stored_frames, env.repo, env.store, sid, "cam0")
+                assert set(range(resp.ack.durable_seq + 1)) <= set(stored), resp.ack
+                checked.append(resp.ack.durable_seq)
+                if resp.ack.take_complete:
+                    return
+
+        await call.write(th.hello(sid))
+        reader = asyncio.create_task(check_acks())
+        for i in range(60):
+            await call.write(th.frame_req(i))
+        await call.write(th.end_req(60))
+        async with asyncio.timeout(60):
+            await reader
+        await call.done_writing()
+        await channel.close()
+    assert checked and checked[-1] == 59 and len(checked) > 3
