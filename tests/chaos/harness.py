@@ -63,6 +63,7 @@ for _p in (ROOT, ROOT / "tests", ROOT / "tests" / "cloud_trainer"):
 import httpx  # noqa: E402
 
 from cloud_trainer.demo import DemoBooth, DemoFailed, DemoPlan, StaffClient  # noqa: E402
+from cloud_trainer.ingest.shards import decode_shard  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -666,9 +667,12 @@ class ChaosBooth:
 
         fc = FrameCheck(camera=camera)
         rows = self.repo.frame_index(sid, camera)
-        seqs = Counter(r["seq"] for r in rows)
         fc.stored = len(rows)
-        fc.duplicated = sum(n - 1 for n in seqs.values() if n > 1)
+        # Copies in the shards, indexed or not (the index cannot hold a seq twice).
+        copies = Counter()
+        for key in self.store.list(f"sessions/{sid}/frames/{camera}/"):
+            copies.update(f.seq for f in decode_shard(self.store.get(key)))
+        fc.duplicated = sum(n - 1 for n in copies.values() if n > 1)
         stored: dict[int, str] = {}
         shards: dict[str, bytes] = {}
         for r in rows:
