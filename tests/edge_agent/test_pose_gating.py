@@ -175,3 +175,17 @@ def test_points_in_polygon_handles_concave_zones():
     poly = [(0, 0), (2, 0), (2, 1), (1, 1), (1, 2), (0, 2)]
     pts = np.array([(0.5, 0.5), (1.5, 0.5), (0.5, 1.5), (1.5, 1.5), (3, 3), (-1, 0.5)])
     assert gating.points_in_polygon(pts, poly).tolist() == [True, True, True, False, False, False]
+
+
+def test_too_little_of_a_skeleton_on_the_person_mask_is_nobody():
+    """The segmentation found a person, but only under one leg of this skeleton (a shadow
+    lying over someone's leg): the overlap threshold decides, not the joints left."""
+    skel = _standing()
+    leg = np.zeros((H, W), np.float32)
+    leg[125:240, 80:96] = 1.0  # the right leg and foot (image left): 6 of 23 joints
+    on_leg = gating.mask_at(leg, skel, gating._radius_px(leg)) >= gating.MASK_THRESHOLD
+    assert 0.2 < on_leg.mean() < 0.3
+    assert not gating.gate(_result(skel, leg), ZoneConfig(min_face_contrast=0)).detected
+    lenient = ZoneConfig(min_face_contrast=0, require_mask_overlap=0.2)
+    out = gating.gate(_result(skel, leg), lenient)
+    assert out.detected and (out.skeleton[:, 2] > 0).sum() == on_leg.sum()

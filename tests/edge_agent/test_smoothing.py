@@ -392,3 +392,53 @@ def test_one_euro_smooths_jitter_on_a_noisy_pose_at_rest() -> None:
     euro = OneEuroFilter(FPS, min_cutoff_hz=1.0, beta=0.0)
     out = np.stack([euro.update(f) for f in seq])
     assert _err_px(out[-60:], gt[-60:]) < 0.5 * _err_px(seq[-60:], gt[-60:])
+
+
+def _swing(seq: np.ndarray, frames: range, joint: str, about: str, degrees: float) -> None:
+    """Turn ``joint`` about ``about`` in those frames: the bone between them keeps its length."""
+    a = np.deg2rad(degrees)
+    rot = np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]])
+    j, c = IDX[joint], IDX[about]
+    for i in frames:
+        seq[i, j, :2] = seq[i, c, :2] + rot @ (seq[i, j, :2] - seq[i, c, :2])
+
+
+def test_a_joint_back_from_a_dropout_across_its_bone_is_refused() -> None:
+    """A bone vouches only for its length: a wrist that reappears swung a quarter turn
+    about its elbow keeps the forearm's length, and is still refused as far off."""
+    gt = _figure(80)
+    seq = _noisy(gt, sigma_px=1.0)
+    wrist = IDX["left_wrist"]
+    seq[48:50, wrist] = 0  # two frames without it
+    _swing(seq, range(50, 51), "left_wrist", "left_elbow", 90)
+    poses = _causal(seq)
+    assert poses[50].rejected[wrist]
+    assert np.linalg.norm(poses[50].skeleton[wrist, :2] - gt[50, wrist, :2]) < 5.0
+
+
+def test_a_real_fast_move_is_followed_at_once_not_held_back() -> None:
+    """The forearm swings 30 degrees in one frame and stays: the neighbours vouch for it,
+    so the track trusts the measurement (its uncertainty inflated) instead of lagging."""
+    gt = _figure(80)
+    seq = _noisy(gt, sigma_px=1.0)
+    truth = gt.copy()
+    _swing(truth, range(50, 80), "left_wrist", "left_elbow", 30)
+    seq[50:, IDX["left_wrist"], :2] += (
+        truth[50:, IDX["left_wrist"], :2] - gt[50:, IDX["left_wrist"], :2]
+    )
+    poses = _causal(seq)
+    wrist = IDX["left_wrist"]
+    assert not poses[50].rejected[wrist]
+    assert np.linalg.norm(poses[50].skeleton[wrist, :2] - truth[50, wrist, :2]) < 2.5
+
+
+def test_an_imputed_joint_is_reported_less_sure_than_a_measured_one() -> None:
+    """Whoever draws or trains on the pose can tell a prediction from a detection."""
+    gt = _figure(60)
+    seq = gt.copy()
+    wrist = IDX["left_wrist"]
+    seq[30:34, wrist] = 0
+    poses = _causal(seq, SmoothingConfig(max_gap_frames=8))
+    measured = poses[29].skeleton[wrist, 2]
+    assert all(poses[i].imputed[wrist] for i in range(30, 34))
+    assert all(0 < poses[i].skeleton[wrist, 2] < 0.75 * measured for i in range(30, 34))
