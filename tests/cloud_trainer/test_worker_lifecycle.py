@@ -317,6 +317,79 @@ def test_booth_worker_on_sigterm_exits_cleanly_and_hands_its_job_back(booth, tmp
     again.ack()
 
 
+def test_booth_worker_killed_mid_training_is_resumed_from_its_checkpoint_by_the_next(
+    booth, tmp_path
+):
+    """The real command, SIGKILLed (no hand-back, no goodbye): once its lease lapses the
+    queue delivers the job again, and the next worker resumes it from the stored step."""
+    worker, _ = booth
+    queue_cfg = worker.settings.queue.model_copy(
+        update={"visibility_timeout_s": 3.0, "heartbeat_s": 0.5}
+    )
+    trainer = worker.settings.trainer.model_copy(update={"max_steps": 100_000})
+    settings = worker.settings.model_copy(update={"trainer": trainer, "queue": queue_cfg})
+    config = tmp_path / "booth.yaml"
+    config.write_text(json.dumps(settings.model_dump(mode="json")))  # JSON is YAML
+    sid = uploaded_session(worker)
+    worker.repo.update_session(sid, reference_name="synthetic:warmup")  # a built-in dance
+    log_path = tmp_path / "worker.log"
+    state_key = f"sessions/{sid}/checkpoints/state.json"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "cloud_trainer.cli", "worker", "--config", str(config)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=Path(__file__).resolve().parents[2],
+        )
+    try:
+        deadline = time.monotonic() + 240
+        while not (
+            worker.store.exists(state_key) and json.loads(worker.store.get(state_key))["step"] >= 1
+        ):
+            assert proc.poll() is None, log_path.read_text()[-3000:]
+            assert time.monotonic() < deadline, log_path.read_text()[-3000:]
+            time.sleep(0.2)
+    finally:
+        proc.kill()
+        proc.wait()
+    killed_at = json.loads(worker.store.get(state_key))["step"]
+    assert worker.repo.job_for_session(sid)["state"] == "running"  # nobody said otherwise
+
+    finish = worker.settings.trainer.model_copy(update={"max_steps": killed_at + 1})
+    queue = create_job_queue(queue_cfg)
+    nxt = Worker(
+        worker.settings.model_copy(update={"trainer": finish, "queue": queue_cfg}),
+        worker.repo,
+        worker.store,
+        queue,
+        worker_id="next-worker",
+    )
+    resumed: list[int] = []
+
+    class Resumes(logging.Handler):
+        def emit(self, record):
+            if record.getMessage() == "resuming job":
+                resumed.append(record.step)
+
+    train_log = logging.getLogger("cloud_trainer.train")
+    handler, level = Resumes(), train_log.level
+    train_log.addHandler(handler)
+    train_log.setLevel(logging.INFO)
+    try:
+        deadline = time.monotonic() + 60
+        while not nxt.run_once(timeout_s=1.0):  # the killed worker's lease lapses first
+            assert time.monotonic() < deadline, "the job was never delivered again"
+    finally:
+        train_log.removeHandler(handler)
+        train_log.setLevel(level)
+        queue.close()
+    assert resumed == [killed_at]
+    job = worker.repo.job_for_session(sid)
+    assert (job["worker"], job["attempts"]) == ("next-worker", 2)
+    assert job["state"] == "done", job
+    assert worker.repo.get_session(sid)["state"] == State.DELIVERED.value
+
+
 def test_a_starting_worker_removes_the_work_dirs_a_killed_worker_left_of_ended_jobs(booth):
     worker, desk = booth
     running = uploaded_session(worker, frames=False)
