@@ -141,11 +141,7 @@ class SessionsRepo:
         """``transition`` inside a caller's transaction (delivery writes its outbox row with it)."""
         target = State(target)
         now = time.time()
-        row = conn.execute(
-            select(sessions.c.state).where(sessions.c.id == session_id).with_for_update()
-        ).first()
-        if row is None:
-            raise SessionNotFound(f"unknown session {session_id}")
+        row = _locked(conn, session_id, sessions.c.state)
         check_transition(session_id, row.state, target)
         values: dict[str, Any] = {"state": target.value, "updated_at": now, **fields}
         if target == State.FAILED:
@@ -178,12 +174,7 @@ class SessionsRepo:
         whose upload completed since). True if the session was failed by this call.
         """
         with self.engine.begin() as conn:
-            row = conn.execute(
-                select(sessions.c.state).where(sessions.c.id == session_id).with_for_update()
-            ).first()
-            if row is None:
-                raise SessionNotFound(f"unknown session {session_id}")
-            current = State(row.state)
+            current = State(_locked(conn, session_id, sessions.c.state).state)
             if current in (State.DELIVERED, State.FAILED):
                 return False
             if only_from is not None and current not in only_from:
@@ -193,12 +184,8 @@ class SessionsRepo:
 
     def set_progress(self, session_id: str, **progress: Any) -> None:
         with self.engine.begin() as conn:
-            row = conn.execute(
-                # Locked: concurrent reporters (trainer, renderer) must not drop keys.
-                select(sessions.c.progress).where(sessions.c.id == session_id).with_for_update()
-            ).first()
-            if row is None:
-                raise SessionNotFound(f"unknown session {session_id}")
+            # Locked: concurrent reporters (trainer, renderer) must not drop keys.
+            row = _locked(conn, session_id, sessions.c.progress)
             merged = {**(row.progress or {}), **progress}
             conn.execute(
                 update(sessions)
@@ -317,3 +304,13 @@ def delete_session_rows(conn: Any, session_id: str) -> None:
             session_id=session_id, booth_id=row.booth_id, deleted_at=time.time()
         )
     )
+
+
+def _locked(conn: Any, session_id: str, *columns: Any) -> Any:
+    """The session's row (those columns), locked for this transaction; SessionNotFound if none."""
+    row = conn.execute(
+        select(*columns).where(sessions.c.id == session_id).with_for_update()
+    ).first()
+    if row is None:
+        raise SessionNotFound(f"unknown session {session_id}")
+    return row

@@ -21,6 +21,21 @@ def uploaded_session(repo: Repository) -> str:
     return sid
 
 
+def capturing_session(repo: Repository) -> str:
+    """A 15 s take on cam0 and cam1, capturing since now."""
+    sid = repo.create_session(
+        booth_id="booth-1",
+        name="A",
+        email="a@example.org",
+        consent=True,
+        reference_name="r",
+        take_s=15,
+        cameras=["cam0", "cam1"],
+    )
+    repo.transition(sid, "capturing")
+    return sid
+
+
 def test_uploaded_session_without_a_job_is_queued_at_start_up(tmp_path):
     repo = Repository.from_config(SqliteDatabase(path=tmp_path / "b.db"))
     queue = create_job_queue(SqliteQueue(path=tmp_path / "q.db"))
@@ -46,16 +61,7 @@ def test_a_capture_that_never_finishes_uploading_fails_with_the_missing_camera(t
     from cloud_trainer.dispatch import fail_overdue_captures
 
     repo = Repository.from_config(SqliteDatabase(path=tmp_path / "b.db"))
-    sid = repo.create_session(
-        booth_id="booth-1",
-        name="A",
-        email="a@example.org",
-        consent=True,
-        reference_name="r",
-        take_s=15,
-        cameras=["cam0", "cam1"],
-    )
-    repo.transition(sid, "capturing")
+    sid = capturing_session(repo)
     started = repo.get_session(sid)["capture_started_at"]
     assert fail_overdue_captures(repo, 600, now=started + 60) == []  # still within its deadline
     assert repo.get_session(sid)["state"] == "capturing"
@@ -181,16 +187,7 @@ def test_the_overdue_sweep_leaves_a_session_whose_upload_completed_meanwhile(tmp
             return {"cam0", "cam1"}
 
     repo = UploadLandsDuringTheSweep.from_config(SqliteDatabase(path=tmp_path / "b.db"))
-    sid = repo.create_session(
-        booth_id="booth-1",
-        name="A",
-        email="a@example.org",
-        consent=True,
-        reference_name="r",
-        take_s=15,
-        cameras=["cam0", "cam1"],
-    )
-    repo.transition(sid, "capturing")
+    sid = capturing_session(repo)
     started = repo.get_session(sid)["capture_started_at"]
     assert fail_overdue_captures(repo, 600, now=started + 700) == []
     assert repo.get_session(sid)["state"] == "uploaded"

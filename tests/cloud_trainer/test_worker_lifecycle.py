@@ -276,15 +276,12 @@ def test_a_stopping_worker_checkpoints_and_hands_the_job_back_to_resume_from_the
     assert (done["resumed_from"], done["steps"]) == (1, 2)
 
 
-def test_booth_worker_on_sigterm_exits_cleanly_and_hands_its_job_back(booth, tmp_path):
-    """The real command and signal: SIGTERM mid-training ends ``booth worker`` with exit 0
-    within a step, the job back in the queue on the same attempt, its checkpoint stored."""
-    worker, _ = booth
-    trainer = worker.settings.trainer.model_copy(update={"max_steps": 100_000})
-    settings = worker.settings.model_copy(update={"trainer": trainer})
+def booth_worker_at_its_first_checkpoint(
+    worker: Worker, settings: BoothConfig, sid: str, tmp_path: Path
+) -> tuple[subprocess.Popen, Path]:
+    """``booth worker`` (the real command) on ``settings``, once ``sid``'s job stored step 1."""
     config = tmp_path / "booth.yaml"
     config.write_text(json.dumps(settings.model_dump(mode="json")))  # JSON is YAML
-    sid = uploaded_session(worker)
     log_path = tmp_path / "worker.log"
     state_key = f"sessions/{sid}/checkpoints/state.json"
     with open(log_path, "wb") as log:
@@ -302,6 +299,23 @@ def test_booth_worker_on_sigterm_exits_cleanly_and_hands_its_job_back(booth, tmp
             assert proc.poll() is None, log_path.read_text()[-3000:]
             assert time.monotonic() < deadline, log_path.read_text()[-3000:]
             time.sleep(0.2)
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    return proc, log_path
+
+
+def test_booth_worker_on_sigterm_exits_cleanly_and_hands_its_job_back(booth, tmp_path):
+    """The real command and signal: SIGTERM mid-training ends ``booth worker`` with exit 0
+    within a step, the job back in the queue on the same attempt, its checkpoint stored."""
+    worker, _ = booth
+    trainer = worker.settings.trainer.model_copy(update={"max_steps": 100_000})
+    settings = worker.settings.model_copy(update={"trainer": trainer})
+    sid = uploaded_session(worker)
+    state_key = f"sessions/{sid}/checkpoints/state.json"
+    proc, log_path = booth_worker_at_its_first_checkpoint(worker, settings, sid, tmp_path)
+    try:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=120) == 0, log_path.read_text()[-3000:]
     finally:
@@ -328,30 +342,12 @@ def test_booth_worker_killed_mid_training_is_resumed_from_its_checkpoint_by_the_
     )
     trainer = worker.settings.trainer.model_copy(update={"max_steps": 100_000})
     settings = worker.settings.model_copy(update={"trainer": trainer, "queue": queue_cfg})
-    config = tmp_path / "booth.yaml"
-    config.write_text(json.dumps(settings.model_dump(mode="json")))  # JSON is YAML
     sid = uploaded_session(worker)
     worker.repo.update_session(sid, reference_name="synthetic:warmup")  # a built-in dance
-    log_path = tmp_path / "worker.log"
     state_key = f"sessions/{sid}/checkpoints/state.json"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "cloud_trainer.cli", "worker", "--config", str(config)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=Path(__file__).resolve().parents[2],
-        )
-    try:
-        deadline = time.monotonic() + 240
-        while not (
-            worker.store.exists(state_key) and json.loads(worker.store.get(state_key))["step"] >= 1
-        ):
-            assert proc.poll() is None, log_path.read_text()[-3000:]
-            assert time.monotonic() < deadline, log_path.read_text()[-3000:]
-            time.sleep(0.2)
-    finally:
-        proc.kill()
-        proc.wait()
+    proc, _ = booth_worker_at_its_first_checkpoint(worker, settings, sid, tmp_path)
+    proc.kill()
+    proc.wait()
     killed_at = json.loads(worker.store.get(state_key))["step"]
     assert worker.repo.job_for_session(sid)["state"] == "running"  # nobody said otherwise
 

@@ -45,6 +45,25 @@ def make_agent(tmp_path: Path) -> Agent:
     return Agent(cfg, source_factory=source, pose_factory=slow_pose_factory(0.0))
 
 
+async def online(agent: Agent, srv, tmp_path: Path, streamer: Streamer | None = None):
+    """The agent's control client, connected, and the booth as the cloud sees it."""
+    control = ControlClient(
+        th.uplink_config(f"127.0.0.1:{srv.port}", tmp_path / "spool"),
+        booth_id=th.BOOTH,
+        camera_id="cam0",
+        runner=AgentRunner(agent),
+        streamer=streamer,
+        clock=agent.clock,
+        report_interval_s=0.2,
+    )
+    await control.start()
+    booth = srv.registry.booth(th.BOOTH)
+    async with asyncio.timeout(30):
+        while booth.online() != ["cam0"]:
+            await asyncio.sleep(0.01)
+    return control, booth
+
+
 @pytest.fixture
 def cloud(tmp_path: Path):
     cfg = th.booth_config(tmp_path)
@@ -71,22 +90,9 @@ async def test_start_on_the_tablet_puts_every_recorded_frame_in_the_cloud_once(
         if budget_frames:  # the spool fills up: the rest must come from the MP4 segments
             streamer.spool.budget_bytes = budget_frames * max(len(j) for j in make_jpegs(60))
         stream_agent_takes(agent, streamer)
-        control = ControlClient(
-            th.uplink_config(f"127.0.0.1:{srv.port}", tmp_path / "spool"),
-            booth_id=th.BOOTH,
-            camera_id="cam0",
-            runner=AgentRunner(agent),
-            streamer=streamer,
-            clock=agent.clock,
-            report_interval_s=0.2,
-        )
         await streamer.start()
-        await control.start()
+        control, booth = await online(agent, srv, tmp_path, streamer)
         try:
-            booth = srv.registry.booth(th.BOOTH)
-            async with asyncio.timeout(30):
-                while booth.online() != ["cam0"]:
-                    await asyncio.sleep(0.01)
             results = await booth.start_take(sid, 0.5)
             # The replayed camera is quick: by its report the take may already be finishing.
             assert results["cam0"].acked and results["cam0"].session_id == sid
@@ -124,20 +130,8 @@ async def test_a_stop_during_the_countdown_is_answered_and_ends_the_take_at_once
     sid = th.new_session(repo)
     agent = make_agent(tmp_path).start()
     async with th.running_server(cfg, repo=repo, store=store) as srv:
-        control = ControlClient(
-            th.uplink_config(f"127.0.0.1:{srv.port}", tmp_path / "spool"),
-            booth_id=th.BOOTH,
-            camera_id="cam0",
-            runner=AgentRunner(agent),
-            clock=agent.clock,
-            report_interval_s=0.2,
-        )
-        await control.start()
+        control, booth = await online(agent, srv, tmp_path)
         try:
-            booth = srv.registry.booth(th.BOOTH)
-            async with asyncio.timeout(30):
-                while booth.online() != ["cam0"]:
-                    await asyncio.sleep(0.01)
             countdown_s = 30.0
             # The booth clock is the server's wall clock (this machine's): the board may
             # not have measured its offset to it yet.
