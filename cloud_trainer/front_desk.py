@@ -72,7 +72,7 @@ def clean_name(name: str) -> str:
 def clean_email(email: str) -> str:
     email = (email or "").strip()
     if not _EMAIL_RE.match(email) or len(email) > 254:
-        raise BadInput(f"{email!r} is not a valid email address")
+        raise BadInput(f"“{email}” is not a valid email address: check it with the attendee")
     return email
 
 

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import shutil
 import socket
 import threading
@@ -410,8 +411,18 @@ class Worker:
             self._fail(session_id, job_id, str(e), owner=self.worker_id)
             lease.ack()
         except Exception as e:  # a bug or a passing outage: another attempt may succeed
-            log.exception("job crashed", extra={"session_id": session_id, "attempt": lease.attempt})
-            reason = f"internal error on attempt {lease.attempt}: {type(e).__name__}: {e}"
+            # Staff read the reason on the tablet: what to do, and a reference that finds
+            # the traceback in this worker's log; not the exception itself.
+            ref = secrets.token_hex(4)
+            log.exception(
+                "job crashed (ref %s)",
+                ref,
+                extra={"session_id": session_id, "attempt": lease.attempt, "error": repr(e)},
+            )
+            reason = (
+                f"processing failed on our side, {lease.attempt} time(s) (ref {ref} in the "
+                "worker's log); press Start again once, and if it fails again, call the tech"
+            )
             if lease.final:
                 self._fail(session_id, job_id, reason, owner=self.worker_id)
                 lease.ack()

@@ -68,6 +68,7 @@ def create_app(
     zone = ZoneInfo(settings.booth.timezone)
     # Times as the booth's clock shows them (server-side: the pages run no inline script).
     templates.env.filters["clock"] = lambda ts: datetime.fromtimestamp(ts, zone).strftime("%H:%M")
+    templates.env.filters["day"] = lambda ts: datetime.fromtimestamp(ts, zone).strftime("%-d %B %Y")
     services = Services(
         settings=settings,
         repo=repo,

@@ -135,6 +135,16 @@ def test_no_consent_on_the_tablet_form_shows_the_reason(client):
     )  # the form keeps what staff typed
 
 
+def test_a_refused_new_attendee_form_keeps_the_consent_tick(client):
+    csrf = log_in(client)
+    form = {"name": "A", "email": "a@example", "reference": "x", "consent": "yes", "csrf": csrf}
+    r = client.post("/sessions", data=form)
+    assert r.status_code == 400 and "“a@example” is not a valid email address" in r.text
+    assert re.search(
+        r'<input type="checkbox" id="consent" name="consent" value="yes" checked>', r.text
+    )
+
+
 @pytest.mark.parametrize(
     "email", ["not-an-email", "a@b", "x@example.org\r\nBcc: evil@example.org", ""]
 )
@@ -191,6 +201,9 @@ def test_attendee_page_range_requests_and_delete_my_data(client, booth):
     sid, token = delivered_session(repo, store)
     page = client.get(f"/v/{token}")
     assert page.status_code == 200 and "<video" in page.text and "Delete my data" in page.text
+    # How long it stays, and a delete that the phone itself will not send unconfirmed.
+    assert re.search(r"Here until \d{1,2} \w+ \d{4}: download it to keep it", page.text)
+    assert re.search(r'<input type="checkbox" name="confirm"[^>]*required', page.text)
     whole = client.get(f"/v/{token}/video.mp4")
     assert whole.status_code == 200 and whole.content == VIDEO
     # Not cached: after "delete my data" or the link's end, a shared device must not

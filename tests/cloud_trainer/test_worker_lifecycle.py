@@ -620,7 +620,7 @@ def test_bad_input_fails_the_job_with_its_reason_and_the_worker_goes_on(booth, s
     session = worker.repo.get_session(sid)
     assert session["state"] == State.FAILED.value
     assert re.search(reason, session["failure_reason"] or ""), session["failure_reason"]
-    assert "internal error" not in session["failure_reason"]  # failed once, not retried
+    assert "on our side" not in session["failure_reason"]  # failed once, not retried
     assert worker.repo.job_for_session(sid)["state"] == "failed"
     worker.settings.trainer.base_checkpoint = None
     assert_next_job_runs(worker)
@@ -787,3 +787,26 @@ def test_a_worker_that_lost_its_job_neither_hands_it_back_nor_fails_it(booth):
     job = worker.repo.job_for_session(sid)
     assert (job["state"], job["worker"]) == ("running", "worker-b")
     assert worker.repo.get_session(sid)["state"] == State.TRAINING.value
+
+
+def test_a_crash_tells_staff_what_to_do_and_the_log_where_to_look(booth, caplog):
+    """The tablet shows what to do and a reference, not a Python exception; the worker's
+    log has the traceback under that reference."""
+    worker, _ = booth
+    worker.queue = create_job_queue(worker.settings.queue.model_copy(update={"max_attempts": 1}))
+    sid = uploaded_session(worker)
+
+    def crash(session_id: str, at: str) -> None:
+        if at == "training":
+            raise KeyError("left_ankle")
+
+    worker.repo.on_stage = crash
+    with caplog.at_level(logging.ERROR, logger="cloud_trainer.worker"):
+        assert worker.run_once(timeout_s=5.0) is True
+    reason = worker.repo.get_session(sid)["failure_reason"]
+    assert reason.startswith("processing failed on our side") and "Start again" in reason
+    assert "KeyError" not in reason
+    ref = re.search(r"ref ([0-9a-f]{8})", reason).group(1)
+    logged = [r for r in caplog.records if ref in r.getMessage()]
+    assert logged and logged[0].exc_info is not None
+    worker.queue.close()

@@ -80,18 +80,21 @@ def _file_responses(media_type: str, *, ranges: bool) -> Responses:
     responses=page_errors(404, 410),
 )
 def page(token: str, request: Request, services: ServicesDep):
-    return _render_page(request, services, _visit(services, token).session, token)
+    visit = _visit(services, token)
+    return _render_page(request, services, visit, token)
 
 
 def _render_page(
-    request: Request, services: Services, s: dict, token: str, error: str | None = None
+    request: Request, services: Services, visit: links.Visit, token: str, error: str | None = None
 ):
+    s = visit.session
     context = {
         "s": s,
         "token": token,
         "has_side": bool(s.get("side_by_side_key")),
         "booth": services.settings.booth.name,
         "error": error,
+        "expires_at": visit.link_expires_at,
     }
     return services.templates.TemplateResponse(
         request, "attendee.html", context, status_code=400 if error else 200
@@ -210,10 +213,11 @@ def poster(token: str, services: ServicesDep):
 def delete_my_data(
     token: str, request: Request, services: ServicesDep, confirm: Annotated[str, Form()] = ""
 ):
-    s = _visit(services, token).session
+    visit = _visit(services, token)
+    s = visit.session
     if confirm != "yes":
         error = "tick the box to confirm that everything should be deleted"
-        return _render_page(request, services, s, token, error)
+        return _render_page(request, services, visit, token, error)
     # A double tap sends two deletes: the one that finds the data already gone has
     # done its job too.
     with contextlib.suppress(SessionNotFound):

@@ -110,6 +110,12 @@ def session_view(services: Services, s: dict[str, Any]) -> dict[str, Any]:
             for e in services.repo.session_events(s["id"])
         ],
         "stage_index": STAGES.index(s["state"]) if s["state"] in STAGES else -1,
+        # When a take still missing a camera's upload is given up (the overdue sweep).
+        "upload_deadline_at": (
+            s["capture_started_at"] + s["take_s"] + services.settings.booth.upload_deadline_s
+            if s["state"] == "capturing" and s.get("capture_started_at")
+            else None
+        ),
         # The countdown runs on the server's clock: the tablet's may be off.
         "server_time": time.time(),
     }
@@ -197,7 +203,7 @@ def create_session_form(
     csrf: Annotated[str | None, Form()] = None,
 ):
     check_form_csrf(staff, csrf)
-    form = {"name": name, "email": email, "reference": reference}
+    form = {"name": name, "email": email, "reference": reference, "consent": consent == "yes"}
     try:
         sid = services.desk.create_session(
             name=name, email=email, consent=consent == "yes", reference=reference

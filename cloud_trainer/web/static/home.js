@@ -1,16 +1,20 @@
 // The tablet's home page stays live: which cameras are online (staff decide on Continue
 // by it) and how today's sessions are doing. The cameras are drawn by agents.js.
+let misses = 0;
+function get(url) { return fetch(url, {credentials: 'same-origin', signal: AbortSignal.timeout(4000)}); }
 async function refresh() {
+  let ok = false;
   try {
-    const a = await fetch('/api/agents', {credentials: 'same-origin'});
+    const a = await get('/api/agents');
     if (a.status === 401) { location.href = '/login'; return; }
     if (a.ok) {
       const list = await a.json();
       const box = document.getElementById('home-agents');
       if (list.length) box.replaceChildren(...list.map(x => agentCard(x)));
       document.getElementById('online-count').textContent = list.filter(x => x.online).length + ' online';
+      ok = true;
     }
-    const r = await fetch('/api/sessions', {credentials: 'same-origin'});
+    const r = await get('/api/sessions');
     if (r.ok) {
       const shown = new Map([...document.querySelectorAll('tr[data-sid]')].map(tr => [tr.dataset.sid, tr]));
       let unseen = false;
@@ -23,7 +27,13 @@ async function refresh() {
       // half-typed form.
       document.getElementById('home-new').hidden = !unseen;
     }
-  } catch (err) { /* a network blip: the next round tries again */ }
+  } catch (err) { /* a network blip, or no answer in time: the next round tries again */ }
+  // Green dots from minutes ago must not pass for cameras online now.
+  misses = ok ? 0 : misses + 1;
+  const offline = misses >= 2;
+  document.getElementById('offline').hidden = !offline;
+  document.getElementById('home-agents').classList.toggle('stale', offline);
+  document.getElementById('create').disabled = offline;
   setTimeout(refresh, 3000);
 }
 setTimeout(refresh, 3000);

@@ -12,13 +12,31 @@ function render(v) {
   const f = document.getElementById('failure'); f.hidden = v.state !== 'failed'; document.getElementById('failure-reason').textContent = v.failure_reason || '';
   const p = v.progress || {};
   if (v.server_time) clockOffset = v.server_time - Date.now() / 1000;
+  takeSeconds = v.take_s;
   if (v.state === 'capturing' && !countdownShown && p.capture_at) { countdownShown = true; runCountdown(p.capture_at); }
   const cap = document.getElementById('capture-status');
   if (v.takes && v.takes.length) cap.textContent = v.takes.map(t => `${t.camera_id}: ${t.frames_stored} frames uploaded` + (t.frame_count != null ? ` of ${t.frame_count}` : '') + (t.state === 'uploaded' ? ' ✓' : '')).join(' · ');
+  // The take is over but a camera's upload is not in: say which, and until when.
+  const wait = document.getElementById('upload-wait');
+  const now = Date.now() / 1000 + clockOffset;
+  const ended = v.state === 'capturing' && p.capture_at && now > p.capture_at + v.take_s + 10;
+  const done = new Set((v.takes || []).filter(t => t.state === 'uploaded').map(t => t.camera_id));
+  const missing = (v.cameras || []).filter(c => !done.has(c));
+  wait.hidden = !(ended && missing.length);
+  if (!wait.hidden) {
+    const until = v.upload_deadline_at ? new Date((v.upload_deadline_at - clockOffset) * 1000).toLocaleTimeString([], {hour: '2-digit', minute: '2-digit'}) : null;
+    wait.textContent = `Waiting for ${missing.join(', ')} to finish uploading. Check that camera's board and network.` + (until ? ` The booth gives up at ${until}; or Delete the session and start again.` : '');
+  }
   const ts = document.getElementById('train-status');
+  if (v.state === 'uploaded') ts.textContent = 'Waiting for a trainer to pick it up.';
+  else if (v.state === 'failed') { ts.textContent = 'Stopped: the reason is above.'; document.getElementById('train-bar').style.width = '0%'; }
+  else if (v.state === 'delivered') ts.textContent = 'Done.';
+  else if (p.stage === 'rendering') ts.textContent = 'Rendering the video' + (p.eta_s != null ? ` · about ${fmt(p.eta_s)} left` : '') + '.';
+  else if (p.stage && v.state !== 'failed') {
+    ts.textContent = `${p.stage}` + (p.step != null ? ` · step ${p.step}${p.total_steps ? ' / ' + p.total_steps : ''}` : '') + (p.eta_s != null ? ` · about ${fmt(p.eta_s)} left` : '') + (p.loss != null ? ` · loss ${(+p.loss).toFixed(3)}` : '') + (p.message ? ` · ${p.message}` : '');
+  }
   if (p.stage) {
-    ts.textContent = `${p.stage}` + (p.step != null ? ` · step ${p.step}${p.total_steps ? ' / ' + p.total_steps : ''}` : '') + (p.eta_s != null ? ` · about ${fmt(p.eta_s)} left` : '') + (p.loss != null ? ` · L1 ${(+p.loss).toFixed(3)}` : '') + (p.message ? ` · ${p.message}` : '');
-    if (p.total_steps) { const pct = Math.min(100, 100 * p.step / p.total_steps); document.getElementById('train-bar').style.width = pct + '%'; document.getElementById('train-progress').setAttribute('aria-valuenow', Math.round(pct)); }
+    if (p.total_steps && p.stage !== 'rendering') { const pct = Math.min(100, 100 * p.step / p.total_steps); document.getElementById('train-bar').style.width = pct + '%'; document.getElementById('train-progress').setAttribute('aria-valuenow', Math.round(pct)); }
     // A new plot per reported step, not per poll: no refetch (or flicker) while it is the same.
     if (p.step != null && p.step !== plotStep) {
       plotStep = p.step;
@@ -33,7 +51,10 @@ function render(v) {
     const note = document.createElement('span'); note.className = 'muted'; note.textContent = " (the attendee's own link is in their email)";
     document.getElementById('link').replaceChildren(a, ' ', note);
   }
-  const e = v.email_delivery; document.getElementById('email-state').textContent = e ? `Email to ${e.to_addr}: ${e.state}` + (e.last_error ? ` (${e.last_error})` : '') : '';
+  const e = v.email_delivery; const es = document.getElementById('email-state');
+  const bad = e && (e.state === 'bounced' || e.state === 'failed');
+  es.textContent = !e ? '' : bad ? `The email to ${e.to_addr} ${e.state === 'bounced' ? 'bounced' : 'could not be sent'}` + (e.last_error ? ` (${e.last_error})` : '') + '. Correct the address below and press Resend.' : `Email to ${e.to_addr}: ${e.state}`;
+  es.className = bad ? 'error' : 'muted'; es.setAttribute('role', bad ? 'alert' : 'status');
   // Start while created, Start again once failed (also when it fails while this page is open).
   const sf = document.getElementById('start-form');
   if (sf && !sf.dataset.sent) {
@@ -43,11 +64,21 @@ function render(v) {
     document.getElementById('start').textContent = again ? 'Start again' : 'Start';
   }
   const rf = document.getElementById('resend-form'); if (rf) rf.hidden = v.state !== 'delivered';
+  // "Dance!", then the seconds of the take left.
+  if (v.state !== 'capturing') document.getElementById('countdown').hidden = true;
   const stf = document.getElementById('stop-form'); if (stf && !stf.dataset.sent) stf.hidden = v.state !== 'capturing';
 }
+let takeSeconds = null;
 function runCountdown(atSec) {
   const el = document.getElementById('countdown'); el.hidden = false;
-  const tick = () => { const left = Math.ceil(atSec - (Date.now()/1000 + clockOffset)); if (left > 0) { el.textContent = left; setTimeout(tick, 200); } else { el.textContent = 'Dance!'; setTimeout(() => el.hidden = true, 2500); } };
+  const tick = () => {
+    const now = Date.now() / 1000 + clockOffset;
+    const left = Math.ceil(atSec - now);
+    if (left > 0) { el.textContent = left; setTimeout(tick, 200); return; }
+    const rest = takeSeconds == null ? 0 : Math.ceil(atSec + takeSeconds - now);
+    if (rest > 0 && !el.hidden) { el.textContent = `Dance! ${rest} s`; setTimeout(tick, 200); }
+    else { el.textContent = 'Dance!'; setTimeout(() => el.hidden = true, 1500); }
+  };
   tick();
 }
 const LIMBS = JSON.parse(root.dataset.limbs);
@@ -58,21 +89,26 @@ function renderAgents(list) {
   if (!list.length) { const d = document.createElement('div'); d.className = 'agent offline'; d.textContent = 'no camera online'; box.append(d); }
 }
 let failures = 0;
+// A server that accepts the connection and never answers must count as gone too.
+function get(url) { return fetch(url, {credentials: 'same-origin', signal: AbortSignal.timeout(4000)}); }
 async function poll() {
   let ok = false;
   try {
-    const r = await fetch(`/api/sessions/${sid}`, {credentials: 'same-origin'});
+    const r = await get(`/api/sessions/${sid}`);
     // Gone from under this page: deleted (maybe on another tablet), or started again.
     // The page's own URL knows which: it leads on to the new session, or home.
     if (r.status === 404) { location.href = `/sessions/${sid}`; return; }
     if (r.status === 401) { location.href = '/login'; return; }  // the login expired
     if (r.ok) { render(await r.json()); ok = true; }
-    const a = await fetch('/api/agents', {credentials: 'same-origin'});
+    const a = await get('/api/agents');
     if (a.ok) renderAgents(await a.json());
-  } catch (err) { /* a network blip: try again */ }
+  } catch (err) { /* a network blip, or no answer in time: try again */ }
   failures = ok ? 0 : failures + 1;
-  // Stale numbers must not pass for live ones: say so after a few misses.
-  document.getElementById('offline').hidden = failures < 3;
+  // Stale numbers must not pass for live ones: say so after a few misses, and do not
+  // offer buttons whose press would only reach the browser's own error page.
+  const offline = failures >= 3;
+  document.getElementById('offline').hidden = !offline;
+  for (const id of ['start', 'stop', 'resend']) { const b = document.getElementById(id); if (b && !b.closest('form').dataset.sent) b.disabled = offline; }
   setTimeout(poll, 1000);
 }
 poll();
