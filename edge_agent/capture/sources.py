@@ -258,6 +258,7 @@ class V4L2Camera:
         self.warnings: list[str] = []
         self._container: Any = None
         self._stream: Any = None
+        self._rate_unknown = False  # the device reported no frame rate (see _granted)
 
     def _options(self) -> dict[str, str]:
         w, h = self.cfg.size
@@ -284,8 +285,13 @@ class V4L2Camera:
     def _granted(self, container: Any) -> Granted:
         stream = container.streams.video[0]
         cc = stream.codec_context
-        rate = stream.average_rate or stream.base_rate or stream.guessed_rate or 0
-        granted = Granted(int(cc.width), int(cc.height), float(rate), cc.name)
+        rate = float(stream.average_rate or stream.base_rate or stream.guessed_rate or 0)
+        # A driver that reports no frame interval: the take must not end (or size its
+        # queues) on a rate of 0, which the capture would read as 30 fps.
+        self._rate_unknown = not rate > 0
+        if self._rate_unknown:
+            rate = float(self.cfg.fps)
+        granted = Granted(int(cc.width), int(cc.height), rate, cc.name)
         if cc.name != "mjpeg":
             raise DeviceError(
                 f"camera {self.cfg.device} delivers {cc.name}, not MJPEG, at "
@@ -302,7 +308,12 @@ class V4L2Camera:
                 f"camera {self.cfg.device} granted {granted.width}x{granted.height}, "
                 f"not the {asked_w}x{asked_h} asked"
             )
-        if msg := rate_warning(f"camera {self.cfg.device}", self.cfg.fps, granted):
+        if self._rate_unknown:
+            self.warnings.append(
+                f"camera {self.cfg.device} did not report its frame rate; assuming the "
+                f"{self.cfg.fps:g} fps asked"
+            )
+        elif msg := rate_warning(f"camera {self.cfg.device}", self.cfg.fps, granted):
             self.warnings.append(msg)
         for msg in self.warnings:
             log.warning("%s", msg)

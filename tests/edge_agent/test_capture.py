@@ -601,6 +601,26 @@ def test_v4l2_granted_rate_below_the_asked_one_is_reported():
     assert cam.warnings == ["camera /dev/video0 granted 320x240, not the 640x480 asked"]
 
 
+def test_a_v4l2_device_that_reports_no_frame_rate_is_taken_at_the_asked_one_with_a_warning():
+    """Granted 0 fps, a take ended after duration x 30 frames: a quarter of it at 120 fps."""
+    from types import SimpleNamespace
+
+    from edge_agent.capture.sources import V4L2Camera
+    from edge_agent.config import V4L2Source
+
+    cam = V4L2Camera(V4L2Source(device="/dev/video0", fps=120, size="640x480"), BoothClock())
+    codec = SimpleNamespace(width=640, height=480, name="mjpeg")
+    stream = SimpleNamespace(
+        codec_context=codec, average_rate=None, base_rate=None, guessed_rate=None
+    )
+    granted = cam._granted(SimpleNamespace(streams=SimpleNamespace(video=[stream])))
+    assert granted.fps == 120.0
+    cam._check(granted)
+    assert cam.warnings == [
+        "camera /dev/video0 did not report its frame rate; assuming the 120 fps asked"
+    ]
+
+
 def test_v4l2_device_timestamps_go_on_the_booth_clock_and_gaps_count_as_lost_frames():
     from fractions import Fraction
 
@@ -773,3 +793,33 @@ def test_a_recording_cut_off_mid_take_gives_back_its_frames_by_the_segment_index
     assert [f.seq for f in got] == list(range(len(got)))
     assert all(f == frames[f.seq] for f in got)  # same bytes, same timestamps
     assert [f.seq for f in read_recorded_frames(crashed, 150)] == list(range(150, len(got)))
+
+
+def test_catch_up_starts_tracking_afresh_after_each_run_of_frames_posed_live(jpegs):
+    """The frames between two runs were posed live: tracking on from the last run's region
+    of interest follows where the dancer was, not where they are."""
+    from capture_fakes import SlowPose
+
+    from edge_agent.capture.pose_worker import PoseStore, pose_frames
+
+    class Tracking(SlowPose):
+        def __init__(self) -> None:
+            super().__init__(0.0)
+            self.calls: list[str] = []
+
+        def estimate(self, rgb: np.ndarray):
+            self.calls.append("pose")
+            return super().estimate(rgb)
+
+        def reset(self) -> None:
+            self.calls.append("reset")
+
+    store = PoseStore()
+    for seq in (2, 3, 7):  # posed live
+        store.put(seq, np.zeros((23, 3), np.float32), False, 0)
+    backend = Tracking()
+    pose_frames([(seq, jpegs[seq % len(jpegs)]) for seq in range(9)], store, backend)
+    # 0 1 | (2 3 posed) 4 5 6 | (7 posed) 8: afresh at the start and after each skip.
+    assert backend.calls == [
+        "reset", "pose", "pose", "reset", "pose", "pose", "pose", "reset", "pose"
+    ]  # fmt: skip
