@@ -295,9 +295,10 @@ def pose_frames(
     counters = PoseCounters()
     result = result if result is not None else CatchUpResult()
     started = time.monotonic()
-    # The live worker's tracking state belongs to another frame. Within the pass, a
-    # tracking backend re-detects by itself when a skipped run made its ROI stale.
+    # The live worker's tracking state belongs to another frame; so does the pass's own
+    # after a run of frames it skipped (posed live): tracking starts afresh after each.
     backend.reset()
+    previous = None
     workers = max(1, int(getattr(backend, "parallelism", 1)))
     in_flight: deque[tuple[int, Future]] = deque()
 
@@ -315,6 +316,11 @@ def pose_frames(
                 break
             if seq in store:
                 continue
+            if previous is not None and seq != previous + 1:
+                while in_flight:  # nothing in flight while its state is reset
+                    store_oldest()
+                backend.reset()
+            previous = seq
             in_flight.append((seq, pool.submit(_attempt, backend, jpeg)))
             while len(in_flight) >= 2 * workers:  # bounded: a frame or two per device
                 store_oldest()
