@@ -205,6 +205,27 @@ class ZoneConfig(Strict):
     # visible face; a wall shadow has none. 0 disables the check.
     min_face_contrast: float = Field(40.0, ge=0, le=255)
 
+    @field_validator("polygon", "floor_polygon")
+    @classmethod
+    def _an_area_in_the_frame(
+        cls, v: list[tuple[float, float]] | None
+    ) -> list[tuple[float, float]] | None:
+        # Pixels instead of fractions, or points on one line, would refuse every person,
+        # with no word anywhere but a debug log.
+        if v is None:
+            return v
+        if any(not (0.0 <= c <= 1.0) for point in v for c in point):
+            raise ValueError(
+                "points are fractions of the frame (0..1, x then y), not pixels: "
+                f"{[list(p) for p in v]}"
+            )
+        twice_area = sum(
+            x0 * y1 - x1 * y0 for (x0, y0), (x1, y1) in zip(v, v[1:] + v[:1], strict=True)
+        )
+        if abs(twice_area) / 2 < 1e-4:
+            raise ValueError("the points enclose no area (repeated, or on one line)")
+        return v
+
 
 class TlsClient(Strict):
     ca_cert: Path | None = None

@@ -41,6 +41,14 @@ def test_empty_file_gives_embedded_defaults(tmp_path):
         ("agent:\n  source:\n    type: synthetic\n    fps: -1\n", "agent.source.fps:"),
         ("web:\n  staff:\n    - username: a\n", "web.staff.0.password_hash: Field required"),
         ("nonsense: 1\n", "nonsense: unknown key"),
+        (
+            "agent:\n  zone:\n    polygon: [[0, 0], [640, 0], [640, 480]]\n",
+            "agent.zone.polygon: points are fractions of the frame",
+        ),
+        (
+            "agent:\n  zone:\n    floor_polygon: [[0, 0], [0.5, 0.5], [1, 1]]\n",
+            "agent.zone.floor_polygon: the points enclose no area",
+        ),
         # Ids name folders and keys, and PostgreSQL keeps 64 characters of them.
         ("booth:\n  id: booth one\n", "booth.id: 'booth one' cannot be an id: use up to 64"),
         (f"agent:\n  camera_id: {'c' * 65}\n", "agent.camera_id: 'ccc"),
