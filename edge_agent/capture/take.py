@@ -582,6 +582,9 @@ class Take:
             warnings.append(self.capture_warning)
         if self.worker is not None and self.worker.error:
             warnings.append(self.worker.error)
+        # The backend this take got may be a fallback (a Coral unplugged since start-up).
+        if note := getattr(getattr(self.worker, "backend", None), "fallback_reason", None):
+            warnings.append(f"pose: {note}")
         if self.recorder is not None and self.recorder.corrupt_frames:
             rec = self.recorder
             warnings.append(

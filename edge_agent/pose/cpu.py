@@ -257,5 +257,8 @@ class CpuPoseBackend:
         self._mask_frame = -1
 
     def close(self) -> None:
-        # LiteRT frees interpreters with their last reference; dropping ours is enough.
+        # LiteRT frees interpreters with their last reference: ours, and the tensor views
+        # (bound to their interpreter), which would otherwise hold them as long as we live.
         self._det = self._lm = self._segmenter = None
+        self._det_in = self._det_boxes = self._det_scores = None
+        self._lm_in = self._lm_raw = self._lm_flag = self._lm_heatmap = None

@@ -35,7 +35,7 @@ import numpy as np
 
 from edge_agent import skeleton as sk
 from edge_agent.config import EdgeTpuPose, ZoneConfig
-from edge_agent.errors import BadInput, DeviceError
+from edge_agent.errors import BadInput, BoothError, DeviceError
 from edge_agent.pose import gating, litert
 from edge_agent.pose.base import PoseBackend, PoseResult, check_frame, register
 
@@ -239,7 +239,14 @@ def create(
         log.warning("edgetpu unavailable (%s); falling back to the cpu backend", e)
         from edge_agent.pose.cpu import CpuPoseBackend
 
-        backend = CpuPoseBackend(cfg.cpu, zone=zone)
+        try:
+            backend = CpuPoseBackend(cfg.cpu, zone=zone)
+        except BoothError as cpu_error:
+            # Both causes: the one that needs fixing may well be the EdgeTPU's.
+            raise type(cpu_error)(
+                f"edgetpu unavailable ({_one_line(e)}), and the cpu fallback cannot start "
+                f"either: {_one_line(cpu_error)}"
+            ) from None
         backend.fallback_reason = f"edgetpu unavailable, running the cpu backend: {e}"
         return backend
 

@@ -165,9 +165,25 @@ def test_agent_on_a_board_with_a_coral_but_no_model_runs_cpu_pose_in_its_takes(
         assert any(f"{model} not found" in w for w in status["warnings"])
         summary = agent.start_take("s-1", 0.5).wait(60)
         assert summary.pose["backend"] == "cpu" and summary.pose["coverage"] == 1.0
+        # Each take says so too: the Coral may have gone since the agent started.
+        assert any("running the cpu backend" in w for w in summary.warnings)
     finally:
         agent.close()
     assert loaded == [], "no delegate is loaded for a model that is not there"
+
+
+def test_when_the_cpu_fallback_cannot_start_either_both_causes_are_named(tmp_path):
+    pose = EdgeTpuPose(
+        model=tmp_path / "movenet_edgetpu.tflite",
+        fallback_to_cpu=True,
+        cpu=CpuPose(models_dir=tmp_path / "no-models"),
+    )
+    agent = Agent(_agent_config(tmp_path, pose))
+    with pytest.raises(BadInput) as refused:
+        agent.start()
+    message = str(refused.value)
+    assert "edgetpu unavailable (" in message and "movenet_edgetpu.tflite" in message
+    assert "the cpu fallback cannot start either: model file" in message
 
 
 def test_agent_start_refuses_a_cpu_backend_whose_models_are_missing(tmp_path):

@@ -139,3 +139,16 @@ def test_a_mirrored_view_of_a_frame_is_accepted(full_backend):
     # The same pixels give the same pose, view or copy.
     direct = full_backend.estimate(np.ascontiguousarray(mirrored))
     np.testing.assert_allclose(result.skeleton, direct.skeleton)
+
+
+def test_a_closed_backend_lets_its_interpreters_go():
+    """An agent keeps its last take, and with it the take's backend: a closed one must not
+    hold two model interpreters (and their arenas) for as long."""
+    import gc
+    import weakref
+
+    backend = create_pose_backend(CpuPose(models_dir=MODELS, mode="full", segmentation=False))
+    interpreters = [weakref.ref(backend._det), weakref.ref(backend._lm)]
+    backend.close()
+    gc.collect()
+    assert [ref() for ref in interpreters] == [None, None]
