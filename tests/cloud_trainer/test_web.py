@@ -713,6 +713,19 @@ def test_start_again_after_a_failed_take_makes_a_fresh_session_for_the_attendee(
     assert client.get("/sessions/" + "0" * 32, follow_redirects=False).status_code == 404
 
 
+def test_the_start_again_form_sent_twice_leads_to_the_new_session_not_a_404(client, booth):
+    """A start that failed leaves the tablet on the form's URL: a reload sends it again."""
+    csrf = log_in(client)
+    old = new_session(client, csrf).json()["id"]
+    booth.repo.transition(old, "capturing")
+    booth.repo.fail(old, "camera cam1 never finished uploading")
+    first = client.post(f"/sessions/{old}/again", data={"csrf": csrf}, follow_redirects=False)
+    fresh = booth.repo.successor_of(old, booth.settings.booth.id)
+    assert fresh is not None and first.status_code in (303, 409)
+    again = client.post(f"/sessions/{old}/again", data={"csrf": csrf}, follow_redirects=False)
+    assert again.status_code == 303 and again.headers["location"] == f"/sessions/{fresh}"
+
+
 def test_the_tablets_today_starts_at_midnight_where_the_booth_stands():
     from datetime import datetime
     from zoneinfo import ZoneInfo

@@ -317,6 +317,15 @@ async def again_form(
     staff: StaffPage,
     csrf: Annotated[str | None, Form()] = None,
 ):
+    # Sent again (a reload of the page a failed start left at this URL, or a double
+    # tap): the session was already started again; its page is the new session's.
+    if _is_id(session_id) and (
+        successor := await asyncio.to_thread(
+            services.repo.successor_of, session_id, services.settings.booth.id
+        )
+    ):
+        check_form_csrf(staff, csrf)
+        return RedirectResponse(f"/sessions/{successor}", status_code=303)
     fresh: list[str] = []
     err = await _action(
         request,
