@@ -85,6 +85,8 @@ class FrontDesk:
     control: TakeController | None = None
     delete_blobs: Callable[[str], Awaitable[int] | int] | None = None
     resend_email: Callable[[str, str | None], Any] | None = None
+    # Queues a session's training (booth serve's); without it the pending-job sweep does.
+    enqueue: Callable[[str], Any] | None = None
     _starting: set[asyncio.Task] = field(default_factory=set, init=False, repr=False)
 
     def create_session(self, *, name: str, email: str, consent: bool, reference: str) -> str:
@@ -213,6 +215,38 @@ class FrontDesk:
             raise NoCameras("no camera received the stop; each ends at its take length anyway")
         log.info("session %s: take stopped early on %s", session_id, ", ".join(told))
         return told
+
+    def go_on_without_missing(self, session_id: str, now: float | None = None) -> list[str]:
+        """The take is over, but a camera's upload never completed (its board went away):
+        train on the cameras whose takes are in, instead of waiting out the upload
+        deadline or filming the attendee again. Returns the cameras kept."""
+        session = self.repo.get_session(session_id)
+        if session["state"] != State.CAPTURING.value:
+            raise Conflict(f"no take is waiting for uploads: the session is {session['state']}")
+        now = time.time() if now is None else now
+        started = session["capture_started_at"] or now
+        if now < started + session["take_s"]:
+            raise Conflict("the take is still being filmed: wait for it to end")
+        expected = session["cameras"] or []
+        done = sorted(self.repo.uploaded_cameras(session_id) & set(expected))
+        if not done:
+            raise Conflict(
+                "no camera has finished uploading yet: wait, or delete the session and start again"
+            )
+        missing = sorted(set(expected) - set(done))
+        try:
+            self.repo.transition(
+                session_id,
+                State.UPLOADED,
+                detail=f"went on without {', '.join(missing)}" if missing else None,
+                cameras=done,
+            )
+        except InvalidTransition:
+            raise Conflict("the session moved on meanwhile") from None
+        log.info("session %s: going on with %s, without %s", session_id, done, missing)
+        if self.enqueue is not None:
+            self.enqueue(session_id)
+        return done
 
     def again(self, session_id: str) -> str:
         """A failed session's attendee dances again: a fresh session with their name, email,

@@ -202,7 +202,13 @@ class Service:
         await ingest.start()
         self.bound["grpc"] = ingest.port
         control = RegistryController(registry, cfg.booth.countdown_s, repo)
-        app = create_app(cfg, repo=repo, store=store, control=control)
+        app = create_app(
+            cfg,
+            repo=repo,
+            store=store,
+            control=control,
+            enqueue=lambda sid: enqueue_training(repo, queue, sid),
+        )
         server = uvicorn.Server(
             uvicorn.Config(
                 app,

@@ -606,7 +606,12 @@ class Worker:
                 self._plot(sid, history)
 
         takes, unusable = [], []
+        # The session's cameras: staff may have gone on without one whose upload never
+        # completed, whose partial take stays out.
+        kept = set(session.get("cameras") or [])
         for take in self.repo.list_takes(sid):
+            if kept and take["camera_id"] not in kept:
+                continue
             try:
                 takes.append(
                     take_from_ingest(

@@ -36,6 +36,7 @@ def create_app(
     control: Any = None,
     references: Any = _DEFAULT,
     deliverer: Any = _DEFAULT,
+    enqueue: Any = None,
 ) -> FastAPI:
     """Build the app. Anything not passed in is built from ``settings`` (embedded defaults)."""
     refuse_placeholders(settings, ("web",))
@@ -63,6 +64,7 @@ def create_app(
         control=control,
         delete_blobs=lambda sid: store.delete_prefix(f"sessions/{sid}/"),
         resend_email=deliverer.resend if deliverer is not None else None,
+        enqueue=enqueue,
     )
     templates = Jinja2Templates(directory=str(HERE / "templates"))
     zone = ZoneInfo(settings.booth.timezone)

@@ -736,3 +736,46 @@ def test_the_tablets_today_starts_at_midnight_where_the_booth_stands():
         start = datetime.fromtimestamp(_today_start(tz), ZoneInfo(tz))
         assert (start.hour, start.minute) == (0, 0)
         assert start.date() == datetime.now(ZoneInfo(tz)).date()
+
+
+def test_staff_can_go_on_without_a_camera_whose_upload_never_came(client, booth):
+    """cam1's board went away mid-upload: the session trains on cam0's take instead of
+    waiting out the upload deadline or having the attendee dance again."""
+    csrf = log_in(client)
+    sid = new_session(client, csrf).json()["id"]
+    booth.repo.transition(sid, "capturing", cameras=["cam0", "cam1"])
+    for cam in ("cam0", "cam1"):
+        booth.repo.open_take(sid, cam, fps=120.0)
+    go_on = f"/sessions/{sid}/go-on"
+    r = client.post(go_on, data={"csrf": csrf})
+    assert r.status_code == 409 and "still being filmed" in r.text  # the take is not over
+    booth.repo.update_session(sid, capture_started_at=time.time() - 60)
+    r = client.post(go_on, data={"csrf": csrf})
+    assert r.status_code == 409 and "no camera has finished uploading" in r.text
+    booth.repo.mark_take_uploaded(sid, "cam0")
+    r = client.post(go_on, data={"csrf": csrf}, follow_redirects=False)
+    assert r.status_code == 303 and r.headers["location"] == f"/sessions/{sid}"
+    s = booth.repo.get_session(sid)
+    assert (s["state"], s["cameras"]) == ("uploaded", ["cam0"])
+    r = client.post(f"/api/sessions/{sid}/go-on", headers={"X-CSRF-Token": csrf})
+    assert r.status_code == 409  # once
+    page = client.get(f"/sessions/{sid}")
+    assert 'id="go-on"' in page.text and "Go on without it" in page.text
+
+
+def test_going_on_without_a_camera_queues_the_training_at_once(booth):
+    import transport_helpers as th
+
+    from cloud_trainer.front_desk import FrontDesk
+
+    queued: list[str] = []
+    desk = FrontDesk(
+        booth.repo, booth_id="booth-1", take_s=1.0, cameras=lambda: ["cam0"], enqueue=queued.append
+    )
+    sid = th.new_session(booth.repo, ("cam0", "cam1"), booth_id="booth-1")
+    booth.repo.transition(sid, "capturing")
+    booth.repo.open_take(sid, "cam0", fps=120.0)
+    booth.repo.mark_take_uploaded(sid, "cam0")
+    started = booth.repo.get_session(sid)["capture_started_at"]
+    assert desk.go_on_without_missing(sid, now=started + 60) == ["cam0"]
+    assert queued == [sid]

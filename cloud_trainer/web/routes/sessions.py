@@ -309,6 +309,28 @@ async def stop_form(
     return await _then_page(request, services, staff, session_id, csrf, stop)
 
 
+@router.post("/sessions/{session_id}/go-on", include_in_schema=False)
+async def go_on_form(
+    session_id: str,
+    request: Request,
+    services: ServicesDep,
+    staff: StaffPage,
+    csrf: Annotated[str | None, Form()] = None,
+):
+    go_on = partial(services.desk.go_on_without_missing, session_id)
+    return await _then_page(request, services, staff, session_id, csrf, go_on)
+
+
+@router.post(
+    "/api/sessions/{session_id}/go-on",
+    summary="Train on the cameras whose takes are in, without those whose upload never came",
+    responses=api_errors(401, 403, 404, 409),
+)
+async def go_on(session_id: str, services: ServicesDep, staff: StaffApi):
+    await _api_call(services, session_id, lambda: services.desk.go_on_without_missing(session_id))
+    return session_view(services, services.repo.get_session(session_id))
+
+
 @router.post("/sessions/{session_id}/again", include_in_schema=False)
 async def again_form(
     session_id: str,

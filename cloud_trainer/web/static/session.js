@@ -25,7 +25,8 @@ function render(v) {
   wait.hidden = !(ended && missing.length);
   if (!wait.hidden) {
     const until = v.upload_deadline_at ? new Date((v.upload_deadline_at - clockOffset) * 1000).toLocaleTimeString([], {hour: '2-digit', minute: '2-digit'}) : null;
-    wait.textContent = `Waiting for ${missing.join(', ')} to finish uploading. Check that camera's board and network.` + (until ? ` The booth gives up at ${until}; or Delete the session and start again.` : '');
+    document.getElementById('upload-wait-text').textContent = `Waiting for ${missing.join(', ')} to finish uploading. Check that camera's board and network.` + (until ? ` The booth gives up at ${until}.` : '') + (done.size ? ` Or go on with ${[...done].join(', ')}: the attendee need not dance again.` : ' Or delete the session and start again.');
+    document.getElementById('go-on-form').hidden = !done.size;
   }
   const ts = document.getElementById('train-status');
   if (v.state === 'uploaded') ts.textContent = 'Waiting for a trainer to pick it up.';
