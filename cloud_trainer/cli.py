@@ -101,14 +101,15 @@ OWN_LOGGERS = ("cloud_trainer", "edge_agent")
 
 
 def configure_logging(verbose: int) -> None:
-    """INFO by default; -v: DEBUG from the booth's own loggers; -vv: DEBUG from every logger."""
+    """INFO from the booth's own loggers and warnings from the libraries' by default (an
+    HTTP client's line per request would bury the demo's progress); -v: DEBUG from the
+    booth's own; -vv: DEBUG from every logger."""
     logging.basicConfig(
-        level=logging.DEBUG if verbose >= 2 else logging.INFO,
+        level=logging.DEBUG if verbose >= 2 else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    if verbose:
-        for name in OWN_LOGGERS:
-            logging.getLogger(name).setLevel(logging.DEBUG)
+    for name in OWN_LOGGERS:
+        logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.INFO)
 
 
 def database_unreachable(e: BaseException) -> str | None:

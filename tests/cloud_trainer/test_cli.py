@@ -214,6 +214,8 @@ def test_verbose_flags_turn_on_debug_logging(flags, booth_debug, library_debug):
         "main(sys.argv[1:])\n"
         "on = lambda name: logging.getLogger(name).isEnabledFor(logging.DEBUG)\n"
         "print(on('cloud_trainer.worker'), on('edge_agent.uplink'), on('urllib3'))\n"
+        "info = lambda name: logging.getLogger(name).isEnabledFor(logging.INFO)\n"
+        "print(info('cloud_trainer.demo'), info('httpx'))\n"
     )
     r = subprocess.run(
         [sys.executable, "-c", code, *flags, "config", "example"],
@@ -221,7 +223,11 @@ def test_verbose_flags_turn_on_debug_logging(flags, booth_debug, library_debug):
         text=True,
     )
     assert r.returncode == 0, r.stderr
-    assert r.stdout.split()[-3:] == [str(booth_debug), str(booth_debug), str(library_debug)]
+    *_, worker, uplink, urllib3, booth_info, httpx_info = r.stdout.split()
+    assert [worker, uplink, urllib3] == [str(booth_debug), str(booth_debug), str(library_debug)]
+    # The booth's own news is always shown; a library's (a line per HTTP request) only
+    # with -vv: it would bury the demo's progress.
+    assert (booth_info, httpx_info) == ("True", str(library_debug))
     assert logging_help_is_truthful(run_cli("--help").stdout)
 
 
