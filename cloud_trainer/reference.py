@@ -207,7 +207,7 @@ def _video_info(path: Path) -> _VideoInfo:
     """Frame rate and the size a player shows (the first frame says the rotation)."""
     import av
 
-    from cloud_trainer.render import quarter_turns
+    from edge_agent.frames import quarter_turns
 
     container = _open_video(path)
     try:

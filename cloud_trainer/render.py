@@ -40,6 +40,7 @@ import numpy as np
 
 from cloud_trainer import labelmap
 from edge_agent.errors import BadInput, BoothError
+from edge_agent.frames import quarter_turns
 
 log = logging.getLogger(__name__)
 
@@ -536,15 +537,6 @@ def probe(path: str | Path) -> dict[str, Any]:
             }
     except av.error.FFmpegError as e:
         raise BadInput(f"{path} is not a readable video: {e}") from None
-
-
-def quarter_turns(frame: Any) -> int:
-    """Counter-clockwise quarter turns that show ``frame`` upright, as players do.
-
-    Phones store the sensor's landscape buffer and a display rotation (PyAV's
-    ``frame.rotation``, in degrees); ignored, a portrait dance lies on its side.
-    """
-    return round((getattr(frame, "rotation", 0) or 0) / 90) % 4
 
 
 def upright_rgb(frame: Any) -> np.ndarray:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 JPEG_SOI = b"\xff\xd8"
 JPEG_EOI = b"\xff\xd9"
@@ -41,3 +42,12 @@ class Granted:
     height: int
     fps: float
     pixel_format: str = "mjpeg"
+
+
+def quarter_turns(frame: Any) -> int:
+    """Counter-clockwise quarter turns that show a decoded ``frame`` upright, as players do.
+
+    Phones store the sensor's landscape buffer and a display rotation (PyAV's
+    ``frame.rotation``, in degrees); ignored, a portrait video lies on its side.
+    """
+    return round((getattr(frame, "rotation", 0) or 0) / 90) % 4

@@ -19,8 +19,10 @@ Sources are chosen by the config's ``type`` key through :func:`create_source`.
 from __future__ import annotations
 
 import logging
+import statistics
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from fractions import Fraction
 from typing import Any, Protocol
@@ -28,7 +30,7 @@ from typing import Any, Protocol
 from edge_agent.capture.clock import BoothClock
 from edge_agent.config import FileSource, SyntheticSource, V4L2Source
 from edge_agent.errors import DeviceError
-from edge_agent.frames import CapturedFrame, Granted
+from edge_agent.frames import CapturedFrame, Granted, quarter_turns
 
 log = logging.getLogger(__name__)
 
@@ -185,6 +187,9 @@ class SyntheticBoothCamera:
         self._camera = None
 
 
+_RATE_WINDOW = 15  # intervals the delivered frame period is the median of
+
+
 class DeviceTimestamps:
     """Puts a camera's own frame timestamps on the booth clock and counts the frames it skipped.
 
@@ -192,7 +197,10 @@ class DeviceTimestamps:
     with CLOCK_MONOTONIC near the end of exposure, which is closer to the truth
     than the moment we read the frame. If the first timestamp is not near
     CLOCK_MONOTONIC (another clock, or none), frames are stamped on arrival.
-    A jump of more than 1.5 frame periods means the device dropped frames.
+    A jump of more than 1.5 frame periods means the device dropped frames. The period is
+    the one the camera delivers lately (the median of its last intervals, never shorter
+    than the granted one): a UVC camera that halves its rate in dim light is slower, not
+    dropping every other frame.
     """
 
     def __init__(
@@ -211,6 +219,7 @@ class DeviceTimestamps:
         self._monotonic_ns = monotonic_ns
         self._device_clock: bool | None = None  # decided on the first frame
         self._last_ns: int | None = None
+        self._intervals: deque[int] = deque(maxlen=_RATE_WINDOW)
         self.lost = 0
 
     def stamp(self, pts: int | None) -> int:
@@ -227,8 +236,12 @@ class DeviceTimestamps:
         if not self._device_clock:
             return self._clock.now_ns()
         last, self._last_ns = self._last_ns, dev_ns
-        if last is not None and dev_ns - last > 1.5 * self._period_ns:
-            self.lost += round((dev_ns - last) / self._period_ns) - 1
+        if last is not None and dev_ns > last:
+            gap = dev_ns - last
+            self._intervals.append(gap)
+            period = max(self._period_ns, statistics.median(self._intervals))
+            if gap > 1.5 * period:
+                self.lost += round(gap / period) - 1
         return self._clock.from_monotonic_ns(dev_ns)
 
 
@@ -382,6 +395,7 @@ class VideoFileCamera:
         self.lost_frames = 0
         self.warnings: list[str] = []
         self._granted: Granted | None = None
+        self._turns = 0  # quarter turns that show the file upright (a phone's rotation)
 
     def _open_container(self) -> Any:
         import av
@@ -398,6 +412,8 @@ class VideoFileCamera:
         return container
 
     def probe(self) -> Granted:
+        import av
+
         container = self._open_container()
         try:
             stream = container.streams.video[0]
@@ -405,7 +421,17 @@ class VideoFileCamera:
             rate = stream.average_rate or stream.guessed_rate or stream.base_rate
             if not rate:
                 raise DeviceError(f"video file {self.cfg.path}: frame rate unknown")
-            return Granted(int(cc.width), int(cc.height), float(rate), cc.name)
+            # A phone's portrait video: its buffer is landscape, with a display rotation
+            # that players apply, and so must we (pose on a sideways dancer fails).
+            try:
+                first = next(iter(container.decode(stream)), None)
+            except av.FFmpegError as e:
+                raise DeviceError(f"video file {self.cfg.path}: cannot decode: {e}") from None
+            self._turns = quarter_turns(first) if first is not None else 0
+            w, h = int(cc.width), int(cc.height)
+            if self._turns % 2:
+                w, h = h, w
+            return Granted(w, h, float(rate), cc.name)
         finally:
             container.close()
 
@@ -414,14 +440,15 @@ class VideoFileCamera:
         return self._granted
 
     def _jpegs_once(self) -> Iterator[tuple[float | None, bytes]]:
-        """``(time_s, jpeg)`` for each frame of one pass over the file."""
+        """``(time_s, jpeg)`` for each frame of one pass over the file (upright)."""
         import av
         import cv2
+        import numpy as np
 
         with self._open_container() as container:
             stream = container.streams.video[0]
             tb = stream.time_base
-            if stream.codec_context.name == "mjpeg":
+            if stream.codec_context.name == "mjpeg" and not self._turns:
                 for packet in container.demux(stream):
                     if packet.size == 0:
                         continue
@@ -431,7 +458,10 @@ class VideoFileCamera:
             encode = [int(cv2.IMWRITE_JPEG_QUALITY), self.JPEG_QUALITY]
             try:
                 for frame in container.decode(stream):
-                    ok, buf = cv2.imencode(".jpg", frame.to_ndarray(format="bgr24"), encode)
+                    bgr = frame.to_ndarray(format="bgr24")
+                    if self._turns:
+                        bgr = np.ascontiguousarray(np.rot90(bgr, self._turns))
+                    ok, buf = cv2.imencode(".jpg", bgr, encode)
                     if not ok:
                         raise DeviceError(f"video file {self.cfg.path}: cannot JPEG-encode a frame")
                     yield frame.time, buf.tobytes()

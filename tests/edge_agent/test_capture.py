@@ -635,6 +635,24 @@ def test_v4l2_device_timestamps_go_on_the_booth_clock_and_gaps_count_as_lost_fra
     assert stamps.lost == 2
 
 
+def test_a_camera_that_slows_down_is_not_counted_as_dropping_every_other_frame():
+    """Auto-exposure in a dim booth halves a UVC camera's rate: 600 frames at 60 fps
+    from a camera granted 120 are a slower camera, not 600 lost frames."""
+    from fractions import Fraction
+
+    from edge_agent.capture.sources import DeviceTimestamps
+
+    now = 1_000_000_000_000
+    stamps = DeviceTimestamps(BoothClock(), Fraction(1, 1_000_000), 120.0, monotonic_ns=lambda: now)
+    base_us = now // 1000
+    for k in range(600):
+        stamps.stamp(base_us + k * 16_667)
+    assert stamps.lost < 10  # the few frames before the delivered rate is measured
+    before = stamps.lost
+    stamps.stamp(base_us + 599 * 16_667 + 4 * 16_667)  # then three frames really missing
+    assert stamps.lost - before == 3
+
+
 def test_v4l2_timestamps_not_on_the_monotonic_clock_are_replaced_by_arrival_time():
     from fractions import Fraction
 
@@ -823,3 +841,48 @@ def test_catch_up_starts_tracking_afresh_after_each_run_of_frames_posed_live(jpe
     assert backend.calls == [
         "reset", "pose", "pose", "reset", "pose", "pose", "pose", "reset", "pose"
     ]  # fmt: skip
+
+
+def test_a_phone_video_with_a_display_rotation_replays_upright(tmp_path):
+    """A phone stores a landscape buffer and a rotation that players apply: replayed as
+    stored, the dancer lies on their side, and pose finds nobody."""
+    import shutil
+    import subprocess
+
+    import cv2
+
+    from edge_agent.capture.sources import VideoFileCamera
+    from edge_agent.config import FileSource
+
+    if shutil.which("ffmpeg") is None:
+        pytest.skip("ffmpeg (apt) is missing; `make setup` installs it")
+    sensor, phone = tmp_path / "sensor.mp4", tmp_path / "phone.mp4"
+    ffmpeg = ["ffmpeg", "-loglevel", "error", "-y"]
+    subprocess.run(
+        [*ffmpeg, "-f", "lavfi", "-i", "testsrc=size=320x240:rate=30", "-t", "0.3"]
+        + ["-c:v", "libx264", "-pix_fmt", "yuv420p", str(sensor)],
+        check=True,
+    )
+    subprocess.run(
+        [*ffmpeg, "-i", str(sensor), "-c", "copy", "-metadata:s:v:0", "rotate=90", str(phone)],
+        check=True,
+    )
+
+    def first_frame(path):
+        cam = VideoFileCamera(FileSource(path=path, rate="max"), BoothClock())
+        granted = cam.open()
+        frame = next(iter(cam.frames()))
+        cam.close()
+        return granted, cv2.imdecode(np.frombuffer(frame.jpeg, np.uint8), cv2.IMREAD_COLOR)
+
+    granted, upright = first_frame(phone)
+    assert (granted.width, granted.height) == (240, 320)
+    assert upright.shape[:2] == (320, 240)
+    # The picture as ffmpeg shows it (it applies the rotation, as players do).
+    shown = tmp_path / "shown.png"
+    subprocess.run([*ffmpeg, "-i", str(phone), "-frames:v", "1", str(shown)], check=True)
+    player = cv2.imread(str(shown))
+    assert player.shape == upright.shape
+    assert np.abs(upright.astype(int) - player.astype(int)).mean() < 6
+    _, stored = first_frame(sensor)  # the buffer as stored: not what the player shows
+    assert stored.shape[:2] == (240, 320)
