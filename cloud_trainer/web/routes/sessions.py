@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import time
+from collections.abc import Callable
 from datetime import datetime
 from functools import partial
 from typing import Annotated, Any
@@ -16,7 +17,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response, Streamin
 from pydantic import BaseModel, Field
 from sqlalchemy import select
 
-from cloud_trainer.front_desk import Conflict
+from cloud_trainer.front_desk import Conflict, FrontDesk
 from cloud_trainer.repository import SessionNotFound
 from cloud_trainer.repository.schema import outbox, takes
 from cloud_trainer.repository.sessions import known_id
@@ -285,40 +286,28 @@ async def _then_page(request, services, staff, session_id, csrf, fn):
     return err or RedirectResponse(f"/sessions/{session_id}", status_code=303)
 
 
-@router.post("/sessions/{session_id}/start", include_in_schema=False)
-async def start_form(
-    session_id: str,
-    request: Request,
-    services: ServicesDep,
-    staff: StaffPage,
-    csrf: Annotated[str | None, Form()] = None,
-):
-    start = partial(services.desk.start, session_id, wait=False)
-    return await _then_page(request, services, staff, session_id, csrf, start)
+def _form_action(name: str, action: Callable[[FrontDesk, str], Any]) -> None:
+    """``POST /sessions/{id}/<name>``: a tablet button that runs ``action(desk, id)``,
+    then shows the session's page (or the page with why not)."""
+
+    async def form(
+        session_id: str,
+        request: Request,
+        services: ServicesDep,
+        staff: StaffPage,
+        csrf: Annotated[str | None, Form()] = None,
+    ):
+        run = partial(action, services.desk, session_id)
+        return await _then_page(request, services, staff, session_id, csrf, run)
+
+    form.__name__ = f"{name.replace('-', '_')}_form"
+    router.post(f"/sessions/{{session_id}}/{name}", include_in_schema=False)(form)
 
 
-@router.post("/sessions/{session_id}/stop", include_in_schema=False)
-async def stop_form(
-    session_id: str,
-    request: Request,
-    services: ServicesDep,
-    staff: StaffPage,
-    csrf: Annotated[str | None, Form()] = None,
-):
-    stop = partial(services.desk.stop, session_id)
-    return await _then_page(request, services, staff, session_id, csrf, stop)
-
-
-@router.post("/sessions/{session_id}/go-on", include_in_schema=False)
-async def go_on_form(
-    session_id: str,
-    request: Request,
-    services: ServicesDep,
-    staff: StaffPage,
-    csrf: Annotated[str | None, Form()] = None,
-):
-    go_on = partial(services.desk.go_on_without_missing, session_id)
-    return await _then_page(request, services, staff, session_id, csrf, go_on)
+_form_action("start", lambda desk, sid: desk.start(sid, wait=False))
+_form_action("stop", lambda desk, sid: desk.stop(sid))
+# A camera whose upload never came: train on the others' takes.
+_form_action("go-on", lambda desk, sid: desk.go_on_without_missing(sid))
 
 
 @router.post(
