@@ -40,3 +40,6 @@ def make_dirs(path: str | os.PathLike[str], what: str) -> Path:
 # then drops its copies instead of offering the take again (see ``edge_agent.retention``).
 SESSION_STATE_KEY = "booth-session-state"
 SESSION_DELETED = "deleted"
+# ... and on PERMISSION_DENIED for a camera the session does not take (staff went on
+# without it): the board drops its spooled copy and keeps the recording as uploaded.
+TAKE_NOT_WANTED = "take-not-wanted"

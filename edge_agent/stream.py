@@ -72,7 +72,13 @@ from typing import Any, Protocol
 
 import grpc
 
-from edge_agent.errors import SESSION_DELETED, SESSION_STATE_KEY, BadInput, BoothError
+from edge_agent.errors import (
+    SESSION_DELETED,
+    SESSION_STATE_KEY,
+    TAKE_NOT_WANTED,
+    BadInput,
+    BoothError,
+)
 from edge_agent.frames import CapturedFrame, jpeg_looks_complete
 from edge_agent.retention import discard_recording
 from protos import booth_pb2, booth_pb2_grpc
@@ -1318,6 +1324,9 @@ class Streamer:
                     # Still capturing (deleted mid-take): drop it once it has ended.
                     take.error = "its session was deleted; the take is dropped once it ends"
                     delay = self.cfg.backoff_initial_s
+                elif _take_not_wanted(e) and take.ended:
+                    await self._drop_unwanted(take, e.details())
+                    return
                 elif e.code() in PERMANENT_CODES:
                     log.warning("take %s/%s refused: %s", *take.key, take.error)
                     delay = self.cfg.backoff_max_s
@@ -1547,6 +1556,16 @@ class Streamer:
         await asyncio.to_thread(take.finish)
         self._bump()
 
+    async def _drop_unwanted(self, take: SpoolTake, why: str) -> None:
+        """The session went on without this camera (staff chose to): stop offering the
+        take. Its recording stays, as an uploaded one's does, until retention removes it."""
+        log.warning("take %s/%s is not wanted (%s); dropping the spooled copy", *take.key, why)
+        if self.archive is not None:
+            await asyncio.to_thread(self.archive.uploaded, *take.key)
+        self.takes_dropped += 1
+        await asyncio.to_thread(take.finish)
+        self._bump()
+
     # ---- status -----------------------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
@@ -1610,6 +1629,14 @@ def _session_deleted(err: grpc.aio.AioRpcError) -> bool:
         return False
     trailers = err.trailing_metadata() or ()
     return any(k == SESSION_STATE_KEY and v == SESSION_DELETED for k, v in trailers)
+
+
+def _take_not_wanted(err: grpc.aio.AioRpcError) -> bool:
+    """Whether ingest refused the take because its session went on without this camera."""
+    if err.code() != grpc.StatusCode.PERMISSION_DENIED:
+        return False
+    trailers = err.trailing_metadata() or ()
+    return any(k == SESSION_STATE_KEY and v == TAKE_NOT_WANTED for k, v in trailers)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -29,7 +29,13 @@ from google.protobuf.message import DecodeError
 from cloud_trainer.repository.sessions import SessionNotFound
 from cloud_trainer.session import InvalidTransition
 from cloud_trainer.storage.base import BlobNotFound
-from edge_agent.errors import SESSION_DELETED, SESSION_STATE_KEY, BadInput, BoothError
+from edge_agent.errors import (
+    SESSION_DELETED,
+    SESSION_STATE_KEY,
+    TAKE_NOT_WANTED,
+    BadInput,
+    BoothError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +46,10 @@ class Unauthenticated(BoothError):
 
 class PermissionDenied(BoothError):
     """An authenticated agent asking for something its booth or camera may not do."""
+
+
+class TakeNotWanted(PermissionDenied):
+    """A camera the session does not take (staff went on without it): drop the take."""
 
 
 class OutOfOrder(BadInput):
@@ -124,7 +134,11 @@ async def abort_for(exc: BaseException, context: grpc.aio.ServicerContext, metho
         await context.abort(grpc.StatusCode.INTERNAL, f"internal error (ref {ref}); see server log")
     code, detail = mapped
     log.warning("%s refused: %s %s", method, code.name, detail)
-    trailers = ((SESSION_STATE_KEY, SESSION_DELETED),) if isinstance(exc, SessionDeleted) else ()
+    trailers: tuple[tuple[str, str], ...] = ()
+    if isinstance(exc, SessionDeleted):
+        trailers = ((SESSION_STATE_KEY, SESSION_DELETED),)
+    elif isinstance(exc, TakeNotWanted):
+        trailers = ((SESSION_STATE_KEY, TAKE_NOT_WANTED),)
     await context.abort(code, detail, trailers)
 
 

@@ -50,6 +50,7 @@ from cloud_trainer.ingest.errors import (
     SessionDeleted,
     StorageUnavailable,
     Superseded,
+    TakeNotWanted,
 )
 from cloud_trainer.ingest.shards import FrameIn, PoseIn, ShardWriter, encode_shard
 from cloud_trainer.repository.sessions import SessionNotFound
@@ -467,7 +468,7 @@ class IngestService(booth_pb2_grpc.IngestServicer):
                 f"session {sid} belongs to booth {booth_id!r}, not {hello.booth_id!r}"
             )
         if cameras and cam not in cameras:
-            raise PermissionDenied(
+            raise TakeNotWanted(
                 f"camera {cam!r} is not part of session {sid} (cameras: {', '.join(cameras)})"
             )
         # One hello of a camera at a time, from the older stream's end to the newer one's

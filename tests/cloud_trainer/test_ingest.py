@@ -591,3 +591,21 @@ async def test_no_ack_covers_a_frame_before_its_shard_and_index_are_stored(tmp_p
         await call.done_writing()
         await channel.close()
     assert checked and checked[-1] == 59 and len(checked) > 3
+
+
+async def test_a_take_the_session_went_on_without_is_dropped_by_its_board(env, server):
+    """Staff went on without cam1 (its board was away): when the board comes back, it is
+    told its take is not wanted, instead of offering it at the slowest backoff forever."""
+    sid = th.new_session(env.repo, ("cam0", "cam1"))
+    env.repo.update_session(sid, cameras=["cam0"])  # what going on without cam1 leaves
+    late = env.streamer(server.port, "cam1")
+    await late.start()
+    try:
+        take = late.open_take(sid, width=64, height=48, fps=120)
+        take.add_frames(th.frames(10))
+        take.end()
+        await late.wait_idle(timeout_s=30)
+        assert late.takes_dropped == 1 and late.status()["takes"] == []
+    finally:
+        await late.stop()
+    assert env.repo.frame_index(sid, "cam1") == []
