@@ -26,10 +26,15 @@ log = logging.getLogger(__name__)
 
 def enqueue_training(repo: Any, queue: Any, session_id: str) -> str:
     job_id = repo.create_job(session_id)
-    queue.publish(job_id, {"session_id": session_id})
-    repo.mark_job_published(job_id)
+    _publish(repo, queue, job_id, session_id)
     log.info("training job queued", extra={"session_id": session_id, "job_id": job_id})
     return job_id
+
+
+def _publish(repo: Any, queue: Any, job_id: str, session_id: str, at: float | None = None) -> None:
+    """Put the job on the queue, then mark its row published (see the module doc)."""
+    queue.publish(job_id, {"session_id": session_id})
+    repo.mark_job_published(job_id, at=at)
 
 
 def publish_pending(repo: Any, queue: Any, settle_s: float = 0.0, now: float | None = None) -> int:
@@ -61,13 +66,10 @@ def publish_pending(repo: Any, queue: Any, settle_s: float = 0.0, now: float | N
         ]
     for session_id in orphans:
         log.warning("session %s was uploaded but never queued; queueing it now", session_id)
-        job_id = repo.create_job(session_id)
-        queue.publish(job_id, {"session_id": session_id})
-        repo.mark_job_published(job_id)
+        enqueue_training(repo, queue, session_id)
     pending = repo.unpublished_jobs(quiet_since=before)
     for job in pending:
-        queue.publish(job["id"], {"session_id": job["session_id"]})
-        repo.mark_job_published(job["id"])
+        _publish(repo, queue, job["id"], job["session_id"])
     if pending:
         log.warning("published %d job(s) that had not reached the queue", len(pending))
     return len(orphans) + len(pending)
@@ -96,8 +98,7 @@ def republish_stalled(repo: Any, queue: Any, quiet_s: float, now: float | None =
             quiet_s,
             job["worker"] or "none",
         )
-        queue.publish(job["id"], {"session_id": job["session_id"]})
-        repo.mark_job_published(job["id"], at=now)
+        _publish(repo, queue, job["id"], job["session_id"], at=now)
     return len(stalled)
 
 
