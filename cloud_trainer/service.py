@@ -16,7 +16,7 @@ import math
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,6 +52,18 @@ async def every(interval_s: float, work: Callable[[], Any], what: str) -> None:
         except Exception:
             log.exception("%s failed; trying again in %g s", what, interval_s)
         await asyncio.sleep(interval_s)
+
+
+def pending_job_sweep(repo: Any, queue: Any) -> Coroutine[Any, Any, None]:
+    """Every minute, publish a job the queue refused, or one handed back after its message
+    was gone (``dispatch.publish_pending``): run by whichever process takes uploads."""
+    from cloud_trainer.dispatch import publish_pending
+
+    return every(
+        STALLED_SWEEP_S,
+        lambda: publish_pending(repo, queue, settle_s=PUBLISH_SETTLE_S),
+        "queueing training jobs that are not on the queue",
+    )
 
 
 class RegistryController:
@@ -263,14 +275,7 @@ class Service:
                     "looking for jobs whose worker died",
                 )
             ),
-            # A publish the queue refused, or a job handed back after its message was gone.
-            asyncio.create_task(
-                every(
-                    STALLED_SWEEP_S,
-                    lambda: publish_pending(repo, queue, settle_s=PUBLISH_SETTLE_S),
-                    "queueing training jobs that are not on the queue",
-                )
-            ),
+            asyncio.create_task(pending_job_sweep(repo, queue)),
             # The consent says: kept until deleted or the link expires. Then it goes.
             asyncio.create_task(
                 every(

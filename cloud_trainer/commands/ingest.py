@@ -48,11 +48,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def _serve(cfg, port: int | None) -> None:
-    from cloud_trainer.dispatch import enqueue_training, publish_pending
+    from cloud_trainer.dispatch import enqueue_training
     from cloud_trainer.ingest.server import serve
     from cloud_trainer.queue import create_job_queue
     from cloud_trainer.repository import Repository
-    from cloud_trainer.service import PUBLISH_SETTLE_S, STALLED_SWEEP_S, every
+    from cloud_trainer.service import pending_job_sweep
 
     # Alone, ingest still hands each uploaded session to the workers, as `booth serve` does.
     repo = Repository.from_config(cfg.database)
@@ -64,14 +64,7 @@ async def _serve(cfg, port: int | None) -> None:
     server = serve(cfg, repo=repo, on_session_uploaded=on_uploaded, port=port)
     await server.start()
     log.info("ingest listening on %s:%d (booth %s)", cfg.ingest.host, server.port, cfg.booth.id)
-    # What a refused publish (or a crash before one) left unqueued.
-    sweep = asyncio.create_task(
-        every(
-            STALLED_SWEEP_S,
-            lambda: publish_pending(repo, queue, settle_s=PUBLISH_SETTLE_S),
-            "queueing training jobs that are not on the queue",
-        )
-    )
+    sweep = asyncio.create_task(pending_job_sweep(repo, queue))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
