@@ -1550,18 +1550,18 @@ class Streamer:
         )
         # The recording first: a board killed in between finds the take still spooled,
         # is told "deleted" again, and finishes the job.
-        if self.archive is not None:
-            await asyncio.to_thread(self.archive.deleted, *take.key)
-        self.takes_dropped += 1
-        await asyncio.to_thread(take.finish)
-        self._bump()
+        await self._let_go(take, self.archive.deleted if self.archive is not None else None)
 
     async def _drop_unwanted(self, take: SpoolTake, why: str) -> None:
         """The session went on without this camera (staff chose to): stop offering the
         take. Its recording stays, as an uploaded one's does, until retention removes it."""
         log.warning("take %s/%s is not wanted (%s); dropping the spooled copy", *take.key, why)
-        if self.archive is not None:
-            await asyncio.to_thread(self.archive.uploaded, *take.key)
+        await self._let_go(take, self.archive.uploaded if self.archive is not None else None)
+
+    async def _let_go(self, take: SpoolTake, recording: Callable[[str, str], None] | None) -> None:
+        """Settle the take's recording (``recording(session, camera)``), then its spool."""
+        if recording is not None:
+            await asyncio.to_thread(recording, *take.key)
         self.takes_dropped += 1
         await asyncio.to_thread(take.finish)
         self._bump()
@@ -1625,18 +1625,20 @@ async def _raise_status(call: Any) -> None:
 
 def _session_deleted(err: grpc.aio.AioRpcError) -> bool:
     """Whether ingest refused the take because its session was deleted (not merely unknown)."""
-    if err.code() != grpc.StatusCode.NOT_FOUND:
-        return False
-    trailers = err.trailing_metadata() or ()
-    return any(k == SESSION_STATE_KEY and v == SESSION_DELETED for k, v in trailers)
+    return _refused_as(err, grpc.StatusCode.NOT_FOUND, SESSION_DELETED)
 
 
 def _take_not_wanted(err: grpc.aio.AioRpcError) -> bool:
     """Whether ingest refused the take because its session went on without this camera."""
-    if err.code() != grpc.StatusCode.PERMISSION_DENIED:
+    return _refused_as(err, grpc.StatusCode.PERMISSION_DENIED, TAKE_NOT_WANTED)
+
+
+def _refused_as(err: grpc.aio.AioRpcError, code: grpc.StatusCode, state: str) -> bool:
+    """``err`` has ``code`` and ingest's trailer saying the session is in ``state``."""
+    if err.code() != code:
         return False
     trailers = err.trailing_metadata() or ()
-    return any(k == SESSION_STATE_KEY and v == TAKE_NOT_WANTED for k, v in trailers)
+    return any(k == SESSION_STATE_KEY and v == state for k, v in trailers)
 
 
 def _fsync_dir(path: Path) -> None:
