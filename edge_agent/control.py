@@ -308,13 +308,13 @@ class ControlClient:
         self.commands_run += 1
 
     async def _stop(self, stop: booth_pb2.StopTake) -> None:
-        current = self.runner.status()
         if stop.session_id in self._starting:
             # Opening the camera or counting down (or about to): it ends before filming.
             log.info("control: stop take %s before it starts", stop.session_id)
             await _call(self.runner.stop_take, stop.session_id)
             self.commands_run += 1
             return
+        current = self.runner.status()
         if current.get("state") != "capturing" or current.get("session_id") != stop.session_id:
             log.info("control: no take of %s is running; stop is a no-op", stop.session_id)
             return
