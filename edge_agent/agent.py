@@ -92,9 +92,10 @@ class Agent:
         self._warnings: list[str] = []
         self._granted: Granted | None = None
         self._takes_done = 0
-        self._starting = False
-        self._starting_session = ""  # the session of the take being started
-        self._start_abort: threading.Event | None = None  # set: stop it before its first frame
+        # While a take starts (camera opening, countdown): its session, and the event that
+        # stops it at once (set by Stop or close); None when no take is starting.
+        self._starting_session = ""
+        self._start_abort: threading.Event | None = None
         self._stopped_before_start = ""  # a Stop for a session whose start has not come in yet
         self._last_summary: TakeSummary | None = None
         self._closing = threading.Event()
@@ -285,12 +286,9 @@ class Agent:
         """
         with self._lock:
             current = self._take
-            if self._starting or (current is not None and current.state in ("ready", "capturing")):
-                busy = (
-                    "a take that is starting"
-                    if self._starting
-                    else (f"session {current.session_id}")
-                )
+            starting = self._start_abort is not None
+            if starting or (current is not None and current.state in ("ready", "capturing")):
+                busy = "a take that is starting" if starting else (f"session {current.session_id}")
                 raise BadInput(
                     f"camera {self.cfg.camera_id} is already capturing {busy}; stop it first"
                 )
@@ -298,7 +296,6 @@ class Agent:
             if problem:
                 self._set_error(problem)
                 raise DeviceError(problem)
-            self._starting = True
             self._starting_session = session_id
             abort = self._start_abort = threading.Event()
             if self._closing.is_set() or session_id == self._stopped_before_start:
@@ -348,7 +345,6 @@ class Agent:
             take.start()
         finally:
             with self._lock:
-                self._starting = False
                 self._starting_session = ""
                 self._start_abort = None
         self._wake.set()
@@ -397,7 +393,7 @@ class Agent:
     def state(self) -> str:
         with self._lock:
             take = self._take
-            if self._starting:
+            if self._start_abort is not None:
                 return "starting"
             if take is not None and take.state in ("ready", "capturing"):
                 return "capturing"
