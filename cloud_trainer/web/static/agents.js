@@ -1,7 +1,10 @@
-// One camera as the tablet shows it (the home page and the session page): its state,
+// What the two live pages (home and session) share. One camera as the tablet shows it: its state,
 // rate, drops, upload and error as text (never as HTML: agents' text is theirs), its
 // warnings, and with ``limbs`` (the skeleton's bones) its newest pose.
 const SVG = 'http://www.w3.org/2000/svg';
+// A poll of the two live pages (home and session). A server that accepts the connection
+// and never answers must count as gone too: each poll gives up after 4 s.
+function get(url) { return fetch(url, {credentials: 'same-origin', signal: AbortSignal.timeout(4000)}); }
 function agentCard(x, limbs) {
   const d = document.createElement('div'); d.className = 'agent ' + (x.online ? 'online' : 'offline'); d.dataset.camera = x.camera_id;
   const line = document.createElement('span');

@@ -1,7 +1,6 @@
 // The tablet's home page stays live: which cameras are online (staff decide on Continue
 // by it) and how today's sessions are doing. The cameras are drawn by agents.js.
 let misses = 0;
-function get(url) { return fetch(url, {credentials: 'same-origin', signal: AbortSignal.timeout(4000)}); }
 async function refresh() {
   let ok = false;
   try {

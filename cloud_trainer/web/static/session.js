@@ -90,8 +90,6 @@ function renderAgents(list) {
   if (!list.length) { const d = document.createElement('div'); d.className = 'agent offline'; d.textContent = 'no camera online'; box.append(d); }
 }
 let failures = 0;
-// A server that accepts the connection and never answers must count as gone too.
-function get(url) { return fetch(url, {credentials: 'same-origin', signal: AbortSignal.timeout(4000)}); }
 async function poll() {
   let ok = false;
   try {
