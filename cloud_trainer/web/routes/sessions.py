@@ -122,6 +122,13 @@ def session_view(services: Services, s: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _successor(services: Services, session_id: str) -> str | None:
+    """The session this booth started in place of ``session_id`` (Start again), if any."""
+    if not _is_id(session_id):
+        return None
+    return services.repo.successor_of(session_id, services.settings.booth.id)
+
+
 def _is_id(session_id: str) -> bool:
     try:
         known_id(session_id)
@@ -222,8 +229,7 @@ def session_page(session_id: str, request: Request, services: ServicesDep, staff
         # Gone: started again (maybe on another tablet), then on to the new session;
         # deleted, then home, which says so. An unknown id stays a 404.
         if _is_id(session_id):
-            successor = services.repo.successor_of(session_id, services.settings.booth.id)
-            if successor is not None:
+            if successor := _successor(services, session_id):
                 return RedirectResponse(f"/sessions/{successor}", status_code=303)
             if services.repo.session_deleted(session_id):
                 return RedirectResponse("/?gone=1", status_code=303)
@@ -330,11 +336,7 @@ async def again_form(
 ):
     # Sent again (a reload of the page a failed start left at this URL, or a double
     # tap): the session was already started again; its page is the new session's.
-    if _is_id(session_id) and (
-        successor := await asyncio.to_thread(
-            services.repo.successor_of, session_id, services.settings.booth.id
-        )
-    ):
+    if successor := await asyncio.to_thread(_successor, services, session_id):
         check_form_csrf(staff, csrf)
         return RedirectResponse(f"/sessions/{successor}", status_code=303)
     fresh: list[str] = []
