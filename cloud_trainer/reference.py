@@ -229,12 +229,12 @@ def _video_info(path: Path) -> _VideoInfo:
 def _decode(path: Path) -> Iterator[np.ndarray]:
     import av
 
-    from cloud_trainer.render import upright_rgb
+    from edge_agent.frames import upright
 
     container = _open_video(path)
     try:
         for frame in container.decode(video=0):
-            yield upright_rgb(frame)
+            yield upright(frame)
     except av.error.FFmpegError as e:
         raise BadInput(f"{path} is damaged: decoding stopped at an error ({e})") from None
     finally:

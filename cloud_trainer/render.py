@@ -40,7 +40,7 @@ import numpy as np
 
 from cloud_trainer import labelmap
 from edge_agent.errors import BadInput, BoothError
-from edge_agent.frames import quarter_turns
+from edge_agent.frames import upright
 
 log = logging.getLogger(__name__)
 
@@ -539,13 +539,6 @@ def probe(path: str | Path) -> dict[str, Any]:
         raise BadInput(f"{path} is not a readable video: {e}") from None
 
 
-def upright_rgb(frame: Any) -> np.ndarray:
-    """A decoded frame as RGB, turned the way a player shows it."""
-    rgb = frame.to_ndarray(format="rgb24")
-    turns = quarter_turns(frame)
-    return np.ascontiguousarray(np.rot90(rgb, turns)) if turns else rgb
-
-
 def iter_decoded(path: str | Path, indices: Iterable[int] | None = None) -> Iterator[np.ndarray]:
     """RGB frames of a video, upright, optionally only those at increasing ``indices``.
 
@@ -559,11 +552,11 @@ def iter_decoded(path: str | Path, indices: Iterable[int] | None = None) -> Iter
     with av.open(str(path)) as c:
         for i, frame in enumerate(c.decode(video=0)):
             if wanted is None:
-                yield upright_rgb(frame)
+                yield upright(frame)
                 continue
             if i < target:
                 continue
-            rgb = upright_rgb(frame)
+            rgb = upright(frame)
             while target is not None and target == i:
                 yield rgb
                 target = next(wanted, None)

@@ -51,3 +51,12 @@ def quarter_turns(frame: Any) -> int:
     ``frame.rotation``, in degrees); ignored, a portrait video lies on its side.
     """
     return round((getattr(frame, "rotation", 0) or 0) / 90) % 4
+
+
+def upright(frame: Any, format: str = "rgb24") -> Any:
+    """A decoded frame as an array (``format``), turned the way a player shows it."""
+    import numpy as np
+
+    pixels = frame.to_ndarray(format=format)
+    turns = quarter_turns(frame)
+    return np.ascontiguousarray(np.rot90(pixels, turns)) if turns else pixels

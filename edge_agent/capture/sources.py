@@ -30,7 +30,7 @@ from typing import Any, Protocol
 from edge_agent.capture.clock import BoothClock
 from edge_agent.config import FileSource, SyntheticSource, V4L2Source
 from edge_agent.errors import DeviceError
-from edge_agent.frames import CapturedFrame, Granted, quarter_turns
+from edge_agent.frames import CapturedFrame, Granted, quarter_turns, upright
 
 log = logging.getLogger(__name__)
 
@@ -443,7 +443,6 @@ class VideoFileCamera:
         """``(time_s, jpeg)`` for each frame of one pass over the file (upright)."""
         import av
         import cv2
-        import numpy as np
 
         with self._open_container() as container:
             stream = container.streams.video[0]
@@ -458,10 +457,7 @@ class VideoFileCamera:
             encode = [int(cv2.IMWRITE_JPEG_QUALITY), self.JPEG_QUALITY]
             try:
                 for frame in container.decode(stream):
-                    bgr = frame.to_ndarray(format="bgr24")
-                    if self._turns:
-                        bgr = np.ascontiguousarray(np.rot90(bgr, self._turns))
-                    ok, buf = cv2.imencode(".jpg", bgr, encode)
+                    ok, buf = cv2.imencode(".jpg", upright(frame, "bgr24"), encode)
                     if not ok:
                         raise DeviceError(f"video file {self.cfg.path}: cannot JPEG-encode a frame")
                     yield frame.time, buf.tobytes()
