@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import shutil
+import socket
 import tempfile
+import threading
+from pathlib import Path
 
 import pytest
-from e2e_helpers import ARTIFACTS
+import staff_app
+import uvicorn
+from e2e_helpers import ARTIFACTS, CapturingCamera, wait_for
 
 CHROMIUM = shutil.which("chromium")
 CHROMEDRIVER = shutil.which("chromedriver")
@@ -43,3 +48,30 @@ def browser():
     yield driver
     driver.quit()
     shutil.rmtree(profile, ignore_errors=True)
+
+
+@pytest.fixture
+def tablet(tmp_path: Path):
+    """The web app, served for real by uvicorn on loopback, with one camera mid-take."""
+    made = staff_app.build_app(staff_app.staff_settings(tmp_path))
+    made.app = staff_app.create_app(
+        made.settings,
+        repo=made.repo,
+        store=made.store,
+        references=lambda: [],
+        deliverer=None,
+        control=CapturingCamera(),
+    )
+    # Bound here and handed over: no free port that something else could take meanwhile.
+    sock = socket.create_server(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(made.app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    wait_for(lambda: server.started, 30, "the web app to listen", poll_s=0.05)
+    made.port = sock.getsockname()[1]
+    made.base_url = f"http://127.0.0.1:{made.port}"
+    yield made
+    server.should_exit = True
+    thread.join(10)
+    sock.close()
+    made.repo.close()

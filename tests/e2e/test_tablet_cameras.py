@@ -6,79 +6,11 @@ reports one capturing camera, as the registry would.
 
 from __future__ import annotations
 
-import threading
-from pathlib import Path
-
 import pytest
-import staff_app
 import transport_helpers as th
-import uvicorn
-from e2e_helpers import wait_for
+from e2e_helpers import HOSTILE, POSE, log_in, wait_for
 
-from edge_agent.skeleton import LIMB_INDEX, NUM_JOINTS
-
-# A standing figure: every joint seen, spread over the frame (fractions of it).
-POSE = [[0.3 + 0.4 * (j % 5) / 4, 0.1 + 0.8 * j / NUM_JOINTS, 0.9] for j in range(NUM_JOINTS)]
-HOSTILE = '<img src=x onerror="window.pwned=1">'
-
-
-class CapturingCamera:
-    """The control plane as the web app sees it, with one camera mid-take."""
-
-    def online_agents(self, booth_id: str) -> list[dict]:
-        return [
-            {
-                "camera_id": "cam0",
-                "online": True,
-                "state": "capturing",
-                "session_id": "",
-                "fps": 120.0,
-                "frames_captured": 480,
-                "capture_dropped": 0,
-                "pose_dropped": 3,
-                "frames_acked": 400,
-                "upload_behind": True,
-                "error": HOSTILE,
-                "warnings": ["camera granted 60 fps; 120 were asked"],
-                "live_pose": POSE,
-                "last_seen": 0.0,
-            }
-        ]
-
-
-@pytest.fixture
-def tablet(tmp_path: Path, get_free_port):
-    made = staff_app.build_app(staff_app.staff_settings(tmp_path))
-    made.app = staff_app.create_app(
-        made.settings,
-        repo=made.repo,
-        store=made.store,
-        references=lambda: [],
-        deliverer=None,
-        control=CapturingCamera(),
-    )
-    port = get_free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(made.app, host="127.0.0.1", port=port, log_level="warning")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    wait_for(lambda: server.started, 30, "the web app to listen", poll_s=0.05)
-    made.base_url = f"http://127.0.0.1:{port}"
-    yield made
-    server.should_exit = True
-    thread.join(10)
-    made.repo.close()
-
-
-def log_in(d, tablet) -> None:
-    from selenium.webdriver.common.by import By
-
-    d.get(f"{tablet.base_url}/login")
-    d.find_element(By.ID, "username").send_keys(staff_app.STAFF)
-    d.find_element(By.ID, "password").send_keys(staff_app.PASSWORD)
-    d.find_element(By.ID, "login").click()
-    wait_for(lambda: d.find_elements(By.ID, "new-session"), 15, "the tablet home page")
+from edge_agent.skeleton import LIMB_INDEX
 
 
 def test_the_camera_panel_draws_the_live_pose_and_shows_agent_text_as_text(tablet, browser):
@@ -86,7 +18,7 @@ def test_the_camera_panel_draws_the_live_pose_and_shows_agent_text_as_text(table
 
     sid = th.new_session(tablet.repo, booth_id=tablet.settings.booth.id)
     d = browser
-    log_in(d, tablet)
+    log_in(d, tablet.base_url)
     d.get(f"{tablet.base_url}/sessions/{sid}")
     lines = wait_for(
         lambda: d.find_elements(By.CSS_SELECTOR, "#agents svg.pose line"), 15, "the live pose"
@@ -108,7 +40,7 @@ def test_a_take_that_fails_while_its_page_is_open_offers_start_again(tablet, bro
     repo = tablet.repo
     sid = th.new_session(repo, booth_id=tablet.settings.booth.id)
     d = browser
-    log_in(d, tablet)
+    log_in(d, tablet.base_url)
     # The home page stays live: a session another tablet starts is announced.
     assert not d.find_element(By.ID, "home-new").is_displayed()
     th.new_session(repo, booth_id=tablet.settings.booth.id)

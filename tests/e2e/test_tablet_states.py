@@ -1,0 +1,91 @@
+"""The tablet's pages in a real browser when things go wrong around them.
+
+- A server that accepts connections and never answers: the pages say so and
+  disable the buttons whose press would only reach the browser's error page,
+  then recover by themselves when it answers again.
+- A take whose camera never finished uploading: the session page names the
+  camera and offers to go on with the cameras that did.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import transport_helpers as th
+from e2e_helpers import StallingProxy, log_in, wait_for
+
+
+@pytest.fixture
+def stalling(tablet):
+    proxy = StallingProxy(tablet.port)
+    yield proxy
+    proxy.close()
+
+
+def test_a_server_that_stops_answering_shows_offline_and_disables_the_buttons(
+    tablet, stalling, browser
+):
+    from selenium.webdriver.common.by import By
+
+    base = f"http://127.0.0.1:{stalling.port}"
+    sid = th.new_session(tablet.repo, booth_id=tablet.settings.booth.id)
+    d = browser
+    log_in(d, base)
+    d.get(f"{base}/sessions/{sid}")
+    start = wait_for(lambda: d.find_elements(By.ID, "start"), 15, "the session page")[0]
+    offline = d.find_element(By.ID, "offline")
+    wait_for(lambda: d.find_elements(By.CSS_SELECTOR, "#agents svg.pose"), 15, "a first poll")
+    assert start.is_enabled() and not offline.is_displayed()
+
+    stalling.stall()  # connections still open: only the 4 s timeout can tell
+    wait_for(offline.is_displayed, 40, "the offline warning on the session page")
+    assert not start.is_enabled()
+    stalling.flow()
+    wait_for(lambda: not offline.is_displayed(), 30, "the session page to come back")
+    assert start.is_enabled()
+
+    d.get(base + "/")
+    create = wait_for(lambda: d.find_elements(By.ID, "create"), 15, "the home page")[0]
+    agents = d.find_element(By.ID, "home-agents")
+    offline = d.find_element(By.ID, "offline")
+    assert create.is_enabled()
+    stalling.stall()
+    wait_for(offline.is_displayed, 40, "the offline warning on the home page")
+    assert not create.is_enabled()
+    assert "stale" in agents.get_attribute("class").split()  # the cameras grey out
+    stalling.flow()
+    wait_for(lambda: not offline.is_displayed(), 30, "the home page to come back")
+    assert create.is_enabled() and "stale" not in agents.get_attribute("class").split()
+
+
+def test_a_missing_upload_is_named_and_staff_can_go_on_without_it(tablet, browser):
+    from selenium.webdriver.common.by import By
+
+    repo = tablet.repo
+    sid = th.new_session(repo, ("cam0", "cam1"), booth_id=tablet.settings.booth.id)
+    repo.transition(sid, "capturing")
+    for cam in ("cam0", "cam1"):
+        repo.open_take(sid, cam, fps=120.0)
+    # The take (1 s) started a minute ago; cam0's upload is in, cam1's is not.
+    started = time.time() - 60
+    repo.update_session(sid, capture_started_at=started)
+    repo.set_progress(sid, capture_at=started, stage="capturing")
+    repo.mark_take_uploaded(sid, "cam0")
+
+    d = browser
+    log_in(d, tablet.base_url)
+    d.get(f"{tablet.base_url}/sessions/{sid}")
+    wait = wait_for(
+        lambda: [e for e in d.find_elements(By.ID, "upload-wait") if e.is_displayed()],
+        15,
+        "the upload-wait note",
+    )[0]
+    text = wait.text
+    assert "Waiting for cam1 to finish uploading" in text
+    assert "go on with cam0" in text and "gives up at" in text
+    d.find_element(By.ID, "go-on").click()
+    wait_for(lambda: d.find_element(By.ID, "state").text == "uploaded", 15, "the session to go on")
+    assert not d.find_element(By.ID, "upload-wait").is_displayed()
+    s = repo.get_session(sid)
+    assert (s["state"], s["cameras"]) == ("uploaded", ["cam0"])
