@@ -13,8 +13,9 @@ Keys: cameras, fps_target, frames_offered, frames_written, capture_dropped,
 fps_written_min, pose_fps, pose_coverage, naive_fps, ratio_vs_naive (plus
 pose_backend, capture_late_ms_p99, catch_up_s, per-camera details).
 
-- capture_dropped: frames a camera offered that the take did not capture, plus
-  frames the device reported lost and frames the segment queue refused.
+- capture_dropped: frames a camera offered that the take did not capture (the
+  synthetic camera holds 32 frames for a late reader, as a UVC driver does, and
+  loses those that find every buffer full), plus frames the segment queue refused.
 - fps_written_min: the slowest camera's sustained written rate, frames per
   second of wall time between its first and last segment write.
 - pose_fps: live pose frames per second per camera (mean), during the take.
@@ -79,9 +80,13 @@ class TimedSynthetic:
     def __init__(self, camera: SyntheticCamera) -> None:
         self.camera = camera
         self.name = "synthetic"
-        self.lost_frames = 0
         self.warnings: list[str] = []
         self.late_ns = np.zeros(camera.num_frames, dtype=np.int64)
+
+    @property
+    def lost_frames(self) -> int:
+        """Frames the camera lost because the capture loop left its buffers full."""
+        return self.camera.lost_frames
 
     def probe(self) -> Granted:
         return self.camera.granted()
@@ -160,9 +165,9 @@ def run_ours(
     offered = sum(c.num_frames for c in cams)
     captured = sum(s.frames for s in summaries)
     written = sum(s.frames_written for s in summaries)
-    dropped = (offered - captured) + sum(
-        s.counters["capture_dropped"] + s.counters["segment_dropped"] for s in summaries
-    )
+    # A camera loses the frames that find its buffers full while the loop stalls: those
+    # are offered and never captured (and in the source's own count too, not added twice).
+    dropped = (offered - captured) + sum(s.counters["segment_dropped"] for s in summaries)
     fps_written = [t.recorder.fps_written for t in takes]
     late = np.concatenate([s.late_ns for s in sources]) / 1e6
     return {

@@ -71,6 +71,13 @@ class SyntheticSource(Strict):
     size: Size = (640, 480)
     fps: float = Field(120.0, gt=0, le=1000)
     jpeg_quality: int = Field(85, ge=10, le=100)
+    device_buffers: int = Field(
+        32,
+        ge=1,
+        le=1024,
+        description="frames held for a reader that falls behind; more arriving are lost "
+        "(a UVC driver allows 32)",
+    )
 
     _v_size = field_validator("size", mode="before")(classmethod(lambda cls, v: _parse_size(v)))
 

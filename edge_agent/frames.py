@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +34,47 @@ class CapturedFrame:
     seq: int
     capture_ts_ns: int
     jpeg: bytes
+
+
+class DeviceBuffers:
+    """A camera driver's frame buffers, for a replayed camera whose reader may fall behind.
+
+    Frame ``i`` arrives at ``due(i)``. A driver holds at most ``capacity`` frames
+    the reader has not taken yet; one that arrives while they are all full is
+    lost (counted in ``lost``), as a V4L2 driver drops it. Arrivals are settled
+    when the reader comes back (``settle(now)``): buffers empty only when it
+    reads, so this gives the same frames as a driver would. ``total`` frames
+    arrive, or frames without end when it is None.
+    """
+
+    def __init__(self, capacity: int, due: Callable[[int], int], total: int | None) -> None:
+        if capacity < 1:
+            raise ValueError(f"a camera needs at least one buffer, got {capacity}")
+        self.capacity = capacity
+        self.due = due
+        self.total = total
+        self.lost = 0
+        self.arriving = 0  # the next frame to arrive
+        self._queued: deque[int] = deque()
+
+    def settle(self, now_ns: int) -> None:
+        while (self.total is None or self.arriving < self.total) and self.due(
+            self.arriving
+        ) <= now_ns:
+            if len(self._queued) < self.capacity:
+                self._queued.append(self.arriving)
+            else:
+                self.lost += 1
+            self.arriving += 1
+
+    def take(self) -> int | None:
+        """The oldest buffered frame, or None if none is waiting."""
+        return self._queued.popleft() if self._queued else None
+
+    @property
+    def ended(self) -> bool:
+        """Every frame has arrived and been taken or lost."""
+        return self.total is not None and self.arriving >= self.total and not self._queued
 
 
 @dataclass(frozen=True, slots=True)

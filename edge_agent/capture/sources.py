@@ -30,7 +30,7 @@ from typing import Any, Protocol
 from edge_agent.capture.clock import BoothClock
 from edge_agent.config import FileSource, SyntheticSource, V4L2Source
 from edge_agent.errors import DeviceError
-from edge_agent.frames import CapturedFrame, Granted, quarter_turns, upright
+from edge_agent.frames import CapturedFrame, DeviceBuffers, Granted, quarter_turns, upright
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,12 @@ def rate_warning(what: str, asked: float, granted: Granted) -> str | None:
 
 
 def paced(
-    jpegs: Iterable[bytes], fps: float, clock: BoothClock, *, realtime: bool = True
+    jpegs: Iterable[bytes],
+    fps: float,
+    clock: BoothClock,
+    *,
+    realtime: bool = True,
+    device: Callable[[Callable[[int], int]], DeviceBuffers] | None = None,
 ) -> Iterator[CapturedFrame]:
     """Yield ``jpegs`` as frames at exactly ``fps`` (or as fast as possible).
 
@@ -72,19 +77,36 @@ def paced(
     ones after it: the rate is exact over the take, and jitter never accumulates.
     In real time, a frame is stamped with its due time, as a camera with its own
     clock stamps the exposure however late the frame is read; as fast as
-    possible, it is stamped on delivery.
+    possible, it is stamped on delivery. ``device`` (real time only) builds the
+    driver's buffers from the schedule: a reader that falls further behind than
+    they hold loses frames, as on a real camera.
     """
     period_ns = 1e9 / fps
     start = time.monotonic_ns()
-    for seq, jpeg in enumerate(jpegs):
-        if realtime:
-            due = start + round(seq * period_ns)
-            delay_ns = due - time.monotonic_ns()
+    if not realtime:
+        for seq, jpeg in enumerate(jpegs):
+            yield CapturedFrame(seq, clock.now_ns(), jpeg)
+        return
+
+    def due(seq: int) -> int:
+        return start + round(seq * period_ns)
+
+    if device is None:
+        for seq, jpeg in enumerate(jpegs):
+            delay_ns = due(seq) - time.monotonic_ns()
             if delay_ns > 0:
                 time.sleep(delay_ns / 1e9)
-            yield CapturedFrame(seq, clock.from_monotonic_ns(due), jpeg)
-        else:
-            yield CapturedFrame(seq, clock.now_ns(), jpeg)
+            yield CapturedFrame(seq, clock.from_monotonic_ns(due(seq)), jpeg)
+        return
+    frames = list(jpegs)
+    buffers = device(due)
+    while not buffers.ended:
+        buffers.settle(time.monotonic_ns())
+        seq = buffers.take()
+        if seq is None:
+            time.sleep(max(0, due(buffers.arriving) - time.monotonic_ns()) / 1e9)
+            continue
+        yield CapturedFrame(seq, clock.from_monotonic_ns(due(seq)), frames[seq])
 
 
 class ReplayCamera:
@@ -104,13 +126,15 @@ class ReplayCamera:
         clock: BoothClock,
         realtime: bool = True,
         name: str = "replay",
+        device_buffers: int | None = None,
     ) -> None:
         self.name = name
         self.jpegs = jpegs
         self._granted = Granted(width, height, fps)
         self.clock = clock
         self.realtime = realtime
-        self.lost_frames = 0
+        self.device_buffers = device_buffers
+        self._device: DeviceBuffers | None = None
         self.warnings: list[str] = []
 
     def probe(self) -> Granted:
@@ -119,8 +143,22 @@ class ReplayCamera:
     def open(self) -> Granted:
         return self._granted
 
+    @property
+    def lost_frames(self) -> int:
+        return self._device.lost if self._device is not None else 0
+
     def frames(self) -> Iterator[CapturedFrame]:
-        return paced(self.jpegs, self._granted.fps, self.clock, realtime=self.realtime)
+        device = None
+        if self.device_buffers is not None:
+            n, capacity = len(self.jpegs), self.device_buffers
+
+            def device(due: Callable[[int], int]) -> DeviceBuffers:
+                self._device = DeviceBuffers(capacity, due, n)
+                return self._device
+
+        return paced(
+            self.jpegs, self._granted.fps, self.clock, realtime=self.realtime, device=device
+        )
 
     def close(self) -> None:
         pass
@@ -166,9 +204,14 @@ class SyntheticBoothCamera:
         self.cfg = cfg
         self.clock = clock
         self.seconds = seconds or DEFAULT_SYNTHETIC_SECONDS
-        self.lost_frames = 0
         self.warnings: list[str] = []
         self._camera: Any = None
+        self._lost_before_close = 0
+
+    @property
+    def lost_frames(self) -> int:
+        """Frames lost because the capture loop left every driver buffer full."""
+        return self._camera.lost_frames if self._camera is not None else self._lost_before_close
 
     def probe(self) -> Granted:
         w, h = self.cfg.size
@@ -184,6 +227,8 @@ class SyntheticBoothCamera:
         return self._camera.frames()
 
     def close(self) -> None:
+        if self._camera is not None:
+            self._lost_before_close = self._camera.lost_frames
         self._camera = None
 
 

@@ -336,7 +336,9 @@ class Take:
                 # The source ran out by itself: a video file shorter than the take, a
                 # stream that ended. A short take must not pass for a whole one.
                 # (A take without a duration lasts as long as its source.)
-                if not stop.is_set() and max_frames is not None and n < max_frames:
+                # Frames the device lost (counted there) were offered all the same.
+                got = n + self.source.lost_frames
+                if not stop.is_set() and max_frames is not None and got < max_frames:
                     short = f"camera {self.source.name} ended after {n} of {max_frames} frames"
                     if getattr(self.source, "ends_by_itself", False):
                         # A video file: it ends where it ends; the take is what it holds.

@@ -8,6 +8,11 @@ drift), and the capture timestamp is the deadline itself, as a camera with a
 hardware clock would stamp it. Waiting sleeps until about a millisecond before
 the deadline, then spins, because ``time.sleep`` alone overshoots by up to a
 scheduler tick.
+
+Like a camera driver, it holds only ``cfg.device_buffers`` frames for a reader
+that falls behind (a UVC driver allows 32). A frame that arrives while they are
+all full is lost, and counted in ``lost_frames``, just as a device drops it: a
+stalled capture loop shows up as lost frames, not merely as late ones.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import numpy as np
 
 from edge_agent.config import SyntheticSource
 from edge_agent.errors import BadInput
-from edge_agent.frames import CapturedFrame, Granted
+from edge_agent.frames import CapturedFrame, DeviceBuffers, Granted
 from edge_agent.synth import scene
 from edge_agent.synth.appearance import Attendee
 from edge_agent.synth.choreography import Dance
@@ -94,6 +99,12 @@ class SyntheticCamera:
         self._jpegs: list[bytes] | None = None
         self.keypoints: np.ndarray | None = None  # (N, 23, 3), filled by prerender
         self._stop = threading.Event()
+        self._device: DeviceBuffers | None = None
+
+    @property
+    def lost_frames(self) -> int:
+        """Frames the last ``frames()`` lost because every driver buffer was full."""
+        return self._device.lost if self._device is not None else 0
 
     @property
     def num_frames(self) -> int:
@@ -170,12 +181,19 @@ class SyntheticCamera:
         try:
             period_ns = 1e9 / self.fps
             start = self._clock()
-            seq = 0
-            while not self._stop.is_set() and (loop or seq < self.num_frames):
-                deadline = start + round(seq * period_ns)
-                self._wait_until(deadline)
-                yield CapturedFrame(seq, deadline, self._jpegs[seq % self.num_frames])
-                seq += 1
+
+            def due(seq: int) -> int:
+                return start + round(seq * period_ns)
+
+            device = DeviceBuffers(self.cfg.device_buffers, due, None if loop else self.num_frames)
+            self._device = device
+            while not self._stop.is_set() and not device.ended:
+                device.settle(self._clock())
+                seq = device.take()
+                if seq is None:
+                    self._wait_until(due(device.arriving))
+                    continue
+                yield CapturedFrame(seq, due(seq), self._jpegs[seq % self.num_frames])
         finally:
             if restore is not None:
                 os.sched_setscheduler(0, *restore)

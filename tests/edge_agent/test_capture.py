@@ -67,10 +67,17 @@ def make_take(
     source=None,
     duration_s: float | None = None,
     session: str = "s1",
+    device_buffers: int | None = None,
 ) -> Take:
     clock = BoothClock()
     source = source or ReplayCamera(
-        jpegs, width=WIDTH, height=HEIGHT, fps=FPS, clock=clock, realtime=realtime
+        jpegs,
+        width=WIDTH,
+        height=HEIGHT,
+        fps=FPS,
+        clock=clock,
+        realtime=realtime,
+        device_buffers=device_buffers,
     )
     return Take(
         session_id=session,
@@ -151,9 +158,13 @@ def test_latest_slot_hands_over_the_newest_item_and_counts_the_replaced_ones():
 
 
 def test_slow_pose_backend_never_costs_a_captured_frame(tmp_path, jpegs):
-    # 20 ms per pose at 240 fps: the model sees about one frame in five.
+    # 20 ms per pose at 240 fps: the model sees about one frame in five. The camera
+    # holds 64 frames (267 ms) for a late loop, then loses frames as a device would:
+    # a loop that waited for the model would fall seconds behind and lose most.
     n = 120
-    summary = run_take(make_take(tmp_path, jpegs[:n], delay_s=0.02))
+    take = make_take(tmp_path, jpegs[:n], delay_s=0.02, device_buffers=64)
+    summary = run_take(take)
+    assert take.source.lost_frames == 0
     c = summary.counters
     assert summary.frames == n
     assert summary.frames_written == n

@@ -235,6 +235,21 @@ def test_camera_replays_on_absolute_deadlines_without_drift():
     assert cam.granted().fps == 120 and (cam.granted().width, cam.granted().height) == (64, 48)
 
 
+def test_a_reader_that_stalls_past_the_driver_buffers_loses_the_frames_that_found_them_full():
+    fake = _FakeClock()
+    cfg = SyntheticSource(attendee=1, dance=1, size=(64, 48), fps=100, device_buffers=4)
+    cam = SyntheticCamera(cfg, 0.2, clock_ns=fake.clock, sleep=fake.sleep)
+    got = []
+    for frame in cam.frames():
+        got.append(frame.seq)
+        if frame.seq == 2:
+            fake.now += 100_000_000  # 10 frame periods: frames 3..12 arrive meanwhile
+    # 3..6 waited in the four buffers; 7..12 found them full and are gone, as on a device.
+    assert got == [0, 1, 2, 3, 4, 5, 6, *range(13, 20)]
+    assert cam.lost_frames == 6
+    assert [f.seq for f in cam.frames()] == list(range(20)) and cam.lost_frames == 0
+
+
 def test_camera_ground_truth_matches_its_frames():
     cfg = SyntheticSource(attendee=2, dance=3, size=(64, 48), fps=10)
     cam = SyntheticCamera(cfg, 0.5)
