@@ -251,8 +251,30 @@ def select_runtime(cfg: TrainerConfig) -> Runtime:
         policy = None
     else:
         policy = native if device != "cpu" or cpu_has_bf16() else None
-    jit = cfg.jit_compile == "on" or (cfg.jit_compile == "auto" and device != "cpu")
+    if cfg.jit_compile == "auto":
+        jit = auto_jit(device, int(strategy.num_replicas_in_sync))
+    else:
+        jit = cfg.jit_compile == "on"
+        if jit and device != "tpu" and strategy.num_replicas_in_sync > 1:
+            log.warning(
+                "trainer.jit_compile is on with %d replicas: an XLA-compiled step under "
+                "MirroredStrategy can fail to reach other devices' variables; 'auto' leaves "
+                "it off there",
+                strategy.num_replicas_in_sync,
+            )
     return Runtime(strategy, device, policy, jit)
+
+
+def auto_jit(device: str, replicas: int) -> bool:
+    """XLA for the step on one GPU or on TPUs; never on the CPU (slower here, see above).
+
+    Not across several GPUs: the replica step, applying its gradients included,
+    compiled by XLA under MirroredStrategy reads variables that live on the other
+    devices and fails at the first step (as Keras also leaves XLA off with tf.distribute).
+    """
+    if device == "tpu":
+        return True
+    return device == "gpu" and replicas == 1
 
 
 # ---- the model pair ------------------------------------------------------------------------
@@ -951,7 +973,7 @@ class _Fit:
                 for p in (self.root / "ckpt").iterdir()
                 if p.name.startswith(latest + ".") or p.name == "checkpoint"
             ]
-            mirror_to_store(self.root, self.store, self.store_prefix, only=changed)
+            mirror_to_store(self.root, self.store, self.store_prefix, only=changed, record=STATE)
         self.save_s = max(0.2, time.monotonic() - t - (self.eval_s or 0.0))
         log.info(
             "checkpoint",

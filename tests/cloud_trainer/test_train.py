@@ -220,6 +220,26 @@ def test_booth_pretrain_writes_a_base_checkpoint(base: Path) -> None:
     assert (base / "export" / "generator.tflite").exists() or Path(meta["export"]).exists()
 
 
+def test_a_rerun_into_a_base_resumes_only_its_own_recipe(base: Path, tmp_path, capsys) -> None:
+    """Another label map, size or attendee list would resume on the first run's corpus
+    and checkpoints and label the result with the new settings: refused, saying why."""
+    before = (base / "base.json").read_text()
+    common = ["pretrain", "--out", str(base), "--seconds", "3", "--fps", "8", "--batch", "2"]
+    common += ["--size", str(SIZE), "--no-progress"]
+    for extra, says in (
+        (["--attendees", "1..2", "--steps", "2", "--label-map", "parts"], "label_map"),
+        (["--attendees", "1..3", "--steps", "2"], "'attendees': [1, 2]"),
+        (["--attendees", "1..2", "--steps", "6"], "already finished after 2 steps"),
+    ):
+        assert booth([*common, *extra]) != 0
+        err = capsys.readouterr().err
+        assert says in err and "new --out" in err and "Traceback" not in err
+    assert (base / "base.json").read_text() == before  # untouched
+    (tmp_path / "afile").write_text("x")
+    assert booth(["pretrain", "--out", str(tmp_path / "afile"), "--steps", "1"]) != 0
+    assert "is a file" in capsys.readouterr().err
+
+
 def test_a_published_base_is_what_a_worker_resolves_from_the_blob_store(
     base: Path, tmp_path: Path
 ) -> None:
@@ -564,3 +584,11 @@ def test_runtime_on_cpu_is_one_device_without_xla(tmp_path: Path) -> None:
     assert select_runtime(config(tmp_path, mixed_precision="off")).policy is None
     assert select_runtime(config(tmp_path, mixed_precision="on")).policy == "mixed_bfloat16"
     assert select_runtime(config(tmp_path, jit_compile="on")).jit_compile
+
+
+def test_auto_xla_is_for_one_gpu_or_tpus_not_across_mirrored_gpus() -> None:
+    from cloud_trainer.train import auto_jit
+
+    assert auto_jit("gpu", 1) and auto_jit("tpu", 8)
+    assert not auto_jit("gpu", 2)  # MirroredStrategy: the compiled step fails there
+    assert not auto_jit("cpu", 1)
