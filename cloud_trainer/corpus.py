@@ -785,11 +785,21 @@ def _first_line(msg: str) -> str:
 # ---- blob store mirroring -----------------------------------------------------------------
 
 
-def mirror_to_store(local: Path, store, prefix: str, *, only: Iterable[str] | None = None) -> int:
+def mirror_to_store(
+    local: Path,
+    store,
+    prefix: str,
+    *,
+    only: Iterable[str] | None = None,
+    record: str | None = None,
+) -> int:
     """Upload files under ``local`` to ``prefix/``; remove keys whose local file is gone.
 
     ``only`` limits the upload to those relative names (already-uploaded, unchanged
-    checkpoint shards are not sent again). Returns the number of files uploaded.
+    checkpoint shards are not sent again). ``record`` (a relative name) goes up
+    last, after the index files: the record that describes the checkpoints (a
+    job's ``state.json``) must never name one the store does not hold yet.
+    Returns the number of files uploaded.
     """
     prefix = prefix.rstrip("/")
     names = sorted(
@@ -800,10 +810,11 @@ def mirror_to_store(local: Path, store, prefix: str, *, only: Iterable[str] | No
     want = set(names if only is None else only)
     sent = 0
 
-    # Data before index: a reader that sees the new `checkpoint` index (``ckpt/checkpoint``
-    # in a job's checkpoint tree) finds its files, even if the writer is killed midway.
-    def index_last(n: str) -> tuple[bool, str]:
-        return Path(n).name in ("checkpoint", MANIFEST), n
+    # Data before index, index before record: a reader that sees the new `checkpoint`
+    # index (``ckpt/checkpoint`` in a job's checkpoint tree) finds its files, and one that
+    # sees the new record finds its checkpoints, even if the writer is killed midway.
+    def index_last(n: str) -> tuple[int, str]:
+        return (2 if n == record else 1 if Path(n).name in ("checkpoint", MANIFEST) else 0), n
 
     for name in sorted(want & set(names), key=index_last):
         store.put_file(f"{prefix}/{name}", str(local / name))

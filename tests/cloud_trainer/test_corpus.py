@@ -220,7 +220,9 @@ def test_corpus_round_trips_through_the_blob_store(corpus: Corpus, tmp_path: Pat
     assert copy.count("train") == corpus.count("train")
 
 
-def test_mirroring_uploads_checkpoint_indexes_after_their_data(tmp_path: Path) -> None:
+def test_mirroring_uploads_indexes_after_their_data_and_the_jobs_record_last(
+    tmp_path: Path,
+) -> None:
     # A worker killed mid-upload must not leave `ckpt/checkpoint` naming files not yet sent.
     from cloud_trainer.storage.local import LocalBlobStore
 
@@ -238,9 +240,12 @@ def test_mirroring_uploads_checkpoint_indexes_after_their_data(tmp_path: Path) -
         (local / name).parent.mkdir(parents=True, exist_ok=True)
         (local / name).write_text(name)
     (local / "ckpt" / "ckpt-4.data-00000-of-00001").write_text("weights")
+    (local / "state.json").write_text('{"best": {"step": 4}}')
     store = Recording(tmp_path / "blobs")
-    mirror_to_store(local, store, "ck")
-    assert store.order[-2:] == ["best/checkpoint", "ckpt/checkpoint"]
+    mirror_to_store(local, store, "ck", record="state.json")
+    # The job's record last: a kill before it leaves the store's state behind its
+    # checkpoints (harmless), never naming a best checkpoint the store lacks.
+    assert store.order[-3:] == ["best/checkpoint", "ckpt/checkpoint", "state.json"]
 
 
 MODELS = Path(__file__).resolve().parents[2] / "models"
