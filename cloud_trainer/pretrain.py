@@ -13,6 +13,7 @@ start restores, see ``train.restore_base``), plus
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import re
 from collections.abc import Callable, Iterator, Sequence
@@ -30,6 +31,7 @@ from cloud_trainer.train import (
     Pix2Pix,
     ProgressFn,
     TakeRef,
+    _write_json,
     save_base,
     select_runtime,
     train_job,
@@ -105,19 +107,32 @@ def pretrain(
     *,
     progress: ProgressFn | None = None,
     models_dir: Path | None = None,
+    inputs: dict[str, Any] | None = None,
 ) -> tuple[Path, JobResult]:
     """Train a base on ``takes`` and write it to ``out_dir``; resumable like any job.
 
     ``cfg.work_dir`` is replaced by ``out_dir/work``; ``cfg.base_checkpoint`` (if set)
-    continues an older base.
+    continues an older base. ``inputs`` describes the takes (attendee seeds, take
+    directories): with the size, label map and batch it is the base's recipe, kept in
+    ``out_dir``. A rerun resumes only the same recipe; another one is refused, since
+    resuming it would train on a corpus and checkpoints made for the first.
     """
     if not takes:
         raise TrainingFailed("pretraining needs at least one take")
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise TrainingFailed(f"{out_dir} is a file, not a directory for the base checkpoint")
+    _same_recipe(out_dir, _recipe(cfg, takes, inputs))
     job_cfg = cfg.model_copy(update={"work_dir": out_dir / "work"})
     result = train_job(
         JobSpec("pretrain", list(takes)), job_cfg, None, progress, models_dir=models_dir
     )
+    if result.stopped == "done-before" and cfg.max_steps and result.steps < cfg.max_steps:
+        raise TrainingFailed(
+            f"the base in {out_dir} already finished after {result.steps} steps; a rerun "
+            f"does not train it to {cfg.max_steps}: use a new --out, with "
+            f"trainer.base_checkpoint set to {out_dir} to start from this base"
+        )
     # The base: the best generator, with the optimizer state of the last step.
     runtime = select_runtime(job_cfg)
     model = Pix2Pix(
@@ -147,3 +162,40 @@ def pretrain(
     save_base(model, out_dir, label_map=cfg.label_map, meta=meta)
     log.info("base checkpoint written", extra={"out": str(out_dir), "steps": result.steps})
     return out_dir, result
+
+
+RECIPE = "recipe.json"
+
+
+def _recipe(cfg: TrainerConfig, takes: Sequence[TakeRef], inputs: dict[str, Any] | None) -> dict:
+    return {
+        "size_px": cfg.size_px,
+        "label_map": cfg.label_map,
+        "batch": cfg.batch,
+        "inputs": inputs if inputs is not None else {"takes": len(takes)},
+    }
+
+
+def _same_recipe(out_dir: Path, recipe: dict[str, Any]) -> None:
+    """Record ``recipe`` in a new ``out_dir``; refuse a different one in an existing one."""
+    path = out_dir / RECIPE
+    try:
+        before = json.loads(path.read_text())
+    except FileNotFoundError:
+        if (out_dir / "work").exists():
+            raise TrainingFailed(
+                f"{out_dir} holds a pretraining run without a recorded recipe; use a new --out"
+            ) from None
+        out_dir.mkdir(parents=True, exist_ok=True)
+        _write_json(path, recipe)
+        return
+    except (OSError, ValueError) as e:
+        raise TrainingFailed(f"{path} is unreadable ({e}); use a new --out") from None
+    changed = [
+        f"{k} {before.get(k)!r} -> {recipe[k]!r}" for k in recipe if before.get(k) != recipe[k]
+    ]
+    if changed:
+        raise TrainingFailed(
+            f"{out_dir} holds a base pretrained with other settings ({'; '.join(changed)}); "
+            "rerun with the same settings to resume it, or use a new --out"
+        )

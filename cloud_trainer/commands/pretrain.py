@@ -109,6 +109,7 @@ def run(args: argparse.Namespace) -> int:
         if missing:
             raise BadInput(f"take directory not found: {', '.join(missing)}")
         takes: list = list(args.takes)
+        inputs = {"takes": [str(t.resolve()) for t in args.takes]}
     else:
         from cloud_trainer.pretrain import parse_seeds  # imports TensorFlow
 
@@ -117,6 +118,7 @@ def run(args: argparse.Namespace) -> int:
         except ValueError as e:
             raise BadInput(f"--attendees: {e}") from None
         takes = None  # rendered below, after the heavy imports
+        inputs = {"attendees": seeds, "seconds": args.seconds, "fps": args.fps}
 
     # Imported here: TensorFlow is not needed for `booth --help`.
     from tqdm import tqdm
@@ -168,7 +170,14 @@ def run(args: argparse.Namespace) -> int:
         )
 
     try:
-        out, result = pretrain(takes, cfg, args.out, progress=progress, models_dir=booth.models_dir)
+        out, result = pretrain(
+            takes,
+            cfg,
+            args.out,
+            progress=progress,
+            models_dir=booth.models_dir,
+            inputs=inputs,
+        )
     finally:
         if render_bar is not None:
             render_bar.close()
