@@ -18,7 +18,6 @@ Files in the take directory:
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import sys
@@ -114,7 +113,7 @@ class _NpyStream:
     """Stream (N, ...) frames into one ``.npy`` entry of a zip (an ``.npz``) without holding N."""
 
     def __init__(self, zf: zipfile.ZipFile, name: str, shape: tuple[int, ...], dtype) -> None:
-        self._fh = zf.open(f"{name}.npy", "w", force_zip64=True)
+        self._fh = zf.open(_entry(f"{name}.npy"), "w", force_zip64=True)
         header = {
             "descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
             "fortran_order": False,
@@ -130,10 +129,16 @@ class _NpyStream:
         self._fh.close()
 
 
+def _entry(name: str) -> zipfile.ZipInfo:
+    """A zip entry stamped with a fixed time: the same take gives the same bytes."""
+    info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
+    info.compress_type = zipfile.ZIP_DEFLATED
+    return info
+
+
 def _add_array(zf: zipfile.ZipFile, name: str, arr: np.ndarray) -> None:
-    buf = io.BytesIO()
-    np.lib.format.write_array(buf, np.asarray(arr), allow_pickle=False)
-    zf.writestr(f"{name}.npy", buf.getvalue())
+    with zf.open(_entry(f"{name}.npy"), "w", force_zip64=True) as fh:
+        np.lib.format.write_array(fh, np.asarray(arr), allow_pickle=False)
 
 
 def read_truth(path: str | Path) -> dict[str, np.ndarray]:
@@ -234,7 +239,12 @@ def write_take(
         indices = tqdm(indices, desc="rendering", unit="frame", file=sys.stderr)
     t0 = time.perf_counter()
     writer = Mjpeg4Writer(out / "frames.mp4", (w, h), fps)
-    zf = zipfile.ZipFile(out / "truth.npz", "w", compression=zipfile.ZIP_DEFLATED, allowZip64=True)
+    # Written aside and renamed when whole: an interrupted render leaves no truth.npz
+    # that loads as if it were complete.
+    truth_part = out / "truth.npz.part"
+    zf = zipfile.ZipFile(truth_part, "w", compression=zipfile.ZIP_DEFLATED, allowZip64=True)
+    parts_stream: _NpyStream | None = None
+    complete = False
     try:
         parts_stream = _NpyStream(zf, "parts", (n, h, w), np.uint8)
         for i in indices:
@@ -250,6 +260,7 @@ def write_take(
             if i in sheet_at:
                 tiles.append((draw_skeleton(f.rgb, f), f"#{i} {i / fps:.2f}s {moves[i]}"))
         parts_stream.close()
+        parts_stream = None
         for name, arr in (
             ("keypoints", keypoints),
             ("projected", projected),
@@ -262,9 +273,19 @@ def write_take(
             ("shadow_bits", shadow_bits),
         ):
             _add_array(zf, name, arr)
+        complete = True
     finally:
-        zf.close()
-        writer.close()
+        # Each closed whatever happens to the others, so the error that stopped the
+        # render (or Ctrl-C) is the one reported.
+        try:
+            if parts_stream is not None:
+                parts_stream.close()
+            zf.close()
+        finally:
+            writer.close()
+            if not complete:
+                truth_part.unlink(missing_ok=True)
+    truth_part.replace(out / "truth.npz")
     render_s = time.perf_counter() - t0
 
     sheet = contact_sheet(tiles)

@@ -375,3 +375,36 @@ def test_realtime_replay_restores_the_threads_scheduling():
     before = os.sched_getscheduler(0)
     assert [f.seq for f in cam.frames(realtime=True)] == [0, 1, 2]
     assert os.sched_getscheduler(0) == before
+
+
+def test_a_take_renders_to_the_same_bytes_twice(tmp_path, monkeypatch):
+    import time
+
+    from edge_agent.synth.take import write_take
+
+    now = time.time
+    for out, later_s in (("one", 0), ("two", 86_400)):  # the second a day later
+        monkeypatch.setattr(time, "time", lambda d=later_s: now() + d)
+        write_take(tmp_path / out, attendee=1, dance="1", seconds=0.3, fps=10, size=(64, 48))
+    for name in ("frames.mp4", "truth.npz"):
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes()
+
+
+def test_an_interrupted_render_reports_the_interrupt_and_leaves_no_truth_file(
+    tmp_path, monkeypatch
+):
+    import edge_agent.synth.take as take
+
+    real = take.render
+
+    def interrupted(*args, **kw):
+        if args[4] == 3:  # frame index
+            raise KeyboardInterrupt
+        return real(*args, **kw)
+
+    monkeypatch.setattr(take, "render", interrupted)
+    with pytest.raises(KeyboardInterrupt) as caught:
+        take.write_take(tmp_path / "t", attendee=1, dance="1", seconds=1, fps=10, size=(64, 48))
+    assert caught.value.__context__ is None  # not hidden behind a zip error
+    assert not (tmp_path / "t" / "truth.npz").exists()
+    assert not (tmp_path / "t" / "truth.npz.part").exists()
