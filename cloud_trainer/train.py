@@ -321,11 +321,14 @@ class Pix2Pix:
                 name="step",
                 aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
             )
+        # The Adams themselves, not a loss-scaling wrapper around them: a job checkpointed
+        # on one worker resumes on another whatever its precision (float16 on a GPU,
+        # bfloat16 or float32 elsewhere). The loss scale starts afresh on resume.
         self.checkpoint = tf.train.Checkpoint(
             generator=self.generator,
             discriminator=self.discriminator,
-            g_opt=self.g_opt,
-            d_opt=self.d_opt,
+            g_opt=_inner(self.g_opt),
+            d_opt=_inner(self.d_opt),
             step=self.step,
         )
         # What a base checkpoint holds: the generator and its Adam moments (see save_base).

@@ -29,6 +29,7 @@ from cloud_trainer.train import (
     Pix2Pix,
     Runtime,
     TrainHooks,
+    _inner,
     read_export,
     require_label_map,
     resolve_base,
@@ -576,6 +577,37 @@ def test_train_step_runs_under_mirrored_strategy_with_float16_loss_scaling() -> 
     assert int(model.step.numpy()) == 2
     assert not np.array_equal(before, model.generator.trainable_variables[0].numpy())
     assert type(model.g_opt).__name__ == "LossScaleOptimizer"
+
+
+@pytest.mark.parametrize(
+    "first, then",
+    [(None, "mixed_float16"), ("mixed_float16", None), ("mixed_bfloat16", "mixed_float16")],
+)
+def test_a_job_checkpoint_resumes_under_another_precision(first, then, tmp_path: Path) -> None:
+    """A job checkpointed on a CPU worker (float32 or bfloat16) resumes on a GPU worker
+    (float16, loss-scaled), and back."""
+
+    def model(policy):
+        runtime = Runtime(tf.distribute.OneDeviceStrategy("/cpu:0"), "cpu", policy, False)
+        return Pix2Pix(
+            ModelSpec.for_size(SIZE),
+            learning_rate=2e-4,
+            l1_weight=100,
+            global_batch=2,
+            runtime=runtime,
+        )
+
+    a = model(first)
+    x = tf.random.uniform((2, SIZE, SIZE, 3), -1, 1)
+    a.train_step(x, x)
+    path = a.checkpoint.save(str(tmp_path / "ckpt"))
+    b = model(then)
+    b.checkpoint.restore(path).assert_existing_objects_matched()
+    assert int(b.step.numpy()) == 1
+    assert int(_inner(b.g_opt).iterations.numpy()) == 1
+    for v, w in zip(a.generator.weights, b.generator.weights, strict=True):
+        np.testing.assert_array_equal(v.numpy(), w.numpy())
+    assert all(np.isfinite(v) for v in b.train_step(x, x).values())
 
 
 def test_runtime_on_cpu_is_one_device_without_xla(tmp_path: Path) -> None:
