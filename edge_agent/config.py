@@ -128,6 +128,10 @@ class EdgeTpuPose(Strict):
     library: str = "libedgetpu.so.1"
     # When the delegate cannot load: use the CPU backend (True) or refuse to start.
     fallback_to_cpu: bool = True
+    # Load each delegate and run one frame in a child process first: a libedgetpu built
+    # for another TFLite version crashes (SIGSEGV) rather than raising, which would take
+    # the agent down before any fallback; the child's crash is a cause like any other.
+    probe_timeout_s: float = Field(60.0, ge=0, description="0 skips the probe")
     cpu: CpuPose = Field(default_factory=CpuPose)
 
 

@@ -12,8 +12,14 @@ model does not ship with the image (``tools/fetch_models.py`` fetches only the
 MediaPipe models), so a board can have a working Coral and no model for it. A
 missing, unreadable or non-TFLite file is treated like a missing device.
 
+Each delegate is first loaded, and one frame run, in a child process
+(``probe_timeout_s``): a libedgetpu built against another TFLite version crashes
+with SIGSEGV instead of raising, and in the agent's own process that would end it
+before any fallback. A probe that crashes or hangs counts as a delegate that
+cannot load.
+
 When a delegate cannot load, the real cause (the loader's OSError, the delegate's
-ValueError) is logged and the device is left out. With no device left (or no usable
+ValueError, the probe's signal) is logged and the device is left out. With no device left (or no usable
 model file), the backend falls back to ``cpu`` if ``fallback_to_cpu`` is set, else
 refuses to start with a DeviceError (ModelFileError for the file) carrying that cause.
 
@@ -26,6 +32,9 @@ from __future__ import annotations
 
 import logging
 import queue
+import signal
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -111,6 +120,7 @@ class EdgeTpuPoseBackend:
         for dev in cfg.devices:
             delegates = None
             try:
+                probe_delegate(cfg, dev)
                 delegates = [litert.load_delegate(cfg.library, {"device": dev})]
             except (OSError, ValueError) as e:
                 cause = f"EdgeTPU {dev}: cannot load delegate {cfg.library}: {_one_line(e)}"
@@ -254,3 +264,58 @@ def create(
 def _one_line(err: BaseException) -> str:
     text = " ".join(str(err).split())
     return text or type(err).__name__
+
+
+# ---- the delegate probe: a child process that may crash in our place ----------------------
+
+PROBE_FAILED = 3  # the child's exit status for a delegate that raised (its cause on stderr)
+
+
+def probe_delegate(cfg: EdgeTpuPose, dev: str) -> None:
+    """Load ``dev``'s delegate and run one frame in a child process; OSError if that fails.
+
+    The child's own error (a missing library) is left for the in-process load to
+    report with its exception; what only the child can survive, a crash or a hang,
+    becomes the OSError here.
+    """
+    if cfg.probe_timeout_s <= 0:
+        return
+    cmd = [sys.executable, "-m", "edge_agent.pose.edgetpu", cfg.library, dev, str(cfg.model)]
+    try:
+        done = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=cfg.probe_timeout_s, check=False
+        )
+    except subprocess.TimeoutExpired:
+        raise OSError(
+            f"loading it and running one frame did not finish in {cfg.probe_timeout_s:g} s "
+            "(a hung device or driver)"
+        ) from None
+    if done.returncode < 0:
+        try:
+            name = signal.Signals(-done.returncode).name
+        except ValueError:
+            name = f"signal {-done.returncode}"
+        raise OSError(
+            f"it crashed a test process ({name}) while loading or running one frame: is "
+            "libedgetpu built for this TFLite runtime? (libedgetpu1-std 16.0 was built "
+            "against TensorFlow 2.5)"
+        )
+
+
+def _probe_main(argv: list[str]) -> int:
+    """The child: load the delegate and the model on it, run one frame of zeros."""
+    library, dev, model = argv
+    try:
+        delegate = litert.load_delegate(library, {"device": dev})
+        interp = litert.load_interpreter(Path(model), threads=1, delegates=[delegate])
+        inp = interp.get_input_details()[0]
+        interp.set_tensor(inp["index"], np.zeros(inp["shape"], dtype=inp["dtype"]))
+        interp.invoke()
+    except Exception as e:  # noqa: BLE001 - reported to the parent, which decides
+        print(_one_line(e), file=sys.stderr)
+        return PROBE_FAILED
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_probe_main(sys.argv[1:]))

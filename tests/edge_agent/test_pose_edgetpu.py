@@ -271,3 +271,64 @@ def test_edgetpu_one_device_that_cannot_run_the_model_leaves_the_others_in_the_p
     )
     assert backend.name == "edgetpu" and backend.devices == ["usb:1"]
     assert backend.estimate(_red(64, 48)).frame_size == (64, 48)
+
+
+# ---- a delegate that crashes or hangs instead of raising ----------------------------------
+
+BAD_DELEGATE_C = r"""
+#include <signal.h>
+#include <unistd.h>
+void *tflite_plugin_create_delegate(void) { return 0; }
+void tflite_plugin_destroy_delegate(void *delegate) { (void)delegate; }
+__attribute__((constructor)) static void on_load(void) {
+#ifdef HANG
+  for (;;) pause();
+#else
+  raise(SIGSEGV);
+#endif
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def bad_delegates(tmp_path_factory) -> dict[str, Path]:
+    """Shared libraries that look like TFLite delegates and crash (SIGSEGV) or hang when
+    loaded, as libedgetpu built for another TFLite version does."""
+    import shutil
+    import subprocess
+
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("no C compiler to build a crashing delegate library")
+    where = tmp_path_factory.mktemp("delegates")
+    src = where / "bad_delegate.c"
+    src.write_text(BAD_DELEGATE_C)
+    libs = {}
+    for kind, flags in (("crash", []), ("hang", ["-DHANG"])):
+        libs[kind] = where / f"libbad_{kind}.so"
+        subprocess.run([cc, "-shared", "-fPIC", *flags, "-o", libs[kind], src], check=True)
+    return libs
+
+
+def test_a_delegate_that_crashes_on_load_falls_back_to_cpu_instead_of_killing_the_agent(
+    movenet_model, bad_delegates, caplog
+):
+    cfg = _cfg(movenet_model, library=str(bad_delegates["crash"]), fallback_to_cpu=True)
+    with caplog.at_level(logging.ERROR, logger="edge_agent.pose.edgetpu"):
+        backend = create_pose_backend(cfg)  # in this process, the load would be a SIGSEGV
+    assert backend.name == "cpu"
+    assert "SIGSEGV" in backend.fallback_reason and "usb:0" in backend.fallback_reason
+    assert any("SIGSEGV" in r.getMessage() for r in caplog.records)
+
+
+def test_a_delegate_that_hangs_on_load_is_given_up_after_the_probe_timeout(
+    movenet_model, bad_delegates
+):
+    cfg = _cfg(
+        movenet_model,
+        library=str(bad_delegates["hang"]),
+        probe_timeout_s=1,
+        fallback_to_cpu=False,
+    )
+    with pytest.raises(DeviceError, match=r"usb:0: .*did not finish in 1 s"):
+        create_pose_backend(cfg)
