@@ -71,6 +71,7 @@ class Tutorial:
         self.size = corpus.size_px
         self.train_step = tf.function(self._train_step)
         self.dataset = self._dataset(corpus)
+        self._batches = None  # one iterator for the whole run, as fit() keeps
 
     def _dataset(self, corpus: Corpus) -> tf.data.Dataset:
         s = self.size
@@ -134,8 +135,13 @@ class Tutorial:
             tf.summary.write("disc_loss", disc_loss, step=step // 1000)
 
     def run(self, steps: int) -> None:
-        # The tutorial's fit(): a fresh iterator per call, enumerate over repeat().take().
-        for step, (input_image, target) in self.dataset.repeat().take(steps).enumerate():
+        # The tutorial's fit() makes one iterator over repeat().take(steps).enumerate() for
+        # the whole run; here it is made once too and read in rounds, so each round does not
+        # refill the shuffle buffer (decode and jitter every record) as a fresh one would.
+        if self._batches is None:
+            self._batches = iter(self.dataset.repeat().enumerate())
+        for _ in range(steps):
+            step, (input_image, target) = next(self._batches)
             self.train_step(input_image, target, step)
         self.generator.trainable_variables[0].numpy()  # wait for the last step
 
