@@ -219,15 +219,18 @@ class CpuPoseBackend:
             score=flag,
             frame_size=(w, h),
         )
+        # A tracked person passed the face check when acquired: turning their back to the
+        # camera must not lose them (see gating).
+        face = not tracked
         if self.zone is not None:
             # The checks that need no mask first: a shadow fails them, and then its
             # segmentation (2.8 ms) is never computed.
-            without_mask = gating.gate(result, self.zone, rgb)
+            without_mask = gating.gate(result, self.zone, rgb, require_face=face)
             if not without_mask.detected:
                 return without_mask, lms
         result.mask = self._mask_in(roi, (w, h), fresh=not tracked)
         if self.zone is not None:
-            result = gating.gate(result, self.zone, rgb)
+            result = gating.gate(result, self.zone, rgb, require_face=face)
         return result, lms
 
     def _mask_in(self, roi: bp.Roi, size: tuple[int, int], *, fresh: bool) -> np.ndarray | None:
