@@ -1,7 +1,9 @@
 """Pose accuracy and speed on synthetic takes with ground truth (3 attendees x 2 dances).
 
-Frames are rendered first (640x480, not timed), then each mode of the CPU backend runs
-over all of them. Speed is frames per second of ``estimate`` with the default config
+Frames are rendered first (640x480, not timed): per attendee and dance, two 2 s
+windows (``WINDOWS_S``), one of them dance 2's turn. Then each mode of the CPU
+backend runs over all of them, built as the agent builds it: the default config and
+the booth zone's shadow gating. Speed is frames per second of ``estimate``
 (segmentation on; in tracking mode it runs every few frames, see ``edge_agent.pose.cpu``).
 Each mode is timed twice and the faster pass kept, since the machine is shared.
 
@@ -13,7 +15,9 @@ Baseline measured in the same pass: the time spent inside the models' ``invoke``
 Accuracy, on the tracking-mode output (the agent's default) and on joints the ground
 truth marks visible: ``detect_rate`` = frames with a detection / frames with a person;
 ``pck_0_1`` = joints within 0.1 x torso size (a missed frame's joints count as wrong);
-``mpjpe_px`` = mean joint error in detected frames.
+``mpjpe_px`` = mean error of the joints the output has, in detected frames
+(``joints_dropped_frac``: visible joints the gating dropped). ``ungated_*``: the same, tracking
+without the gating (what suppressing shadows costs on frames without any).
 
     .venv/bin/python bench/pose.py [--fps 30] [--seconds 2]
 """
@@ -32,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from edge_agent import skeleton as sk  # noqa: E402
-from edge_agent.config import CpuPose  # noqa: E402
+from edge_agent.config import CpuPose, ZoneConfig  # noqa: E402
 from edge_agent.pose import blazepose as bp  # noqa: E402
 from edge_agent.pose.base import create_pose_backend  # noqa: E402
 from edge_agent.synth import Attendee, Dance, render  # noqa: E402
@@ -40,8 +44,10 @@ from edge_agent.synth import Attendee, Dance, render  # noqa: E402
 SIZE = (640, 480)
 ATTENDEES = (1, 2, 3)
 DANCES = (1, 2)
-# The dances open with a short groove; start where the choreography is under way.
-START_S = 4.0
+# Two windows per dance, each a take of its own: one where the choreography is under
+# way past the opening groove (4 s), and dance 1's squat (10.4 s) and dance 2's turn
+# (11.8 s), where the dancer shows the camera their back.
+WINDOWS_S = {1: (4.0, 10.4), 2: (4.0, 11.8)}
 BODY12 = list(sk.BODY_12)
 GROUPS = {
     "face": list(range(5)),
@@ -61,11 +67,12 @@ def render_takes(fps: float, seconds: float):
         for d in DANCES:
             dance = Dance.from_seed(d)
             n = int(round(fps * seconds))
-            for i in range(n):
-                t = START_S + i / fps
-                frame = render(attendee, dance.pose(t), size=SIZE, frame_index=i)
-                frames.append((i == 0, frame))  # (first frame of a take, frame)
-            log(f"rendered attendee {a} dance {d}: {n} frames")
+            for start_s in WINDOWS_S[d]:
+                for i in range(n):
+                    t = start_s + i / fps
+                    frame = render(attendee, dance.pose(t), size=SIZE, frame_index=i)
+                    frames.append((i == 0, frame))  # (first frame of a take, frame)
+                log(f"rendered attendee {a} dance {d} from {start_s:g} s: {n} frames")
     return frames
 
 
@@ -85,9 +92,15 @@ class TimedInvoke:
         self.calls += 1
 
 
-def run_mode(mode: str, frames, threads: int):
-    """Best-of-two wall time of estimate() over the take, model-only time, and results."""
-    backend = create_pose_backend(CpuPose(models_dir=ROOT / "models", mode=mode, threads=threads))
+def run_mode(mode: str, frames, threads: int, gated: bool = True):
+    """Best-of-two wall time of estimate() over the take, model-only time, and results.
+
+    ``gated``: the backend as the agent builds it, with the booth zone's shadow gating.
+    """
+    backend = create_pose_backend(
+        CpuPose(models_dir=ROOT / "models", mode=mode, threads=threads),
+        zone=ZoneConfig() if gated else None,
+    )
     interpreters = [backend._det, backend._lm]
     if backend._segmenter is not None:
         interpreters.append(backend._segmenter._interp)
@@ -119,7 +132,7 @@ def accuracy(frames, results) -> dict:
     person_frames = 0
     errs: list[np.ndarray] = []
     group_hits = {g: [0, 0] for g in GROUPS}
-    swaps = swap_frames = 0
+    swaps = swap_frames = dropped = 0
     for f, r in zip(frames, results, strict=True):
         vis = f.keypoints[:, 2] > 0
         torso = sk.torso_size(f.keypoints)
@@ -137,7 +150,10 @@ def accuracy(frames, results) -> dict:
         hits += int(ok.sum())
         for g, idx in GROUPS.items():
             group_hits[g][0] += int(ok[idx].sum())
-        errs.append(d[vis])
+        # The error of joints the output has; a joint it dropped (gating) is no position,
+        # and counts as a miss in PCK only.
+        errs.append(d[vis & (r.skeleton[:, 2] > 0)])
+        dropped += int((vis & (r.skeleton[:, 2] <= 0)).sum())
         # A left/right swap: the prediction sits nearer the mirrored joint.
         ls, rs = sk.INDEX["left_shoulder"], sk.INDEX["right_shoulder"]
         if vis[ls] and vis[rs]:
@@ -156,6 +172,7 @@ def accuracy(frames, results) -> dict:
         "median_err_px": float(np.median(all_err)),
         **{f"pck_0_1_{g}": h / max(n, 1) for g, (h, n) in group_hits.items()},
         "lr_swap_rate": swaps / max(swap_frames, 1),
+        "joints_dropped_frac": dropped / max(visible_total, 1),
     }
 
 
@@ -180,6 +197,12 @@ def main() -> int:
         out[f"overhead_frac_{mode}"] = round(1 - model_s / wall_s, 3)
         out[f"invokes_{mode}"] = calls
         log(f"{mode}: {out[f'fps_{mode}']} fps, {per_mode[mode]}")
+    # The same frames without the shadow gating: what gating costs in accuracy.
+    log(f"running tracking mode without gating on {n} frames")
+    ungated, _, _, _ = run_mode("tracking", takes, args.threads, gated=False)
+    plain = accuracy(frames, ungated)
+    out["ungated_detect_rate"] = round(plain["detect_rate"], 4)
+    out["ungated_pck_0_1"] = round(plain["pck_0_1"], 4)
     track = per_mode["tracking"]
     out.update(
         {
@@ -191,6 +214,7 @@ def main() -> int:
             "pck_0_1_face": round(track["pck_0_1_face"], 4),
             "pck_0_1_feet": round(track["pck_0_1_feet"], 4),
             "lr_swap_rate": round(track["lr_swap_rate"], 4),
+            "joints_dropped_frac": round(track["joints_dropped_frac"], 4),
             "detect_rate_full": round(per_mode["full"]["detect_rate"], 4),
             "pck_0_1_full": round(per_mode["full"]["pck_0_1"], 4),
             "mpjpe_px_full": round(per_mode["full"]["mpjpe_px"], 2),
