@@ -11,7 +11,7 @@ The default run does 2 cameras, then 4, and prints one JSON object: the
 
 Keys: cameras, fps_target, frames_offered, frames_written, capture_dropped,
 fps_written_min, pose_fps, pose_coverage, naive_fps, ratio_vs_naive (plus
-pose_backend, capture_late_ms_p99, catch_up_s, per-camera details).
+pose_backend, pose_detected, capture_late_ms_p99, catch_up_s, per-camera details).
 
 - capture_dropped: frames a camera offered that the take did not capture (the
   synthetic camera holds 32 frames for a late reader, as a UVC driver does, and
@@ -20,7 +20,9 @@ pose_backend, capture_late_ms_p99, catch_up_s, per-camera details).
   second of wall time between its first and last segment write.
 - pose_fps: live pose frames per second per camera (mean), during the take.
 - pose_coverage: the lowest camera's frames with a pose / frames captured, after
-  catch-up.
+  catch-up: every frame went through the pose model.
+- pose_detected: the lowest camera's frames where the model found the dancer /
+  frames captured (coverage counts a frame posed as "nobody" too).
 - naive_fps: frames per second per camera of the naive pipeline.
 - ratio_vs_naive: fps_written_min / naive_fps.
 """
@@ -177,7 +179,13 @@ def run_ours(
         "fps_written_min": round(min(fps_written), 2),
         "fps_written": [round(f, 2) for f in fps_written],
         "pose_fps": round(float(np.mean([s.pose["live_fps"] for s in summaries])), 2),
+        # What the takes ran (a backend that failed to load shows here, not as "cpu").
+        "pose_backends": sorted({str(s.pose["backend"]) for s in summaries}),
+        "warnings": [w for s in summaries for w in s.warnings],
         "pose_coverage": min(s.pose["coverage"] for s in summaries),
+        "pose_detected": min(
+            round(s.pose["detected"] / s.frames, 4) if s.frames else 0.0 for s in summaries
+        ),
         "pose_live_frames": [s.pose["live"] for s in summaries],
         "stream_dropped": sum(sum(s.counters["stream_dropped"]) for s in summaries),
         "capture_late_ms_p99": round(float(np.percentile(late, 99)), 2),

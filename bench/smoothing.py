@@ -3,7 +3,8 @@
 Each take is a synthetic attendee dancing a seeded choreography, rendered at
 640x480 and 120 fps; the CPU pose backend (BlazePose, tracking mode) estimates
 every frame. Those pose outputs are cached under ``bench/.cache/smoothing/`` (the
-key includes the synth and pose sources, so a code change re-renders). On top of
+key covers the synth and pose sources, the pose settings, the model files and the
+runtime versions, so any change to them re-renders). On top of
 the real detector noise we inject, with a fixed seed:
 
 - dropouts: runs of 1-12 frames of a missing joint, and runs of 1-6 frames with
@@ -55,7 +56,8 @@ from edge_agent.smoothing import CausalSmoother, OneEuroFilter, smooth_offline  
 log = logging.getLogger("bench.smoothing")
 
 CACHE = ROOT / "bench" / ".cache" / "smoothing"
-# Sources whose change invalidates cached pose outputs.
+# Sources whose change invalidates cached pose outputs (with the pose settings, the
+# model files and the runtime's version: see _sources_digest).
 CACHE_SOURCES = ("edge_agent/synth", "edge_agent/pose", "edge_agent/skeleton.py")
 
 ONE_EURO_GRID_MIN_CUTOFF_HZ = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
@@ -107,6 +109,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _sources_digest() -> str:
+    """What the cached pose outputs depend on: code, pose settings, models and runtime."""
+    from importlib import metadata
+
     h = hashlib.sha256()
     for rel in CACHE_SOURCES:
         path = ROOT / rel
@@ -114,6 +119,15 @@ def _sources_digest() -> str:
         for f in files:
             h.update(str(f.relative_to(ROOT)).encode())
             h.update(f.read_bytes())
+    h.update(CpuPose(models_dir=ROOT / "models").model_dump_json().encode())
+    for model in sorted((ROOT / "models").glob("*.tflite")):
+        h.update(model.name.encode())
+        h.update(hashlib.sha256(model.read_bytes()).digest())
+    for dist in ("ai-edge-litert", "opencv-python-headless", "numpy"):
+        try:
+            h.update(f"{dist}={metadata.version(dist)}".encode())
+        except metadata.PackageNotFoundError:
+            h.update(f"{dist}=none".encode())
     return h.hexdigest()[:12]
 
 

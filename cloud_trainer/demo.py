@@ -205,15 +205,27 @@ class DemoBooth:
         self.tokens = {f"cam{i}": secrets.token_urlsafe(24) for i in range(plan.cameras)}
         self.ports: dict[str, int] = {}
         self.config_path = self.dir / "booth.yaml"
+        self.base_cached = False  # set by base_checkpoint()
+        self.pretrain_s = 0.0
 
     # ---- set-up --------------------------------------------------------------------
 
     def base_checkpoint(self, progress: bool = True) -> Path:
-        """The booth's base checkpoint, pretrained on other synthetic attendees (cached)."""
+        """The booth's base checkpoint, pretrained on other synthetic attendees (cached).
+
+        The cache is kept per recipe (label map, size, attendees, budget, batch) beside
+        the demo's directory; ``base_cached`` and ``pretrain_s`` say which this run got.
+        """
         p = self.plan
-        base = self.dir.parent / "demo-base" / f"{p.label_map}-{p.train_size_px}px"
+        recipe = (
+            f"{p.label_map}-{p.train_size_px}px-a{p.base_attendees.replace('..', '-')}"
+            f"-{p.base_budget_s:g}s-b{p.batch}"
+        )
+        base = self.dir.parent / "demo-base" / recipe
         if (base / "base.json").exists():
+            self.base_cached = True
             return base
+        t0 = time.monotonic()
         args = [
             "pretrain",
             "--out",
@@ -235,6 +247,7 @@ class DemoBooth:
         r = subprocess.run([p.python, "-m", "cloud_trainer.cli", *args], env=env)
         if r.returncode != 0 or not (base / "base.json").exists():
             raise DemoFailed("pretraining the base checkpoint failed (see above)")
+        self.pretrain_s = time.monotonic() - t0
         return base
 
     def write_config(self, base: Path | None) -> None:
@@ -440,6 +453,8 @@ class DemoBooth:
             "seconds_train": times.get("rendering", t_end) - times.get("training", t_end),
             "seconds_render": times.get("delivered", t_end) - times.get("rendering", t_end),
             "seconds_email": (delivery.get("sent_at") or t_end) - times.get("delivered", t_end),
+            # The agents' own counts when the take ended; else the frame counts the agents
+            # declared when their streams ended (theirs too, not what the server stored).
             "frames_captured": captured or expected,
             "frames_expected": expected,
             "frames_uploaded": view["frames_uploaded"],
@@ -550,6 +565,8 @@ def run_demo(
         video_path = booth.dir / "blobs" / "sessions" / result["session_id"] / "video" / "final.mp4"
         result.update(
             seconds_with_setup=time.time() - t0,
+            base_cached=booth.base_cached,
+            seconds_pretrain=booth.pretrain_s,
             emails_received=len(mails),
             link=booth.emailed_link("dancer@example.org"),
             video_path=str(video_path),
