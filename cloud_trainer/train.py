@@ -94,7 +94,13 @@ from cloud_trainer.model import (
     discriminator_loss,
     generator_loss,
 )
-from cloud_trainer.score import box_metrics, person_box, plot_progress, score_generator
+from cloud_trainer.score import (
+    box_metrics,
+    holdout_part,
+    person_box,
+    plot_progress,
+    score_generator,
+)
 from edge_agent.errors import BoothError
 
 log = logging.getLogger(__name__)
@@ -880,9 +886,8 @@ class _Fit:
         self.best_manager = tf.train.CheckpointManager(self.best_ckpt, str(ckpt_root / "best"), 1)
         holdout_split = "holdout" if corpus.count("holdout") else "train"
         n = corpus.count(holdout_split)
-        pick = np.zeros(n, bool)
-        pick[np.unique(np.linspace(0, n - 1, min(n, EVAL_FRAMES)).round().astype(int))] = True
-        self.holdout = corpus.examples(holdout_split, keep=pick)
+        # The held-out half the final score leaves alone (score.holdout_part).
+        self.holdout = corpus.examples(holdout_split, keep=holdout_part(n, EVAL_FRAMES, "select"))
         self.step_s: float | None = None
         self.first_step_s: float | None = None
         self.predict_trace_s: float | None = None
@@ -1240,7 +1245,8 @@ def train_job(
         warm = True
     model.set_learning_rate(state.learning_rate)
 
-    score_frames = min(corpus.count("holdout"), 48) + min(corpus.count("transfer"), 48)
+    # The score runs on the held-out half the checkpoint choice leaves (holdout_part).
+    score_frames = min((corpus.count("holdout") + 1) // 2, 48) + min(corpus.count("transfer"), 48)
     pose_available = models_dir is not None and Path(models_dir).is_dir()
     fit = _Fit(
         model,

@@ -80,7 +80,8 @@ def test_a_perfect_generator_beats_the_nearest_neighbour_and_a_blank_one_does_no
     perfect = score_generator(oracle(corpus), corpus, samples_path=tmp_path / "s.png")
     assert perfect["ssim"] == pytest.approx(1.0) and perfect["psnr"] == 100.0
     assert perfect["beats_nn"] and perfect["nn_ssim"] < 1.0
-    assert perfect["frames"] == corpus.count("holdout")
+    # The half of the held-out frames the trainer did not choose its checkpoint on.
+    assert perfect["frames"] == corpus.count("holdout") // 2
     # Synthetic takes bring true ground truth of unseen poses.
     assert perfect["transfer_frames"] == 3 and perfect["transfer_ssim"] == pytest.approx(1.0)
     assert perfect["transfer_nn_ssim"] < 1.0
@@ -116,3 +117,16 @@ def test_progress_plot_is_a_png(tmp_path: Path) -> None:
     score = {"ssim": 0.7, "nn_ssim": 0.6, "psnr": 21.0}
     plot_progress(history, evals, score, tmp_path / "p.png")
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_checkpoint_is_chosen_on_held_out_frames_the_score_never_sees() -> None:
+    from cloud_trainer.score import holdout_part
+
+    for n in (2, 3, 17, 40, 200):
+        select, score = holdout_part(n, 16, "select"), holdout_part(n, 48, "score")
+        assert not (select & score).any(), n
+        assert 0 < select.sum() <= 16 and 0 < score.sum() <= 48
+    # Spread over the whole tail, not bunched at its start.
+    idx = np.flatnonzero(holdout_part(200, 16, "select"))
+    assert idx[0] == 0 and idx[-1] >= 190
+    assert holdout_part(1, 16, "select").all() and holdout_part(1, 48, "score").all()
