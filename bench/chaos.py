@@ -158,7 +158,12 @@ def fuzz_crashes(examples: int, tmp: Path) -> dict[str, Any]:
         return {"skipped": f"tests/fuzz/api_fuzz.py not importable: {e}"}
     _say(f"api fuzz: {examples} examples per operation and mode")
     t0 = time.monotonic()
-    result = run_api_fuzz(examples, tmp_dir=tmp / "fuzz")
+    try:
+        result = run_api_fuzz(examples, tmp_dir=tmp / "fuzz")
+    except Exception as e:  # the scenarios' results, minutes of them, still get printed
+        log.exception("api fuzz raised")
+        # server_errors None: unknown, not zero (the summary's key stays honest).
+        return {"error": f"{type(e).__name__}: {e}", "server_errors": None}
     result["seconds"] = round(time.monotonic() - t0, 1)
     return result
 
@@ -243,4 +248,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from _guard import guarded
+
+    sys.exit(guarded(main))

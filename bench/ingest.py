@@ -528,4 +528,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from _guard import guarded
+
+    sys.exit(guarded(main))

@@ -183,4 +183,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from _guard import guarded
+
+    sys.exit(guarded(main))

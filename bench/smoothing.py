@@ -456,4 +456,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from _guard import guarded
+
+    sys.exit(guarded(main))

@@ -234,4 +234,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from _guard import guarded
+
+    sys.exit(guarded(main))
