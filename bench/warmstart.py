@@ -270,7 +270,17 @@ def main() -> int:
         "seconds_scratch": seconds_scratch,
         "scratch_reached_target": TARGET_SSIM in scratch["reached"],
         "warm_reached_target": TARGET_SSIM in warm["reached"],
-        "ratio_is_lower_bound": TARGET_SSIM not in scratch["reached"],
+        # Scratch capped: its count, and the ratio, are lower bounds. Warm capped: the
+        # ratio is an upper bound. Both capped: it bounds nothing.
+        "ratio_is": (
+            "exact"
+            if TARGET_SSIM in scratch["reached"] and TARGET_SSIM in warm["reached"]
+            else "lower_bound"
+            if TARGET_SSIM in warm["reached"]
+            else "upper_bound"
+            if TARGET_SSIM in scratch["reached"]
+            else "meaningless"
+        ),
         "by_target": by_target,
         "warm_start_ssim": warm["start_ssim"],
         "scratch_start_ssim": scratch["start_ssim"],
