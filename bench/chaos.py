@@ -19,6 +19,16 @@ requests answered with a 5xx (``server_crashes_under_fuzz``).
 Keys: scenarios, passed, frames_lost, frames_duplicated, emails_duplicated,
 sessions_stuck, server_crashes_under_fuzz (goal: passed == scenarios, others 0),
 plus per-scenario details.
+
+``emails_duplicated`` counts emails beyond one per attendee by Message-ID: distinct
+messages. A second SMTP transmission of the *same* message is counted apart, in
+``smtp_transmissions_repeated``, and not hidden: the scenario
+``kill_app_while_emailing_after_accept`` SIGKILLs the sender after the relay accepted
+the message and before its sent-log records it. No sender can know whether such a
+message went out, so it sends it again with the same Message-ID (at least once,
+never zero times); many mail clients show the two as one, some do not. That scenario
+is expected to show exactly one repeated transmission; ``..._after_sent_log`` (the
+kill after the record, issue 7's case) must show none.
 """
 
 from __future__ import annotations
