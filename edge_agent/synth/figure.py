@@ -21,6 +21,10 @@ from edge_agent.synth import scene
 from edge_agent.synth.appearance import Attendee
 from edge_agent.synth.body import Body3D, F, P, sole_corners
 
+# The eyes, nose and mouth are drawn when the face turns at least this far to the
+# camera (cosine of the face's normal); the ground truth calls them visible only then.
+FACE_FEATURES_MIN_FACING = 0.15
+
 # BodyPix's 24 parts, shifted by one so that 0 is the background.
 PART_NAMES: tuple[str, ...] = (
     "background",
@@ -462,10 +466,14 @@ class Figure:
         mid_a, mid_b = self.cam.project(
             centre_w + (np.array(((0, 1.2, 0.6), (0, -1.2, 0.6))) * radii) @ head_w.T
         )[0]
-        right_pt = self.cam.project((centre_w - head_w[:, 0] * radii[0])[None])[0][0]
+        # Oriented by both side extremes: with the head turned far, the right extreme alone
+        # lies behind the head and projects onto the wrong side of the midline.
+        left_pt, right_pt = self.cam.project(
+            centre_w + np.outer((1.0, -1.0), head_w[:, 0] * radii[0])
+        )[0]
         along = mid_b - mid_a
         normal = np.array((-along[1], along[0]))
-        if (right_pt - mid_a) @ normal < 0:
+        if (right_pt - left_pt) @ normal < 0:
             normal = -normal
         right_half = _clip_half_plane(silhouette, mid_a, normal)
 
@@ -483,7 +491,11 @@ class Figure:
                 )
 
         skin, hair_c = look.skin, look.hair
-        features = self._face_features(head_w, centre_w, to_cam) if facing > 0.15 else []
+        features = (
+            self._face_features(head_w, centre_w, to_cam)
+            if facing > FACE_FEATURES_MIN_FACING
+            else []
+        )
 
         def rgb(img: np.ndarray) -> None:
             for e in ears:

@@ -21,7 +21,7 @@ from edge_agent import skeleton as sk
 from edge_agent.synth import scene
 from edge_agent.synth.appearance import Attendee
 from edge_agent.synth.body import CANONICAL_POINTS, Body3D, BodyPose, F, P, forward_kinematics
-from edge_agent.synth.figure import PART, PART_NAMES, Figure
+from edge_agent.synth.figure import FACE_FEATURES_MIN_FACING, PART, PART_NAMES, Figure
 
 SHADOW_MODES = ("auto", "hard", "soft", "none")
 
@@ -252,6 +252,9 @@ def _self_occlusion(body: Body3D, cam: scene.CameraModel) -> np.ndarray:
     thresholds = (0.1, 0.2, 0.2, -0.3, -0.3)
     for j, n, t in zip(_FACE_JOINTS, normals, thresholds, strict=True):
         ok[j] = float(n @ to_cam) > t
+    # The nose and eyes are seen only where the figure draws them (ears have no features).
+    if float(head[:, 2] @ to_cam) <= FACE_FEATURES_MIN_FACING:
+        ok[_FACE_JOINTS[:3]] = False
     for side in ("l", "r"):
         forward = body.frames[F[f"{side}_foot"]][:, 2]
         cos = float(forward @ cam.toward(body.points[P[f"{side}_ankle"]][None])[0])

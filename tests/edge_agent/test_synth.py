@@ -408,3 +408,42 @@ def test_an_interrupted_render_reports_the_interrupt_and_leaves_no_truth_file(
     assert caught.value.__context__ is None  # not hidden behind a zip error
     assert not (tmp_path / "t" / "truth.npz").exists()
     assert not (tmp_path / "t" / "truth.npz.part").exists()
+
+
+def test_the_face_parts_mirror_when_the_head_turns_either_way():
+    import math
+
+    from edge_agent.synth import BodyPose
+    from edge_agent.synth.figure import PART
+
+    att = Attendee.from_seed(6)
+
+    def right_share(yaw_deg: float) -> float:
+        pose = BodyPose.neutral().moved(yaw=math.radians(yaw_deg))
+        f = render(att, pose, size=(640, 480), noise=False, shadow="none")
+        left = int((f.parts == PART["left_face"]).sum())
+        right = int((f.parts == PART["right_face"]).sum())
+        return right / (left + right)
+
+    for yaw in (20, 50, 70, 80):  # at 60-80 degrees one way the halves used to swap
+        assert right_share(yaw) > 0.5 > right_share(-yaw), yaw
+        assert right_share(yaw) == pytest.approx(1 - right_share(-yaw), abs=0.1), yaw
+
+
+def test_eyes_and_nose_are_visible_only_where_the_face_is_drawn():
+    from edge_agent.synth import scene
+    from edge_agent.synth.body import F, P, forward_kinematics
+    from edge_agent.synth.figure import FACE_FEATURES_MIN_FACING
+
+    att, dance = Attendee.from_seed(1), Dance.from_name("turn")
+    cam = scene.camera(0, (320, 240))
+    seen = 0
+    for pose in dance.poses(15, 15):
+        body = forward_kinematics(att.proportions, pose)
+        to_cam = cam.toward(body.points[P["head"]][None])[0]
+        facing = float(body.frames[F["head"]][:, 2] @ to_cam)
+        f = render(att, pose, size=(320, 240), noise=False, shadow="none")
+        if f.visible[:3].any():
+            seen += 1
+            assert facing > FACE_FEATURES_MIN_FACING, facing
+    assert seen > 50  # the turn faces the camera most of the time
