@@ -941,11 +941,16 @@ class _Fit:
 
     # -- checkpoints -----------------------------------------------------------------------
 
+    def _trace_predict(self) -> None:
+        """Trace the generator's predict once, timed: what the first step's tracing is
+        estimated from (``reserve_s``)."""
+        t = time.monotonic()
+        self.model.generate(self.holdout.labels[:1])
+        self.predict_trace_s = time.monotonic() - t
+
     def evaluate(self) -> dict[str, float]:
         if self.eval_s is None:
-            t = time.monotonic()
-            self.model.generate(self.holdout.labels[:1])  # trace outside the eval timing
-            self.predict_trace_s = time.monotonic() - t
+            self._trace_predict()  # outside the eval timing
         t = time.monotonic()
         e = evaluate(self.model, self.holdout)
         self.eval_s = time.monotonic() - t
@@ -1034,7 +1039,12 @@ class _Fit:
             iterator = iter(dataset)
         if self.manager.latest_checkpoint is None:
             self.snapshot = model.snapshot()
-        if not state.evals or state.evals[-1]["step"] != state.step:
+        if state.evals and state.evals[-1]["step"] == state.step:
+            # Resumed at an evaluated checkpoint: no evaluation to time, but the first step
+            # still traces. Without this measure the budget reserved nothing for it, and a
+            # job resumed near its end overran by the tracing time.
+            self._trace_predict()
+        else:
             e = self.evaluate()  # the starting point, and a measured eval cost
             if self._is_better(e) and self.manager.latest_checkpoint is None:
                 # Until a checkpoint is written, the starting weights are the best known.
