@@ -13,14 +13,16 @@ COPY edge_agent ./edge_agent
 COPY cloud_trainer ./cloud_trainer
 COPY protos ./protos
 COPY tools ./tools
-# --system-site-packages keeps the base image's CUDA-enabled TensorFlow.
-RUN python -m venv --system-site-packages /opt/venv \
- && /opt/venv/bin/pip install "grpcio-tools==1.85.1" \
+# --system-site-packages keeps the base image's CUDA-enabled TensorFlow, and with it the
+# image's own pip: the venv is made --without-pip, since the base image's Python may lack
+# ensurepip (Debian/Ubuntu ship it apart, in python3-venv), and that pip installs into it.
+RUN python3 -m venv --without-pip --system-site-packages /opt/venv \
+ && /opt/venv/bin/python -m pip install "grpcio-tools==1.85.1" \
  && /opt/venv/bin/python -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. protos/booth.proto \
  && /opt/venv/bin/python tools/requirements.py --extra cloud --without "tensorflow*" > /tmp/requirements.txt \
- && /opt/venv/bin/pip install -r /tmp/requirements.txt \
- && /opt/venv/bin/pip install --no-deps . \
- && /opt/venv/bin/pip check \
+ && /opt/venv/bin/python -m pip install -r /tmp/requirements.txt \
+ && /opt/venv/bin/python -m pip install --no-deps . \
+ && /opt/venv/bin/python -m pip check \
  && /opt/venv/bin/python tools/fetch_models.py --dest /opt/models
 
 FROM ${TF_IMAGE}
