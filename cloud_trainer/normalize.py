@@ -11,25 +11,34 @@ Our choices, each for a reason:
 - The floor contact of a frame is the *lower* ankle (largest y), not the mean:
   a dancer lifting one foot still stands on the other, so the floor line does
   not bounce with every step.
-- Closest and farthest positions are the 5th/95th percentiles of that floor
-  contact, so a jump or one bad pose does not define the booth's depth range.
-  Frames outside the range (a jump) keep their offset from the range's edge,
-  scaled, so the jump is rendered as a jump instead of being pinned to the floor.
+- Where a subject stands is that floor contact with its brief rises filled in
+  (a grey-level closing over about a second, ``_STANCE_S``): a jump, a hop or a
+  heel lifted in a squat is motion, not a step away from the camera. Each frame is
+  placed and scaled by where the subject stands, and its feet keep their height
+  above that, scaled, so a jump is rendered as a jump and the attendee's own jumps
+  do not lift their floor line.
+- Closest and farthest positions are the 5th/95th percentiles of where the subject
+  stands, so one bad pose does not define the booth's depth range.
 - Body height is ankle-to-head: floor contact minus the highest head keypoint.
   People crouch while dancing, so the height at a position is a high percentile
   (90th) of the heights of frames near that position, which is the standing height.
 - Horizontally the reference's centre (median ankle midpoint) is moved onto the
   attendee's, so the rendered attendee stands where they stood in the booth.
-- When a subject barely moves in depth (range under 2% of body height), the
-  range is meaningless and a single scale and floor line are used.
+- The depth model needs a real walk in depth: a range of at least 10% of body
+  height, in which the subject looks taller close than far (perspective). Short of
+  that, one scale and one floor line are used: a height measured on a few frames
+  at an "extreme" would otherwise scale the dance by what happens there (a squat
+  measured as the far height drew squats up to 28% too tall).
 """
 
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
 
 from edge_agent import skeleton as sk
 from edge_agent.errors import BadInput
@@ -43,7 +52,13 @@ _RANGE_PCT = (5.0, 95.0)
 _HEIGHT_PCT = 90.0
 # Share of the depth range around an extreme whose frames measure the height there.
 _BAND = 0.25
-_MIN_DEPTH_RANGE = 0.02
+# The depth model's least range, as a share of body height, and the least height gain
+# from far to close that makes the range a walk in depth (see the module doc).
+_MIN_DEPTH_RANGE = 0.10
+_MIN_PERSPECTIVE_GAIN = 1.02
+# A rise of the feet shorter than this is motion (a jump, a squat), not a change of place.
+_STANCE_S = 1.0
+DEFAULT_FPS = 30.0
 
 
 @dataclass(frozen=True)
@@ -77,10 +92,38 @@ def body_heights(poses: np.ndarray, min_score: float = 0.0) -> np.ndarray:
     return floor_contact(p, min_score) - head
 
 
-def measure(poses: np.ndarray, min_score: float = 0.0) -> BodyStats:
+def stance_window(fps: float) -> int:
+    """Frames of the closing that turns floor contact into where a subject stands."""
+    return max(1, round(_STANCE_S * fps)) | 1  # odd, so it is centred
+
+
+def _rolling(x: np.ndarray, window: int, reduce) -> np.ndarray:
+    half = window // 2
+    win = sliding_window_view(np.pad(x, half, mode="edge"), 2 * half + 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN window stays NaN
+        return reduce(win, axis=1)
+
+
+def stance(floor: np.ndarray, window: int) -> np.ndarray:
+    """Where the subject stands, per frame: ``floor`` with rises shorter than ``window``
+    filled in (a grey-level closing; image y grows downwards, so a rise is a dip in y).
+
+    A steady walk toward or away from the camera passes through unchanged; frames
+    without ankles stay NaN.
+    """
+    floor = np.asarray(floor, dtype=np.float64)
+    if window <= 1 or len(floor) < 2 or np.isnan(floor).all():
+        return floor.copy()
+    closed = _rolling(_rolling(floor, window, np.nanmax), window, np.nanmin)
+    closed[np.isnan(floor)] = np.nan
+    return closed
+
+
+def measure(poses: np.ndarray, min_score: float = 0.0, fps: float = DEFAULT_FPS) -> BodyStats:
     """Robust floor positions and heights of one subject (see the module doc)."""
     p = np.asarray(poses, dtype=np.float32)
-    floor = floor_contact(p, min_score)
+    floor = stance(floor_contact(p, min_score), stance_window(fps))
     height = body_heights(p, min_score)
     ok = np.isfinite(floor) & np.isfinite(height) & (height > 0)
     if ok.sum() == 0:
@@ -88,14 +131,17 @@ def measure(poses: np.ndarray, min_score: float = 0.0) -> BodyStats:
     floor, height = floor[ok], height[ok]
     far, close = np.percentile(floor, _RANGE_PCT)
     standing = float(np.percentile(height, _HEIGHT_PCT))
-    if close - far < _MIN_DEPTH_RANGE * standing:
-        h_far = h_close = standing
-        mid = float(np.median(floor))
-        far = close = mid
-    else:
+    h_far = h_close = standing
+    if close - far >= _MIN_DEPTH_RANGE * standing:
         band = _BAND * (close - far)
         h_far = float(np.percentile(height[floor <= far + band], _HEIGHT_PCT))
         h_close = float(np.percentile(height[floor >= close - band], _HEIGHT_PCT))
+    if not (
+        close - far >= _MIN_DEPTH_RANGE * standing and h_close >= h_far * _MIN_PERSPECTIVE_GAIN
+    ):
+        # No walk in depth (or none that perspective confirms): one place, one scale.
+        h_far = h_close = standing
+        far = close = float(np.median(floor))
     ank = p[ok][:, _ANKLES]
     present = ank[:, :, 2] > min_score
     mid_x = np.nanmean(np.where(present, ank[:, :, 0], np.nan), axis=1)
@@ -115,6 +161,8 @@ class GlobalNormalization:
 
     source: BodyStats
     target: BodyStats
+    min_score: float = 0.0  # keypoints below it are missing (as ``fit`` measured)
+    source_window: int = 1  # the reference's stance window (``stance_window``)
 
     def _alpha(self, floor: np.ndarray) -> np.ndarray:
         s = self.source
@@ -134,8 +182,10 @@ class GlobalNormalization:
         person mask exactly as it moves the keypoints (``parts`` label maps need that).
         """
         p = np.asarray(poses, dtype=np.float32)
-        floor = floor_contact(p)
-        # Frames without ankles borrow the nearest measured floor contact.
+        # Placed and scaled by where the subject stands; the feet's height above that
+        # (a jump) is carried over, scaled.
+        floor = stance(floor_contact(p, self.min_score), self.source_window)
+        # Frames without ankles borrow the nearest measured stance.
         missing = np.isnan(floor)
         if missing.all():
             floor[:] = (self.source.floor_far + self.source.floor_close) / 2
@@ -175,22 +225,27 @@ def shows_whole_body(poses: np.ndarray, min_score: float = FIT_MIN_SCORE) -> boo
 
 
 def fit(
-    reference: np.ndarray, take: np.ndarray, min_score: float = FIT_MIN_SCORE
+    reference: np.ndarray,
+    take: np.ndarray,
+    min_score: float = FIT_MIN_SCORE,
+    *,
+    reference_fps: float = DEFAULT_FPS,
+    take_fps: float = DEFAULT_FPS,
 ) -> GlobalNormalization:
     """Fit the normalization from reference poses to the attendee's take poses."""
     try:
-        source = measure(reference, min_score)
+        source = measure(reference, min_score, reference_fps)
     except BadInput:
         raise BadInput(
             "cannot normalise: the reference has no frame showing both ankles and the head"
         ) from None
     try:
-        target = measure(take, min_score)
+        target = measure(take, min_score, take_fps)
     except BadInput:
         raise BadInput(
             "cannot normalise: the attendee's take has no frame showing both ankles and the head"
         ) from None
-    norm = GlobalNormalization(source, target)
+    norm = GlobalNormalization(source, target, min_score, stance_window(reference_fps))
     log.info(
         "normalization fitted",
         extra={
@@ -202,6 +257,14 @@ def fit(
     return norm
 
 
-def normalize(reference: np.ndarray, take: np.ndarray, min_score: float = 0.3) -> np.ndarray:
+def normalize(
+    reference: np.ndarray,
+    take: np.ndarray,
+    min_score: float = 0.3,
+    *,
+    reference_fps: float = DEFAULT_FPS,
+    take_fps: float = DEFAULT_FPS,
+) -> np.ndarray:
     """Reference poses moved and scaled to stand like the attendee in their take."""
-    return fit(reference, take, min_score).apply(reference)
+    norm = fit(reference, take, min_score, reference_fps=reference_fps, take_fps=take_fps)
+    return norm.apply(reference)

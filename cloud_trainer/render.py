@@ -605,6 +605,7 @@ def render_session(
     batch: int = 16,
     crf: int = 20,
     scratch_dir: str | Path | None = None,
+    take_fps: float | None = None,
 ) -> dict[str, str | None]:
     """Render the reference dance with the attendee's generator; store MP4s and poster.
 
@@ -614,7 +615,8 @@ def render_session(
 
     ``take_poses`` are the attendee's poses (full-frame pixels of the camera the
     generator was trained on) and ``framing`` that camera's training crop (default:
-    the crop the export recorded for ``camera``, else one fitted to ``take_poses``).
+    the crop the export recorded for ``camera``, else one fitted to ``take_poses``), and
+    ``take_fps`` their rate (how long a rise of the feet may last and still be a jump).
     Returns the blob keys: ``video_key``, ``poster_key``, ``side_by_side_key``
     (None without a side-by-side).
     """
@@ -633,7 +635,12 @@ def render_session(
             f"v{reference.version} has no person masks"
         )
     size = generator.size_px
-    norm = normalize.fit(reference.poses, take_poses)
+    norm = normalize.fit(
+        reference.poses,
+        take_poses,
+        reference_fps=reference.fps,
+        take_fps=take_fps or normalize.DEFAULT_FPS,
+    )
     full = norm.apply(reference.poses)
     crop = np.stack([framing.to_crop(p, size) for p in full])
     masks = warp_masks(reference, norm, framing, size) if generator.label_map == "parts" else None

@@ -673,6 +673,7 @@ class Worker:
             batch=cfg.render.batch,
             crf=cfg.render.crf,
             scratch_dir=Path(cfg.trainer.work_dir) / sid,
+            take_fps=source.fps,
         )
         self._check_not_deleted(sid, lease)
 

@@ -116,3 +116,78 @@ def test_a_take_without_ankles_cannot_be_normalized():
         normalize.fit(ref, take)
     with pytest.raises(BadInput, match="the reference"):
         normalize.fit(take, ref)
+
+
+def _standing(n: int = 40, floor: float = 400.0, height: float = 200.0) -> np.ndarray:
+    """A subject standing at ``floor`` (image y), ``height`` px tall, nose at the top."""
+    p = np.zeros((n, sk.NUM_JOINTS, 3), dtype=np.float32)
+    p[:, :, 2] = 1.0
+    p[:, :, 0] = 320
+    p[:, :, 1] = floor - height * 0.5
+    p[:, sk.INDEX["nose"], 1] = floor - height
+    p[:, sk.INDEX["left_ankle"], 1] = floor
+    p[:, sk.INDEX["right_ankle"], 1] = floor - 3
+    return p
+
+
+def _jumping(n: int = 40, floor: float = 400.0, height: float = 200.0) -> np.ndarray:
+    """The same subject jumping four times (three frames in the air each)."""
+    p = _standing(n, floor, height)
+    lift = np.zeros(n, np.float32)
+    for start in (5, 15, 25, 35):
+        lift[start : start + 3] = (20, 40, 20)
+    p[:, :, 1] -= lift[:, None]
+    return p
+
+
+def test_a_jump_is_rendered_as_a_jump_and_the_attendees_own_jumps_keep_their_floor():
+    take = _standing(floor=300.0, height=100.0)  # the attendee: half the size, floor 300
+    out = normalize.normalize(_jumping(), take)
+    np.testing.assert_allclose(300 - normalize.floor_contact(out)[4:9], [0, 10, 20, 10, 0])
+    # An attendee who jumped in their take still stands on their floor line.
+    grounded = normalize.normalize(_standing(), _jumping(floor=300.0, height=100.0))
+    np.testing.assert_allclose(normalize.floor_contact(grounded), 300.0)
+
+
+def test_ankles_the_model_barely_saw_do_not_move_the_body():
+    # A reference dancer walking toward the camera (floor 300 -> 400), so the depth model
+    # is on and a wrong floor would also rescale the body.
+    ref = _standing()
+    floor = np.linspace(300, 400, len(ref))
+    height = floor * 0.5
+    ref[:, :, 1] = (floor - height * 0.5)[:, None]
+    ref[:, sk.INDEX["nose"], 1] = floor - height
+    ref[:, sk.INDEX["left_ankle"], 1] = floor
+    ref[:, sk.INDEX["right_ankle"], 1] = floor - 3
+    take = _standing(floor=300.0, height=100.0)
+    guessed = ref.copy()
+    ankles = [sk.INDEX["left_ankle"], sk.INDEX["right_ankle"]]
+    guessed[20:24, ankles, 2] = 0.1  # hidden feet: the model's low-score guess,
+    guessed[20:24, ankles, 1] -= 30  # 30 px off
+    nose = sk.INDEX["nose"]
+    clean = normalize.normalize(ref, take)[:, nose, 1]
+    assert np.abs(normalize.normalize(guessed, take)[:, nose, 1] - clean).max() < 1.0
+
+
+def test_a_squatting_reference_is_not_drawn_taller_than_the_attendee():
+    """Squats lift the ankles a little: they used to switch the depth model on and scale
+    the squat frames by up to 1.28."""
+    fps, seconds = 8.0, 12.0
+
+    def dance(seed: int, moves: str) -> np.ndarray:
+        attendee = Attendee.from_seed(seed)
+        poses = Dance.parse(moves).poses(fps, seconds)
+        return np.stack(
+            [
+                render(attendee, p, SIZE, 0, i, shadow="none", noise=False).keypoints
+                for i, p in enumerate(poses)
+            ]
+        )
+
+    reference = dance(DANCER, "wave+squat")
+    truth = dance(TALL, "wave+squat")  # the attendee really doing it
+    out = normalize.normalize(reference, dance(TALL, "march"), reference_fps=fps, take_fps=fps)
+    ratio = normalize.body_heights(out, 0.5) / normalize.body_heights(truth, 0.5)
+    ratio = ratio[np.isfinite(ratio)]
+    assert len(ratio) > 0.8 * len(reference)
+    assert ratio.max() < 1.08, ratio.max()
