@@ -348,7 +348,11 @@ def test_booth_worker_killed_mid_training_is_resumed_from_its_checkpoint_by_the_
     proc, _ = booth_worker_at_its_first_checkpoint(worker, settings, sid, tmp_path)
     proc.kill()
     proc.wait()
-    killed_at = json.loads(worker.store.get(state_key))["step"]
+    # The newest checkpoint the kill left: the store's, or one this machine had written
+    # and not yet uploaded (the next worker here resumes from the newer of the two).
+    stored = json.loads(worker.store.get(state_key))["step"]
+    local = Path(settings.trainer.work_dir) / sid / "checkpoints" / "state.json"
+    killed_at = max(stored, json.loads(local.read_text())["step"] if local.exists() else 0)
     assert worker.repo.job_for_session(sid)["state"] == "running"  # nobody said otherwise
 
     finish = worker.settings.trainer.model_copy(update={"max_steps": killed_at + 1})
