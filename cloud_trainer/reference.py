@@ -61,6 +61,8 @@ _VERSION_RE = re.compile(r"/v(\d+)/meta\.json$")
 MASK_MAX_PX = 256
 THUMBNAIL_PX = 160
 CONTACT_SHEET_MAX = 48
+# A reference shorter than this is a clip, not a dance to render an attendee into.
+MIN_REFERENCE_S = 1.0
 CONTACT_CELL_PX = 160
 # Below this share of frames with a detected person, the video is not a usable reference.
 MIN_DETECT_RATE = 0.5
@@ -643,8 +645,11 @@ class ReferenceLibrary:
         finally:
             backend.close()
         n = len(raw)
-        if n < 2:
-            raise BadInput(f"{path} has {n} frame{'s' * (n != 1)}: not a video of a dance")
+        if n < 2 or n / info.fps < MIN_REFERENCE_S:
+            raise BadInput(
+                f"{path} has {n} frame{'s' * (n != 1)} ({n / info.fps:.2f} s): not a video of "
+                f"a dance (at least {MIN_REFERENCE_S:g} s)"
+            )
         det = np.array(detected)
         rate = float(det.mean())
         if rate == 0:
@@ -658,6 +663,7 @@ class ReferenceLibrary:
             )
         raw_arr = np.stack(raw).astype(np.float32)
         smoothed = smooth_offline(raw_arr, info.fps, self.smoothing or SmoothingConfig())
+        _check_usable(smoothed.skeletons, str(path))
         flagged = smoothed.glitch | ~det
         version = (self.versions(name) or [0])[-1] + 1
         key = storage_key(name)
@@ -696,7 +702,14 @@ class ReferenceLibrary:
         """Source frames of the flagged poses (a second decode pass: flags come after smoothing)."""
         from cloud_trainer.render import iter_decoded
 
-        wanted = sorted({int(ref.frame_index[i]) for i in np.flatnonzero(ref.flagged)})
+        # Only the frames the contact sheet shows (_write_version picks the same ones):
+        # a long reference's flagged frames, all decoded at full size, ran to gigabytes.
+        flagged = np.flatnonzero(ref.flagged)
+        if len(flagged) > CONTACT_SHEET_MAX:
+            flagged = flagged[
+                np.linspace(0, len(flagged) - 1, CONTACT_SHEET_MAX).round().astype(int)
+            ]
+        wanted = sorted({int(ref.frame_index[i]) for i in flagged})
         if not wanted:
             return {}
         return dict(zip(wanted, iter_decoded(path, wanted), strict=False))
@@ -817,6 +830,12 @@ class ReferenceLibrary:
             corrected_frames=int(touched.sum()),
             created_at=time.time(),
         )
+        if len(kept) / base.fps < MIN_REFERENCE_S:
+            raise BadInput(
+                f"{source}: the corrections leave {len(kept)} frames of {name}, under "
+                f"{MIN_REFERENCE_S:g} s: drop fewer frames"
+            )
+        _check_usable(poses, source)
         flagged = (base.flagged & ~touched)[kept]
         meta["flagged"] = int(flagged.sum())
         ref = ReferenceDance(
@@ -842,6 +861,19 @@ class ReferenceLibrary:
             ref, frames, thumb, corrected=touched[kept], corrections_text=c.to_yaml()
         )
         return ref
+
+
+def _check_usable(poses: np.ndarray, what: str) -> None:
+    """Refuse a reference no attendee could be fitted to: normalization needs a frame with
+    the head and both ankles (``normalize.fit``), and finding out after an attendee's
+    whole training budget is too late."""
+    from cloud_trainer.normalize import shows_whole_body
+
+    if not shows_whole_body(poses):
+        raise BadInput(
+            f"{what}: no frame shows the dancer's head and both ankles, which a reference "
+            "needs to be fitted to each attendee's height and floor: film the whole body"
+        )
 
 
 def _title(name: str) -> str:

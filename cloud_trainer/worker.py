@@ -632,6 +632,16 @@ class Worker:
                 "with their head and both feet in it, and no take has one (check that the "
                 "cameras frame the booth from head height to the floor)"
             )
+        try:
+            reference = ReferenceLibrary(self.store).get(session["reference_name"])
+        except BoothError as e:  # gone, or never there: no use training for it
+            raise BoothError(f"the reference dance cannot be used: {e}") from None
+        if not shows_whole_body(reference.poses):
+            raise BoothError(
+                f"the reference dance {reference.name} v{reference.version} never shows the "
+                "dancer's head and both feet in one frame, so it cannot be fitted to the "
+                "attendee: pick another reference and start again"
+            )
         result = train_job(
             JobSpec(session_id=sid, takes=takes, job_id=job_id),
             cfg.trainer,
@@ -658,7 +668,6 @@ class Worker:
             self.repo.transition(sid, State.RENDERING)
         self.repo.set_progress(sid, stage="rendering", eta_s=None)
         library = ReferenceLibrary(self.store)
-        reference = library.get(session["reference_name"])
         generator = render.load_generator(result.export_dir, label_map=cfg.trainer.label_map)
         source, framing = render_source(takes, generator)
         keys = render.render_session(

@@ -45,10 +45,23 @@ def videos(tmp_path_factory) -> dict[str, Path]:
                 pose = pose.moved(x=pose.x + 0.9)
             w.write(render(dancer, pose, SIZE, 0, i).rgb)
     with H264Writer(d / "empty.mp4", FPS, SIZE) as w:
-        for _ in range(8):
+        for _ in range(16):
             w.write(scene.backdrop(0, SIZE).plain)
+    # Filmed from the waist up: the feet never in frame.
+    with H264Writer(d / "waist_up.mp4", FPS, (SIZE[0], 128)) as w:
+        for i, pose in enumerate(Dance.parse("wave").poses(FPS, 1.6)):
+            w.write(np.ascontiguousarray(render(dancer, pose, SIZE, 0, i).rgb[:128]))
+    with H264Writer(d / "blink.mp4", FPS, SIZE) as w:  # half a second
+        for i, pose in enumerate(Dance.parse("wave").poses(FPS, 0.5)):
+            w.write(render(dancer, pose, SIZE, 0, i).rgb)
     (d / "notes.mp4").write_text("these are my dance notes, not a video\n")
-    return {"dance": d / "dance.mp4", "empty": d / "empty.mp4", "text": d / "notes.mp4"}
+    return {
+        "dance": d / "dance.mp4",
+        "empty": d / "empty.mp4",
+        "text": d / "notes.mp4",
+        "waist_up": d / "waist_up.mp4",
+        "blink": d / "blink.mp4",
+    }
 
 
 def _library(root: Path) -> ReferenceLibrary:
@@ -175,6 +188,17 @@ def test_a_video_without_a_person_is_refused(videos, tmp_path):
     lib = _library(tmp_path)
     with pytest.raises(BadInput, match="no person found"):
         lib.add(videos["empty"], "empty")
+    assert lib.names() == []
+
+
+def test_a_reference_no_attendee_could_be_fitted_to_is_refused_when_added(videos, tmp_path):
+    """Without a frame showing the head and both ankles, normalization fails: that used to
+    be found out only after an attendee's whole training budget."""
+    lib = _library(tmp_path)
+    with pytest.raises(BadInput, match="head and both ankles"):
+        lib.add(videos["waist_up"], "waist-up")
+    with pytest.raises(BadInput, match=r"not a video of a dance \(at least 1 s\)"):
+        lib.add(videos["blink"], "blink")
     assert lib.names() == []
 
 

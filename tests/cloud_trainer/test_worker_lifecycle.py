@@ -95,6 +95,8 @@ def uploaded_session(worker: Worker, *, frames: bool = True) -> str:
     """A session in ``uploaded`` whose take ingest stored (one shard, poses), with its job queued."""
     repo, store = worker.repo, worker.store
     sid = th.new_session(repo)
+    # A built-in dance: the worker checks the reference before it trains.
+    repo.update_session(sid, reference_name="synthetic:warmup")
     repo.transition(sid, State.CAPTURING)
     repo.open_take(sid, "cam0", fps=8.0)
     if frames:
@@ -268,8 +270,8 @@ def test_a_stopping_worker_checkpoints_and_hands_the_job_back_to_resume_from_the
     with caplog.at_level(logging.INFO, logger="cloud_trainer.train"):
         other.handle(again)
     assert again.settled == "acked"
-    # Training finished; the fixture's session names no real reference, so rendering stops it.
-    assert "no reference named 'ref'" in worker.repo.get_session(sid)["failure_reason"]
+    # Training finished, and the attendee got their video.
+    assert worker.repo.get_session(sid)["state"] == State.DELIVERED.value
     resumed = [r for r in caplog.records if r.getMessage() == "resuming job"]
     assert [r.step for r in resumed] == [1]
     done = json.loads(worker.store.get(f"sessions/{sid}/checkpoints/state.json"))["done"]
@@ -627,6 +629,22 @@ def test_bad_input_fails_the_job_with_its_reason_and_the_worker_goes_on(booth, s
     assert "on our side" not in session["failure_reason"]  # failed once, not retried
     assert worker.repo.job_for_session(sid)["state"] == "failed"
     worker.settings.trainer.base_checkpoint = None
+    assert_next_job_runs(worker)
+
+
+def test_a_reference_that_is_gone_fails_the_job_before_any_training(booth):
+    """Found out at rendering, it used to cost the attendee's whole training budget."""
+    worker, _ = booth
+    sid = uploaded_session(worker)
+    worker.repo.update_session(sid, reference_name="tango")  # deleted, or never there
+    assert worker.run_once(timeout_s=5.0) is True
+    session = worker.repo.get_session(sid)
+    assert session["state"] == State.FAILED.value
+    assert (
+        "the reference dance cannot be used: no reference named 'tango'"
+        in (session["failure_reason"])
+    )
+    assert not list(worker.store.list(f"sessions/{sid}/checkpoints/"))  # never trained
     assert_next_job_runs(worker)
 
 
