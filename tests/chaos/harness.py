@@ -44,7 +44,6 @@ import secrets
 import shutil
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import threading
@@ -61,6 +60,7 @@ for _p in (ROOT, ROOT / "tests", ROOT / "tests" / "cloud_trainer"):
         sys.path.insert(0, str(_p))
 
 import httpx  # noqa: E402
+from transport_helpers import LinkProxy  # noqa: E402
 
 from cloud_trainer.demo import DemoBooth, DemoFailed, DemoPlan, StaffClient  # noqa: E402
 from cloud_trainer.ingest.shards import decode_shard  # noqa: E402
@@ -121,129 +121,6 @@ def tiny_plan(workdir: Path, **overrides: Any) -> DemoPlan:
     }
     fields.update(overrides)
     return DemoPlan(**fields)
-
-
-# ---- the link: a proxy that can black-hole ---------------------------------------------------
-
-
-class LinkProxy:
-    """TCP proxy from a loopback port to serve's gRPC port, with a Wi-Fi-like outage.
-
-    ``cut()`` black-holes the link: bytes stop flowing both ways on live
-    connections and new connections are accepted but carry nothing, as when the
-    radio drops (TCP does not see a reset; gRPC keepalive has to notice).
-    ``restore()`` lets everything flow again; ``reset()`` aborts every live
-    connection with an RST. Threads, not asyncio, so the test's own thread stays free.
-    """
-
-    def __init__(self) -> None:
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self._listener.settimeout(0.5)
-        self.port = self._listener.getsockname()[1]
-        self._upstream: int | None = None
-        self._has_upstream = threading.Event()
-        self._open = threading.Event()
-        self._open.set()
-        self._closing = threading.Event()
-        self._lock = threading.Lock()
-        self._sockets: set[socket.socket] = set()
-        self.connections = 0
-        self.cuts = 0
-        self.bytes_up = 0
-        self.bytes_down = 0
-        self._thread = threading.Thread(target=self._accept, name="link-proxy", daemon=True)
-        self._thread.start()
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def set_upstream(self, port: int) -> None:
-        self._upstream = port
-        self._has_upstream.set()
-
-    @property
-    def is_cut(self) -> bool:
-        return not self._open.is_set()
-
-    def cut(self) -> None:
-        self.cuts += 1
-        self._open.clear()
-
-    def restore(self) -> None:
-        self._open.set()
-
-    def reset(self) -> None:
-        with self._lock:
-            socks, self._sockets = list(self._sockets), set()
-        for s in socks:
-            with contextlib.suppress(OSError):
-                # Linger 0: the close sends a reset; shutdown first wakes the pipe threads.
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                s.shutdown(socket.SHUT_RDWR)
-            with contextlib.suppress(OSError):
-                s.close()
-
-    def close(self) -> None:
-        self._closing.set()
-        self._open.set()
-        self.reset()
-        self._listener.close()
-        self._thread.join(timeout=5)
-
-    def _wait_open(self) -> bool:
-        while not self._open.wait(0.5):
-            if self._closing.is_set():
-                return False
-        return not self._closing.is_set()
-
-    def _accept(self) -> None:
-        while not self._closing.is_set():
-            try:
-                client, _ = self._listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            self.connections += 1
-            threading.Thread(target=self._connect, args=(client,), daemon=True).start()
-
-    def _connect(self, client: socket.socket) -> None:
-        with self._lock:
-            self._sockets.add(client)
-        # A connection made during an outage waits, like a SYN nobody answers yet.
-        if not self._has_upstream.wait(60) or not self._wait_open():
-            client.close()
-            return
-        try:
-            upstream = socket.create_connection(("127.0.0.1", self._upstream), timeout=5)
-        except OSError:
-            client.close()
-            return
-        upstream.settimeout(None)
-        with self._lock:
-            self._sockets.add(upstream)
-        for src, dst, up in ((client, upstream, True), (upstream, client, False)):
-            threading.Thread(target=self._pipe, args=(src, dst, up), daemon=True).start()
-
-    def _pipe(self, src: socket.socket, dst: socket.socket, up: bool) -> None:
-        try:
-            while True:
-                data = src.recv(65536)
-                if not data:
-                    break
-                if not self._wait_open():
-                    break
-                dst.sendall(data)
-                if up:
-                    self.bytes_up += len(data)
-                else:
-                    self.bytes_down += len(data)
-        except OSError:
-            pass
-        finally:
-            with contextlib.suppress(OSError):
-                dst.shutdown(socket.SHUT_WR)
 
 
 # ---- results ---------------------------------------------------------------------------------

@@ -13,12 +13,14 @@ import time
 
 import pytest
 import transport_helpers as th
-from e2e_helpers import StallingProxy, log_in, wait_for
+from e2e_helpers import log_in, wait_for
 
 
 @pytest.fixture
 def stalling(tablet):
-    proxy = StallingProxy(tablet.port)
+    """The web app behind a link that can stop answering without hanging up (``cut``)."""
+    proxy = th.LinkProxy()
+    proxy.set_upstream(tablet.port)
     yield proxy
     proxy.close()
 
@@ -38,10 +40,10 @@ def test_a_server_that_stops_answering_shows_offline_and_disables_the_buttons(
     wait_for(lambda: d.find_elements(By.CSS_SELECTOR, "#agents svg.pose"), 15, "a first poll")
     assert start.is_enabled() and not offline.is_displayed()
 
-    stalling.stall()  # connections still open: only the 4 s timeout can tell
+    stalling.cut()  # connections still open: only the 4 s timeout can tell
     wait_for(offline.is_displayed, 40, "the offline warning on the session page")
     assert not start.is_enabled()
-    stalling.flow()
+    stalling.restore()
     wait_for(lambda: not offline.is_displayed(), 30, "the session page to come back")
     assert start.is_enabled()
 
@@ -50,11 +52,11 @@ def test_a_server_that_stops_answering_shows_offline_and_disables_the_buttons(
     agents = d.find_element(By.ID, "home-agents")
     offline = d.find_element(By.ID, "offline")
     assert create.is_enabled()
-    stalling.stall()
+    stalling.cut()
     wait_for(offline.is_displayed, 40, "the offline warning on the home page")
     assert not create.is_enabled()
     assert "stale" in agents.get_attribute("class").split()  # the cameras grey out
-    stalling.flow()
+    stalling.restore()
     wait_for(lambda: not offline.is_displayed(), 30, "the home page to come back")
     assert create.is_enabled() and "stale" not in agents.get_attribute("class").split()
 
