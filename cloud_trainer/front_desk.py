@@ -305,9 +305,17 @@ class FrontDesk:
         """Delete what ``expired`` lists (as the attendee's own delete would); how many."""
         n = 0
         for session_id in self.expired(keep_s, now):
-            with contextlib.suppress(SessionNotFound):  # deleted meanwhile
+            try:
                 self.delete(session_id)
-                n += 1
+            except SessionNotFound:  # deleted meanwhile
+                continue
+            except Exception:  # noqa: BLE001 - one session must not keep the rest forever
+                log.exception(
+                    "could not delete a session whose retention ended; retrying next round",
+                    extra={"session_id": session_id},
+                )
+                continue
+            n += 1
         if n:
             log.info("deleted %d sessions whose retention ended", n)
         return n

@@ -22,7 +22,11 @@ _SCHEMA_LOCK_KEY = 0x646E6365
 def create_db_engine(cfg) -> Engine:  # cfg: SqliteDatabase | PostgresDatabase
     if cfg.type == "sqlite":
         make_dirs(cfg.path.parent, "the folder of database.path")
-        engine = create_engine(f"sqlite:///{cfg.path}", connect_args={"timeout": 30})
+        # hide_parameters: a database error's text must not carry the statement's values
+        # into the logs (attendees' names and emails, the link token in an email body).
+        engine = create_engine(
+            f"sqlite:///{cfg.path}", connect_args={"timeout": 30}, hide_parameters=True
+        )
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn, _record) -> None:
@@ -46,7 +50,13 @@ def create_db_engine(cfg) -> Engine:  # cfg: SqliteDatabase | PostgresDatabase
             _check_columns(conn, cfg.path)
         return engine
 
-    engine = create_engine(cfg.url, pool_pre_ping=True)
+    engine = create_engine(
+        cfg.url,
+        pool_pre_ping=True,
+        hide_parameters=True,  # as above
+        # A database that stops answering fails a request (and /readyz) in seconds.
+        connect_args={"connect_timeout": 5},
+    )
     if cfg.db_schema:
         if not _SCHEMA_RE.match(cfg.db_schema):
             raise ValueError(f"database.db_schema {cfg.db_schema!r} is not a plain identifier")

@@ -58,3 +58,32 @@ def test_a_booths_sweep_leaves_other_booths_sessions_alone(db_config, tmp_path):
         assert repo.get_session(old_theirs)
     finally:
         repo.close()
+
+
+def test_one_session_that_cannot_be_deleted_does_not_keep_the_others(db_config, tmp_path):
+    repo = Repository.from_config(db_config)
+    store = LocalBlobStore(tmp_path / "blobs")
+    try:
+        now = time.time()
+        sids = [delivered_session(repo, store)[0] for _ in range(3)]
+        for sid in sids:
+            _expire_links(repo, sid, now)
+        stuck = sorted(sids)[0]  # the first the sweep meets
+
+        def delete_blobs(sid: str) -> None:
+            if sid == stuck:
+                raise OSError("the blob store refused the delete")
+            store.delete_prefix(f"sessions/{sid}/")
+
+        desk = FrontDesk(
+            repo,
+            booth_id="booth-1",
+            take_s=1.0,
+            cameras=lambda: ["cam0"],
+            delete_blobs=delete_blobs,
+        )
+        assert desk.delete_expired(KEEP_S, now) == 2
+        assert [repo.session_deleted(s) for s in sorted(sids)] == [False, True, True]
+        assert desk.expired(KEEP_S, now) == [stuck]  # tried again next round
+    finally:
+        repo.close()

@@ -743,3 +743,18 @@ def test_a_database_an_older_version_made_is_refused_naming_what_it_lacks(db_con
         BoothError, match=r"older version of dancebooth and lacks jobs\.published_at"
     ):
         Repository.from_config(db_config)
+
+
+def test_a_database_error_does_not_carry_attendee_data_into_the_logs(repo):
+    from sqlalchemy import insert, select
+    from sqlalchemy.exc import IntegrityError
+
+    from cloud_trainer.repository.schema import attendees
+
+    _new_session(repo)
+    with repo.engine.connect() as conn:
+        row = dict(conn.execute(select(attendees)).mappings().first())
+    row["email"] = "private.person@example.org"
+    with pytest.raises(IntegrityError) as err, repo.engine.begin() as conn:
+        conn.execute(insert(attendees).values(**row))  # the same id again
+    assert "private.person@example.org" not in str(err.value)
