@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import logging
 import os
 import sys
@@ -100,13 +101,41 @@ def main(argv: list[str] | None = None) -> int:
 OWN_LOGGERS = ("cloud_trainer", "edge_agent")
 
 
+# What every LogRecord carries; anything else on a record came from ``extra=``.
+_RECORD_FIELDS = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
+
+
+class FieldsFormatter(logging.Formatter):
+    """The usual line, then the record's ``extra=`` fields as ``key=value``.
+
+    The code logs the ids that tie a line to a session, a job or a camera as fields
+    (``log.info("job failed", extra={"session_id": ...})``); a plain format string drops
+    them, and the line no longer says which session failed.
+    """
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        fields = {k: v for k, v in record.__dict__.items() if k not in _RECORD_FIELDS}
+        if not fields:
+            return line
+        return line + " " + " ".join(f"{k}={_field(v)}" for k, v in fields.items())
+
+
+def _field(value: object) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, default=str)
+    if isinstance(value, str) and (not text or any(c.isspace() or c in '"=' for c in text)):
+        text = json.dumps(text)
+    return text
+
+
 def configure_logging(verbose: int) -> None:
     """INFO from the booth's own loggers and warnings from the libraries' by default (an
     HTTP client's line per request would bury the demo's progress); -v: DEBUG from the
     booth's own; -vv: DEBUG from every logger."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(FieldsFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(
-        level=logging.DEBUG if verbose >= 2 else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        level=logging.DEBUG if verbose >= 2 else logging.WARNING, handlers=[handler]
     )
     for name in OWN_LOGGERS:
         logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.INFO)

@@ -414,9 +414,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--once", action="store_true", help="send what is due, then exit")
     p.add_argument("--poll-s", type=float, default=2.0)
     args = p.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    from cloud_trainer.cli import configure_logging
+
+    configure_logging(0)
     try:
         cfg = load_config(args.config)
         refuse_placeholders(cfg, ("mail",))

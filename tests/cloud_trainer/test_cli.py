@@ -273,3 +273,26 @@ def test_demo_still_starts_afresh_in_the_default_dir_an_older_demo_left(
     (mine / "booth.yaml").write_text("booth: {id: real}\n")
     assert main(["demo", "--no-progress", "--workdir", str(mine)]) == 2
     assert (mine / "booth.yaml").exists()
+
+
+def test_log_lines_keep_their_fields():
+    """The ids a line is logged with (extra=) tie it to a session: they used to be dropped."""
+    import logging
+
+    from cloud_trainer.cli import FieldsFormatter
+
+    record = logging.makeLogRecord(
+        {
+            "name": "cloud_trainer.worker",
+            "levelname": "WARNING",
+            "msg": "job failed",
+            "session_id": "abc123",
+            "reason": "no camera saw the attendee whole",
+            "steps": 3,
+        }
+    )
+    line = FieldsFormatter("%(levelname)s %(name)s: %(message)s").format(record)
+    assert line == (
+        "WARNING cloud_trainer.worker: job failed session_id=abc123 "
+        'reason="no camera saw the attendee whole" steps=3'
+    )
