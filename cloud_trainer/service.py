@@ -11,6 +11,7 @@ Training runs in separate ``booth worker`` processes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import socket
@@ -26,6 +27,8 @@ from edge_agent.errors import BoothError
 log = logging.getLogger(__name__)
 
 SWEEP_INTERVAL_S = 30.0
+# Seconds open HTTP requests (event streams, a slow probe) get to finish on stop.
+HTTP_SHUTDOWN_S = 5.0
 RETENTION_SWEEP_S = 3600.0
 STALLED_SWEEP_S = 60.0
 # A job younger than this may be in the middle of its own publish (the upload hook's).
@@ -221,7 +224,7 @@ class Service:
             control=control,
             enqueue=lambda sid: enqueue_training(repo, queue, sid),
         )
-        server = uvicorn.Server(
+        server = _quiet_server(
             uvicorn.Config(
                 app,
                 host=cfg.web.host,
@@ -230,6 +233,9 @@ class Service:
                 lifespan="off",
                 proxy_headers=True,
                 forwarded_allow_ips=cfg.web.forwarded_allow_ips,
+                # A tablet's open event stream must not hold a stop (a deploy) until
+                # Docker's SIGKILL: requests still open after this are cancelled.
+                timeout_graceful_shutdown=HTTP_SHUTDOWN_S,
             )
         )
         mail_stop = threading.Event()
@@ -296,6 +302,24 @@ class Service:
             mail_thread.join(timeout=5)
             queue.close()
             repo.close()
+
+
+def _quiet_server(config):
+    """A uvicorn server without its own signal handling: ``booth serve`` owns SIGTERM/SIGINT.
+
+    uvicorn swaps in its handlers while it serves, so a SIGTERM stopped only the web
+    server (ingest and the sweeps ran on), a second one went unseen, and it raised the
+    signal again once done. Here the service's stop event shuts everything down,
+    uvicorn included, and a second signal ends the process (``commands.serve``).
+    """
+    import uvicorn
+
+    class QuietServer(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self):
+            yield
+
+    return QuietServer(config)
 
 
 def _keypoints(skeleton: dict[str, Any] | None) -> list[list[float | None]] | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import signal
 import sys
 from pathlib import Path
@@ -43,8 +44,18 @@ def run(args: argparse.Namespace) -> int:
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
+
+        def on_signal(sig: signal.Signals) -> None:
+            if not service.stop.is_set():
+                service.stop.set()  # finish what is running, hand nothing half-done over
+                return
+            # Asked twice: whoever sends it wants the process gone now. What is durable
+            # is in the database and the blob store, as after a SIGKILL.
+            print(f"booth serve: {sig.name} again, exiting now", file=sys.stderr)
+            os._exit(128 + sig)
+
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, service.stop.set)
+            loop.add_signal_handler(sig, on_signal, sig)
         task = asyncio.create_task(service.run())
         while not service.ready.is_set() and not task.done():
             await asyncio.sleep(0.05)
