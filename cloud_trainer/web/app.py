@@ -91,7 +91,7 @@ def create_app(
     )
     app.add_middleware(SecurityHeaders, https=settings.web.base_url.startswith("https://"))
     app.state.services = services
-    app.state.metrics_registry = metrics.make_registry(repo)
+    app.state.metrics_registry = metrics.make_registry(repo, settings.booth.id)
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
     for module in (auth, sessions, attendee, health):
         app.include_router(module.router)

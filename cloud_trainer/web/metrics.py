@@ -31,9 +31,18 @@ from cloud_trainer.repository.schema import agents, jobs, outbox, sessions
 log = logging.getLogger(__name__)
 
 
+# An agent counts as online if it reported within this many seconds.
+ONLINE_S = 15.0
+LIVE_JOB_STATES = ("queued", "running")
+
+
 class BoothCollector:
-    def __init__(self, repo: Repository):
+    """One booth's numbers (several booths may share a database): ``booth_id`` scopes
+    the live gauges; the counters are the database's totals."""
+
+    def __init__(self, repo: Repository, booth_id: str | None = None):
         self.repo = repo
+        self.booth_id = booth_id
 
     def collect(self):
         frames = CounterMetricFamily(
@@ -49,9 +58,33 @@ class BoothCollector:
             "Frames dropped by each consumer on a camera (last status)",
             labels=["camera", "consumer"],
         )
-        online = GaugeMetricFamily("booth_agents_online", "Agents seen in the last 15 s")
+        online = GaugeMetricFamily("booth_agents_online", f"Agents seen in the last {ONLINE_S:g} s")
+        agent_up = GaugeMetricFamily(
+            "booth_agent_up",
+            f"1 if the camera's agent reported in the last {ONLINE_S:g} s (alert on 0)",
+            labels=["camera"],
+        )
+        seen_age = GaugeMetricFamily(
+            "booth_agent_last_seen_age_seconds",
+            "Seconds since the camera's agent last reported",
+            labels=["camera"],
+        )
+        behind = GaugeMetricFamily(
+            "booth_agent_upload_behind",
+            "1 if the camera's spool is over budget: capture goes on to local MP4 only",
+            labels=["camera"],
+        )
+        spool = GaugeMetricFamily(
+            "booth_agent_spool_bytes",
+            "Bytes waiting in the camera's upload spool (last status)",
+            labels=["camera"],
+        )
         depth = GaugeMetricFamily(
             "booth_queue_depth", "Training jobs waiting or running", labels=["state"]
+        )
+        oldest_job = GaugeMetricFamily(
+            "booth_job_oldest_queued_age_seconds",
+            "Age of the oldest job still waiting for a worker (0: none waits)",
         )
         stage = CounterMetricFamily(
             "booth_job_stage_seconds", "Seconds spent per job stage", labels=["stage"]
@@ -66,7 +99,16 @@ class BoothCollector:
         emails_waiting = GaugeMetricFamily(
             "booth_emails_waiting", "Emails not yet sent, by state", labels=["state"]
         )
+        oldest_email = GaugeMetricFamily(
+            "booth_email_oldest_waiting_age_seconds",
+            "Age of the oldest email not yet sent (retries during an SMTP outage show here)",
+        )
         by_state = GaugeMetricFamily("booth_sessions", "Sessions by state", labels=["state"])
+        db_up = GaugeMetricFamily(
+            "booth_database_up", "1 if the metrics could be read from the database"
+        )
+        gauges = (drops, online, agent_up, seen_age, behind, spool)
+        gauges += (depth, oldest_job, emails_waiting, oldest_email, by_state)
         try:
             counts = self.repo.counter_values()
             for family, name in (
@@ -78,55 +120,87 @@ class BoothCollector:
             ):
                 for label, value in sorted(counts.get(name, {}).items()):
                     family.add_metric([label], value)
-            self._gauges(drops, online, depth, emails_waiting, by_state)
+            self._gauges(*gauges)
+            db_up.add_metric([], 1)
         except SQLAlchemyError as e:
+            # No samples would silence every threshold alert: say the database is down.
             log.warning("metrics: database unavailable: %s", e)
-        yield from (
-            frames,
-            lost,
-            drops,
-            online,
-            depth,
-            stage,
-            stage_n,
-            emails,
-            emails_waiting,
-            by_state,
-        )
+            db_up.add_metric([], 0)
+        yield from (frames, lost, stage, stage_n, emails, *gauges, db_up)
 
-    def _gauges(self, drops, online, depth, emails_waiting, by_state) -> None:
+    def _gauges(
+        self,
+        drops,
+        online,
+        agent_up,
+        seen_age,
+        behind,
+        spool,
+        depth,
+        oldest_job,
+        emails_waiting,
+        oldest_email,
+        by_state,
+    ) -> None:
         """What is true now (live rows): deletions may and should lower these."""
+        ours = (lambda c: c == self.booth_id) if self.booth_id else (lambda c: c.is_not(None))
+        booth_sessions = select(sessions.c.id).where(ours(sessions.c.booth_id))
         with self.repo.engine.connect() as conn:
             now = time.time()
             n_online = 0
             for row in conn.execute(
-                select(agents.c.camera_id, agents.c.status, agents.c.last_seen)
+                select(agents.c.camera_id, agents.c.status, agents.c.last_seen).where(
+                    ours(agents.c.booth_id)
+                )
             ):
                 status = row.status or {}
+                cam = [row.camera_id]
                 for consumer in ("capture", "pose", "stream"):
                     drops.add_metric(
                         [row.camera_id, consumer],
                         float(status.get(f"{consumer}_dropped", 0) or 0),
                     )
-                n_online += bool(row.last_seen and now - row.last_seen < 15)
+                up = bool(row.last_seen and now - row.last_seen < ONLINE_S)
+                n_online += up
+                agent_up.add_metric(cam, float(up))
+                if row.last_seen:
+                    seen_age.add_metric(cam, max(0.0, now - row.last_seen))
+                behind.add_metric(cam, float(bool(status.get("upload_behind"))))
+                spool.add_metric(cam, float(status.get("spool_bytes") or 0))
             online.add_metric([], n_online)
-            for state, n in conn.execute(select(jobs.c.state, func.count()).group_by(jobs.c.state)):
-                depth.add_metric([state], n)
+            live = {state: 0 for state in LIVE_JOB_STATES}
             for state, n in conn.execute(
-                select(outbox.c.state, func.count())
-                .where(outbox.c.state.not_in(FINAL))
-                .group_by(outbox.c.state)
+                select(jobs.c.state, func.count())
+                .where(jobs.c.state.in_(LIVE_JOB_STATES), jobs.c.session_id.in_(booth_sessions))
+                .group_by(jobs.c.state)
+            ):
+                live[state] = n
+            for state, n in live.items():
+                depth.add_metric([state], n)
+            first = conn.execute(
+                select(func.min(jobs.c.created_at)).where(
+                    jobs.c.state == "queued", jobs.c.session_id.in_(booth_sessions)
+                )
+            ).scalar()
+            oldest_job.add_metric([], max(0.0, now - first) if first else 0.0)
+            waiting = outbox.c.state.not_in(FINAL) & outbox.c.session_id.in_(booth_sessions)
+            for state, n in conn.execute(
+                select(outbox.c.state, func.count()).where(waiting).group_by(outbox.c.state)
             ):
                 emails_waiting.add_metric([state], n)
+            first = conn.execute(select(func.min(outbox.c.created_at)).where(waiting)).scalar()
+            oldest_email.add_metric([], max(0.0, now - first) if first else 0.0)
             for state, n in conn.execute(
-                select(sessions.c.state, func.count()).group_by(sessions.c.state)
+                select(sessions.c.state, func.count())
+                .where(ours(sessions.c.booth_id))
+                .group_by(sessions.c.state)
             ):
                 by_state.add_metric([state], n)
 
 
-def make_registry(repo: Repository) -> CollectorRegistry:
+def make_registry(repo: Repository, booth_id: str | None = None) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(BoothCollector(repo))
+    registry.register(BoothCollector(repo, booth_id))
     return registry
 
 

@@ -354,6 +354,55 @@ def test_health_and_metrics_move(client, booth):
     )
 
 
+def _samples(text: str) -> dict[str, float]:
+    return {
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line and not line.startswith("#")
+    }
+
+
+def test_metrics_are_this_booths_and_say_what_an_alert_needs(client, booth):
+    import transport_helpers as th
+
+    repo, ours = booth.repo, booth.settings.booth.id
+    now = time.time()
+    # Another booth's camera and session, in the same database: not ours to report.
+    repo.upsert_agent("booth-2", "cam0", state="idle", last_seen=now)
+    th.new_session(repo, booth_id="booth-2")
+    repo.upsert_agent(
+        ours,
+        "cam0",
+        state="idle",
+        last_seen=now,
+        status={"upload_behind": True, "spool_bytes": "4096"},
+    )
+    repo.upsert_agent(ours, "cam1", state="idle", last_seen=now - 120)  # gone quiet
+    done, waiting = (th.new_session(repo, booth_id=ours) for _ in range(2))
+    for sid in (done, waiting):
+        repo.transition(sid, "capturing")
+        repo.transition(sid, "uploaded")
+    finished = repo.create_job(done)
+    repo.start_job(finished, "w1")
+    repo.finish_job(finished)
+    repo.create_job(waiting)
+
+    m = _samples(client.get("/metrics").text)
+    assert m["booth_agents_online"] == 1
+    assert m['booth_agent_up{camera="cam0"}'] == 1 and m['booth_agent_up{camera="cam1"}'] == 0
+    assert m['booth_agent_last_seen_age_seconds{camera="cam1"}'] >= 120
+    assert m['booth_agent_upload_behind{camera="cam0"}'] == 1
+    assert m['booth_agent_spool_bytes{camera="cam0"}'] == 4096
+    # Finished jobs are not queue depth (they stay for the retention period).
+    assert m['booth_queue_depth{state="queued"}'] == 1
+    assert m['booth_queue_depth{state="running"}'] == 0
+    assert 'booth_queue_depth{state="done"}' not in m
+    assert 0 <= m["booth_job_oldest_queued_age_seconds"] < 60
+    assert m['booth_sessions{state="uploaded"}'] == 2
+    assert m.get('booth_sessions{state="created"}', 0) == 0  # booth-2's
+    assert m["booth_database_up"] == 1
+
+
 def test_openapi_lists_the_json_api(client):
     paths = client.get("/openapi.json").json()["paths"]
     for p in (
