@@ -828,3 +828,21 @@ def test_going_on_without_a_camera_queues_the_training_at_once(booth):
     started = booth.repo.get_session(sid)["capture_started_at"]
     assert desk.go_on_without_missing(sid, now=started + 60) == ["cam0"]
     assert queued == [sid]
+
+
+def test_readyz_says_not_ready_when_the_blob_store_hangs(client, booth, monkeypatch):
+    """A store that stops answering (a GCS client retrying for a minute) used to hold the
+    probe until the orchestrator gave up; it now reports the check that did not answer."""
+    import threading
+
+    from cloud_trainer.web.routes import health
+
+    released = threading.Event()
+    monkeypatch.setattr(health, "READY_CHECK_S", 0.2)
+    monkeypatch.setattr(booth.store, "exists", lambda key: released.wait(30))
+    try:
+        r = client.get("/readyz")
+    finally:
+        released.set()
+    assert r.status_code == 503
+    assert r.json() == {"ready": False, "database": "ok", "storage": "error: no answer in 0.2 s"}

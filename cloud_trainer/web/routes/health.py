@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Request, Response
@@ -33,21 +35,37 @@ def healthz():
     },
 )
 def readyz(services: ServicesDep, response: Response):
-    checks = {}
-    try:
+    def database() -> None:
         with services.repo.engine.connect() as conn:
             conn.execute(text("SELECT 1"))
-        checks["database"] = "ok"
-    except SQLAlchemyError as e:
-        checks["database"] = f"error: {e.__class__.__name__}"
-    try:
+
+    def storage() -> None:
         services.store.exists("readyz-probe")
-        checks["storage"] = "ok"
-    except Exception as e:  # any backend failure means "not ready"; report its type
-        checks["storage"] = f"error: {e.__class__.__name__}"
+
+    # Both at once, each with a deadline: a blob store that retries for a minute or a
+    # database that stopped answering must make this say "not ready" in seconds, not
+    # hold the probe (and a web thread) until the orchestrator gives up.
+    running = {
+        name: _CHECKS.submit(fn) for name, fn in (("database", database), ("storage", storage))
+    }
+    checks = {}
+    for name, future in running.items():
+        try:
+            future.result(timeout=READY_CHECK_S)
+            checks[name] = "ok"
+        except FutureTimeout:
+            checks[name] = f"error: no answer in {READY_CHECK_S:g} s"
+        except (SQLAlchemyError, Exception) as e:  # any backend failure: report its type
+            checks[name] = f"error: {e.__class__.__name__}"
     ready = all(v == "ok" for v in checks.values())
     response.status_code = 200 if ready else 503
     return {"ready": ready, **checks}
+
+
+# How long /readyz waits for each dependency, and the threads its checks run on (a check
+# that hangs keeps its thread; a few are enough, later probes just report the timeout).
+READY_CHECK_S = 3.0
+_CHECKS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="readyz")
 
 
 def _private_client(request: Request) -> bool:
