@@ -518,7 +518,7 @@ class ReferenceLibrary:
         """The reference dancer's RGB frames, one per pose (for the side-by-side video)."""
         from cloud_trainer.render import iter_decoded
 
-        with self._source(ref) as path:
+        with self.source_file(ref) as path:
             yield from iter_decoded(path, ref.frame_index.tolist())
 
     def status(self, name: str) -> dict[str, Any]:
@@ -724,7 +724,7 @@ class ReferenceLibrary:
         return self._thumbnail(rgb, ref.poses, *ref.frame_size)
 
     @contextlib.contextmanager
-    def _source(self, ref: ReferenceDance) -> Iterator[Path]:
+    def source_file(self, ref: ReferenceDance) -> Iterator[Path]:
         """The reference's source video as a local file, for as long as the block runs."""
         key = ref.meta["source_key"]
         with tempfile.TemporaryDirectory(prefix="booth-ref-") as tmp:
@@ -848,7 +848,7 @@ class ReferenceLibrary:
             masks=None if base.masks is None else base.masks[kept],
             meta=meta,
         )
-        with self._source(ref) as src:
+        with self.source_file(ref) as src:
             frames = self._flagged_frames(src, ref)
         thumb_key = f"{self._dir(name, base.version)}/thumbnail.jpg"
         thumb = None

@@ -313,6 +313,80 @@ class H264Writer:
         self.close()
 
 
+AUDIO_RATE = 48_000
+
+
+def add_audio(video: Path, source: str | Path, start_s: float, duration_s: float) -> bool:
+    """Mux ``source``'s first audio track, from ``start_s`` for ``duration_s``, into ``video``.
+
+    The video packets are copied, the audio is re-encoded to AAC (48 kHz stereo: what
+    every phone plays) and cut to the video's length, and ``video`` is replaced
+    atomically. Returns False (``video`` untouched) when ``source`` has no audio.
+    """
+    video = Path(video)
+    with av.open(str(source)) as src:
+        if not src.streams.audio:
+            return False
+        a_in = src.streams.audio[0]
+        tmp = video.with_name(video.stem + ".audio.part.mp4")
+        total = round(duration_s * AUDIO_RATE)
+        written = 0
+        try:
+            with (
+                av.open(str(video)) as vin,
+                av.open(str(tmp), "w", format="mp4", options={"movflags": "+faststart"}) as out,
+            ):
+                v_in = vin.streams.video[0]
+                v_out = out.add_stream_from_template(v_in)
+                a_out = out.add_stream("aac", rate=AUDIO_RATE, layout="stereo")
+                resampler = av.AudioResampler(format="fltp", layout="stereo", rate=AUDIO_RATE)
+                for packet in vin.demux(v_in):
+                    if packet.dts is None:
+                        continue  # the demuxer's flush packet
+                    packet.stream = v_out
+                    out.mux(packet)
+                if start_s > 0 and a_in.time_base:
+                    src.seek(int(start_s / a_in.time_base), stream=a_in, backward=True)
+
+                def encode(frame) -> None:
+                    nonlocal written
+                    frame.pts = written
+                    frame.time_base = Fraction(1, AUDIO_RATE)
+                    written += frame.samples
+                    for pkt in a_out.encode(frame):
+                        out.mux(pkt)
+
+                for frame in src.decode(a_in):
+                    if (
+                        frame.time is not None
+                        and frame.time + frame.samples / frame.rate <= start_s
+                    ):
+                        continue  # before the reference's first kept frame
+                    for chunk in resampler.resample(frame):
+                        # Drop the samples before start_s and after the video's end.
+                        skip = 0
+                        if chunk.time is not None and chunk.time < start_s and written == 0:
+                            skip = min(chunk.samples, round((start_s - chunk.time) * AUDIO_RATE))
+                        keep = min(chunk.samples - skip, total - written)
+                        if keep <= 0:
+                            continue
+                        if skip or keep < chunk.samples:
+                            data = chunk.to_ndarray()[:, skip : skip + keep]
+                            chunk = av.AudioFrame.from_ndarray(
+                                np.ascontiguousarray(data), format="fltp", layout="stereo"
+                            )
+                            chunk.sample_rate = AUDIO_RATE
+                        encode(chunk)
+                    if written >= total:
+                        break
+                for pkt in a_out.encode(None):
+                    out.mux(pkt)
+            tmp.replace(video)
+        finally:
+            tmp.unlink(missing_ok=True)
+    return written > 0
+
+
 # ---- the render ----------------------------------------------------------------------
 
 
@@ -591,6 +665,30 @@ def warp_masks(
         yield framing.crop_mask(full.astype(np.float32) / 255.0, size_px)
 
 
+def _reference_audio(library: Any, reference: Any, result: RenderResult) -> None:
+    """The reference's music under the rendered videos, where it lines up with them.
+
+    Frames the corrections dropped from the middle of a reference would put the music
+    out of step with the dance from there on: such a video stays silent.
+    """
+    if "source_key" not in reference.meta:
+        return
+    index = np.asarray(reference.frame_index)
+    if len(index) and not np.array_equal(index, np.arange(index[0], index[0] + len(index))):
+        log.info(
+            "reference %s v%d has frames dropped inside it: the video has no sound",
+            reference.name,
+            reference.version,
+        )
+        return
+    start_s = float(index[0]) / reference.fps if len(index) else 0.0
+    duration_s = result.frames / result.fps
+    with library.source_file(reference) as src:
+        for path in (result.video_path, result.side_by_side_path):
+            if path is not None and not add_audio(path, src, start_s, duration_s):
+                return  # no audio track in the reference: nothing to add to either
+
+
 def render_session(
     store: Any,
     session_id: str,
@@ -662,6 +760,8 @@ def render_session(
             batch=batch,
             crf=crf,
         )
+        if library is not None:
+            _reference_audio(library, reference, result)
         keys: dict[str, str | None] = {
             "video_key": f"{prefix}/final.mp4",
             "poster_key": f"{prefix}/poster.jpg",

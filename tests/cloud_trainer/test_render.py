@@ -185,3 +185,62 @@ def test_parts_masks_move_with_the_normalized_pose(library):
 def test_frame_rates_become_the_exact_fraction_they_stand_for(fps, exact):
     f = render.fps_fraction(fps)
     assert (f.numerator, f.denominator) == exact
+
+
+def _with_tone(path: Path, seconds: float, hz: float = 440.0) -> None:
+    """An MP4 with a video track and a stereo sine tone (a reference with its music)."""
+    import av
+
+    rate = 44_100
+    with av.open(str(path), "w", format="mp4") as out:
+        v = out.add_stream("libx264", rate=10)
+        v.width, v.height, v.pix_fmt = 64, 48, "yuv420p"
+        a = out.add_stream("aac", rate=rate, layout="stereo")
+        for i in range(round(seconds * 10)):
+            frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), i % 255, np.uint8), "rgb24")
+            frame.pts = i
+            for pkt in v.encode(frame):
+                out.mux(pkt)
+        t = np.arange(round(seconds * rate)) / rate
+        tone = (0.3 * np.sin(2 * np.pi * hz * t)).astype(np.float32)
+        for start in range(0, len(tone), 1024):
+            chunk = np.stack([tone[start : start + 1024]] * 2)
+            frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(chunk), "fltp", "stereo")
+            frame.sample_rate, frame.pts = rate, start
+            for pkt in a.encode(frame):
+                out.mux(pkt)
+        for stream in (v, a):
+            for pkt in stream.encode(None):
+                out.mux(pkt)
+
+
+def test_the_reference_music_is_under_the_rendered_video_and_cut_to_it(tmp_path):
+    import av
+
+    video = tmp_path / "final.mp4"
+    with render.H264Writer(video, 10, (64, 48)) as w:
+        for i in range(20):  # 2 s
+            w.write(np.full((48, 64, 3), 7 * i, np.uint8))
+    before = render.probe(video)
+    source = tmp_path / "reference.mp4"
+    _with_tone(source, seconds=4.0)
+    assert render.add_audio(video, source, start_s=1.0, duration_s=2.0)
+    with av.open(str(video)) as f:
+        assert [s.type for s in f.streams] == ["video", "audio"]
+        audio = f.streams.audio[0]
+        assert audio.codec_context.name == "aac" and audio.rate == render.AUDIO_RATE
+        samples = sum(fr.samples for fr in f.decode(audio))
+    assert abs(samples / render.AUDIO_RATE - 2.0) < 0.05  # cut to the video
+    after = render.probe(video)
+    assert (after["frames"], after["codec"], after["fps"]) == (
+        before["frames"],
+        before["codec"],
+        before["fps"],
+    )
+    # A reference without music leaves the video as it was.
+    silent = tmp_path / "silent.mp4"
+    with render.H264Writer(silent, 10, (64, 48)) as w:
+        w.write(np.zeros((48, 64, 3), np.uint8))
+    kept = video.read_bytes()
+    assert not render.add_audio(video, silent, start_s=0.0, duration_s=2.0)
+    assert video.read_bytes() == kept
