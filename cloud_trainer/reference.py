@@ -45,6 +45,7 @@ import numpy as np
 
 from cloud_trainer import corrections as corr
 from cloud_trainer import labelmap
+from cloud_trainer.storage.base import BlobNotFound
 from edge_agent import skeleton as sk
 from edge_agent.errors import BadInput, BoothError
 
@@ -529,6 +530,20 @@ class ReferenceLibrary:
         s["qa"] = {k: f"{d}/qa/{k}" for k in ("trajectories.png", "flagged.jpg", "summary.txt")}
         return s
 
+    def remove(self, name: str) -> int:
+        """Delete every version of reference ``name``, its source video included; how many
+        objects went. A real dancer's video must not be kept for ever for want of a way out."""
+        if not self.versions(name):
+            raise ReferenceNotFound(f"no reference named {name!r}")
+        # The meta files first: a reader then no longer sees the versions whose files go.
+        prefix = f"{PREFIX}/{storage_key(name)}/"
+        for key in [k for k in self.store.list(prefix) if k.endswith("/meta.json")]:
+            self.store.delete(key)
+        n = self.store.delete_prefix(prefix)
+        self._thumbs.clear()
+        log.info("reference %s removed (%d objects)", name, n)
+        return n
+
     def catalogue(self) -> list[dict[str, Any]]:
         """What staff can pick on the tablet: stored references, then the built-in dances."""
         out = []
@@ -539,12 +554,17 @@ class ReferenceLibrary:
             if thumb_key not in self._thumbs and self.store.exists(thumb_key):
                 b64 = base64.b64encode(self.store.get(thumb_key)).decode()
                 self._thumbs[thumb_key] = f"data:image/jpeg;base64,{b64}"
+            try:
+                meta = json.loads(self.store.get(f"{self._dir(name, latest)}/meta.json"))
+            except (BlobNotFound, ValueError):
+                meta = {}
             out.append(
                 {
                     "name": name,
                     "title": _title(name),
                     "version": latest,
                     "thumbnail_url": self._thumbs.get(thumb_key),
+                    "flagged": int(meta.get("flagged") or 0),
                 }
             )
         for dance in BUILTIN_DANCES:
@@ -555,6 +575,7 @@ class ReferenceLibrary:
                         "title": _title(SYNTHETIC + dance),
                         "version": None,
                         "thumbnail_url": None,
+                        "flagged": 0,
                     }
                 )
         return out

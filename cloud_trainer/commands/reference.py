@@ -4,6 +4,7 @@
     booth reference show NAME [--version N] [--qa DIR] status, and the QA report copied to DIR
     booth reference correct NAME FILE [--qa DIR]       validate + apply a correction file
     booth reference list                               every stored and built-in reference
+    booth reference remove NAME                        delete every version, source video too
 
 ``--config FILE`` goes before or after the action. Without it the embedded defaults
 are used (blobs under ``var/blobs``, models under ``models/``).
@@ -14,6 +15,8 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+
+from edge_agent.errors import BadInput
 
 CONFIG_HELP = "the booth YAML file (default: embedded defaults)"
 
@@ -40,7 +43,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--version", type=int, help="a specific version (default: latest)")
     s.add_argument("--qa", metavar="DIR", help="copy the QA report into DIR")
     lst = sub.add_parser("list", help="list stored and built-in references")
-    for action in (a, c, s, lst):
+    rm = sub.add_parser("remove", help="delete a reference: every version and its source video")
+    rm.add_argument("name")
+    for action in (a, c, s, lst, rm):
         # After the action too, as `booth staff logout`. SUPPRESS: an action without it
         # keeps the one given before the action (a default would overwrite it).
         action.add_argument("--config", default=argparse.SUPPRESS, help=CONFIG_HELP)
@@ -66,6 +71,8 @@ def _copy_qa(library, name: str, version: int, dest: str) -> Path:
     from cloud_trainer.reference import PREFIX, storage_key
 
     out = Path(dest)
+    if out.exists() and not out.is_dir():
+        raise BadInput(f"--qa {dest}: is a file; give a directory for the QA report")
     out.mkdir(parents=True, exist_ok=True)
     prefix = f"{PREFIX}/{storage_key(name)}/v{version}/"
     for key in library.store.list(prefix + "qa/"):
@@ -95,7 +102,12 @@ def run(args: argparse.Namespace) -> int:
     if cmd == "list":
         for r in library.catalogue():
             version = f"v{r['version']}" if r["version"] else "built-in (made on first use)"
-            print(f"{r['name']:<28} {version}")
+            review = f"  needs review: {r['flagged']} flagged frames" if r["flagged"] else ""
+            print(f"{r['name']:<28} {version}{review}")
+        return 0
+    if cmd == "remove":
+        n = library.remove(args.name)
+        print(f"removed {args.name}: {n} files, its source video included")
         return 0
     if cmd == "show":
         _print_status(library, args.name, args.version, args.qa)

@@ -244,3 +244,22 @@ def test_cli_show_and_correct(added, tmp_path, capsys):
     assert "bad.yaml line 1: unknown joint 'left_wirst' (did you mean left_wrist?)" in err
     assert cli.main(["reference", "--config", str(cfg), "list"]) == 0
     assert "salsa" in capsys.readouterr().out
+
+
+def test_cli_lists_what_needs_review_and_removes_a_reference_for_good(videos, tmp_path, capsys):
+    lib = _library(tmp_path / "blobs")
+    lib.add(videos["dance"], "salsa")  # its glitch frames are flagged
+    cfg = tmp_path / "booth.yaml"
+    cfg.write_text(f"storage: {{type: local, root: {lib.store.root}}}\nmodels_dir: {MODELS}\n")
+    run = lambda *a: cli.main(["reference", "--config", str(cfg), *a])  # noqa: E731
+    assert run("list") == 0
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("salsa"))
+    assert "needs review:" in line and "flagged frames" in line
+    (tmp_path / "afile").write_text("x")
+    assert run("show", "salsa", "--qa", str(tmp_path / "afile")) == 2
+    assert "is a file" in capsys.readouterr().err
+    assert run("remove", "salsa") == 0
+    assert "removed salsa" in capsys.readouterr().out
+    assert list(lib.store.list("references/")) == []  # the dancer's video too
+    assert run("remove", "salsa") == 2
+    assert "no reference named 'salsa'" in capsys.readouterr().err
