@@ -90,6 +90,9 @@ class Agent:
         self._listeners: list[Callable[[Take], None]] = []
         self._error: str | None = None
         self._warnings: list[str] = []
+        # More of the status, from the parts that run beside the agent (the uplink, when
+        # connected): name -> a cheap, thread-safe read.
+        self.status_sources: dict[str, Callable[[], Any]] = {}
         self._granted: Granted | None = None
         self._takes_done = 0
         # While a take starts (camera opening, countdown): its session, and the event that
@@ -466,6 +469,7 @@ class Agent:
             }
             if last
             else None,
+            **{name: read() for name, read in list(self.status_sources.items())},
         }
 
     # ---- the background loop ---------------------------------------------------------------

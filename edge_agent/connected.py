@@ -76,6 +76,14 @@ async def run_connected(agent, cfg: AgentConfig, stop: threading.Event) -> None:
         streamer=streamer,
         clock=agent.clock,
     )
+    # On /status: whether the cloud is reachable and how much waits to go up. Plain
+    # attribute reads, safe from the status server's thread.
+    agent.status_sources["cloud"] = lambda: {
+        "address": cfg.uplink.address,
+        "connected": control.connected.is_set(),
+        "frames_acked": streamer.frames_acked,
+        "spool_bytes": streamer.spool.used_bytes,
+    }
     await streamer.start()
     await control.start()
     log.info("agent %s/%s connected to %s", cfg.booth_id, cfg.camera_id, cfg.uplink.address)
@@ -83,5 +91,6 @@ async def run_connected(agent, cfg: AgentConfig, stop: threading.Event) -> None:
         while not stop.is_set():
             await asyncio.sleep(0.5)
     finally:
+        agent.status_sources.pop("cloud", None)
         await control.stop()
         await streamer.stop()

@@ -419,6 +419,53 @@ def test_booth_agent_process_keeps_serving_status_with_a_missing_camera_until_si
             proc.wait()
 
 
+def test_a_connected_agents_status_says_whether_the_cloud_answers(tmp_path, get_free_port):
+    """/status answered "ok" with serve gone: it now carries the cloud link's state."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    port, nobody = get_free_port(), get_free_port()  # nothing listens on the second
+    cfg = tmp_path / "booth.yaml"
+    cfg.write_text(
+        "agent:\n"
+        "  source: {type: synthetic, size: 64x48, fps: 10}\n"
+        f"  capture: {{out_dir: {tmp_path / 'out'}, min_free_disk_mb: 0}}\n"
+        f"  status_port: {port}\n"
+        f"  uplink: {{address: '127.0.0.1:{nobody}', token: a-real-token-for-this-test,"
+        f" spool_dir: {tmp_path / 'spool'}}}\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cloud_trainer.cli", "agent", "--config", str(cfg)],
+        cwd=Path(__file__).resolve().parents[2],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+
+        def cloud() -> dict | None:
+            assert proc.poll() is None, proc.stderr.read()
+            try:
+                return http_json(f"http://127.0.0.1:{port}/status")[1].get("cloud")
+            except (urllib.error.URLError, ConnectionError):
+                return None
+
+        assert wait_for(cloud, 60), "the status never named the cloud link"
+        link = cloud()
+        assert link["connected"] is False and link["address"] == f"127.0.0.1:{nobody}"
+        assert link["spool_bytes"] == 0
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
 def test_camera_unplugged_mid_take_keeps_the_frames_and_reports_the_error(tmp_path, jpegs):
     import errno
 
