@@ -206,6 +206,23 @@ def _open_video(path: Path) -> Any:
     return container
 
 
+def mean_rate(times: list[float | None], declared: float) -> float:
+    """Frames per second over the whole video, from the frames' own times.
+
+    A phone or a WebM file may have a variable frame rate, and the container's average
+    (WebM: of its first frames) is then not the video's: rendered at it, the dance ran
+    fast or slow against its music. ``declared`` stands when the times are missing or
+    agree with it within 1%.
+    """
+    if len(times) < 2 or any(t is None for t in times):
+        return declared
+    span = float(times[-1]) - float(times[0])
+    if span <= 0:
+        return declared
+    measured = (len(times) - 1) / span
+    return declared if abs(measured - declared) <= 0.01 * declared else measured
+
+
 def _video_info(path: Path) -> _VideoInfo:
     """Frame rate and the size a player shows (the first frame says the rotation)."""
     import av
@@ -229,7 +246,8 @@ def _video_info(path: Path) -> _VideoInfo:
     return _VideoInfo(fps, width, height)
 
 
-def _decode(path: Path) -> Iterator[np.ndarray]:
+def _decode(path: Path, times: list[float | None] | None = None) -> Iterator[np.ndarray]:
+    """The frames, upright; each one's presentation time (s) goes into ``times`` if given."""
     import av
 
     from edge_agent.frames import upright
@@ -237,6 +255,8 @@ def _decode(path: Path) -> Iterator[np.ndarray]:
     container = _open_video(path)
     try:
         for frame in container.decode(video=0):
+            if times is not None:
+                times.append(frame.time)
             yield upright(frame)
     except av.error.FFmpegError as e:
         raise BadInput(f"{path} is damaged: decoding stopped at an error ({e})") from None
@@ -655,8 +675,9 @@ class ReferenceLibrary:
         backend = create_pose_backend(cfg)
         mshape = _mask_shape(info.width, info.height)
         raw, detected, masks = [], [], []
+        times: list[float | None] = []
         try:
-            for i, rgb in enumerate(_decode(path)):
+            for i, rgb in enumerate(_decode(path, times)):
                 result = backend.estimate(rgb)
                 raw.append(result.skeleton if result.detected else sk.empty())
                 detected.append(bool(result.detected))
@@ -666,6 +687,15 @@ class ReferenceLibrary:
         finally:
             backend.close()
         n = len(raw)
+        fps = mean_rate(times, info.fps)
+        if fps != info.fps:
+            log.warning(
+                "%s: variable frame rate; %.3f fps over the whole video (the file says %.3f)",
+                path,
+                fps,
+                info.fps,
+            )
+            info = _VideoInfo(fps, info.width, info.height)
         if n < 2 or n / info.fps < MIN_REFERENCE_S:
             raise BadInput(
                 f"{path} has {n} frame{'s' * (n != 1)} ({n / info.fps:.2f} s): not a video of "

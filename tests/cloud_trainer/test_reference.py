@@ -263,3 +263,36 @@ def test_cli_lists_what_needs_review_and_removes_a_reference_for_good(videos, tm
     assert list(lib.store.list("references/")) == []  # the dancer's video too
     assert run("remove", "salsa") == 2
     assert "no reference named 'salsa'" in capsys.readouterr().err
+
+
+def test_a_variable_frame_rate_video_keeps_its_length(tmp_path):
+    """2 s at 30 fps, then 2 s at 15 fps (a phone in dim light), in Matroska: its declared
+    rate (of the first frames) made the dance 3 s long against 4 s of music."""
+    from fractions import Fraction
+
+    import av
+
+    from cloud_trainer.reference import _decode, _video_info, mean_rate
+
+    path = tmp_path / "vfr.mkv"
+    pts_ms = [round(i * 1000 / 30) for i in range(60)] + [
+        2000 + round(i * 1000 / 15) for i in range(30)
+    ]
+    with av.open(str(path), "w", format="matroska") as out:
+        s = out.add_stream("libx264", rate=30)
+        s.width, s.height, s.pix_fmt = 64, 48, "yuv420p"
+        s.codec_context.time_base = Fraction(1, 1000)
+        for i, t in enumerate(pts_ms):
+            f = av.VideoFrame.from_ndarray(np.full((48, 64, 3), i % 255, np.uint8), "rgb24")
+            f.pts, f.time_base = t, Fraction(1, 1000)
+            for pkt in s.encode(f):
+                out.mux(pkt)
+        for pkt in s.encode():
+            out.mux(pkt)
+    declared = _video_info(path).fps
+    times: list = []
+    n = sum(1 for _ in _decode(path, times))
+    assert n == 90 and abs(n / declared - 4.0) > 0.5  # so the test could fail
+    assert abs(n / mean_rate(times, declared) - 4.0) < 0.1
+    assert mean_rate([0.0, 0.1, 0.2], 10.0) == 10.0  # agrees: the declared rate stands
+    assert mean_rate([None, 0.1], 10.0) == 10.0
