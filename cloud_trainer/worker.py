@@ -62,6 +62,8 @@ log = logging.getLogger(__name__)
 # How often the tablet's training plot is redrawn while a job trains.
 PLOT_EVERY_S = 10.0
 BASE_WARN_EVERY_S = 300.0  # the "base checkpoint missing" warning, while it stays missing
+# How often a running worker removes the work directories of ended jobs.
+WORK_DIR_SWEEP_S = 600.0
 
 
 class JobGone(Exception):
@@ -250,7 +252,16 @@ class Worker:
         self._wait_for_base_checkpoint()
         limit_mb = max_rss_mb(self.settings.trainer.worker_max_rss_mb)
         log.info("worker ready", extra={"worker": self.worker_id, "max_rss_mb": limit_mb})
+        last_sweep = time.monotonic()
         while not self.stop.is_set():
+            if time.monotonic() - last_sweep >= WORK_DIR_SWEEP_S:
+                # A job this worker lost (its lease lapsed, another took it over) leaves
+                # its directory, the attendee's frames among it: not only at start-up.
+                last_sweep = time.monotonic()
+                try:
+                    self.sweep_work_dirs()
+                except Exception:  # noqa: BLE001 - the next round tries again
+                    log.warning("sweeping old work directories failed", exc_info=True)
             try:
                 took = self.run_once(timeout_s=poll_s)
             except Exception:  # one job's bug or outage must not end the worker

@@ -101,7 +101,7 @@ class OutboxRepo:
                 .where(links.c.session_id == session_id, links.c.revoked_at.is_(None))
                 .values(revoked_at=now)
             )
-            conn.execute(
+            replaced = conn.execute(
                 update(outbox)
                 .where(outbox.c.session_id == session_id, outbox.c.state == PENDING)
                 .values(
@@ -109,7 +109,9 @@ class OutboxRepo:
                     last_error="replaced by an email to a corrected address",
                     **self._SPENT,
                 )
-            )
+            ).rowcount
+            if replaced:  # an outcome like any other: booth_emails_total counts it
+                add_counts(conn, [(EMAILS, FAILED, replaced)])
             self._insert_link(conn, session_id=session_id, **link)
             return self._insert_email(conn, session_id=session_id, email=email)
 

@@ -302,6 +302,8 @@ def test_a_corrected_address_cancels_the_email_still_waiting_for_the_old_one(
     finally:
         server.stop()
     assert [e["state"] for e in repo.emails(sid)] == ["failed", "sent"]
+    # Both outcomes are counted (the cancelled one used to appear in no metric).
+    assert repo.counter_values()["emails"] == {"failed": 1, "sent": 1}
     assert links.lookup(repo, first_link.token).state == "revoked"
     # The working link is in the email only: the booth keeps its hash, never the link.
     assert "link_url" not in repo.get_session(sid)["progress"]

@@ -413,6 +413,38 @@ def test_a_starting_worker_removes_the_work_dirs_a_killed_worker_left_of_ended_j
     assert not_ours.exists()
 
 
+def test_a_running_worker_also_removes_work_dirs_of_jobs_that_ended_meanwhile(booth, monkeypatch):
+    """A job this worker lost to another (its lease lapsed) left the attendee's frames
+    here until the worker restarted; a running worker sweeps too."""
+    import cloud_trainer.worker as worker_module
+
+    worker, _ = booth
+    monkeypatch.setattr(worker_module, "WORK_DIR_SWEEP_S", 0.0, raising=False)
+    ended = uploaded_session(worker, frames=False)
+    job_id = worker.repo.job_for_session(ended)["id"]
+    worker.repo.fail_job(job_id, "it ended elsewhere")
+    worker.queue.receive(timeout_s=5.0).ack()  # nothing for this worker to run
+    sweeps: list[int] = []
+    real_sweep = worker.sweep_work_dirs
+    monkeypatch.setattr(worker, "sweep_work_dirs", lambda: sweeps.append(1) or real_sweep())
+    worker.stop.clear()
+    thread = threading.Thread(target=worker.run_forever, kwargs={"poll_s": 0.05}, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 20
+        while not sweeps:  # start-up's own sweep is done: what follows is the running one's
+            assert time.monotonic() < deadline, "the worker never started"
+            time.sleep(0.01)
+        (work_dir_of(worker, ended) / "corpus").mkdir(parents=True)
+        deadline = time.monotonic() + 20
+        while work_dir_of(worker, ended).exists():
+            assert time.monotonic() < deadline, "the running worker never swept it"
+            time.sleep(0.05)
+    finally:
+        worker.stop.set()
+        thread.join(10)
+
+
 def test_a_second_delivery_while_the_jobs_worker_lives_is_dropped(booth):
     """Pub/Sub may deliver a job twice (or again after an ack deadline lapsed under a live
     worker): the worker that finds the job beaten recently leaves it to its worker."""
