@@ -419,7 +419,7 @@ def test_a_running_worker_also_removes_work_dirs_of_jobs_that_ended_meanwhile(bo
     import cloud_trainer.worker as worker_module
 
     worker, _ = booth
-    monkeypatch.setattr(worker_module, "WORK_DIR_SWEEP_S", 0.0, raising=False)
+    monkeypatch.setattr(worker_module, "WORK_DIR_SWEEP_S", 0.0)
     ended = uploaded_session(worker, frames=False)
     job_id = worker.repo.job_for_session(ended)["id"]
     worker.repo.fail_job(job_id, "it ended elsewhere")
