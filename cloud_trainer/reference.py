@@ -869,6 +869,15 @@ class ReferenceLibrary:
         self, name: str, text: str, *, source: str = "corrections"
     ) -> ReferenceDance:
         base = self.get(name)
+        # A file made from a version's template says which: its frame numbers are that
+        # version's, and a drop since then moved them (applying it twice dropped twice).
+        made_for = _TEMPLATE_HEADER.search(text)
+        if made_for and (made_for.group(1), int(made_for.group(2))) != (name, base.version):
+            raise BadInput(
+                f"{source} was made for {made_for.group(1)} v{made_for.group(2)}, but {name} is "
+                f"now at v{base.version}, whose frame numbers may differ: start from "
+                f"v{base.version}'s corrections-template.yaml (booth reference show {name} --qa DIR)"
+            )
         c = corr.parse(text, len(base), source=source)
         poses, kept = corr.apply(base.poses, c)
         touched = corr.touched_frames(c, len(base))
@@ -912,6 +921,10 @@ class ReferenceLibrary:
             ref, frames, thumb, corrected=touched[kept], corrections_text=c.to_yaml()
         )
         return ref
+
+
+# The first line of a corrections template (corrections.template).
+_TEMPLATE_HEADER = re.compile(r"^# Corrections for reference '([^']+)' v(\d+)\.", re.MULTILINE)
 
 
 def _check_usable(poses: np.ndarray, what: str) -> None:

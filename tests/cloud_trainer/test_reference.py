@@ -121,12 +121,17 @@ def test_correction_bumps_the_version_and_clears_the_flags(added, tmp_path):
     flagged = np.flatnonzero(ref.flagged)
     good = tmp_path / "fix.yaml"
     good.write_text(
+        "# Corrections for reference 'salsa' v1. Uncomment or edit, then run:\n"  # the template's
         f"- interpolate: [{flagged.min()}, {flagged.max()}]\n"
         "- {frame: 2, joint: left_wrist, x: 150, y: 90}\n"
         "- drop: [0, 0]\n"
     )
     v2 = lib.correct("salsa", good)
     assert v2.version == 2 and lib.versions("salsa") == [1, 2]
+    # The same file again would drop frame 0 of v2 (v1's frame 1): refused, saying why.
+    with pytest.raises(BadInput, match=r"made for salsa v1, but salsa is now at v2"):
+        lib.correct("salsa", good)
+    assert lib.versions("salsa") == [1, 2]
     assert len(v2) == 23 and v2.frame_index[0] == 1
     assert v2.flagged.sum() == 0 and v2.status == "ready"
     np.testing.assert_allclose(v2.poses[1, 9], (150, 90, 1))
