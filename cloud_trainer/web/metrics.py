@@ -59,25 +59,17 @@ class BoothCollector:
             labels=["camera", "consumer"],
         )
         online = GaugeMetricFamily("booth_agents_online", f"Agents seen in the last {ONLINE_S:g} s")
-        agent_up = GaugeMetricFamily(
-            "booth_agent_up",
-            f"1 if the camera's agent reported in the last {ONLINE_S:g} s (alert on 0)",
-            labels=["camera"],
-        )
-        seen_age = GaugeMetricFamily(
-            "booth_agent_last_seen_age_seconds",
-            "Seconds since the camera's agent last reported",
-            labels=["camera"],
-        )
-        behind = GaugeMetricFamily(
-            "booth_agent_upload_behind",
-            "1 if the camera's spool is over budget: capture goes on to local MP4 only",
-            labels=["camera"],
-        )
-        spool = GaugeMetricFamily(
-            "booth_agent_spool_bytes",
-            "Bytes waiting in the camera's upload spool (last status)",
-            labels=["camera"],
+        agent_up, seen_age, behind, spool = (
+            GaugeMetricFamily(f"booth_agent_{name}", text, labels=["camera"])
+            for name, text in (
+                ("up", f"1 if the camera's agent reported in the last {ONLINE_S:g} s (alert on 0)"),
+                ("last_seen_age_seconds", "Seconds since the camera's agent last reported"),
+                (
+                    "upload_behind",
+                    "1 if the camera's spool is over budget: capture goes on to local MP4 only",
+                ),
+                ("spool_bytes", "Bytes waiting in the camera's upload spool (last status)"),
+            )
         )
         depth = GaugeMetricFamily(
             "booth_queue_depth", "Training jobs waiting or running", labels=["state"]

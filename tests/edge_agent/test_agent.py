@@ -373,13 +373,26 @@ def test_agent_captures_the_synthetic_booth_camera(tmp_path):
     assert summary.pose["coverage"] == 1.0 and summary.ok
 
 
+def booth_agent(cfg: Path, *flags: str):
+    """``booth agent --config cfg`` as its own process group (so a test can end it all)."""
+    import subprocess
+    import sys
+
+    return subprocess.Popen(
+        [sys.executable, "-m", "cloud_trainer.cli", "agent", "--config", str(cfg), *flags],
+        cwd=Path(__file__).resolve().parents[2],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+
+
 def test_booth_agent_process_keeps_serving_status_with_a_missing_camera_until_sigterm(
     tmp_path, get_free_port
 ):
     import os
     import signal
-    import subprocess
-    import sys
 
     port = get_free_port()
     cfg = tmp_path / "booth.yaml"
@@ -389,14 +402,7 @@ def test_booth_agent_process_keeps_serving_status_with_a_missing_camera_until_si
         f"  capture: {{out_dir: {tmp_path / 'out'}, min_free_disk_mb: 0}}\n"
         f"  status_port: {port}\n"
     )
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "cloud_trainer.cli", "agent", "--config", str(cfg), "--offline"],
-        cwd=Path(__file__).resolve().parents[2],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+    proc = booth_agent(cfg, "--offline")
     try:
 
         def serving() -> bool:
@@ -424,7 +430,6 @@ def test_a_connected_agents_status_says_whether_the_cloud_answers(tmp_path, get_
     import os
     import signal
     import subprocess
-    import sys
 
     port, nobody = get_free_port(), get_free_port()  # nothing listens on the second
     cfg = tmp_path / "booth.yaml"
@@ -436,14 +441,7 @@ def test_a_connected_agents_status_says_whether_the_cloud_answers(tmp_path, get_
         f"  uplink: {{address: '127.0.0.1:{nobody}', token: a-real-token-for-this-test,"
         f" spool_dir: {tmp_path / 'spool'}}}\n"
     )
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "cloud_trainer.cli", "agent", "--config", str(cfg)],
-        cwd=Path(__file__).resolve().parents[2],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+    proc = booth_agent(cfg)
     try:
 
         def cloud() -> dict | None:
