@@ -10,7 +10,8 @@ Each mode is timed twice and the faster pass kept, since the machine is shared.
 Baseline measured in the same pass: the time spent inside the models' ``invoke`` gives
 ``model_only_fps_full``/``_tracking`` (what a zero-overhead pipeline would reach);
 ``overhead_frac`` is the share of ``estimate`` time spent outside the models
-(warps, input conversion, decoding, copies).
+(warps, input conversion, copies). Frames go in as rendered RGB: the agent's JPEG
+decode (and its compression artefacts) is not in these numbers.
 
 Accuracy, on the tracking-mode output (the agent's default) and on joints the ground
 truth marks visible: ``detect_rate`` = frames with a detection / frames with a person;
