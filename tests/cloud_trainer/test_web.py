@@ -846,3 +846,23 @@ def test_readyz_says_not_ready_when_the_blob_store_hangs(client, booth, monkeypa
         released.set()
     assert r.status_code == 503
     assert r.json() == {"ready": False, "database": "ok", "storage": "error: no answer in 0.2 s"}
+
+
+def test_the_tablet_says_which_references_still_need_review(booth):
+    refs = [
+        {"name": "salsa", "title": "salsa", "version": 2, "thumbnail_url": None, "flagged": 3},
+        {"name": "tango", "title": "tango", "version": 1, "thumbnail_url": None, "flagged": 0},
+    ]
+    app = create_app(
+        booth.settings,
+        repo=booth.repo,
+        store=booth.store,
+        references=lambda: refs,
+        deliverer=None,
+    )
+    with TestClient(app, client=LOCAL) as c:
+        log_in(c)
+        page = c.get("/").text
+    salsa = page[page.index('value="salsa"') : page.index('value="tango"')]
+    assert "needs review: 3 flagged frames" in salsa
+    assert "needs review" not in page[page.index('value="tango"') :]
