@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,25 +39,43 @@ class CapturedFrame:
 class DeviceBuffers:
     """A camera driver's frame buffers, for a replayed camera whose reader may fall behind.
 
-    Frame ``i`` arrives at ``due(i)``. A driver holds at most ``capacity`` frames
-    the reader has not taken yet; one that arrives while they are all full is
-    lost (counted in ``lost``), as a V4L2 driver drops it. Arrivals are settled
-    when the reader comes back (``settle(now)``): buffers empty only when it
+    Frame ``i`` arrives at ``start_ns + i * period_ns`` (``due``). A driver holds at
+    most ``capacity`` frames the reader has not taken yet; one that arrives while
+    they are all full is lost (counted in ``lost``), as a V4L2 driver drops it.
+    Arrivals are settled when the reader comes back: buffers empty only when it
     reads, so this gives the same frames as a driver would. ``total`` frames
     arrive, or frames without end when it is None.
     """
 
-    def __init__(self, capacity: int, due: Callable[[int], int], total: int | None) -> None:
+    def __init__(self, capacity: int, start_ns: int, period_ns: float, total: int | None) -> None:
         if capacity < 1:
             raise ValueError(f"a camera needs at least one buffer, got {capacity}")
         self.capacity = capacity
-        self.due = due
+        self.start_ns = start_ns
+        self.period_ns = period_ns
         self.total = total
         self.lost = 0
         self.arriving = 0  # the next frame to arrive
         self._queued: deque[int] = deque()
 
-    def settle(self, now_ns: int) -> None:
+    def due(self, seq: int) -> int:
+        return self.start_ns + round(seq * self.period_ns)
+
+    def arrivals(
+        self,
+        now_ns: Callable[[], int],
+        wait_until: Callable[[int], None],
+        stopped: Callable[[], bool] = lambda: False,
+    ) -> Iterator[int]:
+        """The frames the reader gets, in order, as it asks for them (it may ask late)."""
+        while not stopped() and not self._ended():
+            self._settle(now_ns())
+            if not self._queued:
+                wait_until(self.due(self.arriving))
+                continue
+            yield self._queued.popleft()
+
+    def _settle(self, now_ns: int) -> None:
         while (self.total is None or self.arriving < self.total) and self.due(
             self.arriving
         ) <= now_ns:
@@ -67,12 +85,7 @@ class DeviceBuffers:
                 self.lost += 1
             self.arriving += 1
 
-    def take(self) -> int | None:
-        """The oldest buffered frame, or None if none is waiting."""
-        return self._queued.popleft() if self._queued else None
-
-    @property
-    def ended(self) -> bool:
+    def _ended(self) -> bool:
         """Every frame has arrived and been taken or lost."""
         return self.total is not None and self.arriving >= self.total and not self._queued
 

@@ -64,12 +64,7 @@ def rate_warning(what: str, asked: float, granted: Granted) -> str | None:
 
 
 def paced(
-    jpegs: Iterable[bytes],
-    fps: float,
-    clock: BoothClock,
-    *,
-    realtime: bool = True,
-    device: Callable[[Callable[[int], int]], DeviceBuffers] | None = None,
+    jpegs: Iterable[bytes], fps: float, clock: BoothClock, *, realtime: bool = True
 ) -> Iterator[CapturedFrame]:
     """Yield ``jpegs`` as frames at exactly ``fps`` (or as fast as possible).
 
@@ -77,36 +72,23 @@ def paced(
     ones after it: the rate is exact over the take, and jitter never accumulates.
     In real time, a frame is stamped with its due time, as a camera with its own
     clock stamps the exposure however late the frame is read; as fast as
-    possible, it is stamped on delivery. ``device`` (real time only) builds the
-    driver's buffers from the schedule: a reader that falls further behind than
-    they hold loses frames, as on a real camera.
+    possible, it is stamped on delivery.
     """
     period_ns = 1e9 / fps
     start = time.monotonic_ns()
-    if not realtime:
-        for seq, jpeg in enumerate(jpegs):
-            yield CapturedFrame(seq, clock.now_ns(), jpeg)
-        return
-
-    def due(seq: int) -> int:
-        return start + round(seq * period_ns)
-
-    if device is None:
-        for seq, jpeg in enumerate(jpegs):
-            delay_ns = due(seq) - time.monotonic_ns()
+    for seq, jpeg in enumerate(jpegs):
+        if realtime:
+            due = start + round(seq * period_ns)
+            delay_ns = due - time.monotonic_ns()
             if delay_ns > 0:
                 time.sleep(delay_ns / 1e9)
-            yield CapturedFrame(seq, clock.from_monotonic_ns(due(seq)), jpeg)
-        return
-    frames = list(jpegs)
-    buffers = device(due)
-    while not buffers.ended:
-        buffers.settle(time.monotonic_ns())
-        seq = buffers.take()
-        if seq is None:
-            time.sleep(max(0, due(buffers.arriving) - time.monotonic_ns()) / 1e9)
-            continue
-        yield CapturedFrame(seq, clock.from_monotonic_ns(due(seq)), frames[seq])
+            yield CapturedFrame(seq, clock.from_monotonic_ns(due), jpeg)
+        else:
+            yield CapturedFrame(seq, clock.now_ns(), jpeg)
+
+
+def _sleep_until(deadline_ns: int) -> None:
+    time.sleep(max(0, deadline_ns - time.monotonic_ns()) / 1e9)
 
 
 class ReplayCamera:
@@ -148,16 +130,17 @@ class ReplayCamera:
         return self._device.lost if self._device is not None else 0
 
     def frames(self) -> Iterator[CapturedFrame]:
-        device = None
-        if self.device_buffers is not None:
-            n, capacity = len(self.jpegs), self.device_buffers
-
-            def device(due: Callable[[int], int]) -> DeviceBuffers:
-                self._device = DeviceBuffers(capacity, due, n)
-                return self._device
-
-        return paced(
-            self.jpegs, self._granted.fps, self.clock, realtime=self.realtime, device=device
+        """``paced``; with ``device_buffers`` (real time), through a driver's buffers: a
+        reader that falls further behind than they hold loses frames, as on a camera."""
+        if self.device_buffers is None or not self.realtime:
+            return paced(self.jpegs, self._granted.fps, self.clock, realtime=self.realtime)
+        device = DeviceBuffers(
+            self.device_buffers, time.monotonic_ns(), 1e9 / self._granted.fps, len(self.jpegs)
+        )
+        self._device = device
+        return (
+            CapturedFrame(seq, self.clock.from_monotonic_ns(device.due(seq)), self.jpegs[seq])
+            for seq in device.arrivals(time.monotonic_ns, _sleep_until)
         )
 
     def close(self) -> None:

@@ -179,21 +179,15 @@ class SyntheticCamera:
         self._stop.clear()
         restore = _enter_realtime() if realtime else None
         try:
-            period_ns = 1e9 / self.fps
-            start = self._clock()
-
-            def due(seq: int) -> int:
-                return start + round(seq * period_ns)
-
-            device = DeviceBuffers(self.cfg.device_buffers, due, None if loop else self.num_frames)
+            device = DeviceBuffers(
+                self.cfg.device_buffers,
+                self._clock(),
+                1e9 / self.fps,
+                None if loop else self.num_frames,
+            )
             self._device = device
-            while not self._stop.is_set() and not device.ended:
-                device.settle(self._clock())
-                seq = device.take()
-                if seq is None:
-                    self._wait_until(due(device.arriving))
-                    continue
-                yield CapturedFrame(seq, due(seq), self._jpegs[seq % self.num_frames])
+            for seq in device.arrivals(self._clock, self._wait_until, self._stop.is_set):
+                yield CapturedFrame(seq, device.due(seq), self._jpegs[seq % self.num_frames])
         finally:
             if restore is not None:
                 os.sched_setscheduler(0, *restore)
