@@ -21,6 +21,7 @@ label map produces garbage from another, so a mismatch is refused, never rendere
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -665,14 +666,13 @@ def warp_masks(
         yield framing.crop_mask(full.astype(np.float32) / 255.0, size_px)
 
 
-def _reference_audio(library: Any, reference: Any, result: RenderResult) -> None:
-    """The reference's music under the rendered videos, where it lines up with them.
+def _reference_audio(source: Path, reference: Any, result: RenderResult) -> None:
+    """The reference's music (from its ``source`` video) under the rendered videos, where
+    it lines up with them.
 
     Frames the corrections dropped from the middle of a reference would put the music
     out of step with the dance from there on: such a video stays silent.
     """
-    if "source_key" not in reference.meta:
-        return
     index = np.asarray(reference.frame_index)
     if len(index) and not np.array_equal(index, np.arange(index[0], index[0] + len(index))):
         log.info(
@@ -683,10 +683,9 @@ def _reference_audio(library: Any, reference: Any, result: RenderResult) -> None
         return
     start_s = float(index[0]) / reference.fps if len(index) else 0.0
     duration_s = result.frames / result.fps
-    with library.source_file(reference) as src:
-        for path in (result.video_path, result.side_by_side_path):
-            if path is not None and not add_audio(path, src, start_s, duration_s):
-                return  # no audio track in the reference: nothing to add to either
+    for path in (result.video_path, result.side_by_side_path):
+        if path is not None and not add_audio(path, source, start_s, duration_s):
+            return  # no audio track in the reference: nothing to add to either
 
 
 def render_session(
@@ -742,14 +741,25 @@ def render_session(
     full = norm.apply(reference.poses)
     crop = np.stack([framing.to_crop(p, size) for p in full])
     masks = warp_masks(reference, norm, framing, size) if generator.label_map == "parts" else None
-    panels = None
-    if side_by_side and library is not None:
-        ref_framing = reference.framing()
-        panels = (ref_framing.crop(rgb, size) for rgb in library.source_frames(reference))
     prefix = f"sessions/{session_id}/video"
     if scratch_dir is not None:
         Path(scratch_dir).mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="booth-render-", dir=scratch_dir) as tmp:
+    with contextlib.ExitStack() as stack:
+        # The reference's own video, fetched once: its frames for the side-by-side, its
+        # music for both videos.
+        source = None
+        if library is not None:
+            source = stack.enter_context(library.source_file(reference))
+        panels = None
+        if side_by_side and source is not None:
+            ref_framing = reference.framing()
+            panels = (
+                ref_framing.crop(rgb, size)
+                for rgb in iter_decoded(source, reference.frame_index.tolist())
+            )
+        tmp = stack.enter_context(
+            tempfile.TemporaryDirectory(prefix="booth-render-", dir=scratch_dir)
+        )
         result = render_video(
             generator,
             crop,
@@ -760,8 +770,8 @@ def render_session(
             batch=batch,
             crf=crf,
         )
-        if library is not None:
-            _reference_audio(library, reference, result)
+        if source is not None:
+            _reference_audio(source, reference, result)
         keys: dict[str, str | None] = {
             "video_key": f"{prefix}/final.mp4",
             "poster_key": f"{prefix}/poster.jpg",
