@@ -625,10 +625,7 @@ class ReferenceLibrary:
         if corrections_text is not None:
             self.store.put(f"{d}/corrections.yaml", corrections_text.encode(), "text/yaml")
         self.store.put(f"{d}/qa/trajectories.png", trajectories_png(ref, corrected), "image/png")
-        flagged = np.flatnonzero(ref.flagged).tolist()
-        if len(flagged) > CONTACT_SHEET_MAX:
-            pick = np.linspace(0, len(flagged) - 1, CONTACT_SHEET_MAX).round().astype(int)
-            flagged = [flagged[i] for i in pick]
+        flagged = _sheet_frames(ref.flagged).tolist()
         self.store.put(
             f"{d}/qa/flagged.jpg", _jpeg(contact_sheet(frames, ref, flagged)), "image/jpeg"
         )
@@ -753,14 +750,9 @@ class ReferenceLibrary:
         """Source frames of the flagged poses (a second decode pass: flags come after smoothing)."""
         from cloud_trainer.render import iter_decoded
 
-        # Only the frames the contact sheet shows (_write_version picks the same ones):
-        # a long reference's flagged frames, all decoded at full size, ran to gigabytes.
-        flagged = np.flatnonzero(ref.flagged)
-        if len(flagged) > CONTACT_SHEET_MAX:
-            flagged = flagged[
-                np.linspace(0, len(flagged) - 1, CONTACT_SHEET_MAX).round().astype(int)
-            ]
-        wanted = sorted({int(ref.frame_index[i]) for i in flagged})
+        # Only the frames the contact sheet shows: a long reference's flagged frames, all
+        # decoded at full size, ran to gigabytes.
+        wanted = sorted({int(ref.frame_index[i]) for i in _sheet_frames(ref.flagged)})
         if not wanted:
             return {}
         return dict(zip(wanted, iter_decoded(path, wanted), strict=False))
@@ -921,6 +913,14 @@ class ReferenceLibrary:
             ref, frames, thumb, corrected=touched[kept], corrections_text=c.to_yaml()
         )
         return ref
+
+
+def _sheet_frames(flagged: np.ndarray) -> np.ndarray:
+    """The flagged frames the QA contact sheet shows: all, or CONTACT_SHEET_MAX evenly spread."""
+    idx = np.flatnonzero(flagged)
+    if len(idx) > CONTACT_SHEET_MAX:
+        idx = idx[np.linspace(0, len(idx) - 1, CONTACT_SHEET_MAX).round().astype(int)]
+    return idx
 
 
 # The first line of a corrections template (corrections.template).
