@@ -643,8 +643,9 @@ class Worker:
                 "with their head and both feet in it, and no take has one (check that the "
                 "cameras frame the booth from head height to the floor)"
             )
+        library = ReferenceLibrary(self.store)
         try:
-            reference = ReferenceLibrary(self.store).get(session["reference_name"])
+            reference = library.get(session["reference_name"])
         except BoothError as e:  # gone, or never there: no use training for it
             raise BoothError(f"the reference dance cannot be used: {e}") from None
         if not shows_whole_body(reference.poses):
@@ -678,7 +679,6 @@ class Worker:
         if self.repo.get_session(sid)["state"] == State.TRAINING.value:
             self.repo.transition(sid, State.RENDERING)
         self.repo.set_progress(sid, stage="rendering", eta_s=None)
-        library = ReferenceLibrary(self.store)
         generator = render.load_generator(result.export_dir, label_map=cfg.trainer.label_map)
         source, framing = render_source(takes, generator)
         keys = render.render_session(
