@@ -131,14 +131,13 @@ def measure(poses: np.ndarray, min_score: float = 0.0, fps: float = DEFAULT_FPS)
     floor, height = floor[ok], height[ok]
     far, close = np.percentile(floor, _RANGE_PCT)
     standing = float(np.percentile(height, _HEIGHT_PCT))
-    h_far = h_close = standing
-    if close - far >= _MIN_DEPTH_RANGE * standing:
+    walk = close - far >= _MIN_DEPTH_RANGE * standing
+    if walk:
         band = _BAND * (close - far)
         h_far = float(np.percentile(height[floor <= far + band], _HEIGHT_PCT))
         h_close = float(np.percentile(height[floor >= close - band], _HEIGHT_PCT))
-    if not (
-        close - far >= _MIN_DEPTH_RANGE * standing and h_close >= h_far * _MIN_PERSPECTIVE_GAIN
-    ):
+        walk = h_close >= h_far * _MIN_PERSPECTIVE_GAIN
+    if not walk:
         # No walk in depth (or none that perspective confirms): one place, one scale.
         h_far = h_close = standing
         far = close = float(np.median(floor))
