@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
-from concurrent.futures import ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
+from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Request, Response
 from fastapi.responses import PlainTextResponse
 from sqlalchemy import text
-from sqlalchemy.exc import SQLAlchemyError
 
 from cloud_trainer.web.deps import ServicesDep
 from cloud_trainer.web.metrics import render
@@ -48,15 +46,15 @@ def readyz(services: ServicesDep, response: Response):
     running = {
         name: _CHECKS.submit(fn) for name, fn in (("database", database), ("storage", storage))
     }
+    wait(running.values(), timeout=READY_CHECK_S)  # one deadline for both
     checks = {}
     for name, future in running.items():
-        try:
-            future.result(timeout=READY_CHECK_S)
-            checks[name] = "ok"
-        except FutureTimeout:
+        if not future.done():
             checks[name] = f"error: no answer in {READY_CHECK_S:g} s"
-        except (SQLAlchemyError, Exception) as e:  # any backend failure: report its type
+        elif (e := future.exception()) is not None:  # any backend failure: report its type
             checks[name] = f"error: {e.__class__.__name__}"
+        else:
+            checks[name] = "ok"
     ready = all(v == "ok" for v in checks.values())
     response.status_code = 200 if ready else 503
     return {"ready": ready, **checks}
