@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from types import SimpleNamespace
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -99,8 +100,20 @@ class BoothCollector:
         db_up = GaugeMetricFamily(
             "booth_database_up", "1 if the metrics could be read from the database"
         )
-        gauges = (drops, online, agent_up, seen_age, behind, spool)
-        gauges += (depth, oldest_job, emails_waiting, oldest_email, by_state)
+        # What is true now, read from the live rows (``_gauges``), by name.
+        gauges = SimpleNamespace(
+            drops=drops,
+            online=online,
+            agent_up=agent_up,
+            seen_age=seen_age,
+            behind=behind,
+            spool=spool,
+            depth=depth,
+            oldest_job=oldest_job,
+            emails_waiting=emails_waiting,
+            oldest_email=oldest_email,
+            by_state=by_state,
+        )
         try:
             counts = self.repo.counter_values()
             for family, name in (
@@ -112,28 +125,15 @@ class BoothCollector:
             ):
                 for label, value in sorted(counts.get(name, {}).items()):
                     family.add_metric([label], value)
-            self._gauges(*gauges)
+            self._gauges(gauges)
             db_up.add_metric([], 1)
         except SQLAlchemyError as e:
             # No samples would silence every threshold alert: say the database is down.
             log.warning("metrics: database unavailable: %s", e)
             db_up.add_metric([], 0)
-        yield from (frames, lost, stage, stage_n, emails, *gauges, db_up)
+        yield from (frames, lost, stage, stage_n, emails, *vars(gauges).values(), db_up)
 
-    def _gauges(
-        self,
-        drops,
-        online,
-        agent_up,
-        seen_age,
-        behind,
-        spool,
-        depth,
-        oldest_job,
-        emails_waiting,
-        oldest_email,
-        by_state,
-    ) -> None:
+    def _gauges(self, g: SimpleNamespace) -> None:
         """What is true now (live rows): deletions may and should lower these."""
         ours = (lambda c: c == self.booth_id) if self.booth_id else (lambda c: c.is_not(None))
         booth_sessions = select(sessions.c.id).where(ours(sessions.c.booth_id))
@@ -148,18 +148,18 @@ class BoothCollector:
                 status = row.status or {}
                 cam = [row.camera_id]
                 for consumer in ("capture", "pose", "stream"):
-                    drops.add_metric(
+                    g.drops.add_metric(
                         [row.camera_id, consumer],
                         float(status.get(f"{consumer}_dropped", 0) or 0),
                     )
                 up = bool(row.last_seen and now - row.last_seen < ONLINE_S)
                 n_online += up
-                agent_up.add_metric(cam, float(up))
+                g.agent_up.add_metric(cam, float(up))
                 if row.last_seen:
-                    seen_age.add_metric(cam, max(0.0, now - row.last_seen))
-                behind.add_metric(cam, float(bool(status.get("upload_behind"))))
-                spool.add_metric(cam, float(status.get("spool_bytes") or 0))
-            online.add_metric([], n_online)
+                    g.seen_age.add_metric(cam, max(0.0, now - row.last_seen))
+                g.behind.add_metric(cam, float(bool(status.get("upload_behind"))))
+                g.spool.add_metric(cam, float(status.get("spool_bytes") or 0))
+            g.online.add_metric([], n_online)
             live = {state: 0 for state in LIVE_JOB_STATES}
             for state, n in conn.execute(
                 select(jobs.c.state, func.count())
@@ -168,26 +168,26 @@ class BoothCollector:
             ):
                 live[state] = n
             for state, n in live.items():
-                depth.add_metric([state], n)
+                g.depth.add_metric([state], n)
             first = conn.execute(
                 select(func.min(jobs.c.created_at)).where(
                     jobs.c.state == "queued", jobs.c.session_id.in_(booth_sessions)
                 )
             ).scalar()
-            oldest_job.add_metric([], max(0.0, now - first) if first else 0.0)
+            g.oldest_job.add_metric([], max(0.0, now - first) if first else 0.0)
             waiting = outbox.c.state.not_in(FINAL) & outbox.c.session_id.in_(booth_sessions)
             for state, n in conn.execute(
                 select(outbox.c.state, func.count()).where(waiting).group_by(outbox.c.state)
             ):
-                emails_waiting.add_metric([state], n)
+                g.emails_waiting.add_metric([state], n)
             first = conn.execute(select(func.min(outbox.c.created_at)).where(waiting)).scalar()
-            oldest_email.add_metric([], max(0.0, now - first) if first else 0.0)
+            g.oldest_email.add_metric([], max(0.0, now - first) if first else 0.0)
             for state, n in conn.execute(
                 select(sessions.c.state, func.count())
                 .where(ours(sessions.c.booth_id))
                 .group_by(sessions.c.state)
             ):
-                by_state.add_metric([state], n)
+                g.by_state.add_metric([state], n)
 
 
 def make_registry(repo: Repository, booth_id: str | None = None) -> CollectorRegistry:
