@@ -384,9 +384,15 @@ class Worker:
             return False
         from cloud_trainer.train import Interrupted  # TensorFlow: only once a job runs
 
+        clock = StageClock()
         try:
             with lease.keep_alive(also=lambda: self._still_ours(job_id)):
-                self._run(session, job_id, lease)
+                try:
+                    self._run(session, job_id, lease, clock)
+                finally:
+                    # Every attempt's time counts, failed and handed-back ones too: the
+                    # metric is where the workers' hours go, not only the good jobs'.
+                    self._record_stage_seconds(job_id, clock)
             lease.ack()
         except GONE:
             self._forget(session_id, job_id)
@@ -575,7 +581,20 @@ class Worker:
         if work_dir.exists():
             shutil.rmtree(work_dir, ignore_errors=True)
 
-    def _run(self, session: dict[str, Any], job_id: str, lease) -> None:
+    def _record_stage_seconds(self, job_id: str, clock: StageClock) -> None:
+        clock.enter(None)
+        if not clock.seconds:
+            return
+        try:
+            self.repo.update_job_progress(job_id, stage_seconds=clock.seconds)
+        except (SessionNotFound, JobNotFound):
+            pass  # deleted meanwhile: its time is not kept
+        except Exception as e:  # a metric: never the reason a job fails
+            log.warning(
+                "could not record stage seconds", extra={"job_id": job_id, "error": repr(e)}
+            )
+
+    def _run(self, session: dict[str, Any], job_id: str, lease, clock: StageClock) -> None:
         from cloud_trainer import render
         from cloud_trainer.corpus import TrainingFailed
         from cloud_trainer.deliver import Deliverer
@@ -587,7 +606,7 @@ class Worker:
         cfg = self.settings
         if session["state"] == State.UPLOADED.value:
             self.repo.transition(sid, State.TRAINING, detail=f"worker {self.worker_id}")
-        clock = StageClock()
+        clock.enter("loading")  # reading the takes is loading, as the trainer's corpus is
         started_at = time.monotonic()  # reading the take counts in the training budget
         last_plot = [0.0]
         history: list[dict[str, float]] = []
@@ -707,7 +726,7 @@ class Worker:
         # The link itself is not kept (only its hash is): it went to the attendee by email.
         self.repo.set_progress(sid, stage="delivered", eta_s=0)
         clock.enter(None)
-        self.repo.update_job_progress(job_id, stage="done", stage_seconds=clock.seconds)
+        self.repo.update_job_progress(job_id, stage="done")
         self.repo.finish_job(
             job_id, metrics={"score": quality, "steps": result.steps}, model_key=result.model_prefix
         )

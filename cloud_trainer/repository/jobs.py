@@ -194,7 +194,8 @@ class JobsRepo:
         metrics: dict[str, Any] | None = None,
         stage_seconds: dict[str, float] | None = None,
     ) -> None:
-        """Set the given fields; ``metrics`` and ``stage_seconds`` merge into what is stored."""
+        """Set the given fields. ``metrics`` merges into what is stored; ``stage_seconds``
+        adds to it (each attempt at a job reports the seconds it spent)."""
         with self.engine.begin() as conn:
             row = self._locked(conn, job_id, jobs.c.metrics, jobs.c.stage_seconds)
             values: dict[str, Any] = {
@@ -210,7 +211,10 @@ class JobsRepo:
             if metrics:
                 values["metrics"] = {**(row.metrics or {}), **metrics}
             if stage_seconds:
-                values["stage_seconds"] = {**(row.stage_seconds or {}), **stage_seconds}
+                total = dict(row.stage_seconds or {})
+                for stage, seconds in stage_seconds.items():
+                    total[stage] = float(total.get(stage, 0.0)) + float(seconds)
+                values["stage_seconds"] = total
             if values:
                 conn.execute(update(jobs).where(jobs.c.id == job_id).values(**values))
 

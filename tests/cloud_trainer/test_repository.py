@@ -385,6 +385,9 @@ def test_job_lifecycle_records_progress_and_result(repo):
     )
     assert job["metrics"] == {"loss_g": [1.0], "loss_l1": [0.5]}
     assert job["stage_seconds"] == {"loading": 1.5, "training": 60.0}
+    # A second attempt's seconds add to the first's.
+    repo.update_job_progress(job_id, stage_seconds={"training": 30.0})
+    assert repo.get_job(job_id)["stage_seconds"] == {"loading": 1.5, "training": 90.0}
 
     repo.finish_job(job_id, model_key="sessions/s/model/generator", metrics={"ssim": 0.61})
     job = repo.get_job(job_id)

@@ -864,3 +864,24 @@ def test_a_crash_tells_staff_what_to_do_and_the_log_where_to_look(booth, caplog)
     logged = [r for r in caplog.records if ref in r.getMessage()]
     assert logged and logged[0].exc_info is not None
     worker.queue.close()
+
+
+def test_a_failed_attempts_stage_seconds_are_recorded_too(booth):
+    """``booth_job_stage_seconds`` is where the workers' time goes: an attempt that crashed
+    spent its loading and training time as surely as one that delivered."""
+    worker, _ = booth
+    worker.queue = create_job_queue(worker.settings.queue.model_copy(update={"max_attempts": 1}))
+    sid = uploaded_session(worker)
+
+    def crash(session_id: str, at: str) -> None:
+        if at == "training":
+            raise KeyError("left_ankle")
+
+    worker.repo.on_stage = crash
+    assert worker.run_once(timeout_s=5.0) is True
+    job = worker.repo.job_for_session(sid)
+    assert job["state"] == "failed"
+    seconds = job["stage_seconds"]
+    assert set(seconds) == {"loading", "training"}
+    assert seconds["loading"] > 0
+    worker.queue.close()
