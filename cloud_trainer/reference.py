@@ -767,10 +767,16 @@ class ReferenceLibrary:
         return self._thumbnail(rgb, ref.poses, *ref.frame_size)
 
     @contextlib.contextmanager
-    def source_file(self, ref: ReferenceDance) -> Iterator[Path]:
-        """The reference's source video as a local file, for as long as the block runs."""
+    def source_file(
+        self, ref: ReferenceDance, scratch_dir: str | Path | None = None
+    ) -> Iterator[Path]:
+        """The reference's source video as a local file, for as long as the block runs.
+
+        ``scratch_dir``: where to put it (a job's work directory, on the disk sized for
+        jobs) instead of the system's temporary directory, often a small tmpfs.
+        """
         key = ref.meta["source_key"]
-        with tempfile.TemporaryDirectory(prefix="booth-ref-") as tmp:
+        with tempfile.TemporaryDirectory(prefix="booth-ref-", dir=scratch_dir) as tmp:
             path = Path(tmp) / Path(key).name
             self.store.download(key, str(path))
             yield path

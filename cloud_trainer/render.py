@@ -749,7 +749,7 @@ def render_session(
         # music for both videos.
         source = None
         if library is not None:
-            source = stack.enter_context(library.source_file(reference))
+            source = stack.enter_context(library.source_file(reference, scratch_dir))
         panels = None
         if side_by_side and source is not None:
             ref_framing = reference.framing()

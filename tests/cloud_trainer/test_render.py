@@ -145,12 +145,22 @@ def test_render_session_stores_video_poster_and_side_by_side(
         return real_render_video(generator, crop, fps, out_dir, **kw)
 
     monkeypatch.setattr(render, "render_video", spy)
+    fetched_to = []
+    real_download = library.store.download
+
+    def download(key, path):
+        fetched_to.append(Path(path))
+        return real_download(key, path)
+
+    monkeypatch.setattr(library.store, "download", download)
     scratch = tmp_path / "job-s1"
     keys = render.render_session(
         library.store, "s1", generator, ref, take, framing, library=library, scratch_dir=scratch
     )
     # Made in the job's directory (which the worker sweeps), and cleaned up after.
     assert made_in and made_in[0].parent == scratch and list(scratch.iterdir()) == []
+    # The reference's source video too (it can be large; the system's /tmp is often small).
+    assert len(fetched_to) == 1 and fetched_to[0].parent.parent == scratch
     assert keys == {
         "video_key": "sessions/s1/video/final.mp4",
         "poster_key": "sessions/s1/video/poster.jpg",
