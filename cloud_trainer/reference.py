@@ -581,7 +581,7 @@ class ReferenceLibrary:
             out.append(
                 {
                     "name": name,
-                    "title": _title(name),
+                    "title": title(name),
                     "version": latest,
                     "thumbnail_url": self._thumbs.get(thumb_key),
                     "flagged": int(meta.get("flagged") or 0),
@@ -592,7 +592,7 @@ class ReferenceLibrary:
                 out.append(
                     {
                         "name": SYNTHETIC + dance,
-                        "title": _title(SYNTHETIC + dance),
+                        "title": title(SYNTHETIC + dance),
                         "version": None,
                         "thumbnail_url": None,
                         "flagged": 0,
@@ -946,7 +946,7 @@ def _check_usable(poses: np.ndarray, what: str) -> None:
         )
 
 
-def _title(name: str) -> str:
+def title(name: str) -> str:
     if is_synthetic(name):
         spec = name[len(SYNTHETIC) :]
         label = f"dance #{spec}" if spec.isdigit() else spec.replace("+", " + ")

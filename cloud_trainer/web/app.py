@@ -8,11 +8,12 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import FastAPI, Request
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.responses import HTMLResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cloud_trainer.config import BoothConfig, refuse_placeholders
 from cloud_trainer.front_desk import FrontDesk
@@ -103,11 +104,13 @@ def create_app(
     @app.exception_handler(attendee.Gone)
     async def _gone(request: Request, exc: attendee.Gone):
         return templates.TemplateResponse(
-            request, "gone.html", {"message": f"Sorry: {exc}."}, status_code=410
+            request, "gone.html", attendee.gone_page(exc.reason), status_code=410
         )
 
-    @app.exception_handler(HTTPException)
-    async def _http_error(request: Request, exc: HTTPException):
+    # Starlette's class: the router's own 404 and 405 (a truncated link, an unknown
+    # path) are raised as that, not as FastAPI's subclass, and deserve the page too.
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
         wants_html = "text/html" in request.headers.get(
             "accept", ""
         ) and not request.url.path.startswith("/api/")

@@ -9,6 +9,8 @@
   inline code, so injected markup cannot run) and styles (plus storage over https
   for media), except on the API docs pages, whose Swagger and ReDoc bundles come
   from a CDN;
+- ``X-Robots-Tag: noindex``: an attendee's link posted somewhere public must not
+  put their video in a search engine;
 - HTML is ``no-store``: a shared tablet's back button does not show an attendee's
   name and email after logout;
 - HSTS when the booth's public URL is https: a browser that saw the booth once never
@@ -38,6 +40,7 @@ _ALWAYS = (
     (b"x-content-type-options", b"nosniff"),
     (b"referrer-policy", b"no-referrer"),
     (b"x-frame-options", b"DENY"),
+    (b"x-robots-tag", b"noindex, nofollow"),
 )
 
 

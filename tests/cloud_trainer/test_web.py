@@ -8,6 +8,7 @@ import urllib.request
 from collections.abc import Iterator
 
 import pytest
+import transport_helpers as th
 from fastapi.testclient import TestClient
 from gcs_signing import service_account_credentials, signed_params, signed_url_ends_at
 from staff_app import (
@@ -145,6 +146,27 @@ def test_a_refused_new_attendee_form_keeps_the_consent_tick(client):
     )
 
 
+def test_a_refused_resend_keeps_the_corrected_email_staff_typed(client, booth):
+    csrf = log_in(client)
+    sid = th.new_session(booth.repo, booth_id="booth-1")  # not delivered: resend is refused
+    r = client.post(f"/sessions/{sid}/resend", data={"email": "ada@fixed.example", "csrf": csrf})
+    assert r.status_code == 409
+    assert re.search(r'<input type="email" id="resend-email"[^>]*value="ada@fixed.example"', r.text)
+
+
+def test_a_failed_session_shows_the_stage_it_failed_in(client, booth):
+    csrf = log_in(client)
+    sid = th.new_session(booth.repo, booth_id="booth-1")
+    for state in ("capturing", "uploaded", "training"):
+        booth.repo.transition(sid, state)
+    booth.repo.fail(sid, "the trainer ran out of memory")
+    view = client.get(f"/api/sessions/{sid}", headers={"X-CSRF-Token": csrf}).json()
+    assert view["state"] == "failed" and view["stage_index"] == 3  # training
+    page = client.get(f"/sessions/{sid}").text
+    assert re.search(r'data-stage="3" class="failed"', page)
+    assert re.search(r'data-stage="2" class="done"', page)
+
+
 @pytest.mark.parametrize(
     "email", ["not-an-email", "a@b", "x@example.org\r\nBcc: evil@example.org", ""]
 )
@@ -251,8 +273,12 @@ def test_a_video_file_missing_from_storage_is_a_page_not_a_server_error(client, 
     sid, token = delivered_session(repo, store)
     store.delete(f"sessions/{sid}/video/final.mp4")  # lost, or a delete under way
     r = client.get(f"/v/{token}/video.mp4", headers={"Accept": "text/html"})
-    assert r.status_code == 404 and "missing" in r.text and "render it again" in r.text
+    assert r.status_code == 404 and "missing" in r.text and "reply to the email" in r.text
     assert client.get(f"/v/{token}/download").status_code == 404
+    # The page says so too, instead of a black player that never starts.
+    page = client.get(f"/v/{token}")
+    assert page.status_code == 200 and 'id="missing"' in page.text
+    assert "<video" not in page.text and 'id="download"' not in page.text
 
 
 def test_tampered_and_revoked_links(client, booth):
@@ -264,7 +290,39 @@ def test_tampered_and_revoked_links(client, booth):
     # A page for the attendee, not a way to the staff login.
     assert "whole link from your email" in page.text and 'href="/"' not in page.text
     links.revoke(repo, token)
-    assert client.get(f"/v/{token}").status_code == 410
+    revoked = client.get(f"/v/{token}")
+    assert revoked.status_code == 410 and "newer email" in revoked.text
+
+
+def test_an_expired_link_says_what_happened_and_what_the_attendee_can_do(client, booth):
+    repo, store = booth.repo, booth.store
+    sid, _ = delivered_session(repo, store)
+    expired = links.create_link(repo, sid, expiry_days=1, now=time.time() - 2 * 86400)
+    r = client.get(f"/v/{expired.token}")
+    assert r.status_code == 410
+    assert "time is up" in r.text and "revoked" not in r.text
+
+
+def test_a_truncated_link_or_unknown_path_is_a_page_not_json(client, booth):
+    for path in ("/v/", "/no/such/page"):
+        r = client.get(path, headers={"Accept": "text/html"})
+        assert r.status_code == 404 and r.headers["content-type"].startswith("text/html")
+        assert "Something is not right" in r.text
+    # The API keeps answering JSON.
+    r = client.get("/api/no-such-thing", headers={"Accept": "text/html"})
+    assert r.status_code == 404 and r.json() == {"detail": "Not Found"}
+
+
+def test_the_delete_url_opened_again_leads_to_the_videos_page(client, booth):
+    """After a delete the address bar shows /v/<token>/delete: reopened or shared, it is
+    the page that says the data is gone, not a "Method Not Allowed"."""
+    repo, store = booth.repo, booth.store
+    _, token = delivered_session(repo, store)
+    r = client.get(f"/v/{token}/delete", follow_redirects=False)
+    assert r.status_code == 303 and r.headers["location"] == f"/v/{token}"
+    assert client.post(f"/v/{token}/delete", data={"confirm": "yes"}).status_code == 200
+    gone = client.get(f"/v/{token}/delete")
+    assert gone.status_code == 410 and "Deleted" in gone.text
 
 
 @pytest.fixture
@@ -610,6 +668,7 @@ def test_every_response_carries_the_security_headers(client):
     assert page.headers["x-content-type-options"] == "nosniff"
     assert page.headers["referrer-policy"] == "no-referrer"
     assert page.headers["x-frame-options"] == "DENY"
+    assert page.headers["x-robots-tag"] == "noindex, nofollow"  # a shared link stays unlisted
     assert "frame-ancestors 'none'" in page.headers["content-security-policy"]
     assert page.headers["cache-control"] == "no-store"  # a shared tablet's back button
     api = client.get("/api/sessions", headers={"X-CSRF-Token": csrf})

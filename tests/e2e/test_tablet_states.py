@@ -91,3 +91,34 @@ def test_a_missing_upload_is_named_and_staff_can_go_on_without_it(tablet, browse
     assert not d.find_element(By.ID, "upload-wait").is_displayed()
     s = repo.get_session(sid)
     assert (s["state"], s["cameras"]) == ("uploaded", ["cam0"])
+
+
+def test_back_to_the_home_page_after_continue_gives_a_fresh_form(tablet, browser):
+    """Chromium brings the home page back from its back/forward cache: as it was left,
+    the last attendee's name and consent tick in it and its button stuck on "Creating…"
+    (the form counted as sent). Staff must get a blank form that works."""
+    from selenium.webdriver.common.by import By
+
+    tablet.app.state.services.references = lambda: [
+        {"name": "synthetic:warmup", "title": "Warmup", "thumbnail_url": None, "flagged": 0}
+    ]
+    d = browser
+    log_in(d, tablet.base_url)
+    consent = d.find_element(By.ID, "consent")
+    # The consent box stays a touch target beside its long text.
+    assert consent.rect["width"] >= 28 and consent.rect["height"] >= 28, consent.rect
+    d.find_element(By.ID, "name").send_keys("Ada")
+    d.find_element(By.ID, "email").send_keys("ada@example.org")
+    consent.click()
+    d.find_element(By.ID, "create").click()
+    wait_for(lambda: "/sessions/" in d.current_url, 15, "the new session's page")
+    assert len(tablet.repo.list_sessions()) == 1
+
+    d.back()
+    wait_for(lambda: d.find_elements(By.ID, "new-session"), 15, "the home page again")
+    create = d.find_element(By.ID, "create")
+    wait_for(create.is_enabled, 10, "Continue to be enabled")
+    assert create.text == "Continue"
+    assert d.find_element(By.ID, "name").get_attribute("value") == ""
+    assert not d.find_element(By.ID, "consent").is_selected()
+    assert d.execute_script("return document.getElementById('new-session').dataset.sent") is None

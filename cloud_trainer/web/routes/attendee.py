@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from typing import Annotated
+from urllib.parse import quote
 
 from fastapi import APIRouter, Form, Header, HTTPException, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response, StreamingResponse
@@ -22,7 +23,38 @@ router = APIRouter(tags=["attendee"])
 
 
 class Gone(Exception):
-    """The link existed but is expired, revoked or its data deleted (HTTP 410)."""
+    """The link existed but is expired, revoked or its data deleted (HTTP 410).
+
+    ``reason``: ``expired``, ``revoked`` or ``deleted`` (what the page says).
+    """
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+def gone_page(reason: str) -> dict[str, str]:
+    """What the attendee reads on a link that no longer works: what happened, what next."""
+    if reason == "expired":
+        return {
+            "title": "This video is no longer here",
+            "message": "Videos stay online for a limited time, and this one's time is up; "
+            "it was deleted with the rest of its data.",
+            "hint": "If you downloaded it, that copy is yours to keep.",
+        }
+    if reason == "revoked":
+        return {
+            "title": "This link no longer works",
+            "message": "The booth replaced this link, for example after the email was "
+            "sent to a corrected address.",
+            "hint": "Look for a newer email from the booth, or reply to this one.",
+        }
+    return {
+        "title": "Deleted",
+        "message": "This video and everything the booth kept of it (the frames we "
+        "captured, the trained model, the name and email) are deleted.",
+        "hint": "",
+    }
 
 
 def _visit(services: Services, token: str) -> links.Visit:
@@ -33,13 +65,13 @@ def _visit(services: Services, token: str) -> links.Visit:
             )
         ).first()
     if deleted:
-        raise Gone("this video and its data were deleted")
+        raise Gone("deleted")
     try:
         return links.visit(services.repo, token)
     except links.LinkNotFound:
         raise HTTPException(404, "no such video") from None
     except links.LinkGone as e:
-        raise Gone(str(e)) from None
+        raise Gone(e.reason) from None
 
 
 def _video_key(s: dict, which: str) -> str:
@@ -88,8 +120,17 @@ def _render_page(
     request: Request, services: Services, visit: links.Visit, token: str, error: str | None = None
 ):
     s = visit.session
+    missing = False
+    if s.get("video_key"):
+        try:
+            missing = not services.store.exists(s["video_key"])
+        except Exception as e:  # the store is down: the player will say so itself
+            log.warning("session %s: could not check the video file: %s", s["id"], e)
+        if missing:
+            log.error("session %s: %s is missing from the blob store", s["id"], s["video_key"])
     context = {
         "s": s,
+        "missing": missing,
         "token": token,
         "has_side": bool(s.get("side_by_side_key")),
         "booth": services.settings.booth.name,
@@ -144,7 +185,7 @@ def serve_file(
             content_type=media_type,
         )
     except links.LinkGone as e:  # expired since _visit checked it
-        raise Gone(str(e)) from None
+        raise Gone(e.reason) from None
     if signed:
         # Not cached: the next request comes back through the link, which checks it again.
         return RedirectResponse(signed, status_code=307, headers={"Cache-Control": "no-store"})
@@ -153,10 +194,12 @@ def serve_file(
     except BlobNotFound:
         # Deleted a moment ago (a delete removes the files before the rows), or lost.
         if services.repo.session_deleted(session["id"]):
-            raise Gone("this video and its data were deleted") from None
+            raise Gone("deleted") from None
         log.error("session %s: %s is missing from the blob store", session["id"], key)
         raise HTTPException(
-            404, "this video's file is missing; the booth staff can render it again"
+            404,
+            "this video's file is missing on our side; reply to the email with the link "
+            "and the booth team will look into it",
         ) from None
     headers = {**planned.headers, "Cache-Control": "no-store"}
     if disposition and planned.status != 416:
@@ -204,6 +247,13 @@ def poster(token: str, services: ServicesDep):
     return _serve(services, _visit(services, token), "poster", "image/jpeg", None)
 
 
+@router.get("/v/{token}/delete", include_in_schema=False)
+def delete_page(token: str):
+    """The address bar after a delete shows this URL; opened again, it is the video's page
+    (which says whether the data is gone)."""
+    return RedirectResponse(f"/v/{quote(token, safe='')}", status_code=303)
+
+
 @router.post(
     "/v/{token}/delete",
     response_class=HTMLResponse,
@@ -223,5 +273,12 @@ def delete_my_data(
     with contextlib.suppress(SessionNotFound):
         services.desk.delete(s["id"])
     return services.templates.TemplateResponse(
-        request, "gone.html", {"message": "Your video and all your data were deleted."}
+        request,
+        "gone.html",
+        {
+            "title": "Deleted",
+            "message": "Your video and all your data were deleted: the video, the frames "
+            "we captured, the trained model, and your name and email.",
+            "hint": "This link no longer works.",
+        },
     )

@@ -87,12 +87,14 @@ def takes_view(services: Services, session_id: str) -> list[dict[str, Any]]:
 def session_view(services: Services, s: dict[str, Any]) -> dict[str, Any]:
     progress = s.get("progress") or {}
     take_rows = takes_view(services, s["id"])
+    events = services.repo.session_events(s["id"])
     return {
         "id": s["id"],
         "state": s["state"],
         "name": s["name"],
         "email": s["email"],
         "reference": s["reference_name"],
+        "reference_title": reference_title(s["reference_name"]),
         "created_at": s["created_at"],
         "updated_at": s["updated_at"],
         "take_s": s["take_s"],
@@ -107,10 +109,9 @@ def session_view(services: Services, s: dict[str, Any]) -> dict[str, Any]:
         "takes": take_rows,
         "frames_uploaded": sum(t["frames_stored"] for t in take_rows),
         "timeline": [
-            {"state": e["to_state"], "at": e["at"], "detail": e["detail"]}
-            for e in services.repo.session_events(s["id"])
+            {"state": e["to_state"], "at": e["at"], "detail": e["detail"]} for e in events
         ],
-        "stage_index": STAGES.index(s["state"]) if s["state"] in STAGES else -1,
+        "stage_index": _stage_index(s["state"], events),
         # When a take still missing a camera's upload is given up (the overdue sweep).
         "upload_deadline_at": (
             s["capture_started_at"] + s["take_s"] + services.settings.booth.upload_deadline_s
@@ -120,6 +121,22 @@ def session_view(services: Services, s: dict[str, Any]) -> dict[str, Any]:
         # The countdown runs on the server's clock: the tablet's may be off.
         "server_time": time.time(),
     }
+
+
+def reference_title(name: str | None) -> str:
+    """How staff know a reference: its title ("dance #3 (synthetic)"), not its key."""
+    from cloud_trainer.reference import title  # numpy and OpenCV: once a page needs it
+
+    return title(name) if name else "none"
+
+
+def _stage_index(state: str, events: list[dict[str, Any]]) -> int:
+    """Which of STAGES the session is at; a failed one, the stage it failed in (the
+    tablet marks it red), so staff see where it stopped at a glance."""
+    if state in STAGES:
+        return STAGES.index(state)
+    reached = [e["to_state"] for e in events if e["to_state"] in STAGES]
+    return STAGES.index(reached[-1]) if reached else -1
 
 
 def _successor(services: Services, session_id: str) -> str | None:
@@ -256,7 +273,9 @@ def session_video(
     return serve_file(services, s, "video", "video/mp4", range, expires_at=time.time() + 300)
 
 
-async def _action(request, services, staff, session_id, csrf, fn):
+async def _action(request, services, staff, session_id, csrf, fn, typed=None):
+    """Run a tablet form's action; on a refusal, the session's page with why, and what
+    was ``typed`` (e.g. a corrected email) back in its field, not lost."""
     check_form_csrf(staff, csrf)
     await asyncio.to_thread(_get, services, session_id)  # this booth's, or 404
     try:
@@ -280,15 +299,16 @@ async def _action(request, services, staff, session_id, csrf, fn):
                 "agents": _agents(services),
                 "limbs": LIMB_INDEX,
                 "error": str(e),
+                "typed": typed or {},
             },
             status_code=status,
         )
     return None
 
 
-async def _then_page(request, services, staff, session_id, csrf, fn):
+async def _then_page(request, services, staff, session_id, csrf, fn, typed=None):
     """A tablet form's action, then back to the session's page (or the page with why not)."""
-    err = await _action(request, services, staff, session_id, csrf, fn)
+    err = await _action(request, services, staff, session_id, csrf, fn, typed)
     return err or RedirectResponse(f"/sessions/{session_id}", status_code=303)
 
 
@@ -365,7 +385,8 @@ async def resend_form(
     email: Annotated[str, Form()] = "",
 ):
     resend = partial(services.desk.resend, session_id, email or None)
-    return await _then_page(request, services, staff, session_id, csrf, resend)
+    typed = {"email": email}
+    return await _then_page(request, services, staff, session_id, csrf, resend, typed)
 
 
 @router.post("/sessions/{session_id}/delete", include_in_schema=False)

@@ -7,6 +7,21 @@ document.addEventListener('submit', (event) => {
   form.dataset.sent = '1';
   for (const b of form.querySelectorAll('button[type=submit]')) {
     b.disabled = true; b.setAttribute('aria-busy', 'true');
-    if (b.dataset.busy) b.textContent = b.dataset.busy;
+    if (b.dataset.busy) { b.dataset.label = b.textContent; b.textContent = b.dataset.busy; }
+  }
+});
+// A page the browser brings back from its back/forward cache (Back after a submit) is
+// the page as it was left: a form already sent, its button saying "Creating…", the
+// last attendee's name and consent still in it. Start its forms over, as a new page
+// would (the page's own refresh brings what it shows up to date).
+window.addEventListener('pageshow', (event) => {
+  if (!event.persisted) return;
+  for (const form of document.querySelectorAll('form[data-once]')) {
+    delete form.dataset.sent;
+    form.reset();
+    for (const b of form.querySelectorAll('button[type=submit]')) {
+      b.disabled = false; b.removeAttribute('aria-busy');
+      if (b.dataset.label) b.textContent = b.dataset.label;
+    }
   }
 });

@@ -8,7 +8,7 @@ let clockOffset = 0;  // server clock minus this tablet's, from the last poll
 function fmt(sec) { if (sec == null) return ''; sec = Math.max(0, Math.round(sec)); return sec >= 60 ? Math.floor(sec/60) + ' min ' + (sec%60) + ' s' : sec + ' s'; }
 function render(v) {
   const st = document.getElementById('state'); st.textContent = v.state; st.className = 'pill ' + v.state;
-  document.querySelectorAll('#stages div').forEach(d => { const i = +d.dataset.stage; d.className = i < v.stage_index ? 'done' : (i === v.stage_index ? 'now' : ''); if (i === v.stage_index) d.setAttribute('aria-current', 'step'); else d.removeAttribute('aria-current'); });
+  document.querySelectorAll('#stages div').forEach(d => { const i = +d.dataset.stage; d.className = i < v.stage_index ? 'done' : (i === v.stage_index ? (v.state === 'failed' ? 'failed' : 'now') : ''); if (i === v.stage_index) d.setAttribute('aria-current', 'step'); else d.removeAttribute('aria-current'); });
   const f = document.getElementById('failure'); f.hidden = v.state !== 'failed'; document.getElementById('failure-reason').textContent = v.failure_reason || '';
   const p = v.progress || {};
   if (v.server_time) clockOffset = v.server_time - Date.now() / 1000;
