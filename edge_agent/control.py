@@ -384,10 +384,22 @@ class ControlClient:
         return [str(s) for s in data.get("sessions", [])][-REMEMBERED_SESSIONS:]
 
     def _save_sessions(self) -> None:
-        self._state_path.parent.mkdir(parents=True, exist_ok=True)
+        """Best effort: the list in memory protects this run from a repeated start; the
+        file only carries it over a restart. A full disk must not turn a take that is
+        filming into a "start failed" note."""
         tmp = self._state_path.with_name(self._state_path.name + ".tmp")
-        tmp.write_text(json.dumps({"sessions": self._sessions}))
-        os.replace(tmp, self._state_path)
+        try:
+            self._state_path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps({"sessions": self._sessions}))
+            os.replace(tmp, self._state_path)
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            log.warning(
+                "control: %s not saved (%s): a restart would not know the sessions started",
+                self._state_path,
+                e.strerror or e,
+            )
 
 
 def _warnings(run: dict[str, Any], up: dict[str, Any]) -> list[str]:

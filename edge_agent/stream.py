@@ -78,6 +78,7 @@ from edge_agent.errors import (
     TAKE_NOT_WANTED,
     BadInput,
     BoothError,
+    make_dirs,
 )
 from edge_agent.frames import CapturedFrame, jpeg_looks_complete
 from edge_agent.retention import discard_recording
@@ -295,6 +296,15 @@ class SpoolTake:
                 break
             n += self.add_frame(frame)
         return n
+
+    def poses_from_recording(self) -> None:
+        """The poses not spooled yet are to be read from the take's recording (posed there
+        if need be) once the take has ended: the capture could not hand them over."""
+        with self._lock:
+            if self.meta.poses_behind_from_seq is None:
+                self.meta.poses_behind_from_seq = self.last_pose + 1
+                self.save_meta()
+        self.spool.notify()
 
     def add_pose(
         self, seq: int, keypoints: Any, *, imputed: bool = False, glitch: bool = False
@@ -819,8 +829,7 @@ class Spool:
     """All takes waiting to be uploaded, under one disk budget."""
 
     def __init__(self, directory: str | os.PathLike[str], budget_bytes: int, booth_id: str):
-        self.dir = Path(directory)
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self.dir = make_dirs(directory, "uplink.spool_dir")  # a one-line error, not a traceback
         self.budget_bytes = budget_bytes
         self.booth_id = booth_id
         self.segment_bytes = max(4096, min(SEGMENT_BYTES, budget_bytes // 8))
@@ -1289,19 +1298,44 @@ class Streamer:
             self._waiting -= 1
 
     async def _supervise(self) -> None:
+        loop = asyncio.get_running_loop()
+        crashes: dict[tuple[str, str], tuple[int, float]] = {}  # key: (count, retry at)
         while not self._closed:
             mark = self._mark()
-            for take in self.spool.pending():
-                task = self._tasks.get(take.key)
-                if task is None or task.done():
-                    self._tasks[take.key] = asyncio.create_task(
-                        self._upload(take), name=f"uplink-{take.meta.session_id}"
-                    )
+            # First the uploads that ended: a crash is logged, said in the take's status
+            # and retried with backoff (not restarted every second, unseen).
             for key, task in list(self._tasks.items()):
-                if task.done():
-                    del self._tasks[key]
-                    if not task.cancelled() and task.exception() is not None:
-                        log.error("uplink of %s crashed", key, exc_info=task.exception())
+                if not task.done():
+                    continue
+                del self._tasks[key]
+                exc = None if task.cancelled() else task.exception()
+                if exc is None:
+                    crashes.pop(key, None)
+                    continue
+                count = crashes.get(key, (0, 0.0))[0] + 1
+                delay = min(self.cfg.backoff_max_s, self.cfg.backoff_initial_s * 2 ** (count - 1))
+                crashes[key] = (count, loop.time() + delay)
+                log.error(
+                    "uplink of %s/%s failed on an unexpected error (%d time(s)); retrying in %.0f s",
+                    *key,
+                    count,
+                    delay,
+                    exc_info=exc,
+                )
+                if (take := self.spool.takes.get(key)) is not None:
+                    take.error = (
+                        f"upload stopped on an unexpected error ({type(exc).__name__}: {exc}); "
+                        "retrying, see the agent's log"
+                    )
+            for take in self.spool.pending():
+                if take.key in self._tasks:
+                    continue
+                crash = crashes.get(take.key)
+                if crash is not None and loop.time() < crash[1]:
+                    continue
+                self._tasks[take.key] = asyncio.create_task(
+                    self._upload(take), name=f"uplink-{take.meta.session_id}"
+                )
             await self._wait_change(1.0, mark)
 
     # ---- one take -----------------------------------------------------------------------
@@ -1474,7 +1508,7 @@ class Streamer:
                     n = await asyncio.to_thread(take.backfill, self.archive)
                 except (OSError, BoothError, ValueError) as e:
                     raise TakeNotAccepted(
-                        f"cannot read frames back from the recording: {e}"
+                        f"cannot read frames or poses back from the recording: {e}"
                     ) from None
                 if n:
                     continue
@@ -1682,6 +1716,18 @@ class RecordingArchive:
         # For a take whose agent died before it wrote poses.npz: pose the recording.
         self.pose_factory = pose_factory
         self.smoothing = smoothing
+        # Warnings already given: the spool reads a take back again and again while the
+        # disk stays full, and the log must not repeat the same line on every ack.
+        self._said: set[tuple[str, ...]] = set()
+
+    def _warn_once(self, key: tuple[str, ...], msg: str, *args: Any) -> None:
+        if key in self._said:
+            log.debug(msg, *args)
+            return
+        if len(self._said) > 10_000:  # a long-lived agent: forget the oldest takes' lines
+            self._said.clear()
+        self._said.add(key)
+        log.warning(msg, *args)
 
     def uploaded(self, session_id: str, camera_id: str) -> None:
         """Ingest holds the whole take: the recording goes, unless configured to stay."""
@@ -1713,7 +1759,8 @@ class RecordingArchive:
         except FileNotFoundError:
             # Written when the take finishes: it never did (the agent died mid-take). Each
             # segment's own index says which packet is which frame.
-            log.warning(
+            self._warn_once(
+                ("no frames.csv", session_id, camera_id),
                 "take %s/%s: %s has no frames.csv (its capture never finished); reading "
                 "frames from seq %d by the segments' own indexes",
                 session_id,
@@ -1726,7 +1773,8 @@ class RecordingArchive:
         unrecorded = [s for s, _ in segments.pop(-1, []) if s >= seq]
         if unrecorded:
             # The spool uploads them as lost when it reaches them; say here why.
-            log.warning(
+            self._warn_once(
+                ("unrecorded", session_id, camera_id, str(unrecorded[0])),
                 "take %s/%s: %d frames from seq %d were never recorded (disk full?)",
                 session_id,
                 camera_id,
@@ -1778,6 +1826,17 @@ class RecordingArchive:
 
         directory = self.out_dir / session_id / camera_id
         path = directory / POSES
+        if path.exists():
+            try:
+                rows = _read_poses(path)
+            except UnreadablePoses as e:
+                # Damaged (a power cut before it reached the disk): posed again below.
+                aside = path.with_name(path.name + ".unreadable")
+                log.warning("take %s/%s: %s; moved to %s", session_id, camera_id, e, aside.name)
+                os.replace(path, aside)
+            else:
+                yield from (pose for pose in rows if pose[0] >= seq)
+                return
         if not path.exists() and self.pose_factory is not None and directory.is_dir():
             recover_poses(
                 directory,
@@ -1826,8 +1885,15 @@ def stream_agent_takes(agent: Any, streamer: Streamer) -> None:
 
         def done(summary: Any) -> None:
             feeder.join()
-            if summary.poses:
+            if take.pose_arrays is not None:  # in memory, whatever the disk refused
+                for seq, keypoints, imputed, glitch in _pose_rows(take.pose_arrays):
+                    spooled.add_pose(seq, keypoints, imputed=imputed, glitch=glitch)
+            elif summary.poses:
                 _spool_poses(spooled, Path(summary.directory) / summary.poses)
+            elif take.worker is not None:
+                # The take posed its frames but kept no poses (it failed before): they
+                # come from the recording, posed again there if need be.
+                spooled.poses_from_recording()
             spooled.end(summary.frames)
 
         take.add_done_callback(done)
@@ -1835,13 +1901,31 @@ def stream_agent_takes(agent: Any, streamer: Streamer) -> None:
     agent.add_take_listener(on_take)
 
 
+class UnreadablePoses(BadInput):
+    """A ``poses.npz`` that cannot be read (cut short by a power cut, damaged)."""
+
+
 def _read_poses(path: Path) -> Iterator[tuple[int, Any, bool, bool]]:
-    """``(seq, keypoints, imputed, glitch)`` from a take's ``poses.npz``."""
+    """``(seq, keypoints, imputed, glitch)`` from a take's ``poses.npz``; UnreadablePoses
+    if the file is damaged."""
+    import zipfile
+
     import numpy as np
 
-    with np.load(path) as data:
-        seqs, skeletons = data["seq"], data["skeleton"]
-        imputed, glitch = data["imputed"], data["glitch"]
+    try:
+        with np.load(path) as data:
+            arrays = {k: data[k] for k in ("seq", "skeleton", "imputed", "glitch")}
+    except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile) as e:
+        raise UnreadablePoses(f"{path} is unreadable ({type(e).__name__}: {e})") from None
+    return _pose_rows(arrays)
+
+
+def _pose_rows(arrays: dict[str, Any]) -> Iterator[tuple[int, Any, bool, bool]]:
+    """``(seq, keypoints, imputed, glitch)`` per frame of a take's pose arrays."""
+    import numpy as np
+
+    seqs, skeletons = arrays["seq"], arrays["skeleton"]
+    imputed, glitch = arrays["imputed"], arrays["glitch"]
     for i, seq in enumerate(seqs):
         yield (
             int(seq),
@@ -1854,8 +1938,9 @@ def _read_poses(path: Path) -> Iterator[tuple[int, Any, bool, bool]]:
 def _spool_poses(spooled: SpoolTake, path: Path) -> None:
     try:
         poses = list(_read_poses(path))
-    except (OSError, KeyError, ValueError) as e:
-        log.warning("poses of %s/%s not uploaded: %s", *spooled.key, e)
+    except UnreadablePoses as e:
+        log.warning("take %s/%s: %s; its poses come from the recording", *spooled.key, e)
+        spooled.poses_from_recording()
         return
     for seq, keypoints, imputed, glitch in poses:
         spooled.add_pose(seq, keypoints, imputed=imputed, glitch=glitch)

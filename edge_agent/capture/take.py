@@ -19,6 +19,7 @@ runs over the whole take, and ``poses.npz``, ``frames.csv`` and the
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
@@ -166,6 +167,10 @@ class Take:
         self.store = PoseStore()
         self.worker: PoseWorker | None = None
         self.catch_up_result: CatchUpResult | None = None
+        # The take's poses (what poses.npz holds), kept in memory once computed: the
+        # uplink spools them from here, so a disk that refuses poses.npz loses nothing.
+        self.pose_arrays: dict[str, np.ndarray] | None = None
+        self._poses_file: str | None = None
         self._streams: tuple[BoundedBuffer[CapturedFrame], ...] = ()
         self._stop = threading.Event()
         self._skip_catch_up = threading.Event()
@@ -417,7 +422,12 @@ class Take:
         self.errors.append(message)
         log.error("take %s/%s: %s", self.session_id, self.camera_id, message)
         self.state = "failed"
-        self.summary = self._summary(None, None)
+        # What was computed and written before the failure still counts (a full disk
+        # after poses.npz leaves the poses there, and in memory either way).
+        self.summary = self._summary(self.pose_arrays, self._poses_file)
+        with contextlib.suppress(OSError):
+            for tmp in self.directory.glob("*.tmp*"):  # half-written outputs
+                tmp.unlink()
 
     # ---- outputs ---------------------------------------------------------------------
 
@@ -440,21 +450,25 @@ class Take:
         return ts, segment, size, corrupt
 
     def _write_outputs(self) -> TakeSummary:
+        """poses.npz, frames.csv, then take.json, each fsynced before its rename: after a
+        power cut a file is whole or absent (an empty frames.csv would have made every
+        frame the spool lacked look unrecorded). The poses first: the cloud needs them."""
         ts, segment, size, corrupt = self._timestamps()
-        tmp = self.directory / (TIMESTAMPS + ".tmp")
-        with open(tmp, "w", newline="") as f:
+        poses = self._smoothed_poses(ts)
+        self.pose_arrays = poses
+        if poses is not None:
+            self._poses_file = write_poses(self.directory, poses)
+
+        def write_csv(f: Any) -> None:
             w = csv.writer(f)
             w.writerow(["seq", "capture_ts_ns", "segment", "bytes", "corrupt"])
             for i in range(self.frames):
                 w.writerow([i, int(ts[i]), int(segment[i]), int(size[i]), int(corrupt[i])])
-        os.replace(tmp, self.directory / TIMESTAMPS)
 
-        poses = self._smoothed_poses(ts)
-        poses_file = write_poses(self.directory, poses) if poses is not None else None
-        summary = self._summary(poses, poses_file)
-        tmp = self.directory / (MANIFEST + ".tmp")
-        tmp.write_text(json.dumps(summary.to_dict(), indent=2) + "\n")
-        os.replace(tmp, self.directory / MANIFEST)
+        _write_durably(self.directory / TIMESTAMPS, write_csv, text=True)
+        summary = self._summary(poses, self._poses_file)
+        manifest = json.dumps(summary.to_dict(), indent=2) + "\n"
+        _write_durably(self.directory / MANIFEST, lambda f: f.write(manifest), text=True)
         return summary
 
     def _smoothed_poses(self, ts: np.ndarray) -> dict[str, np.ndarray] | None:
@@ -662,11 +676,24 @@ def smoothed_poses(
     return out
 
 
+def _write_durably(path: Path, write: Callable[[Any], Any], *, text: bool = False) -> None:
+    """Write ``path`` through ``write(file)``: to a temporary name, fsynced, renamed."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "w" if text else "wb", **({"newline": ""} if text else {})) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
 def write_poses(directory: Path, poses: dict[str, np.ndarray]) -> str:
-    """Write ``poses.npz`` atomically; returns its name."""
-    tmp = directory / (POSES + ".tmp.npz")
-    np.savez_compressed(tmp, **poses)
-    os.replace(tmp, directory / POSES)
+    """Write ``poses.npz`` atomically and durably; returns its name."""
+    _write_durably(directory / POSES, lambda f: np.savez_compressed(f, **poses))
     return POSES
 
 

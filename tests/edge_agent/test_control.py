@@ -387,3 +387,23 @@ def test_frames_the_board_could_not_upload_are_a_warning_on_the_tablet(tmp_path)
     assert list(client.build_status().warnings) == [
         "5 frames are in neither the spool nor the local recording"
     ]
+
+
+async def test_a_disk_that_refuses_the_session_list_does_not_fail_a_started_take(
+    tmp_path, server, caplog
+):
+    """control.json only carries the started sessions over a restart: a full disk there
+    must not turn a take that is filming into "start take failed" on the tablet."""
+    async with Booth(tmp_path, server, cameras=("cam0",)) as b:
+        client = b.clients["cam0"]
+        blocker = tmp_path / "not-a-directory"
+        blocker.write_text("in the way")
+        client._state_path = blocker / "control.json"  # noqa: SLF001 - its write fails
+        results = await b.booth.start_take("s1", 5.0, command_id="c-1")
+        assert results["cam0"].acked and results["cam0"].state == "capturing"
+        assert not results["cam0"].error
+        assert b.captures["cam0"].started and client.commands_run == 1
+        # The list in memory still makes a repeat harmless.
+        await b.booth.start_take("s1", 5.0, command_id="c-2")
+        assert len(b.captures["cam0"].started) == 1
+    assert "not saved" in caplog.text

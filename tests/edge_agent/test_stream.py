@@ -720,3 +720,13 @@ async def test_poses_spooled_as_the_take_ends_go_up_before_its_end(env, monkeypa
         await _upload_all(st, sid)
     assert "take" not in armed  # the window was hit
     assert len(env.repo.pose_rows(sid, "cam0")) == len(sent)
+
+
+def test_a_spool_dir_that_cannot_be_used_is_one_line_naming_the_setting(tmp_path: Path):
+    from edge_agent.errors import DeviceError
+    from edge_agent.stream import Spool
+
+    blocker = tmp_path / "spool"
+    blocker.write_text("a file where the spool directory should be")
+    with pytest.raises(DeviceError, match=r"uplink.spool_dir .*spool cannot be used: a file"):
+        Spool(blocker, 1 << 20, "booth")

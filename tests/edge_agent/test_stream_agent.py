@@ -154,3 +154,106 @@ async def test_a_stop_during_the_countdown_is_answered_and_ends_the_take_at_once
             agent.close()
     summary = agent.status()["last_take"]
     assert summary["session"] == sid and summary["frames"] <= 1  # the instant of the stop
+
+
+async def test_a_disk_that_refuses_the_takes_files_still_uploads_its_poses(
+    tmp_path, cloud, monkeypatch
+):
+    """The disk fills as the take writes poses.npz, frames.csv and take.json: the take
+    fails, but the poses it computed are uploaded from memory, not dropped (the cloud
+    used to mark the take complete with no pose at all, and training had nothing)."""
+    import errno
+
+    import edge_agent.capture.take as take_mod
+
+    def disk_full(path, write, *, text=False):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(take_mod, "_write_durably", disk_full)
+    cfg, repo, store = cloud
+    sid = th.new_session(repo)
+    agent = make_agent(tmp_path).start()
+    async with th.running_server(cfg, repo=repo, store=store) as srv:
+        uplink = th.uplink_config(f"127.0.0.1:{srv.port}", tmp_path / "spool")
+        archive = RecordingArchive(agent.cfg.capture.out_dir, keep_uploaded=True)
+        streamer = Streamer(uplink, booth_id=th.BOOTH, camera_id="cam0", archive=archive)
+        stream_agent_takes(agent, streamer)
+        await streamer.start()
+        try:
+            take = await asyncio.to_thread(agent.start_take, sid, 0.25)
+            summary = await asyncio.to_thread(take.wait, 30)
+            assert summary.state == "failed" and summary.poses is None
+            assert any("No space left" in e for e in summary.errors), summary.errors
+            take_dir = Path(summary.directory)
+            assert not list(take_dir.glob("*.tmp*")), "no half-written file is left"
+            await streamer.wait_uploaded(sid, timeout_s=60)
+        finally:
+            await streamer.stop()
+            agent.close()
+    assert summary.frames > 0
+    assert len(repo.pose_rows(sid, "cam0")) == summary.frames
+
+
+def test_a_damaged_poses_file_is_set_aside_and_the_recording_posed_again(tmp_path):
+    """A poses.npz cut short (a power cut before it reached the disk) is not read as
+    poses, nor does it stop the upload: it is moved aside and the frames posed again."""
+    agent = make_agent(tmp_path).start()
+    try:
+        summary = agent.start_take("s-damaged", 30 / FPS).wait(30)
+    finally:
+        agent.close()
+    take_dir = Path(summary.directory)
+    poses = take_dir / "poses.npz"
+    good = poses.read_bytes()
+    poses.write_bytes(good[: len(good) // 3])
+    archive = RecordingArchive(
+        agent.cfg.capture.out_dir, pose_factory=slow_pose_factory(0.0), keep_uploaded=True
+    )
+    got = list(archive.poses_from("s-damaged", "cam0", 0))
+    assert [seq for seq, *_ in got] == list(range(summary.frames))
+    assert (take_dir / "poses.npz.unreadable").exists()
+    assert poses.exists() and poses.read_bytes() != good[: len(good) // 3]
+
+
+async def test_an_upload_that_crashes_says_so_in_status_and_is_retried_with_backoff(
+    tmp_path, cloud, monkeypatch, caplog
+):
+    """A bug in the uplink used to restart the upload every second, silently, forever."""
+    import edge_agent.stream as stream_mod
+
+    cfg, repo, store = cloud
+    sid = th.new_session(repo)
+    real = stream_mod.Streamer._stream_take
+    calls = []
+
+    async def crash_twice(self, take):
+        calls.append(asyncio.get_running_loop().time())
+        if len(calls) <= 2:
+            raise RuntimeError("a bug in the uplink")
+        return await real(self, take)
+
+    monkeypatch.setattr(stream_mod.Streamer, "_stream_take", crash_twice)
+    async with th.running_server(cfg, repo=repo, store=store) as srv:
+        uplink = th.uplink_config(f"127.0.0.1:{srv.port}", tmp_path / "spool")
+        uplink = uplink.model_copy(update={"backoff_initial_s": 0.3, "backoff_max_s": 2.0})
+        streamer = Streamer(uplink, booth_id=th.BOOTH, camera_id="cam0")
+        await streamer.start()
+        try:
+            take = streamer.open_take(sid, width=WIDTH, height=HEIGHT, fps=FPS)
+            async with asyncio.timeout(30):
+                while not calls:
+                    await asyncio.sleep(0.01)
+                while not take.error:
+                    await asyncio.sleep(0.01)
+            assert "RuntimeError: a bug in the uplink" in take.error
+            assert "retrying" in take.error
+            frames = th.frames(5)
+            take.add_frames(frames)
+            take.end(len(frames))
+            await streamer.wait_uploaded(sid, timeout_s=60)
+        finally:
+            await streamer.stop()
+    assert len(calls) == 3
+    # Backed off: 0.3 s, then 0.6 s (not a restart at once).
+    assert calls[1] - calls[0] >= 0.3 and calls[2] - calls[1] >= 0.6
+    assert "failed on an unexpected error" in caplog.text
