@@ -1185,6 +1185,9 @@ class Streamer:
         self.ack_latencies_s: deque[float] = deque(maxlen=LATENCY_SAMPLES)
         self.reconnects = 0
         self.takes_dropped = 0  # takes whose session was deleted before they were uploaded
+        # The last take that could not even be put in the spool (its disk refused it):
+        # the tablet must hear that this camera's upload is not coming.
+        self.spool_error = ""
         self._rng = random.Random(seed)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake: asyncio.Event | None = None
@@ -1615,7 +1618,7 @@ class Streamer:
             "stream_dropped": sum(t["not_spooled"] for t in takes),
             "frames_lost": self.frames_lost,
             "lost_why": next((t["lost_why"] for t in takes if t["lost_why"]), self.lost_why),
-            "error": next((t["error"] for t in takes if t["error"]), ""),
+            "error": next((t["error"] for t in takes if t["error"]), self.spool_error),
             "takes": takes,
         }
 
@@ -1876,7 +1879,17 @@ def stream_agent_takes(agent: Any, streamer: Streamer) -> None:
             source = agent.cfg.source
             width, height = getattr(source, "size", (0, 0))
             fps = float(getattr(source, "fps", 0.0))
-        spooled = streamer.open_take(take.session_id, width=width, height=height, fps=fps)
+        try:
+            spooled = streamer.open_take(take.session_id, width=width, height=height, fps=fps)
+        except OSError as e:
+            streamer.spool_error = (
+                f"take {take.session_id} cannot be uploaded: the spool in "
+                f"{streamer.spool.dir} refused it ({e.strerror or e}); it is recorded on the "
+                "board only"
+            )
+            log.error("%s", streamer.spool_error)
+            return
+        streamer.spool_error = ""
         buffer = take.subscribe_stream()
         feeder = threading.Thread(
             target=spooled.add_frames, args=(buffer,), name=f"spool-{take.session_id}", daemon=True

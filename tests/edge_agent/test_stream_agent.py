@@ -257,3 +257,28 @@ async def test_an_upload_that_crashes_says_so_in_status_and_is_retried_with_back
     # Backed off: 0.3 s, then 0.6 s (not a restart at once).
     assert calls[1] - calls[0] >= 0.3 and calls[2] - calls[1] >= 0.6
     assert "failed on an unexpected error" in caplog.text
+
+
+async def test_a_take_the_spool_cannot_open_is_an_error_in_status_not_silence(
+    tmp_path, monkeypatch
+):
+    """The spool's disk (separate from the recording's) refuses a new take: capture goes
+    on, and the camera's status says this take's upload is not coming."""
+    import errno
+
+    agent = make_agent(tmp_path).start()
+    uplink = th.uplink_config(f"127.0.0.1:{th.dead_port()}", tmp_path / "spool")
+    streamer = Streamer(uplink, booth_id=th.BOOTH, camera_id="cam0")
+
+    def refuse(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(streamer, "open_take", refuse)
+    stream_agent_takes(agent, streamer)
+    try:
+        summary = agent.start_take("s-nospool", 0.1).wait(30)
+    finally:
+        agent.close()
+    assert summary.frames > 0 and summary.frames_written == summary.frames
+    error = streamer.status()["error"]
+    assert "s-nospool cannot be uploaded" in error and "No space left" in error
