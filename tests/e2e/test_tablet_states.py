@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 
 import pytest
@@ -86,6 +87,10 @@ def test_a_missing_upload_is_named_and_staff_can_go_on_without_it(tablet, browse
     text = wait.text
     assert "Waiting for cam1 to finish uploading" in text
     assert "go on with cam0" in text and "gives up at" in text
+    # The booth's 24-hour clock, as every other time on the tablet (not the tablet's locale).
+    assert re.search(r"gives up at \d\d:\d\d\.", text), text
+    # The take is over: Stop would do nothing, so it is not offered.
+    assert not d.find_element(By.ID, "stop-form").is_displayed()
     d.find_element(By.ID, "go-on").click()
     wait_for(lambda: d.find_element(By.ID, "state").text == "uploaded", 15, "the session to go on")
     assert not d.find_element(By.ID, "upload-wait").is_displayed()

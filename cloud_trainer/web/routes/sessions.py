@@ -88,6 +88,12 @@ def session_view(services: Services, s: dict[str, Any]) -> dict[str, Any]:
     progress = s.get("progress") or {}
     take_rows = takes_view(services, s["id"])
     events = services.repo.session_events(s["id"])
+    # When a take still missing a camera's upload is given up (the overdue sweep).
+    deadline = (
+        s["capture_started_at"] + s["take_s"] + services.settings.booth.upload_deadline_s
+        if s["state"] == "capturing" and s.get("capture_started_at")
+        else None
+    )
     return {
         "id": s["id"],
         "state": s["state"],
@@ -112,10 +118,13 @@ def session_view(services: Services, s: dict[str, Any]) -> dict[str, Any]:
             {"state": e["to_state"], "at": e["at"], "detail": e["detail"]} for e in events
         ],
         "stage_index": _stage_index(s["state"], events),
-        # When a take still missing a camera's upload is given up (the overdue sweep).
-        "upload_deadline_at": (
-            s["capture_started_at"] + s["take_s"] + services.settings.booth.upload_deadline_s
-            if s["state"] == "capturing" and s.get("capture_started_at")
+        "upload_deadline_at": deadline,
+        # As the booth's clock shows it, like every other time on the tablet.
+        "upload_deadline_clock": (
+            datetime.fromtimestamp(deadline, ZoneInfo(services.settings.booth.timezone)).strftime(
+                "%H:%M"
+            )
+            if deadline is not None
             else None
         ),
         # The countdown runs on the server's clock: the tablet's may be off.

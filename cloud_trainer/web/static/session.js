@@ -24,7 +24,7 @@ function render(v) {
   const missing = (v.cameras || []).filter(c => !done.has(c));
   wait.hidden = !(ended && missing.length);
   if (!wait.hidden) {
-    const until = v.upload_deadline_at ? new Date((v.upload_deadline_at - clockOffset) * 1000).toLocaleTimeString([], {hour: '2-digit', minute: '2-digit'}) : null;
+    const until = v.upload_deadline_clock;  // the booth's clock, as the rest of the tablet
     document.getElementById('upload-wait-text').textContent = `Waiting for ${missing.join(', ')} to finish uploading. Check that camera's board and network.` + (until ? ` The booth gives up at ${until}.` : '') + (done.size ? ` Or go on with ${[...done].join(', ')}: the attendee need not dance again.` : ' Or delete the session and start again.');
     document.getElementById('go-on-form').hidden = !done.size;
   }
@@ -67,7 +67,10 @@ function render(v) {
   const rf = document.getElementById('resend-form'); if (rf) rf.hidden = v.state !== 'delivered';
   // "Dance!", then the seconds of the take left.
   if (v.state !== 'capturing') document.getElementById('countdown').hidden = true;
-  const stf = document.getElementById('stop-form'); if (stf && !stf.dataset.sent) stf.hidden = v.state !== 'capturing';
+  // Stop only while the cameras film: once the take is over (uploads awaited) it would
+  // do nothing.
+  const filming = v.state === 'capturing' && !(p.capture_at && now > p.capture_at + v.take_s);
+  const stf = document.getElementById('stop-form'); if (stf && !stf.dataset.sent) stf.hidden = !filming;
 }
 let takeSeconds = null;
 function runCountdown(atSec) {
