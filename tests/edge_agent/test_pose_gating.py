@@ -144,10 +144,40 @@ def test_a_person_off_the_segmentation_mask_is_nobody_and_stray_joints_are_dropp
     body = np.zeros((H, W), np.float32)
     body[30:240, 60:140] = 1.0
     body[:, 120:] = 0.0  # the left arm (image right) is off the mask
-    out = gating.gate(_result(skel, body), zone)
+    stray = skel.copy()
+    stray[sk.INDEX["left_wrist"], :2] = (230, 130)  # on the wall, far from its elbow
+    out = gating.gate(_result(stray, body), zone)
     assert out.detected
     assert out.skeleton[sk.INDEX["left_wrist"], 2] == 0
     assert out.skeleton[sk.INDEX["right_wrist"], 2] == 0.9
+
+
+def test_a_limb_the_mask_missed_is_kept_when_it_hangs_from_the_body():
+    """Selfie segmentation often loses an arm held away from the body; its joints are
+    still this person's when each lies within its bone's length of the joint it hangs
+    from (the shoulder on the mask carries the elbow, the elbow the wrist)."""
+    skel = _standing()
+    body = np.zeros((H, W), np.float32)
+    body[30:240, 60:140] = 1.0
+    body[:, 119:] = 0.0  # the left elbow and wrist (x 125, 127) are off the mask
+    zone = ZoneConfig(min_face_contrast=0)
+    on_mask = gating.mask_at(body, skel, gating._radius_px(body)) >= gating.MASK_THRESHOLD
+    assert not on_mask[sk.INDEX["left_elbow"]] and not on_mask[sk.INDEX["left_wrist"]]
+    out = gating.gate(_result(skel, body), zone)
+    assert out.detected and (out.skeleton[:, 2] == 0.9).all()
+
+    # A wrist further from its elbow than a forearm can reach is not this body's.
+    long = skel.copy()
+    long[sk.INDEX["left_wrist"], :2] = (125 + 48, 100)  # 0.74 torso lengths (65 px)
+    out = gating.gate(_result(long, body), zone)
+    assert out.skeleton[sk.INDEX["left_wrist"], 2] == 0
+    assert out.skeleton[sk.INDEX["left_elbow"], 2] == 0.9
+    # Nothing hangs from a joint that was itself dropped.
+    no_elbow = skel.copy()
+    no_elbow[sk.INDEX["left_elbow"], :2] = (230, 60)
+    out = gating.gate(_result(no_elbow, body), zone)
+    assert out.skeleton[sk.INDEX["left_elbow"], 2] == 0
+    assert out.skeleton[sk.INDEX["left_wrist"], 2] == 0
 
 
 def test_feet_off_the_floor_zone_mean_a_shadow_on_the_wall():
