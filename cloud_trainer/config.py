@@ -211,14 +211,36 @@ class LinksConfig(Strict):
 # ---- mail ---------------------------------------------------------------------------
 
 
+def _mail_address(v: str | None) -> str | None:
+    """``"Name <addr@host>"`` or ``addr@host`` (empty: not set). Checked here: a sender
+    the mail code cannot parse would otherwise fail every email, each as if the
+    attendee's address were wrong."""
+    if v is None or not v.strip():
+        return None
+    from email.utils import parseaddr
+
+    if re.search(r"[\x00-\x1f\x7f]", v):
+        raise ValueError("an email address cannot hold a line break or control character")
+    _name, addr = parseaddr(v)
+    local, _, domain = addr.rpartition("@")
+    if not local or not domain:
+        raise ValueError(f"{v!r} is not an email address ('Name <booth@example.org>')")
+    return v
+
+
 class OutboxMail(Strict):
     """No SMTP: messages are delivered into a local maildir (README says where)."""
 
     type: Literal["outbox"] = "outbox"
     maildir: Path = Path("var/maildir")
     sender: str = "dancebooth <booth@localhost>"
+    # Where an attendee's reply goes (the pages tell them to reply to the email): a
+    # watched inbox, when the sender is an address nobody reads.
+    reply_to: str | None = None
     # Message-IDs handed over, written before the outbox row is updated (exactly-once).
     sent_log: Path = Path("var/mail-sent.log")
+
+    _addresses = field_validator("sender", "reply_to")(_mail_address)
 
 
 class SmtpMail(Strict):
@@ -229,12 +251,17 @@ class SmtpMail(Strict):
     username: str | None = None
     password: str | None = None
     sender: str = "dancebooth <booth@localhost>"
+    reply_to: str | None = None  # see OutboxMail
     timeout_s: float = Field(10.0, gt=0)
-    max_attempts: int = Field(8, ge=1)
+    # 30 attempts, 30 s doubling to an hour apart: about a day of trying. A relay down
+    # for an afternoon of the conference must not leave every email to a manual Resend.
+    max_attempts: int = Field(30, ge=1)
     backoff_initial_s: float = Field(30.0, gt=0)
     backoff_max_s: float = Field(3600.0, gt=0)
     # Message-IDs the relay accepted, written before the outbox row is updated (exactly-once).
     sent_log: Path = Path("var/mail-sent.log")
+
+    _addresses = field_validator("sender", "reply_to")(_mail_address)
 
 
 MailConfig = Annotated[OutboxMail | SmtpMail, Field(discriminator="type")]

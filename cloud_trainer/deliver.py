@@ -147,8 +147,12 @@ class OutboxSender:
         mailer: mail.Mailer | None = None,
         clock: Any = time.time,
         batch: int = 20,
+        store: Any = None,
     ):
         self.repo = repo
+        # Where the sessions' posters are, to carry each inside its email (None: the
+        # email shows only the poster's alt text).
+        self.store = store
         self.cfg = mail_cfg
         self.mailer = mailer if mailer is not None else mail.create_mailer(mail_cfg)
         self.sent_log = SentLog(mail_cfg.sent_log)
@@ -214,6 +218,8 @@ class OutboxSender:
                 text=row["body_text"],
                 html=row["body_html"],
                 message_id=mid,
+                reply_to=getattr(self.cfg, "reply_to", None),
+                poster_jpeg=self._poster(row),
             )
             self.mailer.send(msg)
         except BadInput as e:  # an address no mail server could take
@@ -251,6 +257,23 @@ class OutboxSender:
         self.repo.mark_email_sent(row_id, self.clock())
         report.sent += 1
         log.info("email sent", extra=where)
+
+    def _poster(self, row: dict[str, Any]) -> bytes | None:
+        """The session's poster, if its email's HTML shows it inline and it can be had."""
+        if self.store is None or f"cid:{mail.poster_cid(row['message_id'])}" not in (
+            row.get("body_html") or ""
+        ):
+            return None
+        try:
+            key = self.repo.get_session(row["session_id"]).get("poster_key")
+            return self.store.get(key) if key else None
+        except Exception as e:  # the email goes without its picture rather than not at all
+            log.warning(
+                "email sent without its poster: %s",
+                e,
+                extra={"message_id": row["message_id"], "session_id": row["session_id"]},
+            )
+            return None
 
     def run_forever(self, stop: threading.Event, poll_s: float = 2.0) -> None:
         """Send until ``stop`` is set. Database outages are logged and retried."""
@@ -291,8 +314,13 @@ def compose(
     expiry_days: float,
     poster_width: int = 480,
     tz: str = "UTC",
+    poster_cid: str | None = None,
 ) -> dict[str, str]:
-    """Subject, text and HTML of the delivery email (the link and the poster in both)."""
+    """Subject, text and HTML of the delivery email.
+
+    ``poster_cid``: the HTML shows the poster carried inside the message (see
+    ``mail.build_message``); without it, from the link's poster URL.
+    """
     env = _env()
     ctx = {
         # The body shows the name as typed (Jinja escapes it in HTML); only control
@@ -301,7 +329,9 @@ def compose(
         "booth": booth,
         "dance": dance,
         "watch_url": links_mod.watch_url(base_url, token),
-        "poster_url": links_mod.poster_url(base_url, token),
+        "poster_src": (
+            f"cid:{poster_cid}" if poster_cid else links_mod.poster_url(base_url, token)
+        ),
         # The moment it stops, in the booth's zone: a date alone read as "all of that day".
         "expires": _local(expires_at, tz),
         "expiry_days": f"{expiry_days:g}",
@@ -323,21 +353,26 @@ class Deliverer:
         self.settings = settings
 
     def _email(self, session: dict[str, Any], link: links_mod.Link) -> dict[str, Any]:
+        from cloud_trainer.reference import title  # numpy and OpenCV: delivery only
+
         s = self.settings
+        message_id = mail.new_message_id(s.mail.sender)
         body = compose(
             name=session["name"],
             booth=s.booth.name,
-            dance=session["reference_name"],
+            # As the tablet names it ("dance #3 (synthetic)", "salsa basic"), not its key.
+            dance=title(session["reference_name"]),
             base_url=s.web.base_url,
             token=link.token,
             expires_at=link.expires_at,
             expiry_days=s.links.expiry_days,
             tz=s.booth.timezone,
+            poster_cid=mail.poster_cid(message_id),
         )
         # Refuse an address with CR/LF now, not in the sender: staff see it at once.
         mail.address(session["name"], session["email"])
         return {
-            "message_id": mail.new_message_id(s.mail.sender),
+            "message_id": message_id,
             "to_addr": session["email"].strip(),
             **body,
         }
@@ -421,7 +456,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config)
         refuse_placeholders(cfg, ("mail",))
         repo = Repository.from_config(cfg.database)
-        sender = OutboxSender(repo, cfg.mail)
+        from cloud_trainer.storage import create_blob_store
+
+        sender = OutboxSender(repo, cfg.mail, store=create_blob_store(cfg.storage))
         if args.once:
             r = sender.run_once()
             print(

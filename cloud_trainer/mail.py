@@ -5,8 +5,12 @@
   which any mail client or ``ls`` can read. This is the embedded default.
 
 A mailer either returns (the message was accepted), raises ``TemporaryFailure``
-(try again later: the relay is down, a 4xx reply) or ``PermanentFailure`` (a 5xx
-reply: retrying cannot help; staff must fix the address).
+(try again later: the relay is down, a 4xx reply, or a refusal that is the booth's
+own doing: its sender, its login, STARTTLS, a relay that will not relay for it) or
+``PermanentFailure`` (the relay refused the *recipient* for good: staff must fix the
+address). Only the latter is a bounce: a misconfigured relay refuses every message
+with a 5xx too, and that must not send staff after addresses that are fine, nor
+end the emails for good before ops have fixed it.
 
 Messages are built with ``email.message.EmailMessage`` and
 ``email.headerregistry.Address`` only, never by formatting header strings: an
@@ -128,6 +132,11 @@ def new_message_id(sender: str) -> str:
     return make_msgid(idstring="dancebooth", domain=sender_address(sender).domain or "localhost")
 
 
+def poster_cid(message_id: str) -> str:
+    """The Content-ID of a message's inline poster (its HTML shows ``cid:<this>``)."""
+    return "poster." + message_id.strip().strip("<>")
+
+
 def build_message(
     *,
     sender: str,
@@ -137,15 +146,34 @@ def build_message(
     text: str,
     html: str,
     message_id: str,
+    reply_to: str | None = None,
+    poster_jpeg: bytes | None = None,
 ) -> EmailMessage:
+    """The message; ``poster_jpeg`` goes inside it (``multipart/related``), shown by the
+    HTML as ``cid:`` + ``poster_cid(message_id)``: no remote image to block or to tell
+    the sender when the mail was opened, and it still shows after the link expired."""
     msg = EmailMessage()
     msg["From"] = sender_address(sender)
     msg["To"] = address(to_name, to_email)
+    if reply_to:
+        msg["Reply-To"] = sender_address(reply_to)
     msg["Subject"] = CONTROL_CHARS.sub(" ", subject)
     msg["Message-ID"] = message_id
     msg["Date"] = formatdate(usegmt=True)
+    # Sent by a program: out-of-office replies and autoresponders stay quiet (RFC 3834).
+    msg["Auto-Submitted"] = "auto-generated"
     msg.set_content(text)
     msg.add_alternative(html, subtype="html")
+    if poster_jpeg:
+        html_part = msg.get_body(preferencelist=("html",))
+        html_part.add_related(
+            poster_jpeg,
+            maintype="image",
+            subtype="jpeg",
+            cid=f"<{poster_cid(message_id)}>",
+            disposition="inline",
+            filename="poster.jpg",
+        )
     return msg
 
 
@@ -177,21 +205,24 @@ class SmtpMailer:
             refused = smtp.send_message(msg)
         except smtplib.SMTPRecipientsRefused as e:
             code, reason = next(iter(e.recipients.values()))
-            raise _reply_error(code, reason) from None
+            raise _recipient_refused(code, reason) from None
         except smtplib.SMTPAuthenticationError as e:
             # Wrong credentials are an operator problem; keep the email and retry.
             raise TemporaryFailure(
-                f"SMTP login refused: {e.smtp_code} {_text(e.smtp_error)}"
+                f"SMTP login refused: {e.smtp_code} {_text(e.smtp_error)}; check mail.username "
+                "and mail.password"
             ) from None
         except smtplib.SMTPResponseException as e:
-            raise _reply_error(e.smtp_code, e.smtp_error) from None
+            # Not about the recipient: the sender (MAIL FROM), STARTTLS, the message
+            # itself (DATA). The booth's settings, not the attendee's address.
+            raise _relay_refused(e.smtp_code, e.smtp_error) from None
         except (smtplib.SMTPException, OSError) as e:
             raise TemporaryFailure(f"SMTP {cfg.host}:{cfg.port} failed: {e}") from None
         finally:
             _quit(smtp)
         if refused:  # one recipient per message, so this is the only one
             code, reason = next(iter(refused.values()))
-            raise _reply_error(code, reason)
+            raise _recipient_refused(code, reason)
 
 
 def _quit(smtp: smtplib.SMTP) -> None:
@@ -207,10 +238,31 @@ def _text(reply: bytes | str) -> str:
     return reply.decode("utf-8", "replace") if isinstance(reply, bytes) else str(reply)
 
 
-def _reply_error(code: int, reply: bytes | str) -> SendError:
+# An enhanced status code (RFC 3463) at the start of a reply's text: 5.1.1, 4.7.0, ...
+_ENHANCED = re.compile(r"^\s*([245])\.(\d{1,3})\.(\d{1,3})\b")
+
+
+def _recipient_refused(code: int, reply: bytes | str) -> SendError:
+    """RCPT TO refused: a bounce only when it is about the address (no such mailbox or
+    domain, bad syntax, mailbox disabled). A policy refusal (5.7.x: relaying denied,
+    not authenticated) is the booth's setup."""
+    text = f"{code} {_text(reply)}"
+    if not 500 <= code < 600:
+        return TemporaryFailure(f"the mail server deferred the message: {text}", code)
+    enhanced = _ENHANCED.match(_text(reply))
+    if enhanced is not None and enhanced.group(2) == "7":
+        return _relay_refused(code, reply)
+    return PermanentFailure(f"the mail server refused the address: {text}", code)
+
+
+def _relay_refused(code: int, reply: bytes | str) -> SendError:
     text = f"{code} {_text(reply)}"
     if 500 <= code < 600:
-        return PermanentFailure(f"the mail server refused the message: {text}", code)
+        return TemporaryFailure(
+            f"the mail relay refused the message: {text}; check the booth's mail settings "
+            "(mail.host, mail.sender, login, STARTTLS), then the email is sent again",
+            code,
+        )
     return TemporaryFailure(f"the mail server deferred the message: {text}", code)
 
 

@@ -239,7 +239,7 @@ class Service:
             )
         )
         mail_stop = threading.Event()
-        sender = OutboxSender(repo, cfg.mail)
+        sender = OutboxSender(repo, cfg.mail, store=store)
         mail_thread = threading.Thread(
             target=sender.run_forever, args=(mail_stop,), name="outbox", daemon=True
         )

@@ -376,11 +376,15 @@ _ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
 def expand_env(text: str, environ: Mapping[str, str], source: str = "config") -> str:
-    """Replace ``${NAME}`` and ``${NAME:-default}`` so secrets can come from the environment."""
+    """Replace ``${NAME}`` and ``${NAME:-default}`` so secrets can come from the environment.
+
+    As in the shell and in compose, ``:-`` also takes the default when NAME is set but
+    empty: an env file's ``BOOTH_TIMEZONE=`` line means "not chosen", not "no zone".
+    """
 
     def sub(m: re.Match) -> str:
         name, default = m.group(1), m.group(2)
-        if name in environ:
+        if name in environ and (environ[name] != "" or default is None):
             return environ[name]
         if default is not None:
             return default

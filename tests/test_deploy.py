@@ -73,6 +73,10 @@ def filled_in(compose_file: Path, tmp_path: Path) -> tuple[Path, dict[str, str]]
             return hashlib.sha256(name.encode()).hexdigest()
         if name.endswith("_PASSWORD_HASH"):
             return ARGON2_HASH
+        if name.endswith("_TIMEZONE"):
+            return "Europe/Berlin"
+        if name.endswith(("_FROM", "_REPLY_TO")):
+            return f"{name.lower()} <{name.lower().replace('_', '-')}@example.org>"
         return f"{name.lower()}-from-env-file"
 
     values = {k: v or value(k) for k, v in read_env_file(env_example(compose_file)).items()}

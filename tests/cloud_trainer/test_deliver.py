@@ -99,7 +99,7 @@ def test_delivery_writes_state_link_and_email_in_one_transaction(deliverer, repo
     [row] = repo.emails(sid)
     assert row["state"] == "pending" and row["to_addr"] == "ada@example.org"
     assert links.watch_url("https://booth.example", link.token) in row["body_text"]
-    assert links.poster_url("https://booth.example", link.token) in row["body_html"]
+    assert f'src="cid:poster.{row["message_id"].strip("<>")}"' in row["body_html"]
     assert links.resolve(repo, link.token)["id"] == sid
 
     # If the outbox insert fails, the session is not delivered and no link exists.
@@ -345,3 +345,78 @@ def test_config_refuses_an_unknown_time_zone_and_an_image_size_the_model_cannot_
     assert TrainerConfig(size_px=256).size_px == 256
     with pytest.raises(ValueError, match="power of two"):
         TrainerConfig(size_px=384)
+
+
+@pytest.mark.parametrize(
+    "stage, reply",
+    [
+        ("MAIL", "550 5.7.1 Sender address rejected: not owned by user"),
+        ("RCPT", "554 5.7.1 Relay access denied"),
+        ("DATA", "552 5.3.4 Message size exceeds fixed limit"),
+    ],
+    ids=["sender-refused", "relay-denied", "message-refused"],
+)
+def test_a_relay_that_refuses_the_booth_is_not_a_bounce_and_is_retried(
+    deliverer, repo, tmp_path, stage, reply
+):
+    """A misconfigured relay refuses every message with a 5xx: that is the booth's
+    settings, not the attendee's address. Staff must not be sent to correct addresses
+    that are fine, and the emails must go once ops have fixed the relay."""
+    server = SmtpServer(replies={stage: reply}).start()
+    try:
+        sid, _ = deliver_one(deliverer, repo)
+        sender = deliver.OutboxSender(repo, smtp_cfg(tmp_path, server.port))
+        t0 = time.time()
+        r = sender.run_once(now=t0)
+        assert (r.bounced, r.retried) == (0, 1) and server.messages == []
+        [row] = repo.emails(sid)
+        assert row["state"] == "pending"
+        assert reply.split()[0] in row["last_error"] and "mail settings" in row["last_error"]
+        server.handler.replies.clear()  # ops fixed the relay
+        assert sender.run_once(now=t0 + sender.backoff_max_s * 2).sent == 1
+        assert repo.email_status(sid)["state"] == "sent"
+    finally:
+        server.stop()
+
+
+def test_the_email_carries_its_poster_names_the_dance_and_asks_for_no_auto_reply(
+    deliverer, repo, tmp_path
+):
+    """The picture travels inside the message (no remote image to block, none that
+    tells anyone the mail was opened, still there after the link expired)."""
+    poster = b"\xff\xd8\xff\xe0" + b"poster-bytes" * 100 + b"\xff\xd9"
+    sid, link = deliver_one(deliverer, repo)
+    deliverer.store.put(f"sessions/{sid}/video/p.jpg", poster)
+    server = SmtpServer().start()
+    try:
+        cfg = smtp_cfg(tmp_path, server.port).model_copy(
+            update={"reply_to": "Booth team <team@booth.example>"}
+        )
+        sender = deliver.OutboxSender(repo, cfg, store=deliverer.store)
+        assert sender.run_once().sent == 1
+        [msg] = server.messages
+    finally:
+        server.stop()
+    assert msg["Reply-To"].addresses[0].addr_spec == "team@booth.example"
+    assert msg["Auto-Submitted"] == "auto-generated"
+    text = msg.get_body(("plain",)).get_content()
+    html = msg.get_body(("html",)).get_content()
+    assert "dance #1 (synthetic)" in text and "synthetic:1" not in text
+    assert "poster" not in text  # no second copy of the secret link
+    assert links.poster_url("https://booth.example", link.token) not in html
+    cid = re.search(r'src="cid:([^"]+)"', html).group(1)
+    [image] = [p for p in msg.walk() if p.get_content_type() == "image/jpeg"]
+    assert image["Content-ID"].strip() == f"<{cid}>"
+    assert image.get_content() == poster
+
+
+def test_a_sender_or_reply_to_that_is_no_address_is_refused_with_the_config():
+    """Found when the email is sent, it failed every email as if the attendee's address
+    were wrong."""
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="not an email address"):
+        SmtpMail(sender="booth_mail_from-from-env-file")
+    with pytest.raises(ValidationError, match="line break"):
+        SmtpMail(reply_to="team@booth.example\r\nBcc: x@evil.example")
+    assert SmtpMail(reply_to="").reply_to is None  # an empty env value: not set

@@ -127,3 +127,38 @@ def test_back_to_the_home_page_after_continue_gives_a_fresh_form(tablet, browser
     assert d.find_element(By.ID, "name").get_attribute("value") == ""
     assert not d.find_element(By.ID, "consent").is_selected()
     assert d.execute_script("return document.getElementById('new-session').dataset.sent") is None
+
+
+def test_an_email_the_relay_refuses_is_not_called_a_bad_address(tablet, browser, tmp_path):
+    """The relay refuses the booth (not the attendee's address): the session page says
+    the email is being retried and why, and does not ask staff to correct the address."""
+    from selenium.webdriver.common.by import By
+    from smtp_capture import SmtpServer
+
+    from cloud_trainer import deliver
+    from cloud_trainer.config import SmtpMail
+
+    repo = tablet.repo
+    sid = th.new_session(repo, booth_id=tablet.settings.booth.id)
+    for state in ("capturing", "uploaded", "training", "rendering"):
+        repo.transition(sid, state)
+    deliver.Deliverer(repo, tablet.store, tablet.settings).deliver(
+        sid, video_key=f"sessions/{sid}/video/final.mp4", poster_key=f"sessions/{sid}/p.jpg"
+    )
+    server = SmtpServer(replies={"RCPT": "554 5.7.1 Relay access denied"}).start()
+    try:
+        cfg = SmtpMail(port=server.port, sent_log=tmp_path / "sent.log", timeout_s=5)
+        assert deliver.OutboxSender(repo, cfg).run_once().retried == 1
+    finally:
+        server.stop()
+
+    d = browser
+    log_in(d, tablet.base_url)
+    d.get(f"{tablet.base_url}/sessions/{sid}")
+    state = wait_for(
+        lambda: [e for e in d.find_elements(By.ID, "email-state") if "retrying" in e.text],
+        15,
+        "the email's state",
+    )[0]
+    assert "Relay access denied" in state.text
+    assert "Correct the address" not in state.text

@@ -148,3 +148,20 @@ def test_a_misspelt_section_on_a_board_is_refused_not_ignored(tmp_path):
     path.write_text("camera_id: cam1\nbooth_id: booth-1\n")  # the agent's keys, unindented
     with pytest.raises(ConfigError, match="put booth_id, camera_id under agent:"):
         load_agent_config(path)
+
+
+def test_a_variable_set_empty_takes_the_default_as_in_the_shell(tmp_path, monkeypatch):
+    """An env file's ``BOOTH_TIMEZONE=`` line means "not chosen": the default applies,
+    as compose and the shell read ``${NAME:-default}``; ``${NAME}`` stays empty."""
+    from cloud_trainer.config import load_config
+
+    monkeypatch.setenv("BOOTH_TIMEZONE", "")
+    monkeypatch.setenv("BOOTH_METRICS_TOKEN", "")
+    path = tmp_path / "booth.yaml"
+    path.write_text(
+        "booth:\n  timezone: ${BOOTH_TIMEZONE:-Europe/Berlin}\n"
+        'web:\n  metrics_token: "${BOOTH_METRICS_TOKEN}"\n'
+    )
+    cfg = load_config(path)
+    assert cfg.booth.timezone == "Europe/Berlin"
+    assert cfg.web.metrics_token in ("", None)

@@ -54,7 +54,14 @@ function render(v) {
   }
   const e = v.email_delivery; const es = document.getElementById('email-state');
   const bad = e && (e.state === 'bounced' || e.state === 'failed');
-  es.textContent = !e ? '' : bad ? `The email to ${e.to_addr} ${e.state === 'bounced' ? 'bounced' : 'could not be sent'}` + (e.last_error ? ` (${e.last_error})` : '') + '. Correct the address below and press Resend.' : `Email to ${e.to_addr}: ${e.state}`;
+  // A bounce is the address; anything else (the relay down, or refusing the booth) is
+  // not, and staff must not be sent to correct an address that is fine.
+  const why = e && e.last_error ? ` (${e.last_error})` : '';
+  es.textContent = !e ? ''
+    : e.state === 'bounced' ? `The email to ${e.to_addr} bounced${why}. Correct the address below and press Resend.`
+    : e.state === 'failed' ? `The email to ${e.to_addr} could not be sent${why}. Once the booth's mail works again, press Resend.`
+    : e.state === 'pending' && e.last_error ? `Email to ${e.to_addr}: not sent yet, retrying${why}.`
+    : `Email to ${e.to_addr}: ${e.state}`;
   es.className = bad ? 'error' : 'muted'; es.setAttribute('role', bad ? 'alert' : 'status');
   // Start while created, Start again once failed (also when it fails while this page is open).
   const sf = document.getElementById('start-form');

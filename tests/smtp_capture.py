@@ -1,7 +1,9 @@
 """A real SMTP server (aiosmtpd) on loopback that captures what it accepts.
 
 Shared by test_mail.py and test_deliver.py. Addresses in ``reject`` get a
-permanent 550 at RCPT time, like a relay refusing an unknown mailbox.
+permanent 550 at RCPT time, like a relay refusing an unknown mailbox. ``replies``
+sets a stage's reply (``"MAIL"``, ``"RCPT"``, ``"DATA"``), like a relay that refuses
+the booth's sender, will not relay for it, or refuses the message itself.
 """
 
 from __future__ import annotations
@@ -24,14 +26,29 @@ def free_port() -> int:
 
 
 class CapturingHandler:
-    def __init__(self, reject: set[str] | None = None, quit_reply: str | None = None):
+    def __init__(
+        self,
+        reject: set[str] | None = None,
+        quit_reply: str | None = None,
+        replies: dict[str, str] | None = None,
+    ):
         self.reject = {a.lower() for a in (reject or set())}
         self.quit_reply = quit_reply
+        self.replies = dict(replies or {})
         self.messages: list[EmailMessage] = []
         self.envelopes: list[tuple[str, list[str]]] = []
         self._lock = threading.Lock()
 
+    async def handle_MAIL(self, server, session, envelope, address, mail_options):  # noqa: N802
+        if "MAIL" in self.replies:
+            return self.replies["MAIL"]
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 OK"
+
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):  # noqa: N802
+        if "RCPT" in self.replies:
+            return self.replies["RCPT"]
         if address.lower() in self.reject:
             return f"550 5.1.1 <{address}>: Recipient address rejected: mailbox unavailable"
         envelope.rcpt_tos.append(address)
@@ -41,6 +58,8 @@ class CapturingHandler:
         return self.quit_reply or "221 Bye"
 
     async def handle_DATA(self, server, session, envelope):  # noqa: N802
+        if "DATA" in self.replies:
+            return self.replies["DATA"]
         msg = email.message_from_bytes(envelope.content, policy=email.policy.default)
         with self._lock:
             self.messages.append(msg)
@@ -59,9 +78,10 @@ class SmtpServer:
         tls_context: ssl.SSLContext | None = None,
         credentials: tuple[str, str] | None = None,
         quit_reply: str | None = None,
+        replies: dict[str, str] | None = None,
     ):
         self.port = port or free_port()
-        self.handler = CapturingHandler(reject, quit_reply)
+        self.handler = CapturingHandler(reject, quit_reply, replies)
         self.tls_context = tls_context
         self.credentials = credentials
         self._controller: Controller | None = None
