@@ -81,6 +81,31 @@ class PostgresDatabase(Strict):
     url: str = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
     db_schema: str | None = Field(None, description="PostgreSQL schema to use (search_path)")
 
+    @field_validator("url")
+    @classmethod
+    def _a_postgresql_url(cls, v: str) -> str:
+        # Checked here, not as a SQLAlchemy traceback when the app starts. The common
+        # "postgres://" (Heroku, many dashboards) is the same database: taken as psycopg.
+        from sqlalchemy.engine import make_url
+        from sqlalchemy.exc import ArgumentError
+
+        if v.startswith("postgres://"):
+            v = "postgresql+psycopg://" + v[len("postgres://") :]
+        try:
+            url = make_url(v)
+        except ArgumentError:
+            raise ValueError(
+                "is not a database URL: postgresql+psycopg://USER:PASSWORD@HOST:5432/DATABASE"
+            ) from None
+        if url.drivername == "postgresql":
+            url = url.set(drivername="postgresql+psycopg")
+        if url.drivername != "postgresql+psycopg":
+            raise ValueError(
+                f"{url.drivername!r} is not PostgreSQL through psycopg: write "
+                "postgresql+psycopg://USER:PASSWORD@HOST:5432/DATABASE"
+            )
+        return url.render_as_string(hide_password=False)
+
 
 DatabaseConfig = Annotated[SqliteDatabase | PostgresDatabase, Field(discriminator="type")]
 
@@ -307,6 +332,20 @@ class WebConfig(Strict):
     # `authorization` scrape setting); empty leaves it open, for a private network.
     metrics_token: str = ""
 
+    @field_validator("base_url")
+    @classmethod
+    def _an_http_url(cls, v: str) -> str:
+        # Every attendee's link is built on it: one without a scheme mails dead links.
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(v.strip())
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError(
+                f"{v!r} is not an http(s) URL: the attendees' links start with it "
+                "(https://booth.example.org)"
+            )
+        return v.strip().rstrip("/")
+
 
 def blob_prefix(uri: str) -> str | None:
     """The store prefix ``blob:<prefix>`` names (None: not a blob-store name)."""
@@ -409,11 +448,26 @@ def placeholder_secrets(cfg: BoothConfig, *, services: tuple[str, ...] = ("web",
     return bad
 
 
+# What to put in place of each placeholder.
+_PLACEHOLDER_HINTS = {
+    "web.secret_key": "a random string: python -c 'import secrets; print(secrets.token_urlsafe(32))'",
+    "password_hash": "the output of `booth staff hash-password`",
+    "agent.uplink.token": "the token `booth ingest --new-token CAMERA` printed for this camera",
+    "token_sha256": "the sha256 `booth ingest --new-token CAMERA` printed",
+    "mail.password": "the SMTP relay's password",
+}
+
+
+def placeholder_problems(cfg: BoothConfig, services: tuple[str, ...]) -> list[str]:
+    """``key: what to set it to`` for each placeholder secret of ``services``."""
+    out = []
+    for key in placeholder_secrets(cfg, services=services):
+        hint = next((h for k, h in _PLACEHOLDER_HINTS.items() if key.endswith(k)), "")
+        out.append(f"{key} ({hint})" if hint else key)
+    return out
+
+
 def refuse_placeholders(cfg: BoothConfig, services: tuple[str, ...]) -> None:
-    bad = placeholder_secrets(cfg, services=services)
+    bad = placeholder_problems(cfg, services)
     if bad:
-        raise ConfigError(
-            "refusing to start: placeholder secret(s) still set: "
-            + ", ".join(bad)
-            + " (generate one with `python -c 'import secrets; print(secrets.token_urlsafe(32))'`)"
-        )
+        raise ConfigError("refusing to start: placeholder secret(s) still set: " + "; ".join(bad))

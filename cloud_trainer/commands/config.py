@@ -96,8 +96,14 @@ web:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="config_command", metavar="ACTION", required=True)
     sub.add_parser("example", help="print a commented default config")
-    v = sub.add_parser("validate", help="check a config file and name any bad key")
-    v.add_argument("file")
+    v = sub.add_parser(
+        "validate",
+        help="check a config file: name any bad key, and any secret still a placeholder",
+        description="Exit 2 names each wrong key. A valid file is 'ok', or lists the secrets "
+        "still placeholders, which the services refuse to start with. Relative paths in the "
+        "file are relative to the directory the services run in, not to the file.",
+    )
+    v.add_argument("file", help="the booth's YAML config")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -106,6 +112,21 @@ def run(args: argparse.Namespace) -> int:
     if args.config_command == "example":
         sys.stdout.write(EXAMPLE)
         return 0
-    load_config(args.file)  # raises ConfigError with the exact key
+    from cloud_trainer.config import placeholder_problems
+    from edge_agent.config import read_yaml
+
+    cfg = load_config(args.file)  # raises ConfigError with the exact key
+    # What `booth serve`, `ingest` (and `agent`, for a file with an agent section) would
+    # refuse to start with: said here, where ops check a file before deploying it.
+    raw = read_yaml(args.file)
+    has_agent = isinstance(raw, dict) and "agent" in raw
+    services = ("web", "ingest", "mail") + (("agent",) if has_agent else ())
+    placeholders = placeholder_problems(cfg, services)
+    if placeholders:
+        print(f"{args.file}: valid, but the services refuse to start while these secrets")
+        print("are placeholders:")
+        for p in placeholders:
+            print(f"  {p}")
+        return 0
     print(f"{args.file}: ok")
     return 0

@@ -131,7 +131,11 @@ def test_placeholders_in_staff_hashes_and_the_mail_password_stop_booth_serve():
     )
     assert placeholder_secrets(cfg, services=("web",)) == ["web.staff.1.password_hash"]
     # serve sends the outbox as well: its placeholders count, before anything starts.
-    with pytest.raises(ConfigError, match=r"web.staff.1.password_hash, mail.password"):
+    with pytest.raises(
+        ConfigError,
+        match=r"web.staff.1.password_hash \(the output of `booth staff hash-password`\); "
+        r"mail.password \(the SMTP relay's password\)",
+    ):
         asyncio.run(Service(cfg, http_port=0, grpc_port=0).run())
 
 
@@ -178,3 +182,49 @@ def test_a_tls_pair_that_cannot_work_is_named_as_tls_not_as_a_port(tmp_path, mis
     with pytest.raises(BoothError, match=f"ingest.tls: the .*{why}"):
         server_credentials(SimpleNamespace(cert=cert, key=key))
     assert server_credentials(SimpleNamespace(cert=pair.cert, key=pair.key)) is not None
+
+
+def test_validate_names_the_placeholder_secrets_serve_would_refuse(tmp_path):
+    """`booth config validate` is the pre-flight check: a file serve refuses must not be 'ok'."""
+    cfg = tmp_path / "booth.yaml"
+    cfg.write_text(
+        "web:\n  secret_key: changethis\n"
+        "mail:\n  type: smtp\n  username: booth\n  password: changethis\n"
+    )
+    r = booth("config", "validate", str(cfg))
+    assert r.returncode == 0 and not r.stdout.strip().endswith(": ok")
+    assert "web.secret_key (a random string" in r.stdout
+    assert "mail.password (the SMTP relay's password)" in r.stdout
+    assert "agent.uplink.token" not in r.stdout  # no agent section: not this file's concern
+    cfg.write_text("web:\n  secret_key: a-real-one-for-this-test\n")
+    assert booth("config", "validate", str(cfg)).stdout.strip().endswith(": ok")
+
+
+@pytest.mark.parametrize(
+    "yaml_text, key, says",
+    [
+        ("web:\n  base_url: booth.example.org\n", "web.base_url", "not an http(s) URL"),
+        (
+            "database:\n  type: postgres\n  url: mysql://x@db/booth\n",
+            "database.url",
+            "not PostgreSQL through psycopg",
+        ),
+        ("database:\n  type: postgres\n  url: 'not a url'\n", "database.url", "not a database URL"),
+    ],
+)
+def test_a_base_url_or_database_url_that_cannot_work_is_named_at_validation(
+    tmp_path, yaml_text, key, says
+):
+    cfg = tmp_path / "booth.yaml"
+    cfg.write_text(yaml_text)
+    r = booth("config", "validate", str(cfg))
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    line = next(ln for ln in r.stderr.splitlines() if key in ln)
+    assert says in line
+
+
+def test_a_heroku_style_postgres_url_is_taken_as_psycopg():
+    cfg = BoothConfig.model_validate(
+        {"database": {"type": "postgres", "url": "postgres://booth:pw@db:5432/booth"}}
+    )
+    assert cfg.database.url == "postgresql+psycopg://booth:pw@db:5432/booth"
