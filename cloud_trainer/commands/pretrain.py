@@ -98,6 +98,13 @@ def run(args: argparse.Namespace) -> int:
     if args.publish:
         from cloud_trainer.config import blob_prefix, blob_uri
 
+        if not args.config:
+            # The embedded defaults' store is ./var/blobs: an hour of training would be
+            # published where no worker looks.
+            raise BadInput(
+                "--publish needs the booth's config (--config FILE or BOOTH_CONFIG): it names "
+                "the store the workers read the base from"
+            )
         try:
             publish = blob_uri(args.publish, booth.storage)
         except ValueError as e:

@@ -41,6 +41,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from typing import Any
 
@@ -58,6 +59,9 @@ _MIN_DEAD_LETTER_ATTEMPTS, _MAX_DEAD_LETTER_ATTEMPTS = 5, 100
 # flight to us; that message would then wait out its ack deadline.
 _MIN_PULL_S = 1.0
 _PUBLISH_TIMEOUT_S = 30.0
+# Setting up the topics and subscriptions: how long to keep trying an endpoint that does
+# not answer before saying so (the client's own default is 10 minutes of silence).
+SETUP_TIMEOUT_S = 30.0
 
 
 class PubSubJobQueue:
@@ -83,9 +87,10 @@ class PubSubJobQueue:
             self._publisher = pubsub_v1.PublisherClient()
             self._subscriber = pubsub_v1.SubscriberClient()
         except DefaultCredentialsError as e:
+            from cloud_trainer.storage.gcs import credentials_error
+
             raise BoothError(
-                "Pub/Sub needs credentials: set GOOGLE_APPLICATION_CREDENTIALS, run on GCP, "
-                "or set PUBSUB_EMULATOR_HOST for the emulator"
+                credentials_error("Pub/Sub", e, "set PUBSUB_EMULATOR_HOST for the emulator")
             ) from e
         self.topic_path = self._publisher.topic_path(project, topic)
         self.dead_topic_path = self._publisher.topic_path(project, f"{topic}-dead")
@@ -96,6 +101,20 @@ class PubSubJobQueue:
         self._subscription_deadline_s = min(
             max(self.lease_s, _MIN_SUBSCRIPTION_DEADLINE_S), _MAX_DEADLINE_S
         )
+        from google.api_core.retry import Retry, if_exception_type
+
+        endpoint = os.environ.get("PUBSUB_EMULATOR_HOST") or "pubsub.googleapis.com"
+        self._setup = {
+            "retry": Retry(
+                initial=0.5,
+                maximum=5.0,
+                multiplier=2.0,
+                timeout=SETUP_TIMEOUT_S,
+                predicate=if_exception_type(gexc.ServiceUnavailable, gexc.DeadlineExceeded),
+            ),
+            "timeout": 10.0,
+        }
+        log.info("setting up the job queue", extra={"endpoint": endpoint, "topic": topic})
         try:
             self._ensure_topic(self.topic_path)
             self._ensure_topic(self.dead_topic_path)
@@ -110,6 +129,17 @@ class PubSubJobQueue:
         except (gexc.PermissionDenied, gexc.Unauthenticated) as e:
             self.close()
             raise BoothError(f"Pub/Sub refused to set up the job queue: {e.message}") from e
+        except (gexc.RetryError, gexc.ServiceUnavailable, gexc.DeadlineExceeded) as e:
+            self.close()
+            raise BoothError(
+                f"Pub/Sub at {endpoint} did not answer for {SETUP_TIMEOUT_S:.0f} s "
+                f"({getattr(e, 'message', None) or e}): check the network"
+                + (
+                    ", and that the emulator runs (PUBSUB_EMULATOR_HOST)"
+                    if "PUBSUB_EMULATOR_HOST" in os.environ
+                    else ""
+                )
+            ) from None
 
     def __repr__(self) -> str:
         return f"PubSubJobQueue({self.subscription_path!r})"
@@ -123,10 +153,10 @@ class PubSubJobQueue:
 
     def _ensure_topic(self, path: str) -> None:
         try:
-            self._publisher.get_topic(topic=path)
+            self._publisher.get_topic(topic=path, **self._setup)
         except self._gexc.NotFound:
             try:
-                self._publisher.create_topic(name=path)
+                self._publisher.create_topic(name=path, **self._setup)
                 log.info("created Pub/Sub topic", extra={"topic": path})
             except self._gexc.AlreadyExists:
                 log.debug("another worker created the topic first", extra={"topic": path})
@@ -134,7 +164,7 @@ class PubSubJobQueue:
     def _ensure_subscription(self, path: str, topic: str, dead_letter: dict | None) -> int | None:
         """Create the subscription unless it exists; an existing one's ack deadline (s)."""
         try:
-            existing = self._subscriber.get_subscription(subscription=path)
+            existing = self._subscriber.get_subscription(subscription=path, **self._setup)
         except self._gexc.NotFound:
             request: dict[str, Any] = {
                 "name": path,
@@ -144,7 +174,7 @@ class PubSubJobQueue:
             if dead_letter:
                 request["dead_letter_policy"] = dead_letter
             try:
-                self._subscriber.create_subscription(request=request)
+                self._subscriber.create_subscription(request=request, **self._setup)
                 log.info("created Pub/Sub subscription", extra={"subscription": path})
             except self._gexc.AlreadyExists:
                 log.debug("another worker created it first", extra={"subscription": path})

@@ -41,6 +41,23 @@ MAX_SIGNED_URL_S = 7 * 24 * 3600
 _DEFAULT_CONTENT_TYPE = "application/octet-stream"
 
 
+def credentials_error(service: str, e: Exception, emulator_hint: str) -> str:
+    """What is wrong with the credentials, with google-auth's own reason: when
+    GOOGLE_APPLICATION_CREDENTIALS is set, it says why its file did not do (missing, not
+    readable by this user, not a key)."""
+    reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    path = os.environ.get("GOOGLE_APPLICATION_CREDENTIALS")
+    if path:
+        return (
+            f"{service} cannot use the credentials in GOOGLE_APPLICATION_CREDENTIALS={path}: "
+            f"{reason} (the file must be a service account key readable by this user)"
+        )
+    return (
+        f"{service} needs credentials: set GOOGLE_APPLICATION_CREDENTIALS, run on GCP, or "
+        f"{emulator_hint} ({reason})"
+    )
+
+
 class GcsBlobStore:
     def __init__(
         self,
@@ -74,8 +91,7 @@ class GcsBlobStore:
                 self._client = storage.Client(project=project, credentials=credentials)
             except DefaultCredentialsError as e:
                 raise BoothError(
-                    "GCS needs credentials: set GOOGLE_APPLICATION_CREDENTIALS, run on GCP, "
-                    "or point storage.endpoint at an emulator"
+                    credentials_error("GCS", e, "point storage.endpoint at an emulator")
                 ) from e
         self._bucket = self._client.bucket(bucket)
         self.bucket_name = bucket

@@ -355,3 +355,25 @@ def test_pubsub_a_subscription_made_beforehand_still_holds_a_lease_for_its_full_
         other.close()
         subscriber.close()
         publisher.stop()
+
+
+def test_pubsub_that_does_not_answer_is_one_clear_error_not_ten_silent_minutes(monkeypatch):
+    """The client's own retries wait 10 minutes in silence and end in a traceback; the
+    queue gives up after SETUP_TIMEOUT_S and names the endpoint."""
+    import socket
+    import time
+
+    import cloud_trainer.queue.pubsub as pubsub_mod
+    from cloud_trainer.config import PubSubQueue
+    from edge_agent.errors import BoothError
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        dead = f"127.0.0.1:{s.getsockname()[1]}"
+    monkeypatch.setenv("PUBSUB_EMULATOR_HOST", dead)
+    monkeypatch.setattr(pubsub_mod, "SETUP_TIMEOUT_S", 2.0)
+    t0 = time.monotonic()
+    with pytest.raises(BoothError, match=f"Pub/Sub at {dead} did not answer for 2 s") as e:
+        create_job_queue(PubSubQueue(project="p", topic="t", subscription="s"))
+    assert "PUBSUB_EMULATOR_HOST" in str(e.value)
+    assert time.monotonic() - t0 < 30

@@ -228,3 +228,25 @@ def test_a_heroku_style_postgres_url_is_taken_as_psycopg():
         {"database": {"type": "postgres", "url": "postgres://booth:pw@db:5432/booth"}}
     )
     assert cfg.database.url == "postgresql+psycopg://booth:pw@db:5432/booth"
+
+
+def test_pretrain_publish_without_the_booths_config_is_refused_before_training(tmp_path):
+    r = booth("pretrain", "--out", str(tmp_path / "base"), "--publish", "blob:base/x")
+    assert r.returncode == 2
+    assert "--publish needs the booth's config" in one_line(r)
+    assert not (tmp_path / "base").exists()  # nothing started
+
+
+def test_gcs_credentials_that_do_not_work_say_why(tmp_path, monkeypatch):
+    """Compose always sets GOOGLE_APPLICATION_CREDENTIALS: 'set it' pointed the wrong way
+    when the file was missing or unreadable."""
+    from cloud_trainer.storage.gcs import GcsBlobStore
+    from edge_agent.errors import BoothError
+
+    missing = tmp_path / "nope.json"
+    monkeypatch.delenv("STORAGE_EMULATOR_HOST", raising=False)
+    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(missing))
+    with pytest.raises(BoothError) as e:
+        GcsBlobStore("bucket")
+    assert f"GOOGLE_APPLICATION_CREDENTIALS={missing}" in str(e.value)
+    assert "not found" in str(e.value) or "No such file" in str(e.value)
