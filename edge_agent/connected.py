@@ -86,7 +86,8 @@ async def run_connected(agent, cfg: AgentConfig, stop: threading.Event) -> None:
     }
     await streamer.start()
     await control.start()
-    log.info("agent %s/%s connected to %s", cfg.booth_id, cfg.camera_id, cfg.uplink.address)
+    # Connected is said by the control stream once the cloud answers ("control: connected").
+    log.info("agent %s/%s started; cloud at %s", cfg.booth_id, cfg.camera_id, cfg.uplink.address)
     try:
         while not stop.is_set():
             await asyncio.sleep(0.5)

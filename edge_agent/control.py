@@ -42,6 +42,8 @@ log = logging.getLogger(__name__)
 
 REMEMBERED_COMMANDS = 512
 REMEMBERED_SESSIONS = 256
+# Failed connections in a row after which the log says WARNING: a blip is one or two.
+UNREACHABLE_WARN_FAILURES = 3
 CLOCK_SAMPLES = 8
 CLOCK_STEP_NS = 500_000  # adopt a new offset when it moved by more than this
 MAX_START_AHEAD_S = 60.0  # the longest countdown is 30 s (booth.countdown_s)
@@ -172,6 +174,7 @@ class ControlClient:
         assert self._channel is not None
         stub = booth_pb2_grpc.ControlStub(self._channel)
         attempt = 0
+        failures = 0  # in a row, for the log
         register = booth_pb2.Register(
             booth_id=self.booth_id,
             camera_id=self.camera_id,
@@ -188,13 +191,33 @@ class ControlClient:
                 await self.report_now()
                 self.connected.set()
                 log.info("control: connected to %s", self.cfg.address)
-                attempt = 0
+                attempt = failures = 0
                 while (cmd := await call.read()) is not grpc.aio.EOF:
                     await self.execute(cmd)
                 log.info("control: the server closed the stream")
             except grpc.aio.AioRpcError as e:
-                level = logging.WARNING if e.code() in PERMANENT_CODES else logging.INFO
-                log.log(level, "control: stream broke: %s %s", e.code().name, e.details())
+                # A blip is news; a cloud out of reach for a while, or one that refuses
+                # this board, is something to act on.
+                failures += 1
+                level = (
+                    logging.WARNING
+                    if e.code() in PERMANENT_CODES or failures >= UNREACHABLE_WARN_FAILURES
+                    else logging.INFO
+                )
+                hint = ""
+                if e.code() == grpc.StatusCode.UNAUTHENTICATED:
+                    hint = (
+                        " (this board's uplink.token does not match its camera's token_sha256 "
+                        "in the cloud's ingest.agents)"
+                    )
+                log.log(
+                    level,
+                    "control: stream broke (%d time(s) in a row): %s %s%s",
+                    failures,
+                    e.code().name,
+                    e.details(),
+                    hint,
+                )
                 if e.code() in PERMANENT_CODES:
                     attempt = 30  # retrying soon cannot help; wait the longest backoff
             finally:
