@@ -75,6 +75,8 @@ def filled_in(compose_file: Path, tmp_path: Path) -> tuple[Path, dict[str, str]]
             return ARGON2_HASH
         if name.endswith("_TIMEZONE"):
             return "Europe/Berlin"
+        if name.endswith("_URL"):
+            return f"https://{name.lower().replace('_', '-')}.example.org"
         if name.endswith(("_FROM", "_REPLY_TO")):
             return f"{name.lower()} <{name.lower().replace('_', '-')}@example.org>"
         return f"{name.lower()}-from-env-file"

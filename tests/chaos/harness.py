@@ -108,7 +108,9 @@ def tiny_plan(workdir: Path, **overrides: Any) -> DemoPlan:
         "fps": 20.0,
         "size": (160, 120),
         "train_size_px": 32,
-        "budget_s": 12.0,
+        # Loading the take and building the model took up to 12 s on a slow host: the job
+        # then failed as "budget too short" before any step (double_start, the first).
+        "budget_s": 20.0,
         "batch": 4,
         "base_budget_s": 15.0,
         "base_attendees": "2..3",

@@ -34,7 +34,16 @@ from edge_agent.errors import BadInput
 pytestmark = fuzz_marks()
 
 SENDER = "dancebooth <booth@booth.example.org>"
-HEADERS = {"from", "to", "subject", "message-id", "date", "mime-version", "content-type"}
+HEADERS = {
+    "from",
+    "to",
+    "subject",
+    "message-id",
+    "date",
+    "mime-version",
+    "content-type",
+    "auto-submitted",
+}
 
 _INJECTIONS = [
     "\r\nBcc: victim@evil.example",
