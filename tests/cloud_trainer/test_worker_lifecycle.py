@@ -843,10 +843,8 @@ def test_a_worker_that_lost_its_job_neither_hands_it_back_nor_fails_it(booth):
     assert worker.repo.get_session(sid)["state"] == State.TRAINING.value
 
 
-def test_a_crash_tells_staff_what_to_do_and_the_log_where_to_look(booth, caplog):
-    """The tablet shows what to do and a reference, not a Python exception; the worker's
-    log has the traceback under that reference."""
-    worker, _ = booth
+def crashing_once_training(worker: Worker) -> str:
+    """A session whose only attempt crashes (a bug, KeyError) as training starts."""
     worker.queue = create_job_queue(worker.settings.queue.model_copy(update={"max_attempts": 1}))
     sid = uploaded_session(worker)
 
@@ -855,6 +853,14 @@ def test_a_crash_tells_staff_what_to_do_and_the_log_where_to_look(booth, caplog)
             raise KeyError("left_ankle")
 
     worker.repo.on_stage = crash
+    return sid
+
+
+def test_a_crash_tells_staff_what_to_do_and_the_log_where_to_look(booth, caplog):
+    """The tablet shows what to do and a reference, not a Python exception; the worker's
+    log has the traceback under that reference."""
+    worker, _ = booth
+    sid = crashing_once_training(worker)
     with caplog.at_level(logging.ERROR, logger="cloud_trainer.worker"):
         assert worker.run_once(timeout_s=5.0) is True
     reason = worker.repo.get_session(sid)["failure_reason"]
@@ -870,14 +876,7 @@ def test_a_failed_attempts_stage_seconds_are_recorded_too(booth):
     """``booth_job_stage_seconds`` is where the workers' time goes: an attempt that crashed
     spent its loading and training time as surely as one that delivered."""
     worker, _ = booth
-    worker.queue = create_job_queue(worker.settings.queue.model_copy(update={"max_attempts": 1}))
-    sid = uploaded_session(worker)
-
-    def crash(session_id: str, at: str) -> None:
-        if at == "training":
-            raise KeyError("left_ankle")
-
-    worker.repo.on_stage = crash
+    sid = crashing_once_training(worker)
     assert worker.run_once(timeout_s=5.0) is True
     job = worker.repo.job_for_session(sid)
     assert job["state"] == "failed"

@@ -409,33 +409,45 @@ async def test_a_disk_that_refuses_the_session_list_does_not_fail_a_started_take
     assert "not saved" in caplog.text
 
 
-async def test_a_board_whose_token_the_cloud_refuses_says_what_to_fix(tmp_path, server, caplog):
-    """Its log used to repeat 'stream broke: UNAUTHENTICATED unknown token' at INFO."""
+async def logs_of_a_lone_board(address: str, spool: Path, caplog, until: str, **uplink):
+    """Run one board's control client against ``address`` until its log says ``until``;
+    its own log records."""
     import logging
 
     client = ControlClient(
-        th.uplink_config(f"127.0.0.1:{server.port}", tmp_path / "spool", token="not-the-token"),
+        th.uplink_config(address, spool, **uplink),
         booth_id=th.BOOTH,
         camera_id="cam0",
         runner=FakeCapture(),
         report_interval_s=0.2,
     )
+
+    def own() -> list[logging.LogRecord]:
+        return [r for r in caplog.records if r.name == "edge_agent.control"]
+
     with caplog.at_level(logging.INFO, logger="edge_agent.control"):
         await client.start()
         try:
             async with asyncio.timeout(30):
-                while not any(
-                    r.name == "edge_agent.control" and "UNAUTHENTICATED" in r.getMessage()
-                    for r in caplog.records
-                ):
+                while not any(until in r.getMessage() for r in own()):
                     await asyncio.sleep(0.01)
         finally:
             await client.stop()
-    [first] = [
-        r
-        for r in caplog.records
-        if r.name == "edge_agent.control" and "UNAUTHENTICATED" in r.getMessage()
-    ][:1]
+    return own()
+
+
+async def test_a_board_whose_token_the_cloud_refuses_says_what_to_fix(tmp_path, server, caplog):
+    """Its log used to repeat 'stream broke: UNAUTHENTICATED unknown token' at INFO."""
+    import logging
+
+    records = await logs_of_a_lone_board(
+        f"127.0.0.1:{server.port}",
+        tmp_path / "spool",
+        caplog,
+        "UNAUTHENTICATED",
+        token="not-the-token",
+    )
+    first = next(r for r in records if "UNAUTHENTICATED" in r.getMessage())
     assert first.levelno == logging.WARNING
     assert "uplink.token does not match" in first.getMessage()
 
@@ -443,22 +455,10 @@ async def test_a_board_whose_token_the_cloud_refuses_says_what_to_fix(tmp_path, 
 async def test_a_cloud_out_of_reach_is_a_warning_after_a_few_tries(tmp_path, caplog):
     import logging
 
-    client = ControlClient(
-        th.uplink_config(f"127.0.0.1:{th.dead_port()}", tmp_path / "spool"),
-        booth_id=th.BOOTH,
-        camera_id="cam0",
-        runner=FakeCapture(),
-        report_interval_s=0.2,
+    records = await logs_of_a_lone_board(
+        f"127.0.0.1:{th.dead_port()}", tmp_path / "spool", caplog, "3 time(s) in a row"
     )
-    with caplog.at_level(logging.INFO, logger="edge_agent.control"):
-        await client.start()
-        try:
-            async with asyncio.timeout(30):
-                while not any("3 time(s) in a row" in r.getMessage() for r in caplog.records):
-                    await asyncio.sleep(0.01)
-        finally:
-            await client.stop()
-    broke = [r for r in caplog.records if "stream broke" in r.getMessage()]
+    broke = [r for r in records if "stream broke" in r.getMessage()]
     assert broke[0].levelno == logging.INFO  # one failure is a blip
     third = next(r for r in broke if "3 time(s) in a row" in r.getMessage())
     assert third.levelno == logging.WARNING
