@@ -1829,25 +1829,16 @@ class RecordingArchive:
 
         directory = self.out_dir / session_id / camera_id
         path = directory / POSES
-        if path.exists():
-            try:
-                rows = _read_poses(path)
-            except UnreadablePoses as e:
-                # Damaged (a power cut before it reached the disk): posed again below.
-                aside = path.with_name(path.name + ".unreadable")
-                log.warning("take %s/%s: %s; moved to %s", session_id, camera_id, e, aside.name)
-                os.replace(path, aside)
-            else:
-                yield from (pose for pose in rows if pose[0] >= seq)
-                return
-        if not path.exists() and self.pose_factory is not None and directory.is_dir():
+        rows = _poses_on_disk(path, session_id, camera_id)
+        if rows is None and self.pose_factory is not None and directory.is_dir():
             recover_poses(
                 directory,
                 self.frames_from(session_id, camera_id, 0),
                 self.pose_factory,
                 self.smoothing or SmoothingConfig(),
             )
-        if not path.exists():
+            rows = _read_poses(path) if path.exists() else None
+        if rows is None:
             log.warning(
                 "take %s/%s: %s has no poses; the take uploads without them",
                 session_id,
@@ -1855,9 +1846,23 @@ class RecordingArchive:
                 directory,
             )
             return
-        for pose in _read_poses(path):
-            if pose[0] >= seq:
-                yield pose
+        yield from (pose for pose in rows if pose[0] >= seq)
+
+
+def _poses_on_disk(
+    path: Path, session_id: str, camera_id: str
+) -> Iterator[tuple[int, Any, bool, bool]] | None:
+    """The rows of a take's ``poses.npz``; None if there is none, or it is damaged (a
+    power cut before it reached the disk: then it is set aside, to be posed again)."""
+    if not path.exists():
+        return None
+    try:
+        return _read_poses(path)
+    except UnreadablePoses as e:
+        aside = path.with_name(path.name + ".unreadable")
+        log.warning("take %s/%s: %s; moved to %s", session_id, camera_id, e, aside.name)
+        os.replace(path, aside)
+        return None
 
 
 def stream_agent_takes(agent: Any, streamer: Streamer) -> None:
