@@ -119,13 +119,9 @@ def session_view(services: Services, s: dict[str, Any]) -> dict[str, Any]:
         ],
         "stage_index": _stage_index(s["state"], events),
         "upload_deadline_at": deadline,
-        # As the booth's clock shows it, like every other time on the tablet.
+        # As the booth's clock shows it (the pages' own filter), like every other time.
         "upload_deadline_clock": (
-            datetime.fromtimestamp(deadline, ZoneInfo(services.settings.booth.timezone)).strftime(
-                "%H:%M"
-            )
-            if deadline is not None
-            else None
+            services.templates.env.filters["clock"](deadline) if deadline is not None else None
         ),
         # The countdown runs on the server's clock: the tablet's may be off.
         "server_time": time.time(),
