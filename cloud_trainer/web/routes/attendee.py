@@ -25,7 +25,8 @@ router = APIRouter(tags=["attendee"])
 class Gone(Exception):
     """The link existed but is expired, revoked or its data deleted (HTTP 410).
 
-    ``reason``: ``expired``, ``revoked`` or ``deleted`` (what the page says).
+    ``reason``: ``expired``, ``revoked`` or ``deleted`` (what the page says, see
+    ``gone_page``).
     """
 
     def __init__(self, reason: str):
@@ -34,7 +35,10 @@ class Gone(Exception):
 
 
 def gone_page(reason: str) -> dict[str, str]:
-    """What the attendee reads on a link that no longer works: what happened, what next."""
+    """What the attendee reads on a link that no longer works: what happened, what next.
+
+    ``deleted_now``: the answer to the attendee's own delete.
+    """
     if reason == "expired":
         return {
             "title": "This video is no longer here",
@@ -48,6 +52,13 @@ def gone_page(reason: str) -> dict[str, str]:
             "message": "The booth replaced this link, for example after the email was "
             "sent to a corrected address.",
             "hint": "Look for a newer email from the booth, or reply to this one.",
+        }
+    if reason == "deleted_now":
+        return {
+            "title": "Deleted",
+            "message": "Your video and all your data were deleted: the video, the frames "
+            "we captured, the trained model, and your name and email.",
+            "hint": "This link no longer works.",
         }
     return {
         "title": "Deleted",
@@ -272,13 +283,4 @@ def delete_my_data(
     # done its job too.
     with contextlib.suppress(SessionNotFound):
         services.desk.delete(s["id"])
-    return services.templates.TemplateResponse(
-        request,
-        "gone.html",
-        {
-            "title": "Deleted",
-            "message": "Your video and all your data were deleted: the video, the frames "
-            "we captured, the trained model, and your name and email.",
-            "hint": "This link no longer works.",
-        },
-    )
+    return services.templates.TemplateResponse(request, "gone.html", gone_page("deleted_now"))
