@@ -2,16 +2,30 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import re
 import sqlite3
 import time
 from typing import Any
 
-from sqlalchemy import Connection, Engine, Table, create_engine, event, inspect, text
+from sqlalchemy import (
+    Column,
+    Connection,
+    Engine,
+    Table,
+    create_engine,
+    event,
+    inspect,
+    literal,
+    text,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 
 from cloud_trainer.repository.schema import metadata
 from edge_agent.errors import BoothError, make_dirs
+
+log = logging.getLogger(__name__)
 
 _SCHEMA_RE = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 # pg_advisory_xact_lock key for creating the schema: any constant the booth uses for
@@ -47,7 +61,7 @@ def create_db_engine(cfg) -> Engine:  # cfg: SqliteDatabase | PostgresDatabase
         with engine.begin() as conn:
             _take_sqlite_write_lock(conn)
             metadata.create_all(conn)
-            _check_columns(conn, cfg.path)
+            _upgrade_columns(conn, cfg.path)
         return engine
 
     engine = create_engine(
@@ -79,30 +93,95 @@ def create_db_engine(cfg) -> Engine:  # cfg: SqliteDatabase | PostgresDatabase
         if cfg.db_schema:
             conn.execute(text(f'CREATE SCHEMA IF NOT EXISTS "{cfg.db_schema}"'))
         metadata.create_all(conn)
-        _check_columns(conn, cfg.db_schema or "the database")
+        _upgrade_columns(conn, cfg.db_schema or "the database")
     return engine
 
 
-def _check_columns(conn: Connection, where: Any) -> None:
-    """Refuse a database whose tables lack columns this version uses, naming them.
+def _upgrade_columns(conn: Connection, where: Any) -> None:
+    """Add the columns this version has and the database lacks, or refuse, naming them.
 
-    ``create_all`` adds missing tables, never missing columns: a database an older
-    version made would otherwise fail at the first query that needs one (mid-upload,
-    or at start-up), with the database's own error.
+    ``create_all`` adds missing tables, never missing columns. A column that may be
+    NULL, or has a constant default, is added here (with that default for the rows
+    already there), and so are the indexes on it: upgrading the booth's image keeps
+    its database. A column no value can be invented for (NOT NULL without a default,
+    or UNIQUE) is refused at start-up, by name, instead of failing the first query
+    that needs it (mid-upload) with the database's own error.
     """
     inspector = inspect(conn)
-    missing = []
+    plan: list[tuple[Table, list[Column], list[str]]] = []
+    refused = []
     for table in metadata.sorted_tables:
         have = {c["name"] for c in inspector.get_columns(table.name)}
-        missing += [f"{table.name}.{c.name}" for c in table.columns if c.name not in have]
-    if missing:
-        shown = ", ".join(missing[:6]) + (
-            f" and {len(missing) - 6} more" if len(missing) > 6 else ""
+        lacking = [c for c in table.columns if c.name not in have]
+        ddls = [_add_column_ddl(conn, table, c) for c in lacking]
+        refused += [
+            f"{table.name}.{c.name}" for c, d in zip(lacking, ddls, strict=True) if d is None
+        ]
+        if lacking:
+            plan.append((table, lacking, ddls))
+    if refused:
+        shown = ", ".join(refused[:6]) + (
+            f" and {len(refused) - 6} more" if len(refused) > 6 else ""
         )
         raise BoothError(
-            f"{where} was made by an older version of dancebooth and lacks {shown}; "
-            "point database.path (or database.db_schema) at a new one, or add the columns"
+            f"{where} was made by an older version of dancebooth and lacks {shown}, which "
+            "cannot be added to the rows it holds; point database.path (or "
+            "database.db_schema) at a new one"
         )
+    added = []
+    for table, lacking, ddls in plan:
+        for column, ddl in zip(lacking, ddls, strict=True):
+            conn.exec_driver_sql(ddl)
+            added.append(f"{table.name}.{column.name}")
+        indexed = {i["name"] for i in inspector.get_indexes(table.name)}
+        for index in table.indexes:
+            if index.name not in indexed and any(c in lacking for c in index.columns):
+                index.create(conn)
+    if added:
+        log.warning(
+            "%s was made by an older version of dancebooth: added %s", where, ", ".join(added)
+        )
+
+
+def _add_column_ddl(conn: Connection, table: Table, column: Column) -> str | None:
+    """``ALTER TABLE ... ADD COLUMN`` for ``column``, or None when it cannot be added."""
+    if column.unique or column.primary_key:
+        return None
+    default = None
+    if column.default is not None:
+        arg = column.default.arg
+        if callable(arg):
+            # default=dict / default=list: SQLAlchemy wraps them as fn(ctx).
+            try:
+                arg = arg(None)
+            except Exception:  # noqa: BLE001 - a default that needs its context: none here
+                return None
+        if isinstance(arg, dict | list):
+            default = "'" + json.dumps(arg).replace("'", "''") + "'"
+        elif isinstance(arg, bool | int | float | str):
+            default = str(
+                literal(arg, column.type).compile(
+                    dialect=conn.dialect, compile_kwargs={"literal_binds": True}
+                )
+            )
+        else:
+            return None
+    if default is None and not column.nullable:
+        return None
+    quote = conn.dialect.identifier_preparer
+    spec = f"{quote.quote(column.name)} {column.type.compile(dialect=conn.dialect)}"
+    if default is not None:
+        spec += f" DEFAULT {default}"
+    if not column.nullable:
+        spec += " NOT NULL"
+    for fk in column.foreign_keys:
+        # Inline, as both backends take it in ADD COLUMN: without it, an upgraded
+        # database would not cascade a deleted session's rows.
+        target = fk.column
+        spec += f" REFERENCES {quote.format_table(target.table)} ({quote.quote(target.name)})"
+        if fk.ondelete:
+            spec += f" ON DELETE {fk.ondelete}"
+    return f"ALTER TABLE {quote.format_table(table)} ADD COLUMN {spec}"
 
 
 def dialect_insert(bind: Connection | Engine, table: Table) -> Any:

@@ -1,7 +1,9 @@
 """Metadata tables, one definition for SQLite and PostgreSQL (SQLAlchemy Core).
 
-Schema management: ``metadata.create_all`` at start-up (idempotent). The schema
-is young and additive; when a change is not additive we will introduce Alembic.
+Schema management: ``metadata.create_all`` at start-up (idempotent), then the columns
+an older database lacks are added (see ``db._upgrade_columns``). The schema is young and
+additive: a new column is nullable or has a constant default. When a change is not
+additive we will introduce Alembic.
 Timestamps are unix seconds (float) so both backends agree without time zones.
 """
 

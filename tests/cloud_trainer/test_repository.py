@@ -13,7 +13,7 @@ import time
 
 import pytest
 import transport_helpers as th
-from sqlalchemy import event, func, select, update
+from sqlalchemy import delete, event, func, insert, select, update
 
 from cloud_trainer.repository import Repository, SessionNotFound
 from cloud_trainer.repository.jobs import JobBusy, JobFinished, JobNotFound, JobState
@@ -732,20 +732,94 @@ def test_processes_opening_a_new_sqlite_database_together_all_start(tmp_path):
         assert outcomes == ["ok"] * 4, outcomes
 
 
-def test_a_database_an_older_version_made_is_refused_naming_what_it_lacks(db_config):
-    """``create_all`` adds tables, not columns: say so at start-up, not mid-upload."""
-    from cloud_trainer.repository.schema import metadata
+def test_a_database_an_older_version_made_gains_the_columns_it_lacks(db_config, caplog):
+    """``create_all`` adds tables, not columns: the columns that can be added are added,
+    with their defaults on the rows already there, and their indexes."""
+    from sqlalchemy import MetaData, Table, inspect
+
+    from cloud_trainer.repository.schema import agents, jobs, outbox, sessions
+
+    repo = Repository.from_config(db_config)
+    session_id = _new_session(repo)
+    job_id = repo.create_job(session_id)
+    repo.upsert_agent("booth-1", "cam0", state="online", last_seen=1.0)
+    repo.close()
+    engine = Repository.from_config(db_config).engine
+    # An outbox before emails belonged to sessions (SQLite cannot drop a foreign key's
+    # column, so the older table is made anew).
+    older = MetaData()
+    sessions.to_metadata(older)
+    Table(
+        "outbox",
+        older,
+        *(c._copy() for c in outbox.columns if c.name != "session_id"),
+    )
+    with engine.begin() as conn:
+        conn.exec_driver_sql("DROP TABLE outbox")
+        older.tables["outbox"].create(conn)
+        conn.exec_driver_sql("ALTER TABLE jobs DROP COLUMN published_at")  # nullable
+        conn.exec_driver_sql("ALTER TABLE jobs DROP COLUMN stage_seconds")  # JSON, {}
+        conn.exec_driver_sql("ALTER TABLE jobs DROP COLUMN attempts")  # integer, 0
+        conn.exec_driver_sql("ALTER TABLE agents DROP COLUMN software_version")  # ''
+    engine.dispose()
+
+    with caplog.at_level("WARNING", logger="cloud_trainer.repository.db"):
+        repo = Repository.from_config(db_config)
+    for name in ("jobs.published_at", "jobs.stage_seconds", "outbox.session_id"):
+        assert name in caplog.text
+    with repo.engine.connect() as conn:
+        job = conn.execute(select(jobs)).mappings().one()
+        agent = conn.execute(select(agents)).mappings().one()
+        outbox_indexes = {i["name"] for i in inspect(conn).get_indexes("outbox")}
+    assert job["published_at"] is None
+    assert job["stage_seconds"] == {} and job["attempts"] == 0
+    assert agent["software_version"] == ""
+    assert "ix_outbox_session_id" in outbox_indexes
+    # The repository works on it: the added columns take new values.
+    repo.update_job_progress(job_id, stage_seconds={"train": 1.5})
+    repo.mark_job_published(job_id, at=2.0)
+    job = repo.get_job(job_id)
+    assert job["stage_seconds"] == {"train": 1.5} and job["published_at"] == 2.0
+    # With its foreign key: a deleted session's emails still let go of it.
+    with repo.engine.begin() as conn:
+        conn.execute(
+            insert(outbox).values(
+                message_id="<m1@booth>",
+                session_id=session_id,
+                to_addr="ada@example.com",
+                subject="s",
+                body_text="t",
+                body_html="h",
+                state="sent",
+                next_attempt_at=0.0,
+                created_at=0.0,
+            )
+        )
+        conn.execute(delete(sessions).where(sessions.c.id == session_id))
+        assert conn.execute(select(outbox.c.session_id)).scalar_one() is None
+    repo.close()
+    # Once upgraded, there is nothing more to add.
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="cloud_trainer.repository.db"):
+        Repository.from_config(db_config).close()
+    assert "older version" not in caplog.text
+
+
+def test_a_column_no_value_can_be_invented_for_is_refused_by_name(db_config):
+    """NOT NULL without a default: say so at start-up, not mid-upload, and change nothing."""
+    from sqlalchemy import inspect
 
     Repository.from_config(db_config).close()
     engine = Repository.from_config(db_config).engine
     with engine.begin() as conn:
         conn.exec_driver_sql("ALTER TABLE jobs DROP COLUMN published_at")
+        conn.exec_driver_sql("ALTER TABLE outbox DROP COLUMN subject")  # NOT NULL, no default
     engine.dispose()
-    assert "jobs" in metadata.tables
-    with pytest.raises(
-        BoothError, match=r"older version of dancebooth and lacks jobs\.published_at"
-    ):
+    with pytest.raises(BoothError, match=r"older version of dancebooth and lacks outbox\.subject"):
         Repository.from_config(db_config)
+    with engine.connect() as conn:  # the refusal added nothing either
+        assert "published_at" not in {c["name"] for c in inspect(conn).get_columns("jobs")}
+    engine.dispose()
 
 
 def test_a_database_error_does_not_carry_attendee_data_into_the_logs(repo):
