@@ -116,8 +116,11 @@ def check_caller(booth_id: str, camera_id: str) -> AgentIdentity:
     return agent
 
 
-def _refusal(handler: grpc.RpcMethodHandler, detail: str) -> grpc.RpcMethodHandler:
+def _refusal(handler: grpc.RpcMethodHandler, method: str, detail: str) -> grpc.RpcMethodHandler:
     async def refuse(_request: Any, context: grpc.aio.ServicerContext) -> None:
+        # Logged here, where the caller's address is known: an unknown token names no
+        # camera, and the address is what tells ops which board to fix.
+        log.warning("%s from %s refused: UNAUTHENTICATED %s", method, context.peer(), detail)
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, detail)
 
     return wrap_handler(handler, "", lambda _m, _b: refuse)
@@ -142,8 +145,7 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         try:
             agent = self._book.authenticate(authorization)
         except Unauthenticated as e:
-            log.warning("%s refused: UNAUTHENTICATED %s", handler_call_details.method, e)
-            return _refusal(handler, str(e))
+            return _refusal(handler, handler_call_details.method, str(e))
         return wrap_handler(handler, handler_call_details.method, _bind(agent))
 
 

@@ -58,12 +58,17 @@ async def _report(port: int, token: str, camera_id: str, channel=None) -> grpc.S
             await channel.close()
 
 
-async def test_control_refuses_bad_tokens_and_agents_speaking_for_other_cameras(tmp_path: Path):
+async def test_control_refuses_bad_tokens_and_agents_speaking_for_other_cameras(
+    tmp_path: Path, caplog
+):
     cfg = th.booth_config(tmp_path, agents=[th.agent_entry("cam0"), th.agent_entry("old", 1.0)])
     repo = Repository.from_config(cfg.database)
     async with th.running_server(cfg, repo=repo, store=create_blob_store(cfg.storage)) as srv:
         assert await _report(srv.port, th.token_for("cam0"), "cam0") == grpc.StatusCode.OK
         assert await _report(srv.port, "guess", "cam0") == grpc.StatusCode.UNAUTHENTICATED
+        # The log says where a refused token came from: an unknown one names no camera.
+        refusal = next(r for r in caplog.records if "unknown token" in r.getMessage())
+        assert "from ipv4:127.0.0.1:" in refusal.getMessage()
         assert (
             await _report(srv.port, th.token_for("old"), "old") == grpc.StatusCode.UNAUTHENTICATED
         )
