@@ -37,13 +37,40 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+# `booth --help`'s epilog: the order in which one meets the commands. A module may have
+# its own EXAMPLES, shown under its --help. tests/test_cli.py parses every one of them.
+EXAMPLES: list[tuple[str, str]] = [
+    ("booth demo", "the whole booth end to end on this machine"),
+    ("booth config example > booth.yaml", "a commented config to edit"),
+    ("booth config validate booth.yaml", "check it: bad keys, secrets still placeholders"),
+    ("booth serve --config booth.yaml", "the cloud service: tablet pages, ingest, control"),
+    ("booth worker --config booth.yaml", "a training worker (one per accelerator)"),
+    ("booth agent --config board.yaml", "one camera, on its board"),
+]
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, no usage dump
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+def examples_epilog(examples: list[tuple[str, str]]) -> str | None:
+    if not examples:
+        return None
+    width = max(len(cmd) for cmd, _ in examples)
+    if width + max(len(what) for _, what in examples) > 76:
+        # Too wide for one terminal line each: the command, then what it does below it.
+        return "examples:\n" + "\n".join(f"  {cmd}\n      {what}" for cmd, what in examples)
+    return "examples:\n" + "\n".join(f"  {cmd:<{width}}  {what}" for cmd, what in examples)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="booth", description="dancebooth: do-as-I-do motion transfer booth")
+    parser = _Parser(
+        prog="booth",
+        description="dancebooth: do-as-I-do motion transfer booth",
+        epilog=examples_epilog(EXAMPLES),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument(
         "-v",
         "--verbose",
@@ -59,7 +86,13 @@ def build_parser() -> argparse.ArgumentParser:
             if e.name != module_name:
                 raise
             continue  # not built yet in this checkout
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        p = sub.add_parser(
+            name,
+            help=help_text,
+            description=help_text,
+            epilog=examples_epilog(getattr(module, "EXAMPLES", [])),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         module.add_arguments(p)
         p.set_defaults(_run=module.run)
     return parser

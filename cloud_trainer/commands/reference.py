@@ -21,6 +21,14 @@ from edge_agent.errors import BadInput
 CONFIG_HELP = "the booth YAML file (default: embedded defaults)"
 
 
+EXAMPLES = [
+    ("booth reference list", "what the tablet can offer"),
+    ("booth reference add salsa.mp4 --name salsa --qa qa/", "a new dance, with its QA report"),
+    ("booth reference correct salsa fixes.yaml", "fix poses the QA report flagged"),
+    ("booth reference remove salsa", "every version and the source video"),
+]
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help=CONFIG_HELP)
     sub = p.add_subparsers(dest="reference_command", metavar="ACTION", required=True)

@@ -17,6 +17,11 @@ import sys
 
 from edge_agent.errors import BadInput
 
+EXAMPLES = [
+    ("booth staff hash-password", "a hash for web.staff (the password is prompted for)"),
+    ("booth staff logout --config booth.yaml ana", "end ana's logins on every tablet now"),
+]
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="staff_command", metavar="ACTION", required=True)

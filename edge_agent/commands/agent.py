@@ -27,6 +27,13 @@ EXIT_RESTART = 3  # a camera stuck mid-read: restart me
 STUCK_EXIT_S = 15.0  # the longest a stuck shutdown may take before the process just exits
 
 
+EXAMPLES = [
+    ("booth agent --config board.yaml", "film when the tablet says Start, upload to the cloud"),
+    ("booth agent --config board.yaml --offline", "check the camera and pose: status only"),
+    ("booth agent --config board.yaml --take-seconds 5 --json", "one local take, no cloud"),
+]
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, type=Path, help="booth YAML (its agent: section)")
     p.add_argument("--camera-id", help="override agent.camera_id")

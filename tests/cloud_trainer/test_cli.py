@@ -20,6 +20,36 @@ def test_help_lists_the_commands():
         assert name in r.stdout
 
 
+def _every_example():
+    import importlib
+    import shlex
+
+    from cloud_trainer import cli
+
+    found = [("booth", cmd) for cmd, _ in cli.EXAMPLES]
+    for name, (module_name, _help) in cli.COMMANDS.items():
+        module = importlib.import_module(module_name)
+        found += [(name, cmd) for cmd, _ in getattr(module, "EXAMPLES", [])]
+    return [(where, shlex.split(cmd.split(">")[0])) for where, cmd in found]
+
+
+def test_every_example_in_the_help_is_a_command_line_the_parser_takes():
+    """Examples rot when flags change: each one shown by --help must still parse."""
+    from cloud_trainer.cli import build_parser
+
+    parser = build_parser()
+    examples = _every_example()
+    assert {where for where, _ in examples} >= {"booth", "agent", "reference", "staff"}
+    for where, argv in examples:
+        assert argv[0] == "booth", (where, argv)
+        if where != "booth":
+            assert argv[1] == where, f"an example under `booth {where} --help`: {argv}"
+        args = parser.parse_args(argv[1:])  # argparse exits (SystemExit) on a stale flag
+        assert getattr(args, "_run", None), argv
+    r = run_cli("agent", "--help")
+    assert "examples:" in r.stdout and "--take-seconds 5" in r.stdout
+
+
 def test_unknown_command_is_one_line_error():
     r = run_cli("dance-off")
     assert r.returncode == 2
