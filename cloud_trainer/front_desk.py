@@ -17,6 +17,7 @@ from typing import Any, Protocol
 
 from sqlalchemy import delete, exists, func, select
 
+from cloud_trainer import email_typos
 from cloud_trainer.repository import Repository, SessionNotFound
 from cloud_trainer.repository.db import dialect_insert
 from cloud_trainer.repository.schema import link_tombstones, links, outbox, sessions
@@ -76,6 +77,26 @@ def clean_email(email: str) -> str:
     return email
 
 
+class EmailTypo(BadInput):
+    """The address looks like a typo of a well-known domain: ask before sending to it."""
+
+    def __init__(self, email: str, suggestion: str) -> None:
+        super().__init__(
+            f"did you mean {suggestion}? Check “{email}” with the attendee "
+            "(send it again as typed to keep it)"
+        )
+        self.email, self.suggestion = email, suggestion
+
+
+def checked_email(email: str, *, as_typed: bool = False) -> str:
+    """``clean_email``, and refuse a likely domain typo unless staff kept it ``as_typed``."""
+    email = clean_email(email)
+    suggestion = None if as_typed else email_typos.suggest(email)
+    if suggestion:
+        raise EmailTypo(email, suggestion)
+    return email
+
+
 @dataclass
 class FrontDesk:
     repo: Repository
@@ -89,7 +110,10 @@ class FrontDesk:
     enqueue: Callable[[str], Any] | None = None
     _starting: set[asyncio.Task] = field(default_factory=set, init=False, repr=False)
 
-    def create_session(self, *, name: str, email: str, consent: bool, reference: str) -> str:
+    def create_session(
+        self, *, name: str, email: str, consent: bool, reference: str, email_as_typed: bool = False
+    ) -> str:
+        """``email_as_typed``: staff checked an address that looks like a typo (EmailTypo)."""
         if not consent:
             raise BadInput("no capture without consent: tick the consent box with the attendee")
         reference = (reference or "").strip()
@@ -98,7 +122,7 @@ class FrontDesk:
         return self.repo.create_session(
             booth_id=self.booth_id,
             name=clean_name(name),
-            email=clean_email(email),
+            email=checked_email(email, as_typed=email_as_typed),
             consent=True,
             reference_name=reference,
             take_s=self.take_s,
@@ -270,7 +294,9 @@ class FrontDesk:
         log.info("session %s failed; its attendee dances again as %s", session_id, new_id)
         return new_id
 
-    def resend(self, session_id: str, new_email: str | None = None) -> None:
+    def resend(
+        self, session_id: str, new_email: str | None = None, *, email_as_typed: bool = False
+    ) -> None:
         """Queue the delivery email again, to a corrected address if staff typed one."""
         session = self.repo.get_session(session_id)
         if session["state"] != State.DELIVERED.value:
@@ -278,7 +304,9 @@ class FrontDesk:
         if self.resend_email is None:
             raise Conflict("email delivery is not configured on this server")
         # The deliverer stores a corrected address itself, after its own header checks.
-        self.resend_email(session_id, clean_email(new_email) if new_email else None)
+        self.resend_email(
+            session_id, checked_email(new_email, as_typed=email_as_typed) if new_email else None
+        )
 
     def expired(self, keep_s: float, now: float | None = None) -> list[str]:
         """Sessions the booth may no longer keep: every link of theirs has expired, or

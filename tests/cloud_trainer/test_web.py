@@ -925,3 +925,75 @@ def test_the_tablet_says_which_references_still_need_review(booth):
     salsa = page[page.index('value="salsa"') : page.index('value="tango"')]
     assert "needs review: 3 flagged frames" in salsa
     assert "needs review" not in page[page.index('value="tango"') :]
+
+
+# ---- "Did you mean …?" ------------------------------------------------------------------
+
+
+def _attendee_form(csrf: str, **extra) -> dict:
+    form = {"name": "Ana", "reference": "x", "consent": "yes", "csrf": csrf}
+    return {**form, **extra}
+
+
+def test_a_likely_typo_in_the_email_domain_asks_before_creating_the_session(client, booth):
+    csrf = log_in(client)
+    r = client.post("/sessions", data=_attendee_form(csrf, email="ana@gmial.com"))
+    assert r.status_code == 200 and booth.repo.list_sessions() == []
+    assert "Did you mean <b>ana@gmail.com</b>?" in r.text
+    assert re.search(r'name="use_suggestion" value="ana@gmail.com"', r.text)
+    assert re.search(r'name="email_ok" value="ana@gmial.com"', r.text)
+    assert 'value="Ana"' in r.text  # the rest of the form is kept
+
+    # "Use ana@gmail.com"
+    r = client.post(
+        "/sessions",
+        data=_attendee_form(csrf, email="ana@gmial.com", use_suggestion="ana@gmail.com"),
+        follow_redirects=False,
+    )
+    assert r.status_code == 303
+    assert [s["email"] for s in booth.repo.list_sessions()] == ["ana@gmail.com"]
+
+
+def test_staff_can_keep_an_address_that_looks_like_a_typo(client, booth):
+    csrf = log_in(client)
+    data = _attendee_form(csrf, email="ana@gmial.com", email_ok="ana@gmial.com")
+    r = client.post("/sessions", data=data, follow_redirects=False)
+    assert r.status_code == 303
+    assert [s["email"] for s in booth.repo.list_sessions()] == ["ana@gmial.com"]
+
+
+def test_an_answer_about_an_address_no_longer_in_the_field_is_not_taken(client, booth):
+    """Staff retyped the field after the question: a stale Use/Keep must not apply."""
+    csrf = log_in(client)
+    stale_use = _attendee_form(csrf, email="bo@hotmial.com", use_suggestion="ana@gmail.com")
+    r = client.post("/sessions", data=stale_use)
+    assert r.status_code == 200 and "Did you mean <b>bo@hotmail.com</b>?" in r.text
+    stale_keep = _attendee_form(csrf, email="bo@hotmial.com", email_ok="ana@gmial.com")
+    r = client.post("/sessions", data=stale_keep)
+    assert r.status_code == 200 and "Did you mean <b>bo@hotmail.com</b>?" in r.text
+    assert booth.repo.list_sessions() == []
+
+
+def test_the_api_refuses_a_likely_typo_unless_told_to_keep_it(client, booth):
+    csrf = log_in(client)
+    r = new_session(client, csrf, email="ana@gmail.con")
+    assert r.status_code == 400 and "did you mean ana@gmail.com" in r.json()["detail"]
+    r = new_session(client, csrf, email="ana@gmail.con", email_as_typed=True)
+    assert r.status_code == 201 and r.json()["email"] == "ana@gmail.con"
+
+
+def test_a_corrected_address_for_a_resend_is_checked_for_typos_too(client, booth):
+    csrf = log_in(client)
+    sid, _token = delivered_session(booth.repo, booth.store)
+    resent: list[tuple[str, str | None]] = []
+    booth.app.state.services.desk.resend_email = lambda s, email: resent.append((s, email))
+    r = client.post(f"/sessions/{sid}/resend", data={"email": "ada@gmail.con", "csrf": csrf})
+    assert r.status_code == 200 and "Did you mean <b>ada@gmail.com</b>?" in r.text
+    assert re.search(r'id="resend-email"[^>]*value="ada@gmail.con"', r.text)
+    assert resent == []
+    r = client.post(
+        f"/sessions/{sid}/resend",
+        data={"email": "ada@gmail.con", "use_suggestion": "ada@gmail.com", "csrf": csrf},
+        follow_redirects=False,
+    )
+    assert r.status_code == 303 and resent == [(sid, "ada@gmail.com")]

@@ -162,3 +162,28 @@ def test_an_email_the_relay_refuses_is_not_called_a_bad_address(tablet, browser,
     )[0]
     assert "Relay access denied" in state.text
     assert "Correct the address" not in state.text
+
+
+def test_a_mistyped_email_domain_is_caught_and_fixed_with_one_tap(tablet, browser):
+    """'Did you mean ana@gmail.com?': the tapped button's answer must reach the server,
+    though the page disables every button of a form as it is sent (once.js)."""
+    from selenium.webdriver.common.by import By
+
+    tablet.app.state.services.references = lambda: [
+        {"name": "synthetic:warmup", "title": "Warmup", "thumbnail_url": None, "flagged": 0}
+    ]
+    d = browser
+    log_in(d, tablet.base_url)
+    d.find_element(By.ID, "name").send_keys("Ana")
+    d.find_element(By.ID, "email").send_keys("ana@gmial.com")
+    d.find_element(By.ID, "consent").click()
+    d.find_element(By.ID, "create").click()
+    wait_for(lambda: d.find_elements(By.ID, "email-suggestion"), 15, "the question")
+    assert "Did you mean ana@gmail.com?" in d.find_element(By.ID, "email-suggestion").text
+    assert tablet.repo.list_sessions() == []
+    # What staff typed is still there, consent included: one tap answers.
+    assert d.find_element(By.ID, "name").get_attribute("value") == "Ana"
+    assert d.find_element(By.ID, "consent").is_selected()
+    d.find_element(By.ID, "use-suggestion").click()
+    wait_for(lambda: "/sessions/" in d.current_url, 15, "the new session's page")
+    assert [s["email"] for s in tablet.repo.list_sessions()] == ["ana@gmail.com"]

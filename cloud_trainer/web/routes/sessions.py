@@ -17,7 +17,8 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response, Streamin
 from pydantic import BaseModel, Field
 from sqlalchemy import select
 
-from cloud_trainer.front_desk import Conflict, FrontDesk
+from cloud_trainer import email_typos
+from cloud_trainer.front_desk import Conflict, EmailTypo, FrontDesk
 from cloud_trainer.repository import SessionNotFound
 from cloud_trainer.repository.schema import outbox, takes
 from cloud_trainer.repository.sessions import known_id
@@ -44,10 +45,29 @@ class NewSession(BaseModel):
     email: str = Field(max_length=320)
     consent: bool = False
     reference: str = Field(max_length=120)
+    email_as_typed: bool = Field(
+        False,
+        description="keep an address that looks like a typo of a well-known domain "
+        "(without it, such an address is refused with the likely one)",
+    )
 
 
 class Resend(BaseModel):
     email: str | None = None
+    email_as_typed: bool = False
+
+
+def _typed_email(email: str, use_suggestion: str | None, email_ok: str | None) -> tuple[str, bool]:
+    """The address a form means, and whether staff kept it as typed.
+
+    The "Did you mean" box has two buttons: one sends the suggestion (taken only if it
+    is still the suggestion for what the field holds: the field may have been edited),
+    the other the address it was asked about (kept only if the field still holds it).
+    """
+    email = (email or "").strip()
+    if use_suggestion and use_suggestion == email_typos.suggest(email):
+        return use_suggestion, False
+    return email, bool(email_ok) and email_ok.strip() == email
 
 
 def email_state(services: Services, session_id: str) -> dict[str, Any] | None:
@@ -231,13 +251,23 @@ def create_session_form(
     reference: Annotated[str, Form()] = "",
     consent: Annotated[str | None, Form()] = None,
     csrf: Annotated[str | None, Form()] = None,
+    use_suggestion: Annotated[str | None, Form()] = None,
+    email_ok: Annotated[str | None, Form()] = None,
 ):
     check_form_csrf(staff, csrf)
+    email, as_typed = _typed_email(email, use_suggestion, email_ok)
     form = {"name": name, "email": email, "reference": reference, "consent": consent == "yes"}
     try:
         sid = services.desk.create_session(
-            name=name, email=email, consent=consent == "yes", reference=reference
+            name=name,
+            email=email,
+            consent=consent == "yes",
+            reference=reference,
+            email_as_typed=as_typed,
         )
+    except EmailTypo as e:
+        # A question, not an error: the form again, asking (nothing was created).
+        return _home(request, services, staff, None, 200, {**form, "suggestion": e.suggestion})
     except BadInput as e:
         return _home(request, services, staff, str(e), 400, form)
     return RedirectResponse(f"/sessions/{sid}", status_code=303)
@@ -295,6 +325,7 @@ async def _action(request, services, staff, session_id, csrf, fn, typed=None):
     except (BadInput, Conflict, BoothError) as e:
         s = session_view(services, _get(services, session_id))
         status = 400 if isinstance(e, BadInput) else 409
+        suggestion = e.suggestion if isinstance(e, EmailTypo) else None
         return services.templates.TemplateResponse(
             request,
             "session.html",
@@ -303,10 +334,10 @@ async def _action(request, services, staff, session_id, csrf, fn, typed=None):
                 "s": s,
                 "agents": _agents(services),
                 "limbs": LIMB_INDEX,
-                "error": str(e),
-                "typed": typed or {},
+                "error": None if suggestion else str(e),
+                "typed": {**(typed or {}), "suggestion": suggestion},
             },
-            status_code=status,
+            status_code=200 if suggestion else status,
         )
     return None
 
@@ -388,8 +419,11 @@ async def resend_form(
     staff: StaffPage,
     csrf: Annotated[str | None, Form()] = None,
     email: Annotated[str, Form()] = "",
+    use_suggestion: Annotated[str | None, Form()] = None,
+    email_ok: Annotated[str | None, Form()] = None,
 ):
-    resend = partial(services.desk.resend, session_id, email or None)
+    email, as_typed = _typed_email(email, use_suggestion, email_ok)
+    resend = partial(services.desk.resend, session_id, email or None, email_as_typed=as_typed)
     typed = {"email": email}
     return await _then_page(request, services, staff, session_id, csrf, resend, typed)
 
@@ -441,7 +475,11 @@ def list_sessions(services: ServicesDep, staff: StaffApi, all_days: bool = False
 def create_session(body: NewSession, services: ServicesDep, staff: StaffApi):
     try:
         sid = services.desk.create_session(
-            name=body.name, email=body.email, consent=body.consent, reference=body.reference
+            name=body.name,
+            email=body.email,
+            consent=body.consent,
+            reference=body.reference,
+            email_as_typed=body.email_as_typed,
         )
     except BadInput as e:
         raise HTTPException(400, str(e)) from None
@@ -516,7 +554,11 @@ async def again(session_id: str, services: ServicesDep, staff: StaffApi):
     responses=api_errors(400, 401, 403, 404, 409),
 )
 async def resend(session_id: str, body: Resend, services: ServicesDep, staff: StaffApi):
-    await _api_call(services, session_id, lambda: services.desk.resend(session_id, body.email))
+    await _api_call(
+        services,
+        session_id,
+        lambda: services.desk.resend(session_id, body.email, email_as_typed=body.email_as_typed),
+    )
     return session_view(services, services.repo.get_session(session_id))
 
 
