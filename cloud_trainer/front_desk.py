@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 from sqlalchemy import delete, exists, func, select
 
-from cloud_trainer import email_typos
+from cloud_trainer import email_typos, mail
 from cloud_trainer.repository import Repository, SessionNotFound
 from cloud_trainer.repository.db import dialect_insert
 from cloud_trainer.repository.schema import link_tombstones, links, outbox, sessions
@@ -31,9 +31,11 @@ log = logging.getLogger(__name__)
 # The SMTP server has the final word; a rejected address shows on the session.
 # The local part is an RFC 5322 dot-atom (quoted forms such as "a b"@x are refused: mail
 # libraries and clients disagree on them).
+# Each domain label is 1-63 letters, digits or inner hyphens (no empty label: the mail
+# code refuses ``gmail..com``, after training, where staff can no longer fix it).
 _EMAIL_RE = re.compile(
     r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*"
-    r"@[A-Za-z0-9](?:[A-Za-z0-9-]{0,62}\.)+[A-Za-z]{2,63}$"
+    r"@(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z]{2,63}$"
 )
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 
@@ -74,6 +76,14 @@ def clean_email(email: str) -> str:
     email = (email or "").strip()
     if not _EMAIL_RE.match(email) or len(email) > 254:
         raise BadInput(f"“{email}” is not a valid email address: check it with the attendee")
+    # And the check the email itself will pass, so that whatever the tablet takes can be
+    # mailed: a refusal after training cannot be corrected (there is nothing to resend).
+    try:
+        mail.address("", email)
+    except BadInput:
+        raise BadInput(
+            f"“{email}” is not a valid email address: check it with the attendee"
+        ) from None
     return email
 
 
