@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from sqlalchemy.exc import InterfaceError, OperationalError
 
 from cloud_trainer.config import BoothConfig, blob_prefix, local_checkpoint_exists
 from cloud_trainer.repository import Repository, SessionNotFound
@@ -114,6 +115,10 @@ class HeldStore:
 
 # A deletion removes the session and its job row together; either lookup failing means gone.
 GONE = (JobGone, SessionNotFound, JobNotFound)
+# The metadata database cannot be reached (down, restarting, refusing connections): not
+# the job's fault, so it must not use up one of the job's attempts.
+DATABASE_DOWN = (OperationalError, InterfaceError)
+DATABASE_DOWN_BACKOFF_S = 15.0
 
 
 def take_from_ingest(repo: Repository, store: Any, session_id: str, camera_id: str, fps: float):
@@ -330,6 +335,21 @@ class Worker:
 
     def _handle(self, session_id: str, lease) -> bool:
         """One job, acknowledged or not. True if its work directory must stay (lease lost)."""
+        try:
+            return self._handle_attempt(session_id, lease)
+        except DATABASE_DOWN as e:
+            # Before the job started, or on the way out of a failed attempt: either way
+            # the attempt did not fail by itself. Hand it back with its attempts intact,
+            # after a pause (the next delivery would find the database down as well).
+            log.warning(
+                "the database cannot be reached; job handed back without using an attempt",
+                extra={"job_id": lease.job_id, "error": f"{type(e).__name__}: {e}"[:300]},
+            )
+            self.stop.wait(min(DATABASE_DOWN_BACKOFF_S, lease.heartbeat_s))
+            lease.release()
+            return False
+
+    def _handle_attempt(self, session_id: str, lease) -> bool:
         job_id = lease.job_id
         try:
             known_id(session_id)
@@ -357,15 +377,9 @@ class Worker:
             self._settle_job(session, job_id)
             lease.ack()
             return False
-        if lease.exhausted:
-            self._fail(
-                session_id,
-                job_id,
-                f"training was interrupted {lease.max_attempts} times (the worker died); giving up",
-            )
-            lease.ack()
-            return False
         try:
+            # Before the attempts are counted: a delivery while the job's worker lives
+            # (its lease lapsed under it) is a duplicate, even past the last attempt.
             self.repo.start_job(job_id, self.worker_id, busy_within_s=self._busy_within_s(lease))
         except JobBusy as e:
             # A second delivery while the job's worker lives. That worker holds its own
@@ -380,6 +394,15 @@ class Worker:
         except BoothError as e:  # JobFinished: a redelivery of a job that already ended
             log.info("job already ended", extra={"job_id": job_id, "reason": str(e)})
             self._settle_session(session, job_id)
+            lease.ack()
+            return False
+        if lease.exhausted:
+            self._fail(
+                session_id,
+                job_id,
+                f"training was interrupted {lease.max_attempts} times (the worker died); giving up",
+                owner=self.worker_id,
+            )
             lease.ack()
             return False
         from cloud_trainer.train import Interrupted  # TensorFlow: only once a job runs
@@ -427,6 +450,8 @@ class Worker:
             log.warning("job failed", extra={"session_id": session_id, "reason": str(e)})
             self._fail(session_id, job_id, str(e), owner=self.worker_id)
             lease.ack()
+        except DATABASE_DOWN:
+            raise  # _handle hands the job back: the outage is not the attempt's failure
         except Exception as e:  # a bug or a passing outage: another attempt may succeed
             # Staff read the reason on the tablet: what to do, and a reference that finds
             # the traceback in this worker's log; not the exception itself.
@@ -609,6 +634,7 @@ class Worker:
         clock.enter("loading")  # reading the takes is loading, as the trainer's corpus is
         started_at = time.monotonic()  # reading the take counts in the training budget
         last_plot = [0.0]
+        progress_down = [False]  # the last progress write found the database down
         history: list[dict[str, float]] = []
 
         def progress(p: Progress) -> None:
@@ -631,6 +657,19 @@ class Worker:
                 self.repo.set_progress(sid, **fields, message=p.message)
             except (SessionNotFound, JobNotFound):
                 raise JobGone() from None
+            except DATABASE_DOWN as e:
+                # The tablet's progress waits; the training need not (its checkpoints are
+                # in the blob store, and the job's own writes come at its end).
+                if not progress_down[0]:
+                    log.warning(
+                        "progress not recorded: the database cannot be reached; training on",
+                        extra={"job_id": job_id, "error": f"{type(e).__name__}"},
+                    )
+                progress_down[0] = True
+                return
+            if progress_down[0]:
+                log.info("progress recorded again", extra={"job_id": job_id})
+                progress_down[0] = False
             if history and time.monotonic() - last_plot[0] > PLOT_EVERY_S:
                 last_plot[0] = time.monotonic()
                 self._plot(sid, history)

@@ -884,3 +884,86 @@ def test_a_failed_attempts_stage_seconds_are_recorded_too(booth):
     assert set(seconds) == {"loading", "training"}
     assert seconds["loading"] > 0
     worker.queue.close()
+
+
+# ---- the database going away ------------------------------------------------------------
+
+
+def test_a_progress_write_the_database_refuses_does_not_stop_the_training(booth, caplog):
+    """The tablet's progress is the only write mid-training; a database blip there used to
+    crash the attempt (and use it up)."""
+    from sqlalchemy.exc import OperationalError
+
+    worker, _ = booth
+    sid = uploaded_session(worker)
+    refused = []
+
+    def blip(session_id: str, at: str) -> None:
+        if at == "training" and not refused:
+            refused.append(at)
+            raise OperationalError("UPDATE sessions ...", {}, Exception("server closed"))
+
+    worker.repo.on_stage = blip
+    with caplog.at_level(logging.WARNING, logger="cloud_trainer.worker"):
+        assert worker.run_once(timeout_s=5.0) is True
+    assert refused
+    job = worker.repo.job_for_session(sid)
+    assert job["state"] == "done" and job["attempts"] == 1, job
+    assert worker.repo.get_session(sid)["state"] == State.DELIVERED.value
+    assert "progress not recorded" in caplog.text
+
+
+@pytest.fixture
+def booth_behind_a_link(tmp_path: Path, pg_database_config):
+    """The worker's PostgreSQL reached through a proxy that can cut the link for real."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    url = urlsplit(pg_database_config.url)
+    proxy = th.LinkProxy()
+    proxy.set_upstream(url.port or 5432)
+    netloc = url.netloc.rsplit(":", 1)[0] if url.port else url.netloc
+    netloc = netloc.rsplit("@", 1)[0] + "@127.0.0.1" if "@" in netloc else "127.0.0.1"
+    proxied = pg_database_config.model_copy(
+        update={"url": urlunsplit(url._replace(netloc=f"{netloc}:{proxy.port}"))}
+    )
+    settings = BoothConfig(
+        models_dir=tmp_path / "no-models",
+        storage=LocalStorage(root=tmp_path / "blobs"),
+        database=proxied,
+        queue=SqliteQueue(path=tmp_path / "queue.db", visibility_timeout_s=30.0, heartbeat_s=5.0),
+        trainer=TrainerConfig(size_px=SIZE_PX, batch=2, budget_s=600, max_steps=2),
+    )
+    repo = Repository.from_config(settings.database)
+    queue = create_job_queue(settings.queue)
+    worker = Worker(settings, repo, LocalBlobStore(tmp_path / "blobs"), queue, worker_id="w")
+    yield worker, proxy
+    proxy.close()
+    queue.close()
+    repo.close()
+
+
+def test_a_database_outage_hands_jobs_back_without_using_their_attempts(
+    booth_behind_a_link, monkeypatch, caplog
+):
+    """Each delivery during an outage failed on its first read and counted as an attempt:
+    a few minutes down failed sessions that never ran, 'the worker died 3 times'."""
+    import cloud_trainer.worker as worker_mod
+
+    monkeypatch.setattr(worker_mod, "DATABASE_DOWN_BACKOFF_S", 0.1)
+    worker, link = booth_behind_a_link
+    sid = uploaded_session(worker, frames=False)  # it fails fast, with its own reason, once run
+    link.cut()
+    link.reset()  # the pooled connections die; new ones get no answer
+    with caplog.at_level(logging.WARNING, logger="cloud_trainer.worker"):
+        for _ in range(2):
+            lease = worker.queue.receive(timeout_s=5.0)
+            assert lease is not None and lease.attempt == 1, lease
+            worker.handle(lease)
+            assert lease.settled == "released"
+    assert "job handed back without using an attempt" in caplog.text
+    link.restore()
+    assert worker.run_once(timeout_s=5.0) is True
+    session = worker.repo.get_session(sid)
+    assert session["state"] == State.FAILED.value
+    assert "stored no frames" in session["failure_reason"]  # run, not given up on
+    assert worker.repo.job_for_session(sid)["attempts"] == 1
