@@ -70,32 +70,65 @@ KNOWN_DOMAINS: tuple[str, ...] = (
     "hey.com",
     "tutanota.com",
     "posteo.de",
+    "foxmail.com",
+    "sina.com",
+    "hanmail.net",
+    "daum.net",
+    "seznam.cz",
+    "wp.pl",
+    "o2.pl",
+    "interia.pl",
+    "abv.bg",
+    "inbox.ru",
+    "bk.ru",
+    "list.ru",
+    "rambler.ru",
 )
 _KNOWN = frozenset(KNOWN_DOMAINS)
 
 
+# Slips on the way to .com/.net/.org. Most are no country's; .co and .cm are, but no
+# provider listed here has mail under them. A provider's real endings elsewhere
+# (hotmail.de, yahoo.co.jp) are never touched: the name must then be a near miss.
+BAD_ENDINGS: dict[str, str] = {
+    **dict.fromkeys(
+        ("con", "cmo", "ocm", "vom", "xom", "comm", "cpm", "cim", "coom", "om", "c", "co", "cm"),
+        "com",
+    ),
+    **dict.fromkeys(("nte", "ner", "nwt", "met"), "net"),
+    **dict.fromkeys(("ogr", "orgg", "prg"), "org"),
+}
+
+
 def suggest(email: str) -> str | None:
     """The address with its domain corrected, when the domain looks like a typo of a
-    well-known one; else None (the domain is well known, or not close to any)."""
+    well-known one; else None (the domain is well known, or not close to any).
+
+    Two kinds of slip, each checked with the other part of the domain exact, so that a
+    provider's real domains in other countries are never "corrected":
+    - a known provider with an ending no domain has (``gmail.con``, ``yahoo.comm``);
+    - a near miss of a provider's name with one of its real endings (``gmial.com``).
+    """
     local, at, domain = (email or "").strip().rpartition("@")
     if not at or not local or not domain:
         return None
-    typed = domain.lower()
+    typed = domain.lower().rstrip(".")
     if typed in _KNOWN:
-        return None
+        # Letter case is no typo; a trailing dot is (some relays refuse it).
+        return None if not domain.endswith(".") else f"{local}@{domain.rstrip('.')}"
+    name, _, ending = typed.partition(".")
+    ending = BAD_ENDINGS.get(ending, ending)
+    if f"{name}.{ending}" in _KNOWN:
+        return f"{local}@{name}.{ending}"
     best, best_d = None, None
     for known in KNOWN_DOMAINS:
-        name = known.split(".")[0]
-        if len(name) <= 3:
-            # aol, msn, me: one letter away are real companies (aon.com, ge.com); only
-            # the ending is checked (me.con).
-            if typed.split(".")[0] != name:
-                continue
-            limit = 1
-        else:
-            limit = 1 if len(name) == 4 else 2  # live.co; hotmial.con, gmial.con
-        d = _distance(typed, known, limit)
-        if d <= limit and (best_d is None or d < best_d):
+        known_name, _, known_ending = known.partition(".")
+        # Short names (aol, msn, me, gmx) are a letter from real companies' (aon, ge).
+        if known_ending != ending or len(known_name) < 4:
+            continue
+        limit = 1 if len(known_name) <= 5 else 2  # gmial, yahooo; hotmial, outlok
+        d = _distance(name, known_name, limit)
+        if 0 < d <= limit and (best_d is None or d < best_d):
             best, best_d = known, d
     return f"{local}@{best}" if best else None
 

@@ -13,12 +13,14 @@ from cloud_trainer.email_typos import KNOWN_DOMAINS, suggest
         ("ana@gmail.con", "ana@gmail.com"),  # the ending
         ("ana@gmial.com", "ana@gmail.com"),  # two letters swapped
         ("ana@gmai.com", "ana@gmail.com"),  # one left out
-        ("ana@gmial.con", "ana@gmail.com"),  # two mistakes in a long name
+        ("ana@gmial.con", "ana@gmail.com"),  # the name and the ending
+        ("ana@gmail.co", "ana@gmail.com"),  # .co is a country's, but no gmail there
         ("Ana.B@HOTMIAL.COM", "Ana.B@hotmail.com"),  # case: the local part as typed
         ("b@yahooo.com", "b@yahoo.com"),
         ("c@outlok.com", "c@outlook.com"),
         ("d@icloud.co", "d@icloud.com"),
         ("e@me.con", "e@me.com"),  # a short name: its ending is still checked
+        ("g@hotmial.co.uk", "g@hotmail.co.uk"),
         ("f@icloud.com.", "f@icloud.com"),
     ],
 )
@@ -35,7 +37,15 @@ def test_a_near_miss_of_a_well_known_domain_gets_a_suggestion(typed, meant):
         "x@ge.com",  # and from me.com
         "x@example.org",
         "x@uni-bonn.de",
-        "x@outlook.de",  # too far (two edits in a short ending) to be sure
+        "x@outlook.de",  # a provider's ending elsewhere: never "corrected"
+        "x@hotmail.de",
+        "x@yahoo.it",
+        "x@yahoo.co.jp",
+        "x@yahoo.ca",
+        "x@yandex.by",
+        "x@foxmail.com",  # two letters from hotmail.com, and real
+        "x@GMAIL.COM",  # letter case is no typo
+        "x@une.co",
         "not-an-address",
         "",
         "@gmail.con",

@@ -187,3 +187,23 @@ def test_a_mistyped_email_domain_is_caught_and_fixed_with_one_tap(tablet, browse
     d.find_element(By.ID, "use-suggestion").click()
     wait_for(lambda: "/sessions/" in d.current_url, 15, "the new session's page")
     assert [s["email"] for s in tablet.repo.list_sessions()] == ["ana@gmail.com"]
+
+
+def test_enter_after_the_question_keeps_the_address_as_typed(tablet, browser):
+    """The tablet keyboard's Go key submits with the form's first button: it must keep
+    what staff typed, never switch the attendee's link to another mailbox."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    tablet.app.state.services.references = lambda: [
+        {"name": "synthetic:warmup", "title": "Warmup", "thumbnail_url": None, "flagged": 0}
+    ]
+    d = browser
+    log_in(d, tablet.base_url)
+    d.find_element(By.ID, "name").send_keys("Ana")
+    d.find_element(By.ID, "consent").click()
+    d.find_element(By.ID, "email").send_keys("ana@gmial.com" + Keys.ENTER)
+    wait_for(lambda: d.find_elements(By.ID, "email-suggestion"), 15, "the question")
+    d.find_element(By.ID, "email").send_keys(Keys.ENTER)
+    wait_for(lambda: "/sessions/" in d.current_url, 15, "the new session's page")
+    assert [s["email"] for s in tablet.repo.list_sessions()] == ["ana@gmial.com"]
