@@ -35,7 +35,9 @@ log = logging.getLogger(__name__)
 # code refuses ``gmail..com``, after training, where staff can no longer fix it).
 _EMAIL_RE = re.compile(
     r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*"
-    r"@(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z]{2,63}$"
+    # The last label: letters, or an internationalised one as browsers send it (punycode:
+    # user@пример.рф arrives as user@xn--e1afmkfd.xn--p1ai).
+    r"@(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+(?:[A-Za-z]{2,63}|xn--[A-Za-z0-9-]{1,59})$"
 )
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 
@@ -74,6 +76,21 @@ def clean_name(name: str) -> str:
 
 def clean_email(email: str) -> str:
     email = (email or "").strip()
+    local = email.rpartition("@")[0]
+    if not local.isascii():
+        # Valid (SMTPUTF8), but few relays carry it: say so, rather than "not valid".
+        raise BadInput(
+            f"“{email}”: letters beyond A-Z before the @ cannot be mailed from this booth; "
+            "ask the attendee for another address"
+        )
+    if not email.isascii():
+        try:  # an internationalised domain typed as such: its ASCII form (punycode)
+            host = email.rpartition("@")[2].encode("idna").decode("ascii")
+        except UnicodeError:
+            raise BadInput(
+                f"“{email}” is not a valid email address: check it with the attendee"
+            ) from None
+        email = f"{local}@{host}"
     if not _EMAIL_RE.match(email) or len(email) > 254:
         raise BadInput(f"“{email}” is not a valid email address: check it with the attendee")
     # And the check the email itself will pass, so that whatever the tablet takes can be

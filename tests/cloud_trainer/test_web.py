@@ -1005,3 +1005,25 @@ def test_a_corrected_address_for_a_resend_is_checked_for_typos_too(client, booth
         follow_redirects=False,
     )
     assert r.status_code == 303 and resent == [(sid, "ada@gmail.com")]
+
+
+@pytest.mark.parametrize(
+    ("typed", "stored"),
+    [
+        # As Chromium sends user@пример.рф from an <input type=email>.
+        ("user@xn--e1afmkfd.xn--p1ai", "user@xn--e1afmkfd.xn--p1ai"),
+        ("ada@münchen.de", "ada@xn--mnchen-3ya.de"),  # typed through the API
+    ],
+)
+def test_an_internationalised_domain_is_taken(client, booth, typed, stored):
+    csrf = log_in(client)
+    r = new_session(client, csrf, email=typed)
+    assert r.status_code == 201, r.text
+    assert r.json()["email"] == stored
+
+
+def test_letters_beyond_a_z_before_the_at_are_refused_saying_so(client, booth):
+    csrf = log_in(client)
+    r = new_session(client, csrf, email="josé@example.org")
+    assert r.status_code == 400
+    assert "letters beyond A-Z before the @" in r.json()["detail"]
