@@ -474,6 +474,29 @@ def build_corpus(
     return Corpus(out, manifest)
 
 
+def unusable_reason(take: TakeData) -> str | None:
+    """Why ``take``'s poses alone keep it out of training (None: they do not).
+
+    The worker asks before training, to check what rendering needs on the takes that
+    will be trained on; writing the take asks again, and checks its frames too.
+    """
+    n = len(take)
+    if n == 0:
+        return f"take {take.name} is empty: no frames were recorded"
+    with_person = sum(1 for p in take.poses if has_person(p))
+    if not with_person:
+        return (
+            f"no person detected in take {take.name} (none of its {n} frames has a pose: "
+            "if the attendee was in view, check that camera's pose model)"
+        )
+    if with_person < MIN_USABLE_FRAMES:
+        return (
+            f"take {take.name} is too short to train on: {with_person} frames with a "
+            f"person, at least {MIN_USABLE_FRAMES} needed"
+        )
+    return None
+
+
 def _write_take(
     t_idx: int,
     take: TakeData,
@@ -484,18 +507,9 @@ def _write_take(
     seg: Segmenter | None,
 ) -> dict[str, Any]:
     n = len(take)
-    if n == 0:
-        raise TrainingFailed(f"take {take.name} is empty: no frames were recorded")
+    if reason := unusable_reason(take):
+        raise TrainingFailed(reason)
     with_person = np.array([has_person(p) for p in take.poses])
-    if not with_person.any():
-        raise TrainingFailed(
-            f"no person detected in take {take.name} (none of its {n} frames has a pose)"
-        )
-    if with_person.sum() < MIN_USABLE_FRAMES:
-        raise TrainingFailed(
-            f"take {take.name} is too short to train on: {int(with_person.sum())} frames with a "
-            f"person, at least {MIN_USABLE_FRAMES} needed"
-        )
     frame_size = take.size()
     if frame_size is None:
         raise TrainingFailed(f"take {take.name}: none of its {n} frames decodes (corrupt shard?)")

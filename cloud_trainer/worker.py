@@ -621,7 +621,7 @@ class Worker:
 
     def _run(self, session: dict[str, Any], job_id: str, lease, clock: StageClock) -> None:
         from cloud_trainer import render
-        from cloud_trainer.corpus import TrainingFailed
+        from cloud_trainer.corpus import TrainingFailed, unusable_reason
         from cloud_trainer.deliver import Deliverer
         from cloud_trainer.normalize import shows_whole_body
         from cloud_trainer.reference import ReferenceLibrary
@@ -694,8 +694,12 @@ class Worker:
             raise BoothError(
                 "; ".join(unusable) if unusable else "no camera uploaded a take for this session"
             )
-        # What rendering will need, checked before the training budget is spent on it.
-        if not any(shows_whole_body(t.poses) for t in takes):
+        # The takes the training will keep (the corpus skips the others), so that what
+        # rendering needs is checked on them, before the training budget is spent.
+        trainable = [t for t in takes if unusable_reason(t) is None]
+        if not trainable:
+            raise BoothError("; ".join(unusable + [unusable_reason(t) for t in takes]))
+        if not any(shows_whole_body(t.poses) for t in trainable):
             raise BoothError(
                 "no camera saw the attendee whole: the dance is scaled to them from a frame "
                 "with their head and both feet in it, and no take has one (check that the "

@@ -91,52 +91,63 @@ def booth(db_config, tmp_path: Path):
     repo.close()
 
 
-def uploaded_session(worker: Worker, *, frames: bool = True) -> str:
-    """A session in ``uploaded`` whose take ingest stored (one shard, poses), with its job queued."""
-    repo, store = worker.repo, worker.store
-    sid = th.new_session(repo)
+def uploaded_session(
+    worker: Worker, *, frames: bool = True, cameras: dict[str, float] | None = None
+) -> str:
+    """A session in ``uploaded`` whose take ingest stored (one shard, poses), with its job
+    queued. ``cameras``: seconds of take per camera (default: cam0, 3 s)."""
+    repo = worker.repo
+    cameras = cameras or {"cam0": 3.0}
+    sid = th.new_session(repo, tuple(cameras))
     # A built-in dance: the worker checks the reference before it trains.
     repo.update_session(sid, reference_name="synthetic:warmup")
     repo.transition(sid, State.CAPTURING)
-    repo.open_take(sid, "cam0", fps=8.0)
-    if frames:
-        take = TakeData.from_synth(2, 5, seconds=3, fps=8, size=synth_frame_size(SIZE_PX))
-        key = f"sessions/{sid}/frames/cam0/000000.shard"
-        rows, poses, blob, offset = [], [], b"", 0
-        for seq, rgb in enumerate(take.frames):
-            ok, buf = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
-            assert ok
-            jpeg = buf.tobytes()
-            rows.append(
-                {
-                    "seq": seq,
-                    "capture_ts_ns": seq * 125_000_000,
-                    "shard_key": key,
-                    "offset": offset,
-                    "length": len(jpeg),
-                    "sha256": hashlib.sha256(jpeg).hexdigest(),
-                }
-            )
-            poses.append(
-                {
-                    "seq": seq,
-                    "keypoints": take.poses[seq].astype("<f4").tobytes(),
-                    "imputed": False,
-                    "glitch": False,
-                }
-            )
-            blob += jpeg
-            offset += len(jpeg)
-        store.put(key, blob)
-        repo.commit_shard(
-            sid, "cam0", rows, poses, durable_seq=len(rows) - 1, pose_durable_seq=len(rows) - 1
-        )
-        repo.end_take(sid, "cam0", len(rows))
-    repo.mark_take_uploaded(sid, "cam0")
+    for camera, seconds in cameras.items():
+        repo.open_take(sid, camera, fps=8.0)
+        if frames:
+            _store_take(worker, sid, camera, seconds)
+        repo.mark_take_uploaded(sid, camera)
     repo.transition(sid, State.UPLOADED)
     job_id = repo.create_job(sid)
     worker.queue.publish(job_id, {"session_id": sid})
     return sid
+
+
+def _store_take(worker: Worker, sid: str, camera: str, seconds: float) -> None:
+    """A synthetic take at 8 fps, stored as ingest stores one: a shard, its index, poses."""
+    repo, store = worker.repo, worker.store
+    take = TakeData.from_synth(2, 5, seconds=seconds, fps=8, size=synth_frame_size(SIZE_PX))
+    key = f"sessions/{sid}/frames/{camera}/000000.shard"
+    rows, poses, blob, offset = [], [], b"", 0
+    for seq, rgb in enumerate(take.frames):
+        ok, buf = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+        assert ok
+        jpeg = buf.tobytes()
+        rows.append(
+            {
+                "seq": seq,
+                "capture_ts_ns": seq * 125_000_000,
+                "shard_key": key,
+                "offset": offset,
+                "length": len(jpeg),
+                "sha256": hashlib.sha256(jpeg).hexdigest(),
+            }
+        )
+        poses.append(
+            {
+                "seq": seq,
+                "keypoints": take.poses[seq].astype("<f4").tobytes(),
+                "imputed": False,
+                "glitch": False,
+            }
+        )
+        blob += jpeg
+        offset += len(jpeg)
+    store.put(key, blob)
+    repo.commit_shard(
+        sid, camera, rows, poses, durable_seq=len(rows) - 1, pose_durable_seq=len(rows) - 1
+    )
+    repo.end_take(sid, camera, len(rows))
 
 
 def blobs_of(worker: Worker, sid: str) -> list[str]:
@@ -614,26 +625,63 @@ def _bad_pose(worker: Worker, sid: str) -> None:
         conn.execute(update(poses).where(poses.c.session_id == sid).values(keypoints=b"\0" * 12))
 
 
-def _no_head(worker: Worker, sid: str) -> None:
+def _no_head(worker: Worker, sid: str, camera: str = "cam0") -> None:
     """A camera that never framed the head (a tall attendee): every head score 0."""
+    from edge_agent import skeleton as sk
+
+    _blind(worker, sid, camera, range(sk.INDEX["right_ear"] + 1))  # nose, eyes, ears
+
+
+def _blind(worker: Worker, sid: str, camera: str, joints) -> None:
+    """Every pose of ``camera`` with these joints' scores 0 (out of its frame)."""
     import numpy as np
     from sqlalchemy import select, update
 
     from cloud_trainer.repository.schema import poses
     from edge_agent import skeleton as sk
 
+    mine = (poses.c.session_id == sid) & (poses.c.camera_id == camera)
     with worker.repo.engine.begin() as conn:
-        rows = conn.execute(
-            select(poses.c.seq, poses.c.keypoints).where(poses.c.session_id == sid)
-        ).all()
+        rows = conn.execute(select(poses.c.seq, poses.c.keypoints).where(mine)).all()
         for seq, blob in rows:
             kp = np.frombuffer(blob, dtype="<f4").reshape(sk.NUM_JOINTS, 3).copy()
-            kp[: sk.INDEX["right_ear"] + 1, 2] = 0.0  # nose, eyes, ears
+            kp[list(joints), 2] = 0.0
             conn.execute(
                 update(poses)
-                .where(poses.c.session_id == sid, poses.c.seq == seq)
+                .where(mine, poses.c.seq == seq)
                 .values(keypoints=kp.astype("<f4").tobytes())
             )
+
+
+def test_the_whole_body_check_counts_only_takes_the_training_will_keep(booth):
+    """cam1 framed the attendee whole but is too short to train on; cam0 cut off the
+    feet. The check passed on cam1, the model trained on cam0 alone, and rendering then
+    failed for want of the feet, after the whole training budget."""
+    from edge_agent import skeleton as sk
+
+    worker, _ = booth
+    sid = uploaded_session(worker, cameras={"cam0": 3.0, "cam1": 1.0})  # 24 and 8 frames
+    feet = [
+        j for name, j in sk.INDEX.items() if "ankle" in name or "heel" in name or "foot" in name
+    ]
+    _blind(worker, sid, "cam0", feet)
+    assert worker.run_once(timeout_s=5.0) is True
+    session = worker.repo.get_session(sid)
+    assert session["state"] == State.FAILED.value
+    assert "no camera saw the attendee whole" in session["failure_reason"]
+    assert not list(worker.store.list(f"sessions/{sid}/checkpoints/"))  # never trained
+
+
+def test_a_camera_that_sent_no_poses_is_named_not_blamed_on_the_framing(booth):
+    from edge_agent import skeleton as sk
+
+    worker, _ = booth
+    sid = uploaded_session(worker)
+    _blind(worker, sid, "cam0", range(sk.NUM_JOINTS))
+    assert worker.run_once(timeout_s=5.0) is True
+    reason = worker.repo.get_session(sid)["failure_reason"]
+    assert "none of its 24 frames has a pose" in reason and "pose model" in reason, reason
+    assert "frame the booth" not in reason
 
 
 def _no_base(worker: Worker, sid: str) -> None:
