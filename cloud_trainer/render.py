@@ -40,6 +40,7 @@ import cv2
 import numpy as np
 
 from cloud_trainer import labelmap
+from cloud_trainer.storage.base import BlobNotFound
 from edge_agent.errors import BadInput, BoothError
 from edge_agent.frames import upright
 
@@ -688,6 +689,27 @@ def _reference_audio(source: Path, reference: Any, result: RenderResult) -> None
             return  # no audio track in the reference: nothing to add to either
 
 
+def _source_or_none(
+    stack: contextlib.ExitStack, library: Any, reference: Any, scratch_dir: Any
+) -> Path | None:
+    """The reference's source video, or None when it is gone from the store.
+
+    Only the side-by-side and the music come from it: the attendee's own video does
+    not need it, and a reference removed while a job trained must not cost that job.
+    """
+    try:
+        return stack.enter_context(library.source_file(reference, scratch_dir))
+    except BlobNotFound as e:
+        log.warning(
+            "reference %s v%d: its source video is gone (%s); rendering without the "
+            "side-by-side and the music",
+            reference.name,
+            reference.version,
+            e,
+        )
+        return None
+
+
 def render_session(
     store: Any,
     session_id: str,
@@ -749,7 +771,7 @@ def render_session(
         # music for both videos.
         source = None
         if library is not None:
-            source = stack.enter_context(library.source_file(reference, scratch_dir))
+            source = _source_or_none(stack, library, reference, scratch_dir)
         panels = None
         if side_by_side and source is not None:
             ref_framing = reference.framing()
@@ -771,7 +793,17 @@ def render_session(
             crf=crf,
         )
         if source is not None:
-            _reference_audio(source, reference, result)
+            try:
+                _reference_audio(source, reference, result)
+            except (av.error.FFmpegError, ValueError) as e:
+                # The music is a nicety: the attendee's video goes out without it rather
+                # than not at all (add_audio replaces a video only once it is whole).
+                log.warning(
+                    "reference %s v%d: its music could not be added (%s); the video is silent",
+                    reference.name,
+                    reference.version,
+                    e,
+                )
         keys: dict[str, str | None] = {
             "video_key": f"{prefix}/final.mp4",
             "poster_key": f"{prefix}/poster.jpg",

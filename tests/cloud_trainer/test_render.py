@@ -173,6 +173,29 @@ def test_render_session_stores_video_poster_and_side_by_side(
     assert library.store.size(keys["poster_key"]) > 1000
 
 
+def test_a_reference_whose_source_video_is_gone_still_renders_the_attendees_video(
+    generator, library, caplog
+):
+    """Only the side-by-side and the music come from the source: a reference removed
+    while a job trained used to fail the job at rendering, after its whole budget."""
+    ref = library.get("synthetic:warmup")
+    library.store.delete(ref.meta["source_key"])
+    take = _take()
+    with caplog.at_level("WARNING", logger="cloud_trainer.render"):
+        keys = render.render_session(
+            library.store,
+            "s1",
+            generator,
+            ref,
+            take,
+            labelmap.Framing.from_poses(take, *TAKE_SIZE),
+            library=library,
+        )
+    assert keys["side_by_side_key"] is None
+    assert render.probe(library.store.root / keys["video_key"])["frames"] == len(ref)
+    assert "source video is gone" in caplog.text
+
+
 def test_parts_masks_move_with_the_normalized_pose(library):
     ref = library.get("synthetic:warmup")
     take = _take(6)
