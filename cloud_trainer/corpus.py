@@ -840,11 +840,20 @@ def mirror_to_store(
 
 
 def mirror_from_store(store, prefix: str, local: Path) -> int:
-    """Download every object under ``prefix/`` into ``local``; returns the count."""
+    """Download every object under ``prefix/`` into ``local``; returns the count.
+
+    Indexes last (``corpus.json``, a checkpoint tree's ``checkpoint``), as they were
+    uploaded: a download killed midway must not leave an index naming files that are
+    not there, which the next attempt would take for a corrupt corpus.
+    """
     prefix = prefix.rstrip("/")
     local.mkdir(parents=True, exist_ok=True)
     n = 0
-    for key in store.list(prefix + "/"):
+
+    def index_last(key: str) -> tuple[int, str]:
+        return (1 if Path(key).name in ("checkpoint", MANIFEST) else 0), key
+
+    for key in sorted(store.list(prefix + "/"), key=index_last):
         dest = local / key[len(prefix) + 1 :]
         dest.parent.mkdir(parents=True, exist_ok=True)
         store.download(key, str(dest))

@@ -772,8 +772,13 @@ def prepare_corpus(
     if Corpus.exists(local):
         corpus = Corpus.open(local)
         if fits(corpus):
-            corpus.verify()
-            return corpus
+            try:
+                corpus.verify()
+                return corpus
+            except TrainingFailed as e:
+                # A copy cut short (a worker killed while writing or fetching it): the
+                # takes are still there to build it again from.
+                log.warning("corpus on disk unusable (%s); building it again", e)
     takes = (open_take(t, store, job_dir / "takes") for t in job.takes)
     segmenter = None
     if cfg.label_map == "parts":

@@ -248,6 +248,33 @@ def test_mirroring_uploads_indexes_after_their_data_and_the_jobs_record_last(
     assert store.order[-3:] == ["best/checkpoint", "ckpt/checkpoint", "state.json"]
 
 
+def test_a_download_killed_midway_leaves_no_index_naming_missing_files(
+    corpus: Corpus, tmp_path: Path
+) -> None:
+    """Downloaded in name order, corpus.json came before its shards: a worker killed
+    midway left an index without its shards, and the next attempt failed the session
+    ('corpus shard ... is missing') though the corpus could be built again."""
+    from cloud_trainer.storage.local import LocalBlobStore
+
+    class Killed(Exception):
+        pass
+
+    class DiesMidway(LocalBlobStore):
+        fetched = 0
+
+        def download(self, key: str, path: str) -> None:
+            if self.fetched == 1:
+                raise Killed()
+            self.fetched += 1
+            super().download(key, path)
+
+    store = DiesMidway(tmp_path / "blobs")
+    assert mirror_to_store(corpus.root, store, "c") > 2
+    with pytest.raises(Killed):
+        mirror_from_store(store, "c", tmp_path / "copy")
+    assert not Corpus.exists(tmp_path / "copy")  # so the next attempt fetches it again
+
+
 MODELS = Path(__file__).resolve().parents[2] / "models"
 
 
