@@ -27,7 +27,7 @@ from cloud_trainer.repository.counters import (
     JOB_STAGE_SECONDS,
 )
 from cloud_trainer.repository.outbox import FINAL
-from cloud_trainer.repository.schema import agents, jobs, outbox, sessions
+from cloud_trainer.repository.schema import agents, job_beats, jobs, outbox, sessions
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +79,11 @@ class BoothCollector:
             "booth_job_oldest_queued_age_seconds",
             "Age of the oldest job still waiting for a worker (0: none waits)",
         )
+        quietest_job = GaugeMetricFamily(
+            "booth_job_running_quiet_seconds",
+            "Longest a running job's worker has gone without a heartbeat (0: none runs; "
+            "a worker beats every few seconds, so minutes mean it died)",
+        )
         stage = CounterMetricFamily(
             "booth_job_stage_seconds", "Seconds spent per job stage", labels=["stage"]
         )
@@ -110,6 +115,7 @@ class BoothCollector:
             spool=spool,
             depth=depth,
             oldest_job=oldest_job,
+            quietest_job=quietest_job,
             emails_waiting=emails_waiting,
             oldest_email=oldest_email,
             by_state=by_state,
@@ -175,6 +181,12 @@ class BoothCollector:
                 )
             ).scalar()
             g.oldest_job.add_metric([], max(0.0, now - first) if first else 0.0)
+            last_beat = conn.execute(
+                select(func.min(func.coalesce(job_beats.c.beat_at, jobs.c.started_at)))
+                .select_from(jobs.outerjoin(job_beats, job_beats.c.job_id == jobs.c.id))
+                .where(jobs.c.state == "running", jobs.c.session_id.in_(booth_sessions))
+            ).scalar()
+            g.quietest_job.add_metric([], max(0.0, now - last_beat) if last_beat else 0.0)
             waiting = outbox.c.state.not_in(FINAL) & outbox.c.session_id.in_(booth_sessions)
             for state, n in conn.execute(
                 select(outbox.c.state, func.count()).where(waiting).group_by(outbox.c.state)

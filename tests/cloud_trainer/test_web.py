@@ -464,7 +464,23 @@ def test_metrics_are_this_booths_and_say_what_an_alert_needs(client, booth):
     assert m['booth_queue_depth{state="running"}'] == 0
     assert 'booth_queue_depth{state="done"}' not in m
     assert 0 <= m["booth_job_oldest_queued_age_seconds"] < 60
-    assert m['booth_sessions{state="uploaded"}'] == 2
+    assert m["booth_job_running_quiet_seconds"] == 0  # none runs
+
+    # A worker that died mid-job: its job stays "running", its beat ages.
+    from sqlalchemy import update as sql_update
+
+    from cloud_trainer.repository.schema import job_beats
+
+    stalled = th.new_session(repo, booth_id=ours)
+    repo.transition(stalled, "capturing")
+    repo.transition(stalled, "uploaded")
+    job = repo.create_job(stalled)
+    repo.start_job(job, "w-dead")
+    with repo.engine.begin() as conn:
+        conn.execute(sql_update(job_beats).values(beat_at=now - 900))
+    m = _samples(client.get("/metrics").text)
+    assert 900 <= m["booth_job_running_quiet_seconds"] < 960
+    assert m['booth_sessions{state="uploaded"}'] == 3
     assert m.get('booth_sessions{state="created"}', 0) == 0  # booth-2's
     assert m["booth_database_up"] == 1
 
