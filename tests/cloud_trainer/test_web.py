@@ -1043,3 +1043,24 @@ def test_letters_beyond_a_z_before_the_at_are_refused_saying_so(client, booth):
     r = new_session(client, csrf, email="josé@example.org")
     assert r.status_code == 400
     assert "letters beyond A-Z before the @" in r.json()["detail"]
+
+
+def test_the_session_says_how_long_its_trainer_has_been_quiet(client, booth):
+    """A worker killed mid-job leaves the job 'running' and the progress frozen: the view
+    carries the age of the worker's last heartbeat, so the page can say so."""
+    from sqlalchemy import update as sql_update
+
+    from cloud_trainer.repository.schema import job_beats
+
+    csrf = log_in(client)
+    sid = th.new_session(booth.repo, booth_id="booth-1")
+    for state in ("capturing", "uploaded", "training"):
+        booth.repo.transition(sid, state)
+    job = booth.repo.create_job(sid)
+    view = client.get(f"/api/sessions/{sid}", headers={"X-CSRF-Token": csrf}).json()
+    assert view["trainer_quiet_s"] is None  # queued: no worker yet
+    booth.repo.start_job(job, "w1")
+    with booth.repo.engine.begin() as conn:
+        conn.execute(sql_update(job_beats).values(beat_at=time.time() - 400))
+    view = client.get(f"/api/sessions/{sid}", headers={"X-CSRF-Token": csrf}).json()
+    assert 400 <= view["trainer_quiet_s"] < 460

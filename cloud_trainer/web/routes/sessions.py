@@ -20,7 +20,7 @@ from sqlalchemy import select
 from cloud_trainer import email_typos
 from cloud_trainer.front_desk import Conflict, EmailTypo, FrontDesk
 from cloud_trainer.repository import SessionNotFound
-from cloud_trainer.repository.schema import outbox, takes
+from cloud_trainer.repository.schema import job_beats, jobs, outbox, takes
 from cloud_trainer.repository.sessions import known_id
 from cloud_trainer.web.deps import (
     LoginRequired,
@@ -104,6 +104,24 @@ def takes_view(services: Services, session_id: str) -> list[dict[str, Any]]:
         ]
 
 
+def trainer_quiet_s(services: Services, session_id: str) -> float | None:
+    """Seconds since the worker running this session's job last beat (None: none runs).
+
+    A worker beats every few seconds; when it dies, its job stays "running" until the
+    stalled-job sweep hands it on, and the progress shown stops moving meanwhile.
+    """
+    with services.repo.engine.connect() as conn:
+        row = conn.execute(
+            select(jobs.c.started_at, job_beats.c.beat_at)
+            .select_from(jobs.outerjoin(job_beats, job_beats.c.job_id == jobs.c.id))
+            .where(jobs.c.session_id == session_id, jobs.c.state == "running")
+        ).first()
+    if row is None:
+        return None
+    last = row.beat_at or row.started_at
+    return max(0.0, time.time() - last) if last else None
+
+
 def session_view(services: Services, s: dict[str, Any]) -> dict[str, Any]:
     progress = s.get("progress") or {}
     take_rows = takes_view(services, s["id"])
@@ -143,6 +161,7 @@ def session_view(services: Services, s: dict[str, Any]) -> dict[str, Any]:
         "upload_deadline_clock": (
             services.templates.env.filters["clock"](deadline) if deadline is not None else None
         ),
+        "trainer_quiet_s": trainer_quiet_s(services, s["id"]),
         # The countdown runs on the server's clock: the tablet's may be off.
         "server_time": time.time(),
     }
