@@ -5,6 +5,9 @@ const SVG = 'http://www.w3.org/2000/svg';
 // A poll of the two live pages (home and session). A server that accepts the connection
 // and never answers must count as gone too: each poll gives up after 4 s.
 function get(url) { return fetch(url, {credentials: 'same-origin', signal: AbortSignal.timeout(4000)}); }
+// Screen readers speak a live region on every write, even of the same words: the polls
+// write only what changed, so a status is said once, not every second.
+function setText(el, text) { if (el.textContent !== text) el.textContent = text; }
 function agentCard(x, limbs) {
   const d = document.createElement('div'); d.className = 'agent ' + (x.online ? 'online' : 'offline'); d.dataset.camera = x.camera_id;
   const line = document.createElement('span');

@@ -10,7 +10,7 @@ async function refresh() {
       const list = await a.json();
       const box = document.getElementById('home-agents');
       if (list.length) box.replaceChildren(...list.map(x => agentCard(x)));
-      document.getElementById('online-count').textContent = list.filter(x => x.online).length + ' online';
+      setText(document.getElementById('online-count'), list.filter(x => x.online).length + ' online');
       ok = true;
     }
     const r = await get('/api/sessions');

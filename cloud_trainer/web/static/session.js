@@ -5,17 +5,21 @@ const stages = ['created','capturing','uploaded','training','rendering','deliver
 let countdownShown = false;
 let plotStep = null;
 let clockOffset = 0;  // server clock minus this tablet's, from the last poll
+let announced = null;  // what #announce last said (null before the first poll)
 function fmt(sec) { if (sec == null) return ''; sec = Math.max(0, Math.round(sec)); return sec >= 60 ? Math.floor(sec/60) + ' min ' + (sec%60) + ' s' : sec + ' s'; }
 function render(v) {
-  const st = document.getElementById('state'); st.textContent = v.state; st.className = 'pill ' + v.state;
+  const st = document.getElementById('state'); setText(st, v.state); st.className = 'pill ' + v.state;
   document.querySelectorAll('#stages div').forEach(d => { const i = +d.dataset.stage; d.className = i < v.stage_index ? 'done' : (i === v.stage_index ? (v.state === 'failed' ? 'failed' : 'now') : ''); if (i === v.stage_index) d.setAttribute('aria-current', 'step'); else d.removeAttribute('aria-current'); });
-  const f = document.getElementById('failure'); f.hidden = v.state !== 'failed'; document.getElementById('failure-reason').textContent = v.failure_reason || '';
+  // The reason first, then shown: the alert is read as it appears, and once.
+  setText(document.getElementById('failure-reason'), v.failure_reason || '');
+  document.getElementById('failure').hidden = v.state !== 'failed';
   const p = v.progress || {};
+  announce(v, p);
   if (v.server_time) clockOffset = v.server_time - Date.now() / 1000;
   takeSeconds = v.take_s;
   if (v.state === 'capturing' && !countdownShown && p.capture_at) { countdownShown = true; runCountdown(p.capture_at); }
   const cap = document.getElementById('capture-status');
-  if (v.takes && v.takes.length) cap.textContent = v.takes.map(t => `${t.camera_id}: ${t.frames_stored} frames uploaded` + (t.frame_count != null ? ` of ${t.frame_count}` : '') + (t.state === 'uploaded' ? ' ✓' : '')).join(' · ');
+  if (v.takes && v.takes.length) setText(cap, v.takes.map(t => `${t.camera_id}: ${t.frames_stored} frames uploaded` + (t.frame_count != null ? ` of ${t.frame_count}` : '') + (t.state === 'uploaded' ? ' ✓' : '')).join(' · '));
   // The take is over but a camera's upload is not in: say which, and until when.
   const wait = document.getElementById('upload-wait');
   const now = Date.now() / 1000 + clockOffset;
@@ -25,16 +29,16 @@ function render(v) {
   wait.hidden = !(ended && missing.length);
   if (!wait.hidden) {
     const until = v.upload_deadline_clock;  // the booth's clock, as the rest of the tablet
-    document.getElementById('upload-wait-text').textContent = `Waiting for ${missing.join(', ')} to finish uploading. Check that camera's board and network.` + (until ? ` The booth gives up at ${until}.` : '') + (done.size ? ` Or go on with ${[...done].join(', ')}: the attendee need not dance again.` : ' Or delete the session and start again.');
+    setText(document.getElementById('upload-wait-text'), `Waiting for ${missing.join(', ')} to finish uploading. Check that camera's board and network.` + (until ? ` The booth gives up at ${until}.` : '') + (done.size ? ` Or go on with ${[...done].join(', ')}: the attendee need not dance again.` : ' Or delete the session and start again.'));
     document.getElementById('go-on-form').hidden = !done.size;
   }
   const ts = document.getElementById('train-status');
-  if (v.state === 'uploaded') ts.textContent = 'Waiting for a trainer to pick it up.';
-  else if (v.state === 'failed') { ts.textContent = 'Stopped: the reason is above.'; document.getElementById('train-bar').style.width = '0%'; }
-  else if (v.state === 'delivered') ts.textContent = 'Done.';
-  else if (p.stage === 'rendering') ts.textContent = 'Rendering the video' + (p.eta_s != null ? ` · about ${fmt(p.eta_s)} left` : '') + '.';
+  if (v.state === 'uploaded') setText(ts, 'Waiting for a trainer to pick it up.');
+  else if (v.state === 'failed') { setText(ts, 'Stopped: the reason is above.'); document.getElementById('train-bar').style.width = '0%'; }
+  else if (v.state === 'delivered') setText(ts, 'Done.');
+  else if (p.stage === 'rendering') setText(ts, 'Rendering the video' + (p.eta_s != null ? ` · about ${fmt(p.eta_s)} left` : '') + '.');
   else if (p.stage && v.state !== 'failed') {
-    ts.textContent = `${p.stage}` + (p.step != null ? ` · step ${p.step}${p.total_steps ? ' / ' + p.total_steps : ''}` : '') + (p.eta_s != null ? ` · about ${fmt(p.eta_s)} left` : '') + (p.loss != null ? ` · loss ${(+p.loss).toFixed(3)}` : '') + (p.message ? ` · ${p.message}` : '');
+    setText(ts, `${p.stage}` + (p.step != null ? ` · step ${p.step}${p.total_steps ? ' / ' + p.total_steps : ''}` : '') + (p.eta_s != null ? ` · about ${fmt(p.eta_s)} left` : '') + (p.loss != null ? ` · loss ${(+p.loss).toFixed(3)}` : '') + (p.message ? ` · ${p.message}` : ''));
   }
   if (p.stage) {
     if (p.total_steps && p.stage !== 'rendering') { const pct = Math.min(100, 100 * p.step / p.total_steps); document.getElementById('train-bar').style.width = pct + '%'; document.getElementById('train-progress').setAttribute('aria-valuenow', Math.round(pct)); }
@@ -57,12 +61,16 @@ function render(v) {
   // A bounce is the address; anything else (the relay down, or refusing the booth) is
   // not, and staff must not be sent to correct an address that is fine.
   const why = e && e.last_error ? ` (${e.last_error})` : '';
-  es.textContent = !e ? ''
+  const text = !e ? ''
     : e.state === 'bounced' ? `The email to ${e.to_addr} bounced${why}. Correct the address below and press Resend.`
     : e.state === 'failed' ? `The email to ${e.to_addr} could not be sent${why}. Once the booth's mail works again, press Resend.`
     : e.state === 'pending' && e.last_error ? `Email to ${e.to_addr}: not sent yet, retrying${why}.`
     : `Email to ${e.to_addr}: ${e.state}`;
-  es.className = bad ? 'error' : 'muted'; es.setAttribute('role', bad ? 'alert' : 'status');
+  // The role before the words, so a bounce is alerted as its words arrive; and neither
+  // set again while unchanged (each poll would otherwise re-read, or re-alert, it).
+  es.className = bad ? 'error' : 'muted';
+  if (es.getAttribute('role') !== (bad ? 'alert' : 'status')) es.setAttribute('role', bad ? 'alert' : 'status');
+  setText(es, text);
   // Start while created, Start again once failed (also when it fails while this page is open).
   const sf = document.getElementById('start-form');
   if (sf && !sf.dataset.sent) {
@@ -80,15 +88,27 @@ function render(v) {
   const stf = document.getElementById('stop-form'); if (stf && !stf.dataset.sent) stf.hidden = !filming;
 }
 let takeSeconds = null;
+// A change of state, or of stage while training, is said once. Not the step, ETA or loss
+// of every poll, and not on the first poll: the page already shows the state it opened in.
+function announce(v, p) {
+  const text = `Session ${v.state}` + (v.state === 'training' && p.stage && p.stage !== 'training' ? `: ${p.stage}` : '') + '.';
+  if (announced !== null && text !== announced) setText(document.getElementById('announce'), text);
+  announced = text;
+}
+// Ticks every 200 ms so the digits turn on time, but writes (and so is spoken) only when
+// the words change: 3, 2, 1, Dance! once each. The take's seconds left are in a part
+// screen readers skip (session.html).
 function runCountdown(atSec) {
   const el = document.getElementById('countdown'); el.hidden = false;
+  const say = document.getElementById('countdown-say'), rest = document.getElementById('countdown-rest');
   const tick = () => {
     const now = Date.now() / 1000 + clockOffset;
     const left = Math.ceil(atSec - now);
-    if (left > 0) { el.textContent = left; setTimeout(tick, 200); return; }
-    const rest = takeSeconds == null ? 0 : Math.ceil(atSec + takeSeconds - now);
-    if (rest > 0 && !el.hidden) { el.textContent = `Dance! ${rest} s`; setTimeout(tick, 200); }
-    else { el.textContent = 'Dance!'; setTimeout(() => el.hidden = true, 1500); }
+    if (left > 0) { setText(say, String(left)); setTimeout(tick, 200); return; }
+    setText(say, 'Dance!');
+    const more = takeSeconds == null ? 0 : Math.ceil(atSec + takeSeconds - now);
+    if (more > 0 && !el.hidden) { setText(rest, ` ${more} s`); setTimeout(tick, 200); }
+    else { setText(rest, ''); setTimeout(() => el.hidden = true, 1500); }
   };
   tick();
 }
