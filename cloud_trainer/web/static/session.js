@@ -52,7 +52,7 @@ function render(v) {
   }
   if (v.state === 'delivered') document.getElementById('train-bar').style.width = '100%';
   if (v.video_url && !document.querySelector('#link a')) {
-    const a = document.createElement('a'); a.href = v.video_url; a.target = '_blank'; a.rel = 'noopener'; a.textContent = 'Watch the video';
+    const a = document.createElement('a'); a.href = v.video_url; a.target = '_blank'; a.rel = 'noopener'; a.className = 'button secondary'; a.textContent = 'Watch the video';
     const note = document.createElement('span'); note.className = 'muted'; note.textContent = " (the attendee's own link is in their email)";
     document.getElementById('link').replaceChildren(a, ' ', note);
   }
