@@ -16,6 +16,7 @@ from fastapi.templating import Jinja2Templates
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cloud_trainer.config import BoothConfig, refuse_placeholders
+from cloud_trainer.deliver import _local as email_time
 from cloud_trainer.front_desk import FrontDesk
 from cloud_trainer.repository import Repository
 from cloud_trainer.web import metrics
@@ -72,6 +73,8 @@ def create_app(
     # Times as the booth's clock shows them (server-side: the pages run no inline script).
     templates.env.filters["clock"] = lambda ts: datetime.fromtimestamp(ts, zone).strftime("%H:%M")
     templates.env.filters["day"] = lambda ts: datetime.fromtimestamp(ts, zone).strftime("%-d %B %Y")
+    # The attendee's page says when the link ends exactly as their email does.
+    templates.env.filters["expires"] = lambda ts: email_time(ts, settings.booth.timezone)
     services = Services(
         settings=settings,
         repo=repo,
