@@ -15,12 +15,15 @@ end the emails for good before ops have fixed it.
 Messages are built with ``email.message.EmailMessage`` and
 ``email.headerregistry.Address`` only, never by formatting header strings: an
 attendee name typed with a CR/LF cannot inject a header (control characters in
-names are replaced by spaces, and an address containing them is refused).
+names are replaced by spaces, and an address containing them is refused). The name
+is otherwise kept as typed (``O'Brien, Jr.``): the library quotes or encodes it, and
+each address header is checked to read back as written (see ``address``).
 """
 
 from __future__ import annotations
 
 import email.errors as email_errors
+import email.policy as email_policy
 import logging
 import mailbox
 import os
@@ -28,6 +31,7 @@ import re
 import smtplib
 import ssl
 from collections.abc import Callable
+from email import message_from_bytes
 from email.headerregistry import Address
 from email.message import EmailMessage
 from email.utils import formatdate, make_msgid, parseaddr
@@ -81,18 +85,68 @@ def create_mailer(cfg) -> Mailer:  # cfg: OutboxMail | SmtpMail
 # ---- messages ---------------------------------------------------------------------
 
 
-# RFC 5322 "specials" and the encoded-word brackets. A display name holding none of
-# them cannot change the header's structure however the email package quotes, folds
-# or encodes it (a folded long name lost its quotes; an encoded word decoded back to
-# CR/LF before CPython's fix for gh-121650).
-_NAME_SPECIALS = re.compile(r'[()<>\[\]:;@\\,."]|=\?|\?=')
+# What is taken out of a display name: control characters (C0, DEL and C1), and the
+# brackets of an RFC 2047 encoded word. A name written as an encoded word went out as
+# typed and decoded back to CR/LF: a header injection, on CPython before the fix for
+# gh-121650 (3.11.10, 3.12.5). Nobody's name holds "=?" or "?=".
+_NAME_CONTROLS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_ENCODED_WORD_BRACKETS = re.compile(r"=\?|\?=")
+# RFC 5322 "specials": only for the fallback in ``_checked`` (a name holding none of
+# them needs no quoting, so it cannot lose its quotes when folded).
+_NAME_SPECIALS = re.compile(r'[()<>\[\]:;@\\,."]')
 
 
 def clean_display_name(name: str) -> str:
-    """A display name safe in any header: control characters and specials become spaces."""
-    name = CONTROL_CHARS.sub(" ", name or "")
-    name = _NAME_SPECIALS.sub(" ", name)
+    """The name as typed, for an address header: control characters and encoded-word
+    brackets become spaces, runs of spaces one; commas, periods and quotes stay (the
+    email package quotes or RFC 2047-encodes them)."""
+    name = _NAME_CONTROLS.sub(" ", name or "")
+    name = _ENCODED_WORD_BRACKETS.sub(" ", name)  # a space cannot make a new "=?"
     return " ".join(name.split())[:100]
+
+
+def _reads_back(addr: Address) -> bool:
+    """Whether ``addr`` as a header, folded for SMTP (78 columns) and unfolded (as the
+    maildir writes it), parses back to this one address with this name.
+
+    CPython's folding has lost the quotes of a long quoted name (gh-80222, fixed only in
+    2025 releases; 3.11.10 still has it): ``"Doe, Jane ..., Jr."`` became several
+    recipients. Whitespace is not compared: CPython's parser keeps the space between two
+    encoded words of one name that RFC 2047 (and mail clients) drop.
+    """
+    probe = EmailMessage()
+    probe["To"] = addr
+    header = probe["To"]
+    for policy in (email_policy.default, email_policy.default.clone(max_line_length=0)):
+        raw = policy.fold_binary("To", header)
+        lines = raw.split(b"\n")
+        if any(line[:1] not in (b" ", b"\t") for line in lines[1:-1]):
+            return False  # a line that is not a continuation: a header of its own
+        parsed = message_from_bytes(raw + b"\n", policy=email_policy.default)
+        try:
+            addresses = parsed["To"].addresses if parsed.keys() == ["To"] else ()
+        except Exception:  # what the folding broke can break the parser too (a Group, ...)
+            return False
+        if len(addresses) != 1:
+            return False
+        back = addresses[0]
+        if back.addr_spec != addr.addr_spec or "".join(back.display_name.split()) != "".join(
+            addr.display_name.split()
+        ):
+            return False
+    return True
+
+
+def _checked(name: str, addr_spec: str) -> Address:
+    """``Address(name, addr_spec)``; if this interpreter's email package would not write
+    that back as it is (see ``_reads_back``), the name without specials, else no name."""
+    for candidate in (name, " ".join(_NAME_SPECIALS.sub(" ", name).split()), ""):
+        addr = Address(display_name=candidate, addr_spec=addr_spec)
+        if _reads_back(addr):
+            if candidate != name:
+                log.info("the name in the To: line lost its punctuation: it did not read back")
+            return addr
+    raise BadInput(f"not a valid email address: {addr_spec!r} (it does not read back)")
 
 
 def address(name: str, email: str) -> Address:
@@ -101,7 +155,7 @@ def address(name: str, email: str) -> Address:
         raise BadInput("the email address contains a line break or control character")
     email = email.strip()
     try:
-        addr = Address(display_name=clean_display_name(name), addr_spec=email)
+        addr = _checked(clean_display_name(name), email)
     except (ValueError, IndexError, email_errors.HeaderParseError) as e:
         raise BadInput(f"not a valid email address: {email!r} ({e})") from None
     if not addr.username or not addr.domain or "@" not in email:
@@ -202,7 +256,13 @@ class SmtpMailer:
                 smtp.ehlo()
             if cfg.username:
                 smtp.login(cfg.username, cfg.password or "")
-            refused = smtp.send_message(msg)
+            # The envelope from the headers' Address objects, not from re-parsing their
+            # text (which smtplib does otherwise): a quoted name must not add a recipient.
+            refused = smtp.send_message(
+                msg,
+                from_addr=msg["From"].addresses[0].addr_spec,
+                to_addrs=[a.addr_spec for a in msg["To"].addresses],
+            )
         except smtplib.SMTPRecipientsRefused as e:
             code, reason = next(iter(e.recipients.values()))
             raise _recipient_refused(code, reason) from None

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import datetime
+import email
+import email.policy
 import ipaddress
 import mailbox
 import ssl
+from email.header import decode_header, make_header
+from email.headerregistry import Address
+from email.message import EmailMessage
 
 import pytest
 from smtp_capture import SmtpServer, free_port
@@ -154,3 +159,85 @@ def test_the_maildir_mailer_writes_a_readable_message(tmp_path):
     [got] = list(box)
     assert got["Message-ID"] == msg["Message-ID"]
     assert (tmp_path / "maildir" / "new").is_dir() and len(list(box.keys())) == 1
+
+
+def _sent_to(smtp: SmtpServer, name: str, to_email: str = "ada@example.org"):
+    mail.create_mailer(SmtpMail(host="127.0.0.1", port=smtp.port)).send(
+        _message(to_email=to_email, to_name=name)
+    )
+    [got] = smtp.messages
+    assert smtp.handler.envelopes[0][1] == [to_email]  # one recipient, the one typed
+    [to] = got["To"].addresses
+    assert to.addr_spec == to_email
+    return got, to
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "José María O'Brien, Jr.",
+        "Dr. Müller",
+        'Ada "The Countess" Lovelace',
+        "O'Neil (Pat)",
+        "back\\slash",
+        "Smith, Jane <jane@evil.example>",
+        "a@b; c:d [e]",
+        "Zoë, d'Arc",
+        "张伟",
+        '김민준 (Minjun), "MJ"',
+        "Sir Maximilian Alexander von und zu Hohenzollern, Jr.",
+        "Dr. Ana-Lucía Sánchez-Villalobos y Fernández de Córdoba, M.D.",
+    ],
+)
+def test_the_name_in_the_to_line_is_the_name_as_typed(smtp, name):
+    """Commas, periods and quotes were taken out ("O'Brien Jr", "Dr Müller"): the
+    email package quotes or encodes them, and they come back unchanged."""
+    got, to = _sent_to(smtp, name)
+    assert to.display_name == name
+    assert got["Bcc"] is None and got["Cc"] is None
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "María José Fernández-Rodríguez de la Concepción, PhD.",
+        "Łukasz Żółćiński-Wąsowicz, Dipl.-Ing. (Kraków)",
+    ],
+)
+def test_a_long_name_folded_into_encoded_words_decodes_as_typed(smtp, name):
+    """Too long for one line: several RFC 2047 encoded words, which a mail client joins
+    (RFC 2047 6.2; email.header does). CPython's address parser keeps a space between
+    them, so it is compared without spaces."""
+    got, to = _sent_to(smtp, name)
+    [(_, raw)] = [(k, v) for k, v in got.raw_items() if k.lower() == "to"]
+    assert "\n " in raw  # folded
+    display = raw.rpartition("<")[0]
+    assert str(make_header(decode_header(display))).strip() == name
+    assert to.display_name.split() != [] and "".join(to.display_name.split()) == "".join(
+        name.split()
+    )
+
+
+def test_a_name_the_library_would_fold_wrongly_keeps_one_recipient(smtp):
+    """CPython's folding drops the quotes of a long quoted name (gh-80222; 3.11.10 does):
+    the To: line would name several recipients. Such a name loses its punctuation."""
+    name = "Smith, Jane; Doe, John <x@evil.example>, Roe, Richard (the one from accounting)"
+    naive = EmailMessage()
+    naive["To"] = Address(display_name=name, addr_spec="ada@example.org")
+    parsed = email.message_from_bytes(
+        naive.as_bytes(policy=email.policy.SMTP), policy=email.policy.default
+    )
+    library_folds_it_wrongly = len(parsed["To"].addresses) != 1
+    got, to = _sent_to(smtp, name)
+    plain = "Smith Jane Doe John x evil example Roe Richard the one from accounting"
+    assert to.display_name == (plain if library_folds_it_wrongly else name)
+
+
+def test_an_encoded_word_in_the_name_is_not_decoded_into_headers(smtp):
+    """Before gh-121650 (3.11.10) a name written as an encoded word went out as typed and
+    decoded to CR/LF; its brackets are all that is taken out."""
+    got, to = _sent_to(smtp, "=?utf-8?q?Eve=0D=0ABcc:_victim@evil.example?=")
+    assert got["Bcc"] is None
+    assert "=?" not in to.display_name and "?=" not in to.display_name
+    assert "Eve=0D=0ABcc:_victim@evil.example" in to.display_name
+    assert mail.clean_display_name("a=?b?=c\tO'Brien,\x85Jr.") == "a b c O'Brien, Jr."
