@@ -18,6 +18,9 @@ attendee name typed with a CR/LF cannot inject a header (control characters in
 names are replaced by spaces, and an address containing them is refused). The name
 is otherwise kept as typed (``O'Brien, Jr.``): the library quotes or encodes it, and
 each address header is checked to read back as written (see ``address``).
+
+Every part is 7-bit (quoted-printable text, base64 image): smtplib declares no
+``BODY=8BITMIME``, and a relay may refuse or mangle 8-bit bytes it was not told of.
 """
 
 from __future__ import annotations
@@ -216,8 +219,9 @@ def build_message(
     msg["Date"] = formatdate(usegmt=True)
     # Sent by a program: out-of-office replies and autoresponders stay quiet (RFC 3834).
     msg["Auto-Submitted"] = "auto-generated"
-    msg.set_content(text)
-    msg.add_alternative(html, subtype="html")
+    # Quoted-printable: 7-bit on the wire whatever the language (see the module doc).
+    msg.set_content(text, cte="quoted-printable")
+    msg.add_alternative(html, subtype="html", cte="quoted-printable")
     if poster_jpeg:
         html_part = msg.get_body(preferencelist=("html",))
         html_part.add_related(

@@ -420,3 +420,46 @@ def test_a_sender_or_reply_to_that_is_no_address_is_refused_with_the_config():
     with pytest.raises(ValidationError, match="line break"):
         SmtpMail(reply_to="team@booth.example\r\nBcc: x@evil.example")
     assert SmtpMail(reply_to="").reply_to is None  # an empty env value: not set
+
+
+def test_the_delivered_email_is_7bit_and_names_the_attendee_as_typed(
+    deliverer, repo, settings, tmp_path
+):
+    """The To: line kept the name's punctuation out ("O'Brien Jr"), and the non-ASCII
+    text went out 8-bit without BODY=8BITMIME, which a strict relay may refuse."""
+    name = "José María O'Brien, Jr."
+    settings.booth.name = "Köln"
+    poster = b"\xff\xd8\xff\xe0" + bytes(range(256)) * 8 + b"\xff\xd9"
+    sid, _ = deliver_one(deliverer, repo, name=name)
+    deliverer.store.put(f"sessions/{sid}/video/p.jpg", poster)
+    [row] = repo.emails(sid)
+    server = SmtpServer().start()
+    received = []
+    handle_data = server.handler.handle_DATA
+
+    async def record(srv, session, envelope):  # the bytes as received, and MAIL FROM options
+        received.append((bytes(envelope.original_content), list(envelope.mail_options)))
+        return await handle_data(srv, session, envelope)
+
+    server.handler.handle_DATA = record
+    try:
+        sender = deliver.OutboxSender(repo, smtp_cfg(tmp_path, server.port), store=deliverer.store)
+        assert sender.run_once().sent == 1
+        [msg] = server.messages
+        [(raw, mail_options)] = received
+        [(_, recipients)] = server.handler.envelopes
+    finally:
+        server.stop()
+    assert max(raw) < 0x80 and "BODY=8BITMIME" not in mail_options
+    [to] = msg["To"].addresses
+    assert (to.display_name, to.addr_spec) == (name, "ada@example.org")
+    assert recipients == ["ada@example.org"]
+    assert msg["Subject"] == "Your dance video from Köln"
+    text = msg.get_body(("plain",)).get_content().replace("\r\n", "\n")
+    html = msg.get_body(("html",)).get_content().replace("\r\n", "\n")
+    assert text == row["body_text"] and html == row["body_html"]
+    assert f"Hi {name}," in text and "Köln" in text
+    [image] = [p for p in msg.walk() if p.get_content_type() == "image/jpeg"]
+    cid = re.search(r'src="cid:([^"]+)"', html).group(1)
+    assert image["Content-ID"].strip() == f"<{cid}>"
+    assert image.get_content() == poster

@@ -161,6 +161,20 @@ def test_the_maildir_mailer_writes_a_readable_message(tmp_path):
     assert (tmp_path / "maildir" / "new").is_dir() and len(list(box.keys())) == 1
 
 
+def _record_raw(server: SmtpServer) -> list[tuple[bytes, list[str]]]:
+    """What the relay receives, byte for byte, with the MAIL FROM options it was given."""
+    received: list[tuple[bytes, list[str]]] = []
+    handle_data = server.handler.handle_DATA
+
+    async def handle_data_and_record(srv, session, envelope):
+        received.append((bytes(envelope.original_content), list(envelope.mail_options)))
+        return await handle_data(srv, session, envelope)
+
+    # aiosmtpd looks the hooks up on the handler for each new connection.
+    server.handler.handle_DATA = handle_data_and_record
+    return received
+
+
 def _sent_to(smtp: SmtpServer, name: str, to_email: str = "ada@example.org"):
     mail.create_mailer(SmtpMail(host="127.0.0.1", port=smtp.port)).send(
         _message(to_email=to_email, to_name=name)
@@ -241,3 +255,52 @@ def test_an_encoded_word_in_the_name_is_not_decoded_into_headers(smtp):
     assert "=?" not in to.display_name and "?=" not in to.display_name
     assert "Eve=0D=0ABcc:_victim@evil.example" in to.display_name
     assert mail.clean_display_name("a=?b?=c\tO'Brien,\x85Jr.") == "a b c O'Brien, Jr."
+
+
+def test_the_message_is_7bit_and_its_text_and_html_decode_as_written():
+    """smtplib declares no BODY=8BITMIME: 8-bit body bytes would reach a relay that was
+    never told of them. Every part is quoted-printable or base64, whatever the language."""
+    server = SmtpServer().start()
+    received = _record_raw(server)
+    text = "Hallo Jürgen, ¡hola José! 你好 — watch: http://x/v/abc?a=b\n" + "ü" * 120 + "\n"
+    html = "<p>Hallo Jürgen, ¡hola José! 你好 — <a href='http://x/v/abc?a=b'>watch</a></p>\n"
+    poster = b"\xff\xd8\xff\xe0" + bytes(range(256)) * 4 + b"\xff\xd9"
+    message_id = mail.new_message_id(SENDER)
+    try:
+        msg = mail.build_message(
+            sender=SENDER,
+            to_name="Jürgen Müller",
+            to_email="ada@example.org",
+            subject="Dein Tanzvideo, Jürgen",
+            text=text,
+            html=html,
+            message_id=message_id,
+            poster_jpeg=poster,
+        )
+        mail.create_mailer(SmtpMail(host="127.0.0.1", port=server.port)).send(msg)
+        [(raw, mail_options)] = received
+        [got] = server.messages
+    finally:
+        server.stop()
+    assert "BODY=8BITMIME" not in mail_options
+    assert max(raw) < 0x80, "8-bit bytes sent without BODY=8BITMIME"
+    # Line ends arrive as CRLF, as they travel (the 8-bit body did the same).
+    assert got.get_body(("plain",)).get_content().replace("\r\n", "\n") == text
+    assert got.get_body(("html",)).get_content().replace("\r\n", "\n") == html
+    assert got["Subject"] == "Dein Tanzvideo, Jürgen"
+    assert got["To"].addresses[0].display_name == "Jürgen Müller"
+    # multipart/alternative: the text, then the HTML with its poster (multipart/related).
+    assert got.get_content_type() == "multipart/alternative"
+    plain_part, related = got.get_payload()
+    assert plain_part.get_content_type() == "text/plain"
+    assert related.get_content_type() == "multipart/related"
+    html_part, image = related.get_payload()
+    assert html_part.get_content_type() == "text/html"
+    for part in (plain_part, html_part):
+        assert part["Content-Transfer-Encoding"] == "quoted-printable"
+        assert part.get_content_charset() == "utf-8"
+    assert image.get_content_type() == "image/jpeg"
+    assert image["Content-Transfer-Encoding"] == "base64"
+    assert image["Content-ID"].strip() == f"<{mail.poster_cid(message_id)}>"
+    assert image.get_content_disposition() == "inline"
+    assert image.get_content() == poster
