@@ -72,7 +72,6 @@ def create_app(
     zone = ZoneInfo(settings.booth.timezone)
     # Times as the booth's clock shows them (server-side: the pages run no inline script).
     templates.env.filters["clock"] = lambda ts: datetime.fromtimestamp(ts, zone).strftime("%H:%M")
-    templates.env.filters["day"] = lambda ts: datetime.fromtimestamp(ts, zone).strftime("%-d %B %Y")
     # The attendee's page says when the link ends exactly as their email does.
     templates.env.filters["expires"] = lambda ts: email_time(ts, settings.booth.timezone)
     services = Services(

@@ -232,7 +232,7 @@ def test_attendee_page_range_requests_and_delete_my_data(client, booth):
     page = client.get(f"/v/{token}")
     assert page.status_code == 200 and "<video" in page.text and "Delete my data" in page.text
     # How long it stays, and a delete that the phone itself will not send unconfirmed.
-    assert re.search(r"Here until \d{1,2} \w+ \d{4}: download it to keep it", page.text)
+    assert re.search(r"Here until \d{1,2} \w+ \d{4}, \d\d:\d\d \(.+?\): download it", page.text)
     assert re.search(r'<input type="checkbox" name="confirm"[^>]*required', page.text)
     whole = client.get(f"/v/{token}/video.mp4")
     assert whole.status_code == 200 and whole.content == VIDEO
