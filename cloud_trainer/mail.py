@@ -159,7 +159,8 @@ def address(name: str, email: str) -> Address:
     email = email.strip()
     try:
         addr = _checked(clean_display_name(name), email)
-    except (ValueError, IndexError, email_errors.HeaderParseError) as e:
+    # AttributeError: CPython's Address trips over some ("a@[b@example.org").
+    except (ValueError, IndexError, AttributeError, email_errors.HeaderParseError) as e:
         raise BadInput(f"not a valid email address: {email!r} ({e})") from None
     if not addr.username or not addr.domain or "@" not in email:
         raise BadInput(f"not a valid email address: {email!r}")

@@ -146,7 +146,7 @@ def test_header_injection_in_the_name_is_neutralised(smtp):
     assert "\n" not in got["To"].addresses[0].display_name
     with pytest.raises(BadInput, match="line break"):
         _message(to_email="ada@example.org\r\nBcc: victim@evil.example")
-    for bad in ("not-an-address", "ada@", ""):
+    for bad in ("not-an-address", "ada@", "", "a@[b@example.org"):
         with pytest.raises(BadInput):
             _message(to_email=bad)
 
