@@ -207,3 +207,29 @@ def test_enter_after_the_question_keeps_the_address_as_typed(tablet, browser):
     d.find_element(By.ID, "email").send_keys(Keys.ENTER)
     wait_for(lambda: "/sessions/" in d.current_url, 15, "the new session's page")
     assert [s["email"] for s in tablet.repo.list_sessions()] == ["ana@gmial.com"]
+
+
+def test_a_trainer_gone_quiet_is_said_instead_of_a_frozen_time_left(tablet, browser):
+    """A worker killed mid-job left its last 'step 120 · about 12 min left' on the page
+    for as long as the job sat there."""
+    from selenium.webdriver.common.by import By
+    from sqlalchemy import update
+
+    from cloud_trainer.repository.schema import job_beats
+
+    repo = tablet.repo
+    sid = th.new_session(repo, booth_id=tablet.settings.booth.id)
+    for state in ("capturing", "uploaded", "training"):
+        repo.transition(sid, state)
+    job = repo.create_job(sid)
+    repo.start_job(job, "w-dead")
+    repo.set_progress(sid, stage="training", step=120, total_steps=400, eta_s=720)
+    d = browser
+    log_in(d, tablet.base_url)
+    d.get(f"{tablet.base_url}/sessions/{sid}")
+    status = d.find_element(By.ID, "train-status")
+    wait_for(lambda: "about 12 min" in status.text, 15, "the training line")
+    with repo.engine.begin() as conn:
+        conn.execute(update(job_beats).values(beat_at=time.time() - 300))
+    wait_for(lambda: "No word from its trainer for 5 min" in status.text, 15, "the silence said")
+    assert "left" not in status.text

@@ -6,6 +6,7 @@ let countdownShown = false;
 let plotStep = null;
 let clockOffset = 0;  // server clock minus this tablet's, from the last poll
 let announced = null;  // what #announce last said (null before the first poll)
+const TRAINER_QUIET_S = 90;  // several missed heartbeats
 function fmt(sec) { if (sec == null) return ''; sec = Math.max(0, Math.round(sec)); return sec >= 60 ? Math.floor(sec/60) + ' min ' + (sec%60) + ' s' : sec + ' s'; }
 function render(v) {
   const st = document.getElementById('state'); setText(st, v.state); st.className = 'pill ' + v.state;
@@ -39,6 +40,11 @@ function render(v) {
   else if (p.stage === 'rendering') setText(ts, 'Rendering the video' + (p.eta_s != null ? ` · about ${fmt(p.eta_s)} left` : '') + '.');
   else if (p.stage && v.state !== 'failed') {
     setText(ts, `${p.stage}` + (p.step != null ? ` · step ${p.step}${p.total_steps ? ' / ' + p.total_steps : ''}` : '') + (p.eta_s != null ? ` · about ${fmt(p.eta_s)} left` : '') + (p.loss != null ? ` · loss ${(+p.loss).toFixed(3)}` : '') + (p.message ? ` · ${p.message}` : ''));
+  }
+  // A trainer beats every few seconds: a long silence means it stopped (killed, its
+  // machine gone), and the step and time left above are frozen, not slow.
+  if (v.trainer_quiet_s != null && v.trainer_quiet_s > TRAINER_QUIET_S && (v.state === 'training' || v.state === 'rendering')) {
+    setText(ts, `No word from its trainer for ${Math.floor(v.trainer_quiet_s / 60)} min: it may have stopped. Another trainer takes the job over by itself, from its last checkpoint; if nothing moves within 10 minutes, call the tech.`);
   }
   if (p.stage) {
     if (p.total_steps && p.stage !== 'rendering') { const pct = Math.min(100, 100 * p.step / p.total_steps); document.getElementById('train-bar').style.width = pct + '%'; document.getElementById('train-progress').setAttribute('aria-valuenow', Math.round(pct)); }
