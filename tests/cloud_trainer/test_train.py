@@ -20,7 +20,7 @@ import tensorflow as tf
 
 from cloud_trainer.cli import main as booth
 from cloud_trainer.config import TrainerConfig
-from cloud_trainer.corpus import TakeData, TrainingFailed, build_corpus
+from cloud_trainer.corpus import Corpus, TakeData, TrainingFailed, build_corpus
 from cloud_trainer.model import ModelSpec
 from cloud_trainer.storage.local import LocalBlobStore
 from cloud_trainer.train import (
@@ -393,7 +393,11 @@ def test_base_of_another_label_map_fails_the_job(
         train_job(job, config(tmp_path, label_map="parts"), models_dir=None)
 
 
-def test_corrupt_corpus_shard_fails_the_job(take: TakeData, tmp_path: Path) -> None:
+def test_a_corrupt_corpus_left_on_disk_is_built_again_from_the_takes(
+    take: TakeData, tmp_path: Path, caplog
+) -> None:
+    """A shard cut short (a worker killed while writing or fetching it) used to fail the
+    session, though the takes were there to build the corpus again."""
     c = build_corpus(
         [take],
         tmp_path / "sess-c" / "corpus",
@@ -404,7 +408,12 @@ def test_corrupt_corpus_shard_fails_the_job(take: TakeData, tmp_path: Path) -> N
     shard = Path(c.files("train")[0])
     shard.write_bytes(shard.read_bytes()[:100] + b"\x00" * 200 + shard.read_bytes()[300:])
     with pytest.raises(TrainingFailed, match="corrupt"):
-        train_job(JobSpec("sess-c", [take]), config(tmp_path), models_dir=None)
+        Corpus.open(c.root).verify()
+    with caplog.at_level("WARNING", logger="cloud_trainer.train"):
+        result = train_job(JobSpec("sess-c", [take]), config(tmp_path), models_dir=None)
+    assert result.steps > 0
+    assert "corpus on disk unusable" in caplog.text
+    Corpus.open(c.root).verify()  # whole again
 
 
 def test_empty_take_and_no_person_fail_the_job(take: TakeData, tmp_path: Path) -> None:
