@@ -53,6 +53,21 @@ def _new_session(repo: Repository, **overrides) -> str:
     return repo.create_session(**fields)
 
 
+def _outbox_sent_row(session_id: str, at: float) -> dict:
+    """An outbox row for a sent email, as a delivery leaves one."""
+    return {
+        "message_id": "<m1@booth>",
+        "session_id": session_id,
+        "to_addr": "ada@example.com",
+        "subject": "your dance",
+        "body_text": "t",
+        "body_html": "h",
+        "state": "sent",
+        "next_attempt_at": at,
+        "created_at": at,
+    }
+
+
 def _count(repo: Repository, table, **where) -> int:
     q = select(func.count()).select_from(table)
     for column, value in where.items():
@@ -304,19 +319,7 @@ def test_deleting_a_session_removes_every_dependent_row(repo):
                     token_sha256=s * 2, session_id=s, created_at=now, expires_at=now + 60
                 )
             )
-        conn.execute(
-            outbox.insert().values(
-                message_id="<m1@booth>",
-                session_id=sid,
-                to_addr="ada@example.com",
-                subject="your dance",
-                body_text="t",
-                body_html="h",
-                state="sent",
-                next_attempt_at=now,
-                created_at=now,
-            )
-        )
+        conn.execute(outbox.insert().values(**_outbox_sent_row(sid, now)))
     attendee_id = repo.get_session(sid)["attendee_id"]
 
     repo.delete_session_rows(sid)
@@ -782,19 +785,7 @@ def test_a_database_an_older_version_made_gains_the_columns_it_lacks(db_config, 
     assert job["stage_seconds"] == {"train": 1.5} and job["published_at"] == 2.0
     # With its foreign key: a deleted session's emails still let go of it.
     with repo.engine.begin() as conn:
-        conn.execute(
-            insert(outbox).values(
-                message_id="<m1@booth>",
-                session_id=session_id,
-                to_addr="ada@example.com",
-                subject="s",
-                body_text="t",
-                body_html="h",
-                state="sent",
-                next_attempt_at=0.0,
-                created_at=0.0,
-            )
-        )
+        conn.execute(insert(outbox).values(**_outbox_sent_row(session_id, 0.0)))
         conn.execute(delete(sessions).where(sessions.c.id == session_id))
         assert conn.execute(select(outbox.c.session_id)).scalar_one() is None
     repo.close()
