@@ -242,6 +242,9 @@ class Worker:
     worker_id: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
     stop: threading.Event = field(default_factory=threading.Event)
     base_poll_s: float = 15.0  # while the base checkpoint is missing
+    # How long a second delivery of a running job waits for that job's worker to go quiet
+    # before leaving the job to it (None: three of the busy bounds, see _claim_when_quiet).
+    duplicate_wait_s: float | None = None
 
     def run_forever(self, poll_s: float = 2.0) -> str:
         """Take jobs until stopped; returns why it ended: "stopped" or "recycle".
@@ -382,11 +385,16 @@ class Worker:
             # (its lease lapsed under it) is a duplicate, even past the last attempt.
             self.repo.start_job(job_id, self.worker_id, busy_within_s=self._busy_within_s(lease))
         except JobBusy as e:
-            # A second delivery while the job's worker lives. That worker holds its own
-            # delivery; should it die, the stalled-job sweep puts the job back on the queue.
-            log.warning("duplicate delivery dropped", extra={"job_id": job_id, "reason": str(e)})
-            lease.ack()
-            return False
+            if not self._claim_when_quiet(job_id, lease):
+                # The job's worker lives and holds its own delivery (Pub/Sub delivers a
+                # message twice now and then); should it die, the stalled-job sweep puts
+                # the job back on the queue.
+                log.warning(
+                    "duplicate delivery dropped", extra={"job_id": job_id, "reason": str(e)}
+                )
+                if not lease.lost.is_set():
+                    lease.ack()
+                return False
         except JobNotFound:
             self._forget(session_id, job_id)
             lease.ack()
@@ -477,6 +485,36 @@ class Worker:
                     lease.ack()
                     return False
                 lease.nack(retry_after_s=5.0)
+        return False
+
+    def _claim_when_quiet(self, job_id: str, lease) -> bool:
+        """A second delivery of a job another worker runs: wait for that worker to let go.
+
+        On a queue with one message per job (SQLite) this delivery took the message
+        from the running worker, whose next heartbeat finds it gone: that worker stops
+        and its beats with it. Acknowledging here would delete the job's only message
+        and leave it to nobody until the stalled-job sweep; instead this worker claims
+        the job once the other is quiet, and resumes it from its last checkpoint. A
+        worker still beating after the wait holds its own delivery (Pub/Sub): the job
+        is left to it. True once the job is this worker's.
+        """
+        busy_s = self._busy_within_s(lease)
+        wait_s = self.duplicate_wait_s if self.duplicate_wait_s is not None else 3 * busy_s
+        deadline = time.monotonic() + wait_s
+        with lease.keep_alive():
+            while not self.stop.wait(min(lease.heartbeat_s, busy_s) / 2):
+                if lease.lost.is_set():
+                    return False
+                try:
+                    self.repo.start_job(job_id, self.worker_id, busy_within_s=busy_s)
+                except JobBusy:
+                    if time.monotonic() >= deadline:
+                        return False
+                    continue
+                except (JobNotFound, BoothError):  # deleted, or ended meanwhile: settled
+                    return False
+                log.info("job taken over from a worker that went quiet", extra={"job_id": job_id})
+                return True
         return False
 
     def _busy_within_s(self, lease) -> float:

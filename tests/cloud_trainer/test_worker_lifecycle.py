@@ -458,19 +458,49 @@ def test_a_running_worker_also_removes_work_dirs_of_jobs_that_ended_meanwhile(bo
 
 def test_a_second_delivery_while_the_jobs_worker_lives_is_dropped(booth):
     """Pub/Sub may deliver a job twice (or again after an ack deadline lapsed under a live
-    worker): the worker that finds the job beaten recently leaves it to its worker."""
+    worker): the worker that finds the job's worker beating all along leaves it to it."""
     worker, _ = booth
+    worker.duplicate_wait_s = 1.5
     sid = uploaded_session(worker)
     job_id = worker.repo.job_for_session(sid)["id"]
     worker.repo.start_job(job_id, "worker-a")  # running elsewhere, and beating
-    lease = worker.queue.receive(timeout_s=5.0)
-    assert lease is not None
-    worker.handle(lease)
+    beating = threading.Event()
+
+    def worker_a() -> None:
+        while not beating.wait(0.2):
+            worker.repo.beat_job(job_id, "worker-a")
+
+    a = threading.Thread(target=worker_a)
+    a.start()
+    try:
+        lease = worker.queue.receive(timeout_s=5.0)
+        assert lease is not None
+        worker.handle(lease)
+    finally:
+        beating.set()
+        a.join()
     assert lease.settled == "acked"
     job = worker.repo.job_for_session(sid)
     assert (job["state"], job["worker"], job["attempts"]) == ("running", "worker-a", 1)
     assert worker.repo.get_session(sid)["state"] == State.UPLOADED.value  # untouched
     assert not work_dir_of(worker, sid).exists()
+
+
+def test_a_second_delivery_takes_the_job_over_once_its_worker_goes_quiet(booth):
+    """On the SQLite queue a redelivery takes the job's one message from the worker that
+    ran it (its lease lapsed: a stalled heartbeat), which then stops at its next beat.
+    Acknowledging the redelivery left the job to nobody until the stalled-job sweep."""
+    worker, _ = booth
+    worker.duplicate_wait_s = 60.0  # a bound, not a wait: the takeover comes first
+    sid = uploaded_session(worker, frames=False)  # run, it fails fast with its own reason
+    job_id = worker.repo.job_for_session(sid)["id"]
+    worker.repo.start_job(job_id, "worker-a")  # beat once, then stopped (its lease lost)
+    lease = worker.queue.receive(timeout_s=5.0)
+    worker.handle(lease)
+    assert lease.settled == "acked"
+    job = worker.repo.job_for_session(sid)
+    assert (job["worker"], job["state"]) == ("test-worker", "failed")
+    assert "stored no frames" in worker.repo.get_session(sid)["failure_reason"]
 
 
 def test_a_session_whose_failure_was_not_written_fails_with_the_jobs_reason_next_delivery(
