@@ -30,6 +30,17 @@ HERE = Path(__file__).parent
 _DEFAULT: Any = object()  # "build it from settings"; None means "not available"
 
 
+def readable_email(email: str) -> str:
+    """``user@xn--e1afmkfd.xn--p1ai`` as ``user@пример.рф``; anything else as it is."""
+    local, at, domain = (email or "").rpartition("@")
+    if not at or "xn--" not in domain.lower():
+        return email
+    try:
+        return f"{local}@{domain.encode('ascii').decode('idna')}"
+    except UnicodeError:
+        return email
+
+
 def create_app(
     settings: BoothConfig,
     *,
@@ -72,6 +83,9 @@ def create_app(
     zone = ZoneInfo(settings.booth.timezone)
     # Times as the booth's clock shows them (server-side: the pages run no inline script).
     templates.env.filters["clock"] = lambda ts: datetime.fromtimestamp(ts, zone).strftime("%H:%M")
+    # An internationalised domain is stored as the browser sent it (punycode): staff
+    # check the address with the attendee in the letters the attendee knows.
+    templates.env.filters["readable_email"] = readable_email
     # The attendee's page says when the link ends exactly as their email does.
     templates.env.filters["expires"] = lambda ts: email_time(ts, settings.booth.timezone)
     services = Services(

@@ -1064,3 +1064,11 @@ def test_the_session_says_how_long_its_trainer_has_been_quiet(client, booth):
         conn.execute(sql_update(job_beats).values(beat_at=time.time() - 400))
     view = client.get(f"/api/sessions/{sid}", headers={"X-CSRF-Token": csrf}).json()
     assert 400 <= view["trainer_quiet_s"] < 460
+
+
+def test_staff_see_an_internationalised_domain_in_its_own_letters(client, booth):
+    """Stored as punycode (as the browser sends it), shown as the attendee knows it."""
+    csrf = log_in(client)
+    sid = new_session(client, csrf, email="user@xn--e1afmkfd.xn--p1ai").json()["id"]
+    page = client.get(f"/sessions/{sid}").text
+    assert "user@пример.рф" in page
