@@ -389,6 +389,9 @@ class Worker:
                 # The job's worker lives and holds its own delivery (Pub/Sub delivers a
                 # message twice now and then); should it die, the stalled-job sweep puts
                 # the job back on the queue.
+                if self.stop.is_set():  # stopping mid-wait: not an answer either way
+                    lease.release()
+                    return False
                 log.warning(
                     "duplicate delivery dropped", extra={"job_id": job_id, "reason": str(e)}
                 )

@@ -503,6 +503,20 @@ def test_a_second_delivery_takes_the_job_over_once_its_worker_goes_quiet(booth):
     assert "stored no frames" in worker.repo.get_session(sid)["failure_reason"]
 
 
+def test_a_worker_stopping_while_it_waits_on_a_duplicate_hands_the_delivery_back(booth):
+    """Acknowledged, it would delete the job's one message on the SQLite queue."""
+    worker, _ = booth
+    worker.duplicate_wait_s = 60.0
+    sid = uploaded_session(worker)
+    job_id = worker.repo.job_for_session(sid)["id"]
+    worker.repo.start_job(job_id, "worker-a")
+    lease = worker.queue.receive(timeout_s=5.0)
+    worker.stop.set()  # SIGTERM
+    worker.handle(lease)
+    assert lease.settled == "released"
+    assert worker.queue.receive(timeout_s=5.0).job_id == job_id  # still on the queue
+
+
 def test_a_session_whose_failure_was_not_written_fails_with_the_jobs_reason_next_delivery(
     booth,
 ):
