@@ -799,6 +799,12 @@ def _first_line(msg: str) -> str:
 # ---- blob store mirroring -----------------------------------------------------------------
 
 
+def _index_last(name: str, record: str | None = None) -> tuple[int, str]:
+    """Sort key moving the indexes (``corpus.json``, a checkpoint tree's ``checkpoint``)
+    after the files they name, and ``record`` after both."""
+    return (2 if name == record else 1 if Path(name).name in ("checkpoint", MANIFEST) else 0), name
+
+
 def mirror_to_store(
     local: Path,
     store,
@@ -827,10 +833,7 @@ def mirror_to_store(
     # Data before index, index before record: a reader that sees the new `checkpoint`
     # index (``ckpt/checkpoint`` in a job's checkpoint tree) finds its files, and one that
     # sees the new record finds its checkpoints, even if the writer is killed midway.
-    def index_last(n: str) -> tuple[int, str]:
-        return (2 if n == record else 1 if Path(n).name in ("checkpoint", MANIFEST) else 0), n
-
-    for name in sorted(want & set(names), key=index_last):
+    for name in sorted(want & set(names), key=lambda n: _index_last(n, record)):
         store.put_file(f"{prefix}/{name}", str(local / name))
         sent += 1
     for key in list(store.list(prefix + "/")):
@@ -849,11 +852,7 @@ def mirror_from_store(store, prefix: str, local: Path) -> int:
     prefix = prefix.rstrip("/")
     local.mkdir(parents=True, exist_ok=True)
     n = 0
-
-    def index_last(key: str) -> tuple[int, str]:
-        return (1 if Path(key).name in ("checkpoint", MANIFEST) else 0), key
-
-    for key in sorted(store.list(prefix + "/"), key=index_last):
+    for key in sorted(store.list(prefix + "/"), key=_index_last):
         dest = local / key[len(prefix) + 1 :]
         dest.parent.mkdir(parents=True, exist_ok=True)
         store.download(key, str(dest))
