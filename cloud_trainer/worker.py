@@ -737,9 +737,10 @@ class Worker:
             )
         # The takes the training will keep (the corpus skips the others), so that what
         # rendering needs is checked on them, before the training budget is spent.
-        trainable = [t for t in takes if unusable_reason(t) is None]
+        reasons = [unusable_reason(t) for t in takes]
+        trainable = [t for t, why in zip(takes, reasons, strict=True) if why is None]
         if not trainable:
-            raise BoothError("; ".join(unusable + [unusable_reason(t) for t in takes]))
+            raise BoothError("; ".join(unusable + reasons))
         if not any(shows_whole_body(t.poses) for t in trainable):
             raise BoothError(
                 "no camera saw the attendee whole: the dance is scaled to them from a frame "
