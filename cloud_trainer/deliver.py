@@ -297,7 +297,7 @@ def _env() -> jinja2.Environment:
     )
 
 
-def _local(ts: float, tz: str) -> str:
+def email_time(ts: float, tz: str) -> str:
     """``26 December 2026, 18:30 (Europe/Berlin)``."""
     when = datetime.fromtimestamp(ts, tz=ZoneInfo(tz))
     return f"{when.day} {when:%B %Y, %H:%M} ({tz})"
@@ -333,7 +333,7 @@ def compose(
             f"cid:{poster_cid}" if poster_cid else links_mod.poster_url(base_url, token)
         ),
         # The moment it stops, in the booth's zone: a date alone read as "all of that day".
-        "expires": _local(expires_at, tz),
+        "expires": email_time(expires_at, tz),
         "expiry_days": f"{expiry_days:g}",
         "poster_width": poster_width,
     }

@@ -16,7 +16,7 @@ from fastapi.templating import Jinja2Templates
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cloud_trainer.config import BoothConfig, refuse_placeholders
-from cloud_trainer.deliver import _local as email_time
+from cloud_trainer.deliver import email_time
 from cloud_trainer.front_desk import FrontDesk
 from cloud_trainer.repository import Repository
 from cloud_trainer.web import metrics
