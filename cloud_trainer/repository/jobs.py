@@ -22,12 +22,17 @@ import enum
 import time
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 
 from cloud_trainer.repository.db import dialect_insert
 from cloud_trainer.repository.schema import job_beats, jobs, sessions
 from cloud_trainer.repository.sessions import SessionNotFound, new_id
 from edge_agent.errors import BoothError
+
+# When a job's worker last said it lives: its last beat, or its claim before any. Select
+# it from JOBS_WITH_BEATS (the tablet shows a quiet trainer, /metrics the quietest).
+LAST_BEAT = func.coalesce(job_beats.c.beat_at, jobs.c.started_at)
+JOBS_WITH_BEATS = jobs.outerjoin(job_beats, job_beats.c.job_id == jobs.c.id)
 
 
 class JobState(str, enum.Enum):

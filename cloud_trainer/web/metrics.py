@@ -26,8 +26,9 @@ from cloud_trainer.repository.counters import (
     JOB_STAGE_RUNS,
     JOB_STAGE_SECONDS,
 )
+from cloud_trainer.repository.jobs import JOBS_WITH_BEATS, LAST_BEAT
 from cloud_trainer.repository.outbox import FINAL
-from cloud_trainer.repository.schema import agents, job_beats, jobs, outbox, sessions
+from cloud_trainer.repository.schema import agents, jobs, outbox, sessions
 
 log = logging.getLogger(__name__)
 
@@ -182,8 +183,8 @@ class BoothCollector:
             ).scalar()
             g.oldest_job.add_metric([], max(0.0, now - first) if first else 0.0)
             last_beat = conn.execute(
-                select(func.min(func.coalesce(job_beats.c.beat_at, jobs.c.started_at)))
-                .select_from(jobs.outerjoin(job_beats, job_beats.c.job_id == jobs.c.id))
+                select(func.min(LAST_BEAT))
+                .select_from(JOBS_WITH_BEATS)
                 .where(jobs.c.state == "running", jobs.c.session_id.in_(booth_sessions))
             ).scalar()
             g.quietest_job.add_metric([], max(0.0, now - last_beat) if last_beat else 0.0)

@@ -20,7 +20,8 @@ from sqlalchemy import select
 from cloud_trainer import email_typos
 from cloud_trainer.front_desk import Conflict, EmailTypo, FrontDesk
 from cloud_trainer.repository import SessionNotFound
-from cloud_trainer.repository.schema import job_beats, jobs, outbox, takes
+from cloud_trainer.repository.jobs import JOBS_WITH_BEATS, LAST_BEAT
+from cloud_trainer.repository.schema import jobs, outbox, takes
 from cloud_trainer.repository.sessions import known_id
 from cloud_trainer.web.deps import (
     LoginRequired,
@@ -111,14 +112,11 @@ def trainer_quiet_s(services: Services, session_id: str) -> float | None:
     stalled-job sweep hands it on, and the progress shown stops moving meanwhile.
     """
     with services.repo.engine.connect() as conn:
-        row = conn.execute(
-            select(jobs.c.started_at, job_beats.c.beat_at)
-            .select_from(jobs.outerjoin(job_beats, job_beats.c.job_id == jobs.c.id))
+        last = conn.execute(
+            select(LAST_BEAT)
+            .select_from(JOBS_WITH_BEATS)
             .where(jobs.c.session_id == session_id, jobs.c.state == "running")
-        ).first()
-    if row is None:
-        return None
-    last = row.beat_at or row.started_at
+        ).scalar()
     return max(0.0, time.time() - last) if last else None
 
 
