@@ -37,12 +37,6 @@ def booth(tmp_path, db_config) -> Iterator[StaffApp]:
     built.repo.close()
 
 
-@pytest.fixture
-def client(booth) -> Iterator[TestClient]:
-    with TestClient(booth.app) as c:
-        yield c
-
-
 def _logged_out(app, cookie: str) -> bool:
     """True when ``cookie`` gets the logged-out answers: API 401 and pages to /login."""
     with TestClient(app) as c:

@@ -9,7 +9,6 @@ from collections.abc import Iterator
 
 import pytest
 import transport_helpers as th
-from fastapi.testclient import TestClient
 from staff_app import StaffApp, build_app, delivered_session, log_in, staff_settings
 
 from cloud_trainer import deliver, links
@@ -23,12 +22,6 @@ def booth(tmp_path) -> Iterator[StaffApp]:
     built = build_app(settings)
     yield built
     built.repo.close()
-
-
-@pytest.fixture
-def client(booth) -> Iterator[TestClient]:
-    with TestClient(booth.app) as c:
-        yield c
 
 
 def tag(html: str, element_id: str) -> str:
