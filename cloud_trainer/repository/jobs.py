@@ -174,16 +174,18 @@ class JobsRepo:
     def stalled_jobs(self, quiet_s: float, now: float | None = None) -> list[dict[str, Any]]:
         """Running jobs whose worker has not beaten for ``quiet_s``.
 
-        Each as ``{id, session_id, worker, published_at}``.
+        Each as ``{id, session_id, worker, published_at}``. Quiet is measured from
+        ``LAST_BEAT``, as the tablet and /metrics measure it: a job with no beat row (one
+        claimed by a version that did not beat) counts from when it started.
         """
         now = time.time() if now is None else now
         with self.engine.connect() as conn:
             rows = conn.execute(
                 select(jobs.c.id, jobs.c.session_id, jobs.c.worker, jobs.c.published_at)
-                .outerjoin(job_beats, job_beats.c.job_id == jobs.c.id)
+                .select_from(JOBS_WITH_BEATS)
                 .where(
                     jobs.c.state == JobState.RUNNING.value,
-                    (job_beats.c.beat_at.is_(None)) | (job_beats.c.beat_at < now - quiet_s),
+                    LAST_BEAT.is_(None) | (LAST_BEAT < now - quiet_s),  # noqa: SIM300 (a column)
                 )
             )
             return [dict(r._mapping) for r in rows]

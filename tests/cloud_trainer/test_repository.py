@@ -443,6 +443,18 @@ def test_a_job_whose_worker_beats_is_busy_for_a_second_worker_until_the_beats_st
         repo.beat_job("0" * 32, "worker-b")
 
 
+def test_a_running_job_without_a_beat_row_is_quiet_from_when_it_started(repo):
+    # A job claimed by a version that did not beat: the sweep, the tablet and /metrics
+    # all count its quiet time from started_at (LAST_BEAT), not from forever.
+    job_id = repo.create_job(_new_session(repo))
+    repo.start_job(job_id, "worker-a")
+    started = repo.get_job(job_id)["started_at"]
+    with repo.engine.begin() as conn:
+        conn.execute(delete(job_beats))
+    assert repo.stalled_jobs(60, now=started + 30) == []
+    assert [j["id"] for j in repo.stalled_jobs(60, now=started + 90)] == [job_id]
+
+
 def test_failed_job_keeps_its_error_and_cannot_be_started_until_requeued(repo):
     job_id = repo.create_job(_new_session(repo))
     repo.start_job(job_id, "worker-a")
