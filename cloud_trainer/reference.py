@@ -18,6 +18,7 @@ Library layout in the blob store (never overwritten; a correction is a new versi
     references/<key>/v<version>/qa/trajectories.png, flagged.jpg, summary.json,
                                   summary.txt, corrections-template.yaml
     references/<key>/v<version>/meta.json    written last: a version exists once it has one
+    references/<key>/v<version>/claim.json   written first: the number is taken (``create``)
 
 Synthetic dances are built in (``synthetic:<dance>``, e.g. ``synthetic:warmup``):
 the synthetic booth renders a reference dancer with exact ground-truth keypoints,
@@ -32,7 +33,9 @@ import contextlib
 import io
 import json
 import logging
+import os
 import re
+import socket
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -57,6 +60,7 @@ SYNTHETIC = "synthetic:"
 BUILTIN_DANCES: tuple[str, ...] = ("warmup", "wave+squat", "disco+march", "step+turn")
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 _VERSION_RE = re.compile(r"/v(\d+)/meta\.json$")
+_VERSION_DIR_RE = re.compile(r"^v(\d+)/")
 # Person masks are kept at this longest side: enough for 256 px label maps, and
 # they compress to a few hundred bytes per frame.
 MASK_MAX_PX = 256
@@ -492,6 +496,27 @@ class ReferenceLibrary:
                 out.append(int(m.group(1)))
         return sorted(out)
 
+    def _new_version(self, name: str) -> int:
+        """The next version number of ``name``, reserved for this caller.
+
+        Two writers (staff correcting one dance twice at once, two workers building a
+        synthetic dance on first use) would both read the latest version and write v+1
+        over each other, leaving one version made of both. Each reserves its number with
+        the store's ``create``, which exactly one of them wins; the other takes the next.
+        A number whose writer died before its meta.json stays taken, never reused.
+        """
+        prefix = f"{PREFIX}/{storage_key(name)}/"
+        taken = [
+            int(m.group(1))
+            for key in self.store.list(prefix)
+            if (m := _VERSION_DIR_RE.match(key[len(prefix) :]))
+        ]
+        version = max(taken, default=0) + 1
+        claim = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "at": time.time()})
+        while not self.store.create(f"{prefix}v{version}/claim.json", claim.encode()):
+            version += 1
+        return version
+
     def names(self) -> list[str]:
         found = set()
         for key in self.store.list(f"{PREFIX}/"):
@@ -713,7 +738,7 @@ class ReferenceLibrary:
         smoothed = smooth_offline(raw_arr, info.fps, self.smoothing or SmoothingConfig())
         _check_usable(smoothed.skeletons, str(path))
         flagged = smoothed.glitch | ~det
-        version = (self.versions(name) or [0])[-1] + 1
+        version = self._new_version(name)
         key = storage_key(name)
         source_key = f"{PREFIX}/{key}/source-v{version}{path.suffix.lower() or '.mp4'}"
         self.store.put_file(source_key, str(path), "video/mp4")
@@ -801,7 +826,7 @@ class ReferenceLibrary:
         mshape = _mask_shape(w, h)
         poses, masks = [], []
         key = storage_key(name)
-        version = (self.versions(name) or [0])[-1] + 1
+        version = self._new_version(name)
         source_key = f"{PREFIX}/{key}/source-v{version}.mp4"
         thumb_rgb = None
         body_poses = dance.poses(s.fps, s.seconds)
@@ -879,10 +904,8 @@ class ReferenceLibrary:
         c = corr.parse(text, len(base), source=source)
         poses, kept = corr.apply(base.poses, c)
         touched = corr.touched_frames(c, len(base))
-        version = self.versions(name)[-1] + 1
         meta = dict(base.meta)
         meta.update(
-            version=version,
             frames=len(kept),
             parent_version=base.version,
             corrected_frames=int(touched.sum()),
@@ -896,6 +919,7 @@ class ReferenceLibrary:
         _check_usable(poses, source)
         flagged = (base.flagged & ~touched)[kept]
         meta["flagged"] = int(flagged.sum())
+        version = meta["version"] = self._new_version(name)  # once the corrections are valid
         ref = ReferenceDance(
             name=name,
             version=version,

@@ -57,6 +57,10 @@ class BlobStore(Protocol):
 
     def put_file(self, key: str, path: str, content_type: str | None = None) -> None: ...
 
+    def create(self, key: str, data: bytes, content_type: str | None = None) -> bool:
+        """``put`` only if no object ``key`` exists: True if this call made it, False if one
+        was there. Of writers racing on one key exactly one gets True."""
+
     def get(self, key: str) -> bytes:
         """Raise BlobNotFound if absent."""
 

@@ -110,6 +110,24 @@ class GcsBlobStore:
                 data, content_type=content_type or _DEFAULT_CONTENT_TYPE, retry=self._retry
             )
 
+    def create(self, key: str, data: bytes, content_type: str | None = None) -> bool:
+        """GCS's ``ifGenerationMatch=0`` precondition: the upload succeeds only if no live
+        object has the name. (The emulator ignores preconditions: there it is a put.)"""
+        from google.api_core import exceptions as gexc
+
+        blob = self._bucket.blob(validate_key(key))
+        try:
+            with _mapped(key):
+                blob.upload_from_string(
+                    data,
+                    content_type=content_type or _DEFAULT_CONTENT_TYPE,
+                    if_generation_match=0,
+                    retry=self._retry,
+                )
+        except gexc.PreconditionFailed:
+            return False
+        return True
+
     def put_file(self, key: str, path: str, content_type: str | None = None) -> None:
         blob = self._bucket.blob(validate_key(key))
         with _mapped(key):

@@ -59,7 +59,9 @@ class LocalBlobStore:
 
     # ---- writes -----------------------------------------------------------------------
 
-    def _write_atomic(self, path: Path, write) -> None:
+    def _write_atomic(self, path: Path, write, *, exclusive: bool = False) -> bool:
+        """Write through a temporary file; ``exclusive``: only if ``path`` does not exist
+        (a hard link, which never replaces), returning False if it does."""
         for attempt in range(_CREATE_RETRIES):
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f"{path.name}{_TMP_MARK}{secrets.token_hex(6)}")
@@ -74,16 +76,28 @@ class LocalBlobStore:
                     write(f)
                     f.flush()
                     os.fsync(f.fileno())
-                os.replace(tmp, path)
+                if not exclusive:
+                    os.replace(tmp, path)
+                else:
+                    try:
+                        os.link(tmp, path)
+                    except FileExistsError:
+                        return False
+                    finally:
+                        tmp.unlink(missing_ok=True)
             except BaseException:
                 tmp.unlink(missing_ok=True)
                 raise
             _fsync_dir(path.parent)
-            return
+            return True
+        raise AssertionError("unreachable")
 
     def put(self, key: str, data: bytes, content_type: str | None = None) -> None:
         # content_type is not stored: the app derives it from the key's extension.
         self._write_atomic(self._path(key), lambda f: f.write(data))
+
+    def create(self, key: str, data: bytes, content_type: str | None = None) -> bool:
+        return self._write_atomic(self._path(key), lambda f: f.write(data), exclusive=True)
 
     def put_file(self, key: str, path: str, content_type: str | None = None) -> None:
         with open(path, "rb") as src:

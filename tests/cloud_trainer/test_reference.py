@@ -145,6 +145,22 @@ def test_correction_bumps_the_version_and_clears_the_flags(added, tmp_path):
     assert len(frames) == 23 and frames[0].shape == (240, 320, 3)
 
 
+def test_a_version_number_another_writer_took_is_skipped_not_overwritten(tmp_path):
+    # Two writers read "latest is v1" at once; the other one reserved v2 first and is
+    # still writing it. Ours must not write into v2 (a version made of both).
+    lib = _library(tmp_path)
+    lib.add_synthetic("synthetic:wave")
+    assert lib.store.create("references/synthetic.wave/v2/claim.json", b"{}")
+    lib.store.put("references/synthetic.wave/v2/poses.npz", b"the other writer's")
+    ref = lib.apply_corrections("synthetic:wave", "- drop: [0, 1]\n")
+    assert ref.version == 3 and ref.meta["parent_version"] == 1
+    assert lib.store.get("references/synthetic.wave/v2/poses.npz") == b"the other writer's"
+    assert lib.versions("synthetic:wave") == [1, 3]
+    assert lib.get("synthetic:wave").version == 3 and len(lib.get("synthetic:wave")) == len(ref)
+    # A version whose writer died before its meta.json stays taken: the next is v4.
+    assert lib.add_synthetic("synthetic:wave").version == 4
+
+
 def test_a_file_that_is_not_a_video_is_refused(videos, tmp_path):
     lib = _library(tmp_path)
     with pytest.raises(BadInput, match="is not a video"):

@@ -130,6 +130,7 @@ def test_every_operation_rejects_unsafe_keys(blob_store, key: str, tmp_path: Pat
     calls = [
         lambda: blob_store.put(key, b"x"),
         lambda: blob_store.put_file(key, str(src)),
+        lambda: blob_store.create(key, b"x"),
         lambda: blob_store.get(key),
         lambda: blob_store.get_range(key, 0, 1),
         lambda: blob_store.download(key, str(tmp_path / "out")),
@@ -173,6 +174,13 @@ def test_concurrent_readers_see_the_old_or_the_new_object_never_a_mix(blob_store
     assert torn == []
 
 
+def test_create_makes_a_new_object(blob_store):
+    assert blob_store.create("claims/v1/claim.json", b"first")
+    assert blob_store.get("claims/v1/claim.json") == b"first"
+    # Refusing an existing key is checked on local only: the emulator ignores GCS's
+    # ifGenerationMatch precondition, which real GCS enforces.
+
+
 def test_url_is_none_without_signing_credentials(blob_store):
     # local: served by the app; the emulator's anonymous credentials cannot sign.
     blob_store.put("u/obj", b"x")
@@ -193,6 +201,29 @@ def test_local_put_leaves_no_temporary_files(tmp_path: Path):
     store.put("a/b/c.bin", b"x" * 1000)
     store.put("a/b/c.bin", b"y" * 10)
     assert sorted(p.name for p in (tmp_path / "root" / "a" / "b").iterdir()) == ["c.bin"]
+
+
+def test_local_create_refuses_an_existing_key_and_racers_get_one_winner(tmp_path: Path):
+    store = LocalBlobStore(tmp_path / "root")
+    store.put("c/taken", b"old")
+    assert not store.create("c/taken", b"new")
+    assert store.get("c/taken") == b"old"
+    results: dict[int, bool] = {}
+    barrier = threading.Barrier(8)
+
+    def claim(i: int) -> None:
+        barrier.wait()
+        results[i] = store.create("c/race", f"writer {i}".encode())
+
+    threads = [threading.Thread(target=claim, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    winners = [i for i, won in results.items() if won]
+    assert len(winners) == 1
+    assert store.get("c/race") == f"writer {winners[0]}".encode()
+    assert sorted(p.name for p in (tmp_path / "root" / "c").iterdir()) == ["race", "taken"]
 
 
 def test_local_failed_write_keeps_the_old_object(tmp_path: Path, monkeypatch):
