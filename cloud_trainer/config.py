@@ -285,8 +285,25 @@ class SmtpMail(Strict):
     backoff_max_s: float = Field(3600.0, gt=0)
     # Message-IDs the relay accepted, written before the outbox row is updated (exactly-once).
     sent_log: Path = Path("var/mail-sent.log")
+    # Late bounces (cloud_trainer.bounces): a relay may accept an email and return it
+    # hours later to the envelope sender. With bounce_address set, emails go out with it
+    # as their envelope sender, and `booth serve` takes mail for it over SMTP on
+    # bounces_listen ("host:port"; the bounce domain's MX record points there) and marks
+    # the emails bounced. Without bounce_address, bounces_listen is not used.
+    bounce_address: str | None = None
+    bounces_listen: str | None = None
 
-    _addresses = field_validator("sender", "reply_to")(_mail_address)
+    _addresses = field_validator("sender", "reply_to", "bounce_address")(_mail_address)
+
+    @field_validator("bounces_listen")
+    @classmethod
+    def _listen(cls, v: str | None) -> str | None:
+        if v is None or not v.strip():
+            return None
+        host, sep, port = v.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise ValueError(f"{v!r} is not host:port (e.g. 0.0.0.0:2525)")
+        return v
 
 
 MailConfig = Annotated[OutboxMail | SmtpMail, Field(discriminator="type")]

@@ -263,9 +263,13 @@ class SmtpMailer:
                 smtp.login(cfg.username, cfg.password or "")
             # The envelope from the headers' Address objects, not from re-parsing their
             # text (which smtplib does otherwise): a quoted name must not add a recipient.
+            # Bounces go to the envelope sender: mail.bounce_address where it is read.
+            bounce_to = getattr(cfg, "bounce_address", None)
             refused = smtp.send_message(
                 msg,
-                from_addr=msg["From"].addresses[0].addr_spec,
+                from_addr=sender_address(bounce_to).addr_spec
+                if bounce_to
+                else msg["From"].addresses[0].addr_spec,
                 to_addrs=[a.addr_spec for a in msg["To"].addresses],
             )
         except smtplib.SMTPRecipientsRefused as e:

@@ -196,6 +196,13 @@ class Service:
         repo = Repository.from_config(cfg.database)
         store = create_blob_store(cfg.storage)
         queue = create_job_queue(cfg.queue)
+        bounces = None
+        if getattr(cfg.mail, "bounces_listen", None) and cfg.mail.bounce_address:
+            from cloud_trainer.bounces import BounceServer
+
+            host, _, port = cfg.mail.bounces_listen.rpartition(":")
+            bounces = BounceServer(repo, cfg.mail.bounce_address, host, int(port)).start()
+            self.bound["bounces"] = bounces.port
         try:
             publish_pending(repo, queue)
         except Exception as e:  # the queue is down: the sweep below retries every minute
@@ -249,6 +256,8 @@ class Service:
             await asyncio.sleep(0.05)
         if http_task.done():
             await ingest.stop(0)
+            if bounces is not None:
+                bounces.stop()
             http_task.result()
             raise BoothError("the web server did not start")
         self.bound["http"] = server.servers[0].sockets[0].getsockname()[1]
@@ -297,6 +306,8 @@ class Service:
                 sweeper.cancel()
             server.should_exit = True
             mail_stop.set()
+            if bounces is not None:
+                bounces.stop()
             await ingest.stop(2.0)
             await asyncio.gather(http_task, return_exceptions=True)
             mail_thread.join(timeout=5)

@@ -77,7 +77,7 @@ def filled_in(compose_file: Path, tmp_path: Path) -> tuple[Path, dict[str, str]]
             return "Europe/Berlin"
         if name.endswith("_URL"):
             return f"https://{name.lower().replace('_', '-')}.example.org"
-        if name.endswith(("_FROM", "_REPLY_TO")):
+        if name.endswith(("_FROM", "_REPLY_TO", "_BOUNCES")):
             return f"{name.lower()} <{name.lower().replace('_', '-')}@example.org>"
         return f"{name.lower()}-from-env-file"
 

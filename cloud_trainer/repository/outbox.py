@@ -7,6 +7,8 @@ Row states::
        |                  |   \\--too many tries--> failed
        +---- 4xx/outage --+
 
+    sent --a failure report comes back (cloud_trainer.bounces)--> bounced
+
 A row in ``sending`` is leased until ``next_attempt_at``; the sender that claimed
 it either finishes it or dies, and then the lease runs out and a sender recovers
 it (see ``cloud_trainer.deliver`` for how recovery avoids a second send).
@@ -26,6 +28,7 @@ from cloud_trainer.session import State
 
 PENDING, SENDING, SENT, FAILED, BOUNCED = "pending", "sending", "sent", "failed", "bounced"
 FINAL = frozenset({SENT, FAILED, BOUNCED})
+BOUNCED_LATER = "bounced_later"  # the emails counter's label for a sent email bounced after
 
 
 class OutboxRepo:
@@ -203,6 +206,24 @@ class OutboxRepo:
         return self._finish(
             row_id, SENDING, state=BOUNCED if bounced else FAILED, last_error=error, **self._SPENT
         )
+
+    def mark_email_bounced_after_sent(self, message_id: str, error: str) -> bool:
+        """A ``sent`` email's failure report came back: it is ``bounced`` after all.
+
+        False if no sent email has that Message-ID (unknown, forged, already bounced, or
+        its session deleted). Counted as ``bounced_later``: its ``sent`` stays counted.
+        """
+        with self.engine.begin() as conn:
+            changed = bool(
+                conn.execute(
+                    update(outbox)
+                    .where(and_(outbox.c.message_id == message_id, outbox.c.state == SENT))
+                    .values(state=BOUNCED, last_error=error)
+                ).rowcount
+            )
+            if changed:
+                add_counts(conn, [(EMAILS, BOUNCED_LATER, 1)])
+            return changed
 
     def release_email(self, row_id: int, now: float, note: str) -> bool:
         """Put a recovered ``sending`` row back to ``pending`` without counting a new attempt."""

@@ -92,7 +92,10 @@ class BoothCollector:
             "booth_job_stage_runs", "Job stages completed", labels=["stage"]
         )
         emails = CounterMetricFamily(
-            "booth_emails", "Emails by final outcome (sent, failed, bounced)", labels=["state"]
+            "booth_emails",
+            "Emails by final outcome (sent, failed, bounced); bounced_later: sent ones whose "
+            "failure report came back afterwards",
+            labels=["state"],
         )
         # Pending and sending rows come and go: a gauge, not a counter.
         emails_waiting = GaugeMetricFamily(

@@ -70,6 +70,22 @@ def test_booth_serve_on_a_port_in_use_says_so_in_one_line(tmp_path, held_port):
     assert not (tmp_path / "booth.db").exists()  # refused before anything started
 
 
+def test_a_bounce_listener_port_in_use_says_so_in_one_line(tmp_path, held_port):
+    cfg = tmp_path / "booth.yaml"
+    cfg.write_text(
+        "web:\n  secret_key: a-real-secret-for-this-test\n"
+        f"storage:\n  type: local\n  root: {tmp_path / 'blobs'}\n"
+        f"database:\n  type: sqlite\n  path: {tmp_path / 'booth.db'}\n"
+        f"queue:\n  type: sqlite\n  path: {tmp_path / 'queue.db'}\n"
+        "mail:\n  type: smtp\n  bounce_address: bounces@booth.example\n"
+        f"  bounces_listen: 127.0.0.1:{held_port}\n"
+    )
+    r = booth("serve", "--config", str(cfg), "--http-port", "0", "--grpc-port", "0")
+    assert r.returncode != 0
+    line = one_line(r)
+    assert f"mail.bounces_listen: cannot take bounces on 127.0.0.1:{held_port}" in line
+
+
 def test_an_agent_status_port_in_use_is_a_booth_error_not_an_oserror(held_port):
     from edge_agent.status import StatusServer
 
