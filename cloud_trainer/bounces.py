@@ -94,14 +94,16 @@ def parse_report(raw: bytes) -> list[Failure] | None:
     if status_part is None:
         return None
     blocks = status_part.get_payload()
-    if not isinstance(blocks, list) or len(blocks) < 2:
-        return None  # per-message fields, then one block per recipient
+    if not isinstance(blocks, list):
+        return None
     message_id = _original_message_id(msg)
     if message_id is not None:
         found = _MSGID_RE.search(message_id)
         message_id = found.group(0) if found else None
     failures = []
-    for block in blocks[1:]:
+    # The per-message fields come first, then one block per recipient; only recipient
+    # blocks carry Action (some MTAs leave the per-message block out).
+    for block in blocks:
         if _field(block, "Action").lower() != "failed":
             continue
         failures.append(

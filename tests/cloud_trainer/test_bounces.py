@@ -11,6 +11,9 @@ import smtplib
 from email.message import EmailMessage
 
 import pytest
+from hypothesis import given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 from smtp_capture import SmtpServer, free_port
 from test_deliver import deliver_one, smtp_cfg
 
@@ -189,3 +192,19 @@ def test_config_takes_a_host_and_port_and_an_address():
         SmtpMail(bounce_address=BOUNCES, bounces_listen="2525")
     with pytest.raises(ValueError, match="not an email address"):
         SmtpMail(bounce_address="bounces")
+
+
+@hypothesis_settings(max_examples=150, deadline=None)
+@given(
+    st.binary(max_size=2000)
+    | st.builds(
+        lambda a, s, mid, junk: report(b"Message-ID: " + mid + b"\n\n" + junk, action=a, status=s),
+        st.text("failedyAD \t", max_size=12),
+        st.text("0123456789.x", max_size=8),
+        st.binary(max_size=80),
+        st.binary(max_size=300),
+    )
+)
+def test_parse_report_never_raises(raw):
+    out = parse_report(raw)
+    assert out is None or all(isinstance(f.reason, str) for f in out)
