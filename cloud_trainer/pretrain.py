@@ -108,11 +108,12 @@ def pretrain(
     progress: ProgressFn | None = None,
     models_dir: Path | None = None,
     inputs: dict[str, Any] | None = None,
+    store: Any = None,
 ) -> tuple[Path, JobResult]:
     """Train a base on ``takes`` and write it to ``out_dir``; resumable like any job.
 
     ``cfg.work_dir`` is replaced by ``out_dir/work``; ``cfg.base_checkpoint`` (if set)
-    continues an older base. ``inputs`` describes the takes (attendee seeds, take
+    continues an older base (``blob:`` ones are read from ``store``). ``inputs`` describes the takes (attendee seeds, take
     directories): with the size, label map and batch it is the base's recipe, kept in
     ``out_dir``. A rerun resumes only the same recipe; another one is refused, since
     resuming it would train on a corpus and checkpoints made for the first.
@@ -125,13 +126,13 @@ def pretrain(
     _same_recipe(out_dir, _recipe(cfg, takes, inputs))
     job_cfg = cfg.model_copy(update={"work_dir": out_dir / "work"})
     result = train_job(
-        JobSpec("pretrain", list(takes)), job_cfg, None, progress, models_dir=models_dir
+        JobSpec("pretrain", list(takes)), job_cfg, store, progress, models_dir=models_dir
     )
     if result.stopped == "done-before" and cfg.max_steps and result.steps < cfg.max_steps:
         raise TrainingFailed(
             f"the base in {out_dir} already finished after {result.steps} steps; a rerun "
             f"does not train it to {cfg.max_steps}: use a new --out, with "
-            f"trainer.base_checkpoint set to {out_dir} to start from this base"
+            f"--from {out_dir} to start from this base"
         )
     # The base: the best generator, with the optimizer state of the last step.
     runtime = select_runtime(job_cfg)
@@ -156,6 +157,8 @@ def pretrain(
         "steps": result.steps,
         "best_step": result.best_step,
         "takes": len(takes),
+        # Provenance: the older base this one continued (--from), or none.
+        "continued_from": cfg.base_checkpoint if result.warm_start else None,
         "score": result.score,
         "export": str(result.export_dir),
     }

@@ -30,7 +30,7 @@ RUN apt-get update \
  && apt-get install -y --no-install-recommends ffmpeg \
  && rm -rf /var/lib/apt/lists/* \
  && useradd --system --uid 10001 --home /var/lib/booth --create-home booth \
- && install -d -o booth -g booth /var/lib/booth/var
+ && install -d -o booth -g booth /var/lib/booth/var /var/lib/booth/base
 COPY --from=build /opt/venv /opt/venv
 COPY --from=build /opt/models /opt/models
 ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2

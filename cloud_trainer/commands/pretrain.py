@@ -51,6 +51,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="also upload the base to the blob store of --config, where "
         "trainer.base_checkpoint names it (e.g. blob:base/booth-1)",
     )
+    p.add_argument(
+        "--from",
+        dest="from_base",
+        metavar="BASE",
+        help="continue an older base (a directory, or blob:PREFIX in --config's store) "
+        "instead of starting from scratch; the config's trainer.base_checkpoint is the "
+        "workers' base, which this command builds, and is not read",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
 
 
@@ -87,6 +95,10 @@ def run(args: argparse.Namespace) -> int:
         }.items()
         if v is not None
     }
+    # The config's base_checkpoint is where the workers find the base this builds (the
+    # deploy config names the --publish target): continuing from it is asked for, never
+    # implied.
+    update["base_checkpoint"] = args.from_base
     try:
         # TrainerConfig's own rules (32..512, a power of two, ...) are the ones a job meets.
         cfg = booth.trainer.model_validate({**booth.trainer.model_dump(), **update})
@@ -126,6 +138,23 @@ def run(args: argparse.Namespace) -> int:
             raise BadInput(f"--attendees: {e}") from None
         takes = None  # rendered below, after the heavy imports
         inputs = {"attendees": seeds, "seconds": args.seconds, "fps": args.fps}
+
+    store = None
+    if args.from_base:
+        from cloud_trainer.config import blob_prefix, blob_uri
+
+        try:
+            cfg = cfg.model_copy(
+                update={"base_checkpoint": blob_uri(args.from_base, booth.storage)}
+            )
+        except ValueError as e:
+            raise BadInput(f"--from: {e}") from None
+        if blob_prefix(cfg.base_checkpoint):
+            from cloud_trainer.storage import create_blob_store
+
+            store = create_blob_store(booth.storage)
+        elif not Path(cfg.base_checkpoint).is_dir():
+            raise BadInput(f"--from: no base checkpoint directory {args.from_base}")
 
     # Imported here: TensorFlow is not needed for `booth --help`.
     from tqdm import tqdm
@@ -184,6 +213,7 @@ def run(args: argparse.Namespace) -> int:
             progress=progress,
             models_dir=booth.models_dir,
             inputs=inputs,
+            store=store,
         )
     finally:
         if render_bar is not None:

@@ -183,8 +183,13 @@ def test_finished_job_delivered_again_returns_its_result_without_training(
 def base(tmp_path_factory) -> Path:
     top = tmp_path_factory.mktemp("base")
     out = top / "base"
-    # Published to the blob store a booth config names, as a deployment would.
-    (top / "booth.yaml").write_text(f"storage:\n  type: local\n  root: {top / 'blobs'}\n")
+    # Published to the blob store a booth config names, as a deployment would; the
+    # config also names that base as the workers' (deploy/config/booth.cloud.yaml does),
+    # which pretrain, building it, must not try to start from.
+    (top / "booth.yaml").write_text(
+        f"storage:\n  type: local\n  root: {top / 'blobs'}\n"
+        "trainer:\n  base_checkpoint: blob:base/booth-1\n"
+    )
     code = booth(
         [
             "pretrain",
@@ -216,6 +221,7 @@ def base(tmp_path_factory) -> Path:
 def test_booth_pretrain_writes_a_base_checkpoint(base: Path) -> None:
     meta = json.loads((base / "base.json").read_text())
     assert meta["label_map"] == "skeleton" and meta["takes"] == 2 and meta["steps"] == 2
+    assert meta["continued_from"] is None  # from scratch, whatever the config's base says
     assert ModelSpec.from_dict(meta["spec"]) == ModelSpec.for_size(SIZE)
     assert tf.train.latest_checkpoint(str(base)) is not None
     assert (base / "export" / "generator.tflite").exists() or Path(meta["export"]).exists()
@@ -253,6 +259,38 @@ def test_a_published_base_is_what_a_worker_resolves_from_the_blob_store(
         (base / "base.json").read_text()
     )
     assert tf.train.latest_checkpoint(str(local)) is not None
+
+
+def test_pretrain_from_a_published_base_continues_it(base: Path, tmp_path: Path) -> None:
+    out = tmp_path / "next"
+    code = booth(
+        [
+            "pretrain",
+            "--config",
+            str(base.parent / "booth.yaml"),
+            "--from",
+            "blob:base/booth-1",
+            "--out",
+            str(out),
+            "--attendees",
+            "3",
+            "--size",
+            str(SIZE),
+            "--steps",
+            "3",
+            "--seconds",
+            "3",
+            "--fps",
+            "8",
+            "--batch",
+            "2",
+            "--no-progress",
+        ]
+    )
+    assert code == 0
+    meta = json.loads((out / "base.json").read_text())
+    assert meta["continued_from"] == "blob:base/booth-1" and meta["takes"] == 1
+    assert booth(["pretrain", "--out", str(tmp_path / "x"), "--from", str(tmp_path / "no")]) == 2
 
 
 def _fresh_model(lr: float = 1e-4) -> Pix2Pix:
