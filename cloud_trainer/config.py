@@ -455,6 +455,12 @@ def placeholder_secrets(cfg: BoothConfig, *, services: tuple[str, ...] = ("web",
             for i, a in enumerate(cfg.ingest.agents)
             if a.token_sha256 in placeholder_hashes
         ]
+    if "database" in services and isinstance(cfg.database, PostgresDatabase):
+        from sqlalchemy.engine import make_url
+
+        password = make_url(cfg.database.url).password
+        if password is not None and password.strip().lower() in PLACEHOLDER_SECRETS:
+            bad.append("database.url")
     smtp_auth = isinstance(cfg.mail, SmtpMail) and cfg.mail.username
     if (
         "mail" in services
@@ -472,6 +478,7 @@ _PLACEHOLDER_HINTS = {
     "agent.uplink.token": "the token `booth ingest --new-token CAMERA` printed for this camera",
     "token_sha256": "the sha256 `booth ingest --new-token CAMERA` printed",
     "mail.password": "the SMTP relay's password",
+    "database.url": "the database's password in place of the placeholder in the URL",
 }
 
 

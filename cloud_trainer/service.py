@@ -183,7 +183,7 @@ class Service:
         from cloud_trainer.web import create_app
 
         cfg = self.settings
-        refuse_placeholders(cfg, ("web", "mail"))  # this process sends the outbox too
+        refuse_placeholders(cfg, ("web", "mail", "database"))  # it sends the outbox too
         if not cfg.web.staff:
             log.warning(
                 "web.staff is empty: nobody can log in to start a session "

@@ -5,6 +5,11 @@ from __future__ import annotations
 import argparse
 import sys
 
+# Sections only the cloud's services read: a file with any is checked as theirs too.
+CLOUD_SECTIONS = frozenset(
+    {"booth", "web", "ingest", "mail", "database", "storage", "queue", "trainer", "render", "links"}
+)
+
 EXAMPLE = """\
 # dancebooth config. Every key is optional; these are the embedded defaults,
 # which run a whole booth on one machine (SQLite, local blobs, maildir). A section
@@ -119,8 +124,12 @@ def run(args: argparse.Namespace) -> int:
     # What `booth serve`, `ingest` (and `agent`, for a file with an agent section) would
     # refuse to start with: said here, where ops check a file before deploying it.
     raw = read_yaml(args.file)
-    has_agent = isinstance(raw, dict) and "agent" in raw
-    services = ("web", "ingest", "mail") + (("agent",) if has_agent else ())
+    sections = set(raw) if isinstance(raw, dict) else set()
+    # A board's file (only an agent section, as deploy/config/agent.yaml) is checked as
+    # the agent's: the cloud's secrets are not in it, and their defaults are not its.
+    board_only = "agent" in sections and not sections & CLOUD_SECTIONS
+    services = () if board_only else ("web", "ingest", "mail", "database")
+    services += ("agent",) if "agent" in sections else ()
     placeholders = placeholder_problems(cfg, services)
     if placeholders:
         print(f"{args.file}: valid, but the services refuse to start while these secrets")

@@ -620,7 +620,8 @@ def serve(
     ``ingest.port`` (0 picks a free one; ``IngestServer.port`` tells which).
     """
     cfg = settings.ingest
-    refuse_placeholders(settings, ("ingest",))  # an agent that kept "changethis" must not get in
+    # An agent that kept "changethis" must not get in; nor anyone with the database's.
+    refuse_placeholders(settings, ("ingest", "database"))
     if store is None:
         from cloud_trainer.storage import create_blob_store
 

@@ -214,6 +214,18 @@ def test_validate_names_the_placeholder_secrets_serve_would_refuse(tmp_path):
     assert "agent.uplink.token" not in r.stdout  # no agent section: not this file's concern
     cfg.write_text("web:\n  secret_key: a-real-one-for-this-test\n")
     assert booth("config", "validate", str(cfg)).stdout.strip().endswith(": ok")
+    # The database's password in its URL, as deploy/config/booth.cloud.yaml writes it.
+    cfg.write_text(
+        "web:\n  secret_key: a-real-one-for-this-test\n"
+        "database:\n  type: postgres\n  url: postgresql+psycopg://booth:changethis@db/booth\n"
+    )
+    assert "database.url (the database's password" in booth("config", "validate", str(cfg)).stdout
+    # A board's file holds no cloud secrets: only the agent's token is its concern.
+    cfg.write_text("agent:\n  uplink:\n    token: changethis\n")
+    r = booth("config", "validate", str(cfg))
+    assert "agent.uplink.token" in r.stdout and "web.secret_key" not in r.stdout
+    cfg.write_text("agent:\n  uplink:\n    token: a-real-token-for-this-test\n")
+    assert booth("config", "validate", str(cfg)).stdout.strip().endswith(": ok")
 
 
 @pytest.mark.parametrize(
