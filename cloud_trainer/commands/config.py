@@ -85,6 +85,9 @@ links:
 mail:                   # outbox (maildir, no SMTP) | smtp
   type: outbox
   maildir: var/maildir
+  # type: smtp takes host, port, starttls, username, password, sender, reply_to, and
+  # for bounces that come back after sending: bounce_address (the envelope sender)
+  # and bounces_listen (host:port where booth serve takes mail for it)
 
 web:
   host: 127.0.0.1
