@@ -609,3 +609,64 @@ async def test_a_take_the_session_went_on_without_is_dropped_by_its_board(env, s
     finally:
         await late.stop()
     assert env.repo.frame_index(sid, "cam1") == []
+
+
+async def test_a_take_completes_only_once_its_last_frame_is_durable(tmp_path: Path):
+    """Completion follows the durable position, not what was received: a frame in a shard
+    still being written must not let the take (and its training) start without it."""
+    import threading
+
+    cfg = th.booth_config(tmp_path, shard_mb=64, flush_interval_s=0.05)
+    repo = Repository.from_config(cfg.database)
+    inner = create_blob_store(cfg.storage)
+    gate, waiting = threading.Event(), threading.Event()
+
+    class Gated:  # the second shard's put waits for the test
+        puts = 0
+
+        def put(self, key, data, content_type=None):
+            Gated.puts += 1
+            if Gated.puts == 2:
+                waiting.set()
+                gate.wait(10)
+            inner.put(key, data, content_type)
+
+        def __getattr__(self, name):
+            return getattr(inner, name)
+
+    sid = th.new_session(repo)
+    indexed_at_upload: list[int] = []
+
+    def uploaded(session_id):
+        indexed_at_upload.append(len(repo.frame_index(session_id, "cam0")))
+
+    token = th.token_for("cam0")
+    async with th.running_server(
+        cfg, repo=repo, store=Gated(), on_session_uploaded=uploaded
+    ) as srv:
+        first = await th.raw_ingest(
+            srv.port, token, [th.hello(sid), *(th.frame_req(i) for i in range(10)), th.end_req(20)]
+        )
+        assert first.code == grpc.StatusCode.OK, first.details
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{srv.port}")
+        call = booth_pb2_grpc.IngestStub(channel).Stream(
+            metadata=(("authorization", f"Bearer {token}"),)
+        )
+        await call.write(th.hello(sid))
+        for i in range(10, 19):
+            await call.write(th.frame_req(i))
+        async with asyncio.timeout(10):
+            await asyncio.to_thread(waiting.wait)  # frames 10-18 are being written
+        await call.write(th.frame_req(19))  # received while that shard is not yet durable
+        await asyncio.sleep(0.3)  # (lets the server read it; passes whenever it does)
+        gate.set()
+        await call.done_writing()
+        acks = []
+        async with asyncio.timeout(30):
+            while (resp := await call.read()) is not grpc.aio.EOF:
+                if resp.WhichOneof("body") == "ack":
+                    acks.append(resp.ack)
+        await channel.close()
+    assert any(a.take_complete for a in acks)
+    assert all(a.durable_seq == 19 for a in acks if a.take_complete), acks
+    assert indexed_at_upload == [20]

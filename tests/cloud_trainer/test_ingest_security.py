@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from pathlib import Path
 
@@ -156,4 +157,20 @@ async def test_a_stream_opened_before_its_token_expires_ends_when_it_does(tmp_pa
                 assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
                 assert "expired" in err.value.details()
                 assert time.time() >= expires_at
+        assert srv.registry.booth(th.BOOTH).online() == []
+
+
+async def test_control_connect_refuses_a_token_speaking_for_another_camera(tmp_path: Path):
+    cfg = th.booth_config(tmp_path)
+    repo = Repository.from_config(cfg.database)
+    async with th.running_server(cfg, repo=repo, store=create_blob_store(cfg.storage)) as srv:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{srv.port}") as channel:
+            call = booth_pb2_grpc.ControlStub(channel).Connect(
+                booth_pb2.Register(booth_id=th.BOOTH, camera_id="cam1"),
+                metadata=(("authorization", f"Bearer {th.token_for('cam0')}"),),
+            )
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                async with asyncio.timeout(5):
+                    await call.read()
+            assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
         assert srv.registry.booth(th.BOOTH).online() == []

@@ -20,6 +20,7 @@ from cloud_trainer.storage import create_blob_store
 from edge_agent.frames import CapturedFrame
 from edge_agent.stream import (
     KIND_FRAME,
+    KIND_POSE,
     RecordingArchive,
     Spool,
     Streamer,
@@ -251,6 +252,79 @@ def test_backoff_is_exponential_with_full_jitter():
     late = [backoff_s(10, 0.1, 5.0, rng) for _ in range(200)]
     assert max(early) <= 0.1 and max(late) > 1.0
     assert min(late) < 1.0  # full jitter: anywhere from zero
+
+
+def _on_disk(take) -> set[tuple[int, int]]:
+    return {(r.kind, r.seq) for p, _n, _s, size in take.snapshot() for r in _scan(p, size)}
+
+
+@pytest.mark.parametrize("pose_lag", [0, 2, None], ids=["poses-acked-too", "poses-lag", "no-poses"])
+def test_an_ack_deletes_only_segments_whose_every_record_is_acked(tmp_path: Path, pose_lag):
+    spool = Spool(tmp_path, budget_bytes=10 << 20, booth_id=th.BOOTH)
+    spool.segment_bytes = 6_000  # a segment every few frames
+    take = spool.open_take("s1", "cam0")
+    for f in th.frames(40):
+        take.add_frame(f)
+        if pose_lag is not None:
+            take.add_pose(f.seq, [[1.0, 2.0, 0.5]] * 23)
+    assert len(take.segments) > 5
+    for k in range(-1, 40):
+        p = -1 if pose_lag is None else (k // pose_lag if pose_lag else k)
+        take.ack(k, p)
+        kept = _on_disk(take)
+        assert {(KIND_FRAME, s) for s in range(k + 1, 40)} <= kept, k
+        if pose_lag is not None:
+            assert {(KIND_POSE, s) for s in range(p + 1, 40)} <= kept, k
+
+
+def test_spooled_records_are_fsynced_in_batches_and_at_the_end(tmp_path: Path, monkeypatch):
+    import edge_agent.stream as stream_mod
+
+    synced: list[str] = []
+    real = os.fsync
+
+    def spy(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", spy)
+    spool = Spool(tmp_path, budget_bytes=10 << 20, booth_id=th.BOOTH)
+    take = spool.open_take("s1", "cam0")
+    monkeypatch.setattr(stream_mod, "FSYNC_INTERVAL_S", 0.0)
+    take.add_frames(th.frames(3))
+    assert any(p.endswith(".log") for p in synced), synced  # the batch was due: synced
+    synced.clear()
+    monkeypatch.setattr(stream_mod, "FSYNC_INTERVAL_S", 1e9)
+    take.add_frames(th.frames(6, start=3))
+    assert not any(p.endswith(".log") for p in synced)  # not due yet
+    take.end()
+    assert any(p.endswith(".log") for p in synced), synced  # the end syncs what is dirty
+
+
+async def test_a_stream_that_keeps_breaking_backs_off_further_each_time(
+    tmp_path: Path, monkeypatch
+):
+    import edge_agent.stream as stream_mod
+
+    attempts: list[int] = []
+    real = stream_mod.backoff_s
+
+    def spy(attempt, initial_s, max_s, rng):
+        attempts.append(attempt)
+        return real(attempt, initial_s, max_s, rng)
+
+    monkeypatch.setattr(stream_mod, "backoff_s", spy)
+    uplink = th.uplink_config(f"127.0.0.1:{th.dead_port()}", tmp_path / "spool")
+    uplink = uplink.model_copy(update={"backoff_initial_s": 0.001, "backoff_max_s": 0.01})
+    st = Streamer(uplink, booth_id=th.BOOTH, camera_id="cam0", seed=1)
+    await st.start()
+    try:
+        take = st.open_take("s1")
+        take.add_frames(th.frames(2))
+        await _until(lambda: len(attempts) >= 5)
+    finally:
+        await st.stop()
+    assert attempts[:5] == [0, 1, 2, 3, 4]
 
 
 # ---- against a real server -------------------------------------------------------------------
@@ -532,6 +606,8 @@ async def test_without_a_recording_to_read_from_the_take_waits_and_says_why(env)
         try:
             await _until(lambda: "not uploaded" in st.status()["error"])
             await _until(lambda: st.frames_acked == spooled)
+            # Each new ack clears the take's error until the next send pass says it again.
+            await _until(lambda: "not uploaded" in st.status()["error"])
         finally:
             await st.stop()
     assert f"{30 - spooled} frames" in st.status()["error"]

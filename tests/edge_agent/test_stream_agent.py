@@ -259,6 +259,31 @@ async def test_an_upload_that_crashes_says_so_in_status_and_is_retried_with_back
     assert "failed on an unexpected error" in caplog.text
 
 
+async def test_the_retry_delay_after_crashes_is_capped_at_backoff_max(
+    tmp_path, monkeypatch, caplog
+):
+    async def crash(self, take):
+        raise RuntimeError("a bug in the uplink")
+
+    monkeypatch.setattr(Streamer, "_stream_take", crash)
+    uplink = th.uplink_config(f"127.0.0.1:{th.dead_port()}", tmp_path / "spool")
+    uplink = uplink.model_copy(update={"backoff_initial_s": 0.3, "backoff_max_s": 0.4})
+    streamer = Streamer(uplink, booth_id=th.BOOTH, camera_id="cam0")
+
+    def crashes() -> list[float]:  # the delay each crash's log line announces
+        return [r.args[3] for r in caplog.records if "failed on an unexpected error" in r.msg]
+
+    await streamer.start()
+    try:
+        streamer.open_take("s1")
+        async with asyncio.timeout(20):
+            while len(crashes()) < 3:
+                await asyncio.sleep(0.02)
+    finally:
+        await streamer.stop()
+    assert crashes()[:3] == [0.3, 0.4, 0.4]  # doubling, then held at the cap
+
+
 async def test_a_take_the_spool_cannot_open_is_an_error_in_status_not_silence(
     tmp_path, monkeypatch
 ):
