@@ -373,3 +373,17 @@ def queue_config(request: pytest.FixtureRequest, tmp_path: Path):
         )
     emulator: PubSubEmulator = request.getfixturevalue("pubsub_emulator")
     return emulator.queue_config(ack_deadline_s=2, max_attempts=3)
+
+
+@pytest.fixture
+def fsynced(monkeypatch) -> list[str]:
+    """The path of every file or directory ``os.fsync`` is called on, in order (it still syncs)."""
+    synced: list[str] = []
+    real = os.fsync
+
+    def spy(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", spy)
+    return synced

@@ -83,8 +83,9 @@ def listener(repo):  # noqa: F811
     server.stop()
 
 
-def sent_email(deliverer, repo, relay, tmp_path):  # noqa: F811
-    """Deliver a session and send its email through the relay, with the bounce address."""
+@pytest.fixture
+def sent(deliverer, repo, relay, tmp_path):  # noqa: F811
+    """A delivered session whose email the relay accepted, sent with the bounce address."""
     sid, _ = deliver_one(deliverer, repo)
     cfg = smtp_cfg(tmp_path, relay.port).model_copy(update={"bounce_address": BOUNCES})
     assert deliver.OutboxSender(repo, cfg).run_once().sent == 1
@@ -92,14 +93,8 @@ def sent_email(deliverer, repo, relay, tmp_path):  # noqa: F811
     return sid, msg
 
 
-def test_a_failure_report_after_sending_marks_the_email_bounced(
-    deliverer,  # noqa: F811
-    repo,  # noqa: F811
-    relay,
-    listener,
-    tmp_path,
-):
-    sid, msg = sent_email(deliverer, repo, relay, tmp_path)
+def test_a_failure_report_after_sending_marks_the_email_bounced(sent, repo, relay, listener):  # noqa: F811
+    sid, msg = sent
     # The envelope sender is the bounce address, so the relay returns the email there;
     # the From: the attendee sees is still the booth's.
     assert relay.handler.envelopes[0][0] == BOUNCES
@@ -119,26 +114,14 @@ def test_a_failure_report_after_sending_marks_the_email_bounced(
     assert repo.counter_values()[EMAILS]["bounced_later"] == 1
 
 
-def test_a_report_returning_only_the_headers_is_read_too(
-    deliverer,  # noqa: F811
-    repo,  # noqa: F811
-    relay,
-    listener,
-    tmp_path,
-):
-    sid, msg = sent_email(deliverer, repo, relay, tmp_path)
+def test_a_report_returning_only_the_headers_is_read_too(sent, repo, listener):  # noqa: F811
+    sid, msg = sent
     send_to(listener.port, report(msg, returned="text/rfc822-headers"))
     assert repo.email_status(sid)["state"] == "bounced"
 
 
-def test_what_is_not_a_failure_report_changes_nothing(
-    deliverer,  # noqa: F811
-    repo,  # noqa: F811
-    relay,
-    listener,
-    tmp_path,
-):
-    sid, msg = sent_email(deliverer, repo, relay, tmp_path)
+def test_what_is_not_a_failure_report_changes_nothing(sent, repo, listener):  # noqa: F811
+    sid, msg = sent
     # "Delayed": the relay is still trying.
     send_to(listener.port, report(msg, action="delayed", status="4.4.1"))
     # An out-of-office reply quoting the email's Message-ID.

@@ -54,14 +54,20 @@ def held_port():
         yield s.getsockname()[1]
 
 
-def test_booth_serve_on_a_port_in_use_says_so_in_one_line(tmp_path, held_port):
+def serve_config(tmp_path: Path, extra: str = "") -> Path:
+    """A config `booth serve` starts with, all of it under ``tmp_path``."""
     cfg = tmp_path / "booth.yaml"
     cfg.write_text(
         "web:\n  secret_key: a-real-secret-for-this-test\n"
         f"storage:\n  type: local\n  root: {tmp_path / 'blobs'}\n"
         f"database:\n  type: sqlite\n  path: {tmp_path / 'booth.db'}\n"
-        f"queue:\n  type: sqlite\n  path: {tmp_path / 'queue.db'}\n"
+        f"queue:\n  type: sqlite\n  path: {tmp_path / 'queue.db'}\n" + extra
     )
+    return cfg
+
+
+def test_booth_serve_on_a_port_in_use_says_so_in_one_line(tmp_path, held_port):
+    cfg = serve_config(tmp_path)
     r = booth("serve", "--config", str(cfg), "--http-port", str(held_port), "--grpc-port", "0")
     assert r.returncode == 2
     line = one_line(r)
@@ -71,14 +77,10 @@ def test_booth_serve_on_a_port_in_use_says_so_in_one_line(tmp_path, held_port):
 
 
 def test_a_bounce_listener_port_in_use_says_so_in_one_line(tmp_path, held_port):
-    cfg = tmp_path / "booth.yaml"
-    cfg.write_text(
-        "web:\n  secret_key: a-real-secret-for-this-test\n"
-        f"storage:\n  type: local\n  root: {tmp_path / 'blobs'}\n"
-        f"database:\n  type: sqlite\n  path: {tmp_path / 'booth.db'}\n"
-        f"queue:\n  type: sqlite\n  path: {tmp_path / 'queue.db'}\n"
+    cfg = serve_config(
+        tmp_path,
         "mail:\n  type: smtp\n  bounce_address: bounces@booth.example\n"
-        f"  bounces_listen: 127.0.0.1:{held_port}\n"
+        f"  bounces_listen: 127.0.0.1:{held_port}\n",
     )
     r = booth("serve", "--config", str(cfg), "--http-port", "0", "--grpc-port", "0")
     assert r.returncode != 0

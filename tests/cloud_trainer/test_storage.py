@@ -226,17 +226,10 @@ def test_local_create_refuses_an_existing_key_and_racers_get_one_winner(tmp_path
     assert sorted(p.name for p in (tmp_path / "root" / "c").iterdir()) == ["race", "taken"]
 
 
-def test_local_put_fsyncs_the_object_and_its_directory(tmp_path: Path, monkeypatch):
+def test_local_put_fsyncs_the_object_and_its_directory(tmp_path: Path, fsynced):
     # Ingest acks a frame as durable once put returns: the bytes and the name must be on disk.
     store = LocalBlobStore(tmp_path / "root")
-    synced: list[str] = []
-    real = os.fsync
-
-    def spy(fd):
-        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
-        return real(fd)
-
-    monkeypatch.setattr(os, "fsync", spy)
+    synced = fsynced
     store.put("sessions/s1/frames/cam0/shard-00000000.bin", b"x" * 100)
     leaf = str(tmp_path / "root" / "sessions" / "s1" / "frames" / "cam0")
     assert any(p.startswith(f"{leaf}/shard-00000000.bin") for p in synced), synced  # its temp file

@@ -179,6 +179,20 @@ def test_finished_job_delivered_again_returns_its_result_without_training(
     assert read_export(elsewhere.export_dir)["label_map"] == "skeleton"
 
 
+# A base in seconds: tiny images, short synthetic takes, a small batch.
+SMALL_PRETRAIN = (
+    "--size",
+    str(SIZE),
+    "--seconds",
+    "3",
+    "--fps",
+    "8",
+    "--batch",
+    "2",
+    "--no-progress",
+)
+
+
 @pytest.fixture(scope="module")
 def base(tmp_path_factory) -> Path:
     top = tmp_path_factory.mktemp("base")
@@ -193,25 +207,9 @@ def base(tmp_path_factory) -> Path:
     code = booth(
         [
             "pretrain",
-            "--config",
-            str(top / "booth.yaml"),
-            "--publish",
-            "blob:base/booth-1",
-            "--out",
-            str(out),
-            "--attendees",
-            "1..2",
-            "--size",
-            str(SIZE),
-            "--steps",
-            "2",
-            "--seconds",
-            "3",
-            "--fps",
-            "8",
-            "--batch",
-            "2",
-            "--no-progress",
+            *("--config", str(top / "booth.yaml"), "--publish", "blob:base/booth-1"),
+            *("--out", str(out), "--attendees", "1..2", "--steps", "2"),
+            *SMALL_PRETRAIN,
         ]
     )
     assert code == 0
@@ -266,25 +264,9 @@ def test_pretrain_from_a_published_base_continues_it(base: Path, tmp_path: Path)
     code = booth(
         [
             "pretrain",
-            "--config",
-            str(base.parent / "booth.yaml"),
-            "--from",
-            "blob:base/booth-1",
-            "--out",
-            str(out),
-            "--attendees",
-            "3",
-            "--size",
-            str(SIZE),
-            "--steps",
-            "3",
-            "--seconds",
-            "3",
-            "--fps",
-            "8",
-            "--batch",
-            "2",
-            "--no-progress",
+            *("--config", str(base.parent / "booth.yaml"), "--from", "blob:base/booth-1"),
+            *("--out", str(out), "--attendees", "3", "--steps", "3"),
+            *SMALL_PRETRAIN,
         ]
     )
     assert code == 0

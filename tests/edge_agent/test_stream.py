@@ -277,17 +277,12 @@ def test_an_ack_deletes_only_segments_whose_every_record_is_acked(tmp_path: Path
             assert {(KIND_POSE, s) for s in range(p + 1, 40)} <= kept, k
 
 
-def test_spooled_records_are_fsynced_in_batches_and_at_the_end(tmp_path: Path, monkeypatch):
+def test_spooled_records_are_fsynced_in_batches_and_at_the_end(
+    tmp_path: Path, monkeypatch, fsynced
+):
     import edge_agent.stream as stream_mod
 
-    synced: list[str] = []
-    real = os.fsync
-
-    def spy(fd):
-        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
-        return real(fd)
-
-    monkeypatch.setattr(os, "fsync", spy)
+    synced = fsynced
     spool = Spool(tmp_path, budget_bytes=10 << 20, booth_id=th.BOOTH)
     take = spool.open_take("s1", "cam0")
     monkeypatch.setattr(stream_mod, "FSYNC_INTERVAL_S", 0.0)
