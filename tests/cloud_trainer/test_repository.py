@@ -675,6 +675,18 @@ def test_a_finished_job_keeps_its_outcome(repo):
     assert (job["state"], job["error"]) == ("done", None)
 
 
+def test_a_handed_back_job_keeps_its_attempts_and_its_last_step(repo):
+    """requeue_job: 'attempts and the last step are kept (it resumes)'."""
+    job_id = repo.create_job(_new_session(repo))
+    repo.start_job(job_id, "worker-a")
+    repo.update_job_progress(job_id, stage="training", step=40, total_steps=200)
+    assert repo.requeue_job(job_id, worker="worker-a")
+    job = repo.get_job(job_id)
+    assert (job["state"], job["attempts"], job["step"]) == ("queued", 1, 40)
+    job = repo.start_job(job_id, "worker-b")
+    assert (job["attempts"], job["step"]) == (2, 40)
+
+
 def test_only_the_worker_holding_a_job_can_hand_it_back_or_fail_it(repo):
     job_id = repo.create_job(_new_session(repo))
     repo.mark_job_published(job_id)

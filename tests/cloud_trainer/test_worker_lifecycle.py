@@ -1034,6 +1034,66 @@ def booth_behind_a_link(tmp_path: Path, pg_database_config):
     repo.close()
 
 
+def test_a_job_whose_final_attempts_worker_died_is_failed_not_run_again(booth):
+    """The delivery after the last attempt (lease.exhausted) is recorded as given up and
+    acknowledged; the worker does not train it a further time."""
+    worker, _ = booth
+    worker.queue = create_job_queue(
+        worker.settings.queue.model_copy(
+            update={"max_attempts": 1, "visibility_timeout_s": 1.0, "heartbeat_s": 0.2}
+        )
+    )
+    sid = uploaded_session(worker, frames=False)  # run, it would fail with "stored no frames"
+    job_id = worker.repo.job_for_session(sid)["id"]
+    only = worker.queue.receive(timeout_s=5.0)
+    assert only is not None and only.final and not only.exhausted
+    worker.repo.start_job(job_id, "dead-worker")  # claimed, then killed: no beat, no ack
+    back = worker.queue.receive(timeout_s=30.0)  # returns once the dead lease lapses
+    assert back is not None and back.exhausted
+    worker.handle(back)
+    assert back.settled == "acked"
+    session = worker.repo.get_session(sid)
+    assert session["state"] == State.FAILED.value
+    assert "interrupted 1 times" in session["failure_reason"], session["failure_reason"]
+    job = worker.repo.job_for_session(sid)
+    assert job["state"] == "failed" and "interrupted" in job["error"]
+    assert worker.queue.receive(timeout_s=0.2) is None
+    worker.queue.close()
+
+
+def test_a_training_worker_keeps_its_queue_lease_past_the_lease_length(booth):
+    """While the job trains, the worker extends its queue lease (not only its claim row):
+    another worker polling for three lease lengths never receives the job."""
+    worker, _ = booth
+    cfg = worker.settings.queue.model_copy(update={"visibility_timeout_s": 2.0, "heartbeat_s": 0.5})
+    worker.queue = create_job_queue(cfg)
+    other = create_job_queue(cfg)
+    sid = uploaded_session(worker)
+    stolen: list = []
+
+    def poll_while_training(session_id: str, at: str) -> None:
+        if at == "training" and not stolen and not polled:
+            polled.append(True)
+            got = other.receive(timeout_s=3 * cfg.visibility_timeout_s)
+            if got is not None:
+                stolen.append(got)
+
+    polled: list[bool] = []
+    worker.repo.on_stage = poll_while_training
+    lease = worker.queue.receive(timeout_s=5.0)
+    assert lease is not None
+    worker.handle(lease)
+    assert polled == [True]
+    assert stolen == [], "the job was delivered again while its worker trained it"
+    assert lease.settled == "acked" and not lease.lost.is_set()
+    job = worker.repo.job_for_session(sid)
+    assert (job["state"], job["attempts"]) == ("done", 1)
+    assert worker.repo.get_session(sid)["state"] == State.DELIVERED.value
+    assert other.receive(timeout_s=0.2) is None
+    worker.queue.close()
+    other.close()
+
+
 def test_a_database_outage_hands_jobs_back_without_using_their_attempts(
     booth_behind_a_link, monkeypatch, caplog
 ):
