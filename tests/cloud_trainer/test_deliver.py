@@ -463,3 +463,23 @@ def test_the_delivered_email_is_7bit_and_names_the_attendee_as_typed(
     cid = re.search(r'src="cid:([^"]+)"', html).group(1)
     assert image["Content-ID"].strip() == f"<{cid}>"
     assert image.get_content() == poster
+
+
+def test_an_email_given_up_or_bounced_keeps_no_body(deliverer, repo, tmp_path):
+    """Its body holds a working link, which a copy of the database should not give away."""
+    gave_up, _ = deliver_one(deliverer, repo)
+    assert token_in(repo.emails(gave_up)[0]["body_text"])  # pending: it has its link
+    sender = deliver.OutboxSender(repo, smtp_cfg(tmp_path, free_port()))  # the relay is down
+    now = time.time()
+    for _ in range(sender.max_attempts):
+        sender.run_once(now=now)
+        now += sender.backoff_max_s * 2
+    server = SmtpServer(reject={REJECTED}).start()
+    try:
+        bounced, _ = deliver_one(deliverer, repo, email=REJECTED)
+        assert deliver.OutboxSender(repo, smtp_cfg(tmp_path, server.port)).run_once().bounced == 1
+    finally:
+        server.stop()
+    for sid, state in ((gave_up, "failed"), (bounced, "bounced")):
+        [row] = repo.emails(sid)
+        assert row["state"] == state and row["body_text"] == row["body_html"] == ""

@@ -87,3 +87,31 @@ def test_one_session_that_cannot_be_deleted_does_not_keep_the_others(db_config, 
         assert desk.expired(KEEP_S, now) == [stuck]  # tried again next round
     finally:
         repo.close()
+
+
+def test_a_session_stays_while_any_of_its_links_works(db_config, tmp_path):
+    """A resend makes a new link: the first one running out must not delete the video the
+    attendee was just sent again."""
+    from cloud_trainer import links as links_mod
+
+    repo = Repository.from_config(db_config)
+    store = LocalBlobStore(tmp_path / "blobs")
+    try:
+        now = time.time()
+        sid, _ = delivered_session(repo, store)
+        _expire_links(repo, sid, now)  # the first email's link ran out...
+        resent = links_mod.create_link(repo, sid, expiry_days=30, now=now)  # ...a resend's has not
+        desk = FrontDesk(
+            repo,
+            booth_id="booth-1",
+            take_s=1.0,
+            cameras=lambda: [],
+            delete_blobs=lambda s: store.delete_prefix(f"sessions/{s}/"),
+        )
+        assert desk.expired(KEEP_S, now) == []
+        assert desk.delete_expired(KEEP_S, now) == 0
+        assert links_mod.resolve(repo, resent.token, now=now)["id"] == sid
+        assert list(store.list(f"sessions/{sid}/"))
+        assert desk.expired(KEEP_S, resent.expires_at + 1) == [sid]  # then it goes
+    finally:
+        repo.close()

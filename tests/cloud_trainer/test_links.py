@@ -68,6 +68,20 @@ def test_link_lifecycle_valid_then_expired_revoked_or_unknown(repo):
         links.revoke(repo, links.new_token())
 
 
+def test_a_link_stops_working_at_its_expiry_instant_when_the_sweep_may_delete_it(repo):
+    from cloud_trainer.front_desk import FrontDesk
+
+    now = time.time()
+    link = links.create_link(repo, _session(repo), expiry_days=1, now=now)
+    assert links.lookup(repo, link.token, now=link.expires_at - 1).state == "ok"
+    assert links.lookup(repo, link.token, now=link.expires_at).state == "expired"
+    with pytest.raises(links.LinkGone):
+        links.resolve(repo, link.token, now=link.expires_at)
+    # The retention sweep takes the session at that same instant: link and sweep agree.
+    desk = FrontDesk(repo, booth_id="booth-1", take_s=1.0, cameras=lambda: [])
+    assert link.session_id in desk.expired(30 * 86400, now=link.expires_at)
+
+
 @pytest.fixture
 def gcs_stores(gcs_emulator):
     """(writer, signer) on one emulator bucket: the emulator cannot sign, a local key can."""

@@ -298,3 +298,64 @@ def test_a_database_made_before_staff_logins_gets_the_table(tmp_path: Path):
             assert c.get("/api/sessions").status_code == 200
     finally:
         built.repo.close()
+
+
+def test_the_signer_refuses_a_cookie_past_its_max_age(monkeypatch):
+    from types import SimpleNamespace
+
+    from cloud_trainer.web import security
+
+    signer = CookieSigner("s" * 32, max_age_s=60)
+    value = signer.dumps({"login": "x", "csrf": "c"})
+    assert signer.loads(value)["login"] == "x"
+    real = time.time
+    monkeypatch.setattr(
+        security, "time", SimpleNamespace(time=lambda: real() + 61, monotonic=time.monotonic)
+    )
+    assert signer.loads(value) is None
+
+
+def test_a_staff_cookie_past_its_max_age_is_logged_out_though_its_login_stands(booth, monkeypatch):
+    from types import SimpleNamespace
+
+    from cloud_trainer.web import security
+
+    with TestClient(booth.app) as c:
+        log_in(c)
+        assert c.get("/api/sessions").status_code == 200
+        real = time.time  # the cookie code's clock only, a day and a minute ahead
+        ahead = SimpleNamespace(
+            time=lambda: real() + SESSION_MAX_AGE_S + 60, monotonic=time.monotonic
+        )
+        monkeypatch.setattr(security, "time", ahead)
+        assert c.get("/api/sessions").status_code == 401
+        page = c.get("/", follow_redirects=False)
+        assert page.status_code == 303 and page.headers["location"] == "/login"
+
+
+def test_the_delete_form_needs_its_csrf_token_and_this_booths_session(client, booth):
+    csrf = log_in(client)
+    ours = th.new_session(booth.repo, booth_id=booth.settings.booth.id)
+    theirs = th.new_session(booth.repo, booth_id="another-booth")
+    for sid in (ours, theirs):
+        booth.store.put(f"sessions/{sid}/frames/cam0/shard-00000000.bin", b"frames")
+    for data in ({}, {"csrf": "not-the-token"}):
+        r = client.post(f"/sessions/{ours}/delete", data=data, follow_redirects=False)
+        assert r.status_code == 403
+    assert booth.repo.get_session(ours)["state"] == "created"
+    assert list(booth.store.list(f"sessions/{ours}/"))
+    client.post(f"/sessions/{theirs}/delete", data={"csrf": csrf}, follow_redirects=False)
+    assert not booth.repo.session_deleted(theirs)
+    assert list(booth.store.list(f"sessions/{theirs}/"))
+    r = client.post(f"/sessions/{ours}/delete", data={"csrf": csrf}, follow_redirects=False)
+    assert r.status_code == 303 and booth.repo.session_deleted(ours)
+
+
+def test_an_api_delete_needs_the_csrf_header(client, booth):
+    csrf = log_in(client)
+    sid = th.new_session(booth.repo, booth_id=booth.settings.booth.id)
+    assert client.delete(f"/api/sessions/{sid}").status_code == 403
+    assert client.delete(f"/api/sessions/{sid}", headers={"X-CSRF-Token": "x"}).status_code == 403
+    assert booth.repo.get_session(sid)["state"] == "created"
+    r = client.delete(f"/api/sessions/{sid}", headers={"X-CSRF-Token": csrf})
+    assert r.status_code == 204 and booth.repo.session_deleted(sid)
