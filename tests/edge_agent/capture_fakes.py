@@ -119,3 +119,31 @@ def crashed_recording(directory: Path, frames: list[CapturedFrame], segment_s: f
         shutil.copytree(live, directory)
         rec.close()
         rec.wait(30)
+
+
+def statvfs_with(free_mb: dict):
+    """An ``os.statvfs`` stand-in reporting ``free_mb["mb"]`` MB free (read at each call)."""
+
+    def statvfs(path: str):
+        return SimpleNamespace(f_bavail=int(free_mb["mb"] * 2**20) // 4096, f_frsize=4096)
+
+    return statvfs
+
+
+def disk_filling_camera(
+    jpegs, free_mb: dict, *, full_at: int = 130, hold_at=None, release=None, **kw
+):
+    """A ReplayCamera of ``jpegs`` after whose frame ``full_at`` the disk ``statvfs_with
+    (free_mb)`` reports is nearly full (5 MB); at ``hold_at`` it waits for ``release``."""
+    from edge_agent.capture.sources import ReplayCamera
+
+    class FillsTheDisk(ReplayCamera):
+        def frames(self):
+            for frame in super().frames():
+                if frame.seq == full_at:
+                    free_mb["mb"] = 5.0
+                if frame.seq == hold_at:
+                    release.wait(30)
+                yield frame
+
+    return FillsTheDisk(jpegs, **kw)

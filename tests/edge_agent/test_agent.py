@@ -12,7 +12,14 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from capture_fakes import HEIGHT, WIDTH, make_jpegs, slow_pose_factory
+from capture_fakes import (
+    HEIGHT,
+    WIDTH,
+    disk_filling_camera,
+    make_jpegs,
+    slow_pose_factory,
+    statvfs_with,
+)
 from tmpfs import mounted_tmpfs
 
 from edge_agent.agent import Agent, BoothClock
@@ -662,3 +669,45 @@ def test_booth_agent_exits_3_for_its_supervisor_when_the_camera_sticks(
         assert command.run(args) == command.EXIT_RESTART
     finally:
         GoesSilent.resume.set()
+
+
+def _disk_agent(tmp_path, frames, hold_at: int | None, release: threading.Event):
+    free = {"mb": 10_000.0}
+
+    def factory(cfg, *, clock, seconds):
+        return disk_filling_camera(
+            frames,
+            free,
+            hold_at=hold_at,
+            release=release,
+            width=WIDTH,
+            height=HEIGHT,
+            fps=FPS,
+            clock=clock,
+        )
+
+    cfg = AgentConfig(
+        camera_id="cam0",
+        source=SyntheticSource(size=(WIDTH, HEIGHT), fps=FPS),
+        capture=CaptureConfig(out_dir=tmp_path / "takes", segment_s=0.25, min_free_disk_mb=100),
+    )
+    return Agent(
+        cfg,
+        source_factory=factory,
+        pose_factory=slow_pose_factory(0),
+        statvfs=statvfs_with(free),
+    )
+
+
+def test_a_disk_that_fills_mid_take_is_the_agents_error_while_capturing(tmp_path):
+    release = threading.Event()
+    agent = _disk_agent(tmp_path, make_jpegs(240), hold_at=220, release=release)
+    try:
+        take = agent.start_take("sess-1")
+        assert wait_for(lambda: take.recorder.state == "disk_full")
+        st = agent.status()
+        assert st["state"] == "capturing"
+        assert st["error"] and "disk almost full" in st["error"], st["error"]
+    finally:
+        release.set()
+        agent.close()

@@ -21,9 +21,11 @@ from capture_fakes import (
     HEIGHT,
     WIDTH,
     crashed_recording,
+    disk_filling_camera,
     make_jpegs,
     slow_pose_factory,
     square_centre,
+    statvfs_with,
 )
 from tmpfs import mounted_tmpfs
 
@@ -413,32 +415,17 @@ def test_a_jpeg_damaged_inside_its_markers_is_said_in_status_once(tmp_path, jpeg
     assert summary.ok and summary.frames_written == 60
 
 
-def _statvfs_with(free_mb: dict):
-    def statvfs(path: str):
-        return SimpleNamespace(f_bavail=int(free_mb["mb"] * 2**20) // 4096, f_frsize=4096)
-
-    return statvfs
-
-
 @needs_ffprobe
 def test_full_disk_stops_recording_cleanly_and_keeps_finished_segments(tmp_path, jpegs):
-    free = {"mb": 10_000.0}
-
-    class FillsTheDisk(ReplayCamera):
-        def frames(self) -> Iterator[CapturedFrame]:
-            for frame in super().frames():
-                if frame.seq == 130:
-                    free["mb"] = 5.0  # below the 100 MB threshold from here on
-                yield frame
-
+    free = {"mb": 10_000.0}  # below the 100 MB threshold from frame 130 on
     clock = BoothClock()
-    source = FillsTheDisk(jpegs, width=WIDTH, height=HEIGHT, fps=FPS, clock=clock)
+    source = disk_filling_camera(jpegs, free, width=WIDTH, height=HEIGHT, fps=FPS, clock=clock)
     take = make_take(
         tmp_path,
         jpegs,
         source=source,
         min_free_disk_mb=100,
-        statvfs=_statvfs_with(free),
+        statvfs=statvfs_with(free),
         delay_s=0.005,
     )
     summary = run_take(take)
@@ -456,6 +443,9 @@ def test_full_disk_stops_recording_cleanly_and_keeps_finished_segments(tmp_path,
         assert stored == jpegs[seg["first_seq"] : seg["last_seq"] + 1]
         written += seg["frames"]
     assert written == summary.frames_written
+    # Coverage is over the frames captured, the unrecorded ones included (they were posed).
+    poses = np.load(Path(summary.directory) / "poses.npz")
+    assert summary.pose["coverage"] == round(int(np.count_nonzero(poses["source"])) / N, 6)
 
 
 def test_a_last_segment_that_fails_to_finalize_is_an_error_not_a_clean_take(
@@ -477,6 +467,7 @@ def test_a_last_segment_that_fails_to_finalize_is_an_error_not_a_clean_take(
     assert any("short write" in e for e in summary.errors), summary.errors
     assert take.recorder.state == "error"
     assert not list(take.directory.glob("*.part"))
+    assert not list(take.directory.glob("seg_*.mp4")), "an unverified segment was named final"
 
 
 @pytest.fixture
@@ -897,3 +888,124 @@ def test_a_phone_video_with_a_display_rotation_replays_upright(tmp_path):
     assert np.abs(upright.astype(int) - player.astype(int)).mean() < 6
     _, stored = first_frame(sensor)  # the buffer as stored: not what the player shows
     assert stored.shape[:2] == (240, 320)
+
+
+# ---- guards a mutation audit found missing ------------------------------------------------
+
+
+def test_a_stuck_segment_writer_costs_segment_drops_never_a_capture_wait(
+    tmp_path, jpegs, monkeypatch
+):
+    """The writer is held on its first frame until the camera has delivered every frame:
+    a capture loop that waited for room in the segment queue never gets there."""
+    import edge_agent.capture.segments as segments
+
+    captured = threading.Event()
+    released_by_capture: list[bool] = []
+    real_mux = segments._OpenSegment.mux
+
+    def held_mux(self, jpeg, pts_us):
+        if not released_by_capture:
+            released_by_capture.append(captured.wait(15))
+        real_mux(self, jpeg, pts_us)
+
+    monkeypatch.setattr(segments._OpenSegment, "mux", held_mux)
+
+    class Signals(ReplayCamera):
+        def frames(self) -> Iterator[CapturedFrame]:
+            yield from super().frames()
+            captured.set()
+
+    frames = jpegs * 5  # 1200 frames: more than the segment queue holds (960 at 240 fps)
+    source = Signals(
+        frames, width=WIDTH, height=HEIGHT, fps=FPS, clock=BoothClock(), realtime=False
+    )
+    summary = run_take(make_take(tmp_path, frames, pose=False, source=source))
+    assert released_by_capture == [True], "capture waited for the segment writer"
+    c = summary.counters
+    assert summary.frames == len(frames)
+    assert c["segment_dropped"] > 0
+    assert summary.frames_written + c["segment_dropped"] == len(frames)
+    # Drops are the segment consumer's; the capture counter only counts the device's.
+    assert summary.capture_dropped == 0 and c["capture_dropped"] == 0
+
+
+def test_status_counts_a_stalled_streams_drops_there_not_as_capture_drops(tmp_path, jpegs):
+    take = make_take(tmp_path, jpegs, pose=False)
+    take.subscribe_stream(maxlen=16)  # nobody reads it
+    run_take(take)
+    st = take.status()
+    assert st["stream"][0]["dropped"] == N - 16
+    assert st["capture_dropped"] == 0
+
+
+def test_segments_roll_exactly_every_segment_s(tmp_path, jpegs):
+    t0 = 10**12
+
+    class ExactClock(ReplayCamera):
+        def frames(self) -> Iterator[CapturedFrame]:
+            for f in super().frames():
+                yield CapturedFrame(f.seq, t0 + round(f.seq * 1e9 / FPS), f.jpeg)
+
+    source = ExactClock(
+        jpegs, width=WIDTH, height=HEIGHT, fps=FPS, clock=BoothClock(), realtime=False
+    )
+    summary = run_take(make_take(tmp_path, jpegs, pose=False, source=source, segment_s=0.25))
+    per_segment = int(0.25 * FPS)  # 60
+    assert [s["frames"] for s in summary.segments] == [per_segment] * (N // per_segment)
+    assert [s["first_seq"] for s in summary.segments] == list(range(0, N, per_segment))
+    assert segment_bytes(summary) == jpegs
+
+
+def test_a_file_replayed_at_its_native_rate_is_stamped_with_the_booth_offset(tmp_path, jpegs):
+    import time
+
+    from edge_agent.capture.sources import VideoFileCamera
+    from edge_agent.config import FileSource
+
+    src = tmp_path / "in.mp4"
+    _write_mjpeg_mp4(src, jpegs[:24], realtime=True)
+    offset = 3_600 * 10**9
+    cam = VideoFileCamera(FileSource(path=src, rate="native"), BoothClock(offset_ns=offset))
+    cam.open()
+    before = time.monotonic_ns() + offset
+    ts = [f.capture_ts_ns for f in cam.frames()]
+    after = time.monotonic_ns() + offset
+    assert len(ts) == 24 and before <= min(ts) and max(ts) <= after
+
+
+def test_each_segment_index_is_fsynced_before_its_segment(tmp_path, jpegs, fsynced):
+    summary = run_take(make_take(tmp_path, jpegs[:120], pose=False, segment_s=0.25))
+    assert len(summary.segments) >= 2
+    names = [Path(p).name for p in fsynced]
+    for seg in summary.segments:
+        stem = seg["file"].removesuffix(".mp4")
+        assert f"{stem}.seqs" in names, f"{stem}.seqs never fsynced"
+        assert names.index(f"{stem}.seqs") < names.index(f"{seg['file']}.part")
+
+
+def test_a_full_disk_found_mid_segment_finalizes_the_segment_in_progress(tmp_path, jpegs):
+    """The once-a-second check (not a segment start) finds the disk full: the segment being
+    written is good and is kept, the recording just stops there."""
+    calls = []
+
+    def statvfs(path):  # room at the first check (segment start), full from the next one on
+        calls.append(path)
+        mb = 10_000 if len(calls) == 1 else 5
+        return SimpleNamespace(f_bavail=mb * 256, f_frsize=4096)
+
+    frames = jpegs * 2  # 480 frames; the check comes every 240 (once a second at 240 fps)
+    take = make_take(
+        tmp_path,
+        frames,
+        pose=False,
+        realtime=False,
+        segment_s=60.0,
+        min_free_disk_mb=100,
+        statvfs=statvfs,
+    )
+    summary = run_take(take)
+    assert take.recorder.state == "disk_full"
+    assert [(s["first_seq"], s["last_seq"]) for s in summary.segments] == [(0, 239)]
+    assert summary.frames_written == 240 and summary.counters["not_recorded"] == 240
+    assert segment_bytes(summary) == frames[:240]
