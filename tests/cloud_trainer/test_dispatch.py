@@ -7,6 +7,7 @@ import time
 import transport_helpers as th
 from sqlalchemy import update
 
+from cloud_trainer import dispatch
 from cloud_trainer.config import SqliteDatabase, SqliteQueue
 from cloud_trainer.dispatch import enqueue_training, publish_pending
 from cloud_trainer.queue import create_job_queue
@@ -191,3 +192,25 @@ def test_the_overdue_sweep_leaves_a_session_whose_upload_completed_meanwhile(tmp
     started = repo.get_session(sid)["capture_started_at"]
     assert fail_overdue_captures(repo, 600, now=started + 700) == []
     assert repo.get_session(sid)["state"] == "uploaded"
+
+
+def test_an_overdue_capture_is_failed_only_after_its_take_and_the_grace(tmp_path):
+    repo = Repository.from_config(SqliteDatabase(path=tmp_path / "b.db"))
+    sid = capturing_session(repo)  # take_s 15
+    started = repo.get_session(sid)["capture_started_at"]
+    assert (
+        dispatch.fail_overdue_captures(repo, 600, now=started + 610) == []
+    )  # 15 + 600 not yet over
+    assert repo.get_session(sid)["state"] == "capturing"
+    assert dispatch.fail_overdue_captures(repo, 600, now=started + 616) == [sid]
+
+
+def test_an_overdue_capture_names_only_the_cameras_whose_take_is_missing(tmp_path):
+    repo = Repository.from_config(SqliteDatabase(path=tmp_path / "b.db"))
+    sid = capturing_session(repo)  # cam0, cam1
+    repo.open_take(sid, "cam0", fps=120.0)
+    repo.mark_take_uploaded(sid, "cam0")
+    started = repo.get_session(sid)["capture_started_at"]
+    assert dispatch.fail_overdue_captures(repo, 600, now=started + 700) == [sid]
+    reason = repo.get_session(sid)["failure_reason"]
+    assert "uploading from cam1 within" in reason and "cam0" not in reason

@@ -156,3 +156,29 @@ async def test_staff_can_end_a_running_take_early_and_only_a_running_one(repo):
         await front.stop(sid)
     await front.start(sid)
     assert await front.stop(sid) == ["cam0"] and booth.stopped == sid
+
+
+class StuckBusyBooth(Booth):
+    """A camera still filming another take does not answer this start in time."""
+
+    async def start_take(self, booth_id, session_id, duration_s):
+        answers = await super().start_take(booth_id, session_id, duration_s)
+        for a in answers:
+            if a["camera_id"] == "cam1":
+                a.update(acked=False, error="no report within 5 s")
+        return answers
+
+
+async def test_a_busy_camera_that_does_not_answer_is_not_in_the_take(repo):
+    booth = StuckBusyBooth([agent("cam0"), agent("cam1", state="capturing", session="s-before")])
+    sid = th.new_session(repo, cameras=("cam0", "cam1"))
+    await desk(repo, booth).start(sid)
+    assert repo.get_session(sid)["cameras"] == ["cam0"]
+
+
+async def test_the_tablet_says_a_busy_camera_sat_out_because_it_films_another_session(repo):
+    booth = Booth([agent("cam0"), agent("cam1", state="capturing", session="s-before")])
+    sid = th.new_session(repo, cameras=("cam0", "cam1"))
+    await desk(repo, booth).start(sid)
+    s = repo.get_session(sid)
+    assert "cam1 is still filming another session" in s["progress"]["message"]

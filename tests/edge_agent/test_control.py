@@ -7,13 +7,17 @@ import threading
 import time
 from pathlib import Path
 
+import grpc
 import pytest
 import transport_helpers as th
 
+from cloud_trainer.ingest.control import COMMAND_QUEUE, AgentRegistry
 from cloud_trainer.repository import Repository
+from cloud_trainer.service import RegistryController
 from cloud_trainer.storage import create_blob_store
 from edge_agent.control import ControlClient
-from protos import booth_pb2
+from edge_agent.stream import auth_metadata, make_channel
+from protos import booth_pb2, booth_pb2_grpc
 
 
 class FakeCapture:
@@ -462,3 +466,167 @@ async def test_a_cloud_out_of_reach_is_a_warning_after_a_few_tries(tmp_path, cap
     assert broke[0].levelno == logging.INFO  # one failure is a blip
     third = next(r for r in broke if "3 time(s) in a row" in r.getMessage())
     assert third.levelno == logging.WARNING
+
+
+# ---- guards a mutation audit found missing ------------------------------------------------
+
+
+class CountingDown(FakeCapture):
+    """Opens its camera at once (status: capturing, as the agent's 'starting' reads), says
+    it is ready, then waits for the start instant until the test releases it."""
+
+    def __init__(self):
+        super().__init__()
+        self.release = threading.Event()
+
+    def start_take(self, session_id, duration_s, start_at_monotonic_ns, on_ready=None):
+        self.started.append((session_id, duration_s, start_at_monotonic_ns))
+        self.session = session_id
+        on_ready()
+        self.release.wait(30)
+
+
+def counting_down_booth(tmp_path, srv) -> tuple[Booth, CountingDown]:
+    b = Booth(tmp_path, srv, cameras=("cam0",))
+    b.captures["cam0"] = cap = CountingDown()
+    client = b.clients["cam0"]
+    client.runner = cap
+    client.report_interval_s = 3600  # only the answers to commands report
+    return b, cap
+
+
+async def test_a_redelivered_start_whose_first_run_failed_is_not_run_again(tmp_path, server):
+    """Same command_id twice (the network repeated it): executed once, even when that one
+    failed; a retry is a new command."""
+
+    class FailsOnce(FakeCapture):
+        calls = 0
+
+        def start_take(self, session_id, duration_s, start_at_monotonic_ns):
+            self.calls += 1
+            if self.calls == 1:
+                raise RuntimeError("camera /dev/video0 is gone")
+            super().start_take(session_id, duration_s, start_at_monotonic_ns)
+
+    b = Booth(tmp_path, server, cameras=("cam0",))
+    b.captures["cam0"] = cap = FailsOnce()
+    b.clients["cam0"].runner = cap
+    async with b:
+        first = await b.booth.start_take("s1", 5.0, command_id="c-1")
+        assert first["cam0"].acked and cap.calls == 1
+        again = await b.booth.start_take("s1", 5.0, command_id="c-1")
+        assert again["cam0"].acked and cap.calls == 1  # not executed again
+        retry = await b.booth.start_take("s1", 5.0, command_id="c-2")
+        assert retry["cam0"].acked and cap.calls == 2 and cap.started
+
+
+async def test_the_start_instant_reaches_the_capture_on_its_monotonic_clock(tmp_path, server):
+    """start_at_ns is on the booth clock; the capture gets it minus the measured offset."""
+    async with Booth(tmp_path, server, cameras=("cam0",)) as b:
+        client, cap = b.clients["cam0"], b.captures["cam0"]
+        await client.report_now()
+        start_at = client.booth_time_ns() + 10**8
+        r = await b.booth.start_take("s1", 5.0, start_at_ns=start_at)
+        assert r["cam0"].acked
+        ((sid, _, local),) = cap.started
+        assert sid == "s1"
+        assert abs(local - time.monotonic_ns()) < 5 * 10**9, (local, time.monotonic_ns())
+
+
+async def test_a_stop_for_another_session_leaves_the_running_take_alone(tmp_path, server):
+    async with Booth(tmp_path, server, cameras=("cam0",)) as b:
+        await b.booth.start_take("s1", 5.0)
+        r = await b.booth.stop_take("s0-earlier")  # a late stop of the previous take
+        assert r["cam0"].acked and r["cam0"].state == "capturing" and r["cam0"].session_id == "s1"
+        assert b.captures["cam0"].stopped == []
+
+
+async def test_a_repeated_start_while_the_first_counts_down_is_acknowledged_quietly(
+    tmp_path, server
+):
+    b, cap = counting_down_booth(tmp_path, server)
+    async with b:
+        try:
+            first = await b.booth.start_take("s1", 5.0, command_id="c-1")
+            assert first["cam0"].acked
+            again = await b.booth.start_take("s1", 5.0, command_id="c-2")  # resent, new id
+            assert again["cam0"].acked and again["cam0"].session_id == "s1"
+            assert again["cam0"].error == ""  # not "cannot start s1: still capturing s1"
+            assert [s for s, _, _ in cap.started] == ["s1"]
+        finally:
+            cap.release.set()
+
+
+async def test_a_stop_for_another_session_during_a_countdown_is_a_no_op(tmp_path, server):
+    b, cap = counting_down_booth(tmp_path, server)
+    async with b:
+        try:
+            assert (await b.booth.start_take("s1", 5.0, command_id="c-1"))["cam0"].acked
+            r = await b.booth.stop_take("s0-earlier", command_id="c-2")
+            assert r["cam0"].acked and cap.stopped == []
+            r = await b.booth.stop_take("s1", command_id="c-3")  # its own stop still works
+            assert r["cam0"].acked and cap.stopped == ["s1"]
+        finally:
+            cap.release.set()
+
+
+async def test_a_command_for_one_booth_reaches_none_of_another_booths_agents():
+    registry = AgentRegistry()
+    ours = registry.attach(booth_pb2.Register(booth_id=th.BOOTH, camera_id="cam0"))
+    theirs = registry.attach(booth_pb2.Register(booth_id="booth-other", camera_id="cam0"))
+    results = await registry.booth(th.BOOTH).start_take("s1", 5.0, timeout_s=0.05)
+    assert set(results) == {"cam0"} and results["cam0"].delivered
+    assert ours.queue.qsize() == 1 and theirs.queue.empty()
+
+
+async def test_a_reconnect_ends_the_old_stream_and_keeps_the_agent_online(tmp_path, server):
+    """The agent opens a new Connect while the server still holds its old one: the old
+    one is ended, its late clean-up does not take the new one offline, commands reach it."""
+    uplink = th.uplink_config(f"127.0.0.1:{server.port}", tmp_path / "spool", "cam0")
+    register = booth_pb2.Register(booth_id=th.BOOTH, camera_id="cam0")
+    booth = server.registry.booth(th.BOOTH)
+    channel = make_channel(uplink)
+    try:
+        stub = booth_pb2_grpc.ControlStub(channel)
+        old = stub.Connect(register, metadata=auth_metadata(uplink.token))
+        async with asyncio.timeout(30):
+            while booth.online() != ["cam0"]:
+                await asyncio.sleep(0.01)
+        new = stub.Connect(register, metadata=auth_metadata(uplink.token))
+        assert await asyncio.wait_for(old.read(), 10) is grpc.aio.EOF  # superseded
+        assert booth.online() == ["cam0"]
+        results = await booth.start_take("s1", 5.0, command_id="c-1", timeout_s=0.05)
+        assert results["cam0"].delivered
+        cmd = await asyncio.wait_for(new.read(), 10)
+        assert cmd.start.command_id == "c-1"
+        new.cancel()
+    finally:
+        await channel.close()
+
+
+async def test_the_stop_names_only_the_cameras_it_reached():
+    """An agent that does not read its commands (queue full) was not told to stop."""
+    registry = AgentRegistry()
+    registry.attach(booth_pb2.Register(booth_id=th.BOOTH, camera_id="cam0"))
+    booth = registry.booth(th.BOOTH)
+    for i in range(COMMAND_QUEUE):
+        await booth.start_take(f"s{i}", 5.0, timeout_s=0)
+    told = await RegistryController(registry, 0.0, None).stop_take(th.BOOTH, "s1")
+    assert told == []
+
+
+async def test_the_tablets_start_is_on_the_booth_clock_after_the_countdown(tmp_path, server):
+    sid = th.new_session(server.test_repo)
+    async with Booth(tmp_path, server, cameras=("cam0",)) as b:
+        await b.clients["cam0"].report_now()
+        before = time.time()
+        answers = await RegistryController(server.registry, 0.5, server.test_repo).start_take(
+            th.BOOTH, sid, 5.0
+        )
+        ((answer),) = answers
+        assert answer["acked"] and answer["session_id"] == sid and not answer["error"]
+        ((started, _, local),) = b.captures["cam0"].started
+        assert started == sid
+        assert abs(local - time.monotonic_ns()) < 5 * 10**9
+        capture_at = server.test_repo.get_session(sid)["progress"]["capture_at"]
+        assert before + 0.4 < capture_at < time.time() + 1.0
