@@ -96,9 +96,9 @@ def run(args: argparse.Namespace) -> int:
         if v is not None
     }
     # The config's base_checkpoint is where the workers find the base this builds (the
-    # deploy config names the --publish target): continuing from it is asked for, never
-    # implied.
-    update["base_checkpoint"] = args.from_base
+    # deploy config names the --publish target): continuing from it is asked for with
+    # --from (resolved below), never implied.
+    update["base_checkpoint"] = None
     try:
         # TrainerConfig's own rules (32..512, a power of two, ...) are the ones a job meets.
         cfg = booth.trainer.model_validate({**booth.trainer.model_dump(), **update})
